@@ -1,0 +1,1 @@
+"""absl-flag drivers for fedprune experiments. Flags live only here."""
