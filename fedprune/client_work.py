@@ -1,0 +1,168 @@
+"""Client work: TFF's own model-delta client update, plus what pruning needs.
+
+Local training is `tff.learning.templates.build_model_delta_client_work` on the
+tfmot-wrapped model, unchanged (a hand-written client loop measured 4x slower
+per round). Each wrapper multiplies its kernel by the broadcast mask before
+every batch, so clients train inside the mask. This module adds two cheap TF
+computations around it, selected by the masking mode:
+
+* `server`: the upload is masked by the broadcast mask (`delta * mask`). The
+  last optimizer step moves pruned coordinates by one gradient step, which the
+  server's re-mask would remove anyway, but would make the upload dense.
+* `client` / `both`: clients prune at round granularity, since TFF clients are
+  stateless. In round r a client
+    1. (`client` only) prunes the broadcast model to the sparsity in force after
+       round r-1 (the averaged model is denser than any client's), then trains
+       inside that mask;
+    2. prunes its trained kernels to the schedule's sparsity for round r with
+       the same `masking.compute_masks` rule the server uses, restricted to the
+       mask it trained in, and uploads the delta that turns the broadcast model
+       into its pruned model: `m * delta + (1 - m) * broadcast`.
+  In `both` the broadcast model is already pruned by the server at round r-1's
+  level, so step 1 would not change it and is skipped.
+* `none`: TFF's client work as is (no wrapper).
+
+State: `OrderedDict(hparams=<TFF client optimizer hparams>, round=int32)`,
+where `round` counts completed rounds (round r trains with `round == r - 1`).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from fedprune.masking import MaskSpec, compute_masks
+from fedprune.pruning import PruningLayout
+from fedprune.schedules import ScheduleTable, table_lookup
+
+MASKING_MODES = ("none", "client", "server", "both")
+
+
+def _prune_kernels(kernels, spec: MaskSpec, sparsity, started):
+    """Masks for `kernels` by `spec` at `sparsity`, or all-ones before pruning has started."""
+    import tensorflow as tf
+
+    return tf.cond(
+        started,
+        lambda: compute_masks(kernels, spec, sparsity),
+        lambda: [tf.ones_like(k) for k in kernels],
+    )
+
+
+def build_pruning_client_work(
+    *,
+    model_fn,
+    client_optimizer,
+    masking: str,
+    layout: PruningLayout | None,
+    table: ScheduleTable,
+    mask_spec: MaskSpec,
+):
+    """Builds the client work for one masking mode.
+
+    Args:
+      model_fn: no-arg callable returning a fresh `tff.learning.models.VariableModel`
+        (the tfmot-wrapped model unless `masking == "none"`).
+      client_optimizer: a `tff.learning.optimizers.Optimizer` for local steps.
+      masking: one of MASKING_MODES.
+      layout: positions of pruned kernels and masks (None for `none`).
+      table: the schedule evaluated per round.
+      mask_spec: the mask rule clients use in modes `client` and `both`.
+
+    Returns:
+      A `tff.learning.templates.ClientWorkProcess` with type signature
+      `(<hparams=H, round=int32>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
+      (state@SERVER, ClientResult(update=trainable weights, update_weight=float32)@CLIENTS,
+      <train=metrics>@SERVER)`; for `none`, TFF's own process unchanged.
+    """
+    import tensorflow_federated as tff
+
+    inner = tff.learning.templates.build_model_delta_client_work(
+        model_fn, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES
+    )
+    if masking == "none":
+        return inner
+
+    weights_type = inner.next.type_signature.parameter[1].member
+    update_type = inner.next.type_signature.result.result.member
+    round_type = tff.TensorType(np.int32)
+    started = table.started
+    client_prunes = masking in ("client", "both")
+    kernel_idx = [k.trainable_index for k in layout.kernels]
+    mask_idx = [k.mask_index for k in layout.kernels]
+
+    @tff.tensorflow.computation(weights_type, round_type)
+    def prune_broadcast(weights, round_num):
+        # Round r starts from the level in force after round r - 1 == round_num.
+        trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
+        masks = _prune_kernels(
+            [trainable[i] for i in kernel_idx],
+            mask_spec,
+            table_lookup(table.sparsity, round_num),
+            table_lookup(started, round_num),
+        )
+        for i, j, m in zip(kernel_idx, mask_idx, masks):
+            trainable[i] = trainable[i] * m
+            non_trainable[j] = m
+        return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
+
+    @tff.tensorflow.computation(update_type, weights_type, weights_type, round_type)
+    def finish_update(result, broadcast, trained_from, round_num):
+        delta = list(result.update)
+        start_masks = [trained_from.non_trainable[j] for j in mask_idx]
+        if client_prunes:
+            this_round = round_num + 1
+            final = [
+                (trained_from.trainable[i] - delta[i]) * m for i, m in zip(kernel_idx, start_masks)
+            ]
+            end_masks = _prune_kernels(
+                final,
+                mask_spec,
+                table_lookup(table.sparsity, this_round),
+                table_lookup(started, this_round),
+            )
+            end_masks = [e * m for e, m in zip(end_masks, start_masks)]
+        else:
+            end_masks = start_masks
+        for i, m in zip(kernel_idx, end_masks):
+            delta[i] = m * delta[i] + (1.0 - m) * broadcast.trainable[i]
+        return tff.learning.templates.ClientResult(
+            update=tuple(delta), update_weight=result.update_weight
+        )
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_zip(
+            collections.OrderedDict(
+                hparams=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER)
+            )
+        )
+
+    state_type = init_fn.type_signature.result
+
+    @tff.tensorflow.computation(round_type)
+    def increment(round_num):
+        return round_num + 1
+
+    @tff.federated_computation(
+        state_type,
+        tff.FederatedType(weights_type, tff.CLIENTS),
+        inner.next.type_signature.parameter[2],
+    )
+    def next_fn(state, weights, client_data):
+        round_at_clients = tff.federated_broadcast(state.round)
+        trained_from = weights
+        if masking == "client":
+            trained_from = tff.federated_map(prune_broadcast, (weights, round_at_clients))
+        inner_output = inner.next(state.hparams, trained_from, client_data)
+        result = tff.federated_map(
+            finish_update, (inner_output.result, weights, trained_from, round_at_clients)
+        )
+        new_state = tff.federated_zip(
+            collections.OrderedDict(
+                hparams=inner_output.state, round=tff.federated_map(increment, state.round)
+            )
+        )
+        return tff.templates.MeasuredProcessOutput(new_state, result, inner_output.measurements)
+    return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

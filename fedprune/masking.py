@@ -1,0 +1,209 @@
+"""Mask maths: which weights of a kernel survive.
+
+Pure functions of tensors (they run eagerly on numpy arrays and inside TFF's
+TensorFlow computations alike). Both the server's re-masking step and the
+clients' end-of-round pruning call `compute_masks`, so one rule decides
+everywhere.
+
+Criteria (`MaskSpec.criterion`):
+  * `magnitude`: keep the k = max(round(N * (1 - s)), 1) largest |w| (tfmot's
+    count, float32 arithmetic as in `pruning_impl.Pruning._update_mask`), per
+    layer or globally across layers (`scope`). Ties are broken by index
+    (`tf.math.top_k` order), so a mask always keeps exactly k; tfmot keeps every
+    weight tied with the k-th (more than k when there are ties, e.g. all of an
+    already-sparse tensor when k exceeds its nonzeros).
+  * `threshold`: keep |w| >= theta (absolute).
+  * `relative`: keep |w| > rate * max|w| of the layer (of all layers with
+    `scope="global"`).
+
+Structures (`MaskSpec.structure`):
+  * `unstructured`: scores are |w|.
+  * `block`: scores are |w| pooled over (h, w) blocks of the 2-D kernel
+    (rank-4 conv kernels are viewed as [kh * kw * c_in, c_out]); the criterion
+    picks blocks. Pooling is tfmot's `pruning_utils.factorized_pool`, so the
+    mask equals tfmot's block mask on rank-2 kernels.
+  * `2:4`: tfmot's N:M mask (2 zeros in every 4 consecutive input weights,
+    `pruning_utils.generate_m_by_n_mask`); the sparsity is 0.5 by construction.
+    A threshold/relative criterion is intersected with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedprune.errors import check
+
+CRITERIA = ("magnitude", "threshold", "relative")
+SCOPES = ("layer", "global")
+STRUCTURES = ("unstructured", "2:4", "block")
+POOLINGS = ("AVG", "MAX")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """How a mask is computed. Field names equal the driver flags.
+
+    Attributes:
+      mask_criterion: one of CRITERIA.
+      mask_scope: one of SCOPES: rank weights within each layer or across all.
+      threshold: theta for `threshold` (keep |w| >= theta).
+      relative_rate: rate for `relative` (keep |w| > rate * max|w|), in (0, 1).
+      structure: one of STRUCTURES.
+      block_size: (height, width) of a block for `structure="block"`.
+      block_pooling: how a block's |w| are pooled, 'AVG' or 'MAX'.
+    """
+
+    mask_criterion: str = "magnitude"
+    mask_scope: str = "layer"
+    threshold: float | None = None
+    relative_rate: float | None = None
+    structure: str = "unstructured"
+    block_size: tuple[int, int] = (1, 4)
+    block_pooling: str = "AVG"
+
+    def __post_init__(self):
+        check(self.mask_criterion in CRITERIA, "mask_criterion", self.mask_criterion,
+              "one of " + "|".join(CRITERIA))
+        check(self.mask_scope in SCOPES, "mask_scope", self.mask_scope,
+              "one of " + "|".join(SCOPES))
+        check(self.structure in STRUCTURES, "structure", self.structure,
+              "one of " + "|".join(STRUCTURES))
+        check(self.block_pooling in POOLINGS, "block_pooling", self.block_pooling,
+              "one of " + "|".join(POOLINGS))
+        if self.mask_criterion == "threshold":
+            check(self.threshold is not None and self.threshold >= 0, "threshold",
+                  self.threshold, "a magnitude >= 0 with --mask_criterion=threshold")
+        if self.mask_criterion == "relative":
+            check(self.relative_rate is not None and 0 < self.relative_rate < 1,
+                  "relative_rate", self.relative_rate,
+                  "a fraction in (0, 1) with --mask_criterion=relative")
+        check(len(self.block_size) == 2 and all(int(b) >= 1 for b in self.block_size),
+              "block_size", self.block_size, "two positive integers, e.g. 1,4")
+
+    @property
+    def uses_sparsity(self) -> bool:
+        """Whether the schedule's sparsity value decides the mask (magnitude, not 2:4)."""
+        return self.mask_criterion == "magnitude" and self.structure != "2:4"
+
+
+def num_kept(size, sparsity):
+    """tfmot's count of kept entries: max(round(size * (1 - sparsity)), 1), as int32."""
+    import tensorflow as tf
+
+    kept = tf.math.round(tf.cast(size, tf.float32) * (1.0 - tf.cast(sparsity, tf.float32)))
+    return tf.cast(tf.math.maximum(kept, 1.0), tf.int32)
+
+
+def keep_top_k(scores, k):
+    """A 0/1 mask (scores' shape and dtype) keeping exactly the k largest scores."""
+    import tensorflow as tf
+
+    flat = tf.reshape(scores, [-1])
+    _, indices = tf.math.top_k(flat, k=k, sorted=False)
+    kept = tf.scatter_nd(indices[:, None], tf.ones_like(indices, flat.dtype), tf.shape(flat))
+    return tf.reshape(kept, tf.shape(scores))
+
+
+def _as_2d(weights):
+    import tensorflow as tf
+
+    if weights.shape.rank == 2:
+        return weights
+    return tf.reshape(weights, [-1, weights.shape[-1]])
+
+
+def _block_scores(weights, spec: MaskSpec):
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
+    import tensorflow as tf
+
+    pooled = pruning_utils.factorized_pool(
+        tf.math.abs(_as_2d(weights)),
+        window_shape=list(spec.block_size),
+        pooling_type=spec.block_pooling,
+        strides=list(spec.block_size),
+        padding="SAME",
+    )
+    return tf.reshape(pooled, [-(-d // b) for d, b in zip(_as_2d(weights).shape, spec.block_size)])
+
+
+def _expand_blocks(block_mask, weights, spec: MaskSpec):
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
+    import tensorflow as tf
+
+    rows, cols = _as_2d(weights).shape
+    expanded = pruning_utils.expand_tensor(block_mask, list(spec.block_size))
+    return tf.reshape(tf.slice(expanded, [0, 0], [rows, cols]), tf.shape(weights))
+
+
+def n_by_m_mask(weights, m_by_n=(2, 4)):
+    """tfmot's N:M mask: `m_by_n[0]` zeros in every `m_by_n[1]` consecutive input weights.
+
+    Args:
+      weights: a rank-2 (Dense: [in, out]) or rank-4 (Conv2D: [kh, kw, in, out]) kernel.
+    """
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
+    import tensorflow as tf
+
+    prepared = pruning_utils.weights_rearrange(weights)
+    mask = pruning_utils.generate_m_by_n_mask(prepared, m_by_n)
+    return tf.cast(pruning_utils.m_by_n_sparsity_mask_prepare(mask, weights.shape), weights.dtype)
+
+
+def _scores(weights, spec: MaskSpec):
+    import tensorflow as tf
+
+    if spec.structure == "block":
+        return _block_scores(weights, spec)
+    return tf.math.abs(weights)
+
+
+def _to_weight_mask(score_mask, weights, spec: MaskSpec):
+    if spec.structure == "block":
+        return _expand_blocks(score_mask, weights, spec)
+    return score_mask
+
+
+def _criterion_masks(scores: list, spec: MaskSpec, sparsity) -> list:
+    """Masks over score tensors (elements or blocks) by the criterion and scope."""
+    import tensorflow as tf
+
+    if spec.mask_criterion == "threshold":
+        return [tf.cast(s >= spec.threshold, s.dtype) for s in scores]
+    if spec.mask_criterion == "relative":
+        if spec.mask_scope == "global":
+            top = tf.reduce_max([tf.reduce_max(s) for s in scores])
+            return [tf.cast(s > spec.relative_rate * top, s.dtype) for s in scores]
+        return [tf.cast(s > spec.relative_rate * tf.reduce_max(s), s.dtype) for s in scores]
+    if spec.mask_scope == "layer":
+        return [keep_top_k(s, num_kept(tf.size(s), sparsity)) for s in scores]
+    flat = tf.concat([tf.reshape(s, [-1]) for s in scores], axis=0)
+    kept = keep_top_k(flat, num_kept(tf.size(flat), sparsity))
+    sizes = [s.shape.num_elements() for s in scores]
+    return [tf.reshape(m, tf.shape(s)) for m, s in zip(tf.split(kept, sizes), scores)]
+
+
+def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
+    """Computes one 0/1 mask per kernel.
+
+    Args:
+      kernels: float tensors (or arrays) of any static shape; rank 2 or 4 for
+        `2:4`, and rank >= 2 for `block`.
+      spec: the criterion, scope and structure.
+      sparsity: scalar target fraction of zeros in [0, 1), used by `magnitude`
+        (per layer, or over all kernels together with scope `global`).
+
+    Returns:
+      A list of masks, each with its kernel's shape and dtype.
+    """
+    import tensorflow as tf
+
+    kernels = [tf.convert_to_tensor(k) for k in kernels]
+    if spec.structure == "2:4":
+        masks = [n_by_m_mask(k) for k in kernels]
+        if spec.mask_criterion != "magnitude":
+            criterion = _criterion_masks([tf.math.abs(k) for k in kernels], spec, sparsity)
+            masks = [m * c for m, c in zip(masks, criterion)]
+        return masks
+    scores = [_scores(k, spec) for k in kernels]
+    score_masks = _criterion_masks(scores, spec, sparsity)
+    return [_to_weight_mask(m, k, spec) for m, k in zip(score_masks, kernels)]

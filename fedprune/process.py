@@ -1,0 +1,176 @@
+"""Builds the federated pruning process from TFF's learning templates.
+
+    distributor (broadcast ModelWeights incl. masks)
+      -> client work (TFF model-delta update on the tfmot-wrapped model + masking, client_work.py)
+      -> aggregator (example-weighted mean, `tff.aggregators.MeanFactory`)
+      -> finalizer (TFF apply-optimizer + server re-mask, server_masking.py)
+
+joined by `tff.learning.templates.compose_learning_process`. Nothing of FedAvg's
+body is forked: with masking `none` the parts are TFF's own and the process
+computes exactly `tff.learning.algorithms.build_weighted_fed_avg`.
+
+Masking modes (see MASKING_MODES):
+  none    dense FedAvg (no wrappers).
+  client  clients prune with the schedule; the server averages without masking.
+  server  clients train inside the broadcast mask; the server re-masks after
+          every optimizer step.
+  both    clients prune at the end of local training and the server re-masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from fedprune import pruning
+from fedprune.client_work import MASKING_MODES, build_pruning_client_work
+from fedprune.errors import check
+from fedprune.masking import MaskSpec
+from fedprune.schedules import RoundSchedule, ScheduleTable
+from fedprune.server_masking import build_masking_finalizer, remask_weights
+
+SERVER_OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.0):
+    """A TFF optimizer: `sgd` (with optional heavy-ball momentum) or `adam`.
+
+    Adam uses epsilon 1e-3, as in Reddi et al. (2021) "Adaptive Federated
+    Optimization" for FedAdam.
+    """
+    import tensorflow_federated as tff
+
+    check(name in SERVER_OPTIMIZERS, "server_optimizer", name, "one of sgd|adam")
+    if name == "adam":
+        return tff.learning.optimizers.build_adam(learning_rate, epsilon=1e-3)
+    return tff.learning.optimizers.build_sgdm(learning_rate, momentum=momentum or None)
+
+
+@dataclasses.dataclass
+class PruningProcess:
+    """A composed learning process and what is needed to read its state.
+
+    Attributes:
+      process: the `tff.learning.templates.LearningProcess`.
+      masking: the masking mode.
+      layout: positions of pruned kernels and masks in `ModelWeights` (None for `none`).
+      table: the schedule evaluated at rounds 0..num_rounds.
+      keras_model_fn: builds the Keras model the weights belong to (wrapped
+        unless masking is `none`); for evaluation and export.
+    """
+
+    process: object
+    masking: str
+    layout: pruning.PruningLayout | None
+    table: ScheduleTable
+    keras_model_fn: Callable
+
+
+def build_pruning_process(
+    *,
+    model_builder: Callable,
+    input_spec,
+    masking: str,
+    schedule: RoundSchedule,
+    mask_spec: MaskSpec,
+    num_rounds: int,
+    client_optimizer,
+    server_optimizer,
+    seed: int,
+    prune_output_layer: bool = True,
+    model_aggregator=None,
+    loss_fn: Callable | None = None,
+    metrics_fn: Callable | None = None,
+) -> PruningProcess:
+    """Builds the federated pruning process.
+
+    Args:
+      model_builder: no-arg callable returning a fresh plain Keras model (logits).
+      input_spec: the element spec of a client batch, `OrderedDict(x=..., y=...)`.
+      masking: one of MASKING_MODES.
+      schedule: when and how much to prune, in rounds.
+      mask_spec: the mask criterion and structure.
+      num_rounds: training rounds (the schedule is tabulated for 0..num_rounds).
+      client_optimizer: `tff.learning.optimizers.Optimizer` for local steps.
+      server_optimizer: `tff.learning.optimizers.Optimizer` applied to the mean delta.
+      seed: seeds the initial model weights.
+      prune_output_layer: False leaves the last weighted layer dense.
+      model_aggregator: a weighted `tff.aggregators` factory (default: MeanFactory).
+      loss_fn: no-arg callable returning a Keras loss (default: sparse CE from logits).
+      metrics_fn: no-arg callable returning Keras metrics (default: sparse accuracy).
+
+    Returns:
+      A `PruningProcess` whose `process.next` has the type signature
+      `(LearningAlgorithmState@SERVER, data@CLIENTS) -> LearningProcessOutput`.
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    check(masking in MASKING_MODES, "masking", masking, "one of " + "|".join(MASKING_MODES))
+    wrapped = masking != "none"
+
+    def keras_model_fn():
+        model = model_builder()
+        if wrapped:
+            model = pruning.wrap_for_pruning(model, prune_output_layer=prune_output_layer)
+        return model
+
+    loss_fn = loss_fn or (lambda: tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    metrics_fn = metrics_fn or (lambda: [tf.keras.metrics.SparseCategoricalAccuracy()])
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            keras_model_fn(), loss=loss_fn(), input_spec=input_spec, metrics=metrics_fn()
+        )
+
+    tf.keras.utils.set_random_seed(seed)
+    initial_model = keras_model_fn()
+    layout = pruning.pruning_layout(initial_model) if wrapped else None
+    if wrapped:
+        trainable, non_trainable = pruning.initial_weights(initial_model, layout)
+    else:
+        trainable = [v.numpy() for v in initial_model.trainable_weights]
+        non_trainable = [v.numpy() for v in initial_model.non_trainable_weights]
+    table = schedule.table(num_rounds)
+    remask = masking in ("server", "both")
+
+    @tff.tensorflow.computation
+    def initial_model_weights_fn():
+        weights = tff.learning.models.ModelWeights(
+            tuple(tf.constant(w) for w in trainable), tuple(tf.constant(w) for w in non_trainable)
+        )
+        if remask:  # the schedule may prune the initial model (begin_round == 0)
+            weights = remask_weights(weights, np.int32(0), layout=layout, table=table,
+                                     mask_spec=mask_spec)
+        return weights
+
+    weights_type = initial_model_weights_fn.type_signature.result
+    client_work = build_pruning_client_work(
+        model_fn=model_fn,
+        client_optimizer=client_optimizer,
+        masking=masking,
+        layout=layout,
+        table=table,
+        mask_spec=mask_spec,
+    )
+    aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
+        weights_type.trainable, tff.TensorType(np.float32)
+    )
+    finalizer = build_masking_finalizer(
+        server_optimizer=server_optimizer,
+        model_weights_type=weights_type,
+        layout=layout,
+        table=table,
+        mask_spec=mask_spec,
+        remask=remask,
+    )
+    process = tff.learning.templates.compose_learning_process(
+        initial_model_weights_fn,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        client_work,
+        aggregator,
+        finalizer,
+    )
+    return PruningProcess(process, masking, layout, table, keras_model_fn)

@@ -1,0 +1,182 @@
+"""Keras side of pruning: which layers get tfmot wrappers, and where their variables live.
+
+fedprune wraps prunable layers with tfmot's `PruneLowMagnitude`, whose
+`call(training=True)` advances `pruning_step` and multiplies the kernel by its
+`mask` before every forward pass: clients therefore train inside the mask they
+were sent. The wrappers carry `NeverPrune`, a schedule that never recomputes a
+mask, because masks are decided at round granularity by `masking.compute_masks`
+(on the server after aggregation, and on clients at the end of local training);
+see `client_work.py` and `server_masking.py`.
+
+TFF sees the model as `ModelWeights(trainable, non_trainable)`: kernels and
+biases are trainable; each wrapper adds a float `mask` (kernel-shaped) and a
+scalar `threshold` per kernel, and one int64 `pruning_step`, all non-trainable.
+`PruningLayout` records their positions in those two lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Layer classes whose kernel is pruned by default: Dense and convolutions.
+# Biases and normalization layers are never pruned.
+PRUNABLE_LAYER_NAMES = (
+    "Dense",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+)
+
+
+def _never_prune_class():
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    class NeverPrune(tfmot.sparsity.keras.PruningSchedule):
+        """A tfmot schedule that never recomputes the mask (masks come from fedprune)."""
+
+        def __call__(self, step):
+            return tf.constant(False), tf.constant(0.0, tf.float32)
+
+        def get_config(self):
+            return {"class_name": "NeverPrune", "config": {}}
+
+    return NeverPrune
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedKernel:
+    """Where one pruned kernel and its mask sit in `ModelWeights`.
+
+    Attributes:
+      name: the wrapped layer's name.
+      shape: the kernel's shape.
+      trainable_index: index of the kernel in `ModelWeights.trainable`.
+      mask_index: index of its mask in `ModelWeights.non_trainable`.
+      threshold_index: index of its threshold in `ModelWeights.non_trainable`.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    trainable_index: int
+    mask_index: int
+    threshold_index: int
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningLayout:
+    """Positions of pruned kernels, masks and pruning steps in `ModelWeights`.
+
+    Attributes:
+      kernels: one entry per pruned kernel, in model order.
+      step_indices: indices of every wrapper's int64 `pruning_step` in
+        `ModelWeights.non_trainable`.
+      trainable_shapes: shapes of all trainable weights (kernels and biases).
+    """
+
+    kernels: tuple[PrunedKernel, ...]
+    step_indices: tuple[int, ...]
+    trainable_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_pruned_params(self) -> int:
+        return sum(k.size for k in self.kernels)
+
+
+def is_prunable(layer, *, is_output: bool, prune_output_layer: bool) -> bool:
+    """Whether fedprune wraps `layer`: Dense/Conv kernels, optionally not the output layer."""
+    if is_output and not prune_output_layer:
+        return False
+    return type(layer).__name__ in PRUNABLE_LAYER_NAMES
+
+
+def wrap_for_pruning(model, *, prune_output_layer: bool = True):
+    """Returns a clone of `model` whose prunable layers carry tfmot wrappers.
+
+    The wrapped layers are the original layer objects, so the clone shares the
+    original's kernels and biases. Masks start at ones, pruning steps at -1
+    (call `initial_weights` or set them >= 0 before training).
+
+    Raises:
+      InvalidArgument: when no layer of the model is prunable.
+    """
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+    from fedprune.errors import check
+
+    never_prune = _never_prune_class()()
+    weighted = [layer for layer in model.layers if layer.weights]
+    output_layer = weighted[-1] if weighted else None
+
+    def clone_fn(layer):
+        if is_prunable(layer, is_output=layer is output_layer,
+                       prune_output_layer=prune_output_layer):
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=never_prune)
+        return layer
+
+    wrapped = tf.keras.models.clone_model(model, clone_function=clone_fn)
+    check(any(isinstance(layer, pruning_wrapper.PruneLowMagnitude)
+              for layer in wrapped.layers),
+          "prune_output_layer", prune_output_layer, "a model with at least one prunable layer")
+    return wrapped
+
+
+def pruning_layout(wrapped_model) -> PruningLayout:
+    """Reads the positions of kernels, masks, thresholds and steps of a wrapped model."""
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+    trainable = {v.ref(): i for i, v in enumerate(wrapped_model.trainable_weights)}
+    non_trainable = {v.ref(): i for i, v in enumerate(wrapped_model.non_trainable_weights)}
+    kernels, steps = [], []
+    for layer in wrapped_model.layers:
+        if not isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+            continue
+        steps.append(non_trainable[layer.pruning_step.ref()])
+        for weight, mask, threshold in layer.pruning_vars:
+            kernels.append(
+                PrunedKernel(
+                    name=layer.layer.name,
+                    shape=tuple(weight.shape.as_list()),
+                    trainable_index=trainable[weight.ref()],
+                    mask_index=non_trainable[mask.ref()],
+                    threshold_index=non_trainable[threshold.ref()],
+                )
+            )
+    return PruningLayout(
+        kernels=tuple(kernels),
+        step_indices=tuple(steps),
+        trainable_shapes=tuple(tuple(v.shape.as_list()) for v in wrapped_model.trainable_weights),
+    )
+
+
+def initial_weights(wrapped_model, layout: PruningLayout) -> tuple[list, list]:
+    """(trainable, non_trainable) numpy arrays of a wrapped model with every pruning step at 0.
+
+    tfmot's wrapper asserts `pruning_step >= 1` after its own increment, and
+    Keras' `UpdatePruningStep` callback that would lift it from -1 never runs
+    under TFF: starting at 0 makes the first `call(training=True)` valid.
+    """
+    trainable = [v.numpy() for v in wrapped_model.trainable_weights]
+    non_trainable = [v.numpy() for v in wrapped_model.non_trainable_weights]
+    for i in layout.step_indices:
+        non_trainable[i] = non_trainable[i] * 0
+    return trainable, non_trainable
+
+
+def strip(wrapped_model):
+    """tfmot `strip_pruning`: a plain Keras model with the (masked) kernels, no wrappers."""
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot.sparsity.keras.strip_pruning(wrapped_model)

@@ -1,0 +1,319 @@
+"""Sparsity schedules expressed in federated rounds.
+
+Users give schedules in **rounds**; fedprune hands them to tfmot's own
+`PruningSchedule` classes with the explicit mapping
+
+    one tfmot step  ==  one federated round on the server.
+
+So `begin_round`, `end_round` and `prune_every` become tfmot's `begin_step`,
+`end_step` and `frequency`, and the server's mask decision after round `r` is
+tfmot's `schedule(step=r)`: `(should_prune, sparsity)`. Round 0 is the initial
+model (before any training); training rounds are 1, 2, ... Client-side local
+steps never enter a schedule: clients are stateless, so they prune at round
+granularity (see `client_work.py`).
+
+The polynomial schedule is Zhu & Gupta (2017), "To prune, or not to prune":
+
+    s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** p,   t0 <= t <= t1.
+
+tfmot traps caught here, at the boundary (see DESIGN.md §3): with
+`(end - begin) % frequency != 0` tfmot never reaches the final sparsity, and
+`begin == end` yields NaN. Both are rejected with the nearest valid value.
+
+This module does not import TensorFlow until `table()` or `tfmot_schedule()` is
+called, so drivers can validate schedules before the slow imports.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from fedprune.errors import check
+
+SCHEDULES = ("none", "constant", "polynomial", "oneshot")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleTable:
+    """A schedule evaluated at rounds 0..num_rounds (arrays of length num_rounds + 1).
+
+    Attributes:
+      updates: bool; `updates[r]` is True when the mask is recomputed after round r.
+      target: float32; tfmot's sparsity value at step r (meaningful where `updates`).
+      sparsity: float32; the sparsity of the mask in force after round r: the
+        target of the last update at or before r, 0 before the first update.
+    """
+
+    updates: np.ndarray
+    target: np.ndarray
+    sparsity: np.ndarray
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.updates) - 1
+
+    @property
+    def started(self) -> np.ndarray:
+        """bool; `started[r]` is True when a mask has been computed at or before round r."""
+        return np.logical_or.accumulate(self.updates)
+
+
+def table_lookup(values: np.ndarray, round_num):
+    """`values[min(round_num, len - 1)]` as a TF tensor: rounds past a table repeat its end.
+
+    Args:
+      values: a 1-D array indexed by round (a `ScheduleTable` field).
+      round_num: an integer scalar tensor.
+    """
+    import tensorflow as tf
+
+    index = tf.minimum(tf.cast(round_num, tf.int32), len(values) - 1)
+    return tf.gather(tf.constant(values), index)
+
+
+class RoundSchedule(abc.ABC):
+    """A sparsity schedule in rounds, backed by a tfmot `PruningSchedule`."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def tfmot_schedule(self):
+        """The tfmot schedule with one step per round, or None for no pruning."""
+
+    @property
+    @abc.abstractmethod
+    def final_sparsity_value(self) -> float:
+        """The sparsity this schedule ends at (0 for no pruning)."""
+
+    @property
+    @abc.abstractmethod
+    def last_update_round(self) -> int:
+        """The last round whose mask update changes the sparsity level (-1 if none)."""
+
+    def table(self, num_rounds: int) -> ScheduleTable:
+        """Evaluates the tfmot schedule at steps 0..num_rounds (imports TensorFlow)."""
+        updates = np.zeros(num_rounds + 1, bool)
+        target = np.zeros(num_rounds + 1, np.float32)
+        schedule = self.tfmot_schedule()
+        if schedule is not None:
+            import tensorflow as tf
+
+            for step in range(num_rounds + 1):
+                should_prune, sparsity = schedule(tf.constant(step, tf.int64))
+                updates[step] = bool(should_prune)
+                target[step] = float(sparsity)
+        sparsity = np.zeros(num_rounds + 1, np.float32)
+        current = np.float32(0.0)
+        for r in range(num_rounds + 1):
+            if updates[r]:
+                current = target[r]
+            sparsity[r] = current
+        return ScheduleTable(updates=updates, target=target, sparsity=sparsity)
+
+    def to_dict(self) -> dict:
+        return {"schedule": self.name, **dataclasses.asdict(self)}
+
+
+def _check_sparsity(name: str, value: float) -> None:
+    check(0.0 <= value < 1.0, name, value, "a sparsity fraction in [0, 1)")
+
+
+def _check_rounds(begin_round: int, end_round: int, prune_every: int, *, allow_open_end: bool):
+    check(begin_round >= 0, "begin_round", begin_round, "a round >= 0 (0 prunes the initial model)")
+    check(prune_every >= 1, "prune_every", prune_every, "a whole number of rounds >= 1")
+    if allow_open_end and end_round == -1:
+        return
+    check(
+        end_round >= begin_round,
+        "end_round",
+        end_round,
+        f">= --begin_round={begin_round}" + (" or -1 (never end)" if allow_open_end else ""),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NoPruning(RoundSchedule):
+    """Dense training: no mask is ever computed."""
+
+    name: ClassVar[str] = "none"
+
+    def tfmot_schedule(self):
+        return None
+
+    @property
+    def final_sparsity_value(self) -> float:
+        return 0.0
+
+    @property
+    def last_update_round(self) -> int:
+        return -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantSparsity(RoundSchedule):
+    """Re-prunes to `final_sparsity` every `prune_every` rounds in [begin_round, end_round].
+
+    `end_round=-1` keeps re-pruning until training stops (tfmot's convention).
+    """
+
+    final_sparsity: float
+    begin_round: int = 0
+    end_round: int = -1
+    prune_every: int = 1
+
+    name: ClassVar[str] = "constant"
+
+    def __post_init__(self):
+        _check_sparsity("final_sparsity", self.final_sparsity)
+        _check_rounds(self.begin_round, self.end_round, self.prune_every, allow_open_end=True)
+
+    def tfmot_schedule(self):
+        import tensorflow_model_optimization as tfmot
+
+        return tfmot.sparsity.keras.ConstantSparsity(
+            target_sparsity=self.final_sparsity,
+            begin_step=self.begin_round,
+            end_step=self.end_round,
+            frequency=self.prune_every,
+        )
+
+    @property
+    def final_sparsity_value(self) -> float:
+        return self.final_sparsity
+
+    @property
+    def last_update_round(self) -> int:
+        return self.begin_round
+
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialDecay(RoundSchedule):
+    """Zhu & Gupta (2017) from `initial_sparsity` at begin_round to `final_sparsity` at end_round.
+
+    The mask is recomputed every `prune_every` rounds from begin_round to
+    end_round inclusive; (end_round - begin_round) must be a positive multiple
+    of `prune_every`, otherwise tfmot would stop short of `final_sparsity`.
+    """
+
+    initial_sparsity: float
+    final_sparsity: float
+    begin_round: int
+    end_round: int
+    power: float = 3.0
+    prune_every: int = 1
+
+    name: ClassVar[str] = "polynomial"
+
+    def __post_init__(self):
+        _check_sparsity("initial_sparsity", self.initial_sparsity)
+        _check_sparsity("final_sparsity", self.final_sparsity)
+        _check_rounds(self.begin_round, self.end_round, self.prune_every, allow_open_end=False)
+        # begin == end passes tfmot's validation but divides by zero (NaN sparsity).
+        check(
+            self.end_round > self.begin_round,
+            "end_round",
+            self.end_round,
+            f"> --begin_round={self.begin_round} for a polynomial schedule "
+            "(use --schedule=oneshot to prune at a single round)",
+        )
+        span = self.end_round - self.begin_round
+        if span % self.prune_every:
+            lower = self.begin_round + (span // self.prune_every) * self.prune_every
+            check(
+                False,
+                "end_round",
+                self.end_round,
+                f"--begin_round + a multiple of --prune_every={self.prune_every} "
+                f"(e.g. {lower} or {lower + self.prune_every}); otherwise tfmot never "
+                "reaches --final_sparsity",
+            )
+        check(self.power > 0, "power", self.power, "a positive exponent (1 = linear, 3 = cubic)")
+
+    def tfmot_schedule(self):
+        import tensorflow_model_optimization as tfmot
+
+        return tfmot.sparsity.keras.PolynomialDecay(
+            initial_sparsity=self.initial_sparsity,
+            final_sparsity=self.final_sparsity,
+            begin_step=self.begin_round,
+            end_step=self.end_round,
+            power=self.power,
+            frequency=self.prune_every,
+        )
+
+    @property
+    def final_sparsity_value(self) -> float:
+        return self.final_sparsity
+
+    @property
+    def last_update_round(self) -> int:
+        return self.end_round
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShot(RoundSchedule):
+    """Jumps to `final_sparsity` at `begin_round` and keeps that mask.
+
+    tfmot `ConstantSparsity` with begin_step == end_step: a single mask update.
+    """
+
+    final_sparsity: float
+    begin_round: int = 0
+
+    name: ClassVar[str] = "oneshot"
+
+    def __post_init__(self):
+        _check_sparsity("final_sparsity", self.final_sparsity)
+        _check_rounds(self.begin_round, self.begin_round, 1, allow_open_end=False)
+
+    def tfmot_schedule(self):
+        import tensorflow_model_optimization as tfmot
+
+        return tfmot.sparsity.keras.ConstantSparsity(
+            target_sparsity=self.final_sparsity,
+            begin_step=self.begin_round,
+            end_step=self.begin_round,
+            frequency=1,
+        )
+
+    @property
+    def final_sparsity_value(self) -> float:
+        return self.final_sparsity
+
+    @property
+    def last_update_round(self) -> int:
+        return self.begin_round
+
+
+def make_schedule(
+    schedule: str,
+    *,
+    initial_sparsity: float = 0.0,
+    final_sparsity: float = 0.0,
+    begin_round: int = 0,
+    end_round: int = -1,
+    prune_every: int = 1,
+    power: float = 3.0,
+) -> RoundSchedule:
+    """Builds a schedule from flag-style arguments (names equal the driver flags).
+
+    Arguments a schedule does not use are ignored: `constant` and `oneshot` use
+    `final_sparsity` and `begin_round` (`constant` also `end_round`, `prune_every`).
+
+    Raises:
+      InvalidArgument: for an unknown name or a value the schedule rejects.
+    """
+    check(schedule in SCHEDULES, "schedule", schedule, "one of " + "|".join(SCHEDULES))
+    if schedule == "none":
+        return NoPruning()
+    if schedule == "constant":
+        return ConstantSparsity(final_sparsity, begin_round, end_round, prune_every)
+    if schedule == "oneshot":
+        return OneShot(final_sparsity, begin_round)
+    return PolynomialDecay(
+        initial_sparsity, final_sparsity, begin_round, end_round, power, prune_every
+    )

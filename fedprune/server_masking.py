@@ -1,0 +1,137 @@
+"""The server-side masking step after federated averaging.
+
+A `FinalizerProcess` that runs TFF's own `build_apply_optimizer_finalizer`
+(server SGD with learning rate 1.0 is plain FedAvg; Adam is FedAdam) and then
+re-masks the new global model:
+
+    weights <- optimizer(weights, mean client delta)
+    if the schedule updates the mask at round r: mask <- compute_masks(kernels, s_r)
+    kernels <- kernels * mask;  the mask is stored in the model's non-trainable weights
+
+so the model broadcast for round r + 1 is exactly as sparse as the schedule says
+for round r, whatever the optimizer did: server momentum (Adam) moves pruned
+coordinates, and the re-mask puts them back to zero. Between updates the mask
+is kept and re-applied. The mask lives in `ModelWeights.non_trainable`, so it is
+part of the server state and is broadcast with the model; TFF never aggregates
+non-trainable weights, so the server alone owns masks and pruning steps.
+
+State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
+counting completed rounds.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from fedprune.masking import MaskSpec, compute_masks
+from fedprune.pruning import PruningLayout
+from fedprune.schedules import ScheduleTable, table_lookup
+
+
+def remask_weights(weights, round_num, *, layout: PruningLayout, table: ScheduleTable,
+                   mask_spec: MaskSpec):
+    """Applies the schedule's mask decision for `round_num` to model weights (TF ops).
+
+    Args:
+      weights: `ModelWeights`-like with `.trainable` and `.non_trainable` sequences.
+      round_num: int32 scalar; the round that has just completed (0 = initial model).
+      layout: where kernels, masks, thresholds and steps are.
+      table: the schedule per round.
+      mask_spec: the mask rule.
+
+    Returns:
+      `tff.learning.models.ModelWeights` with kernels masked, masks and
+      thresholds updated when the schedule says so, and every tfmot
+      `pruning_step` set to `round_num` (>= 0, as the wrapper requires).
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
+    kernels = [trainable[k.trainable_index] for k in layout.kernels]
+    old_masks = [non_trainable[k.mask_index] for k in layout.kernels]
+    masks = tf.cond(
+        table_lookup(table.updates, round_num),
+        lambda: compute_masks(kernels, mask_spec, table_lookup(table.sparsity, round_num)),
+        lambda: old_masks,
+    )
+    for k, kernel, mask in zip(layout.kernels, kernels, masks):
+        trainable[k.trainable_index] = kernel * mask
+        non_trainable[k.mask_index] = mask
+        # tfmot's threshold: the smallest kept magnitude (0 when nothing is pruned).
+        kept = tf.where(mask > 0, tf.abs(kernel), tf.fill(tf.shape(kernel), np.inf))
+        threshold = tf.where(tf.reduce_all(mask > 0), 0.0, tf.reduce_min(kept))
+        non_trainable[k.threshold_index] = tf.cast(threshold, kernel.dtype)
+    for i in layout.step_indices:
+        non_trainable[i] = tf.cast(round_num, tf.int64)
+    return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
+
+
+def build_masking_finalizer(
+    *,
+    server_optimizer,
+    model_weights_type,
+    layout: PruningLayout | None,
+    table: ScheduleTable,
+    mask_spec: MaskSpec,
+    remask: bool,
+):
+    """Builds TFF's apply-optimizer finalizer followed by the server mask step.
+
+    Args:
+      server_optimizer: a `tff.learning.optimizers.Optimizer`.
+      model_weights_type: the `ModelWeights` TFF type of the global model.
+      layout: positions of kernels and masks (None for a dense model).
+      table: the schedule per round.
+      mask_spec: the server's mask rule.
+      remask: False for masking modes `none` and `client` (optimizer step only).
+
+    Returns:
+      A `tff.learning.templates.FinalizerProcess` with type signature
+      `(<optimizer=S, round=int32>@SERVER, ModelWeights@SERVER, trainable update@SERVER)
+      -> (state@SERVER, ModelWeights@SERVER, <update_non_finite=int32>@SERVER)`.
+    """
+    import tensorflow_federated as tff
+
+    inner = tff.learning.templates.build_apply_optimizer_finalizer(
+        server_optimizer, model_weights_type
+    )
+    round_type = tff.TensorType(np.int32)
+
+    @tff.tensorflow.computation(model_weights_type, round_type)
+    def remask_fn(weights, round_num):
+        return remask_weights(weights, round_num, layout=layout, table=table,
+                              mask_spec=mask_spec)
+
+    @tff.tensorflow.computation(round_type)
+    def increment(round_num):
+        return round_num + 1
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_zip(
+            collections.OrderedDict(
+                optimizer=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER)
+            )
+        )
+
+    @tff.federated_computation(
+        init_fn.type_signature.result,
+        inner.next.type_signature.parameter[1],
+        inner.next.type_signature.parameter[2],
+    )
+    def next_fn(state, weights, update):
+        inner_output = inner.next(state.optimizer, weights, update)
+        round_num = tff.federated_map(increment, state.round)
+        new_weights = inner_output.result
+        if remask:
+            new_weights = tff.federated_map(remask_fn, (new_weights, round_num))
+        new_state = tff.federated_zip(
+            collections.OrderedDict(optimizer=inner_output.state, round=round_num)
+        )
+        return tff.templates.MeasuredProcessOutput(new_state, new_weights,
+                                                   inner_output.measurements)
+
+    return tff.learning.templates.FinalizerProcess(init_fn, next_fn)

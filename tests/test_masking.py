@@ -1,0 +1,123 @@
+"""Mask maths: golden numbers and parity with tfmot's own mask code."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_impl
+import tensorflow_model_optimization as tfmot
+
+from fedprune import masking
+from fedprune.errors import InvalidArgument
+
+# The seeds' worked example (3 x 2 kernel).
+SEED_TABLE = np.array([[0.8, 0.3], [0.5, 0.7], [0.2, 0.6]], np.float32)
+
+
+def _mask(weights, sparsity=0.0, **spec):
+    return masking.compute_masks([weights], masking.MaskSpec(**spec), sparsity)[0].numpy()
+
+
+def test_threshold_keeps_four_of_six():
+    # theta = 0.4 keeps |w| >= 0.4: 0.8, 0.5, 0.7, 0.6; prunes 0.3 and 0.2.
+    mask = _mask(SEED_TABLE, mask_criterion="threshold", threshold=0.4)
+    np.testing.assert_array_equal(mask, [[1, 0], [1, 1], [0, 1]])
+
+
+def test_relative_rate_half_keeps_above_0_4():
+    # rate 0.5 * max 0.8 = 0.4; keep |w| > 0.4: 0.8, 0.5, 0.7, 0.6.
+    mask = _mask(SEED_TABLE, mask_criterion="relative", relative_rate=0.5)
+    np.testing.assert_array_equal(mask, [[1, 0], [1, 1], [0, 1]])
+
+
+@pytest.mark.parametrize(
+    "sparsity, kept",
+    [(0.0, 6), (0.5, 3), (0.7, 2), (0.99, 1)],  # max(round(6 * (1 - s)), 1)
+)
+def test_magnitude_keeps_tfmot_count(sparsity, kept):
+    mask = _mask(SEED_TABLE, sparsity)
+    assert mask.sum() == kept
+    # The kept entries are the largest ones.
+    assert SEED_TABLE[mask == 1].min() >= SEED_TABLE[mask == 0].max(initial=0)
+
+
+def test_magnitude_ties_keep_exactly_k():
+    weights = np.array([1.0, 1.0, 1.0, 1.0, 0.5, 0.0], np.float32)
+    assert _mask(weights, 0.5).sum() == 3  # tfmot would keep all four tied ones
+
+
+def test_global_scope_ranks_across_layers():
+    small = np.full((2, 2), 0.1, np.float32)
+    large = np.arange(1, 5, dtype=np.float32).reshape(2, 2)
+    masks = masking.compute_masks([small, large], masking.MaskSpec(mask_scope="global"), 0.5)
+    assert masks[0].numpy().sum() == 0 and masks[1].numpy().sum() == 4
+
+
+def _tfmot_mask(weights, sparsity, **kwargs):
+    var = tf.Variable(weights)
+    pruning = pruning_impl.Pruning(
+        training_step_fn=lambda: tf.constant(1, tf.int64),
+        pruning_vars=[(var, tf.Variable(tf.ones_like(weights)), tf.Variable(0.0))],
+        pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(sparsity, 0),
+        block_size=kwargs.get("block_size", (1, 1)),
+        block_pooling_type=kwargs.get("block_pooling_type", "AVG"),
+        sparsity_m_by_n=kwargs.get("sparsity_m_by_n"),
+    )
+    return pruning._maybe_update_block_mask(var)[1].numpy()
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (33, 10)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
+def test_magnitude_equals_tfmot(shape, sparsity):
+    weights = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    np.testing.assert_array_equal(_mask(weights, sparsity), _tfmot_mask(weights, sparsity))
+
+
+@pytest.mark.parametrize("block", [(1, 4), (2, 2), (4, 1)])
+@pytest.mark.parametrize("pooling", ["AVG", "MAX"])
+def test_block_equals_tfmot(block, pooling):
+    weights = np.random.default_rng(1).normal(size=(16, 12)).astype(np.float32)
+    ours = _mask(weights, 0.75, structure="block", block_size=block, block_pooling=pooling)
+    theirs = _tfmot_mask(weights, 0.75, block_size=block, block_pooling_type=pooling)
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours.sum() == 16 * 12 // 4  # 48 blocks of 4, keep 12
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (3, 3, 8, 4)])
+def test_two_four_equals_tfmot_and_is_half(shape):
+    weights = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    ours = _mask(weights, structure="2:4")
+    np.testing.assert_array_equal(ours, _tfmot_mask(weights, 0.5, sparsity_m_by_n=(2, 4)))
+    assert ours.mean() == 0.5
+    # Every group of 4 consecutive input weights (axis -2) keeps exactly 2.
+    groups = np.moveaxis(ours, -2, -1).reshape(-1, 4)
+    np.testing.assert_array_equal(groups.sum(axis=1), 2)
+
+
+def test_two_four_with_threshold_is_intersection():
+    weights = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+    both = _mask(weights, structure="2:4", mask_criterion="threshold", threshold=0.5)
+    expected = _mask(weights, structure="2:4") * (np.abs(weights) >= 0.5)
+    np.testing.assert_array_equal(both, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"mask_criterion": "random"}, "mask_criterion"),
+        ({"mask_criterion": "threshold"}, "threshold"),
+        ({"mask_criterion": "relative", "relative_rate": 1.5}, "relative_rate"),
+        ({"structure": "4:8"}, "structure"),
+        ({"block_size": (0, 4)}, "block_size"),
+    ],
+)
+def test_bad_spec_names_the_flag(kwargs, flag):
+    with pytest.raises(InvalidArgument, match=f"--{flag}="):
+        masking.MaskSpec(**kwargs)
+
+
+def test_runs_inside_tf_function():
+    @tf.function
+    def fn(w, s):
+        return masking.compute_masks([w], masking.MaskSpec(), s)[0]
+
+    assert fn(tf.constant(SEED_TABLE), tf.constant(0.5)).numpy().sum() == 3

@@ -1,0 +1,305 @@
+"""Tests for fedprune.reporting: atomic files, intervals, tables, plots."""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fedprune import reporting
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------
+# Atomic files.
+
+
+class TestAtomicWrites:
+    def test_text_replaces_and_leaves_no_temp_file(self, tmp_path):
+        path = tmp_path / "notes.txt"
+        path.write_text("old")
+        assert reporting.atomic_write_text(path, "new\nline\n") == path
+        assert path.read_text() == "new\nline\n"
+        assert os.listdir(tmp_path) == ["notes.txt"]
+
+    def test_new_file_has_default_permissions(self, tmp_path):
+        umask = os.umask(0o022)
+        try:
+            path = reporting.atomic_write_text(tmp_path / "a.txt", "x")
+        finally:
+            os.umask(umask)
+        assert path.stat().st_mode & 0o777 == 0o644  # 0o666 minus the umask, like open()
+
+    def test_json_format(self, tmp_path):
+        path = tmp_path / "config.json"
+        reporting.atomic_write_json(
+            path, {"b": np.float32(0.5), "a": [1, np.int64(2)], "c": np.arange(2)}
+        )
+        assert path.read_text() == (
+            '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 0.5,\n  "c": [\n    0,\n    1\n  ]\n}\n'
+        )
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, np.float32("nan")])
+    def test_json_nan_keeps_the_previous_file(self, tmp_path, bad):
+        path = tmp_path / "metrics.json"
+        reporting.atomic_write_json(path, {"accuracy": 0.9})
+        before = path.read_text()
+        with pytest.raises(ValueError):
+            reporting.atomic_write_json(path, {"accuracy": bad})
+        assert path.read_text() == before
+        assert os.listdir(tmp_path) == ["metrics.json"]
+
+    def test_failure_while_writing_keeps_the_previous_file(self, tmp_path, monkeypatch):
+        path = tmp_path / "metrics.csv"
+        reporting.atomic_write_text(path, "round\n1\n")
+
+        def failing_fsync(fd):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(reporting.os, "fsync", failing_fsync)
+        with pytest.raises(OSError, match="disk full"):
+            reporting.atomic_write_text(path, "round\n1\n2\n")
+        assert path.read_text() == "round\n1\n"
+        assert os.listdir(tmp_path) == ["metrics.csv"]
+
+    def test_csv_round_trip_is_exact(self, tmp_path):
+        path = tmp_path / "metrics.csv"
+        rows = [
+            {"round": 1, "test_accuracy": 0.1 + 0.2, "bytes_up": 123456},
+            {"round": 2, "test_accuracy": 1 / 3},  # bytes_up missing: empty cell
+        ]
+        reporting.atomic_write_csv(path, rows, ["round", "test_accuracy", "bytes_up"])
+        assert path.read_text().splitlines()[0] == "round,test_accuracy,bytes_up"
+        back = list(csv.DictReader(path.open()))
+        assert [float(r["test_accuracy"]) for r in back] == [0.1 + 0.2, 1 / 3]
+        assert [r["bytes_up"] for r in back] == ["123456", ""]
+
+    def test_csv_unknown_key_keeps_the_previous_file(self, tmp_path):
+        path = tmp_path / "metrics.csv"
+        reporting.atomic_write_csv(path, [{"round": 1}], ["round"])
+        before = path.read_text()
+        with pytest.raises(ValueError):
+            reporting.atomic_write_csv(path, [{"round": 2, "typo": 0}], ["round"])
+        assert path.read_text() == before
+        assert os.listdir(tmp_path) == ["metrics.csv"]
+
+
+# --------------------------------------------------------------------------
+# Statistics.
+
+
+class TestMeanCi:
+    def test_three_values_by_hand(self):
+        # mean 2, s = 1, t_{0.975, 2} = 4.302652729911275: half width 4.3027 / sqrt(3) = 2.4841.
+        mean, half = reporting.mean_ci([1, 2, 3])
+        assert mean == 2.0
+        assert half == pytest.approx(4.302652729911275 / math.sqrt(3), rel=1e-12)
+        assert half == pytest.approx(2.4841, abs=1e-4)
+
+    def test_other_confidence(self):
+        # t_{0.995, 2} = 9.924843200918276 (scipy.stats.t.ppf(0.995, 2)).
+        assert reporting.mean_ci([1, 2, 3], 0.99)[1] == pytest.approx(9.924843200918276 / 3**0.5)
+
+    def test_two_values(self):
+        # mean 0.91, s = 0.02 / sqrt(2), t_{0.975, 1} = 12.706204736432095: half = 12.706 * 0.01.
+        mean, half = reporting.mean_ci([0.90, 0.92])
+        assert (mean, half) == pytest.approx((0.91, 0.12706204736432095))
+
+    def test_single_value_has_nan_half_width(self):
+        mean, half = reporting.mean_ci([0.7])
+        assert mean == 0.7 and math.isnan(half)
+
+    def test_constant_values_have_zero_half_width(self):
+        assert reporting.mean_ci([4.0, 4.0, 4.0]) == (4.0, 0.0)
+
+    @pytest.mark.parametrize("values, confidence", [([], 0.95), ([1, 2], 1.0), ([1, 2], 0.0)])
+    def test_rejects(self, values, confidence):
+        with pytest.raises(ValueError):
+            reporting.mean_ci(values, confidence)
+
+
+# --------------------------------------------------------------------------
+# Tables.
+
+ROWS = [
+    dict(zip(["schedule", "final_sparsity", "seed", "accuracy", "bytes_up"], values, strict=True))
+    for values in [
+        ("constant", 0.5, 0, 0.90, 100 * 1024),
+        ("poly_decay", 0.8, 0, 0.85, 50 * 1024),
+        ("constant", 0.5, 1, 0.92, 102 * 1024),
+    ]
+]
+# constant: accuracy 0.91 +- 12.706 * 0.01 = 0.127; bytes_up 101 KiB +- 12.706 * 1 KiB.
+# poly_decay: a single seed, so no interval.
+
+
+@pytest.fixture
+def table():
+    return reporting.aggregate(ROWS, ["schedule", "final_sparsity"], ["accuracy", "bytes_up"])
+
+
+class TestAggregate:
+    def test_groups_in_order_of_first_appearance(self, table):
+        assert [g.key for g in table.groups] == [("constant", 0.5), ("poly_decay", 0.8)]
+        assert [g.n for g in table.groups] == [2, 1]
+        constant = table.groups[0]
+        assert constant.mean["accuracy"] == pytest.approx(0.91)
+        assert constant.ci["accuracy"] == pytest.approx(0.12706204736432095)
+        assert constant.mean["bytes_up"] == 101 * 1024
+        assert constant.ci["bytes_up"] == pytest.approx(12.706204736432095 * 1024)
+        assert math.isnan(table.groups[1].ci["accuracy"])
+
+    def test_numeric_strings_from_csv(self):
+        rows = [{k: str(v) for k, v in r.items()} for r in ROWS]
+        got = reporting.aggregate(rows, ["schedule"], ["accuracy"])
+        assert got.groups[0].mean["accuracy"] == pytest.approx(0.91)
+
+    def test_missing_metric(self):
+        with pytest.raises(KeyError, match="lacks"):
+            reporting.aggregate([{"schedule": "x"}], ["schedule"], ["accuracy"])
+
+
+def test_markdown(table):
+    got = reporting.to_markdown(table, {"accuracy": reporting.ACCURACY, "bytes_up": reporting.KIB})
+    assert got == (
+        "| schedule | final_sparsity | n | accuracy | bytes_up (KiB) |\n"
+        "| :-- | :-- | --: | --: | --: |\n"
+        "| constant | 0.5 | 2 | 0.910 ± 0.127 | 101.0 ± 12.7 |\n"
+        "| poly_decay | 0.8 | 1 | 0.850 | 50.0 |\n"
+    )
+
+
+def test_markdown_bare_spec_default_format_and_pipes():
+    rows = [{"masking": "a|b", "loss": 1234.5678, "accuracy": 0.5}]
+    got = reporting.to_markdown(
+        reporting.aggregate(rows, ["masking"], ["loss", "accuracy"]), {"loss": ".1f"}
+    )
+    assert got.splitlines()[2] == r"| a\|b | 1 | 1234.6 | 0.5 |"
+
+
+def test_unknown_format_metric_is_rejected(table):
+    with pytest.raises(ValueError, match="not in the table"):
+        reporting.to_markdown(table, {"acc": ".3f"})
+
+
+def test_latex(table):
+    got = reporting.to_latex(table, {"accuracy": reporting.PERCENT, "bytes_up": reporting.KIB})
+    assert got == (
+        "\\begin{tabular}{llrrr}\n"
+        "\\toprule\n"
+        "schedule & final\\_sparsity & n & accuracy (\\%) & bytes\\_up (KiB) \\\\\n"
+        "\\midrule\n"
+        "constant & 0.5 & 2 & 91.0 $\\pm$ 12.7 & 101.0 $\\pm$ 12.7 \\\\\n"
+        "poly\\_decay & 0.8 & 1 & 85.0 & 50.0 \\\\\n"
+        "\\bottomrule\n"
+        "\\end{tabular}\n"
+    )
+
+
+def test_latex_escape():
+    assert reporting.latex_escape("a_b 5% R&D $x #1 {y} ~^\\") == (
+        r"a\_b 5\% R\&D \$x \#1 \{y\} \textasciitilde{}\textasciicircum{}\textbackslash{}"
+    )
+
+
+def test_csv_round_trip(table, tmp_path):
+    path = reporting.to_csv(table, tmp_path / "table.csv")
+    back = list(csv.DictReader(path.open()))
+    assert list(back[0]) == [
+        "schedule", "final_sparsity", "n",
+        "accuracy_mean", "accuracy_ci", "bytes_up_mean", "bytes_up_ci",
+    ]  # fmt: skip
+    for row, group in zip(back, table.groups, strict=True):
+        assert (row["schedule"], float(row["final_sparsity"])) == group.key
+        assert int(row["n"]) == group.n
+        for m in table.metrics:
+            np.testing.assert_array_equal(float(row[f"{m}_mean"]), group.mean[m])
+            np.testing.assert_array_equal(float(row[f"{m}_ci"]), group.ci[m])  # nan == nan
+    assert back[1]["accuracy_ci"] == "nan"
+    assert os.listdir(tmp_path) == ["table.csv"]
+
+
+# --------------------------------------------------------------------------
+# Plots.
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert len(data) > 1000
+    assert data.startswith(PNG_SIGNATURE)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def run_rows(seed, num_rounds=6):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(num_rounds):
+        rows.append(
+            {
+                "round": str(r),  # as read back from metrics.csv
+                # evaluated every other round: empty cells are skipped
+                "test_accuracy": "" if r % 2 else str(0.5 + 0.05 * r + 0.01 * rng.random()),
+                "global_sparsity": str(min(0.8, 0.2 * r)),
+            }
+        )
+    return rows
+
+
+def test_plot_run_curves(tmp_path):
+    path = reporting.plot_run_curves(run_rows(0), tmp_path / "run.png", title="seed 0")
+    assert path == tmp_path / "run.png"
+    assert_png(path)
+
+
+def test_plot_curves_by_group(tmp_path):
+    runs = [
+        ({"schedule": "constant", "seed": 0}, run_rows(0)),
+        ({"schedule": "constant", "seed": 1}, run_rows(1)),
+        ({"schedule": "polynomial", "seed": 0}, run_rows(2, num_rounds=4)),  # one run: no band
+    ]
+    path = reporting.plot_curves_by_group(runs, "schedule", "test_accuracy", tmp_path / "g.png")
+    assert_png(path)
+
+
+@pytest.mark.parametrize("x", ["final_sparsity", "measured_sparsity"])
+def test_plot_accuracy_vs_sparsity(tmp_path, x):
+    rows = [
+        {"schedule": s, "final_sparsity": fs, "accuracy": 0.9 - fs / 4 + 0.01 * seed,
+         "measured_sparsity": fs + 0.001 * seed}
+        for s in ("constant", "polynomial") for fs in (0.5, 0.8, 0.9) for seed in range(3)
+    ]  # fmt: skip
+    rows.append({"schedule": "oneshot", "final_sparsity": 0.9, "accuracy": 0.6,
+                 "measured_sparsity": 0.9})  # fmt: skip
+    table = reporting.aggregate(
+        rows, ["schedule", "final_sparsity"], ["accuracy", "measured_sparsity"]
+    )
+    path = reporting.plot_accuracy_vs_sparsity(table, tmp_path / "avs.png", x=x)
+    assert_png(path)
+
+
+def test_plot_accuracy_vs_sparsity_rejects_unknown_columns(table, tmp_path):
+    with pytest.raises(ValueError, match="not a metric"):
+        reporting.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", y="test_accuracy")
+    with pytest.raises(ValueError, match="neither"):
+        reporting.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", x="sparsity")
+
+
+def test_importing_does_not_load_heavy_modules():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedprune.reporting, fedprune.communication; "
+        "print(sorted(m for m in ('tensorflow', 'matplotlib', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_json_loads_back(tmp_path):
+    obj = {"z": {"b": 1, "a": [0.25, None, "s"]}, "a": True}
+    path = reporting.atomic_write_json(tmp_path / "x.json", obj)
+    assert json.loads(path.read_text()) == obj
