@@ -20,7 +20,10 @@ computations around it, selected by the masking mode:
        into its pruned model: `m * delta + (1 - m) * broadcast`.
   In `both` the broadcast model is already pruned by the server at round r-1's
   level, so step 1 would not change it and is skipped.
-* `none`: TFF's client work as is (no wrapper).
+* `none`: TFF's local training on the plain model; the update passes through.
+
+Every mode also measures what an efficient upload would cost (`uplink_bytes`,
+summed over the round's clients) on the actual client updates.
 
 State: `OrderedDict(hparams=<TFF client optimizer hparams>, round=int32)`,
 where `round` counts completed rounds (round r trains with `round == r - 1`).
@@ -37,6 +40,33 @@ from fedprune.pruning import PruningLayout
 from fedprune.schedules import ScheduleTable, table_lookup
 
 MASKING_MODES = ("none", "client", "server", "both")
+
+
+def uplink_bytes(tensors, known_masks):
+    """Bytes of the smallest encoding of each tensor, summed (TF ops; int64 scalar).
+
+    The closed forms of `communication.py` (dense 4N, bitmap ceil(N/8) + 4 nnz,
+    coordinate list 8 nnz, and 4 |mask| for values inside a mask the receiver
+    knows, valid only when the tensor is zero outside that mask), evaluated on
+    the client's actual update; tests check them against the measured encodings.
+
+    Args:
+      tensors: float tensors (one client's update).
+      known_masks: per tensor, the 0/1 mask the server broadcast, or None.
+    """
+    import tensorflow as tf
+
+    total = tf.constant(0, tf.int64)
+    for tensor, mask in zip(tensors, known_masks):
+        n = tensor.shape.num_elements()
+        nnz = tf.math.count_nonzero(tensor, dtype=tf.int64)
+        sizes = [tf.constant(4 * n, tf.int64), -(-n // 8) + 4 * nnz, 8 * nnz]
+        if mask is not None:
+            inside = tf.math.count_nonzero(mask, dtype=tf.int64)
+            zero_outside = tf.equal(tf.math.count_nonzero(tensor * (1.0 - mask)), 0)
+            sizes.append(tf.where(zero_outside, 4 * inside, tf.constant(4 * n, tf.int64)))
+        total += tf.reduce_min(tf.stack(sizes))
+    return total
 
 
 def _prune_kernels(kernels, spec: MaskSpec, sparsity, started):
@@ -74,23 +104,21 @@ def build_pruning_client_work(
       A `tff.learning.templates.ClientWorkProcess` with type signature
       `(<hparams=H, round=int32>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
       (state@SERVER, ClientResult(update=trainable weights, update_weight=float32)@CLIENTS,
-      <train=metrics>@SERVER)`; for `none`, TFF's own process unchanged.
+      <train=metrics, uplink_bytes=int64>@SERVER)`.
     """
     import tensorflow_federated as tff
 
     inner = tff.learning.templates.build_model_delta_client_work(
         model_fn, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES
     )
-    if masking == "none":
-        return inner
-
     weights_type = inner.next.type_signature.parameter[1].member
     update_type = inner.next.type_signature.result.result.member
     round_type = tff.TensorType(np.int32)
-    started = table.started
+    kernels = layout.kernels if layout is not None else ()
+    kernel_idx = [k.trainable_index for k in kernels]
+    mask_idx = [k.mask_index for k in kernels]
     client_prunes = masking in ("client", "both")
-    kernel_idx = [k.trainable_index for k in layout.kernels]
-    mask_idx = [k.mask_index for k in layout.kernels]
+    started = table.started
 
     @tff.tensorflow.computation(weights_type, round_type)
     def prune_broadcast(weights, round_num):
@@ -127,9 +155,15 @@ def build_pruning_client_work(
             end_masks = start_masks
         for i, m in zip(kernel_idx, end_masks):
             delta[i] = m * delta[i] + (1.0 - m) * broadcast.trainable[i]
-        return tff.learning.templates.ClientResult(
+        # The server knows the mask it broadcast: values inside it suffice when
+        # the update is zero outside it.
+        known = [None] * len(delta)
+        for i, j in zip(kernel_idx, mask_idx):
+            known[i] = broadcast.non_trainable[j]
+        client_result = tff.learning.templates.ClientResult(
             update=tuple(delta), update_weight=result.update_weight
         )
+        return client_result, uplink_bytes(delta, known)
 
     @tff.federated_computation
     def init_fn():
@@ -156,7 +190,7 @@ def build_pruning_client_work(
         if masking == "client":
             trained_from = tff.federated_map(prune_broadcast, (weights, round_at_clients))
         inner_output = inner.next(state.hparams, trained_from, client_data)
-        result = tff.federated_map(
+        result, upload_bytes = tff.federated_map(
             finish_update, (inner_output.result, weights, trained_from, round_at_clients)
         )
         new_state = tff.federated_zip(
@@ -164,5 +198,12 @@ def build_pruning_client_work(
                 hparams=inner_output.state, round=tff.federated_map(increment, state.round)
             )
         )
-        return tff.templates.MeasuredProcessOutput(new_state, result, inner_output.measurements)
+        measurements = tff.federated_zip(
+            collections.OrderedDict(
+                train=inner_output.measurements.train,
+                uplink_bytes=tff.federated_sum(upload_bytes),
+            )
+        )
+        return tff.templates.MeasuredProcessOutput(new_state, result, measurements)
+
     return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

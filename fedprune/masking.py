@@ -71,8 +71,8 @@ class MaskSpec:
         check(self.block_pooling in POOLINGS, "block_pooling", self.block_pooling,
               "one of " + "|".join(POOLINGS))
         if self.mask_criterion == "threshold":
-            check(self.threshold is not None and self.threshold >= 0, "threshold",
-                  self.threshold, "a magnitude >= 0 with --mask_criterion=threshold")
+            check(self.threshold is not None and self.threshold > 0, "threshold",
+                  self.threshold, "a magnitude > 0 with --mask_criterion=threshold")
         if self.mask_criterion == "relative":
             check(self.relative_rate is not None and 0 < self.relative_rate < 1,
                   "relative_rate", self.relative_rate,

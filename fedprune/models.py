@@ -81,7 +81,7 @@ def build_model(name: str, input_shape, num_classes: int, *, seed: int | None = 
     check(name in _BUILDERS, "model", name, "one of " + "|".join(MODELS))
     if seed is not None:
         tf.keras.utils.set_random_seed(seed)
-    return _BUILDERS[name](tuple(input_shape), num_classes, **kwargs)
+    return _BUILDERS[name](tuple(int(d) for d in input_shape), int(num_classes), **kwargs)
 
 
 def count_params(model) -> int:

@@ -55,7 +55,8 @@ class PruningProcess:
     Attributes:
       process: the `tff.learning.templates.LearningProcess`.
       masking: the masking mode.
-      layout: positions of pruned kernels and masks in `ModelWeights` (None for `none`).
+      layout: positions of pruned kernels and masks in `ModelWeights`; for
+        `none`, the kernels a pruned run would prune (mask indices unused).
       table: the schedule evaluated at rounds 0..num_rounds.
       keras_model_fn: builds the Keras model the weights belong to (wrapped
         unless masking is `none`); for evaluation and export.
@@ -127,12 +128,17 @@ def build_pruning_process(
 
     tf.keras.utils.set_random_seed(seed)
     initial_model = keras_model_fn()
-    layout = pruning.pruning_layout(initial_model) if wrapped else None
     if wrapped:
+        layout = pruning.pruning_layout(initial_model)
         trainable, non_trainable = pruning.initial_weights(initial_model, layout)
     else:
         trainable = [v.numpy() for v in initial_model.trainable_weights]
         non_trainable = [v.numpy() for v in initial_model.non_trainable_weights]
+        # The kernels a pruned run would prune, for measuring the dense model's
+        # sparsity; wrapping keeps the trainable order, so their indices hold.
+        layout = pruning.pruning_layout(
+            pruning.wrap_for_pruning(initial_model, prune_output_layer=prune_output_layer))
+    parts_layout = layout if wrapped else None
     table = schedule.table(num_rounds)
     remask = masking in ("server", "both")
 
@@ -151,7 +157,7 @@ def build_pruning_process(
         model_fn=model_fn,
         client_optimizer=client_optimizer,
         masking=masking,
-        layout=layout,
+        layout=parts_layout,
         table=table,
         mask_spec=mask_spec,
     )
@@ -161,7 +167,7 @@ def build_pruning_process(
     finalizer = build_masking_finalizer(
         server_optimizer=server_optimizer,
         model_weights_type=weights_type,
-        layout=layout,
+        layout=parts_layout,
         table=table,
         mask_spec=mask_spec,
         remask=remask,

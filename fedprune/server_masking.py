@@ -100,10 +100,12 @@ def build_masking_finalizer(
     )
     round_type = tff.TensorType(np.int32)
 
-    @tff.tensorflow.computation(model_weights_type, round_type)
-    def remask_fn(weights, round_num):
-        return remask_weights(weights, round_num, layout=layout, table=table,
-                              mask_spec=mask_spec)
+    if remask:
+
+        @tff.tensorflow.computation(model_weights_type, round_type)
+        def remask_fn(weights, round_num):
+            return remask_weights(weights, round_num, layout=layout, table=table,
+                                  mask_spec=mask_spec)
 
     @tff.tensorflow.computation(round_type)
     def increment(round_num):

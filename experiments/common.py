@@ -1,0 +1,189 @@
+"""Flags shared by every driver, and the start-up every driver does the same way.
+
+Each `ExperimentConfig` field is one flag with the field's default; choices of
+enum flags come from the library's registries. Nothing here imports TensorFlow:
+flags are parsed and validated first, so `--help` and bad input return fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from fedprune import config as config_lib
+from fedprune import datasets, masking, models, partitions, schedules
+from fedprune.client_work import MASKING_MODES
+from fedprune.errors import InvalidArgument
+
+FLAGS = flags.FLAGS
+
+_HELP = {
+    "dataset": "Federated dataset. digits and synthetic are built in; the others read TFF's "
+               "SQLite files from --data_dir.",
+    "data_dir": "Folder holding TFF's dataset files (e.g. emnist_all.sqlite). Nothing is "
+                "downloaded.",
+    "partition": "How digits/synthetic examples are split among clients.",
+    "dirichlet_alpha": "Dirichlet label-skew concentration (Hsu et al. 2019); smaller is more "
+                       "skewed.",
+    "shards_per_client": "Label-sorted shards per client (McMahan et al. 2017).",
+    "synthetic_alpha": "Synthetic(alpha, beta): model heterogeneity (Li et al. 2020).",
+    "synthetic_beta": "Synthetic(alpha, beta): data heterogeneity.",
+    "num_clients": "Number of clients (for TFF datasets: the first N clients; 0 = all).",
+    "clients_per_round": "Clients sampled uniformly without replacement in each round.",
+    "max_examples_per_client": "Cap on a client's examples per epoch (0 = no cap).",
+    "rounds": "Federated rounds to train.",
+    "local_epochs": "Passes over its data a client makes in one round.",
+    "batch_size": "Client batch size (examples).",
+    "model": "Keras model builder.",
+    "client_lr": "Client SGD learning rate.",
+    "client_momentum": "Client SGD heavy-ball momentum (0 = none).",
+    "server_optimizer": "Server optimizer applied to the mean client delta: sgd with "
+                        "--server_lr=1 is FedAvg; adam is FedAdam.",
+    "server_lr": "Server learning rate.",
+    "masking": "Where masks are computed: none (dense), client (tfmot on clients only), "
+               "server (server re-mask after FedAvg), both.",
+    "schedule": "Sparsity schedule in rounds (tfmot, one step per round).",
+    "initial_sparsity": "Polynomial schedule: sparsity at --begin_round, in [0, 1).",
+    "final_sparsity": "Target sparsity (fraction of zero kernel weights), in [0, 1).",
+    "begin_round": "First round whose end recomputes the mask (0 prunes the initial model).",
+    "end_round": "Last round of the schedule (polynomial: reaches --final_sparsity here; "
+                 "constant: -1 = never stop re-pruning).",
+    "prune_every": "Recompute the mask every this many rounds.",
+    "power": "Polynomial schedule exponent (Zhu & Gupta 2017 use 3).",
+    "mask_criterion": "How the mask is chosen: magnitude (target sparsity), threshold "
+                      "(keep |w| >= --threshold), relative (keep |w| > rate * max|w|).",
+    "mask_scope": "Rank weights within each layer or globally across layers.",
+    "threshold": "Absolute magnitude for --mask_criterion=threshold.",
+    "relative_rate": "Fraction of the largest |w| for --mask_criterion=relative.",
+    "structure": "Sparsity structure: unstructured, 2:4 (N:M), or block.",
+    "block_size": "Block height,width for --structure=block.",
+    "block_pooling": "How a block's magnitudes are pooled for --structure=block.",
+    "prune_output_layer": "Prune the last Dense/Conv layer too (--noprune_output_layer keeps "
+                          "it dense).",
+    "seed": "Seed for partition, model init, client sampling and shuffling.",
+    "eval_every": "Evaluate the global model on the test set every this many rounds (and "
+                  "at the last round).",
+}
+
+_ENUMS = {
+    "dataset": datasets.DATASETS,
+    "partition": partitions.PARTITIONERS,
+    "model": models.MODELS,
+    "server_optimizer": config_lib.SERVER_OPTIMIZERS,
+    "masking": MASKING_MODES,
+    "schedule": schedules.SCHEDULES,
+    "mask_criterion": masking.CRITERIA,
+    "mask_scope": masking.SCOPES,
+    "structure": masking.STRUCTURES,
+    "block_pooling": masking.POOLINGS,
+}
+
+_OPTIONAL_FLOATS = ("threshold", "relative_rate")
+
+
+def define_experiment_flags() -> None:
+    """Defines one flag per `ExperimentConfig` field (idempotent)."""
+    if "dataset" in FLAGS:
+        return
+    for field in dataclasses.fields(config_lib.ExperimentConfig):
+        name, default, help_ = field.name, field.default, _HELP[field.name]
+        if name in _ENUMS:
+            flags.DEFINE_enum(name, default, _ENUMS[name], help_)
+        elif name == "block_size":
+            flags.DEFINE_list(name, [str(b) for b in default], help_)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, help_)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, help_)
+        elif isinstance(default, float) or name in _OPTIONAL_FLOATS:
+            flags.DEFINE_float(name, default, help_)
+        else:
+            flags.DEFINE_string(name, default, help_)
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's and TFF's own logs.")
+    flags.DEFINE_list("tff_workers", [], "host:port of TFF worker services to run on "
+                      "(several: each round's clients are split across them). Empty: a local "
+                      "worker started and stopped by this process.")
+
+
+def config_from_flags(**overrides) -> config_lib.ExperimentConfig:
+    """An unvalidated `ExperimentConfig` from the parsed flags, with `overrides`."""
+    values = {}
+    for field in dataclasses.fields(config_lib.ExperimentConfig):
+        values[field.name] = FLAGS[field.name].value
+    block = values["block_size"]
+    try:
+        values["block_size"] = tuple(int(b) for b in block)
+    except ValueError:
+        raise InvalidArgument("block_size", ",".join(block), "two positive integers, e.g. 1,4")
+    values.update(overrides)
+    return config_lib.ExperimentConfig(**values)
+
+
+def fail(message: str, code: int = 2):
+    """Prints a one-line error to stderr and exits with `code`."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_flags(argv):
+    """Parses flags; errors are one line (flag, value, accepted) and exit 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+    except OSError as e:  # an unreadable --flagfile
+        fail(f"--flagfile: {e}")
+
+
+def run(main) -> None:
+    """Parses flags and calls `main(argv)`; a driver's `if __name__ == "__main__"` body.
+
+    Not `absl.app.run`: TensorFlow imported lazily inside `app.run`'s main
+    builds Keras models from graph placeholders instead of KerasTensors (Keras
+    2.14), which breaks `Flatten`; plain parsing keeps `--help` fast and Keras
+    intact. `--help`/`--helpfull` behave as with absl.
+    """
+    from absl import app
+
+    app.define_help_flags()
+    argv = parse_flags(sys.argv)
+    sys.exit(main(argv))
+
+
+def check_output_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses an existing non-empty output folder unless --resume or --overwrite."""
+    if resume and overwrite:
+        raise InvalidArgument("overwrite", True, "not together with --resume")
+    if path.exists() and not path.is_dir():
+        raise InvalidArgument("output_dir", str(path), "a folder path (this is a file)")
+    if path.is_dir() and any(path.iterdir()) and not (resume or overwrite):
+        raise InvalidArgument("output_dir", str(path),
+                              "a new or empty folder; it holds a run already (pass --resume "
+                              "to continue it or --overwrite to replace it)")
+
+
+def clear_output_dir(path: Path) -> None:
+    """Deletes an existing output folder (for --overwrite)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+
+
+def start_runtime(*, verbose: bool, tff_workers: list[str]) -> None:
+    """Quiets TF logs, installs the worker cleanup, and sets TFF's execution context.
+
+    Imports TensorFlow/TFF: call after validation.
+    """
+    from fedprune import runtime
+
+    runtime.quiet_tensorflow_logging(verbose)
+    runtime.install_worker_cleanup()
+    if tff_workers:
+        runtime.set_remote_context(list(tff_workers))
+    else:
+        log_path = os.environ.get("FEDPRUNE_WORKER_LOG") or None
+        runtime.set_local_context(log_path=log_path)

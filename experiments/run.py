@@ -1,0 +1,49 @@
+r"""Runs one federated pruning experiment.
+
+    python -m experiments.run                      # the default: digits, 30 rounds
+    python -m experiments.run --flagfile=experiments/configs/digits_poly90.flags
+    python -m experiments.run --masking=server --schedule=oneshot --final_sparsity=0.9
+
+Writes config.json, metrics.csv, summary.json, plots, TensorBoard events and the
+stripped model into --output_dir (default: runs/<dataset>-<masking>-...). Flags
+are validated before TensorFlow is imported; bad input exits with status 2 and
+one line on stderr, writing nothing.
+"""
+
+from pathlib import Path
+
+from absl import flags
+
+from experiments import common
+from fedprune import config as config_lib
+from fedprune.errors import InvalidArgument
+
+common.define_experiment_flags()
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Output folder (default: runs/<name>).")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the last complete round.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an existing --output_dir first.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)")
+    try:
+        config = common.config_from_flags().validate()
+        output_dir = Path(_OUTPUT_DIR.value or config_lib.default_output_dir(config))
+        common.check_output_dir(output_dir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+    except (InvalidArgument, FileNotFoundError) as e:
+        common.fail(str(e))
+    common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
+    from fedprune import checkpoint, program
+
+    if _OVERWRITE.value:
+        common.clear_output_dir(output_dir)
+    try:
+        program.run_experiment(config, output_dir, resume=_RESUME.value)
+    except (program.NonFiniteError, checkpoint.CheckpointError) as e:
+        common.fail(str(e), code=1)
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,165 @@
+"""One experiment's configuration, validated before TensorFlow is imported.
+
+`ExperimentConfig` field names equal the driver flags, and its defaults are the
+flag defaults: the drivers in `experiments/` define flags from these fields and
+the library never reads flags. `validate()` checks every value and every
+combination and raises `fedprune.errors.InvalidArgument` (one line naming the
+flag, the value and what is accepted); it imports neither TensorFlow nor TFF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from fedprune import datasets, masking, models, partitions, schedules
+from fedprune.client_work import MASKING_MODES
+from fedprune.errors import check
+
+SERVER_OPTIMIZERS = ("sgd", "adam")
+TFF_DATASETS = ("emnist_digits", "emnist", "cifar100", "shakespeare")
+# scikit-learn's 1,797 digits minus the fixed 360-example test split of `datasets.load_digits`.
+DIGITS_TRAIN_EXAMPLES = 1437
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines an experiment's result. Units are in the names.
+
+    Attributes mirror the flags of `experiments/run.py`; see `--helpfull`.
+    """
+
+    # Data.
+    dataset: str = "digits"
+    data_dir: str = ""
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    num_clients: int = 10
+    clients_per_round: int = 10
+    max_examples_per_client: int = 0  # 0 = no cap
+    # Training.
+    rounds: int = 30
+    local_epochs: int = 1
+    batch_size: int = 16
+    model: str = "mlp"
+    client_lr: float = 0.1
+    client_momentum: float = 0.0
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    # Pruning.
+    masking: str = "both"
+    schedule: str = "polynomial"
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.8
+    begin_round: int = 1
+    end_round: int = 20
+    prune_every: int = 1
+    power: float = 3.0
+    mask_criterion: str = "magnitude"
+    mask_scope: str = "layer"
+    threshold: float | None = None
+    relative_rate: float | None = None
+    structure: str = "unstructured"
+    block_size: tuple[int, int] = (1, 4)
+    block_pooling: str = "AVG"
+    prune_output_layer: bool = True
+    # Reproducibility and evaluation.
+    seed: int = 0
+    eval_every: int = 1
+
+    def validate(self) -> ExperimentConfig:
+        """Checks every field and combination; returns self.
+
+        Raises:
+          InvalidArgument: naming the first offending flag.
+        """
+        datasets.validate_dataset_name(self.dataset)
+        check(self.model in models.MODELS, "model", self.model, "one of " + "|".join(models.MODELS))
+        sequence = self.dataset == "shakespeare"
+        check((self.model == "rnn") == sequence, "model", self.model,
+              "rnn for --dataset=shakespeare, and mlp|mlp2|cnn for the other datasets")
+        if self.dataset in TFF_DATASETS:
+            datasets.check_tff_data_file(self.dataset, self.data_dir or None)
+        check(self.num_clients >= 1, "num_clients", self.num_clients, "a whole number >= 1")
+        if self.dataset in ("digits", "synthetic"):
+            partitions.validate_partition_args(
+                self.partition, num_clients=self.num_clients, num_examples=_num_examples(self),
+                dirichlet_alpha=self.dirichlet_alpha, shards_per_client=self.shards_per_client)
+        check(1 <= self.clients_per_round <= self.num_clients, "clients_per_round",
+              self.clients_per_round, f"a whole number in [1, --num_clients={self.num_clients}]")
+        for name in ("rounds", "local_epochs", "batch_size", "eval_every"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "a whole number >= 1")
+        check(self.max_examples_per_client >= 0, "max_examples_per_client",
+              self.max_examples_per_client, "a whole number >= 0 (0 = no cap)")
+        check(self.client_lr > 0, "client_lr", self.client_lr, "a learning rate > 0")
+        check(self.server_lr > 0, "server_lr", self.server_lr, "a learning rate > 0")
+        check(0 <= self.client_momentum < 1, "client_momentum", self.client_momentum,
+              "a momentum in [0, 1)")
+        check(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
+              self.server_optimizer, "one of " + "|".join(SERVER_OPTIMIZERS))
+        check(self.masking in MASKING_MODES, "masking", self.masking,
+              "one of " + "|".join(MASKING_MODES))
+        schedule = self.make_schedule()
+        check((self.masking == "none") == (self.schedule == "none"), "masking", self.masking,
+              "none exactly when --schedule=none (dense training)")
+        last = schedule.last_update_round
+        check(last <= self.rounds, "end_round" if self.schedule == "polynomial" else "begin_round",
+              last, f"a round <= --rounds={self.rounds}, so the schedule completes within the run")
+        spec = self.mask_spec()
+        if spec.structure == "2:4" and self.schedule != "none":
+            check(self.final_sparsity == 0.5, "final_sparsity", self.final_sparsity,
+                  "0.5 with --structure=2:4 (2 of every 4 weights are zero)")
+        return self
+
+    def make_schedule(self) -> schedules.RoundSchedule:
+        return schedules.make_schedule(
+            self.schedule, initial_sparsity=self.initial_sparsity,
+            final_sparsity=self.final_sparsity, begin_round=self.begin_round,
+            end_round=self.end_round, prune_every=self.prune_every, power=self.power)
+
+    def mask_spec(self) -> masking.MaskSpec:
+        return masking.MaskSpec(
+            mask_criterion=self.mask_criterion, mask_scope=self.mask_scope,
+            threshold=self.threshold if self.mask_criterion == "threshold" else None,
+            relative_rate=self.relative_rate if self.mask_criterion == "relative" else None,
+            structure=self.structure, block_size=tuple(self.block_size),
+            block_pooling=self.block_pooling)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["block_size"] = list(self.block_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ExperimentConfig:
+        """Builds a config from a dict (e.g. `config.json`), ignoring unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in names}
+        if "block_size" in kwargs:
+            kwargs["block_size"] = tuple(kwargs["block_size"])
+        return cls(**kwargs)
+
+    def fingerprint(self) -> str:
+        """A short hash of every field except `data_dir` (a path, not a setting)."""
+        d = self.to_dict()
+        d.pop("data_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _num_examples(config: ExperimentConfig) -> int:
+    """Training examples available for partitioning (digits: the fixed train split)."""
+    if config.dataset == "digits":
+        return DIGITS_TRAIN_EXAMPLES
+    return 10**9  # synthetic: client sizes are generated per client
+
+
+def default_output_dir(config: ExperimentConfig, root: str = "runs") -> str:
+    """`runs/<dataset>-<masking>-<schedule>-s<sparsity>-seed<seed>-<fingerprint>`."""
+    name = (f"{config.dataset}-{config.masking}-{config.schedule}-"
+            f"s{config.final_sparsity:g}-seed{config.seed}-{config.fingerprint()[:8]}")
+    return os.path.join(root, name)

@@ -1,0 +1,411 @@
+"""The experiment loop: data, process, rounds, metrics, checkpoints, outputs.
+
+`run_experiment(config, output_dir)` is what `experiments/run.py` calls. It
+takes a validated `ExperimentConfig` (plain arguments; no flags here) and
+writes into `output_dir`:
+
+  config.json          every setting, package versions, git commit, seeds
+  metrics.csv          one row per round (rewritten atomically every round)
+  summary.json         final numbers (atomic)
+  partition.json, label_heatmap.png   client sizes and label skew
+  curves.png           test accuracy and global sparsity vs round
+  tensorboard/         TensorBoard event files
+  model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
+  checkpoints/         atomic per-round state for `--resume`
+
+Seeds: `seed` drives the partition, the initial model, client sampling
+(`datasets.sample_clients(seed, round)`) and client shuffling
+(`datasets.client_shuffle_seed`); each is a pure function of (seed, round), so
+a resumed run samples and shuffles exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedprune import checkpoint, communication, datasets, reporting
+from fedprune.config import ExperimentConfig
+
+METRIC_COLUMNS = (
+    "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
+    "nonzero_params", "bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up",
+    "tff_bytes_down", "tff_bytes_up", "round_seconds", "elapsed_seconds",
+)
+TIME_COLUMNS = ("round_seconds", "elapsed_seconds")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or Inf loss or weight."""
+
+
+def package_versions() -> dict:
+    """Versions of the packages that decide results."""
+    from importlib import metadata
+
+    names = ("tensorflow", "tensorflow-federated", "tensorflow-model-optimization", "numpy",
+             "scikit-learn", "absl-py", "jax", "jaxlib")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_commit() -> str | None:
+    """The fedprune checkout's commit (with `-dirty` for local changes), or None."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout
+        return commit + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_data(config: ExperimentConfig) -> datasets.FederatedData:
+    """The federated dataset a config names."""
+    common = dict(num_clients=config.num_clients, seed=config.seed)
+    if config.dataset == "digits":
+        return datasets.load_digits(partition=config.partition,
+                                    dirichlet_alpha=config.dirichlet_alpha,
+                                    shards_per_client=config.shards_per_client, **common)
+    if config.dataset == "synthetic":
+        return datasets.load_synthetic(alpha=config.synthetic_alpha, beta=config.synthetic_beta,
+                                       **common)
+    return datasets.load_dataset(config.dataset, data_dir=config.data_dir or None,
+                                 num_clients=config.num_clients, seed=config.seed)
+
+
+def build_process(config: ExperimentConfig, data: datasets.FederatedData):
+    """The `PruningProcess` for a config and its data."""
+    from fedprune import models
+    from fedprune import process as process_lib
+
+    def model_builder():
+        return models.build_model(config.model, data.input_shape, data.num_classes)
+
+    return process_lib.build_pruning_process(
+        model_builder=model_builder,
+        input_spec=data.element_spec,
+        masking=config.masking,
+        schedule=config.make_schedule(),
+        mask_spec=config.mask_spec(),
+        num_rounds=config.rounds,
+        client_optimizer=process_lib.make_optimizer("sgd", config.client_lr,
+                                                    momentum=config.client_momentum),
+        server_optimizer=process_lib.make_optimizer(config.server_optimizer, config.server_lr),
+        seed=config.seed,
+        prune_output_layer=config.prune_output_layer,
+    )
+
+
+@dataclasses.dataclass
+class _Evaluator:
+    """Test loss and accuracy of global weights on the held-out set (Keras, no TFF)."""
+
+    model: object
+    test: object
+
+    @classmethod
+    def create(cls, keras_model_fn: Callable, data: datasets.FederatedData):
+        import tensorflow as tf
+
+        model = keras_model_fn()
+        model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+        test = data.test_dataset(batch_size=512).map(lambda b: (b["x"], b["y"])).cache()
+        return cls(model, test)
+
+    def load(self, weights) -> None:
+        for var, value in zip(self.model.trainable_weights, weights.trainable):
+            var.assign(value)
+        for var, value in zip(self.model.non_trainable_weights, weights.non_trainable):
+            var.assign(value)
+
+    def __call__(self, weights) -> tuple[float, float]:
+        self.load(weights)
+        loss, accuracy = self.model.evaluate(self.test, verbose=0)
+        return float(loss), float(accuracy)
+
+
+def _kernel_masks(pp, weights) -> list:
+    """Per trainable tensor: its broadcast 0/1 mask (pruned kernels) or None."""
+    masks = [None] * len(weights.trainable)
+    if pp.layout is not None and pp.masking != "none":
+        for k in pp.layout.kernels:
+            masks[k.trainable_index] = np.asarray(weights.non_trainable[k.mask_index])
+    return masks
+
+
+def sparsity_metrics(pp, weights) -> dict:
+    """Global and per-layer sparsity (fraction of zeros) of the pruned kernels, and nonzeros.
+
+    `global_sparsity` is over the kernels fedprune prunes (Dense/Conv, see
+    `pruning.py`; for masking `none` the same kernels of the dense model);
+    `nonzero_params` counts every trainable parameter, biases included.
+    """
+    metrics = {}
+    zeros = total = 0
+    for k in pp.layout.kernels:
+        kernel = np.asarray(weights.trainable[k.trainable_index])
+        z = int(kernel.size - np.count_nonzero(kernel))
+        metrics[f"sparsity/{k.name}"] = z / kernel.size
+        zeros, total = zeros + z, total + kernel.size
+    metrics["global_sparsity"] = zeros / total
+    metrics["nonzero_params"] = int(sum(np.count_nonzero(w) for w in weights.trainable))
+    return metrics
+
+
+def _finite(weights) -> bool:
+    return all(np.isfinite(np.asarray(w)).all() for w in weights.trainable)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+
+
+def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None = None) -> None:
+    """config.json: every setting, package versions, git commit."""
+    payload = {
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "seeds": {"partition": config.seed, "model_init": config.seed,
+                  "client_sampling": config.seed, "client_shuffle": config.seed},
+        "client_sampling": "uniform without replacement, fixed size --clients_per_round, "
+                           "a pure function of (seed, round)",
+        **(extra or {}),
+    }
+    reporting.atomic_write_json(output_dir / "config.json", payload)
+
+
+def _write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
+    from fedprune import partitions
+
+    sizes = [data.num_examples(c) for c in data.client_ids]
+    info = {"num_clients": len(sizes), "examples_per_client": sizes,
+            "min": int(min(sizes)), "max": int(max(sizes)), "mean": float(np.mean(sizes))}
+    counts = data.label_count_matrix()
+    if counts is not None:
+        info["distinct_labels_per_client"] = [int((row > 0).sum()) for row in counts]
+        info["label_counts"] = counts.tolist()
+        partitions.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
+    reporting.atomic_write_json(output_dir / "partition.json", info)
+
+
+def _export_model(pp, weights, output_dir: Path) -> dict:
+    """Saves the stripped final model as HDF5 and a deflate zip; returns sizes in bytes."""
+    from fedprune import pruning
+
+    model_dir = output_dir / "model"
+    model_dir.mkdir(exist_ok=True)
+    model = pp.keras_model_fn()
+    evaluator = _Evaluator(model, None)
+    evaluator.load(weights)
+    if pp.masking != "none":
+        model = pruning.strip(model)
+    h5 = model_dir / "model.h5"
+    tmp = model_dir / ".tmp-model.h5"
+    with warnings.catch_warnings():  # HDF5 is "legacy" to Keras, but plain and portable
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(tmp, save_format="h5")
+    os.replace(tmp, h5)
+    zipped = model_dir / "model.zip"
+    tmp_zip = model_dir / ".tmp-model.zip"
+    with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.write(h5, arcname="model.h5")
+    os.replace(tmp_zip, zipped)
+    return {"model_bytes_h5": h5.stat().st_size, "model_bytes_zipped": zipped.stat().st_size,
+            "model_params": int(sum(np.size(w) for w in model.get_weights()))}
+
+
+def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False,
+                   log: Callable[[str], None] = print,
+                   stop_after_round: int | None = None) -> dict:
+    """Runs (or resumes) one experiment and writes its outputs.
+
+    Args:
+      config: a validated configuration.
+      output_dir: where outputs go (created if missing).
+      resume: continue from the newest checkpoint in `output_dir/checkpoints`.
+      log: receives one progress line per round and the final summary line.
+      stop_after_round: for tests: stop (as if killed) after this round.
+
+    Returns:
+      The summary dict also written to `summary.json`.
+
+    Raises:
+      NonFiniteError: a loss or weight became NaN/Inf (the last good
+        checkpoint and metrics are kept).
+      checkpoint.CheckpointError: `resume` with an incompatible checkpoint.
+    """
+    import tensorflow as tf
+
+    start = time.time()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = load_data(config)
+    pp = build_process(config, data)
+    evaluator = _Evaluator.create(pp.keras_model_fn, data)
+    fingerprint = config.fingerprint()
+    ckpt_dir = output_dir / "checkpoints"
+
+    state = pp.process.initialize()
+    rows: list[dict] = []
+    first_round = 1
+    if resume:
+        loaded, done = checkpoint.load_latest(ckpt_dir, state, fingerprint=fingerprint)
+        if loaded is not None:
+            state, first_round = loaded, done + 1
+            rows = [r for r in _read_metrics(output_dir) if int(r["round"]) <= done]
+            log(f"resuming after round {done} from {ckpt_dir}")
+    if first_round == 1:
+        write_config(config, output_dir, {"num_train_clients": len(data.client_ids),
+                                          "num_test_examples": int(len(data.test_y))})
+        _write_partition(data, output_dir)
+        checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
+
+    writer = tf.summary.create_file_writer(str(output_dir / "tensorboard"))
+    weights = pp.process.get_model_weights(state)
+    elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
+    loop_start = time.time()
+    for round_num in range(first_round, config.rounds + 1):
+        t0 = time.time()
+        clients = datasets.sample_clients(data.client_ids, config.clients_per_round,
+                                          seed=config.seed, round_num=round_num)
+        client_data = [
+            data.client_dataset(
+                c, batch_size=config.batch_size, local_epochs=config.local_epochs,
+                shuffle_seed=datasets.client_shuffle_seed(config.seed, round_num, c),
+                max_examples=config.max_examples_per_client or None)
+            for c in clients
+        ]
+        down = communication.downlink_bytes(list(weights.trainable), _kernel_masks(pp, weights),
+                                            len(clients))
+        tff_bytes = communication.tff_simulation_bytes(
+            list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
+        output = pp.process.next(state, client_data)
+        new_weights = pp.process.get_model_weights(output.state)
+        train = output.metrics["client_work"]["train"]
+        train_loss = float(train["loss"])
+        if not (math.isfinite(train_loss) and _finite(new_weights)):
+            raise NonFiniteError(
+                f"round {round_num}: the training loss ({train_loss}) or the global weights "
+                f"became NaN/Inf; kept the state after round {round_num - 1} in {ckpt_dir}. "
+                "Lower --client_lr or --server_lr.")
+        state, weights = output.state, new_weights
+        round_seconds = time.time() - t0
+        row = {"round": round_num, "train_loss": train_loss,
+               "train_accuracy": float(train["sparse_categorical_accuracy"])}
+        if round_num % config.eval_every == 0 or round_num == config.rounds:
+            row["test_loss"], row["test_accuracy"] = evaluator(weights)
+        else:
+            row["test_loss"] = row["test_accuracy"] = ""
+        row.update(sparsity_metrics(pp, weights))
+        dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
+        row.update(bytes_down=down.sent, bytes_up=int(output.metrics["client_work"]["uplink_bytes"]),
+                   dense_bytes_down=down.dense, dense_bytes_up=dense_up,
+                   tff_bytes_down=tff_bytes.down, tff_bytes_up=tff_bytes.up,
+                   round_seconds=round_seconds,
+                   elapsed_seconds=elapsed_before + time.time() - loop_start)
+        rows.append(row)
+        checkpoint.save(ckpt_dir, round_num, state, fingerprint=fingerprint)
+        _write_metrics(output_dir, rows)
+        with writer.as_default(step=round_num):
+            for key, value in row.items():
+                if key != "round" and value != "":
+                    tf.summary.scalar(key, value)
+        mean_round = (time.time() - loop_start) / (round_num - first_round + 1)
+        test = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] != "" else "  -   "
+        log(f"round {round_num:>{len(str(config.rounds))}}/{config.rounds}  "
+            f"test_acc {test}  train_loss {train_loss:.4f}  "
+            f"sparsity {row['global_sparsity']:.4f}  {round_seconds:.2f}s  "
+            f"elapsed {_fmt_seconds(row['elapsed_seconds'])}  "
+            f"ETA {_fmt_seconds(mean_round * (config.rounds - round_num))}")
+        if stop_after_round is not None and round_num >= stop_after_round:
+            writer.flush()
+            return {}
+    writer.flush()
+    summary = _summarize(config, rows, start)
+    summary.update(_export_model(pp, weights, output_dir))
+    reporting.atomic_write_json(output_dir / "summary.json", summary)
+    reporting.plot_run_curves(rows, output_dir / "curves.png",
+                              title=f"{config.dataset} {config.masking} {config.schedule}")
+    log(f"done: test_accuracy {summary['final_test_accuracy']:.4f}  "
+        f"sparsity {summary['final_global_sparsity']:.4f}  "
+        f"bytes down/up {summary['total_bytes_down']:,}/{summary['total_bytes_up']:,}  "
+        f"wall {summary['wall_seconds']:.1f}s  -> {output_dir}")
+    return summary
+
+
+def _summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict:
+    last = rows[-1]
+    totals = {k: int(sum(int(r[k]) for r in rows)) for k in
+              ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up",
+               "tff_bytes_down", "tff_bytes_up")}
+    ratio = communication.compression_ratio
+    return {
+        "rounds_completed": int(last["round"]),
+        "final_test_accuracy": float(last["test_accuracy"]),
+        "final_test_loss": float(last["test_loss"]),
+        "final_train_loss": float(last["train_loss"]),
+        "final_global_sparsity": float(last["global_sparsity"]),
+        "final_nonzero_params": int(last["nonzero_params"]),
+        "total_bytes_down": totals["bytes_down"],
+        "total_bytes_up": totals["bytes_up"],
+        "total_dense_bytes_down": totals["dense_bytes_down"],
+        "total_dense_bytes_up": totals["dense_bytes_up"],
+        "total_tff_bytes_down": totals["tff_bytes_down"],
+        "total_tff_bytes_up": totals["tff_bytes_up"],
+        "compression_ratio_down": ratio(totals["dense_bytes_down"], totals["bytes_down"]),
+        "compression_ratio_up": ratio(totals["dense_bytes_up"], totals["bytes_up"]),
+        "compression_ratio_total": ratio(totals["dense_bytes_down"] + totals["dense_bytes_up"],
+                                         totals["bytes_down"] + totals["bytes_up"]),
+        "median_round_seconds": float(np.median([float(r["round_seconds"]) for r in rows])),
+        "wall_seconds": time.time() - start,
+        "fingerprint": config.fingerprint(),
+    }
+
+
+def _write_metrics(output_dir: Path, rows: list[dict]) -> None:
+    layer_columns = sorted({k for r in rows for k in r if k.startswith("sparsity/")})
+    reporting.atomic_write_csv(output_dir / "metrics.csv", rows,
+                               list(METRIC_COLUMNS) + layer_columns)
+
+
+def _read_metrics(output_dir: Path) -> list[dict]:
+    import csv
+
+    path = output_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_summary(output_dir) -> dict | None:
+    """summary.json of a completed run, or None."""
+    path = Path(output_dir) / "summary.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())

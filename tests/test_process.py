@@ -1,0 +1,193 @@
+"""The federated pruning process: exact sparsity, parity with FedAvg, every combination."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+from sklearn.datasets import load_digits
+
+from fedprune import masking, models, schedules
+from fedprune import process as fp_process
+
+NUM_CLIENTS = 4
+HIDDEN = (50,)  # MLP 64-50-10: kernels of 3,200 and 500 weights
+
+
+@pytest.fixture(scope="module")
+def client_data():
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    y = y.astype(np.int32)[:, None]
+    order = np.random.default_rng(0).permutation(len(y))[:640]
+    return [
+        tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x[part], y=y[part])).batch(16)
+        for part in np.array_split(order, NUM_CLIENTS)
+    ]
+
+
+def _build(client_data, *, masking_mode, schedule, mask_spec=None, server="sgd",
+           num_rounds=5, hidden=HIDDEN):
+    return fp_process.build_pruning_process(
+        model_builder=lambda: models.mlp((64,), 10, hidden=hidden),
+        input_spec=client_data[0].element_spec,
+        masking=masking_mode,
+        schedule=schedule,
+        mask_spec=mask_spec or masking.MaskSpec(),
+        num_rounds=num_rounds,
+        client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+        server_optimizer=fp_process.make_optimizer(server, 1.0 if server == "sgd" else 0.01),
+        seed=0,
+    )
+
+
+def _run(pp, client_data, rounds):
+    state = pp.process.initialize()
+    history = [pp.process.get_model_weights(state)]
+    for _ in range(rounds):
+        state = pp.process.next(state, client_data).state
+        history.append(pp.process.get_model_weights(state))
+    return history
+
+
+def _kept(size, sparsity):
+    # tfmot's count of kept weights: max(round(N * (1 - s)), 1), in float32.
+    return max(int(np.round(np.float32(size) * (np.float32(1) - np.float32(sparsity)))), 1)
+
+
+POLY = schedules.PolynomialDecay(0.5, 0.8, begin_round=1, end_round=3, power=3)
+
+
+@pytest.mark.parametrize("server", ["sgd", "adam"])
+@pytest.mark.parametrize("masking_mode", ["server", "both"])
+def test_broadcast_model_has_exact_schedule_sparsity_every_round(client_data, masking_mode,
+                                                                 server):
+    pp = _build(client_data, masking_mode=masking_mode, schedule=POLY, server=server)
+    history = _run(pp, client_data, 5)
+    expected = pp.table.sparsity  # 0, 0.5, 0.7625, 0.8, 0.8, 0.8 after rounds 0..5
+    np.testing.assert_allclose(expected, [0, 0.5, 0.7625, 0.8, 0.8, 0.8], atol=1e-6)
+    initial_biases = [history[0].trainable[i] for i in (1, 3)]
+    for r, weights in enumerate(history):
+        for k in pp.layout.kernels:
+            kernel = weights.trainable[k.trainable_index]
+            mask = weights.non_trainable[k.mask_index]
+            assert mask.sum() == _kept(k.size, expected[r]), (r, k.name)
+            assert np.count_nonzero(kernel) == mask.sum(), (r, k.name)  # nothing off the mask
+            assert not kernel[mask == 0].any()
+        # Biases are never masked (only dead ReLU units keep their zero initial bias).
+        if r > 0:
+            assert all(np.count_nonzero(weights.trainable[i]) >= 0.8 * weights.trainable[i].size
+                       for i in (1, 3))
+    # Masks only shrink after the schedule ends: same mask in rounds 3, 4, 5.
+    for k in pp.layout.kernels:
+        np.testing.assert_array_equal(history[3].non_trainable[k.mask_index],
+                                      history[5].non_trainable[k.mask_index])
+    assert not np.allclose(history[5].trainable[1], initial_biases[0])
+    assert [k.trainable_index for k in pp.layout.kernels] == [0, 2]
+
+
+def test_dense_mode_matches_stock_fed_avg(client_data):
+    pp = _build(client_data, masking_mode="none", schedule=schedules.NoPruning())
+    ours = _run(pp, client_data, 3)[-1]
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            models.mlp((64,), 10, hidden=HIDDEN),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=client_data[0].element_spec,
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+        )
+
+    stock = tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn,
+        client_optimizer_fn=fp_process.make_optimizer("sgd", 0.1),
+        server_optimizer_fn=fp_process.make_optimizer("sgd", 1.0),
+    )
+    state = stock.initialize()
+    state = stock.set_model_weights(state, _run(pp, client_data, 0)[0])
+    for _ in range(3):
+        state = stock.next(state, client_data).state
+    theirs = stock.get_model_weights(state)
+    for a, b in zip(ours.trainable, theirs.trainable):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(ours.trainable[0], _run(pp, client_data, 0)[0].trainable[0])
+
+
+def test_client_mode_average_is_denser_than_each_client(client_data):
+    # Clients prune to the schedule's level; averaging different masks densifies.
+    pp = _build(client_data, masking_mode="client", schedule=POLY)
+    history = _run(pp, client_data, 2)
+    kernel = pp.layout.kernels[0]
+    nonzero = np.count_nonzero(history[2].trainable[kernel.trainable_index])
+    assert nonzero > _kept(kernel.size, pp.table.sparsity[2])
+    # The server never masks in this mode: its masks stay all ones.
+    assert history[2].non_trainable[kernel.mask_index].all()
+
+
+def test_server_adam_needs_the_remask(client_data):
+    """Adam's momentum moves pruned coordinates; the re-mask after the optimizer restores them."""
+    from fedprune.server_masking import build_masking_finalizer
+
+    pp = _build(client_data, masking_mode="server", schedule=POLY, server="adam")
+    weights = _run(pp, client_data, 1)[1]
+    weights_type = pp.process.initialize.type_signature.result.member.global_model_weights
+    kernel = pp.layout.kernels[0]
+    mask = weights.non_trainable[kernel.mask_index]
+    # Round 1 was dense on the clients (pruning starts after it), so Adam's first
+    # moment is nonzero everywhere; later updates are zero off the mask.
+    dense_update = tuple(np.full_like(w, 0.01) for w in weights.trainable)
+    masked_update = tuple(u * mask if i == kernel.trainable_index else u
+                          for i, u in enumerate(dense_update))
+    off_mask = {}
+    for remask in (False, True):
+        finalizer = build_masking_finalizer(
+            server_optimizer=fp_process.make_optimizer("adam", 0.01),
+            model_weights_type=weights_type, layout=pp.layout, table=pp.table,
+            mask_spec=masking.MaskSpec(), remask=remask)
+        state, new = finalizer.initialize(), weights
+        for update in (dense_update, masked_update, masked_update):
+            out = finalizer.next(state, new, update)
+            state, new = out.state, out.result
+        off_mask[remask] = np.count_nonzero(new.trainable[kernel.trainable_index][mask == 0])
+    assert off_mask[False] == np.count_nonzero(mask == 0)  # momentum moved every pruned weight
+    assert off_mask[True] == 0
+
+
+SPECS = {
+    "magnitude": dict(mask_criterion="magnitude"),
+    "threshold": dict(mask_criterion="threshold", threshold=0.05),
+    "relative": dict(mask_criterion="relative", relative_rate=0.1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "block"])
+@pytest.mark.parametrize("criterion", sorted(SPECS))
+@pytest.mark.parametrize("masking_mode", ["client", "server", "both"])
+def test_every_combination_builds_and_runs_a_round(client_data, masking_mode, criterion,
+                                                   structure):
+    spec = masking.MaskSpec(structure=structure, **SPECS[criterion])
+    schedule = schedules.OneShot(0.5, begin_round=1)
+    pp = _build(client_data, masking_mode=masking_mode, schedule=schedule, mask_spec=spec,
+                num_rounds=1, hidden=(16,))
+    weights = _run(pp, client_data[:2], 1)[1]
+    pruned = 0
+    for k in pp.layout.kernels:
+        kernel = weights.trainable[k.trainable_index]
+        mask = weights.non_trainable[k.mask_index]
+        assert np.isfinite(kernel).all()
+        if masking_mode == "client":
+            assert mask.all()  # the server does not mask in this mode
+            continue
+        assert not kernel[mask == 0].any()
+        pruned += k.size - mask.sum()
+        if structure == "2:4":
+            assert np.moveaxis(mask, -2, -1).reshape(-1, 4).sum(axis=1).max() <= 2
+        elif structure == "block":  # default (1, 4) blocks: each is all kept or all pruned
+            for start in range(0, mask.shape[1], 4):
+                block = mask[:, start:start + 4]
+                assert (block.min(axis=1) == block.max(axis=1)).all()
+        elif criterion == "magnitude":
+            assert mask.sum() == k.size // 2  # 50 % of 1,024 and of 160
+    assert masking_mode == "client" or pruned > 0

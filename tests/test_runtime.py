@@ -1,0 +1,439 @@
+"""Execution runtime: worker cleanup on every exit path, local vs remote contexts.
+
+The exit-path tests run real child processes and send real signals. Each child
+pays ~10 s for `import tensorflow_federated`, hence `slow`. Every wait has a
+timeout: a hanging `communicate()` is exactly the `python x.py | tail` bug
+these tests guard against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from fedprune import runtime
+from fedprune.errors import InvalidArgument
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHILD_TIMEOUT_S = 120  # TFF import (~10 s, more on a loaded 2-core box) + one computation
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _read_until(stream, marker: bytes, timeout_s: float) -> bytes:
+    """Reads `stream` until `marker` appears, EOF, or the timeout; returns what was read."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        while marker not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                break
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def _identities(processes) -> list[tuple[int, float]]:
+    """(pid, create_time) pairs, so a recycled pid is not mistaken for a survivor."""
+    return [(p.pid, p.create_time()) for p in processes]
+
+
+def _survivors(identities, wait_s: float = 5.0) -> list[int]:
+    """Pids among `identities` that are still alive (not zombie) after up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for pid, created in identities:
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _kill(identities) -> None:
+    """Last resort so a failing test does not itself leave workers behind."""
+    for pid in _survivors(identities, wait_s=0):
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+# ----------------------------------------------------------------------------
+# Cheap checks (no TensorFlow).
+
+
+def test_importing_runtime_and_worker_is_cheap():
+    code = (
+        "import sys, fedprune.runtime, fedprune.worker; "
+        "heavy = [m for m in ('tensorflow', 'tensorflow_federated', 'grpc', 'psutil') "
+        "if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=_child_env(), timeout=60)
+
+
+def test_find_worker_binary_is_executable():
+    path = runtime.find_worker_binary()
+    assert path.name == "worker_binary"
+    assert os.access(path, os.X_OK)
+
+
+@pytest.mark.parametrize(
+    "address", ["localhost", "localhost:", ":8000", "host:0", "host:65536", "host:80a", "::1:80"]
+)
+def test_malformed_address_is_rejected(address):
+    with pytest.raises(InvalidArgument, match="--addresses="):
+        runtime.parse_worker_address(address)
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [("10.0.0.5:8000", ("10.0.0.5", 8000)), ("[::1]:80", ("[::1]", 80)), (" h:1 ", ("h", 1))],
+)
+def test_address_is_parsed(address, expected):
+    assert runtime.parse_worker_address(address) == expected
+
+
+@pytest.mark.parametrize("verbose, level", [(False, "3"), (True, "0")])
+def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, level):
+    import logging
+    import warnings
+
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
+    saved_levels = {n: logging.getLogger(n).level for n in ("tensorflow", "absl")}
+    with warnings.catch_warnings():  # restores the filters this call adds
+        try:
+            runtime.quiet_tensorflow_logging(verbose=verbose)
+            assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == level
+            assert os.environ["GRPC_VERBOSITY"] == ("INFO" if verbose else "ERROR")
+            expected = logging.INFO if verbose else logging.ERROR
+            assert logging.getLogger("tensorflow").level == expected
+        finally:
+            for name, saved in saved_levels.items():
+                logging.getLogger(name).setLevel(saved)
+
+
+def test_start_worker_refuses_a_port_in_use():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        with pytest.raises(runtime.WorkerStartError, match="already in use"):
+            runtime.start_worker_process(sock.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------
+# Exit paths of a training process: no worker survives, pipes reach EOF.
+
+_EXIT_PATH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import time
+
+    from fedprune import runtime
+
+    runtime.quiet_tensorflow_logging(verbose=False)
+    runtime.install_worker_cleanup()
+    runtime.set_local_context()
+
+    import numpy as np
+    import tensorflow_federated as tff
+
+
+    @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+    def mean(values):
+        return tff.federated_mean(values)
+
+
+    assert mean([1.0, 3.0]) == 2.0  # the worker really runs
+    print("READY", flush=True)
+    mode = sys.argv[1]
+    if mode in ("normal", "exception"):
+        sys.stdin.readline()  # the test records the worker pids, then says go
+        if mode == "exception":
+            raise RuntimeError("boom")
+        sys.exit(0)
+    # Signals land both in computations and in sleeps.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        mean([1.0, 3.0])
+        time.sleep(0.05)
+    sys.exit(3)  # the signal never came
+    """
+)
+
+# Uncaught KeyboardInterrupt: CPython re-kills itself with SIGINT (shell status 130).
+_EXPECTED_STATUS = {
+    "normal": 0,
+    "exception": 1,
+    "sigint": -signal.SIGINT,
+    "sigterm": 128 + signal.SIGTERM,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["normal", "exception", "sigint", "sigterm"])
+def test_no_worker_survives_exit_path(tmp_path, mode):
+    script = tmp_path / "train.py"
+    script.write_text(_EXIT_PATH_SCRIPT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_child_env(),
+    )
+    workers = []
+    try:
+        head = _read_until(child.stdout, b"READY\n", CHILD_TIMEOUT_S)
+        if b"READY\n" not in head:
+            child.kill()
+            _, err = child.communicate(timeout=30)
+            pytest.fail(f"child never got READY: {head!r}\n{err.decode()[-2000:]}")
+        workers = _identities(runtime.worker_descendants(child.pid))
+        assert workers, "the computation did not start a worker_binary under the child"
+
+        if mode in ("normal", "exception"):
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+        else:
+            child.send_signal(signal.SIGINT if mode == "sigint" else signal.SIGTERM)
+        try:
+            # (c) EOF on both pipes: nothing the child started still holds them.
+            out, err = child.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            pytest.fail(f"pipes of the {mode} child did not reach EOF within 60 s")
+
+        # (a) exit status.
+        assert child.returncode == _EXPECTED_STATUS[mode], err.decode()[-2000:]
+        if mode == "exception":
+            assert b"RuntimeError: boom" in err
+        if mode == "sigint":
+            assert b"KeyboardInterrupt" in err
+        # (b) no worker_binary started under the child outlives it.
+        assert not _survivors(workers), f"surviving workers after {mode}: {workers}"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+        _kill(workers)
+
+
+# ----------------------------------------------------------------------------
+# fedprune.worker as a service.
+
+
+def _start_worker_module(port: int, log_file: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedprune.worker", f"--port={port}", f"--log_file={log_file}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_child_env(),
+    )
+
+
+@pytest.mark.slow
+def test_worker_module_serves_and_stops_on_sigterm(tmp_path):
+    port = runtime.pick_unused_port()
+    service = _start_worker_module(port, tmp_path / "worker.log")
+    workers = []
+    try:
+        banner = _read_until(service.stderr, b"serving port", 60)
+        assert b"serving port" in banner, banner
+        workers = _identities(runtime.worker_descendants(service.pid))
+        assert len(workers) == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=30)
+        assert service.returncode == 0, err
+        assert b"stopped on SIGTERM" in err
+        assert not _survivors(workers)
+        assert (tmp_path / "worker.log").read_text()  # the binary's output went there
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait(timeout=30)
+        _kill(workers)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not runtime._pdeathsig_prefix(), reason="needs Linux setpriv --pdeathsig")
+def test_worker_dies_with_a_sigkilled_parent(tmp_path):
+    service = _start_worker_module(runtime.pick_unused_port(), tmp_path / "worker.log")
+    workers = []
+    try:
+        assert b"serving port" in _read_until(service.stderr, b"serving port", 60)
+        workers = _identities(runtime.worker_descendants(service.pid))
+        assert workers
+        service.kill()  # no handler, no atexit: only the parent-death signal is left
+        service.communicate(timeout=30)
+        assert not _survivors(workers)
+    finally:
+        _kill(workers)
+
+
+def test_worker_module_refuses_a_port_in_use(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        service = _start_worker_module(sock.getsockname()[1], tmp_path / "worker.log")
+        _, err = service.communicate(timeout=60)
+    assert service.returncode == 1
+    assert b"already in use" in err
+
+
+def test_worker_module_rejects_a_bad_port(tmp_path):
+    service = _start_worker_module(70000, tmp_path / "worker.log")
+    _, err = service.communicate(timeout=60)
+    assert service.returncode == 2
+    assert b"--port=70000: expected an integer TCP port" in err
+
+
+# ----------------------------------------------------------------------------
+# Contexts in this process: local vs remote give the same FedAvg round.
+
+
+@pytest.fixture(scope="module")
+def tff():
+    import tensorflow_federated
+
+    return tensorflow_federated
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    processes, addresses = [], []
+    for _ in range(2):  # one after the other, so the second probe sees the first port taken
+        port = runtime.pick_unused_port()
+        processes.append(runtime.start_worker_process(port))
+        addresses.append(f"127.0.0.1:{port}")
+    yield addresses
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fedavg(tff):
+    """A FedAvg process on a 4 -> 3 softmax model, 5 clients of 10 examples, one local round."""
+    import tensorflow as tf
+
+    def model_fn():
+        keras_model = tf.keras.Sequential(
+            [tf.keras.layers.InputLayer(input_shape=(4,)), tf.keras.layers.Dense(3)]
+        )
+        return tff.learning.models.from_keras_model(
+            keras_model,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=(tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None], tf.int32)),
+        )
+
+    def client_data(seed):
+        rng = np.random.default_rng(seed)
+        features = rng.normal(size=(10, 4)).astype(np.float32)
+        labels = rng.integers(0, 3, size=10).astype(np.int32)
+        return tf.data.Dataset.from_tensor_slices((features, labels)).batch(4)
+
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.5)
+    )
+    clients = [client_data(seed) for seed in range(5)]
+    runtime.set_local_context()
+    state = process.initialize()
+    local = process.next(state, clients)
+    return process, state, clients, local
+
+
+def _trainable(output) -> list[np.ndarray]:
+    return [np.asarray(w) for w in output.state.global_model_weights.trainable]
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_remote_round_matches_local(tff, two_workers, fedavg, num_workers):
+    process, state, clients, local = fedavg
+    context = runtime.set_remote_context(two_workers[:num_workers], connect_timeout_s=10)
+    expected_type = (
+        tff.framework.SyncExecutionContext
+        if num_workers == 1
+        else tff.framework.MergeableCompExecutionContext
+    )
+    assert isinstance(context, expected_type)
+
+    remote = process.next(state, clients)
+
+    initial = [np.asarray(w) for w in state.global_model_weights.trainable]
+    assert any(not np.allclose(a, b) for a, b in zip(_trainable(local), initial, strict=True))
+    for got, want in zip(_trainable(remote), _trainable(local), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    train = "client_work", "train", "num_examples"
+    assert remote.metrics[train[0]][train[1]][train[2]] == 50
+    assert local.metrics[train[0]][train[1]][train[2]] == 50
+
+
+def test_unreachable_address_fails_fast_naming_it(two_workers):
+    dead = f"127.0.0.1:{runtime.pick_unused_port()}"
+    start = time.monotonic()
+    with pytest.raises(runtime.WorkerUnreachableError) as error:
+        runtime.set_remote_context([two_workers[0], dead], connect_timeout_s=1.0)
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    assert "\n" not in message
+    assert dead in message and two_workers[0] not in message
+
+
+def test_async_local_context_serves_tff_programs(tff):
+    context = runtime.set_local_context(asynchronous=True, default_num_clients=3)
+    assert isinstance(context, tff.program.NativeFederatedContext)
+
+    @tff.federated_computation()
+    def count_clients():
+        return tff.federated_sum(tff.federated_value(1, tff.CLIENTS))
+
+    async def program():  # tff.program contexts run inside an event loop
+        return await tff.program.materialize_value(count_clients())
+
+    assert asyncio.run(program()) == 3  # the cardinality came from default_num_clients
+
+
+def test_local_context_restarts_a_dead_worker(tff):
+    before = {p.pid for p in runtime.worker_descendants()}
+    runtime.set_local_context()
+    (worker,) = [p for p in runtime.worker_descendants() if p.pid not in before]
+
+    @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+    def mean(values):
+        return tff.federated_mean(values)
+
+    assert mean([1.0, 3.0]) == 2.0
+    worker.kill()
+    worker.wait(timeout=10)
+    assert mean([2.0, 4.0]) == 3.0  # TFF retries; the stack is rebuilt on a new worker
+    assert not worker.is_running()
