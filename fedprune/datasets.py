@@ -581,6 +581,8 @@ def load_tff_dataset(
     name: str,
     *,
     data_dir: str | None,
+    num_clients: int | None = None,
+    seed: int = 0,
     max_test_examples: int | None = None,
     cifar_crop_size: int = 32,
     sequence_length: int = 80,
@@ -590,7 +592,9 @@ def load_tff_dataset(
     The file (`tff_data_path`) is checked before TFF is imported; when present,
     `tff.simulation.datasets.<module>.load_data(cache_dir=data_dir)` finds it
     and does not download. Training clients are TFF's natural clients
-    (writers, characters, or the Pachinko split of CIFAR-100). The global test
+    (writers, characters, or the Pachinko split of CIFAR-100), or a subset of
+    `num_clients` of them drawn with `seed` (kept in TFF's sorted order). The
+    global test
     set pools the test split's examples, reading clients in an order shuffled
     with the fixed `TFF_TEST_CLIENT_ORDER_SEED` and stopping at
     `max_test_examples`.
@@ -614,6 +618,9 @@ def load_tff_dataset(
       name: one of "emnist_digits", "emnist", "cifar100", "shakespeare".
       data_dir: folder holding TFF's SQLite file (flag `--data_dir`); `None`
         is TFF's default `~/.tff`.
+      num_clients: optional number of training clients to keep (flag
+        `--num_clients`); `None` keeps all.
+      seed: seed of the client subset; unused when `num_clients` is `None`.
       max_test_examples: optional cap on the global test set.
       cifar_crop_size: CIFAR-100 crop side in pixels, 1..32.
       sequence_length: Shakespeare characters per example.
@@ -623,7 +630,8 @@ def load_tff_dataset(
 
     Raises:
       FileNotFoundError: if the SQLite file is missing.
-      fedprune.errors.InvalidArgument: for an unknown name or bad sizes.
+      fedprune.errors.InvalidArgument: for an unknown name, bad sizes, or
+        more `num_clients` than the dataset has.
     """
     path = check_tff_data_file(name, data_dir)
     if max_test_examples is not None:
@@ -652,12 +660,29 @@ def load_tff_dataset(
     )
     return FederatedData(
         name=name,
-        client_ids=list(train.client_ids),
+        client_ids=_client_subset(list(train.client_ids), num_clients, seed, name),
         test_x=test_x,
         test_y=test_y,
         source=source,
         **meta,
     )
+
+
+def _client_subset(
+    client_ids: list[str], num_clients: int | None, seed: int, name: str
+) -> list[str]:
+    """`num_clients` ids drawn without replacement with `seed`, in their original order."""
+    if num_clients is None:
+        return client_ids
+    check_positive_int(num_clients, "num_clients")
+    check(
+        num_clients <= len(client_ids),
+        "num_clients",
+        num_clients,
+        f"at most the {len(client_ids)} training clients of {name}",
+    )
+    keep = np.random.default_rng(seed).choice(len(client_ids), size=num_clients, replace=False)
+    return [client_ids[i] for i in np.sort(keep)]
 
 
 def _client_sizes(path: str, split_name: str) -> dict[str, int]:

@@ -518,3 +518,13 @@ def test_missing_file_fails_fast_with_one_line(no_network, tmp_path, name):
     assert datasets.tff_data_path(name, str(tmp_path)) in message
     assert "tff.simulation.datasets." in message and "load_data(cache_dir=" in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tff_num_clients_keeps_a_seeded_subset(no_network, data_dir):
+    a = datasets.load_dataset("emnist", data_dir=data_dir, num_clients=2, seed=0)
+    b = datasets.load_dataset("emnist", data_dir=data_dir, num_clients=2, seed=0)
+    assert a.client_ids == b.client_ids and len(a.client_ids) == 2
+    assert set(a.client_ids) <= {"f0000_00", "f0001_01", "f0002_02"}
+    assert a.client_ids == sorted(a.client_ids)
+    with pytest.raises(InvalidArgument, match=r"^--num_clients=4: expected at most the 3"):
+        datasets.load_dataset("emnist", data_dir=data_dir, num_clients=4, seed=0)

@@ -15,6 +15,16 @@ NUM_CLIENTS = 4
 HIDDEN = (50,)  # MLP 64-50-10: kernels of 3,200 and 500 weights
 
 
+@pytest.fixture(scope="module", autouse=True)
+def local_context():
+    """fedprune's loopback worker (output not on pytest's stdout), stopped afterwards."""
+    from fedprune import runtime
+
+    runtime.set_local_context()
+    yield
+    runtime.stop_workers()
+
+
 @pytest.fixture(scope="module")
 def client_data():
     x, y = load_digits(return_X_y=True)

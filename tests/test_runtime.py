@@ -126,8 +126,14 @@ def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, lev
     import warnings
 
     for name in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first: `delenv` of an unset variable records nothing to undo, and
+        # the value set below would leak into later tests' workers.
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    from absl import logging as absl_logging
+
     saved_levels = {n: logging.getLogger(n).level for n in ("tensorflow", "absl")}
+    saved_absl_verbosity = absl_logging.get_verbosity()
     with warnings.catch_warnings():  # restores the filters this call adds
         try:
             runtime.quiet_tensorflow_logging(verbose=verbose)
@@ -138,6 +144,7 @@ def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, lev
         finally:
             for name, saved in saved_levels.items():
                 logging.getLogger(name).setLevel(saved)
+            absl_logging.set_verbosity(saved_absl_verbosity)
 
 
 def test_start_worker_refuses_a_port_in_use():
@@ -437,3 +444,28 @@ def test_local_context_restarts_a_dead_worker(tff):
     worker.wait(timeout=10)
     assert mean([2.0, 4.0]) == 3.0  # TFF retries; the stack is rebuilt on a new worker
     assert not worker.is_running()
+
+
+def test_remote_worker_that_dies_raises_instead_of_retrying_forever(tff):
+    port = runtime.pick_unused_port()
+    worker = runtime.start_worker_process(port)
+    address = f"127.0.0.1:{port}"
+    try:
+        runtime.set_remote_context([address], connect_timeout_s=1.0)
+
+        @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+        def mean(values):
+            return tff.federated_mean(values)
+
+        assert mean([1.0, 3.0]) == 2.0
+        worker.kill()
+        worker.wait(timeout=10)
+        start = time.monotonic()
+        # TFF alone would retry UNAVAILABLE forever.
+        with pytest.raises(runtime.WorkerUnreachableError, match=address):
+            mean([1.0, 3.0])
+        assert time.monotonic() - start < 10
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
