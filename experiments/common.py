@@ -119,7 +119,8 @@ def config_from_flags(**overrides) -> config_lib.ExperimentConfig:
     try:
         values["block_size"] = tuple(int(b) for b in block)
     except ValueError:
-        raise InvalidArgument("block_size", ",".join(block), "two positive integers, e.g. 1,4")
+        raise InvalidArgument(
+            "block_size", ",".join(block), "two positive integers, e.g. 1,4") from None
     values.update(overrides)
     return config_lib.ExperimentConfig(**values)
 

@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) > 1:
-        common.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value)")
+        common.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     try:
         config = common.config_from_flags().validate()
         output_dir = Path(_OUTPUT_DIR.value or config_lib.default_output_dir(config))

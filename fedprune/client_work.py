@@ -57,7 +57,7 @@ def uplink_bytes(tensors, known_masks):
     import tensorflow as tf
 
     total = tf.constant(0, tf.int64)
-    for tensor, mask in zip(tensors, known_masks):
+    for tensor, mask in zip(tensors, known_masks, strict=True):
         n = tensor.shape.num_elements()
         nnz = tf.math.count_nonzero(tensor, dtype=tf.int64)
         sizes = [tf.constant(4 * n, tf.int64), -(-n // 8) + 4 * nnz, 8 * nnz]
@@ -130,7 +130,7 @@ def build_pruning_client_work(
             table_lookup(table.sparsity, round_num),
             table_lookup(started, round_num),
         )
-        for i, j, m in zip(kernel_idx, mask_idx, masks):
+        for i, j, m in zip(kernel_idx, mask_idx, masks, strict=True):
             trainable[i] = trainable[i] * m
             non_trainable[j] = m
         return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
@@ -142,7 +142,8 @@ def build_pruning_client_work(
         if client_prunes:
             this_round = round_num + 1
             final = [
-                (trained_from.trainable[i] - delta[i]) * m for i, m in zip(kernel_idx, start_masks)
+                (trained_from.trainable[i] - delta[i]) * m
+                for i, m in zip(kernel_idx, start_masks, strict=True)
             ]
             end_masks = _prune_kernels(
                 final,
@@ -150,15 +151,15 @@ def build_pruning_client_work(
                 table_lookup(table.sparsity, this_round),
                 table_lookup(started, this_round),
             )
-            end_masks = [e * m for e, m in zip(end_masks, start_masks)]
+            end_masks = [e * m for e, m in zip(end_masks, start_masks, strict=True)]
         else:
             end_masks = start_masks
-        for i, m in zip(kernel_idx, end_masks):
+        for i, m in zip(kernel_idx, end_masks, strict=True):
             delta[i] = m * delta[i] + (1.0 - m) * broadcast.trainable[i]
         # The server knows the mask it broadcast: values inside it suffice when
         # the update is zero outside it.
         known = [None] * len(delta)
-        for i, j in zip(kernel_idx, mask_idx):
+        for i, j in zip(kernel_idx, mask_idx, strict=True):
             known[i] = broadcast.non_trainable[j]
         client_result = tff.learning.templates.ClientResult(
             update=tuple(delta), update_weight=result.update_weight

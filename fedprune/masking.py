@@ -113,8 +113,8 @@ def _as_2d(weights):
 
 
 def _block_scores(weights, spec: MaskSpec):
-    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
     import tensorflow as tf
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
 
     pooled = pruning_utils.factorized_pool(
         tf.math.abs(_as_2d(weights)),
@@ -123,12 +123,13 @@ def _block_scores(weights, spec: MaskSpec):
         strides=list(spec.block_size),
         padding="SAME",
     )
-    return tf.reshape(pooled, [-(-d // b) for d, b in zip(_as_2d(weights).shape, spec.block_size)])
+    blocks = [-(-d // b) for d, b in zip(_as_2d(weights).shape, spec.block_size, strict=True)]
+    return tf.reshape(pooled, blocks)
 
 
 def _expand_blocks(block_mask, weights, spec: MaskSpec):
-    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
     import tensorflow as tf
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
 
     rows, cols = _as_2d(weights).shape
     expanded = pruning_utils.expand_tensor(block_mask, list(spec.block_size))
@@ -141,8 +142,8 @@ def n_by_m_mask(weights, m_by_n=(2, 4)):
     Args:
       weights: a rank-2 (Dense: [in, out]) or rank-4 (Conv2D: [kh, kw, in, out]) kernel.
     """
-    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
     import tensorflow as tf
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
 
     prepared = pruning_utils.weights_rearrange(weights)
     mask = pruning_utils.generate_m_by_n_mask(prepared, m_by_n)
@@ -179,7 +180,7 @@ def _criterion_masks(scores: list, spec: MaskSpec, sparsity) -> list:
     flat = tf.concat([tf.reshape(s, [-1]) for s in scores], axis=0)
     kept = keep_top_k(flat, num_kept(tf.size(flat), sparsity))
     sizes = [s.shape.num_elements() for s in scores]
-    return [tf.reshape(m, tf.shape(s)) for m, s in zip(tf.split(kept, sizes), scores)]
+    return [tf.reshape(m, tf.shape(s)) for m, s in zip(tf.split(kept, sizes), scores, strict=True)]
 
 
 def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
@@ -202,8 +203,8 @@ def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
         masks = [n_by_m_mask(k) for k in kernels]
         if spec.mask_criterion != "magnitude":
             criterion = _criterion_masks([tf.math.abs(k) for k in kernels], spec, sparsity)
-            masks = [m * c for m, c in zip(masks, criterion)]
+            masks = [m * c for m, c in zip(masks, criterion, strict=True)]
         return masks
     scores = [_scores(k, spec) for k in kernels]
     score_masks = _criterion_masks(scores, spec, sparsity)
-    return [_to_weight_mask(m, k, spec) for m, k in zip(score_masks, kernels)]
+    return [_to_weight_mask(m, k, spec) for m, k in zip(score_masks, kernels, strict=True)]

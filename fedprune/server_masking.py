@@ -57,7 +57,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
         lambda: compute_masks(kernels, mask_spec, table_lookup(table.sparsity, round_num)),
         lambda: old_masks,
     )
-    for k, kernel, mask in zip(layout.kernels, kernels, masks):
+    for k, kernel, mask in zip(layout.kernels, kernels, masks, strict=True):
         trainable[k.trainable_index] = kernel * mask
         non_trainable[k.mask_index] = mask
         # tfmot's threshold: the smallest kept magnitude (0 when nothing is pruned).

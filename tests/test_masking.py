@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_model_optimization.python.core.sparsity.keras import pruning_impl
 import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_impl
 
 from fedprune import masking
 from fedprune.errors import InvalidArgument

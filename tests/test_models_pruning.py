@@ -28,7 +28,7 @@ def test_same_seed_same_weights():
     a = models.build_model("mlp", (64,), 10, seed=3).get_weights()
     b = models.build_model("mlp", (64,), 10, seed=3).get_weights()
     c = models.build_model("mlp", (64,), 10, seed=4).get_weights()
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0])
 
 
@@ -70,7 +70,7 @@ def test_initial_weights_make_the_wrapper_valid_inside_tff():
         wrapped(np.zeros((1, 64), np.float32), training=True)
     trainable, non_trainable = pruning.initial_weights(wrapped, layout)
     assert [non_trainable[i] for i in layout.step_indices] == [0, 0]
-    for var, value in zip(wrapped.non_trainable_weights, non_trainable):
+    for var, value in zip(wrapped.non_trainable_weights, non_trainable, strict=True):
         var.assign(value)
     wrapped(np.zeros((1, 64), np.float32), training=True)  # valid now
     assert [wrapped.non_trainable_weights[i].numpy() for i in layout.step_indices] == [1, 1]

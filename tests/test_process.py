@@ -119,7 +119,7 @@ def test_dense_mode_matches_stock_fed_avg(client_data):
     for _ in range(3):
         state = stock.next(state, client_data).state
     theirs = stock.get_model_weights(state)
-    for a, b in zip(ours.trainable, theirs.trainable):
+    for a, b in zip(ours.trainable, theirs.trainable, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert not np.allclose(ours.trainable[0], _run(pp, client_data, 0)[0].trainable[0])
 
