@@ -36,6 +36,7 @@ _HELP = {
     "num_clients": "Number of clients (for TFF datasets: the first N clients; 0 = all).",
     "clients_per_round": "Clients sampled uniformly without replacement in each round.",
     "max_examples_per_client": "Cap on a client's examples per epoch (0 = no cap).",
+    "max_test_examples": "Cap on the global test set of TFF datasets (0 = the whole split).",
     "rounds": "Federated rounds to train.",
     "local_epochs": "Passes over its data a client makes in one round.",
     "batch_size": "Client batch size (examples).",

@@ -42,6 +42,7 @@ class ExperimentConfig:
     num_clients: int = 10
     clients_per_round: int = 10
     max_examples_per_client: int = 0  # 0 = no cap
+    max_test_examples: int = 0  # 0 = the whole test split
     # Training.
     rounds: int = 30
     local_epochs: int = 1
@@ -85,17 +86,22 @@ class ExperimentConfig:
               "rnn for --dataset=shakespeare, and mlp|mlp2|cnn for the other datasets")
         if self.dataset in TFF_DATASETS:
             datasets.check_tff_data_file(self.dataset, self.data_dir or None)
-        check(self.num_clients >= 1, "num_clients", self.num_clients, "a whole number >= 1")
+        tff_data = self.dataset in TFF_DATASETS
+        check(self.num_clients >= (0 if tff_data else 1), "num_clients", self.num_clients,
+              "a whole number >= 0 (0 = all clients of the file)" if tff_data
+              else "a whole number >= 1")
         if self.dataset in ("digits", "synthetic"):
             partitions.validate_partition_args(
                 self.partition, num_clients=self.num_clients, num_examples=_num_examples(self),
                 dirichlet_alpha=self.dirichlet_alpha, shards_per_client=self.shards_per_client)
-        check(1 <= self.clients_per_round <= self.num_clients, "clients_per_round",
-              self.clients_per_round, f"a whole number in [1, --num_clients={self.num_clients}]")
+        check(1 <= self.clients_per_round <= (self.num_clients or float("inf")),
+              "clients_per_round", self.clients_per_round,
+              f"a whole number in [1, --num_clients={self.num_clients}]")
         for name in ("rounds", "local_epochs", "batch_size", "eval_every"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "a whole number >= 1")
-        check(self.max_examples_per_client >= 0, "max_examples_per_client",
-              self.max_examples_per_client, "a whole number >= 0 (0 = no cap)")
+        for name in ("max_examples_per_client", "max_test_examples"):
+            check(getattr(self, name) >= 0, name, getattr(self, name),
+                  "a whole number >= 0 (0 = no cap)")
         check(self.client_lr > 0, "client_lr", self.client_lr, "a learning rate > 0")
         check(self.server_lr > 0, "server_lr", self.server_lr, "a learning rate > 0")
         check(0 <= self.client_momentum < 1, "client_momentum", self.client_momentum,

@@ -90,7 +90,8 @@ def load_data(config: ExperimentConfig) -> datasets.FederatedData:
         return datasets.load_synthetic(alpha=config.synthetic_alpha, beta=config.synthetic_beta,
                                        **common)
     return datasets.load_dataset(config.dataset, data_dir=config.data_dir or None,
-                                 num_clients=config.num_clients, seed=config.seed)
+                                 num_clients=config.num_clients or None, seed=config.seed,
+                                 max_test_examples=config.max_test_examples or None)
 
 
 def build_process(config: ExperimentConfig, data: datasets.FederatedData):
@@ -134,9 +135,10 @@ class _Evaluator:
         return cls(model, test)
 
     def load(self, weights) -> None:
-        for var, value in zip(self.model.trainable_weights, weights.trainable):
+        for var, value in zip(self.model.trainable_weights, weights.trainable, strict=True):
             var.assign(value)
-        for var, value in zip(self.model.non_trainable_weights, weights.non_trainable):
+        for var, value in zip(self.model.non_trainable_weights, weights.non_trainable,
+                              strict=True):
             var.assign(value)
 
     def __call__(self, weights) -> tuple[float, float]:
@@ -323,7 +325,8 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
             row["test_loss"] = row["test_accuracy"] = ""
         row.update(sparsity_metrics(pp, weights))
         dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
-        row.update(bytes_down=down.sent, bytes_up=int(output.metrics["client_work"]["uplink_bytes"]),
+        bytes_up = int(output.metrics["client_work"]["uplink_bytes"])
+        row.update(bytes_down=down.sent, bytes_up=bytes_up,
                    dense_bytes_down=down.dense, dense_bytes_up=dense_up,
                    tff_bytes_down=tff_bytes.down, tff_bytes_up=tff_bytes.up,
                    round_seconds=round_seconds,

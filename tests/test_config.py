@@ -1,0 +1,61 @@
+"""ExperimentConfig validation: every bad value names its flag; nothing imports TF."""
+
+import dataclasses
+
+import pytest
+
+from fedprune.config import ExperimentConfig, default_output_dir
+from fedprune.errors import InvalidArgument
+
+
+def test_default_is_valid():
+    assert ExperimentConfig().validate() == ExperimentConfig()
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        (dict(final_sparsity=1.0), "final_sparsity"),
+        (dict(final_sparsity=-0.1), "final_sparsity"),
+        (dict(begin_round=12, end_round=10), "end_round"),
+        (dict(end_round=40), "end_round"),  # ends after --rounds=30
+        (dict(clients_per_round=11), "clients_per_round"),
+        (dict(num_clients=0), "num_clients"),
+        (dict(num_clients=5000), "num_clients"),  # more clients than the 1,437 examples
+        (dict(model="rnn"), "model"),
+        (dict(masking="none"), "masking"),  # dense masking with a pruning schedule
+        (dict(schedule="none"), "masking"),
+        (dict(mask_criterion="threshold"), "threshold"),
+        (dict(mask_criterion="relative", relative_rate=0.0), "relative_rate"),
+        (dict(structure="2:4"), "final_sparsity"),  # 2:4 fixes the sparsity at 0.5
+        (dict(partition="dirichlet", dirichlet_alpha=0.0), "dirichlet_alpha"),
+        (dict(partition="shards", shards_per_client=0), "shards_per_client"),
+        (dict(rounds=0), "rounds"),
+        (dict(client_lr=0.0), "client_lr"),
+        (dict(client_momentum=1.0), "client_momentum"),
+        (dict(server_optimizer="yogi"), "server_optimizer"),
+        (dict(eval_every=0), "eval_every"),
+        (dict(schedule="polynomial", prune_every=3), "end_round"),  # (20 - 1) % 3 != 0
+    ],
+)
+def test_bad_values_name_their_flag(changes, flag):
+    with pytest.raises(InvalidArgument, match=f"^--{flag}="):
+        dataclasses.replace(ExperimentConfig(), **changes).validate()
+
+
+def test_tff_dataset_without_file_fails_fast(tmp_path):
+    config = ExperimentConfig(dataset="emnist", model="cnn", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="emnist_all.sqlite"):
+        config.validate()
+
+
+def test_fingerprint_ignores_data_dir_only():
+    base = ExperimentConfig()
+    assert base.fingerprint() == dataclasses.replace(base, data_dir="/x").fingerprint()
+    assert base.fingerprint() != dataclasses.replace(base, seed=1).fingerprint()
+    assert default_output_dir(base) != default_output_dir(dataclasses.replace(base, seed=1))
+
+
+def test_round_trip_through_dict():
+    config = ExperimentConfig(block_size=(2, 2), structure="block")
+    assert ExperimentConfig.from_dict(config.to_dict()) == config
