@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import flags
 
 from fedprune import config as config_lib
-from fedprune import datasets, masking, models, partitions, schedules
+from fedprune import datasets, mask_aggregation, masking, models, partitions, schedules
 from fedprune.client_work import MASKING_MODES
 from fedprune.errors import InvalidArgument
 
@@ -66,6 +66,9 @@ _HELP = {
     "block_pooling": "How a block's magnitudes are pooled for --structure=block.",
     "prune_output_layer": "Prune the last Dense/Conv layer too (--noprune_output_layer keeps "
                           "it dense).",
+    "mask_aggregation": "How clients' pruned models combine (masking client|both): average, "
+                        "nonzero (average over the clients that kept a weight), majority (a "
+                        "weight survives when at least half the clients keep it).",
     "seed": "Seed for partition, model init, client sampling and shuffling.",
     "eval_every": "Evaluate the global model on the test set every this many rounds (and "
                   "at the last round).",
@@ -82,6 +85,7 @@ _ENUMS = {
     "mask_scope": masking.SCOPES,
     "structure": masking.STRUCTURES,
     "block_pooling": masking.POOLINGS,
+    "mask_aggregation": mask_aggregation.RULES,
 }
 
 _OPTIONAL_FLOATS = ("threshold", "relative_rate")
@@ -136,6 +140,9 @@ def parse_flags(argv):
     """Parses flags; errors are one line (flag, value, accepted) and exit 2."""
     try:
         return FLAGS(argv)
+    except flags.CantOpenFlagFileError as e:  # absl's text does not name the flag
+        reason = str(e).split("Unable to open flagfile:", 1)[-1].strip()
+        fail(f"--flagfile: cannot read it ({reason})")
     except flags.Error as e:
         fail(str(e).splitlines()[0])
     except OSError as e:  # an unreadable --flagfile

@@ -40,7 +40,10 @@ def main(argv):
     if _OVERWRITE.value:
         common.clear_output_dir(output_dir)
     try:
-        program.run_experiment(config, output_dir, resume=_RESUME.value)
+        # Flushed per line: progress shows through pipes (`| tee`), and a killed run
+        # has printed every round it finished.
+        program.run_experiment(config, output_dir, resume=_RESUME.value,
+                               log=lambda line: print(line, flush=True))
     except (program.NonFiniteError, checkpoint.CheckpointError) as e:
         common.fail(str(e), code=1)
 

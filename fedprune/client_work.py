@@ -35,6 +35,7 @@ import collections
 
 import numpy as np
 
+from fedprune import mask_aggregation
 from fedprune.masking import MaskSpec, compute_masks
 from fedprune.pruning import PruningLayout
 from fedprune.schedules import ScheduleTable, table_lookup
@@ -103,8 +104,10 @@ def build_pruning_client_work(
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
       `(<hparams=H, round=int32>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
-      (state@SERVER, ClientResult(update=trainable weights, update_weight=float32)@CLIENTS,
-      <train=metrics, uplink_bytes=int64>@SERVER)`.
+      (state@SERVER, ClientResult(update=U, update_weight=float32)@CLIENTS,
+      <train=metrics, uplink_bytes=int64>@SERVER)`, where U is the trainable
+      weights' delta, or for `client`/`both` `mask_aggregation.client_payload`
+      (delta, kernel masks, pruned kernels) so the server can combine masks.
     """
     import tensorflow_federated as tff
 
@@ -161,10 +164,18 @@ def build_pruning_client_work(
         known = [None] * len(delta)
         for i, j in zip(kernel_idx, mask_idx, strict=True):
             known[i] = broadcast.non_trainable[j]
+        sent = uplink_bytes(delta, known)
+        if client_prunes:
+            pruned = [f * m for f, m in zip(final, end_masks, strict=True)]
+            update = mask_aggregation.client_payload(delta, pruned, end_masks)
+            # The masks ride along as bitmaps (their values are implied by the delta).
+            sent += sum(-(-int(np.prod(m.shape)) // 8) for m in end_masks)
+        else:
+            update = tuple(delta)
         client_result = tff.learning.templates.ClientResult(
-            update=tuple(delta), update_weight=result.update_weight
+            update=update, update_weight=result.update_weight
         )
-        return client_result, uplink_bytes(delta, known)
+        return client_result, sent
 
     @tff.federated_computation
     def init_fn():

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 
-from fedprune import datasets, masking, models, partitions, schedules
+from fedprune import datasets, mask_aggregation, masking, models, partitions, schedules
 from fedprune.client_work import MASKING_MODES
 from fedprune.errors import check
 
@@ -69,6 +69,7 @@ class ExperimentConfig:
     block_size: tuple[int, int] = (1, 4)
     block_pooling: str = "AVG"
     prune_output_layer: bool = True
+    mask_aggregation: str = "average"
     # Reproducibility and evaluation.
     seed: int = 0
     eval_every: int = 1
@@ -116,6 +117,11 @@ class ExperimentConfig:
         last = schedule.last_update_round
         check(last <= self.rounds, "end_round" if self.schedule == "polynomial" else "begin_round",
               last, f"a round <= --rounds={self.rounds}, so the schedule completes within the run")
+        check(self.mask_aggregation in mask_aggregation.RULES, "mask_aggregation",
+              self.mask_aggregation, "one of " + "|".join(mask_aggregation.RULES))
+        check(self.mask_aggregation == "average" or self.masking in ("client", "both"),
+              "mask_aggregation", self.mask_aggregation,
+              "average unless clients prune (--masking=client|both)")
         spec = self.mask_spec()
         if spec.structure == "2:4" and self.schedule != "none":
             check(self.final_sparsity == 0.5, "final_sparsity", self.final_sparsity,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedprune import mask_aggregation as mask_aggregation_lib
 from fedprune import pruning
 from fedprune.client_work import MASKING_MODES, build_pruning_client_work
 from fedprune.errors import check
@@ -81,6 +82,7 @@ def build_pruning_process(
     server_optimizer,
     seed: int,
     prune_output_layer: bool = True,
+    mask_aggregation: str = "average",
     model_aggregator=None,
     loss_fn: Callable | None = None,
     metrics_fn: Callable | None = None,
@@ -98,7 +100,10 @@ def build_pruning_process(
       server_optimizer: `tff.learning.optimizers.Optimizer` applied to the mean delta.
       seed: seeds the initial model weights.
       prune_output_layer: False leaves the last weighted layer dense.
-      model_aggregator: a weighted `tff.aggregators` factory (default: MeanFactory).
+      mask_aggregation: how clients' pruned models combine in modes `client` and
+        `both`: one of `mask_aggregation.RULES` (see that module).
+      model_aggregator: a weighted `tff.aggregators` factory for plain deltas
+        (default: MeanFactory); modes `client`/`both` use the mask aggregator.
       loss_fn: no-arg callable returning a Keras loss (default: sparse CE from logits).
       metrics_fn: no-arg callable returning Keras metrics (default: sparse accuracy).
 
@@ -110,6 +115,8 @@ def build_pruning_process(
     import tensorflow_federated as tff
 
     check(masking in MASKING_MODES, "masking", masking, "one of " + "|".join(MASKING_MODES))
+    check(mask_aggregation in mask_aggregation_lib.RULES, "mask_aggregation", mask_aggregation,
+          "one of " + "|".join(mask_aggregation_lib.RULES))
     wrapped = masking != "none"
 
     def keras_model_fn():
@@ -161,16 +168,25 @@ def build_pruning_process(
         table=table,
         mask_spec=mask_spec,
     )
-    aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
-        weights_type.trainable, tff.TensorType(np.float32)
-    )
+    update_type = client_work.next.type_signature.result.result.member.update
+    client_prunes = masking in ("client", "both")
+    if client_prunes:
+        factory = mask_aggregation_lib.build_mask_aggregator()
+    else:
+        check(mask_aggregation == "average", "mask_aggregation", mask_aggregation,
+              "average unless clients prune (--masking=client|both)")
+        factory = model_aggregator or tff.aggregators.MeanFactory()
+    aggregator = factory.create(update_type, tff.TensorType(np.float32))
     finalizer = build_masking_finalizer(
         server_optimizer=server_optimizer,
         model_weights_type=weights_type,
-        layout=parts_layout,
+        layout=layout,
         table=table,
         mask_spec=mask_spec,
         remask=remask,
+        aggregate_type=aggregator.next.type_signature.result.result.member if client_prunes
+        else None,
+        aggregation_rule=mask_aggregation,
     )
     process = tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,

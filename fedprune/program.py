@@ -40,7 +40,7 @@ from fedprune.config import ExperimentConfig
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
-    "nonzero_params", "bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up",
+    "nonzero_params", "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up",
     "tff_bytes_down", "tff_bytes_up", "round_seconds", "elapsed_seconds",
 )
 TIME_COLUMNS = ("round_seconds", "elapsed_seconds")
@@ -114,6 +114,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData):
         server_optimizer=process_lib.make_optimizer(config.server_optimizer, config.server_lr),
         seed=config.seed,
         prune_output_layer=config.prune_output_layer,
+        mask_aggregation=config.mask_aggregation,
     )
 
 
@@ -277,9 +278,16 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
     first_round = 1
     if resume:
         loaded, done = checkpoint.load_latest(ckpt_dir, state, fingerprint=fingerprint)
+        # metrics.csv is written before each round's checkpoint, so it may hold
+        # one round more than the checkpoint (redone here) but never fewer.
+        rows = [r for r in _read_metrics(output_dir) if int(r["round"]) <= done]
+        if [int(r["round"]) for r in rows] != list(range(1, done + 1)) or (
+                loaded is None and _read_metrics(output_dir)):
+            raise checkpoint.CheckpointError(
+                f"{output_dir}/metrics.csv does not match the newest checkpoint (round {done}) "
+                f"in {ckpt_dir}; cannot resume, use --overwrite to start again")
         if loaded is not None:
             state, first_round = loaded, done + 1
-            rows = [r for r in _read_metrics(output_dir) if int(r["round"]) <= done]
             log(f"resuming after round {done} from {ckpt_dir}")
     if first_round == 1:
         write_config(config, output_dir, {"num_train_clients": len(data.client_ids),
@@ -310,20 +318,28 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
         new_weights = pp.process.get_model_weights(output.state)
         train = output.metrics["client_work"]["train"]
         train_loss = float(train["loss"])
-        if not (math.isfinite(train_loss) and _finite(new_weights)):
+        test_loss = test_accuracy = ""
+        if (math.isfinite(train_loss) and _finite(new_weights)
+                and (round_num % config.eval_every == 0 or round_num == config.rounds)):
+            # Finite but huge weights can still give NaN logits: TFF drops
+            # clients' non-finite updates and then reports a training loss of 0.
+            test_loss, test_accuracy = evaluator(new_weights)
+        if not (math.isfinite(train_loss) and _finite(new_weights)
+                and (test_loss == "" or math.isfinite(test_loss))):
             raise NonFiniteError(
-                f"round {round_num}: the training loss ({train_loss}) or the global weights "
-                f"became NaN/Inf; kept the state after round {round_num - 1} in {ckpt_dir}. "
+                f"round {round_num}: the training loss ({train_loss}), the test loss "
+                f"({test_loss or 'not evaluated'}) or the global weights became NaN/Inf; kept "
+                f"the state after round {round_num - 1} in {ckpt_dir}. "
                 "Lower --client_lr or --server_lr.")
         state, weights = output.state, new_weights
         round_seconds = time.time() - t0
         row = {"round": round_num, "train_loss": train_loss,
-               "train_accuracy": float(train["sparse_categorical_accuracy"])}
-        if round_num % config.eval_every == 0 or round_num == config.rounds:
-            row["test_loss"], row["test_accuracy"] = evaluator(weights)
-        else:
-            row["test_loss"] = row["test_accuracy"] = ""
+               "train_accuracy": float(train["sparse_categorical_accuracy"]),
+               "test_loss": test_loss, "test_accuracy": test_accuracy}
         row.update(sparsity_metrics(pp, weights))
+        diagnostics = output.metrics["finalizer"]["masks"]
+        row.update({k: float(diagnostics[k]) if k in diagnostics else ""
+                    for k in ("mask_drift", "regrowth", "client_mask_jaccard")})
         dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
         bytes_up = int(output.metrics["client_work"]["uplink_bytes"])
         row.update(bytes_down=down.sent, bytes_up=bytes_up,
@@ -332,8 +348,10 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
                    round_seconds=round_seconds,
                    elapsed_seconds=elapsed_before + time.time() - loop_start)
         rows.append(row)
-        checkpoint.save(ckpt_dir, round_num, state, fingerprint=fingerprint)
+        # Metrics first: a kill between the two writes leaves round_num in the
+        # CSV but not in a checkpoint, and `resume` redoes it (never a gap).
         _write_metrics(output_dir, rows)
+        checkpoint.save(ckpt_dir, round_num, state, fingerprint=fingerprint)
         with writer.as_default(step=round_num):
             for key, value in row.items():
                 if key != "round" and value != "":

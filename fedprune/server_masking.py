@@ -25,6 +25,7 @@ import collections
 
 import numpy as np
 
+from fedprune import mask_aggregation
 from fedprune.masking import MaskSpec, compute_masks
 from fedprune.pruning import PruningLayout
 from fedprune.schedules import ScheduleTable, table_lookup
@@ -73,25 +74,33 @@ def build_masking_finalizer(
     *,
     server_optimizer,
     model_weights_type,
-    layout: PruningLayout | None,
+    layout: PruningLayout,
     table: ScheduleTable,
     mask_spec: MaskSpec,
     remask: bool,
+    aggregate_type=None,
+    aggregation_rule: str = "average",
 ):
     """Builds TFF's apply-optimizer finalizer followed by the server mask step.
 
     Args:
       server_optimizer: a `tff.learning.optimizers.Optimizer`.
       model_weights_type: the `ModelWeights` TFF type of the global model.
-      layout: positions of kernels and masks (None for a dense model).
+      layout: positions of the pruned kernels (and, when `remask`, their masks).
       table: the schedule per round.
       mask_spec: the server's mask rule.
-      remask: False for masking modes `none` and `client` (optimizer step only).
+      remask: False for masking modes `none` and `client` (no schedule mask).
+      aggregate_type: the aggregator's output type when clients upload
+        `mask_aggregation.client_payload`s (modes `client`, `both`); None when
+        they upload plain deltas.
+      aggregation_rule: one of `mask_aggregation.RULES` (with `aggregate_type`).
 
     Returns:
       A `tff.learning.templates.FinalizerProcess` with type signature
-      `(<optimizer=S, round=int32>@SERVER, ModelWeights@SERVER, trainable update@SERVER)
-      -> (state@SERVER, ModelWeights@SERVER, <update_non_finite=int32>@SERVER)`.
+      `(<optimizer=S, round=int32>@SERVER, ModelWeights@SERVER, A@SERVER) ->
+      (state@SERVER, ModelWeights@SERVER, <optimizer=<update_non_finite=int32>,
+      masks=<mask_drift, regrowth[, client_mask_jaccard]>>@SERVER)`, with A the
+      trainable weights' type or `aggregate_type`.
     """
     import tensorflow_federated as tff
 
@@ -99,13 +108,40 @@ def build_masking_finalizer(
         server_optimizer, model_weights_type
     )
     round_type = tff.TensorType(np.int32)
+    update_type = aggregate_type or model_weights_type.trainable
+    kernel_idx = [k.trainable_index for k in layout.kernels]
 
-    if remask:
+    if aggregate_type is not None:
 
-        @tff.tensorflow.computation(model_weights_type, round_type)
-        def remask_fn(weights, round_num):
-            return remask_weights(weights, round_num, layout=layout, table=table,
-                                  mask_spec=mask_spec)
+        @tff.tensorflow.computation(model_weights_type, update_type)
+        def to_delta(weights, aggregate):
+            delta, _ = mask_aggregation.pseudo_delta(aggregation_rule, weights.trainable,
+                                                     aggregate, kernel_idx)
+            return delta
+
+    @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type, round_type)
+    def mask_and_measure(old, stepped, aggregate, round_num):
+        old_kernels = [old.trainable[i] for i in kernel_idx]
+        weights = stepped
+        if aggregate_type is not None and aggregation_rule == "majority":
+            _, votes = mask_aggregation.pseudo_delta("majority", old.trainable, aggregate,
+                                                     kernel_idx)
+            trainable = list(weights.trainable)
+            for i, vote in zip(kernel_idx, votes, strict=True):
+                trainable[i] = trainable[i] * vote
+            weights = tff.learning.models.ModelWeights(tuple(trainable), weights.non_trainable)
+        diagnostics = collections.OrderedDict(
+            regrowth=mask_aggregation.regrowth(old_kernels,
+                                               [weights.trainable[i] for i in kernel_idx]))
+        if remask:
+            weights = remask_weights(weights, round_num, layout=layout, table=table,
+                                     mask_spec=mask_spec)
+        diagnostics["mask_drift"] = mask_aggregation.mask_drift(
+            old_kernels, [weights.trainable[i] for i in kernel_idx])
+        if aggregate_type is not None:
+            diagnostics["client_mask_jaccard"] = mask_aggregation.pooled_jaccard(
+                aggregate["kept_count"], aggregate["num_clients"])
+        return weights, diagnostics
 
     @tff.tensorflow.computation(round_type)
     def increment(round_num):
@@ -121,19 +157,24 @@ def build_masking_finalizer(
 
     @tff.federated_computation(
         init_fn.type_signature.result,
-        inner.next.type_signature.parameter[1],
-        inner.next.type_signature.parameter[2],
+        tff.FederatedType(model_weights_type, tff.SERVER),
+        tff.FederatedType(update_type, tff.SERVER),
     )
-    def next_fn(state, weights, update):
-        inner_output = inner.next(state.optimizer, weights, update)
+    def next_fn(state, weights, aggregate):
+        delta = aggregate
+        if aggregate_type is not None:
+            delta = tff.federated_map(to_delta, (weights, aggregate))
+        inner_output = inner.next(state.optimizer, weights, delta)
         round_num = tff.federated_map(increment, state.round)
-        new_weights = inner_output.result
-        if remask:
-            new_weights = tff.federated_map(remask_fn, (new_weights, round_num))
+        new_weights, diagnostics = tff.federated_map(
+            mask_and_measure, (weights, inner_output.result, aggregate, round_num)
+        )
         new_state = tff.federated_zip(
             collections.OrderedDict(optimizer=inner_output.state, round=round_num)
         )
-        return tff.templates.MeasuredProcessOutput(new_state, new_weights,
-                                                   inner_output.measurements)
+        measurements = tff.federated_zip(
+            collections.OrderedDict(optimizer=inner_output.measurements, masks=diagnostics)
+        )
+        return tff.templates.MeasuredProcessOutput(new_state, new_weights, measurements)
 
     return tff.learning.templates.FinalizerProcess(init_fn, next_fn)

@@ -201,3 +201,60 @@ def test_every_combination_builds_and_runs_a_round(client_data, masking_mode, cr
         elif criterion == "magnitude":
             assert mask.sum() == k.size // 2  # 50 % of 1,024 and of 160
     assert masking_mode == "client" or pruned > 0
+
+
+@pytest.mark.parametrize("rule", ["average", "nonzero", "majority"])
+@pytest.mark.parametrize("masking_mode", ["client", "both"])
+def test_mask_aggregation_rules_run_and_report_diagnostics(client_data, masking_mode, rule):
+    pp = fp_process.build_pruning_process(
+        model_builder=lambda: models.mlp((64,), 10, hidden=HIDDEN),
+        input_spec=client_data[0].element_spec, masking=masking_mode, schedule=POLY,
+        mask_spec=masking.MaskSpec(), num_rounds=2,
+        client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+        server_optimizer=fp_process.make_optimizer("sgd", 1.0), seed=0, mask_aggregation=rule)
+    state = pp.process.initialize()
+    for _ in range(2):
+        output = pp.process.next(state, client_data)
+        state = output.state
+    diagnostics = output.metrics["finalizer"]["masks"]
+    assert set(diagnostics) == {"regrowth", "mask_drift", "client_mask_jaccard"}
+    assert 0.0 < diagnostics["client_mask_jaccard"] <= 1.0
+    weights = pp.process.get_model_weights(state)
+    kernel = pp.layout.kernels[0]
+    nonzero = np.count_nonzero(weights.trainable[kernel.trainable_index])
+    target = _kept(kernel.size, pp.table.sparsity[2])
+    if masking_mode == "both":
+        assert nonzero <= target and (rule == "majority" or nonzero == target)
+    elif rule == "average":  # the union of the clients' masks survives averaging
+        assert nonzero > target
+        # Clients train inside their start masks, so what all of them pruned stays pruned.
+        assert diagnostics["regrowth"] == 0
+
+
+def test_rules_need_pruning_clients(client_data):
+    from fedprune.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="--mask_aggregation=.nonzero"):
+        fp_process.build_pruning_process(
+            model_builder=lambda: models.mlp((64,), 10, hidden=HIDDEN),
+            input_spec=client_data[0].element_spec, masking="server", schedule=POLY,
+            mask_spec=masking.MaskSpec(), num_rounds=2,
+            client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+            server_optimizer=fp_process.make_optimizer("sgd", 1.0), seed=0,
+            mask_aggregation="nonzero")
+
+
+def test_server_mode_uploads_are_measured_sparse(client_data):
+    pp = _build(client_data, masking_mode="server", schedule=POLY)
+    state = pp.process.initialize()
+    for _ in range(3):
+        output = pp.process.next(state, client_data)
+        state = output.state
+    # Round 3 trains inside the 0.7625 mask of round 2: 760 + 119 kernel weights.
+    kept = _kept(3200, pp.table.sparsity[2]) + _kept(500, pp.table.sparsity[2])
+    biases = 50 + 10
+    sent = int(output.metrics["client_work"]["uplink_bytes"])
+    # At most the values inside the known mask (4 bytes each) plus dense biases;
+    # less where a whole unit got no gradient (then a bitmap is smaller).
+    assert 0 < sent <= 4 * (kept + biases) * NUM_CLIENTS
+    assert sent < 4 * (3700 + biases) * NUM_CLIENTS / 4  # > 4x smaller than dense

@@ -1,0 +1,477 @@
+"""Grids of experiments run in one process: cells, their status, the run tree, the tables.
+
+Shared by `compare_schedules.py` (any grid from flags) and `reproduce.py` (the
+grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
+(the ordinary experiment flags) crossed with the grid flags:
+
+    --schedules × (--powers for polynomial) × --final_sparsities × --maskings × --seeds
+
+Dense training (`none` in --schedules) is one cell per seed with
+`masking=none`, not one per sparsity and masking. Each cell trains into its
+own folder `<root>/<cell name>` with `program.run_experiment`; a cell whose
+`summary.json` is present with the cell's config fingerprint is complete and is
+skipped, a folder without a summary is resumed. Everything up to
+`run_cells` (flags, validation of every cell, the status of the run tree)
+imports neither TensorFlow nor TFF, so bad input fails fast and writes
+nothing; so does `write_reports`, which reads the finished runs from disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from absl import flags
+
+from experiments import common
+from fedprune import reporting
+from fedprune.client_work import MASKING_MODES
+from fedprune.config import ExperimentConfig
+from fedprune.errors import InvalidArgument, check
+from fedprune.schedules import SCHEDULES
+
+FLAGS = flags.FLAGS
+
+DENSE = "dense"  # the schedule label of `--schedules=none` cells
+GRID_MASKINGS = tuple(m for m in MASKING_MODES if m != "none")  # none is the dense cell's
+# Config field -> the grid flag that sets it per cell; setting the field as a base flag
+# would be silently overridden, so it is rejected.
+CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "final_sparsities",
+               "masking": "maskings", "seed": "seeds"}
+GRID_FLAGS = tuple(CELL_FIELDS.values())
+KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without its seed
+
+
+# --------------------------------------------------------------------------
+# Flags.
+
+
+def define_grid_flags() -> None:
+    """Defines the grid flags (idempotent); `common.define_experiment_flags` defines the rest."""
+    if "schedules" in FLAGS:
+        return
+    flags.DEFINE_list("schedules", ["none", "oneshot", "constant", "polynomial"],
+                      "Schedules to compare (" + "|".join(SCHEDULES) + "); none = dense "
+                      "training, one cell per seed.")
+    flags.DEFINE_list("powers", ["3"], "Exponents of the polynomial schedule; one polynomial "
+                      "variant per value (e.g. 1,3).")
+    flags.DEFINE_list("final_sparsities", ["0.5", "0.75", "0.9", "0.95"],
+                      "Target sparsities, fractions in [0, 1).")
+    flags.DEFINE_list("maskings", ["client", "server", "both"],
+                      "Masking modes of the pruned cells (" + "|".join(GRID_MASKINGS) + ").")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; tables show mean ± 95% CI over them.")
+
+
+def parse_flagfiles(paths: Sequence[Path | str]) -> None:
+    """Parses flagfiles into the global flags; flags they do not name keep their values.
+
+    Raises:
+      InvalidArgument: a file is missing or names an unknown flag or a bad value.
+    """
+    for path in paths:
+        check(Path(path).is_file(), "flagfile", str(path), "an existing flagfile")
+    try:
+        FLAGS([sys.argv[0], *(f"--flagfile={p}" for p in paths)])
+    except flags.Error as e:
+        raise InvalidArgument("flagfile", ",".join(map(str, paths)),
+                              f"valid flags ({str(e).splitlines()[0]})") from e
+
+
+def check_no_cell_flags() -> None:
+    """Rejects base flags that the grid sets per cell (--schedule, --seed, ...).
+
+    Raises:
+      InvalidArgument: naming the flag and the grid flag to use instead.
+    """
+    for field, grid_flag in CELL_FIELDS.items():
+        check(not FLAGS[field].present, field, FLAGS[field].value,
+              f"no value: each cell sets it from --{grid_flag}")
+
+
+def grid_from_flags() -> GridSpec:
+    """The validated `GridSpec` of the parsed grid flags."""
+    return GridSpec.from_strings(**{name: FLAGS[name].value for name in GRID_FLAGS})
+
+
+# --------------------------------------------------------------------------
+# Cells.
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of a grid.
+
+    Attributes:
+      name: its folder under the run root, e.g. `polynomial-p3-s0.9-both-seed0`.
+      schedule: the schedule label in tables: `dense`, `oneshot`, `constant`,
+        `polynomial-p<power>`.
+      config: the run's validated configuration.
+    """
+
+    name: str
+    schedule: str
+    config: ExperimentConfig
+
+    @property
+    def key(self) -> dict:
+        """The table row this cell belongs to: {schedule, final_sparsity, masking}."""
+        return {"schedule": self.schedule, "final_sparsity": self.config.final_sparsity,
+                "masking": self.config.masking}
+
+
+def _parse_list(name: str, values: Iterable[str], convert, accepted: str) -> tuple:
+    parsed = []
+    for text in values:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise InvalidArgument(name, ",".join(values), accepted) from None
+        check(value not in parsed, name, ",".join(values), accepted + ", without repeats")
+        parsed.append(value)
+    return tuple(parsed)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """The grid flags, parsed and checked.
+
+    Attributes:
+      schedules: names from `fedprune.schedules.SCHEDULES`; `none` is dense.
+      powers: polynomial exponents (> 0), one polynomial variant each.
+      final_sparsities: target sparsities in [0, 1) of the pruned cells.
+      maskings: masking modes of the pruned cells (not `none`).
+      seeds: seeds (>= 0); every cell is run once per seed.
+    """
+
+    schedules: tuple[str, ...]
+    powers: tuple[float, ...]
+    final_sparsities: tuple[float, ...]
+    maskings: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+    def __post_init__(self):
+        check(bool(self.schedules), "schedules", "", "one or more of " + "|".join(SCHEDULES))
+        for s in self.schedules:
+            check(s in SCHEDULES, "schedules", s, "one or more of " + "|".join(SCHEDULES))
+        if any(s != "none" for s in self.schedules):
+            check(bool(self.maskings), "maskings", "", "one or more of " + "|".join(GRID_MASKINGS))
+            check(bool(self.final_sparsities), "final_sparsities", "",
+                  "one or more sparsity fractions in [0, 1)")
+        for m in self.maskings:
+            check(m in GRID_MASKINGS, "maskings", m, "one or more of " + "|".join(GRID_MASKINGS))
+        for s in self.final_sparsities:
+            check(0.0 <= s < 1.0, "final_sparsities", s, "sparsity fractions in [0, 1)")
+        if "polynomial" in self.schedules:
+            check(bool(self.powers), "powers", "", "one or more exponents > 0 for polynomial")
+        for p in self.powers:
+            check(p > 0, "powers", p, "exponents > 0 (1 = linear, 3 = cubic)")
+        check(bool(self.seeds), "seeds", "", "one or more seeds >= 0")
+        for s in self.seeds:
+            check(s >= 0, "seeds", s, "whole numbers >= 0")
+
+    @classmethod
+    def from_strings(cls, *, schedules, powers, final_sparsities, maskings, seeds) -> GridSpec:
+        """Parses the comma-separated grid flags (lists of strings).
+
+        Raises:
+          InvalidArgument: naming the grid flag, its value and what is accepted.
+        """
+        return cls(
+            schedules=_parse_list("schedules", schedules, str, "|".join(SCHEDULES)),
+            powers=_parse_list("powers", powers, _finite_float, "numbers, e.g. 1,3"),
+            final_sparsities=_parse_list("final_sparsities", final_sparsities, _finite_float,
+                                         "sparsity fractions in [0, 1), e.g. 0.5,0.9"),
+            maskings=_parse_list("maskings", maskings, str, "|".join(GRID_MASKINGS)),
+            seeds=_parse_list("seeds", seeds, int, "whole numbers >= 0, e.g. 0,1,2"),
+        )
+
+    def cells(self, base: ExperimentConfig) -> list[Cell]:
+        """Every cell of the grid over `base`, each config validated.
+
+        Order: schedules as listed (dense first if listed first), then power,
+        sparsity, masking and seed; tables keep this order.
+
+        Raises:
+          InvalidArgument: a cell's config is invalid; the message names the cell.
+        """
+        cells = []
+        for schedule in self.schedules:
+            if schedule == "none":
+                for seed in self.seeds:
+                    cells.append(_cell(base, DENSE, f"{DENSE}-seed{seed}", schedule="none",
+                                       masking="none", final_sparsity=0.0, seed=seed))
+                continue
+            variants = ([(f"polynomial-p{p:g}", p) for p in self.powers]
+                        if schedule == "polynomial" else [(schedule, base.power)])
+            for label, power in variants:
+                for sparsity in self.final_sparsities:
+                    for masking in self.maskings:
+                        for seed in self.seeds:
+                            cells.append(_cell(
+                                base, label, f"{label}-s{sparsity:g}-{masking}-seed{seed}",
+                                schedule=schedule, power=power, masking=masking,
+                                final_sparsity=sparsity, seed=seed))
+        return cells
+
+
+def _cell(base: ExperimentConfig, label: str, name: str, **overrides) -> Cell:
+    config = dataclasses.replace(base, **overrides)
+    try:
+        config.validate()
+    except InvalidArgument as e:
+        raise InvalidArgument(e.name, e.value, f"{e.accepted} (in grid cell {name})") from None
+    return Cell(name=name, schedule=label, config=config)
+
+
+# --------------------------------------------------------------------------
+# The run tree.
+
+
+class Status(enum.Enum):
+    NEW = "new"  # no folder yet
+    RESUME = "resume"  # a folder without summary.json: continue from its checkpoints
+    DONE = "done"  # summary.json with this cell's fingerprint
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cell_status(cell: Cell, root: Path) -> Status:
+    """Whether a cell still has to run, without importing TensorFlow.
+
+    Raises:
+      InvalidArgument: the cell's folder holds a run of another configuration
+        (its summary.json or config.json has a different fingerprint).
+    """
+    folder = root / cell.name
+    if not folder.exists():
+        return Status.NEW
+    fingerprint = cell.config.fingerprint()
+    for name in ("summary.json", "config.json"):
+        found = (read_json(folder / name) or {}).get("fingerprint")
+        check(found in (None, fingerprint), "output_dir", str(root),
+              f"a new folder or one holding this grid: {cell.name}/{name} is a run of another "
+              f"configuration (fingerprint {found}, this cell {fingerprint})")
+    if (folder / "summary.json").exists():
+        return Status.DONE
+    return Status.RESUME
+
+
+def statuses(cells: Sequence[Cell], root: Path) -> list[Status]:
+    """`cell_status` of every cell; checks the root is a folder (or absent) first."""
+    check(not root.exists() or root.is_dir(), "output_dir", str(root),
+          "a folder path (this is a file)")
+    return [cell_status(c, root) for c in cells]
+
+
+def _fmt_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] = print,
+              round_logs: bool = False) -> list[str]:
+    """Trains every cell that is not complete, in this process, one after another.
+
+    Needs the TFF runtime (`common.start_runtime`) when any cell is not done.
+
+    Args:
+      cells: from `GridSpec.cells`.
+      root: the run tree; cell `c` writes into `root / c.name`.
+      log: receives one line per cell (skipped / resumed / done) and the grid ETA.
+      round_logs: also pass on `run_experiment`'s per-round lines.
+
+    Returns:
+      The names of cells that failed (non-finite training or a bad checkpoint);
+      the others are complete.
+    """
+    todo = [(c, s) for c, s in zip(cells, statuses(cells, root), strict=True)
+            if s is not Status.DONE]
+    skipped = len(cells) - len(todo)
+    if skipped:
+        log(f"skipped {skipped} complete cell(s) of {len(cells)} in {root}")
+    if not todo:
+        return []
+    from fedprune import checkpoint, program
+
+    failed = []
+    start = time.time()
+    for i, (cell, status) in enumerate(todo, 1):
+        prefix = f"[{i}/{len(todo)}] {cell.name}"
+
+        def cell_log(line, prefix=prefix):
+            if round_logs or not line.startswith("round "):
+                log(f"{prefix}: {line}")
+
+        if status is Status.RESUME:
+            log(f"{prefix}: resuming the incomplete run in its folder")
+        try:
+            program.run_experiment(cell.config, root / cell.name,
+                                   resume=status is Status.RESUME, log=cell_log)
+        except (program.NonFiniteError, checkpoint.CheckpointError) as e:
+            log(f"{prefix}: FAILED: {e}")
+            failed.append(cell.name)
+        elapsed = time.time() - start
+        log(f"{prefix}: grid {_fmt_minutes(elapsed)} elapsed, "
+            f"ETA {_fmt_minutes(elapsed / i * (len(todo) - i))}")
+    return failed
+
+
+# --------------------------------------------------------------------------
+# Results and tables.
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A table column computed from a run's summary.json.
+
+    Attributes:
+      name: the column (CSV: `<name>_mean`, `<name>_ci`).
+      value: summary dict -> the run's value.
+      format: how Markdown and LaTeX print it.
+    """
+
+    name: str
+    value: Callable[[Mapping], float]
+    format: reporting.MetricFormat
+
+
+def _per_round(key: str) -> Callable[[Mapping], float]:
+    return lambda s: s[key] / s["rounds_completed"]
+
+
+METRICS = {m.name: m for m in (
+    Metric("accuracy", lambda s: s["final_test_accuracy"],
+           reporting.MetricFormat(spec=".3f", label="test accuracy")),
+    Metric("sparsity", lambda s: s["final_global_sparsity"],
+           reporting.MetricFormat(spec=".4f", label="global sparsity")),
+    Metric("nonzeros", lambda s: s["final_nonzero_params"],
+           reporting.MetricFormat(spec=".0f", label="nonzero params")),
+    # Mean over the rounds of what one round sends, summed over that round's clients.
+    Metric("bytes_down", _per_round("total_bytes_down"),
+           reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="down/round")),
+    Metric("bytes_up", _per_round("total_bytes_up"),
+           reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="up/round")),
+    Metric("round_seconds", lambda s: s["median_round_seconds"],
+           reporting.MetricFormat(spec=".3f", unit="s", label="median round")),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """A finished cell read back from disk."""
+
+    cell: Cell
+    summary: dict
+    metrics_rows: list[dict]
+
+    def row(self, metrics: Sequence[str]) -> dict:
+        """{schedule, final_sparsity, masking, seed, <metric>: value, ...}."""
+        values = {m: METRICS[m].value(self.summary) for m in metrics}
+        return {**self.cell.key, "seed": self.cell.config.seed, **values}
+
+
+def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
+    """The complete cells' summaries and metrics (incomplete cells are left out)."""
+    results = []
+    for cell in cells:
+        folder = root / cell.name
+        summary = read_json(folder / "summary.json")
+        if summary is None or summary.get("fingerprint") != cell.config.fingerprint():
+            continue
+        with open(folder / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        results.append(RunResult(cell, summary, rows))
+    return results
+
+
+def aggregate(results: Sequence[RunResult], metrics: Sequence[str]) -> reporting.Table:
+    """Mean ± 95% CI over seeds per (schedule, final_sparsity, masking), in grid order."""
+    return reporting.aggregate([r.row(metrics) for r in results], KEYS, metrics)
+
+
+def formats(metrics: Sequence[str]) -> dict:
+    """Metric name -> its `MetricFormat`, for `reporting.to_markdown`/`to_latex`."""
+    return {m: METRICS[m].format for m in metrics}
+
+
+def markdown(table: reporting.Table) -> str:
+    """The Markdown of a grid table in the grid's metric formats."""
+    return reporting.to_markdown(table, formats(table.metrics))
+
+
+def write_reports(results: Sequence[RunResult], root: Path,
+                  metrics: Sequence[str] = tuple(METRICS)) -> reporting.Table:
+    """Writes comparison.{md,tex,csv} and the plots into `root`; returns the table.
+
+    Plots: `accuracy_vs_sparsity.png` (final accuracy against measured global
+    sparsity, one series per schedule and masking), `accuracy_vs_round.png`
+    (one line per schedule, mean ± 95% CI band over seeds, at the highest
+    target sparsity with the last masking mode listed, dense included) and the
+    same for every (masking, sparsity) pair in `plots/`.
+    """
+    table = aggregate(results, metrics)
+    fmt = formats(metrics)
+    root.mkdir(parents=True, exist_ok=True)
+    reporting.atomic_write_text(root / "comparison.md", markdown(table))
+    reporting.atomic_write_text(root / "comparison.tex", reporting.to_latex(table, fmt))
+    reporting.to_csv(table, root / "comparison.csv")
+    if "accuracy" in metrics and "sparsity" in metrics:
+        reporting.plot_accuracy_vs_sparsity(table, root / "accuracy_vs_sparsity.png",
+                                            x="sparsity", y="accuracy")
+    _plot_rounds(results, root)
+    return table
+
+
+def _plot_rounds(results: Sequence[RunResult], root: Path) -> None:
+    dense = [r for r in results if r.cell.schedule == DENSE]
+    pruned = [r for r in results if r.cell.schedule != DENSE]
+    pairs = list(dict.fromkeys((r.cell.config.masking, r.cell.config.final_sparsity)
+                               for r in pruned))
+    if not pairs:
+        pairs = [(None, None)]
+    (root / "plots").mkdir(exist_ok=True)
+    for masking, sparsity in pairs:
+        runs = [({"schedule": r.cell.schedule}, r.metrics_rows) for r in dense + [
+            r for r in pruned
+            if (r.cell.config.masking, r.cell.config.final_sparsity) == (masking, sparsity)]]
+        name = "dense" if masking is None else f"{masking}-s{sparsity:g}"
+        reporting.plot_curves_by_group(runs, "schedule", "test_accuracy",
+                                       root / "plots" / f"accuracy_vs_round-{name}.png")
+    masking = pairs[-1][0]
+    sparsity = max((p[1] for p in pairs if p[0] == masking), default=None)
+    name = "dense" if masking is None else f"{masking}-s{sparsity:g}"
+    source = root / "plots" / f"accuracy_vs_round-{name}.png"
+    reporting.atomic_write_bytes(root / "accuracy_vs_round.png", source.read_bytes())
+
+
+def run_grid(cells: Sequence[Cell], root: Path, *, verbose: bool, tff_workers: Sequence[str],
+             log: Callable[[str], None] = print, round_logs: bool = False) -> list[str]:
+    """Starts the TFF runtime only if some cell has to run, then `run_cells`.
+
+    Returns:
+      The names of failed cells.
+    """
+    if all(s is Status.DONE for s in statuses(cells, root)):
+        log(f"skipped all {len(cells)} cell(s): complete in {root}; nothing to train")
+        return []
+    common.start_runtime(verbose=verbose, tff_workers=list(tff_workers))
+    return run_cells(cells, root, log=log, round_logs=round_logs)

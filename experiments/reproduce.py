@@ -1,0 +1,374 @@
+r"""Regenerates a table of RESULTS.md from its checked-in flagfiles and checks it.
+
+    python -m experiments.reproduce --table=1                  # full size, check only
+    python -m experiments.reproduce --table=1 --write_results  # and rewrite RESULTS.md
+    python -m experiments.reproduce --table=1 --size=ci        # the tiny variant the tests run
+
+A table is a grid (see `experiments/grid.py`) whose base configuration and
+grid flags come only from flagfiles under `experiments/configs/`: the size
+`full` reads `table<N>.flags`, the size `ci` reads `table<N>.flags` and then
+`table<N>_ci.flags` (a few clients, rounds and cells; the same code paths). No
+experiment or grid flag is accepted on the command line, so the command in
+RESULTS.md is the whole recipe; `experiments.compare_schedules
+--flagfile=experiments/configs/table<N>.flags` runs the same grid.
+
+The runs go to --output_dir (default `runs/table<N>-<size>`); complete runs
+there are reused, so a second invocation only re-checks. The table is printed
+and compared with the committed expected values (`table<N>_expected.json`,
+`table<N>_ci_expected.json`, or --expected): exit status 1 and one line per
+value outside its tolerance when they differ. --write_results instead stores
+the new values as expected and, for the full size, rewrites the table's section
+of RESULTS.md between `<!-- table<N>:start -->` and `<!-- table<N>:end -->`
+(atomically) with the command, hardware and time. That is the only way
+RESULTS.md is written.
+
+Adding a table (e.g. 2: differential privacy, 3: structured shrinking) is
+adding a `TableSpec` to `TABLES` and its flagfiles; a new grid dimension goes
+into `experiments/grid.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+
+from experiments import common, grid
+from fedprune import reporting
+from fedprune.config import ExperimentConfig
+from fedprune.errors import InvalidArgument, check
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "experiments" / "configs"
+SIZES = ("full", "ci")
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """One table of RESULTS.md.
+
+    Attributes:
+      number: N in `--table=N`, the markers and the file names.
+      title: the section heading.
+      description: Markdown shown above the table (what it compares, how to read it).
+      metrics: columns, names from `grid.METRICS`, in order.
+      tolerances: metric -> the largest accepted |value - expected| of a row's mean.
+    """
+
+    number: int
+    title: str
+    description: str
+    metrics: tuple[str, ...]
+    tolerances: dict[str, float]
+
+    def flagfiles(self, size: str) -> list[Path]:
+        files = [CONFIGS / f"table{self.number}.flags"]
+        if size == "ci":
+            files.append(CONFIGS / f"table{self.number}_ci.flags")
+        return files
+
+    def expected_path(self, size: str) -> Path:
+        suffix = "" if size == "full" else f"_{size}"
+        return CONFIGS / f"table{self.number}{suffix}_expected.json"
+
+
+# Why these tolerances. On this machine a run is bit-deterministic: every seed is
+# a pure function of (seed, round), a cell gives identical metrics.csv whether
+# it runs first or after other cells in the process, or in another process.
+# Another CPU (other SIMD paths in Eigen/oneDNN, another thread count) rounds
+# floats differently and, after 30 rounds of training, moves the final test
+# accuracy by a few of the 360 test images (1 image = 0.0028): ±0.02 absolute
+# accepts that and still catches a real regression (a broken schedule or mask
+# costs far more). Sparsity, nonzeros and bytes are set by mask sizes (top-k per
+# layer), so they are exact, up to 1e-6 for sparsity as a float; under client
+# masking they come from the union of the clients' masks, where float noise
+# could move a weight across the threshold on another CPU: re-baseline with
+# --write_results there rather than widening the tolerance for everyone.
+_TOLERANCES = {"accuracy": 0.02, "sparsity": 1e-6, "nonzeros": 0.0, "bytes_down": 0.0,
+               "bytes_up": 0.0}
+
+TABLES = {
+    1: TableSpec(
+        number=1,
+        title="Table 1: sparsity schedules × final sparsity × masking (digits)",
+        description=(
+            "FedAvg on the embedded digits data (scikit-learn's 8×8 digits: 1,437 training "
+            "images split among 10 clients by Dirichlet(α = 0.5) label skew, 360 test images), "
+            "the seeds' MLP, all 10 clients every round. Schedules: `dense` (no pruning, "
+            "`--masking=none`), `oneshot` (prune once after round `--begin_round`, keep the "
+            "mask), `constant` (re-prune to the target every round from `--begin_round` to "
+            "`--end_round`), `polynomial-p1`/`-p3` (Zhu & Gupta 2017, linear/cubic from 0 at "
+            "`--begin_round` to the target at `--end_round`). Masking: `client` (clients "
+            "prune, the server only averages, so the average of different masks is denser "
+            "than the target), `server` (the server re-masks after averaging), `both`. "
+            "Cells are mean ± 95 % Student-t CI over 3 seeds (partition, initialization, "
+            "sampling and shuffling all follow the seed). Accuracy and sparsity (fraction "
+            "of zeros in the prunable Dense kernels) are after the last round; nonzeros count "
+            "every trainable parameter, biases included; bytes are the mean per round "
+            "of what an efficient encoding sends (dense, bitmap + values, coordinates, or "
+            "values inside a known mask, whichever is smallest), summed over the round's "
+            "10 clients."),
+        metrics=("accuracy", "sparsity", "nonzeros", "bytes_down", "bytes_up"),
+        tolerances=_TOLERANCES,
+    ),
+}
+
+_TABLE = flags.DEFINE_integer("table", None, "The table of RESULTS.md to regenerate.")
+_SIZE = flags.DEFINE_enum("size", "full", SIZES, "full: the published grid; ci: a tiny "
+                          "variant (few clients, rounds and cells) for the test suite.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Root of the run tree "
+                                  "(default: runs/table<N>-<size>); complete runs are reused.")
+_EXPECTED = flags.DEFINE_string("expected", "", "Expected-values JSON (default: "
+                                "experiments/configs/table<N>[_ci]_expected.json).")
+_RESULTS = flags.DEFINE_string("results", str(REPO / "RESULTS.md"),
+                               "The RESULTS.md that --write_results rewrites (size full).")
+_WRITE_RESULTS = flags.DEFINE_bool("write_results", False, "Store the new values as expected "
+                                   "and, for --size=full, rewrite the table in --results.")
+_ROUND_LOGS = flags.DEFINE_bool("round_logs", False, "Print every run's per-round lines.")
+common.define_experiment_flags()  # the flagfiles set these; only --verbose/--tff_workers here
+grid.define_grid_flags()
+FLAGS = flags.FLAGS
+_RUNTIME_FLAGS = ("verbose", "tff_workers")
+
+
+# --------------------------------------------------------------------------
+# Expected values.
+
+
+def expected_payload(spec: TableSpec, size: str, table: reporting.Table) -> dict:
+    """The expected-values JSON of a table: its rows' means and the tolerances."""
+    rows = []
+    for g in table.groups:
+        rows.append({**dict(zip(table.group_by, g.key, strict=True)), "n": g.n,
+                     **{m: g.mean[m] for m in spec.metrics}})
+    return {
+        "table": spec.number,
+        "size": size,
+        "flagfiles": [str(p.relative_to(REPO)) for p in spec.flagfiles(size)],
+        "tolerances": dict(spec.tolerances),
+        "tolerance_note": "A value passes when |value - expected| <= tolerance (means over "
+                          "seeds). Same machine and stack: bit-identical; other CPUs may "
+                          "move accuracy by a few test images. See TableSpec in "
+                          "experiments/reproduce.py.",
+        "rows": rows,
+    }
+
+
+def _row_name(key: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in key.items())
+
+
+def compare(table: reporting.Table, expected: dict) -> list[str]:
+    """Differences between a table and expected values, one line each (empty: all match).
+
+    Args:
+      table: from `grid.aggregate`.
+      expected: an expected-values JSON (`expected_payload`).
+
+    Returns:
+      One message per missing or extra row, different seed count, or metric
+      mean outside its tolerance.
+    """
+    tolerances = expected["tolerances"]
+    wanted = {tuple(r[k] for k in table.group_by): r for r in expected["rows"]}
+    found = {g.key: g for g in table.groups}
+    problems = []
+    for key, row in wanted.items():
+        name = _row_name(dict(zip(table.group_by, key, strict=True)))
+        if key not in found:
+            problems.append(f"{name}: row missing")
+            continue
+        group = found[key]
+        if group.n != row["n"]:
+            problems.append(f"{name}: {group.n} run(s), expected {row['n']}")
+        for metric, tolerance in tolerances.items():
+            value, want = group.mean[metric], row[metric]
+            if not math.isclose(value, want, rel_tol=0.0, abs_tol=tolerance):
+                problems.append(f"{name}: {metric} {value!r}, expected {want!r} "
+                                f"(tolerance ±{tolerance:g}, off by {value - want:+.6g})")
+    for key in found.keys() - wanted.keys():
+        problems.append(f"{_row_name(dict(zip(table.group_by, key, strict=True)))}: "
+                        "row not in the expected values")
+    return problems
+
+
+# --------------------------------------------------------------------------
+# RESULTS.md.
+
+_RESULTS_HEADER = """# Results
+
+Every table below is written by `python -m experiments.reproduce --table=N
+--write_results` and by nothing else; edit `experiments/reproduce.py` or the
+flagfiles in `experiments/configs/`, never this file. Each section names the
+command that regenerates it, the flagfiles, the hardware and the time it took.
+Without `--write_results` the same command re-runs (or reuses) the runs and
+checks them against `experiments/configs/table<N>_expected.json`.
+"""
+
+
+def _markers(number: int) -> tuple[str, str]:
+    return f"<!-- table{number}:start -->", f"<!-- table{number}:end -->"
+
+
+def replace_section(text: str, number: int, section: str) -> str:
+    """`text` with table `number`'s section (markers included) replaced or appended."""
+    start, end = _markers(number)
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def hardware() -> str:
+    """CPU model, logical CPUs, memory and OS of this machine, one line."""
+    import psutil
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = psutil.virtual_memory().total / 2**30
+    return (f"{model}, {os.cpu_count()} logical CPUs, {memory:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def render_section(spec: TableSpec, table: reporting.Table, results: list, *,
+                   trained: int, elapsed_seconds: float) -> str:
+    """The Markdown of a table's RESULTS.md section (without the markers)."""
+    from fedprune import program
+
+    flagfile = spec.flagfiles("full")[0]
+    flag_lines = [line for line in flagfile.read_text().splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")]
+    versions = program.package_versions()
+    train_seconds = sum(r.summary["wall_seconds"] for r in results)
+    reused = len(results) - trained
+    return "\n".join([
+        f"## {spec.title}",
+        "",
+        spec.description,
+        "",
+        "Regenerate (add `--write_results` to rewrite this section):",
+        "",
+        "```sh",
+        f"python -m experiments.reproduce --table={spec.number} --size=full",
+        "```",
+        "",
+        f"Flagfile `{flagfile.relative_to(REPO)}` (the same grid: `python -m "
+        f"experiments.compare_schedules --flagfile={flagfile.relative_to(REPO)} "
+        f"--output_dir=runs/table{spec.number}`):",
+        "",
+        "<details><summary>flags</summary>",
+        "",
+        "```",
+        *flag_lines,
+        "```",
+        "",
+        "</details>",
+        "",
+        f"- Hardware: {hardware()}; TensorFlow {versions['tensorflow']}, TFF "
+        f"{versions['tensorflow-federated']}, tfmot {versions['tensorflow-model-optimization']}, "
+        f"Python {versions['python']}.",
+        f"- Time: {len(results)} runs, {_minutes(train_seconds)} of training in total "
+        f"(sum of the runs' wall time, {train_seconds / len(results):.1f} s per run); this "
+        f"invocation took {_minutes(elapsed_seconds)} ({trained} runs trained, {reused} reused; "
+        f"1-minute load average {os.getloadavg()[0]:.1f} at its end).",
+        f"- Code: git commit `{program.git_commit()}`, {time.strftime('%Y-%m-%d')}.",
+        f"- Expected values and tolerances: "
+        f"`{spec.expected_path('full').relative_to(REPO)}`.",
+        "",
+        grid.markdown(table).rstrip(),
+        "",
+        "Plots in the run tree: `accuracy_vs_round.png`, `accuracy_vs_sparsity.png`, "
+        "`plots/accuracy_vs_round-<masking>-s<sparsity>.png`.",
+    ])
+
+
+# --------------------------------------------------------------------------
+# The driver.
+
+
+def _check_command_line() -> None:
+    """Rejects experiment and grid flags given to reproduce: the flagfiles set them."""
+    names = [f.name for f in dataclasses.fields(ExperimentConfig)] + list(grid.GRID_FLAGS)
+    for name in [*names, "flagfile"]:
+        if name in FLAGS and FLAGS[name].present:
+            raise InvalidArgument(name, FLAGS[name].value,
+                                  "no value: reproduce reads the configuration from "
+                                  "experiments/configs/table<N>*.flags (use "
+                                  "experiments.compare_schedules for other settings)")
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments: {' '.join(argv[1:])} "
+                    "(flags take the form --name=value)")
+    try:
+        check(_TABLE.value in TABLES, "table", _TABLE.value,
+              "one of " + ", ".join(map(str, TABLES)) + " (the tables of RESULTS.md)")
+        _check_command_line()
+        spec, size = TABLES[_TABLE.value], _SIZE.value
+        grid.parse_flagfiles(spec.flagfiles(size))
+        grid.check_no_cell_flags()
+        cells = grid.grid_from_flags().cells(common.config_from_flags())
+        root = Path(_OUTPUT_DIR.value or REPO / "runs" / f"table{spec.number}-{size}")
+        expected_path = Path(_EXPECTED.value or spec.expected_path(size))
+        check(_WRITE_RESULTS.value or expected_path.is_file(), "expected", str(expected_path),
+              "an existing expected-values JSON (create it with --write_results)")
+        expected = None
+        if expected_path.is_file():
+            expected = grid.read_json(expected_path)
+            check(expected is not None and "rows" in expected, "expected", str(expected_path),
+                  "an expected-values JSON written by --write_results")
+        statuses = grid.statuses(cells, root)
+    except (InvalidArgument, FileNotFoundError) as e:
+        common.fail(str(e))
+    start = time.time()
+    trained = sum(s is not grid.Status.DONE for s in statuses)
+    failed = grid.run_grid(cells, root, verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers,
+                           round_logs=_ROUND_LOGS.value)
+    if failed:
+        common.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", code=1)
+    results = grid.load_results(cells, root)
+    table = grid.write_reports(results, root, spec.metrics)
+    print(f"\nTable {spec.number} ({size}), {len(results)} runs in {root}:\n")
+    print(grid.markdown(table), end="")
+    problems = compare(table, expected) if expected is not None else []
+    for line in problems:
+        print(f"differs: {line}", file=sys.stderr)
+    if _WRITE_RESULTS.value:
+        reporting.atomic_write_json(expected_path, expected_payload(spec, size, table))
+        print(f"\nwrote {expected_path}")
+        if size == "full":
+            results_path = Path(_RESULTS.value)
+            old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
+            section = render_section(spec, table, results, trained=trained,
+                                     elapsed_seconds=time.time() - start)
+            reporting.atomic_write_text(results_path,
+                                        replace_section(old, spec.number, section))
+            print(f"wrote table {spec.number} into {results_path}")
+        return 0
+    if problems:
+        common.fail(f"{len(problems)} value(s) of table {spec.number} ({size}) differ from "
+                    f"{expected_path} beyond their tolerance (listed above)", code=1)
+    values = len(table.groups) * len(expected["tolerances"])
+    print(f"\nall {values} values of {len(table.groups)} rows within tolerance of {expected_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run(main)

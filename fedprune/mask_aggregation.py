@@ -1,0 +1,159 @@
+"""How clients' pruned models are combined, and how masks behave under aggregation.
+
+When clients prune locally (masking `client` and `both`), their masks differ,
+and plain averaging of their weights revives every weight that any client kept.
+Each client therefore also uploads its kernel masks, and the server combines
+by one of three rules (`--mask_aggregation`):
+
+  average   weighted FedAvg of the deltas; the server mask (in `both`) decides.
+  nonzero   per weight, the example-weighted average over the clients that
+            kept it (zero where none did): sum_i w_i m_i x_i / sum_i w_i m_i.
+  majority  a weight survives when at least half the round's clients keep it
+            (an unweighted vote); survivors take the FedAvg value.
+
+Diagnostics, computed on the server every round (fractions of the pruned
+kernels' weights):
+
+  mask_drift           Hamming distance between the previous and the new
+                       global mask (the zero pattern of the broadcast kernels).
+  regrowth             of the weights pruned in the previous global model, the
+                       fraction that are nonzero after aggregation and the
+                       optimizer step, before the server's re-mask.
+  client_mask_jaccard  pooled pairwise Jaccard agreement of the round's client
+                       masks: sum over pairs |m_i & m_j| / sum over pairs
+                       |m_i | m_j|, exact from per-weight keep counts c:
+                       sum_pairs |m_i & m_j| = sum c (c - 1) / 2 and
+                       sum_pairs |m_i | m_j| = (n - 1) sum c - sum_pairs |m_i & m_j|.
+                       (The pooled ratio, not the mean of per-pair ratios, which
+                       would need every client's mask at the server.)
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+RULES = ("average", "nonzero", "majority")
+
+
+def client_payload(delta, final_kernels, masks):
+    """What a pruning client uploads: its delta, its kernel masks, its kept values.
+
+    Args:
+      delta: the client's update tensors (one per trainable weight).
+      final_kernels: the client's pruned kernels (zero off its mask), in layout order.
+      masks: the client's 0/1 kernel masks, in layout order.
+
+    Returns:
+      `OrderedDict(delta=..., kept=masks, kept_values=final_kernels)`.
+    """
+    return collections.OrderedDict(
+        delta=tuple(delta), kept=tuple(masks), kept_values=tuple(final_kernels)
+    )
+
+
+def build_mask_aggregator():
+    """A weighted aggregation factory for `client_payload` values.
+
+    Returns a `tff.aggregators.WeightedAggregationFactory` whose process maps
+    client payloads and weights to `OrderedDict(mean=<weighted mean of every
+    field>, kept_count=<per-weight number of clients keeping it>,
+    num_clients=float32)` at the server.
+    """
+    import tensorflow_federated as tff
+
+    class MaskAggregationFactory(tff.aggregators.WeightedAggregationFactory):
+        """Weighted mean of the payload plus unweighted keep counts."""
+
+        def create(self, value_type, weight_type):
+            mean = tff.aggregators.MeanFactory().create(value_type, weight_type)
+
+            @tff.tensorflow.computation(value_type.kept)
+            def one(kept):
+                del kept
+                return np.float32(1.0)
+
+            @tff.federated_computation(
+                mean.initialize.type_signature.result,
+                tff.FederatedType(value_type, tff.CLIENTS),
+                tff.FederatedType(weight_type, tff.CLIENTS),
+            )
+            def next_fn(state, value, weight):
+                mean_output = mean.next(state, value, weight)
+                result = tff.federated_zip(
+                    collections.OrderedDict(
+                        mean=mean_output.result,
+                        kept_count=tff.federated_sum(value.kept),
+                        num_clients=tff.federated_sum(tff.federated_map(one, value.kept)),
+                    )
+                )
+                return tff.templates.MeasuredProcessOutput(
+                    mean_output.state, result, mean_output.measurements
+                )
+
+            return tff.templates.AggregationProcess(mean.initialize, next_fn)
+
+    return MaskAggregationFactory()
+
+
+def pseudo_delta(rule: str, current, aggregate, kernel_indices):
+    """The update the server optimizer applies, and the survivors' vote masks (TF ops).
+
+    Args:
+      rule: one of RULES.
+      current: the global trainable weights the clients started from.
+      aggregate: the aggregator's output (see `build_mask_aggregator`).
+      kernel_indices: positions of the pruned kernels among the trainable weights.
+
+    Returns:
+      (delta tuple, votes): with server SGD at learning rate 1, `current - delta`
+      is the rule's combined model. `votes` are 0/1 masks per kernel for
+      `majority` (None otherwise) that the server applies after the optimizer.
+    """
+    import tensorflow as tf
+
+    mean = aggregate["mean"]
+    delta = list(mean["delta"])
+    votes = None
+    if rule == "nonzero":
+        for j, i in enumerate(kernel_indices):
+            kept, values = mean["kept"][j], mean["kept_values"][j]
+            combined = tf.math.divide_no_nan(values, kept)  # 0 where no client kept it
+            delta[i] = current[i] - combined
+    elif rule == "majority":
+        n = aggregate["num_clients"]
+        votes = [tf.cast(2.0 * count >= n, count.dtype) for count in aggregate["kept_count"]]
+    return tuple(delta), votes
+
+
+def pooled_jaccard(kept_counts, num_clients):
+    """Pooled pairwise Jaccard agreement of client masks from per-weight keep counts (TF)."""
+    import tensorflow as tf
+
+    counts = tf.concat([tf.reshape(c, [-1]) for c in kept_counts], axis=0)
+    n = tf.cast(num_clients, tf.float32)
+    intersections = tf.reduce_sum(counts * (counts - 1.0) / 2.0)
+    unions = (n - 1.0) * tf.reduce_sum(counts) - intersections
+    return tf.math.divide_no_nan(intersections, unions)
+
+
+def mask_drift(old_kernels, new_kernels):
+    """Fraction of kernel weights whose zero/nonzero state changed (TF)."""
+    import tensorflow as tf
+
+    # tf.not_equal, not `!=`: inside TFF's graphs `!=` on tensors is Python identity.
+    changed = sum(tf.math.count_nonzero(tf.not_equal(tf.not_equal(o, 0.0), tf.not_equal(n, 0.0)))
+                  for o, n in zip(old_kernels, new_kernels, strict=True))
+    total = sum(int(np.prod(o.shape)) for o in old_kernels)
+    return tf.cast(changed, tf.float32) / float(total)
+
+
+def regrowth(old_kernels, aggregated_kernels):
+    """Of the weights zero in `old_kernels`, the fraction nonzero in `aggregated_kernels` (TF)."""
+    import tensorflow as tf
+
+    pruned = sum(tf.math.count_nonzero(tf.equal(o, 0.0)) for o in old_kernels)
+    regrown = sum(tf.math.count_nonzero(tf.logical_and(tf.equal(o, 0.0), tf.not_equal(a, 0.0)))
+                  for o, a in zip(old_kernels, aggregated_kernels, strict=True))
+    return tf.math.divide_no_nan(tf.cast(regrown, tf.float32), tf.cast(pruned, tf.float32))

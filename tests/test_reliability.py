@@ -1,0 +1,541 @@
+"""Resumable, deterministic, leak-free runs of `python -m experiments.run` (issue 7).
+
+Every end-to-end case runs the real CLI in a subprocess with small settings
+(`FLAGS`: 4 clients, 4 rounds, the polynomial schedule ending at round 3) and
+sends real signals. Each CLI pays ~10 s for `import tensorflow_federated`, so
+runs are shared: one module-scoped uninterrupted reference run is what the
+resume, determinism and concurrency cases compare against, and it is also the
+"normal exit" case of the exit-path checks. Every wait has a timeout, and every
+process a case starts (and every `worker_binary` seen under it) is killed in a
+`finally`, so a failure cannot hang the session or leak a worker.
+
+"Identical" means bit-identical: metrics.csv compared as text with the time
+columns (`round_seconds`, `elapsed_seconds`) left out, checkpoint arrays and
+the exported model's weights compared with `np.array_equal`.
+
+The `checkpoint` unit tests at the end import TensorFlow (`tf.nest`), not TFF.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+
+from fedprune import checkpoint
+from fedprune.program import TIME_COLUMNS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 4
+FLAGS = (f"--rounds={ROUNDS}", "--num_clients=4", "--clients_per_round=4", "--end_round=3")
+RUN_TIMEOUT_S = 180  # a whole small run: ~15 s alone, several times that on a loaded 2-core box
+WORKER_EXIT_TIMEOUT_S = 15  # runtime.STOP_GRACE_S is 3 s; the kernel's pdeathsig is immediate
+
+
+# ----------------------------------------------------------------------------
+# Running the CLI and watching its workers.
+
+
+class Cli:
+    """One `python -m experiments.run` child: its output, exit, and `worker_binary` pids.
+
+    Threads read stdout and stderr to EOF (so a pipe kept open by a leaked
+    worker shows up as a missing EOF rather than a hang) and poll the child's
+    descendants every 20 ms, recording every `worker_binary` they ever see.
+    """
+
+    def __init__(self, *args: str):
+        self.args = args
+        self.returncode: int | None = None  # set by `run_cli`
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.run", *args], cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self.workers: dict[int, psutil.Process] = {}
+        self._new_lines: queue.Queue[str | None] = queue.Queue()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout_lines, True),
+                             daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr_lines, False),
+                             daemon=True),
+        ]
+        self._watcher = threading.Thread(target=self._watch_workers, daemon=True)
+        for thread in (*self._readers, self._watcher):
+            thread.start()
+
+    def _read(self, stream, lines: list[str], announce: bool) -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if announce:
+                self._new_lines.put(line)
+        if announce:
+            self._new_lines.put(None)
+
+    def _watch_workers(self) -> None:
+        try:
+            parent = psutil.Process(self.proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while self.proc.poll() is None:
+            try:
+                for child in parent.children(recursive=True):
+                    try:
+                        if child.pid not in self.workers and child.name() == "worker_binary":
+                            self.workers[child.pid] = child
+                    except psutil.NoSuchProcess:
+                        pass
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.02)
+
+    def wait_for_line(self, pattern: str, timeout_s: float = RUN_TIMEOUT_S) -> str:
+        """Returns the first new stdout line matching `pattern`; fails on EOF or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._new_lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} within {timeout_s} s; "
+                            f"stdout {self.stdout_lines}, stderr {self.stderr_lines[-5:]}")
+            if line is None:
+                pytest.fail(f"stdout closed before a line matching {pattern!r}; "
+                            f"status {self.proc.poll()}, stderr {self.stderr_lines[-5:]}")
+            if re.search(pattern, line):
+                return line
+
+    def wait(self, timeout_s: float = RUN_TIMEOUT_S) -> int:
+        """Waits for exit, then for EOF on both pipes; returns the exit status."""
+        try:
+            returncode = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.args} did not exit within {timeout_s} s; "
+                        f"stdout {self.stdout_lines[-3:]}")
+        for reader in self._readers:
+            reader.join(timeout=10)
+            assert not reader.is_alive(), "a pipe of the CLI never reached EOF after it exited"
+        self._watcher.join(timeout=10)
+        return returncode
+
+    def send(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def assert_workers_gone(self) -> None:
+        """Some worker was seen while the CLI ran, and none of them is alive now."""
+        assert self.workers, "no worker_binary was ever seen under the CLI (watcher broken?)"
+        deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
+        while _alive(self.workers.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = _alive(self.workers.values())
+        assert not survivors, f"worker_binary survived the CLI: {[p.pid for p in survivors]}"
+
+    def stop(self) -> None:
+        """Kills the CLI and any worker seen under it (test cleanup; no-op once gone)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for worker in _alive(self.workers.values()):
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _alive(processes) -> list[psutil.Process]:
+    """Those still running (same pid *and* start time), zombies counting as dead.
+
+    A worker orphaned by a SIGKILLed CLI is re-parented; if the new parent does
+    not reap it, a dead worker lingers as a zombie holding no resources.
+    """
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def run_cli(*args: str, timeout_s: float = RUN_TIMEOUT_S) -> Cli:
+    """Runs the CLI to completion; returns the finished `Cli` (`.returncode` set)."""
+    cli = Cli(*args)
+    try:
+        cli.returncode = cli.wait(timeout_s)
+    finally:
+        cli.stop()
+    return cli
+
+
+def _run_ok(*args: str) -> Cli:
+    cli = run_cli(*args)
+    assert cli.returncode == 0, f"{args}: status {cli.returncode}, stderr {cli.stderr_lines}"
+    return cli
+
+
+# ----------------------------------------------------------------------------
+# Comparing runs.
+
+
+def metrics_without_time(output_dir: Path) -> list[dict]:
+    """metrics.csv rows as strings, without the wall-clock columns."""
+    with open(output_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in rows]
+
+
+def checkpoint_arrays(output_dir: Path) -> tuple[int, list[np.ndarray]]:
+    """(round, leaves) of the newest checkpoint, read with numpy only."""
+    path = checkpoint.list_checkpoints(output_dir / "checkpoints")[-1]
+    with np.load(path, allow_pickle=False) as data:
+        header = json.loads(str(data["header"]))
+        leaves = [data[f"leaf_{i:05d}"] for i in range(len(header["leaves"]))]
+    return header["round"], leaves
+
+
+def h5_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset in an HDF5 file by name (the Keras model's weights)."""
+    weights = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: weights.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return weights
+
+
+def assert_same_results(run_dir: Path, reference_dir: Path) -> None:
+    """Same metrics (time columns aside), final state and exported model weights."""
+    assert metrics_without_time(run_dir) == metrics_without_time(reference_dir)
+    round_a, leaves_a = checkpoint_arrays(run_dir)
+    round_b, leaves_b = checkpoint_arrays(reference_dir)
+    assert round_a == round_b == ROUNDS
+    assert len(leaves_a) == len(leaves_b)
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    model_a = h5_weights(run_dir / "model" / "model.h5")
+    model_b = h5_weights(reference_dir / "model" / "model.h5")
+    assert model_a.keys() == model_b.keys() and model_a
+    for name in model_a:
+        assert np.array_equal(model_a[name], model_b[name]), name
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative path -> content)."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------
+# The shared uninterrupted run.
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Cli]:
+    """An uninterrupted run of FLAGS (also the normal-exit case of the exit paths)."""
+    output_dir = tmp_path_factory.mktemp("reference") / "run"
+    cli = _run_ok(*FLAGS, f"--output_dir={output_dir}")
+    return output_dir, cli
+
+
+# ----------------------------------------------------------------------------
+# 1. SIGKILL, then --resume.
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_identical_results(reference, tmp_path):
+    """SIGKILL after round 2, then `--resume`: the same metrics, state and model.
+
+    Also the SIGKILL exit path: the runtime starts `worker_binary` through
+    `setpriv --pdeathsig TERM`, so the kernel stops it when the CLI dies without
+    running any handler; no worker seen under the killed CLI survives it.
+    """
+    reference_dir, _ = reference
+    output_dir = tmp_path / "run"
+    killed = Cli(*FLAGS, f"--output_dir={output_dir}")
+    try:
+        killed.wait_for_line(rf"^round\s+2/{ROUNDS}\b")
+        killed.send(signal.SIGKILL)
+        assert killed.wait() == -signal.SIGKILL
+        killed.assert_workers_gone()
+    finally:
+        killed.stop()
+    assert not (output_dir / "summary.json").exists(), "the run finished before the kill"
+    done, _ = checkpoint_arrays(output_dir)
+    assert 2 <= done < ROUNDS
+    assert [int(r["round"]) for r in metrics_without_time(output_dir)][:done] == list(
+        range(1, done + 1))
+
+    resumed = _run_ok(*FLAGS, f"--output_dir={output_dir}", "--resume")
+    assert any(line.startswith(f"resuming after round {done} ") for line in resumed.stdout_lines)
+    rounds_printed = [line for line in resumed.stdout_lines if line.startswith("round ")]
+    assert len(rounds_printed) == ROUNDS - done
+    assert_same_results(output_dir, reference_dir)
+
+
+# ----------------------------------------------------------------------------
+# 2. Determinism.
+
+
+@pytest.mark.slow
+def test_same_flags_and_seed_give_identical_results(reference, tmp_path):
+    """A second run with the same flags (seed 0) is bit-identical, time columns aside.
+
+    Nothing had to be switched on for this: every random choice is a pure
+    function of (--seed, round[, client]) -- the partition, the initial weights
+    (`tf.keras.utils.set_random_seed` before the model is built), client
+    sampling (`datasets.sample_clients`) and tf.data shuffle seeds
+    (`datasets.client_shuffle_seed`, op-level seeds with
+    `reshuffle_each_iteration=False`) -- and, measured here on CPU, TF's kernels
+    and the TFF C++ worker's aggregation give the same bits run after run (also
+    with 6 of 10 clients, a CNN, client masking and server Adam, and with two
+    runs competing for the cores). If this ever fails on other hardware, the
+    suspects are multi-threaded float reductions (try
+    `tf.config.experimental.enable_op_determinism()`) and the order in which
+    the worker sums client updates.
+    """
+    reference_dir, _ = reference
+    output_dir = tmp_path / "run"
+    _run_ok(*FLAGS, f"--output_dir={output_dir}")
+    assert_same_results(output_dir, reference_dir)
+
+
+# ----------------------------------------------------------------------------
+# 3. Exit paths: no worker outlives the CLI, and its stdout reaches EOF.
+
+
+@pytest.mark.slow
+def test_normal_exit_leaves_no_worker(reference):
+    _, cli = reference
+    assert cli.returncode == 0
+    assert cli.stdout_lines[-1].startswith("done: ")
+    cli.assert_workers_gone()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "returncode"), [
+    (signal.SIGINT, -signal.SIGINT),  # KeyboardInterrupt, uncaught: Python dies by SIGINT
+    (signal.SIGTERM, 128 + signal.SIGTERM),  # runtime's handler: SystemExit(143)
+], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_run_leaves_no_worker(tmp_path, signum, returncode):
+    """A real SIGINT/SIGTERM after round 1: the CLI exits, its workers are gone, EOF."""
+    output_dir = tmp_path / "run"
+    cli = Cli(*FLAGS, f"--output_dir={output_dir}")
+    try:
+        cli.wait_for_line(rf"^round\s+1/{ROUNDS}\b")
+        cli.send(signum)
+        assert cli.wait() == returncode, cli.stderr_lines[-5:]
+        cli.assert_workers_gone()
+    finally:
+        cli.stop()
+    assert not (output_dir / "summary.json").exists()
+    assert checkpoint_arrays(output_dir)[0] >= 1  # the round it finished is kept
+
+
+# The exception exit path is the corrupt-checkpoint case below (it fails after
+# the worker started).
+
+
+# ----------------------------------------------------------------------------
+# 4. NaN/Inf.
+
+
+@pytest.mark.slow
+def test_divergence_stops_keeping_the_last_good_round(tmp_path):
+    """--server_lr=1e15 diverges in round 2: one-line error, status 1, round 1 kept.
+
+    Round 1 stays finite (train loss 1.68, test loss ~6e28); round 2's weights
+    are still finite floats but give NaN logits, so only the test loss shows it
+    (TFF drops clients' non-finite updates and then reports a train loss of 0).
+    """
+    output_dir = tmp_path / "run"
+    cli = run_cli(*FLAGS, "--server_lr=1e15", f"--output_dir={output_dir}")
+    assert cli.returncode == 1, cli.stderr_lines
+    assert len(cli.stderr_lines) == 1, cli.stderr_lines
+    message = cli.stderr_lines[0]
+    assert message.startswith("error: round 2:") and "NaN/Inf" in message
+    assert "--server_lr" in message and "after round 1" in message
+    cli.assert_workers_gone()
+    assert [r["round"] for r in metrics_without_time(output_dir)] == ["1"]
+    assert checkpoint_arrays(output_dir)[0] == 1
+    assert not (output_dir / "summary.json").exists()
+    assert not (output_dir / "model").exists()
+
+
+# ----------------------------------------------------------------------------
+# 5. Corrupt and foreign checkpoints.
+
+
+def _copy_of(reference_dir: Path, tmp_path: Path) -> Path:
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference_dir, output_dir)
+    return output_dir
+
+
+@pytest.mark.slow
+def test_resume_from_truncated_checkpoint_fails_clearly(reference, tmp_path):
+    """Truncated newest checkpoint + --resume: one-line error, status 1, nothing rewritten.
+
+    Never a silent restart from round 0. Also the exception exit path: the
+    error comes after the worker started, and the worker is gone afterwards.
+    """
+    output_dir = _copy_of(reference[0], tmp_path)
+    newest = checkpoint.list_checkpoints(output_dir / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    before = _snapshot(output_dir)
+    cli = run_cli(*FLAGS, f"--output_dir={output_dir}", "--resume")
+    assert cli.returncode == 1, cli.stderr_lines
+    assert len(cli.stderr_lines) == 1, cli.stderr_lines
+    assert "unreadable" in cli.stderr_lines[0] and newest.name in cli.stderr_lines[0]
+    assert not any(line.startswith("round ") for line in cli.stdout_lines)
+    cli.assert_workers_gone()
+    assert _snapshot(output_dir) == before
+
+
+@pytest.mark.slow
+def test_resume_with_other_flags_fails_clearly(reference, tmp_path):
+    output_dir = _copy_of(reference[0], tmp_path)
+    before = _snapshot(output_dir)
+    cli = run_cli(*FLAGS, "--final_sparsity=0.7", f"--output_dir={output_dir}", "--resume")
+    assert cli.returncode == 1, cli.stderr_lines
+    assert len(cli.stderr_lines) == 1, cli.stderr_lines
+    assert "different flags" in cli.stderr_lines[0]
+    cli.assert_workers_gone()
+    assert _snapshot(output_dir) == before
+
+
+# ----------------------------------------------------------------------------
+# 6. Concurrent runs.
+
+
+@pytest.mark.slow
+def test_concurrent_runs_do_not_interfere(reference, tmp_path):
+    """Two runs at once (seeds 0 and 1, own folders and workers) equal sequential runs."""
+    reference_dir, _ = reference
+    dir_a, dir_b, dir_b_alone = tmp_path / "a", tmp_path / "b", tmp_path / "b_alone"
+    runs = [Cli(*FLAGS, f"--output_dir={dir_a}"), Cli(*FLAGS, "--seed=1", f"--output_dir={dir_b}")]
+    try:
+        for cli in runs:
+            assert cli.wait() == 0, cli.stderr_lines
+            cli.assert_workers_gone()
+    finally:
+        for cli in runs:
+            cli.stop()
+    assert not set(runs[0].workers) & set(runs[1].workers)
+    _run_ok(*FLAGS, "--seed=1", f"--output_dir={dir_b_alone}")
+    assert_same_results(dir_a, reference_dir)
+    assert_same_results(dir_b, dir_b_alone)
+    assert metrics_without_time(dir_a) != metrics_without_time(dir_b)  # the seed matters
+
+
+# ----------------------------------------------------------------------------
+# checkpoint.save / load_latest (TensorFlow's tf.nest, no TFF, no subprocess).
+
+
+def _state(scale: float = 1.0):
+    return {
+        "model": ([scale * np.arange(6, dtype=np.float32).reshape(2, 3),
+                   np.ones(3, np.float32)],
+                  (np.zeros((2, 3), np.float32), np.int64(7))),
+        "optimizer": {"step": np.int32(3), "lr": np.float32(0.5 * scale)},
+        "round": np.int32(2),
+    }
+
+
+def _assert_equal_structures(a, b) -> None:
+    import tensorflow as tf
+
+    tf.nest.assert_same_structure(a, b)
+    for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+
+
+def test_checkpoint_round_trip_of_a_nested_state(tmp_path):
+    state = _state(2.0)
+    path = checkpoint.save(tmp_path, 5, state, fingerprint="abc")
+    assert path.name == "round_000005.npz"
+    loaded, round_num = checkpoint.load_latest(tmp_path, _state(), fingerprint="abc")
+    assert round_num == 5
+    _assert_equal_structures(loaded, state)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_checkpoint_without_files_loads_nothing(tmp_path):
+    assert checkpoint.load_latest(tmp_path / "missing", _state(), fingerprint="abc") == (None, 0)
+    assert checkpoint.load_latest(tmp_path, _state(), fingerprint="abc") == (None, 0)
+
+
+def test_checkpoint_keeps_the_newest_two(tmp_path):
+    for r in range(5):
+        checkpoint.save(tmp_path, r, _state(float(r)), fingerprint="abc", keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "round_000003.npz", "round_000004.npz"]
+    loaded, round_num = checkpoint.load_latest(tmp_path, _state(), fingerprint="abc")
+    assert round_num == 4
+    _assert_equal_structures(loaded, _state(4.0))
+
+
+def test_checkpoint_from_other_flags_is_refused(tmp_path):
+    checkpoint.save(tmp_path, 1, _state(), fingerprint="abc")
+    with pytest.raises(checkpoint.CheckpointError, match="different flags"):
+        checkpoint.load_latest(tmp_path, _state(), fingerprint="xyz")
+
+
+@pytest.mark.parametrize("template", [
+    {"model": ([np.zeros((3, 3), np.float32), np.ones(3, np.float32)],
+               (np.zeros((2, 3), np.float32), np.int64(7))),
+     "optimizer": {"step": np.int32(3), "lr": np.float32(0.5)}, "round": np.int32(2)},
+    {"model": ([np.zeros((2, 3), np.float32), np.ones(3, np.float32)],
+               (np.zeros((2, 3), np.float32), np.int32(7))),
+     "optimizer": {"step": np.int32(3), "lr": np.float32(0.5)}, "round": np.int32(2)},
+    {"model": ([np.zeros((2, 3), np.float32)], (np.zeros((2, 3), np.float32), np.int64(7))),
+     "optimizer": {"step": np.int32(3), "lr": np.float32(0.5)}, "round": np.int32(2)},
+], ids=["other-shape", "other-dtype", "fewer-tensors"])
+def test_checkpoint_of_another_structure_is_refused(tmp_path, template):
+    checkpoint.save(tmp_path, 1, _state(), fingerprint="abc")
+    with pytest.raises(checkpoint.CheckpointError, match="another model or process structure"):
+        checkpoint.load_latest(tmp_path, template, fingerprint="abc")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_corrupt_newest_checkpoint_is_an_error_not_a_fallback(tmp_path, damage):
+    checkpoint.save(tmp_path, 1, _state(), fingerprint="abc")
+    newest = checkpoint.save(tmp_path, 2, _state(), fingerprint="abc")
+    data = newest.read_bytes()
+    newest.write_bytes({"truncate": data[: len(data) // 2], "empty": b"",
+                        "garbage": os.urandom(len(data))}[damage])
+    with pytest.raises(checkpoint.CheckpointError, match=r"round_000002\.npz is unreadable"):
+        checkpoint.load_latest(tmp_path, _state(), fingerprint="abc")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that dies mid-write leaves the old newest checkpoint and no temp file."""
+    checkpoint.save(tmp_path, 1, _state(), fingerprint="abc")
+
+    def savez_then_die(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", savez_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, _state(3.0), fingerprint="abc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_000001.npz"]
+    loaded, round_num = checkpoint.load_latest(tmp_path, _state(), fingerprint="abc")
+    assert round_num == 1
+    _assert_equal_structures(loaded, _state())
