@@ -182,6 +182,21 @@ def clear_output_dir(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def check_tff_workers(tff_workers: list[str]) -> None:
+    """Fails fast (before TFF is imported) when a --tff_workers address is malformed or down."""
+    if not tff_workers:
+        return
+    from fedprune import runtime
+
+    for address in tff_workers:
+        runtime.parse_worker_address(address)
+    try:
+        runtime.check_workers_reachable(list(tff_workers), timeout_s=10.0)
+    except runtime.WorkerUnreachableError as e:
+        raise InvalidArgument("tff_workers", ",".join(tff_workers),
+                              f"reachable TFF workers ({e})") from None
+
+
 def start_runtime(*, verbose: bool, tff_workers: list[str]) -> None:
     """Quiets TF logs, installs the worker cleanup, and sets TFF's execution context.
 

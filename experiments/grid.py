@@ -475,3 +475,78 @@ def run_grid(cells: Sequence[Cell], root: Path, *, verbose: bool, tff_workers: S
         return []
     common.start_runtime(verbose=verbose, tff_workers=list(tff_workers))
     return run_cells(cells, root, log=log, round_logs=round_logs)
+
+
+# --------------------------------------------------------------------------
+# Expected values and generated Markdown sections (reproduce.py).
+
+
+def expected_values(table: reporting.Table, tolerances: Mapping[str, float],
+                    info: Mapping) -> dict:
+    """A table's expected-values JSON: its rows' means, the tolerances and `info`.
+
+    Args:
+      table: from `aggregate`.
+      tolerances: metric -> the largest accepted |mean - expected mean|; only
+        these metrics are stored and compared.
+      info: stored as is (e.g. the table number and its flagfiles).
+    """
+    rows = [{**dict(zip(table.group_by, g.key, strict=True)), "n": g.n,
+             **{m: g.mean[m] for m in tolerances}} for g in table.groups]
+    return {
+        **info,
+        "tolerances": dict(tolerances),
+        "tolerance_note": "A value passes when |mean over seeds - expected| <= tolerance. "
+                          "On the same machine and software a rerun is bit-identical; other "
+                          "CPUs may move accuracy by a few test examples. See _TOLERANCES in "
+                          "experiments/reproduce.py.",
+        "rows": rows,
+    }
+
+
+def _row_name(group_by: Sequence[str], key: tuple) -> str:
+    return " ".join(f"{k}={v}" for k, v in zip(group_by, key, strict=True))
+
+
+def compare(table: reporting.Table, expected: Mapping) -> list[str]:
+    """Differences between a table and its expected values, one line each.
+
+    Args:
+      table: from `aggregate`.
+      expected: from `expected_values` (e.g. read back from JSON).
+
+    Returns:
+      One message per missing or extra row, different number of runs, or
+      metric mean outside its tolerance; empty when everything matches.
+    """
+    wanted = {tuple(r[k] for k in table.group_by): r for r in expected["rows"]}
+    found = {g.key: g for g in table.groups}
+    problems = []
+    for key, row in wanted.items():
+        name = _row_name(table.group_by, key)
+        if key not in found:
+            problems.append(f"{name}: row missing")
+            continue
+        group = found[key]
+        if group.n != row["n"]:
+            problems.append(f"{name}: {group.n} run(s), expected {row['n']}")
+        for metric, tolerance in expected["tolerances"].items():
+            value, want = group.mean[metric], row[metric]
+            if not math.isclose(value, want, rel_tol=0.0, abs_tol=tolerance):
+                problems.append(f"{name}: {metric} {value!r}, expected {want!r} "
+                                f"(tolerance ±{tolerance:g}, off by {value - want:+.6g})")
+    problems += [f"{_row_name(table.group_by, key)}: row not in the expected values"
+                 for key in found if key not in wanted]
+    return problems
+
+
+def replace_section(text: str, name: str, section: str) -> str:
+    """`text` with the block between `<!-- name:start -->` and `<!-- name:end -->` replaced.
+
+    The markers stay; without them the block is appended at the end.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    return text.rstrip() + "\n\n" + block + "\n"

@@ -30,7 +30,6 @@ into `experiments/grid.py`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import sys
@@ -138,67 +137,6 @@ _RUNTIME_FLAGS = ("verbose", "tff_workers")
 
 
 # --------------------------------------------------------------------------
-# Expected values.
-
-
-def expected_payload(spec: TableSpec, size: str, table: reporting.Table) -> dict:
-    """The expected-values JSON of a table: its rows' means and the tolerances."""
-    rows = []
-    for g in table.groups:
-        rows.append({**dict(zip(table.group_by, g.key, strict=True)), "n": g.n,
-                     **{m: g.mean[m] for m in spec.metrics}})
-    return {
-        "table": spec.number,
-        "size": size,
-        "flagfiles": [str(p.relative_to(REPO)) for p in spec.flagfiles(size)],
-        "tolerances": dict(spec.tolerances),
-        "tolerance_note": "A value passes when |value - expected| <= tolerance (means over "
-                          "seeds). Same machine and stack: bit-identical; other CPUs may "
-                          "move accuracy by a few test images. See TableSpec in "
-                          "experiments/reproduce.py.",
-        "rows": rows,
-    }
-
-
-def _row_name(key: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in key.items())
-
-
-def compare(table: reporting.Table, expected: dict) -> list[str]:
-    """Differences between a table and expected values, one line each (empty: all match).
-
-    Args:
-      table: from `grid.aggregate`.
-      expected: an expected-values JSON (`expected_payload`).
-
-    Returns:
-      One message per missing or extra row, different seed count, or metric
-      mean outside its tolerance.
-    """
-    tolerances = expected["tolerances"]
-    wanted = {tuple(r[k] for k in table.group_by): r for r in expected["rows"]}
-    found = {g.key: g for g in table.groups}
-    problems = []
-    for key, row in wanted.items():
-        name = _row_name(dict(zip(table.group_by, key, strict=True)))
-        if key not in found:
-            problems.append(f"{name}: row missing")
-            continue
-        group = found[key]
-        if group.n != row["n"]:
-            problems.append(f"{name}: {group.n} run(s), expected {row['n']}")
-        for metric, tolerance in tolerances.items():
-            value, want = group.mean[metric], row[metric]
-            if not math.isclose(value, want, rel_tol=0.0, abs_tol=tolerance):
-                problems.append(f"{name}: {metric} {value!r}, expected {want!r} "
-                                f"(tolerance ±{tolerance:g}, off by {value - want:+.6g})")
-    for key in found.keys() - wanted.keys():
-        problems.append(f"{_row_name(dict(zip(table.group_by, key, strict=True)))}: "
-                        "row not in the expected values")
-    return problems
-
-
-# --------------------------------------------------------------------------
 # RESULTS.md.
 
 _RESULTS_HEADER = """# Results
@@ -210,19 +148,6 @@ command that regenerates it, the flagfiles, the hardware and the time it took.
 Without `--write_results` the same command re-runs (or reuses) the runs and
 checks them against `experiments/configs/table<N>_expected.json`.
 """
-
-
-def _markers(number: int) -> tuple[str, str]:
-    return f"<!-- table{number}:start -->", f"<!-- table{number}:end -->"
-
-
-def replace_section(text: str, number: int, section: str) -> str:
-    """`text` with table `number`'s section (markers included) replaced or appended."""
-    start, end = _markers(number)
-    block = f"{start}\n{section.rstrip()}\n{end}"
-    if start in text and end in text and text.index(start) < text.index(end):
-        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    return text.rstrip() + "\n\n" + block + "\n"
 
 
 def hardware() -> str:
@@ -246,8 +171,23 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def render_section(spec: TableSpec, table: reporting.Table, results: list, *,
-                   trained: int, elapsed_seconds: float) -> str:
+def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]:
+    """Appends an invocation that trained runs to `<root>/invocations.json`; returns all.
+
+    RESULTS.md reports the time of the invocations that trained the runs, also
+    when a later invocation (e.g. with --write_results) only reuses them.
+    """
+    path = root / "invocations.json"
+    invocations = (grid.read_json(path) or {}).get("invocations", [])
+    if trained:
+        invocations.append({"date": time.strftime("%Y-%m-%d %H:%M"), "runs_trained": trained,
+                            "seconds": seconds, "load_average_1min": os.getloadavg()[0]})
+        reporting.atomic_write_json(path, {"invocations": invocations})
+    return invocations
+
+
+def render_section(spec: TableSpec, table: reporting.Table, results: list,
+                   invocations: list[dict]) -> str:
     """The Markdown of a table's RESULTS.md section (without the markers)."""
     from fedprune import program
 
@@ -256,7 +196,8 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list, *,
                   if line.strip() and not line.lstrip().startswith("#")]
     versions = program.package_versions()
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
-    reused = len(results) - trained
+    took = sum(i["seconds"] for i in invocations)
+    loads = ", ".join(f"{i['load_average_1min']:.1f}" for i in invocations)
     return "\n".join([
         f"## {spec.title}",
         "",
@@ -283,10 +224,10 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list, *,
         f"- Hardware: {hardware()}; TensorFlow {versions['tensorflow']}, TFF "
         f"{versions['tensorflow-federated']}, tfmot {versions['tensorflow-model-optimization']}, "
         f"Python {versions['python']}.",
-        f"- Time: {len(results)} runs, {_minutes(train_seconds)} of training in total "
-        f"(sum of the runs' wall time, {train_seconds / len(results):.1f} s per run); this "
-        f"invocation took {_minutes(elapsed_seconds)} ({trained} runs trained, {reused} reused; "
-        f"1-minute load average {os.getloadavg()[0]:.1f} at its end).",
+        f"- Time: {_minutes(took)} for the command above ({len(invocations)} invocation(s) "
+        f"that trained runs; 1-minute load average at their end: {loads}); "
+        f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "
+        f"({_minutes(train_seconds)} in total; the rest is start-up and tables).",
         f"- Code: git commit `{program.git_commit()}`, {time.strftime('%Y-%m-%d')}.",
         f"- Expected values and tolerances: "
         f"`{spec.expected_path('full').relative_to(REPO)}`.",
@@ -341,25 +282,29 @@ def main(argv):
     trained = sum(s is not grid.Status.DONE for s in statuses)
     failed = grid.run_grid(cells, root, verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers,
                            round_logs=_ROUND_LOGS.value)
+    invocations = record_invocation(root, trained=trained, seconds=time.time() - start)
     if failed:
         common.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", code=1)
     results = grid.load_results(cells, root)
     table = grid.write_reports(results, root, spec.metrics)
     print(f"\nTable {spec.number} ({size}), {len(results)} runs in {root}:\n")
     print(grid.markdown(table), end="")
-    problems = compare(table, expected) if expected is not None else []
+    problems = grid.compare(table, expected) if expected is not None else []
     for line in problems:
         print(f"differs: {line}", file=sys.stderr)
     if _WRITE_RESULTS.value:
-        reporting.atomic_write_json(expected_path, expected_payload(spec, size, table))
+        reporting.atomic_write_json(expected_path, grid.expected_values(
+            table, spec.tolerances,
+            {"table": spec.number, "size": size,
+             "flagfiles": [str(p.relative_to(REPO)) for p in spec.flagfiles(size)]}))
         print(f"\nwrote {expected_path}")
         if size == "full":
             results_path = Path(_RESULTS.value)
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
-            section = render_section(spec, table, results, trained=trained,
-                                     elapsed_seconds=time.time() - start)
+            section = render_section(spec, table, results, invocations)
             reporting.atomic_write_text(results_path,
-                                        replace_section(old, spec.number, section))
+                                        grid.replace_section(old, f"table{spec.number}",
+                                                             section))
             print(f"wrote table {spec.number} into {results_path}")
         return 0
     if problems:

@@ -32,10 +32,11 @@ def main(argv):
         config = common.config_from_flags().validate()
         output_dir = Path(_OUTPUT_DIR.value or config_lib.default_output_dir(config))
         common.check_output_dir(output_dir, resume=_RESUME.value, overwrite=_OVERWRITE.value)
+        common.check_tff_workers(FLAGS.tff_workers)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
     common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
-    from fedprune import checkpoint, program
+    from fedprune import checkpoint, program, runtime
 
     if _OVERWRITE.value:
         common.clear_output_dir(output_dir)
@@ -46,6 +47,11 @@ def main(argv):
                                log=lambda line: print(line, flush=True))
     except (program.NonFiniteError, checkpoint.CheckpointError) as e:
         common.fail(str(e), code=1)
+    except runtime.WorkerUnreachableError as e:
+        kept = checkpoint.list_checkpoints(output_dir / "checkpoints")
+        done = f"the state after round {int(kept[-1].stem.split('_')[1])}" if kept else "nothing"
+        common.fail(f"{e}; {done} is kept in {output_dir}: restart the worker(s) and rerun "
+                    "with --resume", code=1)
 
 
 if __name__ == "__main__":

@@ -723,9 +723,9 @@ def parse_worker_address(address: str) -> tuple[str, int]:
     accepted = "host:port addresses, e.g. 10.0.0.5:8000 or [::1]:8000"
     host, sep, port_text = str(address).strip().rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise InvalidArgument("addresses", address, accepted)
+        raise InvalidArgument("tff_workers", address, accepted)
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise InvalidArgument("addresses", address, accepted)
+        raise InvalidArgument("tff_workers", address, accepted)
     return host, int(port_text)
 
 
@@ -800,14 +800,14 @@ def set_remote_context(
         addresses = [addresses]
     addresses = [str(a).strip() for a in addresses]
     if not addresses:
-        raise InvalidArgument("addresses", addresses, "at least one host:port address")
+        raise InvalidArgument("tff_workers", addresses, "at least one host:port address")
     for address in addresses:
         parse_worker_address(address)
     if len(set(addresses)) != len(addresses):
-        raise InvalidArgument("addresses", addresses, "distinct host:port addresses")
+        raise InvalidArgument("tff_workers", addresses, "distinct host:port addresses")
     if asynchronous and len(addresses) > 1:
         raise InvalidArgument(
-            "addresses",
+            "tff_workers",
             addresses,
             "a single address with asynchronous=True (the mergeable context is synchronous)",
         )

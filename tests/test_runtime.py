@@ -108,7 +108,7 @@ def test_find_worker_binary_is_executable():
     "address", ["localhost", "localhost:", ":8000", "host:0", "host:65536", "host:80a", "::1:80"]
 )
 def test_malformed_address_is_rejected(address):
-    with pytest.raises(InvalidArgument, match="--addresses="):
+    with pytest.raises(InvalidArgument, match="--tff_workers="):
         runtime.parse_worker_address(address)
 
 

@@ -1,0 +1,343 @@
+"""Grids of runs: `experiments/grid.py`, `compare_schedules.py` and `reproduce.py`.
+
+The first half is fast and imports no TensorFlow: grid flags and cells, the
+status of a run tree, expected-value comparison, RESULTS.md sections and the
+checked-in flagfiles. The second half runs the drivers in subprocesses
+(`slow`): each pays ~10 s for `import tensorflow_federated` and ~3-5 s per tiny
+run, so the `ci` reproduction is run once per module and its tampered-expected
+variant reuses its runs (no training, no TF import).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+from experiments import common, grid
+from fedprune import reporting
+from fedprune.config import ExperimentConfig
+from fedprune.errors import InvalidArgument
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "experiments" / "configs"
+TIMEOUT_S = 900  # a loaded 2-core box can be several times slower than the ~1 min these take
+
+TABLE1_GRID = dict(schedules=["none", "oneshot", "constant", "polynomial"], powers=["1", "3"],
+                   final_sparsities=["0.5", "0.75", "0.9", "0.95"],
+                   maskings=["client", "server", "both"], seeds=["0", "1", "2"])
+
+
+@pytest.fixture
+def parsed_flags():
+    """The experiment and grid flags, reset to their defaults afterwards."""
+    common.define_experiment_flags()
+    grid.define_grid_flags()
+    yield flags.FLAGS
+    flags.FLAGS.unparse_flags()
+
+
+# --------------------------------------------------------------------------
+# Grid flags and cells.
+
+
+def test_table1_grid_has_dense_once_per_seed_and_every_pruned_combination():
+    cells = grid.GridSpec.from_strings(**TABLE1_GRID).cells(ExperimentConfig())
+    # 3 dense seeds + (oneshot, constant, polynomial p1, p3) × 4 sparsities × 3 maskings × 3 seeds.
+    assert len(cells) == 3 + 4 * 4 * 3 * 3 == 147
+    assert len({c.name for c in cells}) == len(cells)
+    dense = [c for c in cells if c.schedule == grid.DENSE]
+    assert [c.name for c in dense] == ["dense-seed0", "dense-seed1", "dense-seed2"]
+    assert all(c.config.masking == "none" and c.config.schedule == "none" for c in dense)
+    by_name = {c.name: c for c in cells}
+    p1 = by_name["polynomial-p1-s0.75-both-seed2"].config
+    assert (p1.schedule, p1.power, p1.final_sparsity, p1.masking, p1.seed) == (
+        "polynomial", 1.0, 0.75, "both", 2)
+    assert by_name["oneshot-s0.95-client-seed0"].config.schedule == "oneshot"
+    # Table rows: one per cell without its seed, in grid order, dense first.
+    keys = list(dict.fromkeys(tuple(c.key.values()) for c in cells))
+    assert len(keys) == 49 and keys[0] == ("dense", 0.0, "none")
+
+
+@pytest.mark.parametrize("name, values", [
+    ("final_sparsities", ["1.5"]),
+    ("final_sparsities", ["x"]),
+    ("final_sparsities", ["0.5", "0.5"]),
+    ("schedules", ["bogus"]),
+    ("schedules", []),
+    ("maskings", ["none"]),
+    ("powers", ["0"]),
+    ("powers", ["nan"]),
+    ("seeds", ["-1"]),
+    ("seeds", ["1.5"]),
+])
+def test_bad_grid_values_name_their_flag(name, values):
+    with pytest.raises(InvalidArgument) as e:
+        grid.GridSpec.from_strings(**{**TABLE1_GRID, name: values})
+    assert e.value.name == name
+    assert str(e.value).startswith(f"--{name}=") and "\n" not in str(e.value)
+
+
+def test_dense_only_grid_needs_no_sparsities_or_maskings():
+    spec = grid.GridSpec.from_strings(schedules=["none"], powers=[], final_sparsities=[],
+                                      maskings=[], seeds=["4"])
+    assert [c.name for c in spec.cells(ExperimentConfig())] == ["dense-seed4"]
+
+
+def test_invalid_cell_config_names_the_cell():
+    spec = grid.GridSpec.from_strings(**{**TABLE1_GRID, "schedules": ["polynomial"]})
+    with pytest.raises(InvalidArgument, match=r"in grid cell polynomial-p1-s0.5-client-seed0"):
+        spec.cells(ExperimentConfig(rounds=10))  # end_round=20 > rounds
+
+
+# --------------------------------------------------------------------------
+# The run tree.
+
+
+def _one_cell(**overrides) -> grid.Cell:
+    spec = grid.GridSpec.from_strings(schedules=["oneshot"], powers=[], final_sparsities=["0.5"],
+                                      maskings=["server"], seeds=["0"])
+    return spec.cells(ExperimentConfig(**overrides))[0]
+
+
+def test_cell_status_new_resume_done(tmp_path):
+    cell = _one_cell()
+    assert grid.statuses([cell], tmp_path / "absent") == [grid.Status.NEW]
+    folder = tmp_path / cell.name
+    folder.mkdir()
+    assert grid.cell_status(cell, tmp_path) is grid.Status.RESUME
+    (folder / "config.json").write_text(json.dumps({"fingerprint": cell.config.fingerprint()}))
+    assert grid.cell_status(cell, tmp_path) is grid.Status.RESUME
+    (folder / "summary.json").write_text(json.dumps({"fingerprint": cell.config.fingerprint()}))
+    assert grid.cell_status(cell, tmp_path) is grid.Status.DONE
+
+
+@pytest.mark.parametrize("file_name", ["summary.json", "config.json"])
+def test_cell_folder_of_another_configuration_is_refused(tmp_path, file_name):
+    cell = _one_cell()
+    other = _one_cell(rounds=31)
+    assert cell.name == other.name
+    (tmp_path / cell.name).mkdir()
+    (tmp_path / cell.name / file_name).write_text(
+        json.dumps({"fingerprint": other.config.fingerprint()}))
+    with pytest.raises(InvalidArgument, match="another configuration"):
+        grid.cell_status(cell, tmp_path)
+
+
+def test_output_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidArgument, match="output_dir"):
+        grid.statuses([_one_cell()], tmp_path / "file")
+
+
+# --------------------------------------------------------------------------
+# Expected values and RESULTS.md sections.
+
+TOLERANCES = {"accuracy": 0.02, "nonzeros": 0.0}
+
+
+def _table(accuracy_shift: float = 0.0, extra_seed: bool = False) -> reporting.Table:
+    rows = [
+        {"schedule": "dense", "final_sparsity": 0.0, "masking": "none", "accuracy": 0.9,
+         "nonzeros": 9610},
+        {"schedule": "oneshot", "final_sparsity": 0.5, "masking": "both",
+         "accuracy": 0.8 + accuracy_shift, "nonzeros": 4872},
+    ]
+    if extra_seed:
+        rows.append({**rows[0]})
+    return reporting.aggregate(rows, grid.KEYS, ["accuracy", "nonzeros"])
+
+
+def _expected() -> dict:
+    # Through JSON, as reproduce reads it back.
+    return json.loads(json.dumps(grid.expected_values(_table(), TOLERANCES, {"table": 0})))
+
+
+def test_expected_values_round_trip_and_tolerances():
+    expected = _expected()
+    assert expected["table"] == 0 and expected["tolerances"] == TOLERANCES
+    assert grid.compare(_table(), expected) == []
+    assert grid.compare(_table(accuracy_shift=0.019), expected) == []
+    problems = grid.compare(_table(accuracy_shift=-0.03), expected)
+    assert len(problems) == 1
+    assert problems[0].startswith("schedule=oneshot final_sparsity=0.5 masking=both: accuracy")
+    assert "tolerance ±0.02" in problems[0]
+
+
+def test_compare_reports_exact_metrics_rows_and_run_counts():
+    expected = _expected()
+    expected["rows"][1]["nonzeros"] += 1  # nonzeros are exact
+    expected["rows"].append({**expected["rows"][0], "schedule": "constant"})
+    problems = grid.compare(_table(extra_seed=True), expected)
+    assert any("nonzeros 4872.0, expected 4873.0" in p for p in problems)
+    assert any(p == "schedule=constant final_sparsity=0.0 masking=none: row missing"
+               for p in problems)
+    assert any("dense" in p and "2 run(s), expected 1" in p for p in problems)
+    expected = _expected()
+    del expected["rows"][0]
+    assert grid.compare(_table(), expected) == [
+        "schedule=dense final_sparsity=0.0 masking=none: row not in the expected values"]
+
+
+def test_replace_section_keeps_the_rest_and_appends_when_missing():
+    text = "# Results\n\nintro\n"
+    once = grid.replace_section(text, "table1", "old table\n")
+    assert once == "# Results\n\nintro\n\n<!-- table1:start -->\nold table\n<!-- table1:end -->\n"
+    both = grid.replace_section(once + "\nafter\n", "table2", "two")
+    again = grid.replace_section(both, "table1", "new table")
+    assert again == both.replace("old table", "new table")
+    assert again.endswith("<!-- table2:start -->\ntwo\n<!-- table2:end -->\n")
+    assert "\nafter\n" in again
+
+
+# --------------------------------------------------------------------------
+# Checked-in flagfiles.
+
+
+def test_default_flagfile_is_the_defaults(parsed_flags):
+    grid.parse_flagfiles([CONFIGS / "digits_default.flags"])
+    assert common.config_from_flags() == ExperimentConfig()
+
+
+def test_poly90_flagfile(parsed_flags):
+    grid.parse_flagfiles([CONFIGS / "digits_poly90.flags"])
+    config = common.config_from_flags().validate()
+    assert config == ExperimentConfig(final_sparsity=0.9)
+
+
+@pytest.mark.parametrize("size, runs, rows", [("full", 147, 49), ("ci", 5, 5)])
+def test_table1_flagfiles_and_expected_values_agree(parsed_flags, size, runs, rows):
+    files = [CONFIGS / "table1.flags"] + ([CONFIGS / "table1_ci.flags"] if size == "ci" else [])
+    grid.parse_flagfiles(files)
+    grid.check_no_cell_flags()
+    cells = grid.grid_from_flags().cells(common.config_from_flags())
+    assert len(cells) == runs
+    expected_path = CONFIGS / f"table1{'_ci' if size == 'ci' else ''}_expected.json"
+    if not expected_path.exists():
+        pytest.skip(f"{expected_path.name} not written yet")
+    expected = json.loads(expected_path.read_text())
+    assert [tuple(r[k] for k in grid.KEYS) for r in expected["rows"]] == list(
+        dict.fromkeys(tuple(c.key.values()) for c in cells))
+    assert len(expected["rows"]) == rows
+    assert expected["flagfiles"] == [str(f.relative_to(REPO_ROOT)) for f in files]
+    assert expected["tolerances"]["accuracy"] == 0.02
+    assert expected["tolerances"]["nonzeros"] == 0
+
+
+def test_unknown_flag_in_flagfile_is_one_line_error(parsed_flags, tmp_path):
+    bad = tmp_path / "bad.flags"
+    bad.write_text("--rounds=3\n--no_such_flag=1\n")
+    with pytest.raises(InvalidArgument, match="no_such_flag"):
+        grid.parse_flagfiles([bad])
+
+
+# --------------------------------------------------------------------------
+# The drivers, in subprocesses.
+
+
+def _run(module: str, *args: str, importtime: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m",
+               f"experiments.{module}", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=TIMEOUT_S)
+
+
+TINY = ("--schedules=none,oneshot", "--final_sparsities=0.5", "--maskings=server", "--seeds=0",
+        "--rounds=2", "--num_clients=4", "--clients_per_round=4", "--end_round=2")
+
+
+@pytest.mark.slow
+def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
+    root = tmp_path / "grid"
+    start = time.time()
+    first = _run("compare_schedules", *TINY, f"--output_dir={root}")
+    first_seconds = time.time() - start
+    assert first.returncode == 0, first.stderr
+    for name in ("comparison.md", "comparison.tex", "comparison.csv", "accuracy_vs_round.png",
+                 "accuracy_vs_sparsity.png"):
+        assert (root / name).is_file(), name
+    for cell in ("dense-seed0", "oneshot-s0.5-server-seed0"):
+        assert (root / cell / "summary.json").is_file()
+    with open(root / "comparison.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    metrics = list(grid.METRICS)
+    assert reader.fieldnames == [*grid.KEYS, "n",
+                                 *(f"{m}_{s}" for m in metrics for s in ("mean", "ci"))]
+    assert [(r["schedule"], r["final_sparsity"], r["masking"], r["n"]) for r in rows] == [
+        ("dense", "0.0", "none", "1"), ("oneshot", "0.5", "server", "1")]
+    assert float(rows[1]["sparsity_mean"]) == pytest.approx(0.5, abs=1e-3)
+    assert "| dense | 0.0 | none | 1 |" in first.stdout  # the Markdown table is printed
+    assert (root / "comparison.md").read_text() in first.stdout
+
+    start = time.time()
+    second = _run("compare_schedules", *TINY, f"--output_dir={root}")
+    second_seconds = time.time() - start
+    assert second.returncode == 0, second.stderr
+    assert "skipped all 2 cell(s)" in second.stdout
+    assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
+    assert "| oneshot | 0.5 | server | 1 |" in second.stdout
+
+
+@pytest.fixture(scope="module")
+def ci_tree(tmp_path_factory):
+    """`reproduce --table=1 --size=ci` once: (run root, completed process)."""
+    root = tmp_path_factory.mktemp("table1-ci")
+    return root, _run("reproduce", "--table=1", "--size=ci", f"--output_dir={root}")
+
+
+@pytest.mark.slow
+def test_reproduce_ci_prints_table_and_matches_expected(ci_tree):
+    root, done = ci_tree
+    assert done.returncode == 0, done.stderr
+    assert "| schedule | final_sparsity | masking | n | test accuracy |" in done.stdout
+    assert "| polynomial-p3 | 0.9 | server | 1 |" in done.stdout
+    assert "all 25 values of 5 rows within tolerance" in done.stdout
+    assert (root / "comparison.md").is_file() and (root / "invocations.json").is_file()
+
+
+@pytest.mark.slow
+def test_reproduce_ci_fails_on_tampered_expected_values(ci_tree, tmp_path):
+    root, done = ci_tree
+    assert done.returncode == 0, done.stderr
+    expected = json.loads((CONFIGS / "table1_ci_expected.json").read_text())
+    expected["rows"][1]["accuracy"] += 0.05  # beyond ±0.02
+    expected["rows"][2]["bytes_up"] += 1  # bytes are exact
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(expected))
+    again = _run("reproduce", "--table=1", "--size=ci", f"--output_dir={root}",
+                 f"--expected={tampered}")
+    assert again.returncode == 1
+    assert "skipped all 5 cell(s)" in again.stdout  # reused, not retrained
+    differs = [line for line in again.stderr.splitlines() if line.startswith("differs: ")]
+    assert len(differs) == 2
+    assert "masking=client: accuracy" in differs[0] and "masking=server: bytes_up" in differs[1]
+    assert "2 value(s) of table 1 (ci) differ" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, args, flag", [
+    ("reproduce", ["--table=9"], "table"),
+    ("reproduce", ["--table=1", "--rounds=5"], "rounds"),
+    ("reproduce", ["--table=1", "--size=ci", "--expected=/nonexistent.json"], "expected"),
+    ("compare_schedules", ["--final_sparsities=1.5"], "final_sparsities"),
+    ("compare_schedules", ["--schedules=oneshot,bogus"], "schedules"),
+    ("compare_schedules", ["--seed=3"], "seed"),
+    ("compare_schedules", ["--rounds=10"], "end_round"),  # the polynomial cells end at 20
+])
+def test_bad_input_is_one_line_exit_2_before_tensorflow(tmp_path, module, args, flag):
+    root = tmp_path / "out"
+    done = _run(module, *args, f"--output_dir={root}", importtime=True)
+    assert done.returncode == 2
+    imported = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    modules = {line.split("|")[-1].strip() for line in imported}
+    assert "numpy" in modules and not modules & {"tensorflow", "tensorflow_federated"}
+    message = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert len(message) == 1 and message[0].startswith(f"error: --{flag}="), done.stderr
+    assert not root.exists()
