@@ -125,8 +125,8 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Root of the run tree "
                                   "(default: runs/table<N>-<size>); complete runs are reused.")
 _EXPECTED = flags.DEFINE_string("expected", "", "Expected-values JSON (default: "
                                 "experiments/configs/table<N>[_ci]_expected.json).")
-_RESULTS = flags.DEFINE_string("results", str(REPO / "RESULTS.md"),
-                               "The RESULTS.md that --write_results rewrites (size full).")
+_RESULTS = flags.DEFINE_string("results", "", "The RESULTS.md that --write_results rewrites "
+                               "for --size=full (default: the repository's RESULTS.md).")
 _WRITE_RESULTS = flags.DEFINE_bool("write_results", False, "Store the new values as expected "
                                    "and, for --size=full, rewrite the table in --results.")
 _ROUND_LOGS = flags.DEFINE_bool("round_logs", False, "Print every run's per-round lines.")
@@ -299,7 +299,7 @@ def main(argv):
              "flagfiles": [str(p.relative_to(REPO)) for p in spec.flagfiles(size)]}))
         print(f"\nwrote {expected_path}")
         if size == "full":
-            results_path = Path(_RESULTS.value)
+            results_path = Path(_RESULTS.value or REPO / "RESULTS.md")
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
             section = render_section(spec, table, results, invocations)
             reporting.atomic_write_text(results_path,

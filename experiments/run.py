@@ -15,6 +15,7 @@ from pathlib import Path
 from absl import flags
 
 from experiments import common
+from fedprune import checkpoint
 from fedprune import config as config_lib
 from fedprune.errors import InvalidArgument
 
@@ -35,8 +36,13 @@ def main(argv):
         common.check_tff_workers(FLAGS.tff_workers)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
+    if _RESUME.value:  # a corrupt or foreign checkpoint fails here, before the TF import
+        try:
+            checkpoint.check_latest(output_dir / "checkpoints", fingerprint=config.fingerprint())
+        except checkpoint.CheckpointError as e:
+            common.fail(str(e), code=1)
     common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
-    from fedprune import checkpoint, program, runtime
+    from fedprune import program, runtime
 
     if _OVERWRITE.value:
         common.clear_output_dir(output_dir)

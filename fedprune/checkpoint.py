@@ -77,6 +77,45 @@ def list_checkpoints(directory) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
+def _read_newest(directory, fingerprint: str):
+    """The newest checkpoint as (path, round, leaves) after the file and fingerprint checks.
+
+    None when there is no checkpoint. Reads with numpy only.
+    """
+    paths = list_checkpoints(directory)
+    if not paths:
+        return None
+    path = paths[-1]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            leaves = [data[f"leaf_{i:05d}"] for i in range(len(header["leaves"]))]
+            written_by, round_num = str(header["fingerprint"]), int(header["round"])
+    except Exception as e:  # zipfile, KeyError, ValueError, JSON...: all mean corrupt
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                              "delete it to resume from the one before, or use --overwrite") from e
+    if written_by != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run with different flags "
+            f"(fingerprint {written_by} != {fingerprint}); use another --output_dir "
+            "or --overwrite")
+    return path, round_num, leaves
+
+
+def check_latest(directory, *, fingerprint: str) -> int:
+    """Checks the newest checkpoint without TensorFlow, so `--resume` fails before the import.
+
+    Returns:
+      Its round, or 0 when there is no checkpoint.
+
+    Raises:
+      CheckpointError: when the file is corrupt or was written with another
+        configuration (the structure is checked by `load_latest`).
+    """
+    newest = _read_newest(directory, fingerprint)
+    return 0 if newest is None else newest[1]
+
+
 def load_latest(directory, template, *, fingerprint: str):
     """Loads the newest checkpoint into the structure of `template`.
 
@@ -89,26 +128,14 @@ def load_latest(directory, template, *, fingerprint: str):
     """
     import tensorflow as tf
 
-    paths = list_checkpoints(directory)
-    if not paths:
+    newest = _read_newest(directory, fingerprint)
+    if newest is None:
         return None, 0
-    path = paths[-1]
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            leaves = [data[f"leaf_{i:05d}"] for i in range(len(header["leaves"]))]
-    except Exception as e:  # zipfile, KeyError, ValueError, JSON...: all mean corrupt
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
-                              "delete it to resume from the one before, or use --overwrite") from e
-    if header["fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} was written by a run with different flags "
-            f"(fingerprint {header['fingerprint']} != {fingerprint}); use another --output_dir "
-            "or --overwrite")
+    path, round_num, leaves = newest
     expected = _leaves(template)
     found = [(list(a.shape), a.dtype.str) for a in leaves]
     wanted = [(list(a.shape), a.dtype.str) for a in expected]
     if found != wanted:
         raise CheckpointError(f"checkpoint {path} holds another model or process structure "
                               f"({len(found)} tensors, expected {len(wanted)} of other shapes)")
-    return tf.nest.pack_sequence_as(template, leaves), int(header["round"])
+    return tf.nest.pack_sequence_as(template, leaves), round_num

@@ -205,7 +205,8 @@ def test_default_flagfile_is_the_defaults(parsed_flags):
     assert common.config_from_flags() == ExperimentConfig()
 
 
-def test_poly90_flagfile(parsed_flags):
+def test_poly90_flagfile(parsed_flags, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # it includes digits_default.flags by a repo-relative path
     grid.parse_flagfiles([CONFIGS / "digits_poly90.flags"])
     config = common.config_from_flags().validate()
     assert config == ExperimentConfig(final_sparsity=0.9)
@@ -283,6 +284,18 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
     assert "skipped all 2 cell(s)" in second.stdout
     assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
     assert "| oneshot | 0.5 | server | 1 |" in second.stdout
+
+    # A cell folder without summary.json (e.g. killed after its last round) is resumed.
+    summary = root / "oneshot-s0.5-server-seed0" / "summary.json"
+    before = json.loads(summary.read_text())
+    summary.unlink()
+    third = _run("compare_schedules", *TINY, f"--output_dir={root}")
+    assert third.returncode == 0, third.stderr
+    assert "skipped 1 complete cell(s) of 2" in third.stdout
+    assert "oneshot-s0.5-server-seed0: resuming" in third.stdout
+    after = json.loads(summary.read_text())
+    for key in ("final_test_accuracy", "final_nonzero_params", "total_bytes_up"):
+        assert after[key] == before[key], key
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,13 @@
 Every end-to-end case runs the real CLI in a subprocess with small settings
 (`FLAGS`: 4 clients, 4 rounds, the polynomial schedule ending at round 3) and
 sends real signals. Each CLI pays ~10 s for `import tensorflow_federated`, so
-runs are shared: one module-scoped uninterrupted reference run is what the
-resume, determinism and concurrency cases compare against, and it is also the
-"normal exit" case of the exit-path checks. Every wait has a timeout, and every
-process a case starts (and every `worker_binary` seen under it) is killed in a
-`finally`, so a failure cannot hang the session or leak a worker.
+runs are shared and independent runs overlap on the 2 cores: one module-scoped
+uninterrupted reference run is what the resume, determinism and concurrency
+cases compare against (and the "normal exit" case of the exit paths); the
+SIGINT and SIGTERM runs run side by side (`signalled_runs`). Every wait has a
+timeout, and every process a case starts (and every `worker_binary` seen under
+it) is killed in a `finally`, so a failure cannot hang the session or leak a
+worker.
 
 "Identical" means bit-identical: metrics.csv compared as text with the time
 columns (`round_seconds`, `elapsed_seconds`) left out, checkpoint arrays and
@@ -61,6 +63,7 @@ class Cli:
     def __init__(self, *args: str):
         self.args = args
         self.returncode: int | None = None  # set by `run_cli`
+        self.survivors: list[int] | None = None  # set by `wait`
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "experiments.run", *args], cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,19 +132,21 @@ class Cli:
             reader.join(timeout=10)
             assert not reader.is_alive(), "a pipe of the CLI never reached EOF after it exited"
         self._watcher.join(timeout=10)
+        # Decided here, before any cleanup (`stop`) could kill a leaked worker.
+        deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
+        while _alive(self.workers.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.survivors = [p.pid for p in _alive(self.workers.values())]
         return returncode
 
     def send(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
     def assert_workers_gone(self) -> None:
-        """Some worker was seen while the CLI ran, and none of them is alive now."""
+        """Some worker was seen while the CLI ran, and none outlived it (checked in `wait`)."""
         assert self.workers, "no worker_binary was ever seen under the CLI (watcher broken?)"
-        deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
-        while _alive(self.workers.values()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        survivors = _alive(self.workers.values())
-        assert not survivors, f"worker_binary survived the CLI: {[p.pid for p in survivors]}"
+        assert self.survivors is not None, "call wait() first"
+        assert not self.survivors, f"worker_binary survived the CLI: {self.survivors}"
 
     def stop(self) -> None:
         """Kills the CLI and any worker seen under it (test cleanup; no-op once gone)."""
@@ -156,6 +161,9 @@ class Cli:
                 worker.kill()
             except psutil.NoSuchProcess:
                 pass
+        deadline = time.monotonic() + 5
+        while _alive(self.workers.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _alive(processes) -> list[psutil.Process]:
@@ -317,6 +325,9 @@ def test_same_flags_and_seed_give_identical_results(reference, tmp_path):
 
 # ----------------------------------------------------------------------------
 # 3. Exit paths: no worker outlives the CLI, and its stdout reaches EOF.
+# Normal exit: the reference run. Exception: the diverging run of test 4 (its
+# error is raised in the round loop, long after the worker started). SIGKILL:
+# test 1.
 
 
 @pytest.mark.slow
@@ -327,32 +338,45 @@ def test_normal_exit_leaves_no_worker(reference):
     cli.assert_workers_gone()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("signum", "returncode"), [
-    (signal.SIGINT, -signal.SIGINT),  # KeyboardInterrupt, uncaught: Python dies by SIGINT
-    (signal.SIGTERM, 128 + signal.SIGTERM),  # runtime's handler: SystemExit(143)
-], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_run_leaves_no_worker(tmp_path, signum, returncode):
-    """A real SIGINT/SIGTERM after round 1: the CLI exits, its workers are gone, EOF."""
-    output_dir = tmp_path / "run"
-    cli = Cli(*FLAGS, f"--output_dir={output_dir}")
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+
+
+@pytest.fixture(scope="module")
+def signalled_runs(tmp_path_factory) -> dict[str, tuple[Path, Cli]]:
+    """One run per signal, side by side; each gets its signal right after round 1."""
+    runs = {}
     try:
-        cli.wait_for_line(rf"^round\s+1/{ROUNDS}\b")
-        cli.send(signum)
-        assert cli.wait() == returncode, cli.stderr_lines[-5:]
-        cli.assert_workers_gone()
+        for name in SIGNALS:
+            output_dir = tmp_path_factory.mktemp(name) / "run"
+            runs[name] = (output_dir, Cli(*FLAGS, f"--output_dir={output_dir}"))
+        for name, (_, cli) in runs.items():
+            cli.wait_for_line(rf"^round\s+1/{ROUNDS}\b")
+            cli.send(SIGNALS[name])
+        for _, cli in runs.values():
+            cli.returncode = cli.wait()
     finally:
-        cli.stop()
+        for _, cli in runs.values():
+            cli.stop()
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "returncode"), [
+    ("SIGINT", -signal.SIGINT),  # KeyboardInterrupt, uncaught: Python dies by SIGINT
+    ("SIGTERM", 128 + signal.SIGTERM),  # the runtime's handler: SystemExit(143)
+])
+def test_signal_mid_run_leaves_no_worker(signalled_runs, name, returncode):
+    """A real SIGINT/SIGTERM after round 1: the CLI exits, its workers are gone, EOF."""
+    output_dir, cli = signalled_runs[name]
+    assert cli.returncode == returncode, cli.stderr_lines[-5:]
+    cli.assert_workers_gone()  # `Cli.wait` already asserted EOF on stdout and stderr
     assert not (output_dir / "summary.json").exists()
     assert checkpoint_arrays(output_dir)[0] >= 1  # the round it finished is kept
 
 
-# The exception exit path is the corrupt-checkpoint case below (it fails after
-# the worker started).
-
-
 # ----------------------------------------------------------------------------
-# 4. NaN/Inf.
+# 4. NaN/Inf (also the exception exit path: the error is raised inside the
+# round loop, long after the worker started).
 
 
 @pytest.mark.slow
@@ -378,45 +402,64 @@ def test_divergence_stops_keeping_the_last_good_round(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# 5. Corrupt and foreign checkpoints.
+# 5. Corrupt and foreign checkpoints: refused before TensorFlow is imported.
 
 
-def _copy_of(reference_dir: Path, tmp_path: Path) -> Path:
-    output_dir = tmp_path / "run"
-    shutil.copytree(reference_dir, output_dir)
-    return output_dir
+def _resume_failing_fast(output_dir: Path, *extra: str):
+    """`--resume`s FLAGS (+ `extra`) into `output_dir` under `python -X importtime`.
+
+    Returns:
+      (CompletedProcess, stderr lines that are not import-time lines,
+      import-time lines of tensorflow/tensorflow_federated modules, seconds).
+    """
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "experiments.run", *FLAGS, *extra,
+         f"--output_dir={output_dir}", "--resume"],
+        cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=RUN_TIMEOUT_S)
+    seconds = time.monotonic() - start
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    heavy = [line for line in result.stderr.splitlines()
+             if re.search(r"\|\s+(tensorflow|tensorflow_federated)(\.|$)", line)]
+    return result, lines, heavy, seconds
 
 
 @pytest.mark.slow
 def test_resume_from_truncated_checkpoint_fails_clearly(reference, tmp_path):
     """Truncated newest checkpoint + --resume: one-line error, status 1, nothing rewritten.
 
-    Never a silent restart from round 0. Also the exception exit path: the
-    error comes after the worker started, and the worker is gone afterwards.
+    Never a silent restart from round 0 (and no fallback to the older
+    checkpoint either: the user decides, the message says how).
     """
-    output_dir = _copy_of(reference[0], tmp_path)
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference[0], output_dir)
     newest = checkpoint.list_checkpoints(output_dir / "checkpoints")[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     before = _snapshot(output_dir)
-    cli = run_cli(*FLAGS, f"--output_dir={output_dir}", "--resume")
-    assert cli.returncode == 1, cli.stderr_lines
-    assert len(cli.stderr_lines) == 1, cli.stderr_lines
-    assert "unreadable" in cli.stderr_lines[0] and newest.name in cli.stderr_lines[0]
-    assert not any(line.startswith("round ") for line in cli.stdout_lines)
-    cli.assert_workers_gone()
+    result, stderr_lines, heavy, seconds = _resume_failing_fast(output_dir)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(stderr_lines) == 1, stderr_lines
+    assert f"{newest.name} is unreadable" in stderr_lines[0], stderr_lines
+    assert "--overwrite" in stderr_lines[0]
+    assert result.stdout == ""
     assert _snapshot(output_dir) == before
+    assert not heavy and seconds < 5  # failed before importing TensorFlow/TFF
 
 
 @pytest.mark.slow
 def test_resume_with_other_flags_fails_clearly(reference, tmp_path):
-    output_dir = _copy_of(reference[0], tmp_path)
+    output_dir = tmp_path / "run"
+    shutil.copytree(reference[0], output_dir)
     before = _snapshot(output_dir)
-    cli = run_cli(*FLAGS, "--final_sparsity=0.7", f"--output_dir={output_dir}", "--resume")
-    assert cli.returncode == 1, cli.stderr_lines
-    assert len(cli.stderr_lines) == 1, cli.stderr_lines
-    assert "different flags" in cli.stderr_lines[0]
-    cli.assert_workers_gone()
+    result, stderr_lines, heavy, seconds = _resume_failing_fast(
+        output_dir, "--final_sparsity=0.7")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(stderr_lines) == 1, stderr_lines
+    assert "different flags" in stderr_lines[0] and "--overwrite" in stderr_lines[0]
+    assert result.stdout == ""
     assert _snapshot(output_dir) == before
+    assert not heavy and seconds < 5
 
 
 # ----------------------------------------------------------------------------
@@ -473,12 +516,14 @@ def test_checkpoint_round_trip_of_a_nested_state(tmp_path):
     loaded, round_num = checkpoint.load_latest(tmp_path, _state(), fingerprint="abc")
     assert round_num == 5
     _assert_equal_structures(loaded, state)
+    assert checkpoint.check_latest(tmp_path, fingerprint="abc") == 5  # the numpy-only check
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
 def test_checkpoint_without_files_loads_nothing(tmp_path):
     assert checkpoint.load_latest(tmp_path / "missing", _state(), fingerprint="abc") == (None, 0)
     assert checkpoint.load_latest(tmp_path, _state(), fingerprint="abc") == (None, 0)
+    assert checkpoint.check_latest(tmp_path, fingerprint="abc") == 0
 
 
 def test_checkpoint_keeps_the_newest_two(tmp_path):
@@ -495,6 +540,8 @@ def test_checkpoint_from_other_flags_is_refused(tmp_path):
     checkpoint.save(tmp_path, 1, _state(), fingerprint="abc")
     with pytest.raises(checkpoint.CheckpointError, match="different flags"):
         checkpoint.load_latest(tmp_path, _state(), fingerprint="xyz")
+    with pytest.raises(checkpoint.CheckpointError, match="different flags"):
+        checkpoint.check_latest(tmp_path, fingerprint="xyz")
 
 
 @pytest.mark.parametrize("template", [
@@ -522,6 +569,8 @@ def test_corrupt_newest_checkpoint_is_an_error_not_a_fallback(tmp_path, damage):
                         "garbage": os.urandom(len(data))}[damage])
     with pytest.raises(checkpoint.CheckpointError, match=r"round_000002\.npz is unreadable"):
         checkpoint.load_latest(tmp_path, _state(), fingerprint="abc")
+    with pytest.raises(checkpoint.CheckpointError, match=r"round_000002\.npz is unreadable"):
+        checkpoint.check_latest(tmp_path, fingerprint="abc")
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

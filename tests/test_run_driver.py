@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
+from absl import flags
 
+from experiments import common
 from fedprune.config import ExperimentConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +121,7 @@ def test_existing_output_dir_needs_resume_or_overwrite(tmp_path):
     output_dir.mkdir()
     (output_dir / "metrics.csv").write_text("round\n1\n")
     before = _tree(output_dir)
-    result, seconds = _cli(["--rounds=1", "--end_round=1", f"--output_dir={output_dir}"],
+    result, seconds = _cli(["--rounds=2", "--end_round=2", f"--output_dir={output_dir}"],
                            cwd=tmp_path, importtime=True)
     modules, stderr_lines = _split_importtime(result.stderr)
     assert result.returncode == 2
@@ -214,9 +216,6 @@ def test_prints_one_line_per_round_and_a_summary(smoke_run):
 @pytest.mark.slow
 def test_config_json_records_every_flag_versions_and_commit(smoke_run):
     output_dir, _ = smoke_run
-    from experiments import common
-    from absl import flags
-
     common.define_experiment_flags()
     saved = json.loads((output_dir / "config.json").read_text())
     expected = ExperimentConfig(**SMOKE_FLAGS).to_dict()

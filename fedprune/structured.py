@@ -1,0 +1,457 @@
+"""Structured (unit / filter) pruning maths: which output units of a layer survive.
+
+Unstructured masks (`masking.py`) zero single weights; structured masks zero
+whole output units of Dense layers and whole filters of convolutions, so that
+`surgery.shrink` can later rebuild a genuinely smaller model. A unit's score is
+the norm of its incoming weights (Li et al. 2017, "Pruning Filters for
+Efficient ConvNets", use the L1 norm of each filter; the L2 norm is the other
+common choice), and per layer the k = max(round(units * (1 - s)), 1)
+highest-scoring units are kept (tfmot's count, see `masking.num_kept`),
+exactly k, ties broken by the lower index.
+
+Masked model == shrunk model. Removing a unit is exact only when the masked
+model's unit already outputs exactly zero for every input, and its consumers
+then see zeros. So the structured mask zeroes, for every dropped unit:
+  * its kernel column (Dense) or filter (Conv),
+  * its bias entry: a zero kernel column with a bias b still outputs act(b),
+  * gamma and beta of every BatchNormalization between the layer and its
+    consumer: at inference a zero input channel leaves BatchNorm as
+    beta - gamma * moving_mean / sqrt(moving_variance + eps), not 0. With
+    gamma = beta = 0 the channel is 0 whatever the moving statistics, which
+    are therefore left as they are (`surgery` slices them away).
+Zeroing the kernel alone is not equivalent (tests show the difference).
+The consumer's input rows for a dropped unit are left untouched: they
+multiply zeros, and `surgery.shrink` removes them.
+
+Which architectures: a single chain of layers (Sequential, or a functional
+model without branches) of Dense / Conv1D / Conv2D / Conv3D (channels_last,
+groups=1) with, between them, BatchNormalization (on the channel axis, with
+`scale=True`), Flatten, pooling, dropout and activations that map 0 to 0
+(ReLU, tanh, ELU, ...; not sigmoid or softmax). Every Dense/Conv layer except
+the output layer (the last one) is pruned; its consumer is the next Dense/Conv
+layer. Anything else (residual additions, concatenations, RNNs, embeddings,
+a Reshape after the first weighted layer, subclassed models) raises
+`UnsupportedArchitecture` from `structured_layout`.
+
+Functions on weights are TF ops (eager or inside `tf.function` / TFF
+TensorFlow computations); `structured_layout` reads a Keras model eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedprune.errors import check
+
+NORMS = ("l1", "l2")
+SCOPES = ("layer", "global")
+
+# Layers whose output units are pruned (and which consume pruned units).
+UNIT_LAYERS = ("Dense", "Conv1D", "Conv2D", "Conv3D")
+# Layers that pass a zero channel on as a zero channel, channel-for-channel.
+_PASSTHROUGH_LAYERS = (
+    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
+    "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+    "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+)
+_ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU")
+# Accepted only before the first Dense/Conv layer (they would scramble channels after it).
+_INPUT_LAYERS = ("Reshape",)
+SUPPORTED_LAYERS = (UNIT_LAYERS + ("BatchNormalization", "Flatten") + _PASSTHROUGH_LAYERS
+                    + _ACTIVATION_LAYERS + _INPUT_LAYERS)
+
+
+class UnsupportedArchitecture(ValueError):
+    """`structured_layout` cannot prune units of this model exactly (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSlots:
+    """A BatchNormalization whose channels follow a pruned layer's units.
+
+    Attributes:
+      name: the BatchNormalization layer's name.
+      repeat: entries per unit on the normalized axis: 1 before a Flatten;
+        after a Flatten of P positions, P (entry p * units + u belongs to unit u).
+      gamma_index: index of gamma in the trainable weights.
+      beta_index: index of beta in the trainable weights (None when `center=False`).
+      moving_mean_index: index of the moving mean in the non-trainable weights.
+      moving_variance_index: index of the moving variance in the non-trainable weights.
+    """
+
+    name: str
+    repeat: int
+    gamma_index: int
+    beta_index: int | None
+    moving_mean_index: int
+    moving_variance_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunedUnits:
+    """One layer whose output units are pruned, and the layers that depend on them.
+
+    Indices are positions in the model's `trainable_weights` and
+    `non_trainable_weights` lists (TFF's `ModelWeights.trainable` / `.non_trainable`).
+
+    Attributes:
+      name: the layer's name.
+      layer_class: 'Dense', 'Conv1D', 'Conv2D' or 'Conv3D'.
+      kernel_shape: the kernel's shape; its last axis is the units / filters.
+      kernel_index: index of the kernel in the trainable weights.
+      bias_index: index of the bias in the trainable weights (None without a bias).
+      batchnorms: BatchNormalization layers between this layer and its consumer.
+      consumer: name of the next Dense/Conv layer, which reads these units.
+      consumer_kernel_index: index of the consumer's kernel in the trainable weights;
+        its axis -2 (Dense rows, Conv input channels) is indexed by these units.
+      consumer_repeat: positions per unit on that axis (1, or P after a Flatten
+        of P positions: channels-last row p * units + u belongs to unit u).
+    """
+
+    name: str
+    layer_class: str
+    kernel_shape: tuple[int, ...]
+    kernel_index: int
+    bias_index: int | None
+    batchnorms: tuple[BatchNormSlots, ...]
+    consumer: str
+    consumer_kernel_index: int
+    consumer_repeat: int
+
+    @property
+    def num_units(self) -> int:
+        return self.kernel_shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredLayout:
+    """Where the pruned layers' weights and their dependents sit in a model's weight lists.
+
+    Attributes:
+      layers: one entry per pruned layer, in model order.
+      output_layer: name of the output layer (never pruned).
+      trainable_shapes: shapes of the model's trainable weights.
+      non_trainable_shapes: shapes of the model's non-trainable weights.
+    """
+
+    layers: tuple[PrunedUnits, ...]
+    output_layer: str
+    trainable_shapes: tuple[tuple[int, ...], ...]
+    non_trainable_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.layers)
+
+    def layer(self, name: str) -> PrunedUnits:
+        """The entry of the pruned layer `name` (KeyError when it is not pruned)."""
+        for p in self.layers:
+            if p.name == name:
+                return p
+        raise KeyError(f"{name!r} is not a pruned layer; pruned layers: {self.names}")
+
+
+# ----------------------------------------------------------------------------- scores and masks
+
+
+def unit_scores(kernel, norm: str = "l2"):
+    """The norm of each output unit's incoming weights.
+
+    Args:
+      kernel: a Dense kernel [in, units] or a Conv kernel [..., in, filters].
+      norm: 'l2' (sqrt of the sum of squares) or 'l1' (sum of absolute values).
+
+    Returns:
+      A [units] tensor of the kernel's dtype: the norm over all axes but the last.
+    """
+    import tensorflow as tf
+
+    check(norm in NORMS, "norm", norm, "one of " + "|".join(NORMS))
+    kernel = tf.convert_to_tensor(kernel)
+    axes = list(range(kernel.shape.rank - 1))
+    if norm == "l1":
+        return tf.reduce_sum(tf.abs(kernel), axis=axes)
+    return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes))
+
+
+def _keep_top_k(scores, k):
+    """0/1 vector keeping exactly the k largest scores (ties: the lower index)."""
+    import tensorflow as tf
+
+    # top_k puts the lower index first among equal values (sorted=True).
+    _, indices = tf.math.top_k(scores, k=k, sorted=True)
+    return tf.scatter_nd(indices[:, None], tf.ones_like(indices, scores.dtype),
+                         tf.shape(scores))
+
+
+def expand_unit_mask(unit_mask, kernel_shape):
+    """The kernel mask of a unit mask: every weight of unit u gets unit_mask[u]."""
+    import tensorflow as tf
+
+    return tf.broadcast_to(unit_mask, kernel_shape)
+
+
+def structured_masks(kernels: list, sparsity, *, norm: str = "l2",
+                     scope: str = "layer") -> tuple[list, list]:
+    """Unit masks keeping the highest-scoring units of each kernel.
+
+    Args:
+      kernels: Dense [in, units] or Conv [..., in, filters] kernels (tensors or arrays).
+      sparsity: scalar fraction of units to drop, in [0, 1) (may be a tensor).
+      norm: the unit score, one of NORMS (see `unit_scores`).
+      scope: 'layer' keeps k = max(round(units * (1 - s)), 1) units in every
+        kernel. 'global' ranks all units of all kernels by their raw score and
+        keeps k = max(round(total_units * (1 - s)), len(kernels)) in all, the
+        best unit of each kernel always among them (a layer never disappears).
+        Raw norms grow with fan-in, so 'global' favours wide-input layers.
+
+    Returns:
+      (unit_masks, kernel_masks): per kernel a 0/1 [units] vector with exactly k
+      ones (ties broken by the lower index), and the kernel-shaped mask
+      (`expand_unit_mask`), both of the kernel's dtype.
+    """
+    import tensorflow as tf
+
+    from fedprune.masking import num_kept
+
+    check(scope in SCOPES, "scope", scope, "one of " + "|".join(SCOPES))
+    kernels = [tf.convert_to_tensor(k) for k in kernels]
+    scores = [unit_scores(k, norm) for k in kernels]
+    if scope == "layer":
+        unit_masks = [_keep_top_k(s, num_kept(tf.size(s), sparsity)) for s in scores]
+    else:
+        # Each kernel's best unit scores +inf, so it survives any sparsity.
+        forced = [tf.tensor_scatter_nd_update(
+            s, [[tf.argmax(s, output_type=tf.int32)]], tf.constant([float("inf")], s.dtype))
+            for s in scores]
+        flat = tf.concat(forced, axis=0)
+        k = tf.maximum(num_kept(tf.size(flat), sparsity), len(kernels))
+        kept = _keep_top_k(flat, k)
+        unit_masks = tf.split(kept, [s.shape[0] for s in scores])
+    kernel_masks = [expand_unit_mask(m, k.shape) for m, k in zip(unit_masks, kernels, strict=True)]
+    return list(unit_masks), kernel_masks
+
+
+def unit_index_mask(unit_mask, repeat: int):
+    """A unit mask spread over an axis with `repeat` positions per unit (after a Flatten)."""
+    import tensorflow as tf
+
+    return unit_mask if repeat == 1 else tf.tile(unit_mask, [repeat])
+
+
+def apply_unit_masks(trainable: list, non_trainable: list, layout: StructuredLayout,
+                     unit_masks: list) -> tuple[list, list]:
+    """Zeroes the dropped units of a model's weights (the structured mask).
+
+    For every pruned layer and dropped unit: its kernel column / filter, its
+    bias entry, and gamma and beta of the dependent BatchNormalization layers
+    become 0, so the unit outputs exactly 0 and `surgery.shrink` is exact.
+    Moving statistics and the consumer's input rows are not changed (they
+    cannot make a zeroed unit nonzero).
+
+    Args:
+      trainable: the model's trainable weights (`ModelWeights.trainable`).
+      non_trainable: the model's non-trainable weights; returned unchanged.
+      layout: from `structured_layout` of the same model.
+      unit_masks: one 0/1 [units] vector per `layout.layers` entry.
+
+    Returns:
+      (trainable, non_trainable) lists of tensors.
+    """
+    import tensorflow as tf
+
+    check(len(unit_masks) == len(layout.layers), "unit_masks", len(unit_masks),
+          f"one mask per pruned layer ({len(layout.layers)})")
+    trainable = [tf.convert_to_tensor(w) for w in trainable]
+    non_trainable = [tf.convert_to_tensor(w) for w in non_trainable]
+    for p, mask in zip(layout.layers, unit_masks, strict=True):
+        kernel = trainable[p.kernel_index]
+        mask = tf.cast(mask, kernel.dtype)
+        trainable[p.kernel_index] = kernel * mask  # broadcasts over the last (unit) axis
+        if p.bias_index is not None:
+            trainable[p.bias_index] = trainable[p.bias_index] * mask
+        for bn in p.batchnorms:
+            spread = unit_index_mask(mask, bn.repeat)
+            trainable[bn.gamma_index] = trainable[bn.gamma_index] * spread
+            if bn.beta_index is not None:
+                trainable[bn.beta_index] = trainable[bn.beta_index] * spread
+    return trainable, non_trainable
+
+
+def prune_units(trainable: list, non_trainable: list, layout: StructuredLayout, sparsity, *,
+                norm: str = "l2", scope: str = "layer") -> tuple[list, list, list]:
+    """Scores the pruned layers' units, computes `structured_masks` and applies them.
+
+    Returns:
+      (trainable, non_trainable, unit_masks): the masked weight lists (see
+      `apply_unit_masks`) and the unit masks, one per `layout.layers` entry.
+    """
+    kernels = [trainable[p.kernel_index] for p in layout.layers]
+    unit_masks, _ = structured_masks(kernels, sparsity, norm=norm, scope=scope)
+    trainable, non_trainable = apply_unit_masks(trainable, non_trainable, layout, unit_masks)
+    return trainable, non_trainable, unit_masks
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _inner(layer):
+    # tfmot's PruneLowMagnitude wraps the real layer; its kernel is the same variable.
+    return layer.layer if type(layer).__name__ == "PruneLowMagnitude" else layer
+
+
+def _maps_zero_to_zero(fn) -> bool:
+    import numpy as np
+    import tensorflow as tf
+
+    return bool(np.all(np.asarray(fn(tf.zeros([1, 2]))) == 0))
+
+
+def chain_layers(model) -> list:
+    """The model's layers as a chain (InputLayers dropped), or `UnsupportedArchitecture`."""
+    import tensorflow as tf
+
+    if not getattr(model, "_is_graph_network", False) and not isinstance(
+            model, tf.keras.Sequential):
+        raise UnsupportedArchitecture(
+            f"model {model.name!r} is subclassed; structured pruning needs a Sequential or "
+            "functional model")
+    if not model.built or len(model.inputs or []) != 1 or len(model.outputs or []) != 1:
+        raise UnsupportedArchitecture(
+            f"model {model.name!r} must be built with one input and one output")
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    for layer in layers:
+        name = type(_inner(layer)).__name__
+        if name not in SUPPORTED_LAYERS:
+            raise UnsupportedArchitecture(
+                f"layer {layer.name!r} ({name}) is not supported by structured pruning; "
+                "supported: a chain of " + ", ".join(SUPPORTED_LAYERS)
+                + " (no residual connections, concatenations, RNNs or embeddings)")
+    # One input, one output, single-input layers and one node per depth, each
+    # layer used once: the graph is a chain.
+    depths = model._nodes_by_depth
+    if len(depths) != len(layers) + 1 or any(len(nodes) != 1 for nodes in depths.values()):
+        raise UnsupportedArchitecture(
+            f"model {model.name!r} is not a chain of layers (a layer is shared or branches)")
+    return layers
+
+
+def _check_unit_layer(layer):
+    if type(layer).__name__ != "Dense":
+        if layer.data_format != "channels_last" or layer.groups != 1:
+            raise UnsupportedArchitecture(
+                f"layer {layer.name!r}: structured pruning needs channels_last convolutions "
+                "with groups=1")
+
+
+def structured_layout(model, *, prune_output_layer: bool = False) -> StructuredLayout:
+    """Reads which layers' units are pruned and where their dependent weights are.
+
+    Every Dense/Conv layer but the last (the output layer, whose units are the
+    classes) is pruned; its consumer is the next Dense/Conv layer of the chain,
+    possibly through BatchNormalization, Flatten, pooling, dropout and
+    activations. Works on plain models and on tfmot-wrapped ones (indices then
+    refer to the wrapped model's weight lists).
+
+    Args:
+      model: a built Keras Sequential or functional model.
+      prune_output_layer: must be False: the output layer is never shrunk
+        (present so that the driver's flag can be passed through and rejected).
+
+    Raises:
+      InvalidArgument: for `prune_output_layer=True`.
+      UnsupportedArchitecture: for models outside the supported chain (see the
+        module docstring), or with no Dense/Conv layer before the output layer.
+    """
+    import numpy as np
+
+    check(not prune_output_layer, "prune_output_layer", prune_output_layer,
+          "False with structured pruning (the output layer's units are the classes)")
+    layers = chain_layers(model)
+    trainable = {v.ref(): i for i, v in enumerate(model.trainable_weights)}
+    non_trainable = {v.ref(): i for i, v in enumerate(model.non_trainable_weights)}
+
+    def index(table, variable, layer):
+        if variable is None:
+            return None
+        if variable.ref() not in table:
+            raise UnsupportedArchitecture(
+                f"layer {layer.name!r} is frozen (trainable=False); structured pruning needs "
+                "its kernel, bias, gamma and beta trainable")
+        return table[variable.ref()]
+
+    inners = [_inner(layer) for layer in layers]
+    unit_positions = [i for i, layer in enumerate(inners) if type(layer).__name__ in UNIT_LAYERS]
+    if len(unit_positions) < 2:
+        raise UnsupportedArchitecture(
+            f"model {model.name!r} has no Dense/Conv layer before its output layer")
+    output_position = unit_positions[-1]
+
+    pruned, pending = [], None  # pending: the pruned layer whose units flow forward
+    for position, layer in enumerate(inners):
+        kind = type(layer).__name__
+        if kind in UNIT_LAYERS:
+            _check_unit_layer(layer)
+            if pending is not None:
+                if kind != "Dense" and pending["repeat"] != 1:
+                    raise UnsupportedArchitecture(f"convolution {layer.name!r} after a Flatten")
+                pruned.append(PrunedUnits(
+                    name=pending["layer"].name,
+                    layer_class=type(pending["layer"]).__name__,
+                    kernel_shape=tuple(pending["layer"].kernel.shape.as_list()),
+                    kernel_index=index(trainable, pending["layer"].kernel, pending["layer"]),
+                    bias_index=index(trainable, getattr(pending["layer"], "bias", None),
+                                     pending["layer"]),
+                    batchnorms=tuple(pending["batchnorms"]),
+                    consumer=layer.name,
+                    consumer_kernel_index=index(trainable, layer.kernel, layer),
+                    consumer_repeat=pending["repeat"],
+                ))
+                pending = None
+            if position != output_position:
+                if not _maps_zero_to_zero(layer.activation):
+                    raise UnsupportedArchitecture(
+                        f"layer {layer.name!r}: its activation does not map 0 to 0, so a "
+                        "dropped unit would not output 0")
+                pending = {"layer": layer, "repeat": 1, "batchnorms": []}
+        elif kind in _INPUT_LAYERS:
+            if position > unit_positions[0]:
+                raise UnsupportedArchitecture(
+                    f"layer {layer.name!r} ({kind}) after the first Dense/Conv layer")
+        elif pending is None:
+            continue  # before the first or after the output layer: nothing to follow
+        elif kind == "BatchNormalization":
+            axis = list(np.atleast_1d(layer.axis))
+            rank = len(layer.input_shape)
+            if axis not in ([rank - 1], [-1]) or not layer.scale:
+                raise UnsupportedArchitecture(
+                    f"BatchNormalization {layer.name!r} must normalize the last (channel) "
+                    "axis and have scale=True")
+            pending["batchnorms"].append(BatchNormSlots(
+                name=layer.name,
+                repeat=pending["repeat"],
+                gamma_index=index(trainable, layer.gamma, layer),
+                beta_index=index(trainable, layer.beta, layer),
+                moving_mean_index=index(non_trainable, layer.moving_mean, layer),
+                moving_variance_index=index(non_trainable, layer.moving_variance, layer),
+            ))
+        elif kind == "Flatten":
+            if layer.data_format != "channels_last":
+                raise UnsupportedArchitecture(f"Flatten {layer.name!r} must be channels_last")
+            pending["repeat"] *= int(np.prod(layer.input_shape[1:-1], dtype=np.int64))
+        elif kind in _ACTIVATION_LAYERS:
+            if not _maps_zero_to_zero(layer.call):
+                raise UnsupportedArchitecture(
+                    f"layer {layer.name!r} does not map 0 to 0, so a dropped unit would "
+                    "not output 0")
+        elif getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise UnsupportedArchitecture(f"layer {layer.name!r} must be channels_last")
+    return StructuredLayout(
+        layers=tuple(pruned),
+        output_layer=inners[output_position].name,
+        trainable_shapes=tuple(tuple(v.shape.as_list()) for v in model.trainable_weights),
+        non_trainable_shapes=tuple(
+            tuple(v.shape.as_list()) for v in model.non_trainable_weights),
+    )

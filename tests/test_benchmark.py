@@ -1,0 +1,180 @@
+"""`experiments/benchmark.py` (issue 8): its tables and file, not its timings.
+
+The benchmark is not a timed test. The slow case runs a tiny speed section in
+a subprocess (3 clients, 1 warm-up and 2 timed rounds) and checks that it
+prints the table with every variant row and the ratio columns, and writes the
+Markdown file when asked. The other cases check the pure helpers (tables,
+ratios, section replacement) and flag validation, without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from experiments import benchmark
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
+               "--clients_per_round=3")
+SMOKE_TIMEOUT_S = 240  # ~40 s alone; several times that on a loaded 2-core machine
+VARIANT_ROWS = ("(a) fedprune", "(b) fedprune", "(c) TFF", "(c-iter)", "(d) Keras",
+                "(e) Keras", "(a+) fedprune")
+
+
+def _run(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs the benchmark CLI; returns its result and every `worker_binary` seen under it.
+
+    A thread polls the CLI's descendants every 20 ms for TFF workers, so the
+    caller can check that none survives the CLI. On timeout the CLI and its
+    descendants are killed.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.benchmark", *args],
+                            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers: dict[int, psutil.Process] = {}
+
+    def watch():
+        try:
+            parent = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                for child in parent.children(recursive=True):
+                    try:
+                        if child.name() == "worker_binary":
+                            workers.setdefault(child.pid, child)
+                    except psutil.NoSuchProcess:
+                        pass
+                time.sleep(0.02)
+        except psutil.NoSuchProcess:
+            pass
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"benchmark did not finish within {timeout} s; stdout tail {stdout[-500:]}")
+    finally:
+        watcher.join(timeout=10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), workers
+
+
+def _assert_gone(workers: dict, timeout_s: float = 15.0) -> None:
+    _, alive = psutil.wait_procs(list(workers.values()), timeout=timeout_s)
+    assert not alive, f"worker_binary outlived the benchmark: {[p.pid for p in alive]}"
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows keyed by their first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| :--"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_speed_smoke_prints_table_and_writes_file(tmp_path):
+    output = tmp_path / "BENCH.md"
+    result, workers = _run(*SMOKE_FLAGS, "--write", f"--output={output}",
+                           timeout=SMOKE_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert workers, "no worker_binary was seen under the benchmark (watcher broken?)"
+    _assert_gone(workers)
+    rows = _table_rows(result.stdout)
+    header = rows["variant"]
+    assert header[:4] == ["median (s)", "min–max (s)", "vs (c)", "vs (d)"]
+    for label in VARIANT_ROWS:
+        (row,) = [cells for first, cells in rows.items() if first.startswith(label)]
+        median, spread = float(row[0]), row[1]
+        low, high = (float(x) for x in spread.split("–"))
+        assert 0 < low <= median <= high
+    c_row = next(cells for first, cells in rows.items() if first.startswith("(c) TFF"))
+    assert c_row[2] == "1.00"  # (c) relative to itself
+    for ratio in ("a/c", "a/d", "c/d", "a+/a"):
+        assert float(rows[ratio][0]) > 0
+    assert "≤ 1 (" in rows["a/c"][1] and "≤ 1.5 (" in rows["a/d"][1]
+
+    text = output.read_text()
+    assert "<!-- benchmark:speed -->" in text and "<!-- /benchmark:speed -->" in text
+    assert "Command: `python -m experiments.benchmark --timed_rounds=2" in text
+    assert re.search(r"Machine: .+ usable cores .+ GiB RAM.+TensorFlow 2\.14", text)
+    assert "load average" in text
+    assert "(a) fedprune, masking both, polynomial |" in text
+
+
+def test_bad_flags_fail_fast_without_tensorflow():
+    for flag, words in (("--masking=none", "sets it per variant"),
+                        ("--sections=speed,fast", "one or more of speed,scale,quality"),
+                        ("--timed_rounds=1", ">= 2"),
+                        ("--scale_baseline_round=100", "--scale_rounds=100")):
+        result, workers = _run("--sections=speed,scale", flag, timeout=60)  # flag wins
+        assert result.returncode == 2, (flag, result.stderr)
+        name = flag.split("=")[0]
+        assert result.stderr.startswith(f"error: {name}") and words in result.stderr, \
+            result.stderr
+        assert not workers  # failed before TFF was started
+
+
+def _timing(key: str, seconds: list[float]) -> benchmark.VariantTiming:
+    return benchmark.VariantTiming(key, benchmark.VARIANT_LABELS[key], wall=seconds,
+                                   python_cpu=[0.01] * len(seconds),
+                                   worker_cpu=[0.1] * len(seconds))
+
+
+def test_speed_markdown_ratios_and_targets():
+    timings = [_timing("a", [0.3, 0.2, 0.4]), _timing("b", [0.2, 0.2, 0.2]),
+               _timing("c", [0.25, 0.2, 0.3]), _timing("d", [0.1, 0.1, 0.1]),
+               _timing("e", [0.12, 0.1, 0.2])]
+    rows = _table_rows(benchmark.speed_markdown(timings, [0.01, 0.02]))
+    a = rows[benchmark.VARIANT_LABELS["a"]]
+    # median 0.3 / median of (c) 0.25 = 1.2, / median of (d) 0.1 = 3.0
+    assert a[:4] == ["0.300", "0.200–0.400", "1.20", "3.00"]
+    assert rows["a/c"] == ["1.20", "≤ 1 (not met)"]
+    assert rows["a/d"] == ["3.00", "≤ 1.5 (not met)"]
+    assert rows["c/d"] == ["2.50", ""]
+    assert "a/c-iter" not in rows and "a+/a" not in rows  # not measured, not reported
+    assert benchmark.speed_ratios({"a": 1.0, "c": 2.0, "d": 1.0, "b": 2.0})["a/c"] == 0.5
+
+
+def test_scale_markdown_marks_growth_of_five_percent():
+    result = {"num_clients": 1000, "clients_per_round": 10, "rounds": 4, "baseline_round": 2,
+              "round_seconds": [9.0, 9.0, 0.2, 0.4],
+              "peak_rss": {"python": 700 * 2**20, "worker": 300 * 2**20},
+              "rss_growth": {"python": 0.01, "worker": 0.05, "total": 0.049}}
+    (row,) = [cells for first, cells in _table_rows(benchmark.scale_markdown([result])).items()
+              if first == "1000"]
+    # Rounds 1..baseline are left out of the round-time statistics.
+    assert row[:6] == ["10", "4", "0.300", "0.200–0.400", "700", "300"]
+    assert row[6:] == ["+1.0 %", "+5.0 % ✗", "+4.9 %"]
+
+
+def test_replace_sections_keeps_other_sections_and_hand_written_head():
+    first = benchmark.replace_sections("", {"speed": "## Speed\nold\n", "quality": "## Q\n"})
+    assert first.startswith("# fedprune benchmarks")
+    edited = first.replace("# fedprune benchmarks", "# fedprune benchmarks\n\nNotes by hand.")
+    second = benchmark.replace_sections(edited, {"scale": "## Scale\n", "speed": "## Speed\nnew\n"})
+    assert "Notes by hand." in second
+    assert "old" not in second and "new" in second and "## Q" in second
+    # Sections stay in SECTIONS order whatever order they were written in.
+    positions = [second.index(f"<!-- benchmark:{name} -->") for name in benchmark.SECTIONS]
+    assert positions == sorted(positions)
+    assert benchmark.replace_sections(second, {}) == second
+
+
+def test_command_line_drops_internal_flags_and_quotes():
+    argv = ["/x/benchmark.py", "--sections=scale", "--scale_child=10", "--output=a b.md"]
+    assert (benchmark.command_line(argv)
+            == "python -m experiments.benchmark --sections=scale '--output=a b.md'")
