@@ -422,45 +422,51 @@ def write_reports(results: Sequence[RunResult], root: Path,
                   metrics: Sequence[str] = tuple(METRICS)) -> reporting.Table:
     """Writes comparison.{md,tex,csv} and the plots into `root`; returns the table.
 
-    Plots: `accuracy_vs_sparsity.png` (final accuracy against measured global
-    sparsity, one series per schedule and masking), `accuracy_vs_round.png`
-    (one line per schedule, mean ± 95% CI band over seeds, at the highest
-    target sparsity with the last masking mode listed, dense included) and the
-    same for every (masking, sparsity) pair in `plots/`.
+    Plots, per masking mode, dense included, one series per schedule (mean
+    and 95% CI over seeds): `plots/accuracy_vs_sparsity-<masking>.png` (final
+    test accuracy against the target sparsity) and
+    `plots/accuracy_vs_round-<masking>-s<sparsity>.png` (test accuracy against
+    the round, one file per target sparsity). `accuracy_vs_sparsity.png` and
+    `accuracy_vs_round.png` in `root` are those of the last masking mode listed
+    (at its last sparsity listed).
     """
     table = aggregate(results, metrics)
-    fmt = formats(metrics)
     root.mkdir(parents=True, exist_ok=True)
     reporting.atomic_write_text(root / "comparison.md", markdown(table))
-    reporting.atomic_write_text(root / "comparison.tex", reporting.to_latex(table, fmt))
+    reporting.atomic_write_text(root / "comparison.tex",
+                                reporting.to_latex(table, formats(metrics)))
     reporting.to_csv(table, root / "comparison.csv")
-    if "accuracy" in metrics and "sparsity" in metrics:
-        reporting.plot_accuracy_vs_sparsity(table, root / "accuracy_vs_sparsity.png",
-                                            x="sparsity", y="accuracy")
-    _plot_rounds(results, root)
+    _write_plots(results, root)
     return table
 
 
-def _plot_rounds(results: Sequence[RunResult], root: Path) -> None:
+def _write_plots(results: Sequence[RunResult], root: Path) -> None:
     dense = [r for r in results if r.cell.schedule == DENSE]
     pruned = [r for r in results if r.cell.schedule != DENSE]
-    pairs = list(dict.fromkeys((r.cell.config.masking, r.cell.config.final_sparsity)
-                               for r in pruned))
-    if not pairs:
-        pairs = [(None, None)]
-    (root / "plots").mkdir(exist_ok=True)
-    for masking, sparsity in pairs:
-        runs = [({"schedule": r.cell.schedule}, r.metrics_rows) for r in dense + [
-            r for r in pruned
-            if (r.cell.config.masking, r.cell.config.final_sparsity) == (masking, sparsity)]]
-        name = "dense" if masking is None else f"{masking}-s{sparsity:g}"
-        reporting.plot_curves_by_group(runs, "schedule", "test_accuracy",
-                                       root / "plots" / f"accuracy_vs_round-{name}.png")
-    masking = pairs[-1][0]
-    sparsity = max((p[1] for p in pairs if p[0] == masking), default=None)
-    name = "dense" if masking is None else f"{masking}-s{sparsity:g}"
-    source = root / "plots" / f"accuracy_vs_round-{name}.png"
-    reporting.atomic_write_bytes(root / "accuracy_vs_round.png", source.read_bytes())
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+    headline = {}
+    for masking in list(dict.fromkeys(r.cell.config.masking for r in pruned)) or [None]:
+        runs = dense + [r for r in pruned if r.cell.config.masking == masking]
+        tag = masking or DENSE
+        by_sparsity = {}
+        for r in runs:
+            by_sparsity.setdefault(r.cell.config.final_sparsity, []).append(r)
+        for sparsity, group in by_sparsity.items():
+            if sparsity == 0.0 and len(by_sparsity) > 1:
+                continue  # dense alone; it is drawn with every pruned sparsity
+            curves = [({"schedule": r.cell.schedule}, r.metrics_rows)
+                      for r in (group if sparsity == 0.0 else dense + group)]
+            headline["accuracy_vs_round.png"] = plots / f"accuracy_vs_round-{tag}-s{sparsity:g}.png"
+            reporting.plot_curves_by_group(curves, "schedule", "test_accuracy",
+                                           headline["accuracy_vs_round.png"])
+        table = reporting.aggregate([r.row(["accuracy"]) for r in runs],
+                                    ("schedule", "final_sparsity"), ["accuracy"])
+        headline["accuracy_vs_sparsity.png"] = plots / f"accuracy_vs_sparsity-{tag}.png"
+        reporting.plot_accuracy_vs_sparsity(table, headline["accuracy_vs_sparsity.png"],
+                                            x="final_sparsity", y="accuracy")
+    for name, source in headline.items():
+        reporting.atomic_write_bytes(root / name, source.read_bytes())
 
 
 def run_grid(cells: Sequence[Cell], root: Path, *, verbose: bool, tff_workers: Sequence[str],

@@ -187,9 +187,21 @@ def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]
 
 
 def render_section(spec: TableSpec, table: reporting.Table, results: list,
-                   invocations: list[dict]) -> str:
-    """The Markdown of a table's RESULTS.md section (without the markers)."""
+                   invocations: list[dict], root: Path) -> str:
+    """The Markdown of a table's RESULTS.md section (without the markers).
+
+    Args:
+      spec: the table.
+      table: its aggregated values.
+      results: the runs (`grid.load_results`), found under `root`.
+      invocations: from `record_invocation`, for the time it took.
+      root: the run tree; the runs' config.json name the commit they were trained at.
+    """
     from fedprune import program
+
+    # The code a grid runs is imported by its first run: name the commit its config.json recorded
+    # (later runs record HEAD at their start, which can move while a long grid runs).
+    first = (grid.read_json(root / results[0].cell.name / "config.json") or {})
 
     flagfile = spec.flagfiles("full")[0]
     flag_lines = [line for line in flagfile.read_text().splitlines()
@@ -228,14 +240,18 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"that trained runs; 1-minute load average at their end: {loads}); "
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "
         f"({_minutes(train_seconds)} in total; the rest is start-up and tables).",
-        f"- Code: git commit `{program.git_commit()}`, {time.strftime('%Y-%m-%d')}.",
+        f"- Code: runs trained with git commit `{first.get('git_commit')}` (`-dirty`: with "
+        f"uncommitted changes); table written at `{program.git_commit()}`, "
+        f"{time.strftime('%Y-%m-%d')}.",
         f"- Expected values and tolerances: "
         f"`{spec.expected_path('full').relative_to(REPO)}`.",
         "",
         grid.markdown(table).rstrip(),
         "",
-        "Plots in the run tree: `accuracy_vs_round.png`, `accuracy_vs_sparsity.png`, "
-        "`plots/accuracy_vs_round-<masking>-s<sparsity>.png`.",
+        f"Plots in the run tree (`runs/table{spec.number}-full/`): "
+        "`plots/accuracy_vs_sparsity-<masking>.png` and "
+        "`plots/accuracy_vs_round-<masking>-s<sparsity>.png` (mean and 95 % CI band over "
+        "seeds, one series per schedule).",
     ])
 
 
@@ -301,7 +317,7 @@ def main(argv):
         if size == "full":
             results_path = Path(_RESULTS.value or REPO / "RESULTS.md")
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
-            section = render_section(spec, table, results, invocations)
+            section = render_section(spec, table, results, invocations, root)
             reporting.atomic_write_text(results_path,
                                         grid.replace_section(old, f"table{spec.number}",
                                                              section))

@@ -40,7 +40,8 @@ from fedprune.config import ExperimentConfig
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
-    "nonzero_params", "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up",
+    "nonzero_params", "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
+    "dense_bytes_down", "dense_bytes_up",
     "tff_bytes_down", "tff_bytes_up", "round_seconds", "elapsed_seconds",
 )
 TIME_COLUMNS = ("round_seconds", "elapsed_seconds")

@@ -32,7 +32,8 @@ def _run(*args, timeout=240):
 
 def _metrics(run_dir):
     with open(Path(run_dir) / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in rows]
 
 
 def _assert_same_run(a, b, atol=1e-5):
