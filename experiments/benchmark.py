@@ -41,7 +41,9 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          for `--scale_rounds` rounds, each setting in a fresh child process:
          round time, peak RSS of the Python process and of the `worker_binary`
          child, and RSS growth from round `--scale_baseline_round` to the last
-         (a per-round leak shows as growth; the limit is 5 %).
+         (a per-round leak shows as growth; the limit is 5 %). Each setting runs
+         with glibc's default malloc arenas and with `--scale_malloc_arena_max`,
+         which separates allocator fragmentation from leaks.
 quality  Final test accuracy of `program.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
          `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI.
@@ -111,6 +113,10 @@ _SCALE_CPR = flags.DEFINE_list("scale_clients_per_round", ["10", "100"],
 _SCALE_ROUNDS = flags.DEFINE_integer("scale_rounds", 100, "scale: rounds per setting.")
 _SCALE_BASELINE = flags.DEFINE_integer(
     "scale_baseline_round", 10, "scale: RSS growth is measured from this round to the last.")
+_SCALE_ARENAS = flags.DEFINE_list(
+    "scale_malloc_arena_max", ["0", "2"],
+    "scale: glibc MALLOC_ARENA_MAX values for the child and its worker, one child each per "
+    "clients-per-round value (0 = unset, glibc's default of 8 arenas per core).")
 _SCALE_CHILD = flags.DEFINE_integer("scale_child", 0, "Internal: run one scale setting with "
                                     "this many clients per round and print its result.")
 _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75", "0.9", "0.95"],
@@ -131,7 +137,8 @@ class Plan:
       sections: the sections to run, in `SECTIONS` order.
       pruned: the config of variants (a) and (a+): masking `both`, polynomial.
       dense: the config of variant (b): masking `none`, no schedule.
-      scale: per clients-per-round value, the config of one scale child.
+      scale: per clients-per-round value, the config of its scale children.
+      arenas: MALLOC_ARENA_MAX per scale child (0: unset), crossed with `scale`.
       quality: (target sparsity, seed, config) per quality run.
     """
 
@@ -139,6 +146,7 @@ class Plan:
     pruned: config_lib.ExperimentConfig
     dense: config_lib.ExperimentConfig
     scale: dict[int, config_lib.ExperimentConfig]
+    arenas: tuple[int, ...]
     quality: tuple[tuple[float, int, config_lib.ExperimentConfig], ...]
 
 
@@ -186,8 +194,9 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
     check(_WARMUP_ROUNDS.value >= 0, "warmup_rounds", _WARMUP_ROUNDS.value, "a whole number >= 0")
     check(_TIMED_ROUNDS.value >= 2, "timed_rounds", _TIMED_ROUNDS.value, "a whole number >= 2")
     pruned, dense = pruned_and_dense(base, 1 + _WARMUP_ROUNDS.value + _TIMED_ROUNDS.value)
-    scale = {}
+    scale, arenas = {}, ()
     if "scale" in sections or _SCALE_CHILD.value:
+        arenas = tuple(_int_list("scale_malloc_arena_max", _SCALE_ARENAS.value, 0))
         check(_SCALE_ROUNDS.value >= 2, "scale_rounds", _SCALE_ROUNDS.value, "a whole number >= 2")
         check(1 <= _SCALE_BASELINE.value < _SCALE_ROUNDS.value, "scale_baseline_round",
               _SCALE_BASELINE.value, f"a round in [1, --scale_rounds={_SCALE_ROUNDS.value})")
@@ -210,7 +219,7 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                     eval_every=base.rounds)
                 pruned_q, dense_q = pruned_and_dense(config, config.rounds)
                 quality.append((sparsity, seed, dense_q if sparsity == 0 else pruned_q))
-    return Plan(sections, pruned, dense, scale, tuple(quality))
+    return Plan(sections, pruned, dense, scale, arenas, tuple(quality))
 
 
 # --------------------------------------------------------------------------
@@ -289,17 +298,18 @@ def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[flo
 def scale_markdown(results: Sequence[dict]) -> str:
     """The scale table, one row per clients-per-round setting (from `run_scale_child`)."""
     mib = 1024**2
-    lines = ["| clients | per round | rounds | median round (s) | min–max (s) "
-             "| peak RSS Python (MiB) | peak RSS worker (MiB) | RSS growth Python "
+    lines = ["| clients | per round | MALLOC_ARENA_MAX | rounds | median round (s) "
+             "| min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) | RSS growth Python "
              "| RSS growth worker | RSS growth total |",
-             "| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
+             "| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
     for r in results:
         med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
         growth = r["rss_growth"]
         cells = [f"{100 * growth[k]:+.1f} %" + ("" if growth[k] < MAX_RSS_GROWTH else " ✗")
                  for k in ("python", "worker", "total")]
         lines.append(
-            f"| {r['num_clients']} | {r['clients_per_round']} | {r['rounds']} "
+            f"| {r['num_clients']} | {r['clients_per_round']} "
+            f"| {r.get('malloc_arena_max', 'unset')} | {r['rounds']} "
             f"| {_seconds(med)} | {_seconds(lo)}–{_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
             f"| {' | '.join(cells)} |")
@@ -773,19 +783,36 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     growth["total"] = (after["python"] + after["worker"]) / (
         before["python"] + before["worker"]) - 1
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
+            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "unset"),
             "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
             "rss": rss, "peak_rss": peak, "rss_growth": growth}
 
 
+def _child_env(arena_max: int) -> dict[str, str]:
+    """This process's environment with MALLOC_ARENA_MAX set to `arena_max` (0: unset)."""
+    env = dict(os.environ)
+    env.pop("MALLOC_ARENA_MAX", None)
+    if arena_max:
+        env["MALLOC_ARENA_MAX"] = str(arena_max)
+    return env
+
+
 def run_scale(plan: Plan, log) -> tuple[str, str]:
-    """Runs each scale setting in a child process (clean peak RSS); returns (table, notes)."""
+    """Runs each scale setting in a child process (clean peak RSS); returns (table, notes).
+
+    glibc gives each thread that allocates concurrently its own malloc arena (up
+    to 8 per core) and rarely returns their free space, so a multi-threaded
+    process such as TFF's worker can grow without leaking; running each setting
+    also with MALLOC_ARENA_MAX (inherited by the worker) tells the two apart.
+    """
     results = []
-    for cpr in plan.scale:
-        log(f"scale: {_SCALE_CLIENTS.value} clients, {cpr} per round, in a child process")
+    for cpr, arena_max in [(c, a) for c in plan.scale for a in plan.arenas]:
+        log(f"scale: {_SCALE_CLIENTS.value} clients, {cpr} per round, MALLOC_ARENA_MAX="
+            f"{arena_max or 'unset'}, in a child process")
         args = [sys.executable, "-m", "experiments.benchmark", *sys.argv[1:],
                 f"--scale_child={cpr}"]
         child = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, text=True, env=_child_env(arena_max))
         result = None
         try:
             for line in child.stdout:
@@ -816,7 +843,9 @@ polynomial (power {config.power:g}) {config.initial_sparsity:g} →
 `process.next`, medians over rounds {_SCALE_BASELINE.value + 1}–{_SCALE_ROUNDS.value}. Peak
 RSS is the kernel's high-water mark (VmHWM) of each process. RSS growth compares the RSS
 sampled after round {_SCALE_BASELINE.value} with that after the last round; ✗ marks growth
-of {100 * MAX_RSS_GROWTH:.0f} % or more."""
+of {100 * MAX_RSS_GROWTH:.0f} % or more. MALLOC_ARENA_MAX is glibc's cap on malloc arenas,
+set for the child and inherited by its worker ("unset": glibc's default, up to 8 per core):
+growth that the cap removes is allocator fragmentation across threads, not a leak."""
     return scale_markdown(results), notes
 
 
