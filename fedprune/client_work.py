@@ -111,8 +111,14 @@ def build_pruning_client_work(
     """
     import tensorflow_federated as tff
 
+    # DATASET_ITERATOR (a Python-style loop over the dataset inside the graph)
+    # measured ~3x faster per round than TFF's default DATASET_REDUCE on the
+    # digits MLP (BENCHMARKS.md), with bit-identical weights.
     inner = tff.learning.templates.build_model_delta_client_work(
-        model_fn, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES
+        model_fn,
+        client_optimizer,
+        tff.learning.ClientWeighting.NUM_EXAMPLES,
+        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
     weights_type = inner.next.type_signature.parameter[1].member
     update_type = inner.next.type_signature.result.result.member
