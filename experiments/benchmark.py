@@ -14,8 +14,8 @@ speed    Per-round wall time of, side by side on the same model, initial
            (b)  fedprune, masking `none` (dense; TFF's own parts);
            (c)  stock `tff.learning.algorithms.build_weighted_fed_avg`, same
                 initial weights (`set_model_weights`) and client optimizer;
-           (c-iter) the same with `loop_implementation=DATASET_ITERATOR`
-                (TFF's other client loop; (c) and fedprune use `DATASET_REDUCE`);
+           (c-iter) the same with `loop_implementation=DATASET_ITERATOR`, TFF's
+                other client loop (stock's default is `DATASET_REDUCE`);
            (d)  the compute floor: one Keras `fit` epoch over the concatenation
                 of the round's client datasets (the same batches), SGD with the
                 client learning rate, compiled once;
@@ -342,25 +342,37 @@ machine and the load it ran under; rerunning one section replaces only it.
 
 
 def replace_sections(text: str, bodies: dict[str, str]) -> str:
-    """Puts each section body between its markers in `text`, in `SECTIONS` order.
+    """Replaces each section of `bodies` between its markers in `text`, in place.
 
-    Sections of `text` not in `bodies` are kept; a missing file (`text` == "")
-    gets the standard header.
+    Everything else in `text` (hand-written notes, other tools' sections) is
+    kept as it is. A section not yet in `text` goes after the nearest earlier
+    section of `SECTIONS` present, else before the nearest later one, else at
+    the end; an empty `text` gets the standard header first.
     """
-    kept = {}
-    for name in SECTIONS:
+    if not text.strip():
+        text = _HEADER
+    for index, name in enumerate(SECTIONS):
+        if name not in bodies:
+            continue
         start, end = _section_markers(name)
-        match = re.search(re.escape(start) + r"\n(.*?)" + re.escape(end), text, re.S)
+        block = f"{start}\n{bodies[name].rstrip()}\n{end}"
+        pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.S)
+        match = pattern.search(text)
         if match:
-            kept[name] = match.group(1)
-    kept.update(bodies)
-    head = text.split("<!-- benchmark:", 1)[0].rstrip() if text else _HEADER.rstrip()
-    parts = [head, ""]
-    for name in SECTIONS:
-        if name in kept:
-            start, end = _section_markers(name)
-            parts += [start, kept[name].rstrip("\n"), end, ""]
-    return "\n".join(parts)
+            text = text[:match.start()] + block + text[match.end():]
+            continue
+        earlier = [text.find(_section_markers(n)[1]) for n in SECTIONS[:index]]
+        later = [text.find(_section_markers(n)[0]) for n in SECTIONS[index + 1:]]
+        if any(p >= 0 for p in earlier):
+            at = max(p for p in earlier if p >= 0)
+            at = text.index("\n", at) if "\n" in text[at:] else len(text)
+            text = f"{text[:at]}\n\n{block}{text[at:]}"
+        elif any(p >= 0 for p in later):
+            at = min(p for p in later if p >= 0)
+            text = f"{text[:at]}{block}\n\n{text[at:]}"
+        else:
+            text = f"{text.rstrip()}\n\n{block}\n"
+    return text
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -631,7 +643,8 @@ def build_variants(plan: Plan, data, first: RoundData, work_dir: Path, log) -> d
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
 
     # c-iter: the same with TFF's other client loop (a `for` over a dataset
-    # iterator instead of `DatasetReduce`), which fedprune could use as well.
+    # iterator instead of `DatasetReduce`): stock FedAvg at its best, and the
+    # like-for-like baseline when fedprune's client work uses that loop.
     for key, loop in (("c", tff.learning.LoopImplementation.DATASET_REDUCE),
                       ("c-iter", tff.learning.LoopImplementation.DATASET_ITERATOR)):
         fed_avg = tff.learning.algorithms.build_weighted_fed_avg(

@@ -162,17 +162,23 @@ def test_scale_markdown_marks_growth_of_five_percent():
     assert row[7:] == ["+1.0 %", "+5.0 % ✗", "+4.9 %"]
 
 
-def test_replace_sections_keeps_other_sections_and_hand_written_head():
+def test_replace_sections_replaces_in_place_and_keeps_everything_else():
     first = benchmark.replace_sections("", {"speed": "## Speed\nold\n", "quality": "## Q\n"})
     assert first.startswith("# fedprune benchmarks")
-    edited = first.replace("# fedprune benchmarks", "# fedprune benchmarks\n\nNotes by hand.")
+    edited = (first.replace("# fedprune benchmarks", "# fedprune benchmarks\n\nNotes by hand.")
+              + "\n<!-- scaleout -->\n## Another tool's section\n<!-- /scaleout -->\n")
     second = benchmark.replace_sections(edited, {"scale": "## Scale\n", "speed": "## Speed\nnew\n"})
-    assert "Notes by hand." in second
+    assert "Notes by hand." in second and "## Another tool's section" in second
     assert "old" not in second and "new" in second and "## Q" in second
-    # Sections stay in SECTIONS order whatever order they were written in.
+    # A new section goes between its neighbours of SECTIONS.
     positions = [second.index(f"<!-- benchmark:{name} -->") for name in benchmark.SECTIONS]
     assert positions == sorted(positions)
+    assert second.index("<!-- /benchmark:quality -->") < second.index("<!-- scaleout -->")
     assert benchmark.replace_sections(second, {}) == second
+    # Replacing with the same bodies changes nothing; backslashes are kept verbatim.
+    again = benchmark.replace_sections(second, {"scale": "## Scale\n", "quality": "## Q\n"})
+    assert again == second
+    assert "a\\1 b" in benchmark.replace_sections(second, {"quality": "a\\1 b"})
 
 
 def test_command_line_drops_internal_flags_and_quotes():

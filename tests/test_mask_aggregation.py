@@ -18,17 +18,11 @@ FINALS = np.array([[2, 4, 0, 0], [4, 0, 6, 0], [6, 0, 0, 0]], np.float32)
 WEIGHTS = [1.0, 1.0, 2.0]  # examples per client
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_context():
-    from fedprune import runtime
-
-    runtime.set_local_context()
-    yield
-    runtime.stop_workers()
+pytestmark = pytest.mark.usefixtures("tff_local_context")
 
 
 @pytest.fixture(scope="module")
-def aggregate():
+def aggregate(tff_local_context):
     payloads = [mask_aggregation.client_payload((CURRENT - f,), (f,), (m,))
                 for f, m in zip(FINALS, MASKS, strict=True)]
     kernel = (tff.TensorType(np.float32, [4]),)

@@ -15,14 +15,7 @@ NUM_CLIENTS = 4
 HIDDEN = (50,)  # MLP 64-50-10: kernels of 3,200 and 500 weights
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_context():
-    """fedprune's loopback worker (output not on pytest's stdout), stopped afterwards."""
-    from fedprune import runtime
-
-    runtime.set_local_context()
-    yield
-    runtime.stop_workers()
+pytestmark = pytest.mark.usefixtures("tff_local_context")
 
 
 @pytest.fixture(scope="module")
