@@ -295,24 +295,40 @@ def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[flo
     return "\n".join(lines) + "\n"
 
 
+def rss_slope(result: dict, key: str = "worker") -> float:
+    """Least-squares RSS slope in MiB per round over the second half of a scale run.
+
+    A per-round leak shows as a positive slope however the first rounds went;
+    a one-off rise (e.g. after the largest client so far) does not.
+    """
+    rss = result["rss"]
+    first = len(rss) // 2
+    rounds = list(range(first + 1, len(rss) + 1))
+    mib = [r[key] / 2**20 for r in rss[first:]]
+    return statistics.linear_regression(rounds, mib).slope
+
+
 def scale_markdown(results: Sequence[dict]) -> str:
-    """The scale table, one row per clients-per-round setting (from `run_scale_child`)."""
+    """The scale table, one row per child process (from `run_scale_child`)."""
     mib = 1024**2
     lines = ["| clients | per round | MALLOC_ARENA_MAX | rounds | median round (s) "
              "| min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) | RSS growth Python "
-             "| RSS growth worker | RSS growth total |",
-             "| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
+             "| RSS growth worker | RSS growth total | worker RSS slope, 2nd half (MiB/round) "
+             "| largest client so far (examples) |",
+             "| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
     for r in results:
         med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
         growth = r["rss_growth"]
         cells = [f"{100 * growth[k]:+.1f} %" + ("" if growth[k] < MAX_RSS_GROWTH else " ✗")
                  for k in ("python", "worker", "total")]
+        largest = r["largest_client"]
         lines.append(
             f"| {r['num_clients']} | {r['clients_per_round']} "
             f"| {r.get('malloc_arena_max', 'unset')} | {r['rounds']} "
             f"| {_seconds(med)} | {_seconds(lo)}–{_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
-            f"| {' | '.join(cells)} |")
+            f"| {' | '.join(cells)} | {rss_slope(r):+.2f} "
+            f"| {largest[r['baseline_round'] - 1]:,} → {largest[-1]:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -477,10 +493,12 @@ class RoundData:
 
     Attributes:
       round_num: the round (drives client sampling and shuffling, as in program.py).
-      datasets: the sampled clients' `tf.data` datasets of batches.
+      clients: the sampled client ids.
+      datasets: their `tf.data` datasets of batches, in the same order.
     """
 
     round_num: int
+    clients: list[str]
     datasets: list
 
 
@@ -490,7 +508,7 @@ def build_round_data(config, data, round_num: int) -> RoundData:
 
     clients = datasets.sample_clients(data.client_ids, config.clients_per_round,
                                       seed=config.seed, round_num=round_num)
-    return RoundData(round_num, [
+    return RoundData(round_num, clients, [
         data.client_dataset(c, batch_size=config.batch_size, local_epochs=config.local_epochs,
                             shuffle_seed=datasets.client_shuffle_seed(config.seed, round_num, c),
                             max_examples=config.max_examples_per_client or None)
@@ -779,12 +797,14 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     pp = program.build_process(config, data)
     state = pp.process.initialize()
     me = psutil.Process()
-    round_seconds, rss = [], []
+    round_seconds, rss, largest = [], [], []
     for round_num in range(1, rounds + 1):
         start = time.perf_counter()
         batches = build_round_data(config, data, round_num)
         state = pp.process.next(state, batches.datasets).state
         round_seconds.append(time.perf_counter() - start)
+        # Memory that malloc keeps after the largest client so far is not a leak.
+        largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))
         workers = _workers()
         rss.append({"python": _rss(me), "worker": sum(_rss(w) for w in workers)})
         if round_num % 10 == 0 or round_num == rounds:
@@ -798,7 +818,7 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
             "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "unset"),
             "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
-            "rss": rss, "peak_rss": peak, "rss_growth": growth}
+            "rss": rss, "peak_rss": peak, "rss_growth": growth, "largest_client": largest}
 
 
 def _child_env(arena_max: int) -> dict[str, str]:
@@ -856,9 +876,13 @@ polynomial (power {config.power:g}) {config.initial_sparsity:g} →
 `process.next`, medians over rounds {_SCALE_BASELINE.value + 1}–{_SCALE_ROUNDS.value}. Peak
 RSS is the kernel's high-water mark (VmHWM) of each process. RSS growth compares the RSS
 sampled after round {_SCALE_BASELINE.value} with that after the last round; ✗ marks growth
-of {100 * MAX_RSS_GROWTH:.0f} % or more. MALLOC_ARENA_MAX is glibc's cap on malloc arenas,
-set for the child and inherited by its worker ("unset": glibc's default, up to 8 per core):
-growth that the cap removes is allocator fragmentation across threads, not a leak."""
+of {100 * MAX_RSS_GROWTH:.0f} % or more. The slope is a least-squares fit of the worker's RSS
+over the second half of the rounds: a per-round leak keeps it positive, while a one-off rise
+does not, such as malloc keeping the memory of the largest client trained so far (last
+column: its size at round {_SCALE_BASELINE.value} → at the end). MALLOC_ARENA_MAX is glibc's
+cap on malloc arenas, set for the child and inherited by its worker ("unset": glibc's
+default, up to 8 per core): growth that the cap removes is allocator fragmentation across
+threads, not a leak."""
     return scale_markdown(results), notes
 
 
