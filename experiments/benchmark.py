@@ -109,14 +109,15 @@ _SCALE_DATASET = flags.DEFINE_enum("scale_dataset", "synthetic", SCALE_DATASETS,
                                    "--synthetic_beta); digits: --partition of 1,437 examples).")
 _SCALE_CLIENTS = flags.DEFINE_integer("scale_clients", 1000, "scale: number of clients.")
 _SCALE_CPR = flags.DEFINE_list("scale_clients_per_round", ["10", "100"],
-                               "scale: clients per round, one child process each.")
+                               "scale: clients per round; one child process per value and "
+                               "--scale_malloc_arena_max value.")
 _SCALE_ROUNDS = flags.DEFINE_integer("scale_rounds", 100, "scale: rounds per setting.")
 _SCALE_BASELINE = flags.DEFINE_integer(
     "scale_baseline_round", 10, "scale: RSS growth is measured from this round to the last.")
 _SCALE_ARENAS = flags.DEFINE_list(
     "scale_malloc_arena_max", ["0", "2"],
     "scale: glibc MALLOC_ARENA_MAX values for the child and its worker, one child each per "
-    "clients-per-round value (0 = unset, glibc's default of 8 arenas per core).")
+    "clients-per-round value (0 = not set here; the table shows what the worker had).")
 _SCALE_CHILD = flags.DEFINE_integer("scale_child", 0, "Internal: run one scale setting with "
                                     "this many clients per round and print its result.")
 _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75", "0.9", "0.95"],
@@ -461,6 +462,18 @@ def _cpu_seconds() -> tuple[float, float]:
         except psutil.NoSuchProcess:
             pass
     return own.user + own.system, worker
+
+
+def _arena_max(workers) -> str:
+    """MALLOC_ARENA_MAX in the workers' environment ("unset": glibc's default)."""
+    import psutil
+
+    for proc in workers:
+        try:
+            return proc.environ().get("MALLOC_ARENA_MAX", "unset")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return "unknown"
 
 
 def _rss(proc) -> int:
@@ -810,13 +823,14 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
         if round_num % 10 == 0 or round_num == rounds:
             log(f"round {round_num}/{rounds}: {round_seconds[-1]:.3f} s, RSS python "
                 f"{rss[-1]['python'] / 2**20:.0f} MiB, worker {rss[-1]['worker'] / 2**20:.0f} MiB")
-    peak = {"python": _peak_rss(me), "worker": sum(_peak_rss(w) for w in _workers())}
+    workers = _workers()
+    peak = {"python": _peak_rss(me), "worker": sum(_peak_rss(w) for w in workers)}
     before, after = rss[baseline_round - 1], rss[-1]
     growth = {k: after[k] / before[k] - 1 for k in ("python", "worker")}
     growth["total"] = (after["python"] + after["worker"]) / (
         before["python"] + before["worker"]) - 1
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
-            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX", "unset"),
+            "malloc_arena_max": _arena_max(workers),
             "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
             "rss": rss, "peak_rss": peak, "rss_growth": growth, "largest_client": largest}
 
