@@ -16,7 +16,16 @@ from pathlib import Path
 from absl import flags
 
 from fedprune import config as config_lib
-from fedprune import datasets, mask_aggregation, masking, models, partitions, schedules
+from fedprune import (
+    datasets,
+    mask_aggregation,
+    masking,
+    models,
+    partitions,
+    privacy,
+    sampling,
+    schedules,
+)
 from fedprune.client_work import MASKING_MODES
 from fedprune.errors import InvalidArgument
 
@@ -34,7 +43,12 @@ _HELP = {
     "synthetic_alpha": "Synthetic(alpha, beta): model heterogeneity (Li et al. 2020).",
     "synthetic_beta": "Synthetic(alpha, beta): data heterogeneity.",
     "num_clients": "Number of clients (for TFF datasets: the first N clients; 0 = all).",
-    "clients_per_round": "Clients sampled uniformly without replacement in each round.",
+    "clients_per_round": "Clients per round: exactly this many (--client_sampling=fixed) or "
+                         "this many in expectation (poisson).",
+    "client_sampling": "How each round's clients are drawn: fixed (uniformly without "
+                       "replacement, exactly --clients_per_round) or poisson (each client "
+                       "independently with probability clients_per_round/num_clients). The DP "
+                       "accountant assumes the matching event (see fedprune/sampling.py).",
     "max_examples_per_client": "Cap on a client's examples per epoch (0 = no cap).",
     "max_test_examples": "Cap on the global test set of TFF datasets (0 = the whole split).",
     "rounds": "Federated rounds to train.",
@@ -69,6 +83,17 @@ _HELP = {
     "mask_aggregation": "How clients' pruned models combine (masking client|both): average, "
                         "nonzero (average over the clients that kept a weight), majority (a "
                         "weight survives when at least half the clients keep it).",
+    "dp": "Client-level differential privacy (DP-FedAvg): none, fixed (clip every client "
+          "update to --dp_clip) or adaptive (clip at the --dp_target_quantile of update norms, "
+          "starting at --dp_clip). Needs --masking=server or none.",
+    "dp_noise_multiplier": "DP noise multiplier z: noise stddev z * clip on the sum of clipped "
+                           "updates (0 = clipping only, epsilon = inf).",
+    "dp_clip": "DP clip norm (L2 norm of a client's whole update); the initial one for "
+               "--dp=adaptive.",
+    "dp_target_quantile": "--dp=adaptive: fraction of client updates left unclipped.",
+    "dp_delta": "DP delta at which epsilon is reported; < 1/num_clients.",
+    "dp_accountant": "Accountant of the headline epsilon: rdp, or pld (Poisson sampling "
+                     "only). metrics.csv has both where they apply.",
     "seed": "Seed for partition, model init, client sampling and shuffling.",
     "eval_every": "Evaluate the global model on the test set every this many rounds (and "
                   "at the last round).",
@@ -86,6 +111,9 @@ _ENUMS = {
     "structure": masking.STRUCTURES,
     "block_pooling": masking.POOLINGS,
     "mask_aggregation": mask_aggregation.RULES,
+    "client_sampling": sampling.SAMPLING_MODES,
+    "dp": privacy.DP_KINDS,
+    "dp_accountant": privacy.ACCOUNTANTS,
 }
 
 _OPTIONAL_FLOATS = ("threshold", "relative_rate")

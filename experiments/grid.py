@@ -4,7 +4,8 @@ Shared by `compare_schedules.py` (any grid from flags) and `reproduce.py` (the
 grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
 (the ordinary experiment flags) crossed with the grid flags:
 
-    --schedules × (--powers for polynomial) × --final_sparsities × --maskings × --seeds
+    --schedules × (--powers for polynomial) × --final_sparsities × --maskings
+      [× --dp_noise_multipliers] × --seeds
 
 Dense training (`none` in --schedules) is one cell per seed with
 `masking=none`, not one per sparsity and masking. Each cell trains into its
@@ -44,9 +45,13 @@ GRID_MASKINGS = tuple(m for m in MASKING_MODES if m != "none")  # none is the de
 # Config field -> the grid flag that sets it per cell; setting the field as a base flag
 # would be silently overridden, so it is rejected.
 CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "final_sparsities",
-               "masking": "maskings", "seed": "seeds"}
+               "masking": "maskings", "dp_noise_multiplier": "dp_noise_multipliers",
+               "seed": "seeds"}
+# Dimensions a grid may leave out (an empty grid flag): the base flag then applies.
+OPTIONAL_CELL_FIELDS = ("dp_noise_multiplier",)
 GRID_FLAGS = tuple(CELL_FIELDS.values())
 KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without its seed
+DP_KEY = "dp_noise_multiplier"  # added to the row keys of DP grids
 
 
 # --------------------------------------------------------------------------
@@ -66,6 +71,8 @@ def define_grid_flags() -> None:
                       "Target sparsities, fractions in [0, 1).")
     flags.DEFINE_list("maskings", ["client", "server", "both"],
                       "Masking modes of the pruned cells (" + "|".join(GRID_MASKINGS) + ").")
+    flags.DEFINE_list("dp_noise_multipliers", [], "DP noise multipliers, one cell each (with "
+                      "--dp=fixed|adaptive); empty: --dp_noise_multiplier for every cell.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; tables show mean ± 95% CI over them.")
 
 
@@ -91,6 +98,8 @@ def check_no_cell_flags() -> None:
       InvalidArgument: naming the flag and the grid flag to use instead.
     """
     for field, grid_flag in CELL_FIELDS.items():
+        if field in OPTIONAL_CELL_FIELDS and not FLAGS[grid_flag].value:
+            continue
         check(not FLAGS[field].present, field, FLAGS[field].value,
               f"no value: each cell sets it from --{grid_flag}")
 
@@ -121,9 +130,13 @@ class Cell:
 
     @property
     def key(self) -> dict:
-        """The table row this cell belongs to: {schedule, final_sparsity, masking}."""
-        return {"schedule": self.schedule, "final_sparsity": self.config.final_sparsity,
-                "masking": self.config.masking}
+        """The table row this cell belongs to: {schedule, final_sparsity, masking[,
+        dp_noise_multiplier]} (the last for DP runs)."""
+        key = {"schedule": self.schedule, "final_sparsity": self.config.final_sparsity,
+               "masking": self.config.masking}
+        if self.config.dp != "none":
+            key[DP_KEY] = self.config.dp_noise_multiplier
+        return key
 
 
 def _parse_list(name: str, values: Iterable[str], convert, accepted: str) -> tuple:
@@ -155,6 +168,8 @@ class GridSpec:
       final_sparsities: target sparsities in [0, 1) of the pruned cells.
       maskings: masking modes of the pruned cells (not `none`).
       seeds: seeds (>= 0); every cell is run once per seed.
+      dp_noise_multipliers: DP noise multipliers (>= 0), one cell each; empty:
+        the base config's.
     """
 
     schedules: tuple[str, ...]
@@ -162,6 +177,7 @@ class GridSpec:
     final_sparsities: tuple[float, ...]
     maskings: tuple[str, ...]
     seeds: tuple[int, ...]
+    dp_noise_multipliers: tuple[float, ...] = ()
 
     def __post_init__(self):
         check(bool(self.schedules), "schedules", "", "one or more of " + "|".join(SCHEDULES))
@@ -182,9 +198,12 @@ class GridSpec:
         check(bool(self.seeds), "seeds", "", "one or more seeds >= 0")
         for s in self.seeds:
             check(s >= 0, "seeds", s, "whole numbers >= 0")
+        for z in self.dp_noise_multipliers:
+            check(z >= 0, "dp_noise_multipliers", z, "noise multipliers >= 0")
 
     @classmethod
-    def from_strings(cls, *, schedules, powers, final_sparsities, maskings, seeds) -> GridSpec:
+    def from_strings(cls, *, schedules, powers, final_sparsities, maskings, seeds,
+                     dp_noise_multipliers=()) -> GridSpec:
         """Parses the comma-separated grid flags (lists of strings).
 
         Raises:
@@ -197,34 +216,42 @@ class GridSpec:
                                          "sparsity fractions in [0, 1), e.g. 0.5,0.9"),
             maskings=_parse_list("maskings", maskings, str, "|".join(GRID_MASKINGS)),
             seeds=_parse_list("seeds", seeds, int, "whole numbers >= 0, e.g. 0,1,2"),
+            dp_noise_multipliers=_parse_list("dp_noise_multipliers", dp_noise_multipliers,
+                                             _finite_float, "noise multipliers, e.g. 0,0.5,1"),
         )
 
     def cells(self, base: ExperimentConfig) -> list[Cell]:
         """Every cell of the grid over `base`, each config validated.
 
         Order: schedules as listed (dense first if listed first), then power,
-        sparsity, masking and seed; tables keep this order.
+        sparsity, masking, noise multiplier and seed; tables keep this order.
 
         Raises:
           InvalidArgument: a cell's config is invalid; the message names the cell.
         """
+        noise = [(f"-z{z:g}", {"dp_noise_multiplier": z}) for z in self.dp_noise_multipliers]
+        noise = noise or [("", {})]
         cells = []
         for schedule in self.schedules:
             if schedule == "none":
-                for seed in self.seeds:
-                    cells.append(_cell(base, DENSE, f"{DENSE}-seed{seed}", schedule="none",
-                                       masking="none", final_sparsity=0.0, seed=seed))
+                for tag, dp in noise:
+                    for seed in self.seeds:
+                        cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}",
+                                           schedule="none", masking="none", final_sparsity=0.0,
+                                           seed=seed, **dp))
                 continue
             variants = ([(f"polynomial-p{p:g}", p) for p in self.powers]
                         if schedule == "polynomial" else [(schedule, base.power)])
             for label, power in variants:
                 for sparsity in self.final_sparsities:
                     for masking in self.maskings:
-                        for seed in self.seeds:
-                            cells.append(_cell(
-                                base, label, f"{label}-s{sparsity:g}-{masking}-seed{seed}",
-                                schedule=schedule, power=power, masking=masking,
-                                final_sparsity=sparsity, seed=seed))
+                        for tag, dp in noise:
+                            for seed in self.seeds:
+                                cells.append(_cell(
+                                    base, label,
+                                    f"{label}-s{sparsity:g}-{masking}{tag}-seed{seed}",
+                                    schedule=schedule, power=power, masking=masking,
+                                    final_sparsity=sparsity, seed=seed, **dp))
         return cells
 
 
@@ -372,6 +399,9 @@ METRICS = {m.name: m for m in (
            reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="up/round")),
     Metric("round_seconds", lambda s: s["median_round_seconds"],
            reporting.MetricFormat(spec=".3f", unit="s", label="median round")),
+    # summary.json stores an infinite epsilon (no noise) as null.
+    Metric("epsilon", lambda s: math.inf if s["final_epsilon"] is None else s["final_epsilon"],
+           reporting.MetricFormat(spec=".2f", label="ε")),
 )}
 
 
@@ -404,8 +434,10 @@ def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
 
 
 def aggregate(results: Sequence[RunResult], metrics: Sequence[str]) -> reporting.Table:
-    """Mean ± 95% CI over seeds per (schedule, final_sparsity, masking), in grid order."""
-    return reporting.aggregate([r.row(metrics) for r in results], KEYS, metrics)
+    """Mean ± 95% CI over seeds per (schedule, final_sparsity, masking[, dp_noise_multiplier]),
+    in grid order (the noise multiplier is a key when the runs are DP runs)."""
+    keys = KEYS + ((DP_KEY,) if any(DP_KEY in r.cell.key for r in results) else ())
+    return reporting.aggregate([r.row(metrics) for r in results], keys, metrics)
 
 
 def formats(metrics: Sequence[str]) -> dict:
@@ -440,6 +472,12 @@ def write_reports(results: Sequence[RunResult], root: Path,
     return table
 
 
+def _series(result: RunResult) -> str:
+    """A plot series: the schedule, and the noise multiplier of a DP run."""
+    key = result.cell.key
+    return result.cell.schedule + (f" z={key[DP_KEY]:g}" if DP_KEY in key else "")
+
+
 def _write_plots(results: Sequence[RunResult], root: Path) -> None:
     dense = [r for r in results if r.cell.schedule == DENSE]
     pruned = [r for r in results if r.cell.schedule != DENSE]
@@ -455,13 +493,13 @@ def _write_plots(results: Sequence[RunResult], root: Path) -> None:
         for sparsity, group in by_sparsity.items():
             if sparsity == 0.0 and len(by_sparsity) > 1:
                 continue  # dense alone; it is drawn with every pruned sparsity
-            curves = [({"schedule": r.cell.schedule}, r.metrics_rows)
+            curves = [({"schedule": _series(r)}, r.metrics_rows)
                       for r in (group if sparsity == 0.0 else dense + group)]
             headline["accuracy_vs_round.png"] = plots / f"accuracy_vs_round-{tag}-s{sparsity:g}.png"
             reporting.plot_curves_by_group(curves, "schedule", "test_accuracy",
                                            headline["accuracy_vs_round.png"])
-        table = reporting.aggregate([r.row(["accuracy"]) for r in runs],
-                                    ("schedule", "final_sparsity"), ["accuracy"])
+        table = reporting.aggregate([{**r.row(["accuracy"]), "schedule": _series(r)}
+                                     for r in runs], ("schedule", "final_sparsity"), ["accuracy"])
         headline["accuracy_vs_sparsity.png"] = plots / f"accuracy_vs_sparsity-{tag}.png"
         reporting.plot_accuracy_vs_sparsity(table, headline["accuracy_vs_sparsity.png"],
                                             x="final_sparsity", y="accuracy")
@@ -498,11 +536,13 @@ def expected_values(table: reporting.Table, tolerances: Mapping[str, float],
       info: stored as is (e.g. the table number and its flagfiles).
     """
     rows = [{**dict(zip(table.group_by, g.key, strict=True)), "n": g.n,
-             **{m: g.mean[m] for m in tolerances}} for g in table.groups]
+             **{m: None if math.isinf(g.mean[m]) else g.mean[m] for m in tolerances}}
+            for g in table.groups]
     return {
         **info,
         "tolerances": dict(tolerances),
-        "tolerance_note": "A value passes when |mean over seeds - expected| <= tolerance. "
+        "tolerance_note": "A value passes when |mean over seeds - expected| <= tolerance "
+                          "(null: infinite, e.g. the epsilon of a run without noise). "
                           "On the same machine and software a rerun is bit-identical; other "
                           "CPUs may move accuracy by a few test examples. See _TOLERANCES in "
                           "experiments/reproduce.py.",
@@ -538,6 +578,7 @@ def compare(table: reporting.Table, expected: Mapping) -> list[str]:
             problems.append(f"{name}: {group.n} run(s), expected {row['n']}")
         for metric, tolerance in expected["tolerances"].items():
             value, want = group.mean[metric], row[metric]
+            want = math.inf if want is None else want
             if not math.isclose(value, want, rel_tol=0.0, abs_tol=tolerance):
                 problems.append(f"{name}: {metric} {value!r}, expected {want!r} "
                                 f"(tolerance ±{tolerance:g}, off by {value - want:+.6g})")

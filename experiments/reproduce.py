@@ -92,6 +92,15 @@ class TableSpec:
 _TOLERANCES = {"accuracy": 0.02, "sparsity": 1e-6, "nonzeros": 0.0, "bytes_down": 0.0,
                "bytes_up": 0.0}
 
+# Table 2's runs add unseeded DP noise, so accuracy differs between reruns on the
+# same machine; +-0.08 on the mean of 3 seeds accepts that spread (see the CIs of
+# the z > 0 rows) and still catches a broken mechanism (no masking of the noise,
+# wrong noise scale). Epsilon is computed from the configuration alone: 1e-6.
+# Sparsity, nonzeros (noise makes every kept weight nonzero) and bytes down (set
+# by the nonzeros and the seeded client sample) stay exact.
+_DP_TOLERANCES = {"accuracy": 0.08, "epsilon": 1e-6, "sparsity": 1e-6, "nonzeros": 0.0,
+                  "bytes_down": 0.0}
+
 TABLES = {
     1: TableSpec(
         number=1,
@@ -115,6 +124,27 @@ TABLES = {
             "10 clients."),
         metrics=("accuracy", "sparsity", "nonzeros", "bytes_down", "bytes_up"),
         tolerances=_TOLERANCES,
+    ),
+    2: TableSpec(
+        number=2,
+        title="Table 2: differential privacy × sparsity (digits, 100 clients)",
+        description=(
+            "Client-level DP-FedAvg (McMahan et al. 2018) with TFF's "
+            "`DifferentiallyPrivateFactory`: every sampled client's whole update is clipped to "
+            "L2 norm 0.3, Gaussian noise of stddev z · 0.3 is added to the sum and the sum is "
+            "divided by the expected 20 clients; the server multiplies the noised mean by the "
+            "public broadcast mask (post-processing: the model stays exactly sparse and only "
+            "the kept coordinates carry noise) and then re-masks. Digits split among 100 "
+            "clients (Dirichlet 0.5), each sampled independently with probability 0.2 every "
+            "round (Poisson), 50 rounds, the seeds' MLP; `dense` is unpruned DP-FedAvg, the "
+            "pruned rows prune with the cubic schedule over rounds 1–30 by server masking. "
+            "ε is at δ = 1e-5 by dp-accounting's PLD accountant for "
+            "`PoissonSampledDpEvent(0.2, Gaussian(z))` composed 50 times (RDP gives 10.3 "
+            "at z = 1; metrics.csv has both); z = 0 clips without noise: no guarantee (ε = inf). "
+            "Mean ± 95 % CI over 3 seeds. TFF's DP noise is not seeded (by design: a stored "
+            "seed would let anyone remove it), so reruns differ in accuracy; see the tolerances."),
+        metrics=("accuracy", "epsilon", "sparsity", "nonzeros", "bytes_down"),
+        tolerances=_DP_TOLERANCES,
     ),
 }
 

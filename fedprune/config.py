@@ -14,7 +14,16 @@ import hashlib
 import json
 import os
 
-from fedprune import datasets, mask_aggregation, masking, models, partitions, schedules
+from fedprune import (
+    datasets,
+    mask_aggregation,
+    masking,
+    models,
+    partitions,
+    privacy,
+    sampling,
+    schedules,
+)
 from fedprune.client_work import MASKING_MODES
 from fedprune.errors import check
 
@@ -41,6 +50,7 @@ class ExperimentConfig:
     synthetic_beta: float = 1.0
     num_clients: int = 10
     clients_per_round: int = 10
+    client_sampling: str = "fixed"
     max_examples_per_client: int = 0  # 0 = no cap
     max_test_examples: int = 0  # 0 = the whole test split
     # Training.
@@ -70,6 +80,13 @@ class ExperimentConfig:
     block_pooling: str = "AVG"
     prune_output_layer: bool = True
     mask_aggregation: str = "average"
+    # Client-level differential privacy (DP-FedAvg, see fedprune/privacy.py).
+    dp: str = "none"
+    dp_noise_multiplier: float = 1.0
+    dp_clip: float = 1.0
+    dp_target_quantile: float = 0.5
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"
     # Reproducibility and evaluation.
     seed: int = 0
     eval_every: int = 1
@@ -122,6 +139,14 @@ class ExperimentConfig:
         check(self.mask_aggregation == "average" or self.masking in ("client", "both"),
               "mask_aggregation", self.mask_aggregation,
               "average unless clients prune (--masking=client|both)")
+        check(self.client_sampling in sampling.SAMPLING_MODES, "client_sampling",
+              self.client_sampling, "one of " + "|".join(sampling.SAMPLING_MODES))
+        privacy.validate_dp_args(
+            self.dp, noise_multiplier=self.dp_noise_multiplier, clip=self.dp_clip,
+            clients_per_round=self.clients_per_round, target_quantile=self.dp_target_quantile,
+            delta=self.dp_delta, num_clients=self.num_clients or None,
+            client_sampling=self.client_sampling, accountant=self.dp_accountant,
+            masking=self.masking)
         spec = self.mask_spec()
         if spec.structure == "2:4" and self.schedule != "none":
             check(self.final_sparsity == 0.5, "final_sparsity", self.final_sparsity,

@@ -736,3 +736,105 @@ def epsilon_per_round(round_event, delta: float, *, rounds: int, accountant: str
         pld_k = pld_k.compose(pld_1)
         result.append(float(pld_k.get_epsilon_for_delta(delta)))
     return result
+
+
+# ----------------------------------------------------------------------------
+# A run's accounting.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAccounting:
+    """Epsilon after every round of one DP run, computed from the known mechanism.
+
+    Attributes:
+      delta: the target delta.
+      accountant: the headline accountant (`--dp_accountant`), a key of `epsilons`.
+      epsilons: accountant name -> [epsilon after round 1, ..., after round R];
+        `rdp` always, `pld` too where dp-accounting supports the sampling
+        (Poisson). Each list is a valid bound; `epsilon_after` reports the
+        headline one.
+      sampled_event: one round's sampled event (what is composed R times).
+    """
+
+    delta: float
+    accountant: str
+    epsilons: dict
+    sampled_event: object
+
+    def epsilon_after(self, round_num: int, accountant: str | None = None) -> float:
+        """Epsilon after rounds 1..`round_num` (1-based) by `accountant` (default: the headline)."""
+        return self.epsilons[accountant or self.accountant][round_num - 1]
+
+
+def run_accounting(kind: str, *, noise_multiplier: float, sampling: str,
+                   clients_per_round: float, num_clients: int, rounds: int, delta: float,
+                   accountant: str = "rdp") -> RunAccounting:
+    """Per-round epsilons of a DP-FedAvg run of `rounds` rounds (see `epsilon_per_round`).
+
+    Args:
+      kind: `fixed` or `adaptive` (`--dp`).
+      noise_multiplier: effective z (`--dp_noise_multiplier`).
+      sampling: `fixed` or `poisson` (`--client_sampling`).
+      clients_per_round: m, exact or expected.
+      num_clients: N, the population the clients are sampled from.
+      rounds: R >= 1.
+      delta: target delta (`--dp_delta`), < 1 / N.
+      accountant: the headline accountant (`--dp_accountant`).
+
+    Raises:
+      InvalidArgument: a bad value (e.g. delta >= 1/N once N is known).
+    """
+    check(_is_real(delta) and 0 < delta < 1.0 / num_clients, "dp_delta", delta,
+          f"a float in (0, 1/num_clients = {1.0 / num_clients:g}), e.g. 1e-5")
+    round_event = sample_event(
+        mechanism_event(kind, noise_multiplier=noise_multiplier,
+                        clients_per_round=clients_per_round),
+        sampling=sampling, clients_per_round=clients_per_round, num_clients=num_clients)
+    names = ["rdp"] + (["pld"] if sampling == "poisson" else [])
+    check(accountant in names, "dp_accountant", accountant,
+          "|".join(names) + f" with --client_sampling={sampling}")
+    epsilons = {name: epsilon_per_round(round_event, delta, rounds=rounds, accountant=name)
+                for name in names}
+    return RunAccounting(float(delta), accountant, epsilons, round_event)
+
+
+def check_aggregator_event(state, kind: str, *, noise_multiplier: float,
+                           clients_per_round: float, rel_tol: float = 1e-4) -> float:
+    """Checks that the mechanism TFF ran is the one accounted for; returns its z.
+
+    Reads the event of the last round from the DP aggregator's state (with the
+    float32 guard) and compares each Gaussian's noise multiplier, and the
+    effective one, with `mechanism_event` of the configured parameters (TFF
+    stores float32: `rel_tol`). A mismatch means the epsilon reported would be
+    false, so it raises.
+
+    Args:
+      state: the learning process state after `next` (or its aggregator state).
+      kind, noise_multiplier, clients_per_round: as given to `build_dp_aggregator`.
+
+    Raises:
+      RuntimeError: TFF's event differs from the accounted one.
+    """
+    import dp_accounting
+
+    ran = event_from_aggregator_state(state)
+    expected = mechanism_event(kind, noise_multiplier=noise_multiplier,
+                               clients_per_round=clients_per_round)
+
+    def multipliers(event) -> list[float]:
+        if isinstance(event, dp_accounting.NonPrivateDpEvent):
+            return [0.0]
+        if isinstance(event, dp_accounting.ComposedDpEvent):
+            return [m for e in event.events for m in multipliers(e)]
+        return [float(getattr(event, "noise_multiplier", math.nan))]
+
+    got, want = multipliers(ran), multipliers(expected)
+    if want == [0.0]:  # no noise: TFF may report one zero-noise Gaussian per mechanism
+        same = all(g == 0.0 for g in got)
+    else:
+        same = len(got) == len(want) and all(
+            math.isclose(g, w, rel_tol=rel_tol) for g, w in zip(got, want, strict=True))
+    if not same:
+        raise RuntimeError(f"the DP aggregator ran {ran}, but the accountant assumes "
+                           f"{expected}: the reported epsilon would be wrong")
+    return effective_gaussian_noise_multiplier(ran) or 0.0

@@ -14,9 +14,19 @@ writes into `output_dir`:
   checkpoints/         atomic per-round state for `--resume`
 
 Seeds: `seed` drives the partition, the initial model, client sampling
-(`datasets.sample_clients(seed, round)`) and client shuffling
+(`sampling.sample_round(mode, ..., seed, round)`) and client shuffling
 (`datasets.client_shuffle_seed`); each is a pure function of (seed, round), so
 a resumed run samples and shuffles exactly as an uninterrupted one.
+
+Differential privacy (`config.dp != "none"`): the aggregator is TFF's DP mean
+(`privacy.build_dp_aggregator`), the accountant's epsilon after every round is
+in metrics.csv (`epsilon`, by `--dp_accountant`; `epsilon_rdp`, and
+`epsilon_pld` under Poisson sampling) and the final one in summary.json, after
+checking every round that the event TFF's aggregator reports is the one
+accounted for. The clients' training loss and accuracy, which TFF sums without
+noise, are left blank; the columns in `NON_PRIVATE_DIAGNOSTICS` are written but
+not covered by the guarantee (config.json's `privacy` section says so). TFF's
+DP noise is not seeded, so DP runs are not bit-reproducible.
 """
 
 from __future__ import annotations
@@ -35,16 +45,23 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprune import checkpoint, communication, datasets, reporting
+from fedprune import checkpoint, communication, datasets, privacy, reporting, sampling
 from fedprune.config import ExperimentConfig
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
     "nonzero_params", "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
     "dense_bytes_down", "dense_bytes_up",
-    "tff_bytes_down", "tff_bytes_up", "round_seconds", "elapsed_seconds",
+    "tff_bytes_down", "tff_bytes_up", "clients", "epsilon", "epsilon_rdp", "epsilon_pld",
+    "dp_clip", "round_seconds", "elapsed_seconds",
 )
 TIME_COLUMNS = ("round_seconds", "elapsed_seconds")
+# What a DP run leaves blank: TFF sums client training metrics without noise.
+NON_PRIVATE_COLUMNS = ("train_loss", "train_accuracy")
+# What a DP run still writes that the DP guarantee does not cover (diagnostics):
+# they depend on the secret number of sampled clients or on the clients' data.
+NON_PRIVATE_DIAGNOSTICS = ("clients", "bytes_down", "bytes_up", "dense_bytes_down",
+                           "dense_bytes_up", "tff_bytes_down", "tff_bytes_up")
 
 
 class NonFiniteError(RuntimeError):
@@ -95,6 +112,24 @@ def load_data(config: ExperimentConfig) -> datasets.FederatedData:
                                  max_test_examples=config.max_test_examples or None)
 
 
+def model_aggregator(config: ExperimentConfig):
+    """The weighted aggregator of plain client deltas a config asks for.
+
+    DP: TFF's DP-FedAvg mean (uniform client weights, division by the expected
+    `clients_per_round`; `privacy.build_dp_aggregator`). Otherwise the
+    example-weighted mean; under Poisson sampling with `no_nan_division`, so that
+    a round that sampled no client is a zero update instead of 0/0.
+    """
+    if config.dp != "none":
+        return privacy.build_dp_aggregator(
+            config.dp, noise_multiplier=config.dp_noise_multiplier, clip=config.dp_clip,
+            clients_per_round=config.clients_per_round,
+            target_unclipped_quantile=config.dp_target_quantile)
+    import tensorflow_federated as tff
+
+    return tff.aggregators.MeanFactory(no_nan_division=config.client_sampling == "poisson")
+
+
 def build_process(config: ExperimentConfig, data: datasets.FederatedData):
     """The `PruningProcess` for a config and its data."""
     from fedprune import models
@@ -104,6 +139,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData):
         return models.build_model(config.model, data.input_shape, data.num_classes)
 
     return process_lib.build_pruning_process(
+        model_aggregator=model_aggregator(config),
         model_builder=model_builder,
         input_spec=data.element_spec,
         masking=config.masking,
@@ -187,6 +223,53 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
 
 
+_SAMPLING_DESCRIPTIONS = {
+    "fixed": "uniform without replacement, exactly --clients_per_round clients, drawn "
+             "independently every round, a pure function of (seed, round)",
+    "poisson": "Poisson: every client independently with probability q = clients_per_round / "
+               "num_clients, every round, a pure function of (seed, round); rounds may be empty",
+}
+
+
+def privacy_info(config: ExperimentConfig, num_clients: int) -> dict:
+    """The `dp` section of config.json: mechanism, sampling assumption, what is released."""
+    if config.dp == "none":
+        return {"dp": "none"}
+    params = privacy.noise_params(config.dp, config.dp_noise_multiplier,
+                                  config.clients_per_round)
+    fixed = config.client_sampling == "fixed"
+    return {
+        "dp": config.dp,
+        "mechanism": "DP-FedAvg (McMahan et al. 2018) with TFF's DifferentiallyPrivateFactory: "
+                     "each client's whole update clipped to L2 norm dp_clip"
+                     + (" (adaptive, tracking the dp_target_quantile of update norms)"
+                        if config.dp == "adaptive" else "")
+                     + ", Gaussian noise on the sum, divided by clients_per_round; uniform "
+                       "client weights; the noised mean is multiplied by the public broadcast "
+                       "mask (post-processing)",
+        "noise_multiplier": params.noise_multiplier,
+        "value_noise_multiplier": params.value_noise_multiplier,
+        "clipped_count_stddev": params.clipped_count_stddev,
+        "clip": config.dp_clip,
+        "delta": config.dp_delta,
+        "num_clients": num_clients,
+        "client_sampling": config.client_sampling,
+        "accountant_assumption": (
+            f"SampledWithoutReplacementDpEvent(N={num_clients}, m={config.clients_per_round}), "
+            "replace-one adjacency" if fixed else
+            f"PoissonSampledDpEvent(q={config.clients_per_round / num_clients:g}), "
+            "add-or-remove-one adjacency"),
+        "accountants": ["rdp"] if fixed else ["rdp", "pld"],
+        "headline_accountant": config.dp_accountant,
+        "guarantee": "client-level (epsilon, delta)-DP of the sequence of global models",
+        "not_released": list(NON_PRIVATE_COLUMNS),
+        "non_private_diagnostics": list(NON_PRIVATE_DIAGNOSTICS),
+        "noise_seed": "none: TFF draws the DP noise from OS entropy, so DP runs are not "
+                      "bit-reproducible (a seed stored beside the results would let anyone "
+                      "subtract the noise)",
+    }
+
+
 def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None = None) -> None:
     """config.json: every setting, package versions, git commit."""
     payload = {
@@ -196,8 +279,7 @@ def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None 
         "git_commit": git_commit(),
         "seeds": {"partition": config.seed, "model_init": config.seed,
                   "client_sampling": config.seed, "client_shuffle": config.seed},
-        "client_sampling": "uniform without replacement, fixed size --clients_per_round, "
-                           "a pure function of (seed, round)",
+        "client_sampling": _SAMPLING_DESCRIPTIONS[config.client_sampling],
         **(extra or {}),
     }
     reporting.atomic_write_json(output_dir / "config.json", payload)
@@ -290,9 +372,18 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
         if loaded is not None:
             state, first_round = loaded, done + 1
             log(f"resuming after round {done} from {ckpt_dir}")
+    dp = config.dp != "none"
+    accounting = None
+    if dp:
+        accounting = privacy.run_accounting(
+            config.dp, noise_multiplier=config.dp_noise_multiplier,
+            sampling=config.client_sampling, clients_per_round=config.clients_per_round,
+            num_clients=len(data.client_ids), rounds=config.rounds, delta=config.dp_delta,
+            accountant=config.dp_accountant)
     if first_round == 1:
         write_config(config, output_dir, {"num_train_clients": len(data.client_ids),
-                                          "num_test_examples": int(len(data.test_y))})
+                                          "num_test_examples": int(len(data.test_y)),
+                                          "privacy": privacy_info(config, len(data.client_ids))})
         _write_partition(data, output_dir)
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
@@ -302,8 +393,9 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
     loop_start = time.time()
     for round_num in range(first_round, config.rounds + 1):
         t0 = time.time()
-        clients = datasets.sample_clients(data.client_ids, config.clients_per_round,
-                                          seed=config.seed, round_num=round_num)
+        clients = sampling.sample_round(config.client_sampling, data.client_ids,
+                                        clients_per_round=config.clients_per_round,
+                                        seed=config.seed, round_num=round_num)
         client_data = [
             data.client_dataset(
                 c, batch_size=config.batch_size, local_epochs=config.local_epochs,
@@ -318,7 +410,8 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
         output = pp.process.next(state, client_data)
         new_weights = pp.process.get_model_weights(output.state)
         train = output.metrics["client_work"]["train"]
-        train_loss = float(train["loss"])
+        # No client, no training loss (0/0): only the model is checked then.
+        train_loss = float(train["loss"]) if clients else 0.0
         test_loss = test_accuracy = ""
         if (math.isfinite(train_loss) and _finite(new_weights)
                 and (round_num % config.eval_every == 0 or round_num == config.rounds)):
@@ -334,16 +427,19 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
                 "Lower --client_lr or --server_lr.")
         state, weights = output.state, new_weights
         round_seconds = time.time() - t0
-        row = {"round": round_num, "train_loss": train_loss,
-               "train_accuracy": float(train["sparse_categorical_accuracy"]),
+        row = {"round": round_num, "train_loss": train_loss if clients else "",
+               "train_accuracy": float(train["sparse_categorical_accuracy"]) if clients else "",
                "test_loss": test_loss, "test_accuracy": test_accuracy}
+        if dp:
+            row.update(dict.fromkeys(NON_PRIVATE_COLUMNS, ""))
+            row.update(_privacy_row(config, accounting, output, round_num))
         row.update(sparsity_metrics(pp, weights))
         diagnostics = output.metrics["finalizer"]["masks"]
         row.update({k: float(diagnostics[k]) if k in diagnostics else ""
                     for k in ("mask_drift", "regrowth", "client_mask_jaccard")})
         dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
         bytes_up = int(output.metrics["client_work"]["uplink_bytes"])
-        row.update(bytes_down=down.sent, bytes_up=bytes_up,
+        row.update(clients=len(clients), bytes_down=down.sent, bytes_up=bytes_up,
                    dense_bytes_down=down.dense, dense_bytes_up=dense_up,
                    tff_bytes_down=tff_bytes.down, tff_bytes_up=tff_bytes.up,
                    round_seconds=round_seconds,
@@ -359,9 +455,12 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
                     tf.summary.scalar(key, value)
         mean_round = (time.time() - loop_start) / (round_num - first_round + 1)
         test = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] != "" else "  -   "
+        train_text = (f"train_loss {row['train_loss']:.4f}" if row["train_loss"] != ""
+                      else "train_loss   -   ")
+        eps_text = f"  eps {row['epsilon']:.3g}" if dp else ""
         log(f"round {round_num:>{len(str(config.rounds))}}/{config.rounds}  "
-            f"test_acc {test}  train_loss {train_loss:.4f}  "
-            f"sparsity {row['global_sparsity']:.4f}  {round_seconds:.2f}s  "
+            f"test_acc {test}  {train_text}  "
+            f"sparsity {row['global_sparsity']:.4f}{eps_text}  {round_seconds:.2f}s  "
             f"elapsed {_fmt_seconds(row['elapsed_seconds'])}  "
             f"ETA {_fmt_seconds(mean_round * (config.rounds - round_num))}")
         if stop_after_round is not None and round_num >= stop_after_round:
@@ -369,15 +468,49 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
             return {}
     writer.flush()
     summary = _summarize(config, rows, start)
+    if dp:
+        summary.update(_privacy_summary(config, accounting))
     summary.update(_export_model(pp, weights, output_dir))
     reporting.atomic_write_json(output_dir / "summary.json", summary)
     reporting.plot_run_curves(rows, output_dir / "curves.png",
                               title=f"{config.dataset} {config.masking} {config.schedule}")
+    eps_text = (f"epsilon {rows[-1]['epsilon']:.3g} (delta {config.dp_delta:g})  "
+                if dp else "")
     log(f"done: test_accuracy {summary['final_test_accuracy']:.4f}  "
-        f"sparsity {summary['final_global_sparsity']:.4f}  "
+        f"sparsity {summary['final_global_sparsity']:.4f}  {eps_text}"
         f"bytes down/up {summary['total_bytes_down']:,}/{summary['total_bytes_up']:,}  "
         f"wall {summary['wall_seconds']:.1f}s  -> {output_dir}")
     return summary
+
+
+def _privacy_row(config: ExperimentConfig, accounting: privacy.RunAccounting, output,
+                 round_num: int) -> dict:
+    """A DP round's epsilons (and the adaptive clip), after checking what TFF ran."""
+    privacy.check_aggregator_event(output.state, config.dp,
+                                   noise_multiplier=config.dp_noise_multiplier,
+                                   clients_per_round=config.clients_per_round)
+    clip = output.metrics["aggregator"].get("dp_query_metrics", {}).get("clip", config.dp_clip)
+    pld = accounting.epsilons.get("pld")
+    return {"epsilon": accounting.epsilon_after(round_num),
+            "epsilon_rdp": accounting.epsilon_after(round_num, "rdp"),
+            "epsilon_pld": pld[round_num - 1] if pld else "",
+            "dp_clip": float(clip)}
+
+
+def _privacy_summary(config: ExperimentConfig, accounting: privacy.RunAccounting) -> dict:
+    """summary.json's DP fields; an infinite epsilon (no noise) is JSON null."""
+    def finite_or_none(value):
+        return None if value is None or math.isinf(value) else value
+
+    last = config.rounds
+    pld = accounting.epsilons.get("pld")
+    return {"dp": config.dp, "dp_delta": config.dp_delta,
+            "dp_noise_multiplier": config.dp_noise_multiplier,
+            "dp_accountant": accounting.accountant,
+            "final_epsilon": finite_or_none(accounting.epsilon_after(last)),
+            "final_epsilon_rdp": finite_or_none(accounting.epsilon_after(last, "rdp")),
+            "final_epsilon_pld": finite_or_none(pld[-1] if pld else None),
+            "client_sampling": config.client_sampling}
 
 
 def _summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict:
@@ -390,7 +523,8 @@ def _summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict
         "rounds_completed": int(last["round"]),
         "final_test_accuracy": float(last["test_accuracy"]),
         "final_test_loss": float(last["test_loss"]),
-        "final_train_loss": float(last["train_loss"]),
+        # None in DP runs (not released) and after a round without clients.
+        "final_train_loss": float(last["train_loss"]) if last["train_loss"] != "" else None,
         "final_global_sparsity": float(last["global_sparsity"]),
         "final_nonzero_params": int(last["nonzero_params"]),
         "total_bytes_down": totals["bytes_down"],

@@ -15,6 +15,13 @@ is kept and re-applied. The mask lives in `ModelWeights.non_trainable`, so it is
 part of the server state and is broadcast with the model; TFF never aggregates
 non-trainable weights, so the server alone owns masks and pruning steps.
 
+With `remask` and plain-delta uploads, the aggregate is first multiplied by the
+broadcast mask (`privacy.mask_update`) before the optimizer sees it. Clients
+upload `delta * mask`, so for a mean this changes nothing (bit for bit); for a
+differentially private aggregate it removes the noise TFF adds to pruned
+coordinates, so neither the model nor a stateful optimizer's moments see it
+(post-processing with the public mask; see `privacy.py`).
+
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
 counting completed rounds.
 """
@@ -25,7 +32,7 @@ import collections
 
 import numpy as np
 
-from fedprune import mask_aggregation
+from fedprune import mask_aggregation, privacy
 from fedprune.masking import MaskSpec, compute_masks
 from fedprune.pruning import PruningLayout
 from fedprune.schedules import ScheduleTable, table_lookup
@@ -90,6 +97,9 @@ def build_masking_finalizer(
       table: the schedule per round.
       mask_spec: the server's mask rule.
       remask: False for masking modes `none` and `client` (no schedule mask).
+        True also multiplies a plain-delta aggregate by the broadcast mask
+        before the optimizer step (a no-op for a mean of masked uploads; it
+        removes a DP aggregate's noise off the mask).
       aggregate_type: the aggregator's output type when clients upload
         `mask_aggregation.client_payload`s (modes `client`, `both`); None when
         they upload plain deltas.
@@ -118,6 +128,15 @@ def build_masking_finalizer(
             delta, _ = mask_aggregation.pseudo_delta(aggregation_rule, weights.trainable,
                                                      aggregate, kernel_idx)
             return delta
+
+    elif remask:
+
+        @tff.tensorflow.computation(model_weights_type, update_type)
+        def mask_aggregate(weights, aggregate):
+            masks = [None] * len(aggregate)
+            for k in layout.kernels:
+                masks[k.trainable_index] = weights.non_trainable[k.mask_index]
+            return privacy.mask_update(aggregate, masks)
 
     @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type, round_type)
     def mask_and_measure(old, stepped, aggregate, round_num):
@@ -164,6 +183,8 @@ def build_masking_finalizer(
         delta = aggregate
         if aggregate_type is not None:
             delta = tff.federated_map(to_delta, (weights, aggregate))
+        elif remask:
+            delta = tff.federated_map(mask_aggregate, (weights, aggregate))
         inner_output = inner.next(state.optimizer, weights, delta)
         round_num = tff.federated_map(increment, state.round)
         new_weights, diagnostics = tff.federated_map(

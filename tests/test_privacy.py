@@ -300,3 +300,60 @@ def test_adaptive_aggregator_state_event(tff_context):
     assert privacy.epsilon(sampled, DELTA) == pytest.approx(7.899, abs=1e-3)
     with pytest.raises(ValueError):
         privacy.event_from_aggregator_state(process.initialize())
+
+
+def test_mass_off_the_mask_cannot_move_the_masked_aggregate_beyond_the_clip(tff_context):
+    # z = 0 (exact), C = 1, m = 3. An attacker puts 1e6 off the mask and a little
+    # on it: clipping scales its whole update to norm C *before* the mask, so the
+    # masked aggregate moves by (on-mask part) * C / ||update|| / m <= C / m.
+    process = _create(privacy.build_dp_aggregator(
+        "fixed", noise_multiplier=0.0, clip=1.0, clients_per_round=3), dim=4)
+    mask = np.array([1, 1, 0, 0], np.float32)
+    honest = [np.array([0, 0.3, 0, 0], np.float32), np.array([0, 0.4, 0, 0], np.float32)]
+    (base,) = privacy.mask_update([_run(process, [np.zeros(4, np.float32), *honest]).result],
+                                  [mask])
+    for bad in ([0.5, 0, 1e6, 0], [3.0, 0, 1e6, 1e6], [1e6, 0, 1.0, 0]):
+        bad = np.array(bad, np.float32)
+        (moved,) = privacy.mask_update([_run(process, [bad, *honest]).result], [mask])
+        moved = np.asarray(moved)
+        assert np.all(moved[mask == 0] == 0.0)
+        shift = np.linalg.norm(moved - np.asarray(base))
+        assert shift <= 1.0 / 3 * (1 + 1e-6)
+        assert shift == pytest.approx(bad[0] / np.linalg.norm(bad.astype(np.float64)) / 3,
+                                      rel=1e-5)
+
+
+@pytest.mark.parametrize("kind, z, m", [("fixed", 0.7, 3), ("adaptive", 1.0, 11),
+                                        ("fixed", 0.0, 3)])
+def test_check_aggregator_event(tff_context, kind, z, m):
+    process = _create(privacy.build_dp_aggregator(kind, noise_multiplier=z, clip=1.0,
+                                                  clients_per_round=m), dim=4)
+    state = _run(process, [np.zeros(4, np.float32)] * 2).state
+    assert privacy.check_aggregator_event(state, kind, noise_multiplier=z,
+                                          clients_per_round=m) == pytest.approx(z, rel=1e-6)
+    # An accountant told another noise multiplier (or clipping mode) is caught.
+    with pytest.raises(RuntimeError, match="accountant assumes"):
+        privacy.check_aggregator_event(state, kind, noise_multiplier=0.7 * z or 0.5,
+                                       clients_per_round=m)
+    with pytest.raises(RuntimeError, match="accountant assumes"):
+        privacy.check_aggregator_event(state, "adaptive" if kind == "fixed" else "fixed",
+                                       noise_multiplier=0.2 if kind == "fixed" else z,
+                                       clients_per_round=m)
+
+
+def test_run_accounting_matches_the_reference():
+    acc = privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
+                                 clients_per_round=10, num_clients=100, rounds=100, delta=DELTA)
+    assert acc.epsilon_after(100) == pytest.approx(7.899, abs=5e-4)
+    assert acc.epsilon_after(100, "pld") == pytest.approx(7.047, abs=2e-3)  # grid step 1e-3
+    assert len(acc.epsilons["rdp"]) == 100
+    fixed = privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="fixed",
+                                   clients_per_round=10, num_clients=100, rounds=5, delta=DELTA)
+    assert list(fixed.epsilons) == ["rdp"]
+    with pytest.raises(InvalidArgument, match="dp_accountant"):
+        privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="fixed",
+                               clients_per_round=10, num_clients=100, rounds=5, delta=DELTA,
+                               accountant="pld")
+    with pytest.raises(InvalidArgument, match="dp_delta"):
+        privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
+                               clients_per_round=10, num_clients=100, rounds=5, delta=0.05)

@@ -92,6 +92,20 @@ BAD_INPUT = [
     ("flagfile-is-a-folder", ["--flagfile={tmp}"], ["--flagfile"]),
     ("bad-value-inside-flagfile", ["--flagfile={tmp}/bad.flags"], ["--final_sparsity"]),
     ("resume-and-overwrite", ["--resume", "--overwrite"], ["--overwrite"]),
+    ("unknown-dp", ["--dp=laplace"], ["--dp"]),
+    ("dp-with-client-masks", ["--dp=fixed", "--masking=both"], ["--dp"]),
+    ("dp-negative-noise", ["--dp=fixed", "--masking=server", "--dp_noise_multiplier=-1"],
+     ["--dp_noise_multiplier"]),
+    ("dp-zero-clip", ["--dp=fixed", "--masking=server", "--dp_clip=0"], ["--dp_clip"]),
+    ("dp-delta-above-1-over-n", ["--dp=fixed", "--masking=server", "--dp_delta=0.2"],
+     ["--dp_delta"]),
+    ("dp-quantile-1", ["--dp=adaptive", "--masking=server", "--dp_noise_multiplier=0.5",
+                       "--dp_target_quantile=1"], ["--dp_target_quantile"]),
+    ("dp-adaptive-noise-too-large", ["--dp=adaptive", "--masking=server"],
+     ["--dp_noise_multiplier"]),
+    ("dp-pld-with-fixed-sampling", ["--dp=fixed", "--masking=server", "--dp_accountant=pld"],
+     ["--dp_accountant"]),
+    ("unknown-client-sampling", ["--client_sampling=shuffle"], ["--client_sampling"]),
 ]
 
 
