@@ -451,8 +451,10 @@ def markdown(table: reporting.Table) -> str:
 
 
 def write_reports(results: Sequence[RunResult], root: Path,
-                  metrics: Sequence[str] = tuple(METRICS)) -> reporting.Table:
+                  metrics: Sequence[str] | None = None) -> reporting.Table:
     """Writes comparison.{md,tex,csv} and the plots into `root`; returns the table.
+
+    `metrics` defaults to every metric of `METRICS`, `epsilon` only for DP runs.
 
     Plots, per masking mode, dense included, one series per schedule (mean
     and 95% CI over seeds): `plots/accuracy_vs_sparsity-<masking>.png` (final
@@ -462,6 +464,9 @@ def write_reports(results: Sequence[RunResult], root: Path,
     `accuracy_vs_round.png` in `root` are those of the last masking mode listed
     (at its last sparsity listed).
     """
+    if metrics is None:
+        dp = any(DP_KEY in r.cell.key for r in results)
+        metrics = [m for m in METRICS if dp or m != "epsilon"]
     table = aggregate(results, metrics)
     root.mkdir(parents=True, exist_ok=True)
     reporting.atomic_write_text(root / "comparison.md", markdown(table))

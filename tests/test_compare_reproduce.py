@@ -76,12 +76,35 @@ def test_table1_grid_has_dense_once_per_seed_and_every_pruned_combination():
     ("powers", ["nan"]),
     ("seeds", ["-1"]),
     ("seeds", ["1.5"]),
+    ("dp_noise_multipliers", ["-1"]),
+    ("dp_noise_multipliers", ["inf"]),
 ])
 def test_bad_grid_values_name_their_flag(name, values):
     with pytest.raises(InvalidArgument) as e:
         grid.GridSpec.from_strings(**{**TABLE1_GRID, name: values})
     assert e.value.name == name
     assert str(e.value).startswith(f"--{name}=") and "\n" not in str(e.value)
+
+
+def test_dp_grid_has_a_cell_per_noise_multiplier_and_keys_it():
+    spec = grid.GridSpec.from_strings(schedules=["none", "polynomial"], powers=["3"],
+                                      final_sparsities=["0.5", "0.9"], maskings=["server"],
+                                      seeds=["0", "1"], dp_noise_multipliers=["0", "0.5", "1"])
+    cells = spec.cells(ExperimentConfig(dp="fixed", num_clients=100, clients_per_round=20))
+    # (dense + 2 sparsities) × 3 noise multipliers × 2 seeds.
+    assert len(cells) == 18 and len({c.name for c in cells}) == 18
+    by_name = {c.name: c for c in cells}
+    cell = by_name["polynomial-p3-s0.9-server-z0.5-seed1"]
+    assert (cell.config.dp_noise_multiplier, cell.config.final_sparsity) == (0.5, 0.9)
+    assert cell.key == {"schedule": "polynomial-p3", "final_sparsity": 0.9, "masking": "server",
+                        "dp_noise_multiplier": 0.5}
+    assert by_name["dense-z1-seed0"].config.masking == "none"
+    assert len(dict.fromkeys(tuple(c.key.values()) for c in cells)) == 9
+    # Masks computed by clients are aggregated without noise: the cell is refused.
+    both = grid.GridSpec.from_strings(schedules=["oneshot"], powers=[], final_sparsities=["0.5"],
+                                      maskings=["both"], seeds=["0"], dp_noise_multipliers=["1"])
+    with pytest.raises(InvalidArgument, match="--dp='fixed'.*in grid cell oneshot-s0.5-both-z1"):
+        both.cells(ExperimentConfig(dp="fixed", num_clients=100, clients_per_round=20))
 
 
 def test_dense_only_grid_needs_no_sparsities_or_maskings():
@@ -231,6 +254,27 @@ def test_table1_flagfiles_and_expected_values_agree(parsed_flags, size, runs, ro
     assert expected["tolerances"]["nonzeros"] == 0
 
 
+@pytest.mark.parametrize("size, runs, rows", [("full", 27, 9), ("ci", 4, 4)])
+def test_table2_flagfiles_and_expected_values_agree(parsed_flags, size, runs, rows):
+    files = [CONFIGS / "table2.flags"] + ([CONFIGS / "table2_ci.flags"] if size == "ci" else [])
+    grid.parse_flagfiles(files)
+    grid.check_no_cell_flags()
+    base = common.config_from_flags()
+    assert (base.dp, base.client_sampling, base.masking) == ("fixed", "poisson", "both")
+    cells = grid.grid_from_flags().cells(base)
+    assert len(cells) == runs
+    assert {c.config.masking for c in cells} == {"none", "server"}
+    expected = json.loads((CONFIGS / f"table2{'_ci' if size == 'ci' else ''}_expected.json")
+                          .read_text())
+    keys = (*grid.KEYS, grid.DP_KEY)
+    assert [tuple(r[k] for k in keys) for r in expected["rows"]] == list(
+        dict.fromkeys(tuple(c.key.values()) for c in cells))
+    assert len(expected["rows"]) == rows
+    # No noise, no guarantee: epsilon is stored as null (infinite).
+    assert all((r["epsilon"] is None) == (r[grid.DP_KEY] == 0) for r in expected["rows"])
+    assert expected["tolerances"]["epsilon"] == 1e-6
+
+
 def test_unknown_flag_in_flagfile_is_one_line_error(parsed_flags, tmp_path):
     bad = tmp_path / "bad.flags"
     bad.write_text("--rounds=3\n--no_such_flag=1\n")
@@ -268,7 +312,7 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
     with open(root / "comparison.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    metrics = list(grid.METRICS)
+    metrics = [m for m in grid.METRICS if m != "epsilon"]  # epsilon: DP grids only
     assert reader.fieldnames == [*grid.KEYS, "n",
                                  *(f"{m}_{s}" for m in metrics for s in ("mean", "ci"))]
     assert [(r["schedule"], r["final_sparsity"], r["masking"], r["n"]) for r in rows] == [
@@ -335,6 +379,18 @@ def test_reproduce_ci_fails_on_tampered_expected_values(ci_tree, tmp_path):
 
 
 @pytest.mark.slow
+def test_reproduce_table2_ci_matches_expected(tmp_path):
+    done = _run("reproduce", "--table=2", "--size=ci", f"--output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert "| schedule | final_sparsity | masking | dp_noise_multiplier | n |" in done.stdout
+    assert "| dense | 0.0 | none | 0.0 | 1 |" in done.stdout
+    assert "all 20 values of 4 rows within tolerance" in done.stdout
+    run = tmp_path / "polynomial-p3-s0.5-server-z1-seed0"
+    rows = list(csv.DictReader(open(run / "metrics.csv", newline="")))
+    assert all(r["train_loss"] == "" for r in rows) and float(rows[-1]["epsilon"]) > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args, flag", [
     ("reproduce", ["--table=9"], "table"),
     ("reproduce", ["--table=1", "--rounds=5"], "rounds"),
@@ -342,6 +398,8 @@ def test_reproduce_ci_fails_on_tampered_expected_values(ci_tree, tmp_path):
     ("compare_schedules", ["--final_sparsities=1.5"], "final_sparsities"),
     ("compare_schedules", ["--schedules=oneshot,bogus"], "schedules"),
     ("compare_schedules", ["--seed=3"], "seed"),
+    ("compare_schedules", ["--dp=fixed", "--masking=server", "--dp_noise_multiplier=1",
+                           "--dp_noise_multipliers=0,1"], "dp_noise_multiplier"),
     ("compare_schedules", ["--rounds=10"], "end_round"),  # the polynomial cells end at 20
 ])
 def test_bad_input_is_one_line_exit_2_before_tensorflow(tmp_path, module, args, flag):

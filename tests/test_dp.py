@@ -6,7 +6,6 @@ coordinate, the noise is really there, the epsilon a run reports is the
 accountant's for the run's mechanism and sampling, and what a DP run writes.
 """
 
-import collections
 import csv
 import dataclasses
 import json
@@ -14,8 +13,6 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from sklearn.datasets import load_digits
 
 from fedprune import masking, models, privacy, program, sampling, schedules
 from fedprune import process as fp_process
@@ -28,15 +25,8 @@ CLIP = 0.5
 
 
 @pytest.fixture(scope="module")
-def client_data():
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    y = y.astype(np.int32)[:, None]
-    order = np.random.default_rng(0).permutation(len(y))[:256]
-    return [
-        tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x[part], y=y[part])).batch(16)
-        for part in np.array_split(order, NUM_CLIENTS)
-    ]
+def client_data(digits_clients):
+    return digits_clients(NUM_CLIENTS, 256)
 
 
 def _dp_process(client_data, noise_multiplier):
