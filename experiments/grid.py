@@ -548,8 +548,9 @@ def expected_values(table: reporting.Table, tolerances: Mapping[str, float],
         "tolerances": dict(tolerances),
         "tolerance_note": "A value passes when |mean over seeds - expected| <= tolerance "
                           "(null: infinite, e.g. the epsilon of a run without noise). "
-                          "On the same machine and software a rerun is bit-identical; other "
-                          "CPUs may move accuracy by a few test examples. See _TOLERANCES in "
+                          "On the same machine and software a rerun is bit-identical, except "
+                          "for DP runs (TFF's noise is unseeded); other CPUs may move accuracy "
+                          "by a few test examples. See _TOLERANCES and _DP_TOLERANCES in "
                           "experiments/reproduce.py.",
         "rows": rows,
     }

@@ -93,12 +93,13 @@ _TOLERANCES = {"accuracy": 0.02, "sparsity": 1e-6, "nonzeros": 0.0, "bytes_down"
                "bytes_up": 0.0}
 
 # Table 2's runs add unseeded DP noise, so accuracy differs between reruns on the
-# same machine; +-0.08 on the mean of 3 seeds accepts that spread (see the CIs of
-# the z > 0 rows) and still catches a broken mechanism (no masking of the noise,
-# wrong noise scale). Epsilon is computed from the configuration alone: 1e-6.
-# Sparsity, nonzeros (noise makes every kept weight nonzero) and bytes down (set
-# by the nonzeros and the seeded client sample) stay exact.
-_DP_TOLERANCES = {"accuracy": 0.08, "epsilon": 1e-6, "sparsity": 1e-6, "nonzeros": 0.0,
+# same machine. Measured: rerunning the six 90 % z > 0 cells moved single seeds by
+# up to 0.14 and the row means by 0.013-0.015 (per-seed spread ~0.07 at z = 1, so
+# the mean of 3 seeds has ~0.04 stddev): +-0.15 on a row mean accepts that with
+# margin. What pins the mechanism down is exact: epsilon (computed from the
+# configuration alone, 1e-6), sparsity, nonzeros (noise makes every kept weight
+# nonzero) and bytes down (set by the nonzeros and the seeded client sample).
+_DP_TOLERANCES = {"accuracy": 0.15, "epsilon": 1e-6, "sparsity": 1e-6, "nonzeros": 0.0,
                   "bytes_down": 0.0}
 
 TABLES = {
@@ -139,8 +140,9 @@ TABLES = {
             "round (Poisson), 50 rounds, the seeds' MLP; `dense` is unpruned DP-FedAvg, the "
             "pruned rows prune with the cubic schedule over rounds 1–30 by server masking. "
             "ε is at δ = 1e-5 by dp-accounting's PLD accountant for "
-            "`PoissonSampledDpEvent(0.2, Gaussian(z))` composed 50 times (RDP gives 10.3 "
-            "at z = 1; metrics.csv has both); z = 0 clips without noise: no guarantee (ε = inf). "
+            "`PoissonSampledDpEvent(0.2, Gaussian(z))` composed 50 times (RDP: 11.3 at "
+            "z = 1, 42.9 at z = 0.5; metrics.csv has both); z = 0 clips without noise: no "
+            "guarantee (ε = inf). "
             "Mean ± 95 % CI over 3 seeds. TFF's DP noise is not seeded (by design: a stored "
             "seed would let anyone remove it), so reruns differ in accuracy; see the tolerances."),
         metrics=("accuracy", "epsilon", "sparsity", "nonzeros", "bytes_down"),

@@ -146,7 +146,8 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
 
     Returns:
       (mean, half width). With a single value the half width is NaN: one run
-      says nothing about the spread (tables then print the mean alone).
+      says nothing about the spread (tables then print the mean alone); so it
+      is with an infinite value (e.g. epsilon without noise).
 
     Raises:
       ValueError: no values, or `confidence` outside (0, 1).
@@ -159,7 +160,7 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
     if x.size == 0:
         raise ValueError("mean_ci needs at least one value")
     mean = float(x.mean())
-    if x.size == 1:
+    if x.size == 1 or not np.isfinite(x).all():  # an infinite epsilon has no spread either
         return mean, math.nan
     t = stats.t.ppf((1.0 + confidence) / 2.0, df=x.size - 1)
     return mean, float(t * x.std(ddof=1) / math.sqrt(x.size))

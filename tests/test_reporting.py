@@ -112,6 +112,14 @@ class TestMeanCi:
         mean, half = reporting.mean_ci([0.7])
         assert mean == 0.7 and math.isnan(half)
 
+    def test_infinite_values_have_nan_half_width_and_no_warning(self):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mean, half = reporting.mean_ci([math.inf, math.inf, math.inf])
+        assert mean == math.inf and math.isnan(half)
+
     def test_constant_values_have_zero_half_width(self):
         assert reporting.mean_ci([4.0, 4.0, 4.0]) == (4.0, 0.0)
 
