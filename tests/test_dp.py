@@ -29,15 +29,16 @@ def client_data(digits_clients):
     return digits_clients(NUM_CLIENTS, 256)
 
 
-def _dp_process(client_data, noise_multiplier):
+def _dp_process(client_data, noise_multiplier, schedule=None):
     # MLP 64-50-10, server Adam: its moments would carry noise onto pruned
     # coordinates if the DP aggregate were not masked.
     return fp_process.build_pruning_process(
         model_builder=lambda: models.mlp((64,), 10, hidden=(50,)),
         input_spec=client_data[0].element_spec,
         masking="server",
-        schedule=schedules.make_schedule("polynomial", initial_sparsity=0.5, final_sparsity=0.8,
-                                         begin_round=1, end_round=2, prune_every=1, power=1.0),
+        schedule=schedule or schedules.make_schedule(
+            "polynomial", initial_sparsity=0.5, final_sparsity=0.8, begin_round=1, end_round=2,
+            prune_every=1, power=1.0),
         mask_spec=masking.MaskSpec(),
         num_rounds=3,
         client_optimizer=fp_process.make_optimizer("sgd", 0.1),
@@ -81,6 +82,26 @@ def test_released_model_is_exactly_zero_off_the_mask(noisy_runs):
         # And the kernels are nonzero exactly on the mask (noise makes every kept one move).
         assert [int(np.count_nonzero(weights.trainable[k.trainable_index]))
                 for k in pp.layout.kernels] == nonzero
+
+
+def test_server_adam_never_sees_noise_off_the_mask(client_data):
+    # The initial model is pruned to 80 % (one-shot at round 0) and the mask is
+    # kept, so a pruned coordinate never had a nonzero update: Adam's first and
+    # second moments stay exactly 0 there only because the noised aggregate is
+    # masked before the optimizer (TFF noises every coordinate; stddev 0.125).
+    pp = _dp_process(client_data, 1.0, schedules.make_schedule(
+        "oneshot", final_sparsity=0.8, begin_round=0))
+    state = pp.process.initialize()
+    for _ in range(2):
+        state = pp.process.next(state, client_data).state
+    adam = state.finalizer["optimizer"]
+    weights = pp.process.get_model_weights(state)
+    for k in pp.layout.kernels:
+        off = np.asarray(weights.non_trainable[k.mask_index]) == 0
+        assert off.mean() == pytest.approx(0.8, abs=1e-3)
+        for moments in (adam["accumulator"], adam["preconditioner"]):
+            moment = np.asarray(moments[k.trainable_index])
+            assert np.all(moment[off] == 0.0) and np.all(moment[~off] != 0.0)
 
 
 def test_noise_is_present(client_data, noisy_runs):
