@@ -398,7 +398,7 @@ def test_reproduce_table2_ci_matches_expected(tmp_path):
     ("compare_schedules", ["--final_sparsities=1.5"], "final_sparsities"),
     ("compare_schedules", ["--schedules=oneshot,bogus"], "schedules"),
     ("compare_schedules", ["--seed=3"], "seed"),
-    ("compare_schedules", ["--dp=fixed", "--masking=server", "--dp_noise_multiplier=1",
+    ("compare_schedules", ["--dp=fixed", "--dp_noise_multiplier=1",
                            "--dp_noise_multipliers=0,1"], "dp_noise_multiplier"),
     ("compare_schedules", ["--rounds=10"], "end_round"),  # the polynomial cells end at 20
 ])
