@@ -47,6 +47,8 @@ CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "fi
                "masking": "maskings", "seed": "seeds"}
 GRID_FLAGS = tuple(CELL_FIELDS.values())
 KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without its seed
+# Also row keys, in front, when they differ between a table's runs (Table 3 mixes them).
+VARYING_KEYS = ("model", "structure")
 
 
 # --------------------------------------------------------------------------
@@ -372,6 +374,14 @@ METRICS = {m.name: m for m in (
            reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="up/round")),
     Metric("round_seconds", lambda s: s["median_round_seconds"],
            reporting.MetricFormat(spec=".3f", unit="s", label="median round")),
+    # The model as stored after the last round (after a shrink: the smaller one); NaN for
+    # runs recorded before these were measured.
+    Metric("params", lambda s: s.get("params", math.nan),
+           reporting.MetricFormat(spec=".0f", label="params")),
+    Metric("flops", lambda s: s.get("flops_per_example", math.nan),
+           reporting.MetricFormat(spec=".0f", label="mult-adds/example")),
+    Metric("round_seconds_final", lambda s: s.get("median_round_seconds_after_pruning", math.nan),
+           reporting.MetricFormat(spec=".3f", unit="s", label="round after pruning")),
 )}
 
 
@@ -386,7 +396,8 @@ class RunResult:
     def row(self, metrics: Sequence[str]) -> dict:
         """{schedule, final_sparsity, masking, seed, <metric>: value, ...}."""
         values = {m: METRICS[m].value(self.summary) for m in metrics}
-        return {**self.cell.key, "seed": self.cell.config.seed, **values}
+        varying = {k: getattr(self.cell.config, k) for k in VARYING_KEYS}
+        return {**varying, **self.cell.key, "seed": self.cell.config.seed, **values}
 
 
 def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
@@ -403,9 +414,16 @@ def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
     return results
 
 
+def row_keys(results: Sequence[RunResult]) -> tuple[str, ...]:
+    """KEYS, preceded by the `VARYING_KEYS` whose values differ between the runs."""
+    varying = tuple(k for k in VARYING_KEYS
+                    if len({getattr(r.cell.config, k) for r in results}) > 1)
+    return varying + KEYS
+
+
 def aggregate(results: Sequence[RunResult], metrics: Sequence[str]) -> reporting.Table:
-    """Mean ± 95% CI over seeds per (schedule, final_sparsity, masking), in grid order."""
-    return reporting.aggregate([r.row(metrics) for r in results], KEYS, metrics)
+    """Mean ± 95% CI over seeds per `row_keys` (schedule, sparsity, masking), in grid order."""
+    return reporting.aggregate([r.row(metrics) for r in results], row_keys(results), metrics)
 
 
 def formats(metrics: Sequence[str]) -> dict:
