@@ -16,6 +16,31 @@ def tff_local_context():
     runtime.stop_workers()
 
 
+@pytest.fixture(scope="session")
+def digits_clients():
+    """A function (num_clients, num_examples) -> digits client datasets, batches of 16.
+
+    The first `num_examples` of a fixed permutation of scikit-learn's digits
+    (x scaled to [0, 1], y int32 [n, 1]), split into `num_clients` even parts.
+    """
+    import collections
+
+    import numpy as np
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    def make(num_clients: int, num_examples: int) -> list:
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).astype(np.float32)
+        y = y.astype(np.int32)[:, None]
+        order = np.random.default_rng(0).permutation(len(y))[:num_examples]
+        return [tf.data.Dataset.from_tensor_slices(
+                    collections.OrderedDict(x=x[part], y=y[part])).batch(16)
+                for part in np.array_split(order, num_clients)]
+
+    return make
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Stops any TFF `worker_binary` descendant of the pytest process.
 

@@ -1,12 +1,10 @@
 """The federated pruning process: exact sparsity, parity with FedAvg, every combination."""
 
-import collections
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
-from sklearn.datasets import load_digits
 
 from fedprune import masking, models, schedules
 from fedprune import process as fp_process
@@ -19,15 +17,8 @@ pytestmark = pytest.mark.usefixtures("tff_local_context")
 
 
 @pytest.fixture(scope="module")
-def client_data():
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    y = y.astype(np.int32)[:, None]
-    order = np.random.default_rng(0).permutation(len(y))[:640]
-    return [
-        tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x[part], y=y[part])).batch(16)
-        for part in np.array_split(order, NUM_CLIENTS)
-    ]
+def client_data(digits_clients):
+    return digits_clients(NUM_CLIENTS, 640)
 
 
 def _build(client_data, *, masking_mode, schedule, mask_spec=None, server="sgd",

@@ -5,7 +5,6 @@ Conv(6)-BatchNorm CNN; the end-to-end cases (`slow`) run `program.run_experiment
 for 4 rounds of 3 clients.
 """
 
-import collections
 import json
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
-from sklearn.datasets import load_digits
 
 from fedprune import masking, schedules, shrinking, structured, surgery
 from fedprune import process as fp_process
@@ -30,15 +28,8 @@ pytestmark = pytest.mark.usefixtures("tff_local_context")
 
 
 @pytest.fixture(scope="module")
-def client_data():
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    y = y.astype(np.int32)[:, None]
-    order = np.random.default_rng(0).permutation(len(y))[:320]
-    return [
-        tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x[part], y=y[part])).batch(16)
-        for part in np.array_split(order, NUM_CLIENTS)
-    ]
+def client_data(digits_clients):
+    return digits_clients(NUM_CLIENTS, 320)
 
 
 def _bn_cnn():
