@@ -183,7 +183,8 @@ class ExperimentConfig:
         if not self.mask_spec().is_unit_structure or self.shrink_at_round == SHRINK_NEVER:
             return 0
         if self.shrink_at_round == SHRINK_AT_SCHEDULE_END:
-            return self.last_mask_update_round()
+            # A schedule that only prunes the initial model (round 0) shrinks after round 1.
+            return max(self.last_mask_update_round(), 1)
         return self.shrink_at_round
 
     def make_schedule(self) -> schedules.RoundSchedule:

@@ -21,6 +21,7 @@ STRUCTURED = dict(structure="neuron", masking="server", prune_output_layer=False
     (dict(STRUCTURED, shrink_at_round=0), 0),
     (dict(STRUCTURED, shrink_at_round=25), 25),
     (dict(STRUCTURED, schedule="oneshot", begin_round=5), 5),
+    (dict(STRUCTURED, schedule="oneshot", begin_round=0), 1),  # the loop's first round
     (dict(STRUCTURED, schedule="constant", begin_round=5, end_round=-1), 30),  # to the end
     (dict(STRUCTURED, model="cnn", structure="filter"), 20),
 ])
