@@ -20,7 +20,9 @@ With `--structure=neuron|filter` the mask removes whole units instead
 expanded unit mask (clients train inside it: tfmot multiplies the kernel by it
 before every batch), and the dropped units' biases and BatchNorm gamma/beta are
 zeroed too (`structured.apply_unit_masks`), so the model is exactly unit-sparse
-and `surgery.shrink` of it computes the same function.
+and `surgery.shrink` of it computes the same function. The next layer's input
+rows for dropped units are zeroed as well (dead weights: they get no gradient
+and the shrink cuts them out), so the downlink skips them before the shrink.
 
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
 counting completed rounds.
@@ -99,6 +101,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
                       for p in units.layers]
         trainable, non_trainable = structured.apply_unit_masks(trainable, non_trainable, units,
                                                                unit_masks)
+        trainable = structured.zero_consumer_inputs(trainable, units, unit_masks)
     for i in layout.step_indices:
         non_trainable[i] = tf.cast(round_num, tf.int64)
     return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))

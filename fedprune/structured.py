@@ -301,6 +301,31 @@ def apply_unit_masks(trainable: list, non_trainable: list, layout: StructuredLay
     return trainable, non_trainable
 
 
+def zero_consumer_inputs(trainable: list, layout: StructuredLayout, unit_masks: list) -> list:
+    """Zeroes the consumers' input rows (axis -2) that read dropped units.
+
+    Not needed for `surgery.shrink` to be exact (those rows multiply zeros), but
+    they are dead weights: they receive zero gradients and are cut out by the
+    shrink, and zeroing them lets the sparse encodings skip them before it.
+
+    Args:
+      trainable: the model's trainable weights.
+      layout: from `structured_layout`.
+      unit_masks: one 0/1 [units] vector per `layout.layers` entry.
+
+    Returns:
+      The trainable weights as tensors, the consumers' kernels masked.
+    """
+    import tensorflow as tf
+
+    trainable = [tf.convert_to_tensor(w) for w in trainable]
+    for p, mask in zip(layout.layers, unit_masks, strict=True):
+        kernel = trainable[p.consumer_kernel_index]
+        rows = unit_index_mask(tf.cast(mask, kernel.dtype), p.consumer_repeat)
+        trainable[p.consumer_kernel_index] = kernel * rows[:, None]  # broadcasts over axis -2
+    return trainable
+
+
 def prune_units(trainable: list, non_trainable: list, layout: StructuredLayout, sparsity, *,
                 norm: str = "l2", scope: str = "layer") -> tuple[list, list, list]:
     """Scores the pruned layers' units, computes `structured_masks` and applies them.

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedprune import masking, schedules, shrinking, structured, surgery
+from fedprune import client_work, masking, schedules, shrinking, structured, surgery
 from fedprune import process as fp_process
 from fedprune.config import ExperimentConfig
 
@@ -96,44 +96,60 @@ def test_broadcast_model_is_exactly_unit_sparse_every_round(client_data, structu
         for i, _ in structured.dependent_weights(p):  # bias, and BatchNorm gamma and beta
             assert not weights.trainable[i][dropped].any(), (r, i)
             assert r == 0 or weights.trainable[i][~dropped].all(), (r, i)  # biases start at 0
+        consumer = weights.trainable[p.consumer_kernel_index]  # rows p * units + u read u
+        rows = np.tile(dropped, p.consumer_repeat)
+        assert not consumer[..., rows, :].any(), r
         if previous is not None and r == 3:  # no update after round 2: the same units
             np.testing.assert_array_equal(unit_mask, previous)
         previous = unit_mask
-    kept = shrinking.kept_units(pp, pp.process.get_model_weights(states[-1]))
+    weights = pp.process.get_model_weights(states[-1])
+    kept = shrinking.kept_units(pp, weights)
     assert [len(k) for k in kept.values()] == [expected_kept[-1]]
+    # A dropped unit whose bias is not zero cannot be cut out exactly.
+    trainable = list(weights.trainable)
+    trainable[p.bias_index] = trainable[p.bias_index].copy()
+    trainable[p.bias_index][np.flatnonzero(dropped)[0]] = 0.5
+    with pytest.raises(shrinking.ShrinkError, match="nonzero for units its mask dropped"):
+        shrinking.kept_units(pp, tff.learning.models.ModelWeights(trainable,
+                                                                  weights.non_trainable))
 
 
 def test_uploads_are_zero_on_dropped_units_biases_too(client_data):
     # tanh: a dropped unit's bias gets a nonzero gradient on the clients (tanh'(0) = 1),
-    # so only the client's upload mask keeps it at zero. Uplink bytes per client
-    # (fedprune.client_work.uplink_bytes) in round 2, inside round 1's mask of 10 of
-    # 20 units: hidden kernel 4 * 640 (values inside the known mask), hidden bias 4 * 10
-    # (likewise; 80 if the dropped units' entries were nonzero), output kernel: the
-    # dropped units' rows have zero gradient, so a bitmap of 200 + 4 * 100 values,
-    # output bias dense 4 * 10. Round 1 (mask all ones): 4 * 1280 + 4 * 20 + 4 * 200 + 40.
-    pp = _build(client_data, "neuron")
-    state = pp.process.initialize()
-    sent = []
-    for _ in range(2):
-        output = pp.process.next(state, client_data)
-        state = output.state
-        sent.append(int(output.metrics["client_work"]["uplink_bytes"]))
-    per_client = [4 * 1280 + 4 * 20 + 4 * 200 + 40, 4 * 640 + 4 * 10 + (25 + 4 * 100) + 40]
-    assert sent == [NUM_CLIENTS * b for b in per_client]
-
-
-def test_kept_units_refuses_a_model_that_is_not_unit_sparse(client_data):
+    # so only the client's upload mask keeps its update at zero.
     pp = _build(client_data, "neuron")
     (p,) = pp.units.layers
-    weights = pp.process.get_model_weights(_run(pp, client_data, 1)[1])
-    assert [len(k) for k in shrinking.kept_units(pp, weights).values()] == [10]
-    trainable = list(weights.trainable)
-    dropped = np.flatnonzero(trainable[p.kernel_index].any(axis=0) == 0)
-    trainable[p.bias_index] = trainable[p.bias_index].copy()
-    trainable[p.bias_index][dropped[0]] = 0.5
-    with pytest.raises(shrinking.ShrinkError, match="nonzero for units its mask dropped"):
-        shrinking.kept_units(pp, tff.learning.models.ModelWeights(trainable,
-                                                                  weights.non_trainable))
+    broadcast = pp.process.get_model_weights(_run(pp, client_data, 1)[1])  # 10 of 20 units
+    dropped = ~broadcast.trainable[p.kernel_index].any(axis=0)
+    assert dropped.sum() == 10
+    # The server also zeroes the output layer's rows of dropped units, which alone makes
+    # their bias gradients 0; put values there to see what the upload mask does.
+    trainable = list(broadcast.trainable)
+    consumer = trainable[p.consumer_kernel_index].copy()
+    assert not consumer[dropped].any()
+    consumer[dropped] = 0.3
+    trainable[p.consumer_kernel_index] = consumer
+    broadcast = tff.learning.models.ModelWeights(trainable, broadcast.non_trainable)
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            pp.keras_model_fn(), input_spec=client_data[0].element_spec,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    results = {}
+    for name, units in (("masked", pp.units), ("kernel-only", None)):
+        work = client_work.build_pruning_client_work(
+            model_fn=model_fn, client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+            masking="server", layout=pp.layout, table=pp.table,
+            mask_spec=masking.MaskSpec(structure="neuron"), units=units)
+        output = work.next(work.initialize(), [broadcast] * 2, client_data[:2])
+        results[name] = [r.update for r in output.result]
+    for update in results["masked"]:
+        assert not update[p.bias_index][dropped].any()
+        assert update[p.bias_index][~dropped].all()
+        assert not update[p.kernel_index][:, dropped].any()
+    for update in results["kernel-only"]:  # what tfmot alone would upload
+        assert update[p.bias_index][dropped].all()
 
 
 def test_shrunk_process_continues_with_sliced_adam_state(client_data):
