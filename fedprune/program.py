@@ -428,12 +428,12 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: _Evaluator, state, we
             round_num: int, output_dir: Path):
     """Cuts the removed units out of the global model.
 
-    Returns:
-      The shrunk run's (pp, evaluator, state, weights) and a line for the log.
-
-    Also writes shrink.json (atomically, before the round's checkpoint holds the
+    Writes shrink.json (atomically, before the round's checkpoint holds the
     shrunk state) with the kept units and the check that the shrunk model
     computes what the masked one did on the test set.
+
+    Returns:
+      The shrunk run's (pp, evaluator, state, weights) and a line for the log.
     """
     from fedprune import structured, surgery
 
