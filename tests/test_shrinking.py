@@ -73,11 +73,24 @@ def _run(pp, client_data, rounds):
     return states
 
 
+@pytest.fixture(scope="module")
+def trained(client_data):
+    """(structure, server) -> (pp, states after rounds 0..3); each built and run once."""
+    cache = {}
+
+    def get(structure, server):
+        if (structure, server) not in cache:
+            pp = _build(client_data, structure, server)
+            cache[structure, server] = pp, _run(pp, client_data, 3)
+        return cache[structure, server]
+
+    return get
+
+
 @pytest.mark.parametrize("structure, server", [("neuron", "sgd"), ("filter", "adam")])
-def test_broadcast_model_is_exactly_unit_sparse_every_round(client_data, structure, server):
-    pp = _build(client_data, structure, server)
+def test_broadcast_model_is_exactly_unit_sparse_every_round(trained, structure, server):
+    pp, states = trained(structure, server)
     (p,) = pp.units.layers
-    states = _run(pp, client_data, 3)
     # Units kept after rounds 0..3: all, max(round(n * 0.5), 1), round(n * 0.25), the same.
     n = UNITS[structure]
     expected_kept = [n, round(n * 0.5), round(n * 0.25), round(n * 0.25)]
@@ -114,12 +127,12 @@ def test_broadcast_model_is_exactly_unit_sparse_every_round(client_data, structu
                                                                   weights.non_trainable))
 
 
-def test_uploads_are_zero_on_dropped_units_biases_too(client_data):
+def test_uploads_are_zero_on_dropped_units_biases_too(client_data, trained):
     # tanh: a dropped unit's bias gets a nonzero gradient on the clients (tanh'(0) = 1),
     # so only the client's upload mask keeps its update at zero.
-    pp = _build(client_data, "neuron")
+    pp, states = trained("neuron", "sgd")
     (p,) = pp.units.layers
-    broadcast = pp.process.get_model_weights(_run(pp, client_data, 1)[1])  # 10 of 20 units
+    broadcast = pp.process.get_model_weights(states[1])  # 10 of 20 units
     dropped = ~broadcast.trainable[p.kernel_index].any(axis=0)
     assert dropped.sum() == 10
     # The server also zeroes the output layer's rows of dropped units, which alone makes
@@ -152,9 +165,9 @@ def test_uploads_are_zero_on_dropped_units_biases_too(client_data):
         assert update[p.bias_index][dropped].all()
 
 
-def test_shrunk_process_continues_with_sliced_adam_state(client_data):
-    pp = _build(client_data, "filter", server="adam")
-    old = _run(pp, client_data, 2)[-1]
+def test_shrunk_process_continues_with_sliced_adam_state(client_data, trained):
+    pp, states = trained("filter", "adam")
+    old = states[2]
     weights = pp.process.get_model_weights(old)
     plain = shrinking.plain_model(pp, weights)
     layout = structured.structured_layout(plain)
