@@ -24,7 +24,10 @@ RESULTS.md is written.
 
 Adding a table (e.g. 2: differential privacy, 3: structured shrinking) is
 adding a `TableSpec` to `TABLES` and its flagfiles; a new grid dimension goes
-into `experiments/grid.py`.
+into `experiments/grid.py`. A table whose rows need different base flags
+(Table 3: other models, structures and sparsities) lists `parts`: each part
+is its own grid over `table<N>.flags` + `table<N>_<part>.flags`, and the
+table's rows gain `model`/`structure` columns when those differ.
 """
 
 from __future__ import annotations
