@@ -356,6 +356,11 @@ class Metric:
     format: reporting.MetricFormat
 
 
+def _number(value) -> float:
+    """NaN for a value a run did not record (None or absent)."""
+    return math.nan if value is None else value
+
+
 def _per_round(key: str) -> Callable[[Mapping], float]:
     return lambda s: s[key] / s["rounds_completed"]
 
@@ -376,11 +381,11 @@ METRICS = {m.name: m for m in (
            reporting.MetricFormat(spec=".3f", unit="s", label="median round")),
     # The model as stored after the last round (after a shrink: the smaller one); NaN for
     # runs recorded before these were measured.
-    Metric("params", lambda s: s.get("params", math.nan),
+    Metric("params", lambda s: _number(s.get("params")),
            reporting.MetricFormat(spec=".0f", label="params")),
-    Metric("flops", lambda s: s.get("flops_per_example", math.nan),
+    Metric("flops", lambda s: _number(s.get("flops_per_example")),
            reporting.MetricFormat(spec=".0f", label="mult-adds/example")),
-    Metric("round_seconds_final", lambda s: s.get("median_round_seconds_after_pruning", math.nan),
+    Metric("round_seconds_final", lambda s: _number(s.get("median_round_seconds_after_pruning")),
            reporting.MetricFormat(spec=".3f", unit="s", label="round after pruning")),
 )}
 

@@ -509,7 +509,8 @@ def _size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) 
     pruned_by = config.last_mask_update_round()
     tail = [float(r["round_seconds"]) for r in rows if int(r["round"]) > pruned_by]
     summary = {"params": int(last["params"]), "model_bytes": int(last["model_bytes"]),
-               "flops_per_example": int(last["flops_per_example"]),
+               "flops_per_example": (int(last["flops_per_example"])
+                                     if last["flops_per_example"] != "" else None),
                # After the schedule's last mask update (and the shrink): the model's final cost.
                "median_round_seconds_after_pruning": float(np.median(tail or seconds)),
                "shrink": None}

@@ -87,9 +87,17 @@ def plain_model(pp, weights):
 
 
 def model_size(model) -> dict:
-    """{params, model_bytes, flops_per_example} of a plain Keras model (see `surgery`)."""
+    """{params, model_bytes, flops_per_example} of a plain Keras model (see `surgery`).
+
+    `flops_per_example` is "" (unknown) for layers `surgery.flops_per_example`
+    cannot count (e.g. the LSTM of `models.rnn`) rather than an undercount.
+    """
+    try:
+        flops = surgery.flops_per_example(model)
+    except structured.UnsupportedArchitecture:
+        flops = ""
     return {"params": surgery.count_params(model), "model_bytes": surgery.model_bytes(model),
-            "flops_per_example": surgery.flops_per_example(model)}
+            "flops_per_example": flops}
 
 
 def transfer_state(old_state, new_process, *, layout: structured.StructuredLayout,

@@ -207,6 +207,16 @@ def test_shrunk_process_continues_with_sliced_adam_state(client_data, trained):
     assert np.isfinite(float(after.metrics["client_work"]["train"]["loss"]))
 
 
+def test_model_size_of_a_model_flops_cannot_count():
+    from fedprune import models
+
+    rnn = models.rnn((5,), 7, embedding_dim=2, units=4)
+    # Embedding 7x2, LSTM 4 * (2 + 4 + 1) * 4, Dense 4x7 + 7.
+    params = 7 * 2 + 4 * 4 * (2 + 4 + 1) + 4 * 7 + 7
+    assert shrinking.model_size(rnn) == {"params": params, "model_bytes": 4 * params,
+                                         "flops_per_example": ""}
+
+
 # --------------------------------------------------------------------------
 # End to end: program.run_experiment shrinks, continues, exports, resumes.
 
