@@ -75,9 +75,19 @@ _HELP = {
     "mask_scope": "Rank weights within each layer or globally across layers.",
     "threshold": "Absolute magnitude for --mask_criterion=threshold.",
     "relative_rate": "Fraction of the largest |w| for --mask_criterion=relative.",
-    "structure": "Sparsity structure: unstructured, 2:4 (N:M), or block.",
+    "structure": "Sparsity structure: unstructured, 2:4 (N:M), block, or whole units: neuron "
+                 "(units of the hidden Dense layers) or filter (channels of the convolutions; "
+                 "--model=cnn). neuron|filter: the schedule's sparsity is the fraction of units "
+                 "removed per layer (of all units with --mask_scope=global), the output layer "
+                 "is kept (--noprune_output_layer), --masking=server only.",
     "block_size": "Block height,width for --structure=block.",
     "block_pooling": "How a block's magnitudes are pooled for --structure=block.",
+    "unit_norm": "Score of a unit/filter for --structure=neuron|filter: the l2 or l1 norm of "
+                 "its incoming weights (Li et al. 2017 use l1).",
+    "shrink_at_round": "For --structure=neuron|filter: after this round the global model is "
+                       "physically shrunk (removed units cut out) and training continues "
+                       "dense on the smaller model. -1 = after the schedule's last mask "
+                       "update; 0 = never (train masked to the end).",
     "prune_output_layer": "Prune the last Dense/Conv layer too (--noprune_output_layer keeps "
                           "it dense).",
     "mask_aggregation": "How clients' pruned models combine (masking client|both): average, "
@@ -110,6 +120,7 @@ _ENUMS = {
     "mask_scope": masking.SCOPES,
     "structure": masking.STRUCTURES,
     "block_pooling": masking.POOLINGS,
+    "unit_norm": masking.UNIT_NORMS,
     "mask_aggregation": mask_aggregation.RULES,
     "client_sampling": sampling.SAMPLING_MODES,
     "dp": privacy.DP_KINDS,

@@ -52,6 +52,8 @@ OPTIONAL_CELL_FIELDS = ("dp_noise_multiplier",)
 GRID_FLAGS = tuple(CELL_FIELDS.values())
 KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without its seed
 DP_KEY = "dp_noise_multiplier"  # added to the row keys of DP grids
+# Also row keys, in front, when they differ between a table's runs (Table 3 mixes them).
+VARYING_KEYS = ("model", "structure")
 
 
 # --------------------------------------------------------------------------
@@ -381,6 +383,11 @@ class Metric:
     format: reporting.MetricFormat
 
 
+def _number(value) -> float:
+    """NaN for a value a run did not record (None or absent)."""
+    return math.nan if value is None else value
+
+
 def _per_round(key: str) -> Callable[[Mapping], float]:
     return lambda s: s[key] / s["rounds_completed"]
 
@@ -402,6 +409,14 @@ METRICS = {m.name: m for m in (
     # summary.json stores an infinite epsilon (no noise) as null.
     Metric("epsilon", lambda s: math.inf if s["final_epsilon"] is None else s["final_epsilon"],
            reporting.MetricFormat(spec=".2f", label="ε")),
+    # The model as stored after the last round (after a shrink: the smaller one); NaN for
+    # runs recorded before these were measured.
+    Metric("params", lambda s: _number(s.get("params")),
+           reporting.MetricFormat(spec=".0f", label="params")),
+    Metric("flops", lambda s: _number(s.get("flops_per_example")),
+           reporting.MetricFormat(spec=".0f", label="mult-adds/example")),
+    Metric("round_seconds_final", lambda s: _number(s.get("median_round_seconds_after_pruning")),
+           reporting.MetricFormat(spec=".3f", unit="s", label="round after pruning")),
 )}
 
 
@@ -416,7 +431,8 @@ class RunResult:
     def row(self, metrics: Sequence[str]) -> dict:
         """{schedule, final_sparsity, masking, seed, <metric>: value, ...}."""
         values = {m: METRICS[m].value(self.summary) for m in metrics}
-        return {**self.cell.key, "seed": self.cell.config.seed, **values}
+        varying = {k: getattr(self.cell.config, k) for k in VARYING_KEYS}
+        return {**varying, **self.cell.key, "seed": self.cell.config.seed, **values}
 
 
 def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
@@ -433,11 +449,19 @@ def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
     return results
 
 
+def row_keys(results: Sequence[RunResult]) -> tuple[str, ...]:
+    """KEYS, preceded by the `VARYING_KEYS` whose values differ between the runs, and
+    followed by the noise multiplier (`DP_KEY`) when the runs are DP runs."""
+    varying = tuple(k for k in VARYING_KEYS
+                    if len({getattr(r.cell.config, k) for r in results}) > 1)
+    dp = (DP_KEY,) if any(DP_KEY in r.cell.key for r in results) else ()
+    return varying + KEYS + dp
+
+
 def aggregate(results: Sequence[RunResult], metrics: Sequence[str]) -> reporting.Table:
-    """Mean ± 95% CI over seeds per (schedule, final_sparsity, masking[, dp_noise_multiplier]),
-    in grid order (the noise multiplier is a key when the runs are DP runs)."""
-    keys = KEYS + ((DP_KEY,) if any(DP_KEY in r.cell.key for r in results) else ())
-    return reporting.aggregate([r.row(metrics) for r in results], keys, metrics)
+    """Mean ± 95% CI over seeds per `row_keys` (schedule, sparsity, masking, ...), in grid
+    order."""
+    return reporting.aggregate([r.row(metrics) for r in results], row_keys(results), metrics)
 
 
 def formats(metrics: Sequence[str]) -> dict:

@@ -24,7 +24,10 @@ RESULTS.md is written.
 
 Adding a table (e.g. 2: differential privacy, 3: structured shrinking) is
 adding a `TableSpec` to `TABLES` and its flagfiles; a new grid dimension goes
-into `experiments/grid.py`.
+into `experiments/grid.py`. A table whose rows need different base flags
+(Table 3: other models, structures and sparsities) lists `parts`: each part
+is its own grid over `table<N>.flags` + `table<N>_<part>.flags`, and the
+table's rows gain `model`/`structure` columns when those differ.
 """
 
 from __future__ import annotations
@@ -57,7 +60,11 @@ class TableSpec:
       title: the section heading.
       description: Markdown shown above the table (what it compares, how to read it).
       metrics: columns, names from `grid.METRICS`, in order.
-      tolerances: metric -> the largest accepted |value - expected| of a row's mean.
+      tolerances: metric -> the largest accepted |value - expected| of a row's mean;
+        metrics without one (e.g. machine-dependent round times) are shown, not checked.
+      parts: for a table made of several grids (e.g. one per model): their names;
+        part P reads `table<N>.flags`, then `table<N>_<P>.flags` (then the ci file),
+        and its cells are named `<P>-<cell>`. Empty: one grid.
     """
 
     number: int
@@ -65,12 +72,21 @@ class TableSpec:
     description: str
     metrics: tuple[str, ...]
     tolerances: dict[str, float]
+    parts: tuple[str, ...] = ()
 
-    def flagfiles(self, size: str) -> list[Path]:
+    def flagfiles(self, size: str, part: str | None = None) -> list[Path]:
         files = [CONFIGS / f"table{self.number}.flags"]
+        if part is not None:
+            files.append(CONFIGS / f"table{self.number}_{part}.flags")
         if size == "ci":
             files.append(CONFIGS / f"table{self.number}_ci.flags")
         return files
+
+    def all_flagfiles(self, size: str) -> list[Path]:
+        """Every flagfile of the table, each once, in reading order."""
+        parts = [CONFIGS / f"table{self.number}_{part}.flags" for part in self.parts]
+        files = self.flagfiles(size)
+        return files[:1] + parts + files[1:]
 
     def expected_path(self, size: str) -> Path:
         suffix = "" if size == "full" else f"_{size}"
@@ -149,6 +165,38 @@ TABLES = {
         tolerances=_DP_TOLERANCES,
     ),
 }
+
+# Table 3: rounds times depend on the machine and its load: shown, never checked.
+_TOLERANCES_3 = {"accuracy": 0.02, "nonzeros": 0.0, "params": 0.0, "flops": 0.0,
+                 "bytes_down": 0.0, "bytes_up": 0.0}
+TABLES[3] = TableSpec(
+    number=3,
+    title="Table 3: unstructured vs neuron/filter pruning at equal parameter budgets (digits)",
+    description=(
+        "FedAvg on the embedded digits data as in Table 1 (10 clients, Dirichlet(α = 0.5), "
+        "30 rounds, all clients every round), server masking, the cubic polynomial schedule "
+        "over rounds 1..20; the output layer is never pruned. `neuron` removes units of the "
+        "MLP's hidden layer (64-128-10: 32 of 128 units kept, sparsity 0.75), `filter` removes "
+        "channels of both convolutions of the CNN (Conv 5×5 32 → MaxPool → Conv 5×5 64 → "
+        "MaxPool → Dense 512 → Dense 10 on the 8×8 images: half the filters kept, sparsity "
+        "0.5), scored by the L2 norm of their incoming weights; after round 20 the global "
+        "model is physically shrunk (`--shrink_at_round=-1`) and trains 10 more rounds dense "
+        "on the smaller model. `unstructured` prunes the same layers' kernels (global "
+        "magnitude ranking) to the sparsity that leaves exactly the same number of nonzero "
+        "parameters: MLP 1 − 992/8,192 = 0.87890625 (992 + 128 + 1,290 = 2,410 = 32·64 + 32 + "
+        "32·10 + 10), CNN 1 − 78,688/183,072 (78,688 + 5,738 = 84,426 = the shrunk CNN). "
+        "`dense` is the unpruned model. Mean ± 95 % CI over 3 seeds. Accuracy after the last "
+        "round; nonzeros: nonzero trainable parameters; params: parameters of the model as "
+        "stored (unstructured zeros are still stored and computed); mult-adds/example: "
+        "multiply-adds of one forward pass of the stored model (Dense and Conv layers); "
+        "bytes per round of the efficient encodings, summed over the round's 10 clients; "
+        "round after pruning: median seconds of the rounds after round 20 (machine- and "
+        "load-dependent, not checked against the expected values)."),
+    metrics=("accuracy", "nonzeros", "params", "flops", "bytes_down", "bytes_up",
+             "round_seconds_final"),
+    tolerances=_TOLERANCES_3,
+    parts=("mlp", "mlp_neuron", "cnn", "cnn_filter"),
+)
 
 _TABLE = flags.DEFINE_integer("table", None, "The table of RESULTS.md to regenerate.")
 _SIZE = flags.DEFINE_enum("size", "full", SIZES, "full: the published grid; ci: a tiny "
@@ -236,8 +284,21 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
     first = (grid.read_json(root / results[0].cell.name / "config.json") or {})
 
     flagfile = spec.flagfiles("full")[0]
-    flag_lines = [line for line in flagfile.read_text().splitlines()
-                  if line.strip() and not line.lstrip().startswith("#")]
+    flag_lines = []
+    for path in spec.all_flagfiles("full"):
+        if len(spec.all_flagfiles("full")) > 1:
+            flag_lines.append(f"# {path.relative_to(REPO)}")
+        flag_lines += [line for line in path.read_text().splitlines()
+                       if line.strip() and not line.lstrip().startswith("#")]
+    files = [str(p.relative_to(REPO)) for p in spec.all_flagfiles("full")]
+    if spec.parts:
+        same_grid = (f"each part P of {', '.join(spec.parts)} is a grid: `python -m "
+                     f"experiments.compare_schedules --flagfile={flagfile.relative_to(REPO)} "
+                     f"--flagfile=experiments/configs/table{spec.number}_P.flags`")
+    else:
+        same_grid = (f"the same grid: `python -m experiments.compare_schedules "
+                     f"--flagfile={flagfile.relative_to(REPO)} "
+                     f"--output_dir=runs/table{spec.number}`")
     versions = program.package_versions()
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
@@ -253,9 +314,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"python -m experiments.reproduce --table={spec.number} --size=full",
         "```",
         "",
-        f"Flagfile `{flagfile.relative_to(REPO)}` (the same grid: `python -m "
-        f"experiments.compare_schedules --flagfile={flagfile.relative_to(REPO)} "
-        f"--output_dir=runs/table{spec.number}`):",
+        f"Flagfile{'s' if len(files) > 1 else ''} `{'`, `'.join(files)}` ({same_grid}):",
         "",
         "<details><summary>flags</summary>",
         "",
@@ -302,6 +361,28 @@ def _check_command_line() -> None:
                                   "experiments.compare_schedules for other settings)")
 
 
+def _reset_table_flags() -> None:
+    """Experiment and grid flags back to their defaults (before the next part's flagfiles)."""
+    names = [f.name for f in dataclasses.fields(ExperimentConfig)] + list(grid.GRID_FLAGS)
+    for name in names:
+        FLAGS[name].unparse()
+
+
+def table_cells(spec: TableSpec, size: str) -> list[grid.Cell]:
+    """The validated cells of a table: its grid, or the union of its parts' grids."""
+    cells = []
+    for part in spec.parts or (None,):
+        if part is not None:
+            _reset_table_flags()
+        grid.parse_flagfiles(spec.flagfiles(size, part))
+        grid.check_no_cell_flags()
+        part_cells = grid.grid_from_flags().cells(common.config_from_flags())
+        if part is not None:
+            part_cells = [dataclasses.replace(c, name=f"{part}-{c.name}") for c in part_cells]
+        cells += part_cells
+    return cells
+
+
 def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])} "
@@ -311,9 +392,7 @@ def main(argv):
               "one of " + ", ".join(map(str, TABLES)) + " (the tables of RESULTS.md)")
         _check_command_line()
         spec, size = TABLES[_TABLE.value], _SIZE.value
-        grid.parse_flagfiles(spec.flagfiles(size))
-        grid.check_no_cell_flags()
-        cells = grid.grid_from_flags().cells(common.config_from_flags())
+        cells = table_cells(spec, size)
         root = Path(_OUTPUT_DIR.value or REPO / "runs" / f"table{spec.number}-{size}")
         expected_path = Path(_EXPECTED.value or spec.expected_path(size))
         check(_WRITE_RESULTS.value or expected_path.is_file(), "expected", str(expected_path),
@@ -344,7 +423,7 @@ def main(argv):
         reporting.atomic_write_json(expected_path, grid.expected_values(
             table, spec.tolerances,
             {"table": spec.number, "size": size,
-             "flagfiles": [str(p.relative_to(REPO)) for p in spec.flagfiles(size)]}))
+             "flagfiles": [str(p.relative_to(REPO)) for p in spec.all_flagfiles(size)]}))
         print(f"\nwrote {expected_path}")
         if size == "full":
             results_path = Path(_RESULTS.value or REPO / "RESULTS.md")

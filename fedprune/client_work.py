@@ -9,6 +9,9 @@ computations around it, selected by the masking mode:
 * `server`: the upload is masked by the broadcast mask (`delta * mask`). The
   last optimizer step moves pruned coordinates by one gradient step, which the
   server's re-mask would remove anyway, but would make the upload dense.
+  With `--structure=neuron|filter` the dropped units' biases and BatchNorm
+  gamma/beta (which tfmot does not mask) are masked the same way, so the
+  upload is exactly unit-sparse.
 * `client` / `both`: clients prune at round granularity, since TFF clients are
   stateless. In round r a client
     1. (`client` only) prunes the broadcast model to the sparsity in force after
@@ -35,7 +38,7 @@ import collections
 
 import numpy as np
 
-from fedprune import mask_aggregation
+from fedprune import mask_aggregation, structured
 from fedprune.masking import MaskSpec, compute_masks
 from fedprune.pruning import PruningLayout
 from fedprune.schedules import ScheduleTable, table_lookup
@@ -89,6 +92,7 @@ def build_pruning_client_work(
     layout: PruningLayout | None,
     table: ScheduleTable,
     mask_spec: MaskSpec,
+    units: structured.StructuredLayout | None = None,
 ):
     """Builds the client work for one masking mode.
 
@@ -100,6 +104,9 @@ def build_pruning_client_work(
       layout: positions of pruned kernels and masks (None for `none`).
       table: the schedule evaluated per round.
       mask_spec: the mask rule clients use in modes `client` and `both`.
+      units: for `--structure=neuron|filter` (mode `server` only): the
+        unit-pruned layers, whose biases and BatchNorm gamma/beta uploads are
+        masked by the unit mask the broadcast kernel mask holds.
 
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
@@ -129,7 +136,6 @@ def build_pruning_client_work(
     client_prunes = masking in ("client", "both")
     started = table.started
 
-    @tff.tensorflow.computation(weights_type, round_type)
     def prune_broadcast(weights, round_num):
         # Round r starts from the level in force after round r - 1 == round_num.
         trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
@@ -143,6 +149,9 @@ def build_pruning_client_work(
             trainable[i] = trainable[i] * m
             non_trainable[j] = m
         return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
+
+    if masking == "client":  # traced only where used (its mask rule is element-wise)
+        prune_broadcast = tff.tensorflow.computation(weights_type, round_type)(prune_broadcast)
 
     @tff.tensorflow.computation(update_type, weights_type, weights_type, round_type)
     def finish_update(result, broadcast, trained_from, round_num):
@@ -163,13 +172,21 @@ def build_pruning_client_work(
             end_masks = [e * m for e, m in zip(end_masks, start_masks, strict=True)]
         else:
             end_masks = start_masks
-        for i, m in zip(kernel_idx, end_masks, strict=True):
+        dependents = []  # (trainable index, its 0/1 mask) of unit-pruned biases, gamma, beta
+        for p in units.layers if units is not None else ():
+            unit_mask = structured.unit_mask_of(
+                broadcast.non_trainable[mask_idx[kernel_idx.index(p.kernel_index)]])
+            dependents += [(i, structured.unit_index_mask(unit_mask, repeat))
+                           for i, repeat in structured.dependent_weights(p)]
+        for i, m in [*zip(kernel_idx, end_masks, strict=True), *dependents]:
             delta[i] = m * delta[i] + (1.0 - m) * broadcast.trainable[i]
         # The server knows the mask it broadcast: values inside it suffice when
         # the update is zero outside it.
         known = [None] * len(delta)
         for i, j in zip(kernel_idx, mask_idx, strict=True):
             known[i] = broadcast.non_trainable[j]
+        for i, m in dependents:
+            known[i] = m
         sent = uplink_bytes(delta, known)
         if client_prunes:
             pruned = [f * m for f, m in zip(final, end_masks, strict=True)]

@@ -31,6 +31,14 @@ SERVER_OPTIMIZERS = ("sgd", "adam")
 TFF_DATASETS = ("emnist_digits", "emnist", "cifar100", "shakespeare")
 # scikit-learn's 1,797 digits minus the fixed 360-example test split of `datasets.load_digits`.
 DIGITS_TRAIN_EXAMPLES = 1437
+# --shrink_at_round sentinels: shrink after the schedule's last mask update, or never.
+SHRINK_AT_SCHEDULE_END = -1
+SHRINK_NEVER = 0
+# Fields added after runs were recorded; `fingerprint` leaves them out at their
+# defaults, so earlier runs (e.g. of Table 1) keep their fingerprints.
+_FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp",
+                         "dp_noise_multiplier", "dp_clip", "dp_target_quantile", "dp_delta",
+                         "dp_accountant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,8 @@ class ExperimentConfig:
     structure: str = "unstructured"
     block_size: tuple[int, int] = (1, 4)
     block_pooling: str = "AVG"
+    unit_norm: str = "l2"
+    shrink_at_round: int = SHRINK_AT_SCHEDULE_END
     prune_output_layer: bool = True
     mask_aggregation: str = "average"
     # Client-level differential privacy (DP-FedAvg, see fedprune/privacy.py).
@@ -151,7 +161,58 @@ class ExperimentConfig:
         if spec.structure == "2:4" and self.schedule != "none":
             check(self.final_sparsity == 0.5, "final_sparsity", self.final_sparsity,
                   "0.5 with --structure=2:4 (2 of every 4 weights are zero)")
+        self._validate_unit_structure(spec)
         return self
+
+    def _validate_unit_structure(self, spec: masking.MaskSpec) -> None:
+        """The combinations `--structure=neuron|filter` and `--shrink_at_round` support."""
+        if not spec.is_unit_structure:
+            check(self.shrink_at_round in (SHRINK_AT_SCHEDULE_END, SHRINK_NEVER),
+                  "shrink_at_round", self.shrink_at_round,
+                  "-1 or 0 unless --structure=neuron|filter (only removed units can be cut out)")
+            return
+        models_with_units = {"neuron": ("mlp", "mlp2", "cnn"), "filter": ("cnn",)}[
+            self.structure]
+        check(self.model in models_with_units, "model", self.model,
+              f"one of {'|'.join(models_with_units)} with --structure={self.structure} "
+              f"({'Dense hidden layers' if self.structure == 'neuron' else 'convolutions'} "
+              "to remove units from)")
+        check(self.masking == "server", "masking", self.masking,
+              f"server with --structure={self.structure} (the server decides which units "
+              "survive; client-side unit pruning is not supported)")
+        check(not self.prune_output_layer, "prune_output_layer", self.prune_output_layer,
+              f"False (--noprune_output_layer) with --structure={self.structure}: the output "
+              "layer's units are the classes and are never removed")
+        last = self.last_mask_update_round()
+        check(self.shrink_at_round in (SHRINK_AT_SCHEDULE_END, SHRINK_NEVER)
+              or last <= self.shrink_at_round <= self.rounds, "shrink_at_round",
+              self.shrink_at_round,
+              f"-1 (after the last mask update, round {last}), 0 (never) or a round in "
+              f"[{last}, --rounds={self.rounds}]")
+
+    def last_mask_update_round(self) -> int:
+        """The last round whose end recomputes the mask (0 for no pruning).
+
+        For `constant` that is `--end_round`, or `--rounds` when it re-prunes to
+        the end (-1); otherwise the schedule's last level change.
+        """
+        schedule = self.make_schedule()
+        if self.schedule == "constant":
+            return self.end_round if self.end_round >= 0 else self.rounds
+        return max(schedule.last_update_round, 0)
+
+    def shrink_round(self) -> int:
+        """After which round the global model is physically shrunk (0 = never).
+
+        Only `--structure=neuron|filter`: `--shrink_at_round`, with -1 resolved
+        to `last_mask_update_round()`.
+        """
+        if not self.mask_spec().is_unit_structure or self.shrink_at_round == SHRINK_NEVER:
+            return 0
+        if self.shrink_at_round == SHRINK_AT_SCHEDULE_END:
+            # A schedule that only prunes the initial model (round 0) shrinks after round 1.
+            return max(self.last_mask_update_round(), 1)
+        return self.shrink_at_round
 
     def make_schedule(self) -> schedules.RoundSchedule:
         return schedules.make_schedule(
@@ -165,7 +226,7 @@ class ExperimentConfig:
             threshold=self.threshold if self.mask_criterion == "threshold" else None,
             relative_rate=self.relative_rate if self.mask_criterion == "relative" else None,
             structure=self.structure, block_size=tuple(self.block_size),
-            block_pooling=self.block_pooling)
+            block_pooling=self.block_pooling, unit_norm=self.unit_norm)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -185,6 +246,10 @@ class ExperimentConfig:
         """A short hash of every field except `data_dir` (a path, not a setting)."""
         d = self.to_dict()
         d.pop("data_dir")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _FINGERPRINT_OPTIONAL:
+            if d[name] == defaults[name]:
+                d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

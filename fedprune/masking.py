@@ -25,6 +25,11 @@ Structures (`MaskSpec.structure`):
   * `2:4`: tfmot's N:M mask (2 zeros in every 4 consecutive input weights,
     `pruning_utils.generate_m_by_n_mask`); the sparsity is 0.5 by construction.
     A threshold/relative criterion is intersected with it.
+  * `neuron` / `filter`: whole output units of Dense layers / filters of
+    convolutions (`UNIT_STRUCTURES`). Their masks are not computed here but by
+    `structured.structured_masks` (scores: the `unit_norm` of a unit's incoming
+    weights), and they also zero the units' biases and dependent BatchNorm
+    parameters; see `server_masking.remask_weights`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from fedprune.errors import check
 
 CRITERIA = ("magnitude", "threshold", "relative")
 SCOPES = ("layer", "global")
-STRUCTURES = ("unstructured", "2:4", "block")
+STRUCTURES = ("unstructured", "2:4", "block", "neuron", "filter")
+# Structures that remove whole units, and the layer classes whose units each prunes.
+UNIT_STRUCTURES = {"neuron": ("Dense",), "filter": ("Conv1D", "Conv2D", "Conv3D")}
+UNIT_NORMS = ("l2", "l1")
 POOLINGS = ("AVG", "MAX")
 
 
@@ -51,6 +59,8 @@ class MaskSpec:
       structure: one of STRUCTURES.
       block_size: (height, width) of a block for `structure="block"`.
       block_pooling: how a block's |w| are pooled, 'AVG' or 'MAX'.
+      unit_norm: the score of a unit for `neuron`/`filter`: 'l2' or 'l1' norm of
+        its incoming weights.
     """
 
     mask_criterion: str = "magnitude"
@@ -60,6 +70,7 @@ class MaskSpec:
     structure: str = "unstructured"
     block_size: tuple[int, int] = (1, 4)
     block_pooling: str = "AVG"
+    unit_norm: str = "l2"
 
     def __post_init__(self):
         check(self.mask_criterion in CRITERIA, "mask_criterion", self.mask_criterion,
@@ -77,8 +88,19 @@ class MaskSpec:
             check(self.relative_rate is not None and 0 < self.relative_rate < 1,
                   "relative_rate", self.relative_rate,
                   "a fraction in (0, 1) with --mask_criterion=relative")
+        check(self.unit_norm in UNIT_NORMS, "unit_norm", self.unit_norm,
+              "one of " + "|".join(UNIT_NORMS))
+        if self.is_unit_structure:
+            check(self.mask_criterion == "magnitude", "mask_criterion", self.mask_criterion,
+                  f"magnitude with --structure={self.structure} (units are ranked by "
+                  "--unit_norm and the schedule's sparsity is the fraction of units removed)")
         check(len(self.block_size) == 2 and all(int(b) >= 1 for b in self.block_size),
               "block_size", self.block_size, "two positive integers, e.g. 1,4")
+
+    @property
+    def is_unit_structure(self) -> bool:
+        """Whether masks remove whole units (`neuron`, `filter`): see `structured.py`."""
+        return self.structure in UNIT_STRUCTURES
 
     @property
     def uses_sparsity(self) -> bool:
@@ -198,6 +220,8 @@ def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
     """
     import tensorflow as tf
 
+    check(not spec.is_unit_structure, "structure", spec.structure,
+          "an element structure here; unit masks come from structured.structured_masks")
     kernels = [tf.convert_to_tensor(k) for k in kernels]
     if spec.structure == "2:4":
         masks = [n_by_m_mask(k) for k in kernels]

@@ -25,10 +25,10 @@ from collections.abc import Callable
 import numpy as np
 
 from fedprune import mask_aggregation as mask_aggregation_lib
-from fedprune import pruning
+from fedprune import pruning, structured
 from fedprune.client_work import MASKING_MODES, build_pruning_client_work
 from fedprune.errors import check
-from fedprune.masking import MaskSpec
+from fedprune.masking import UNIT_STRUCTURES, MaskSpec
 from fedprune.schedules import RoundSchedule, ScheduleTable
 from fedprune.server_masking import build_masking_finalizer, remask_weights
 
@@ -61,6 +61,8 @@ class PruningProcess:
       table: the schedule evaluated at rounds 0..num_rounds.
       keras_model_fn: builds the Keras model the weights belong to (wrapped
         unless masking is `none`); for evaluation and export.
+      units: for `--structure=neuron|filter`, the unit-pruned layers
+        (`structured.StructuredLayout` of the wrapped model's weight lists).
     """
 
     process: object
@@ -68,6 +70,7 @@ class PruningProcess:
     layout: pruning.PruningLayout | None
     table: ScheduleTable
     keras_model_fn: Callable
+    units: structured.StructuredLayout | None = None
 
 
 def build_pruning_process(
@@ -145,6 +148,9 @@ def build_pruning_process(
         # sparsity; wrapping keeps the trainable order, so their indices hold.
         layout = pruning.pruning_layout(
             pruning.wrap_for_pruning(initial_model, prune_output_layer=prune_output_layer))
+    units = None
+    if mask_spec.is_unit_structure:
+        units = _unit_layout(initial_model, layout, mask_spec.structure, masking)
     parts_layout = layout if wrapped else None
     table = schedule.table(num_rounds)
     remask = masking in ("server", "both")
@@ -156,7 +162,7 @@ def build_pruning_process(
         )
         if remask:  # the schedule may prune the initial model (begin_round == 0)
             weights = remask_weights(weights, np.int32(0), layout=layout, table=table,
-                                     mask_spec=mask_spec)
+                                     mask_spec=mask_spec, units=units)
         return weights
 
     weights_type = initial_model_weights_fn.type_signature.result
@@ -167,6 +173,7 @@ def build_pruning_process(
         layout=parts_layout,
         table=table,
         mask_spec=mask_spec,
+        units=units,
     )
     update_type = client_work.next.type_signature.result.result.member.update
     client_prunes = masking in ("client", "both")
@@ -187,6 +194,7 @@ def build_pruning_process(
         aggregate_type=aggregator.next.type_signature.result.result.member if client_prunes
         else None,
         aggregation_rule=mask_aggregation,
+        units=units,
     )
     process = tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,
@@ -195,4 +203,20 @@ def build_pruning_process(
         aggregator,
         finalizer,
     )
-    return PruningProcess(process, masking, layout, table, keras_model_fn)
+    return PruningProcess(process, masking, layout, table, keras_model_fn, units)
+
+
+def _unit_layout(wrapped_model, layout: pruning.PruningLayout, structure: str,
+                 masking: str) -> structured.StructuredLayout:
+    """The layers `structure` removes units from; each must carry a tfmot wrapper (a mask)."""
+    check(masking == "server", "masking", masking,
+          f"server with --structure={structure} (client-side unit pruning is not supported)")
+    units = structured.restrict(structured.structured_layout(wrapped_model),
+                                UNIT_STRUCTURES[structure])
+    check(bool(units.layers), "structure", structure,
+          "a structure the model has units for: neuron needs Dense hidden layers, filter "
+          "convolutions before the output layer")
+    wrapped = {k.trainable_index for k in layout.kernels}
+    unwrapped = [p.name for p in units.layers if p.kernel_index not in wrapped]
+    check(not unwrapped, "structure", structure, f"wrapped layers to prune (not {unwrapped})")
+    return units

@@ -11,7 +11,18 @@ writes into `output_dir`:
   curves.png           test accuracy and global sparsity vs round
   tensorboard/         TensorBoard event files
   model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
+                       (after a shrink: the smaller model, plain Keras layers)
+  shrink.json          `--structure=neuron|filter` runs: the shrink round, the kept
+                       units, sizes before/after and the masked-vs-shrunk check
   checkpoints/         atomic per-round state for `--resume`
+
+Structured runs (`--structure=neuron|filter`) are physically shrunk after
+round `config.shrink_round()` (`shrinking.py`): the global model's removed
+units are cut out, a new TFF process is built for the smaller model, which
+trains on dense (the schedule has ended), and the server optimizer state is
+sliced to the kept units. `--resume` works on either side of the shrink: a
+checkpoint of a later round is loaded into the shrunk process, rebuilt from
+the kept units in shrink.json.
 
 Seeds: `seed` drives the partition, the initial model, client sampling
 (`sampling.sample_round(mode, ..., seed, round)`) and client shuffling
@@ -45,12 +56,21 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprune import checkpoint, communication, datasets, privacy, reporting, sampling
+from fedprune import (
+    checkpoint,
+    communication,
+    datasets,
+    privacy,
+    reporting,
+    sampling,
+    shrinking,
+)
 from fedprune.config import ExperimentConfig
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
-    "nonzero_params", "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
+    "nonzero_params", "params", "model_bytes", "flops_per_example",
+    "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
     "dense_bytes_down", "dense_bytes_up",
     "tff_bytes_down", "tff_bytes_up", "clients", "epsilon", "epsilon_rdp", "epsilon_pld",
     "dp_clip", "round_seconds", "elapsed_seconds",
@@ -130,21 +150,33 @@ def model_aggregator(config: ExperimentConfig):
     return tff.aggregators.MeanFactory(no_nan_division=config.client_sampling == "poisson")
 
 
-def build_process(config: ExperimentConfig, data: datasets.FederatedData):
-    """The `PruningProcess` for a config and its data."""
-    from fedprune import models
+def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
+                  shrunk_model=None):
+    """The `PruningProcess` for a config and its data.
+
+    With `shrunk_model` (a plain Keras model from `surgery.shrink`): the
+    process that continues a structured run after its shrink, for a model of
+    that architecture, dense (masking `none`, no schedule), with the config's
+    optimizers; its initial weights are replaced by `shrinking.transfer_state`.
+    """
+    from fedprune import masking, models, schedules
     from fedprune import process as process_lib
 
     def model_builder():
+        if shrunk_model is not None:
+            import tensorflow as tf
+
+            return tf.keras.models.clone_model(shrunk_model)
         return models.build_model(config.model, data.input_shape, data.num_classes)
 
+    dense = shrunk_model is not None
     return process_lib.build_pruning_process(
         model_aggregator=model_aggregator(config),
         model_builder=model_builder,
         input_spec=data.element_spec,
-        masking=config.masking,
-        schedule=config.make_schedule(),
-        mask_spec=config.mask_spec(),
+        masking="none" if dense else config.masking,
+        schedule=schedules.make_schedule("none") if dense else config.make_schedule(),
+        mask_spec=masking.MaskSpec() if dense else config.mask_spec(),
         num_rounds=config.rounds,
         client_optimizer=process_lib.make_optimizer("sgd", config.client_lr,
                                                     momentum=config.client_momentum),
@@ -356,10 +388,15 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
     fingerprint = config.fingerprint()
     ckpt_dir = output_dir / "checkpoints"
 
+    shrink_round = config.shrink_round()
     state = pp.process.initialize()
     rows: list[dict] = []
     first_round = 1
     if resume:
+        if shrink_round and checkpoint.check_latest(
+                ckpt_dir, fingerprint=fingerprint) >= shrink_round:
+            pp, evaluator = _shrunk_architecture(config, data, pp, output_dir)
+            state = pp.process.initialize()
         loaded, done = checkpoint.load_latest(ckpt_dir, state, fingerprint=fingerprint)
         # metrics.csv is written before each round's checkpoint, so it may hold
         # one round more than the checkpoint (redone here) but never fewer.
@@ -389,6 +426,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
 
     writer = tf.summary.create_file_writer(str(output_dir / "tensorboard"))
     weights = pp.process.get_model_weights(state)
+    size = shrinking.model_size(shrinking.plain_model(pp, weights))
     elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
     loop_start = time.time()
     for round_num in range(first_round, config.rounds + 1):
@@ -434,6 +472,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
             row.update(dict.fromkeys(NON_PRIVATE_COLUMNS, ""))
             row.update(_privacy_row(config, accounting, output, round_num))
         row.update(sparsity_metrics(pp, weights))
+        row.update(size)
         diagnostics = output.metrics["finalizer"]["masks"]
         row.update({k: float(diagnostics[k]) if k in diagnostics else ""
                     for k in ("mask_drift", "regrowth", "client_mask_jaccard")})
@@ -445,6 +484,10 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
                    round_seconds=round_seconds,
                    elapsed_seconds=elapsed_before + time.time() - loop_start)
         rows.append(row)
+        if round_num == shrink_round:
+            pp, evaluator, state, weights, shrink_line = _shrink(
+                config, data, pp, evaluator, state, weights, round_num, output_dir)
+            size = shrinking.model_size(shrinking.plain_model(pp, weights))
         # Metrics first: a kill between the two writes leaves round_num in the
         # CSV but not in a checkpoint, and `resume` redoes it (never a gap).
         _write_metrics(output_dir, rows)
@@ -463,6 +506,8 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
             f"sparsity {row['global_sparsity']:.4f}{eps_text}  {round_seconds:.2f}s  "
             f"elapsed {_fmt_seconds(row['elapsed_seconds'])}  "
             f"ETA {_fmt_seconds(mean_round * (config.rounds - round_num))}")
+        if round_num == shrink_round:
+            log(shrink_line)
         if stop_after_round is not None and round_num >= stop_after_round:
             writer.flush()
             return {}
@@ -470,6 +515,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
     summary = _summarize(config, rows, start)
     if dp:
         summary.update(_privacy_summary(config, accounting))
+    summary.update(_size_summary(config, rows, output_dir))
     summary.update(_export_model(pp, weights, output_dir))
     reporting.atomic_write_json(output_dir / "summary.json", summary)
     reporting.plot_run_curves(rows, output_dir / "curves.png",
@@ -511,6 +557,117 @@ def _privacy_summary(config: ExperimentConfig, accounting: privacy.RunAccounting
             "final_epsilon_rdp": finite_or_none(accounting.epsilon_after(last, "rdp")),
             "final_epsilon_pld": finite_or_none(pld[-1] if pld else None),
             "client_sampling": config.client_sampling}
+
+
+def _logits(evaluator: _Evaluator, weights) -> np.ndarray:
+    evaluator.load(weights)
+    return np.concatenate([evaluator.model(x, training=False).numpy()
+                           for x, _ in evaluator.test])
+
+
+def _shrink(config: ExperimentConfig, data, pp, evaluator: _Evaluator, state, weights,
+            round_num: int, output_dir: Path):
+    """Cuts the removed units out of the global model.
+
+    Writes shrink.json (atomically, before the round's checkpoint holds the
+    shrunk state) with the kept units and the check that the shrunk model
+    computes what the masked one did on the test set.
+
+    Returns:
+      The shrunk run's (pp, evaluator, state, weights) and a line for the log.
+    """
+    from fedprune import structured, surgery
+
+    start = time.time()
+    kept_by_kernel = shrinking.kept_units(pp, weights)
+    plain = shrinking.plain_model(pp, weights)
+    layout = structured.structured_layout(plain)
+    kept = shrinking.by_name(layout, kept_by_kernel)
+    small = surgery.shrink(plain, kept)
+    new_pp = build_process(config, data, shrunk_model=small)
+    new_state = shrinking.transfer_state(state, new_pp.process, layout=layout, kept=kept,
+                                         shrunk_model=small)
+    new_weights = new_pp.process.get_model_weights(new_state)
+    new_evaluator = _Evaluator.create(new_pp.keras_model_fn, data)
+    difference = float(np.max(np.abs(_logits(evaluator, weights)
+                                     - _logits(new_evaluator, new_weights))))
+    before, after = shrinking.model_size(plain), shrinking.model_size(small)
+    info = {
+        "round": round_num,
+        # Keyed by the kernel's index in the trainable weights (layer names vary per instance).
+        "kept_units": {str(i): k.tolist() for i, k in kept_by_kernel.items()},
+        "layers": {str(p.kernel_index): p.name for p in layout.layers if p.name in kept},
+        "units_before": {str(p.kernel_index): p.num_units for p in layout.layers
+                         if p.name in kept},
+        "before": before, "after": after,
+        "test_accuracy_masked": evaluator(weights)[1],
+        "test_accuracy_shrunk": new_evaluator(new_weights)[1],
+        "max_abs_logit_difference": difference,
+        "server_optimizer_state": "sliced to the kept units (surgery.slice_weights)",
+        "shrink_seconds": time.time() - start,
+    }
+    reporting.atomic_write_json(output_dir / "shrink.json", info)
+    line = (f"shrunk after round {round_num}: params {before['params']:,} -> {after['params']:,}, "
+        f"multiply-adds/example {before['flops_per_example']:,} -> "
+        f"{after['flops_per_example']:,}, units " + ", ".join(
+            f"{info['layers'][i]} {len(k)}/{info['units_before'][i]}"
+            for i, k in info["kept_units"].items())
+        + f"; max |logit difference| {difference:.2g}")
+    return new_pp, new_evaluator, new_state, new_weights, line
+
+
+def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
+    """The shrunk process and evaluator of a run resumed after its shrink (from shrink.json)."""
+    from fedprune import pruning, structured, surgery
+
+    info = _read_json(output_dir / "shrink.json")
+    if info is None or "kept_units" not in info:
+        raise checkpoint.CheckpointError(
+            f"{output_dir}/checkpoints hold the state after the shrink (round "
+            f"{config.shrink_round()}) but {output_dir}/shrink.json is missing or unreadable; "
+            "cannot rebuild the shrunk model, use --overwrite to start again")
+    plain = pruning.strip(pp.keras_model_fn())
+    kept = shrinking.by_name(structured.structured_layout(plain), {
+        int(i): np.asarray(k, np.int64) for i, k in info["kept_units"].items()})
+    # Only the architecture matters: the weights come from the checkpoint.
+    small = surgery.shrink(plain, kept)
+    new_pp = build_process(config, data, shrunk_model=small)
+    return new_pp, _Evaluator.create(new_pp.keras_model_fn, data)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) -> dict:
+    """Final model size, round time after pruning ended, and the shrink's before/after."""
+    last = rows[-1]
+    seconds = [float(r["round_seconds"]) for r in rows]
+    pruned_by = config.last_mask_update_round()
+    tail = [float(r["round_seconds"]) for r in rows if int(r["round"]) > pruned_by]
+    summary = {"params": int(last["params"]), "model_bytes": int(last["model_bytes"]),
+               "flops_per_example": (int(last["flops_per_example"])
+                                     if last["flops_per_example"] != "" else None),
+               # After the schedule's last mask update (and the shrink): the model's final cost.
+               "median_round_seconds_after_pruning": float(np.median(tail or seconds)),
+               "shrink": None}
+    shrink_round = config.shrink_round()
+    info = _read_json(output_dir / "shrink.json") if shrink_round else None
+    if info is not None and int(last["round"]) >= shrink_round:
+        before = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) <= shrink_round]
+        after = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) > shrink_round]
+        summary["shrink"] = {
+            **{k: v for k, v in info.items() if k != "kept_units"},
+            # {kernel index in the trainable weights: units kept}; `layers` names them.
+            "kept_units": {i: len(k) for i, k in info["kept_units"].items()},
+            "median_round_seconds_before": float(np.median(before)),
+            "median_round_seconds_after": float(np.median(after)) if after else None,
+        }
+    return summary
 
 
 def _summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict:

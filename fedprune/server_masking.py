@@ -22,6 +22,15 @@ differentially private aggregate it removes the noise TFF adds to pruned
 coordinates, so neither the model nor a stateful optimizer's moments see it
 (post-processing with the public mask; see `privacy.py`).
 
+With `--structure=neuron|filter` the mask removes whole units instead
+(`structured.structured_masks`): each pruned layer's wrapper mask holds the
+expanded unit mask (clients train inside it: tfmot multiplies the kernel by it
+before every batch), and the dropped units' biases and BatchNorm gamma/beta are
+zeroed too (`structured.apply_unit_masks`), so the model is exactly unit-sparse
+and `surgery.shrink` of it computes the same function. The next layer's input
+rows for dropped units are zeroed as well (dead weights: they get no gradient
+and the shrink cuts them out), so the downlink skips them before the shrink.
+
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
 counting completed rounds.
 """
@@ -32,14 +41,27 @@ import collections
 
 import numpy as np
 
-from fedprune import mask_aggregation, privacy
+from fedprune import mask_aggregation, privacy, structured
 from fedprune.masking import MaskSpec, compute_masks
 from fedprune.pruning import PruningLayout
 from fedprune.schedules import ScheduleTable, table_lookup
 
 
+def _unit_masks(kernels, old_masks, sparsity, *, layout: PruningLayout,
+                units: structured.StructuredLayout, mask_spec: MaskSpec) -> list:
+    """Per `layout.kernels` entry: the new expanded unit mask, or its old one (not unit-pruned)."""
+    position = {k.trainable_index: n for n, k in enumerate(layout.kernels)}
+    unit_masks, _ = structured.structured_masks(
+        [kernels[position[p.kernel_index]] for p in units.layers], sparsity,
+        norm=mask_spec.unit_norm, scope=mask_spec.mask_scope)
+    masks = list(old_masks)
+    for p, unit_mask in zip(units.layers, unit_masks, strict=True):
+        masks[position[p.kernel_index]] = structured.expand_unit_mask(unit_mask, p.kernel_shape)
+    return masks
+
+
 def remask_weights(weights, round_num, *, layout: PruningLayout, table: ScheduleTable,
-                   mask_spec: MaskSpec):
+                   mask_spec: MaskSpec, units: structured.StructuredLayout | None = None):
     """Applies the schedule's mask decision for `round_num` to model weights (TF ops).
 
     Args:
@@ -48,6 +70,10 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
       layout: where kernels, masks, thresholds and steps are.
       table: the schedule per round.
       mask_spec: the mask rule.
+      units: for `mask_spec.is_unit_structure`: the unit-pruned layers
+        (`structured.restrict` of the wrapped model's `structured_layout`);
+        their kernels must be wrapped. Their dropped units' biases and
+        BatchNorm gamma/beta are zeroed as well.
 
     Returns:
       `tff.learning.models.ModelWeights` with kernels masked, masks and
@@ -60,11 +86,15 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
     trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
     kernels = [trainable[k.trainable_index] for k in layout.kernels]
     old_masks = [non_trainable[k.mask_index] for k in layout.kernels]
-    masks = tf.cond(
-        table_lookup(table.updates, round_num),
-        lambda: compute_masks(kernels, mask_spec, table_lookup(table.sparsity, round_num)),
-        lambda: old_masks,
-    )
+    sparsity = table_lookup(table.sparsity, round_num)
+    if mask_spec.is_unit_structure:
+        def new_masks():
+            return _unit_masks(kernels, old_masks, sparsity, layout=layout, units=units,
+                               mask_spec=mask_spec)
+    else:
+        def new_masks():
+            return compute_masks(kernels, mask_spec, sparsity)
+    masks = tf.cond(table_lookup(table.updates, round_num), new_masks, lambda: old_masks)
     for k, kernel, mask in zip(layout.kernels, kernels, masks, strict=True):
         trainable[k.trainable_index] = kernel * mask
         non_trainable[k.mask_index] = mask
@@ -72,6 +102,13 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
         kept = tf.where(mask > 0, tf.abs(kernel), tf.fill(tf.shape(kernel), np.inf))
         threshold = tf.where(tf.reduce_all(mask > 0), 0.0, tf.reduce_min(kept))
         non_trainable[k.threshold_index] = tf.cast(threshold, kernel.dtype)
+    if mask_spec.is_unit_structure:
+        position = {k.trainable_index: n for n, k in enumerate(layout.kernels)}
+        unit_masks = [structured.unit_mask_of(masks[position[p.kernel_index]])
+                      for p in units.layers]
+        trainable, non_trainable = structured.apply_unit_masks(trainable, non_trainable, units,
+                                                               unit_masks)
+        trainable = structured.zero_consumer_inputs(trainable, units, unit_masks)
     for i in layout.step_indices:
         non_trainable[i] = tf.cast(round_num, tf.int64)
     return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
@@ -87,6 +124,7 @@ def build_masking_finalizer(
     remask: bool,
     aggregate_type=None,
     aggregation_rule: str = "average",
+    units: structured.StructuredLayout | None = None,
 ):
     """Builds TFF's apply-optimizer finalizer followed by the server mask step.
 
@@ -104,6 +142,8 @@ def build_masking_finalizer(
         `mask_aggregation.client_payload`s (modes `client`, `both`); None when
         they upload plain deltas.
       aggregation_rule: one of `mask_aggregation.RULES` (with `aggregate_type`).
+      units: the unit-pruned layers for `--structure=neuron|filter` (see
+        `remask_weights`), else None.
 
     Returns:
       A `tff.learning.templates.FinalizerProcess` with type signature
@@ -136,7 +176,16 @@ def build_masking_finalizer(
             masks = [None] * len(aggregate)
             for k in layout.kernels:
                 masks[k.trainable_index] = weights.non_trainable[k.mask_index]
-            return privacy.mask_update(aggregate, masks)
+            delta = list(privacy.mask_update(aggregate, masks))
+            if mask_spec.is_unit_structure:
+                # Dropped units' biases, gamma/beta and consumer rows are zero in the
+                # broadcast model too: keep a DP aggregate's noise off them as well.
+                unit_masks = [structured.unit_mask_of(masks[p.kernel_index])
+                              for p in units.layers]
+                delta, _ = structured.apply_unit_masks(delta, list(weights.non_trainable),
+                                                       units, unit_masks)
+                delta = structured.zero_consumer_inputs(delta, units, unit_masks)
+            return tuple(delta)
 
     @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type, round_type)
     def mask_and_measure(old, stepped, aggregate, round_num):
@@ -154,7 +203,7 @@ def build_masking_finalizer(
                                                [weights.trainable[i] for i in kernel_idx]))
         if remask:
             weights = remask_weights(weights, round_num, layout=layout, table=table,
-                                     mask_spec=mask_spec)
+                                     mask_spec=mask_spec, units=units)
         diagnostics["mask_drift"] = mask_aggregation.mask_drift(
             old_kernels, [weights.trainable[i] for i in kernel_idx])
         if aggregate_type is not None:

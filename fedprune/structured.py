@@ -241,6 +241,32 @@ def unit_index_mask(unit_mask, repeat: int):
     return unit_mask if repeat == 1 else tf.tile(unit_mask, [repeat])
 
 
+def unit_mask_of(kernel_mask):
+    """The unit mask an expanded kernel mask holds: the max over all axes but the last."""
+    import tensorflow as tf
+
+    kernel_mask = tf.convert_to_tensor(kernel_mask)
+    return tf.reduce_max(kernel_mask, axis=list(range(kernel_mask.shape.rank - 1)))
+
+
+def dependent_weights(p: PrunedUnits) -> tuple[tuple[int, int], ...]:
+    """(trainable index, repeat) of the weights besides the kernel that a dropped unit zeroes.
+
+    Its bias entry (repeat 1) and the gamma and beta of its BatchNorm layers
+    (their `repeat`): `unit_index_mask(unit_mask, repeat)` masks each.
+    """
+    slots = [] if p.bias_index is None else [(p.bias_index, 1)]
+    for bn in p.batchnorms:
+        slots += [(i, bn.repeat) for i in (bn.gamma_index, bn.beta_index) if i is not None]
+    return tuple(slots)
+
+
+def restrict(layout: StructuredLayout, layer_classes) -> StructuredLayout:
+    """`layout` with only the pruned layers of the given classes (e.g. only Dense: neuron)."""
+    return dataclasses.replace(
+        layout, layers=tuple(p for p in layout.layers if p.layer_class in layer_classes))
+
+
 def apply_unit_masks(trainable: list, non_trainable: list, layout: StructuredLayout,
                      unit_masks: list) -> tuple[list, list]:
     """Zeroes the dropped units of a model's weights (the structured mask).
@@ -270,14 +296,34 @@ def apply_unit_masks(trainable: list, non_trainable: list, layout: StructuredLay
         kernel = trainable[p.kernel_index]
         mask = tf.cast(mask, kernel.dtype)
         trainable[p.kernel_index] = kernel * mask  # broadcasts over the last (unit) axis
-        if p.bias_index is not None:
-            trainable[p.bias_index] = trainable[p.bias_index] * mask
-        for bn in p.batchnorms:
-            spread = unit_index_mask(mask, bn.repeat)
-            trainable[bn.gamma_index] = trainable[bn.gamma_index] * spread
-            if bn.beta_index is not None:
-                trainable[bn.beta_index] = trainable[bn.beta_index] * spread
+        for i, repeat in dependent_weights(p):
+            trainable[i] = trainable[i] * unit_index_mask(mask, repeat)
     return trainable, non_trainable
+
+
+def zero_consumer_inputs(trainable: list, layout: StructuredLayout, unit_masks: list) -> list:
+    """Zeroes the consumers' input rows (axis -2) that read dropped units.
+
+    Not needed for `surgery.shrink` to be exact (those rows multiply zeros), but
+    they are dead weights: they receive zero gradients and are cut out by the
+    shrink, and zeroing them lets the sparse encodings skip them before it.
+
+    Args:
+      trainable: the model's trainable weights.
+      layout: from `structured_layout`.
+      unit_masks: one 0/1 [units] vector per `layout.layers` entry.
+
+    Returns:
+      The trainable weights as tensors, the consumers' kernels masked.
+    """
+    import tensorflow as tf
+
+    trainable = [tf.convert_to_tensor(w) for w in trainable]
+    for p, mask in zip(layout.layers, unit_masks, strict=True):
+        kernel = trainable[p.consumer_kernel_index]
+        rows = unit_index_mask(tf.cast(mask, kernel.dtype), p.consumer_repeat)
+        trainable[p.consumer_kernel_index] = kernel * rows[:, None]  # broadcasts over axis -2
+    return trainable
 
 
 def prune_units(trainable: list, non_trainable: list, layout: StructuredLayout, sparsity, *,

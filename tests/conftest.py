@@ -1,8 +1,5 @@
 """Shared pytest configuration for fedprune."""
 
-import collections
-
-import numpy as np
 import pytest
 
 
@@ -19,22 +16,23 @@ def tff_local_context():
     runtime.stop_workers()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digits_clients():
-    """Makes federated digits for process-level tests: `make(num_clients, num_examples)`.
+    """A function (num_clients, num_examples) -> digits client datasets, batches of 16.
 
-    Returns a list of `num_clients` datasets of batches of 16 `OrderedDict(x, y)`
-    (x: float32 [batch, 64] in [0, 1]; y: int32 [batch, 1]), splitting a fixed
-    random permutation's first `num_examples` digits evenly. Imports TF lazily.
+    The first `num_examples` of a fixed permutation of scikit-learn's digits
+    (x scaled to [0, 1], y int32 [n, 1]), split into `num_clients` even parts.
     """
+    import collections
+
+    import numpy as np
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    y = y.astype(np.int32)[:, None]
-
     def make(num_clients: int, num_examples: int) -> list:
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).astype(np.float32)
+        y = y.astype(np.int32)[:, None]
         order = np.random.default_rng(0).permutation(len(y))[:num_examples]
         return [tf.data.Dataset.from_tensor_slices(
                     collections.OrderedDict(x=x[part], y=y[part])).batch(16)

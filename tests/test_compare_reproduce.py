@@ -412,3 +412,62 @@ def test_bad_input_is_one_line_exit_2_before_tensorflow(tmp_path, module, args, 
     message = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
     assert len(message) == 1 and message[0].startswith(f"error: --{flag}="), done.stderr
     assert not root.exists()
+
+
+# --------------------------------------------------------------------------
+# Table 3: structured vs unstructured pruning, a table of several grids ("parts").
+
+
+@pytest.mark.parametrize("size, runs", [("full", 18), ("ci", 4)])
+def test_table3_parts_flagfiles_and_expected_values_agree(parsed_flags, size, runs):
+    from experiments import reproduce
+
+    spec = reproduce.TABLES[3]
+    cells = reproduce.table_cells(spec, size)
+    assert len(cells) == runs
+    assert len({c.name for c in cells}) == runs  # parts prefix their cells' folders
+    by_structure = {}
+    for c in cells:
+        by_structure.setdefault((c.config.model, c.config.structure, c.config.masking),
+                                set()).add(c.config.final_sparsity)
+    pruned = {("mlp", "unstructured", "server"): {0.87890625}, ("mlp", "neuron", "server"): {0.75},
+              ("cnn", "unstructured", "server"): {1 - 78688 / 183072},
+              ("cnn", "filter", "server"): {0.5}}
+    dense = {("mlp", "unstructured", "none"): {0.0}, ("cnn", "unstructured", "none"): {0.0}}
+    assert by_structure == ({**dense, **pruned} if size == "full" else pruned)
+    # Equal budgets: unstructured keeps exactly as many kernel weights as the shrunk model.
+    assert round(8192 * (1 - 0.87890625)) + 128 + 1290 == 64 * 32 + 32 + 32 * 10 + 10 == 2410
+    assert round(183072 * 78688 / 183072) + 5738 == (5 * 5 * 16 + 16 + 5 * 5 * 16 * 32 + 32
+                                                     + 2 * 2 * 32 * 512 + 512 + 5130) == 84426
+    expected_path = spec.expected_path(size)
+    if not expected_path.exists():
+        pytest.skip(f"{expected_path.name} not written yet")
+    expected = json.loads(expected_path.read_text())
+    keys = ("model", "structure", *grid.KEYS)
+    assert [tuple(r[k] for k in keys) for r in expected["rows"]] == list(dict.fromkeys(
+        (c.config.model, c.config.structure, *c.key.values()) for c in cells))
+    assert expected["flagfiles"] == [str(f.relative_to(REPO_ROOT))
+                                     for f in spec.all_flagfiles(size)]
+    assert "round_seconds_final" not in expected["tolerances"]  # machine-dependent: not checked
+    rows = {(r["model"], r["structure"]): r for r in expected["rows"] if r["masking"] != "none"}
+    # Nonzeros can fall below the budget by weights that trained to exactly 0 (dead units).
+    assert rows["mlp", "neuron"]["params"] == 2410 >= rows["mlp", "neuron"]["nonzeros"] > 2300
+    assert 2300 < rows["mlp", "unstructured"]["nonzeros"] <= 2410
+    assert rows["mlp", "unstructured"]["params"] == 9610  # zeros are still stored
+    assert rows["cnn", "filter"]["params"] == 84426
+    assert rows["cnn", "unstructured"]["params"] == 188810
+    assert rows["cnn", "filter"]["flops"] == 301056
+    assert rows["cnn", "unstructured"]["flops"] == 1006592
+
+
+@pytest.mark.slow
+def test_reproduce_table3_ci_shrinks_and_matches_expected(tmp_path):
+    done = _run("reproduce", "--table=3", "--size=ci", f"--output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all 24 values of 4 rows within tolerance" in done.stdout
+    assert "| mlp | neuron | polynomial-p3 | 0.75 | server | 1 |" in done.stdout
+    shrink = json.loads((tmp_path / "cnn_filter-polynomial-p3-s0.5-server-seed0"
+                         / "shrink.json").read_text())
+    assert shrink["round"] == 2 and shrink["max_abs_logit_difference"] <= 1e-5
+    assert (shrink["before"]["params"], shrink["after"]["params"]) == (188810, 84426)
+    assert not (tmp_path / "mlp-polynomial-p3-s0.878906-server-seed0" / "shrink.json").exists()

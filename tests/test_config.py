@@ -12,6 +12,33 @@ def test_default_is_valid():
     assert ExperimentConfig().validate() == ExperimentConfig()
 
 
+STRUCTURED = dict(structure="neuron", masking="server", prune_output_layer=False)
+
+
+@pytest.mark.parametrize("changes, shrink_round", [
+    (dict(), 0),  # unstructured: never
+    (STRUCTURED, 20),  # -1: after the polynomial schedule's end_round
+    (dict(STRUCTURED, shrink_at_round=0), 0),
+    (dict(STRUCTURED, shrink_at_round=25), 25),
+    (dict(STRUCTURED, schedule="oneshot", begin_round=5), 5),
+    (dict(STRUCTURED, schedule="oneshot", begin_round=0), 1),  # the loop's first round
+    (dict(STRUCTURED, schedule="constant", begin_round=5, end_round=-1), 30),  # to the end
+    (dict(STRUCTURED, model="cnn", structure="filter"), 20),
+])
+def test_shrink_round(changes, shrink_round):
+    config = dataclasses.replace(ExperimentConfig(), **changes).validate()
+    assert config.shrink_round() == shrink_round
+
+
+def test_fingerprint_of_configs_without_the_newer_fields_is_unchanged():
+    # Computed before --unit_norm, --shrink_at_round, --client_sampling and --dp*
+    # existed (commit cb42ba4).
+    assert ExperimentConfig().fingerprint() == "cacb424d245d153f"
+    for changed in (dict(unit_norm="l1"), dict(client_sampling="poisson"),
+                    dict(dp="fixed"), dict(dp_clip=0.3)):
+        assert ExperimentConfig(**changed).fingerprint() != ExperimentConfig().fingerprint()
+
+
 @pytest.mark.parametrize(
     "changes, flag",
     [
@@ -36,6 +63,16 @@ def test_default_is_valid():
         (dict(server_optimizer="yogi"), "server_optimizer"),
         (dict(eval_every=0), "eval_every"),
         (dict(schedule="polynomial", prune_every=3), "end_round"),  # (20 - 1) % 3 != 0
+        # Structured (unit) pruning: server masking, no output layer, a model with units.
+        (dict(STRUCTURED, masking="both"), "masking"),
+        (dict(STRUCTURED, prune_output_layer=True), "prune_output_layer"),
+        (dict(STRUCTURED, structure="filter"), "model"),  # the MLP has no convolutions
+        (dict(STRUCTURED, mask_criterion="threshold", threshold=0.1), "mask_criterion"),
+        (dict(STRUCTURED, unit_norm="linf"), "unit_norm"),
+        (dict(STRUCTURED, shrink_at_round=19), "shrink_at_round"),  # before the last update
+        (dict(STRUCTURED, shrink_at_round=31), "shrink_at_round"),  # after the last round
+        (dict(STRUCTURED, shrink_at_round=-2), "shrink_at_round"),
+        (dict(shrink_at_round=25), "shrink_at_round"),  # unstructured: nothing to cut out
     ],
 )
 def test_bad_values_name_their_flag(changes, flag):

@@ -1,0 +1,150 @@
+"""Shrinking a unit-pruned global model mid-training, and continuing on the smaller model.
+
+After the round `R = ExperimentConfig.shrink_round()` the global model of a
+`--structure=neuron|filter` run is exactly unit-sparse (`server_masking`), so
+`surgery.shrink` can cut the dropped units out without changing its function.
+Training then continues on a new TFF process built for the smaller model:
+
+1. `kept_units`: the surviving units of every unit-pruned layer, read from the
+   wrapper masks the server broadcast (and checked: a dropped unit's kernel
+   column, bias and BatchNorm gamma/beta must be exactly zero).
+2. `plain_model` + `surgery.shrink`: the smaller plain Keras model with the
+   surviving weights.
+3. A new process (`program.build_shrunk_process`: masking `none`, no schedule;
+   the pruning is over, the small model trains dense) and `transfer_state`: its
+   state gets the shrunk weights and the old server optimizer state sliced to
+   the kept units (`surgery.slice_weights`): SGD is stateless, SGD momentum and
+   Adam's moments keep the entries of surviving weights, scalars such as Adam's
+   step count are carried over, so the optimizer continues as if the removed
+   units had never existed. The finalizer's and client work's round counters
+   are carried over too.
+
+Model size numbers (`model_size`): parameters of the plain (stripped) model,
+its bytes as float32, and multiply-adds per example (`surgery.flops_per_example`).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from fedprune import pruning, structured, surgery
+
+
+class ShrinkError(RuntimeError):
+    """The global model is not unit-sparse where its masks say (it cannot be shrunk exactly)."""
+
+
+def _mask_index(pp, p: structured.PrunedUnits) -> int:
+    return next(k.mask_index for k in pp.layout.kernels if k.trainable_index == p.kernel_index)
+
+
+def kept_units(pp, weights) -> dict[int, np.ndarray]:
+    """{kernel index: sorted int64 indices of the surviving units} per unit-pruned layer.
+
+    Keyed by the kernel's position in the trainable weights, which is the same
+    in every instance of the model (layer names are not: Keras numbers them
+    per instance); `by_name` maps the keys to a model's layer names.
+
+    Args:
+      pp: the `process.PruningProcess` of a `--structure=neuron|filter` run.
+      weights: its global `ModelWeights`.
+
+    Raises:
+      ShrinkError: a dropped unit has a nonzero kernel column, bias, gamma or beta.
+    """
+    kept = {}
+    trainable = [np.asarray(w) for w in weights.trainable]
+    for p in pp.units.layers:
+        mask = np.asarray(weights.non_trainable[_mask_index(pp, p)])
+        unit_mask = mask.reshape(-1, p.num_units).max(axis=0) > 0
+        dropped = [(p.kernel_index, ~unit_mask[None, :],
+                    trainable[p.kernel_index].reshape(-1, p.num_units))]
+        dropped += [(i, np.tile(~unit_mask, repeat), trainable[i])
+                    for i, repeat in structured.dependent_weights(p)]
+        for index, where, values in dropped:
+            if np.any(values[np.broadcast_to(where, values.shape)] != 0):
+                raise ShrinkError(f"layer {p.name!r}: trainable weight {index} is nonzero for "
+                                  "units its mask dropped; the masked model is not unit-sparse")
+        kept[p.kernel_index] = np.flatnonzero(unit_mask).astype(np.int64)
+    return kept
+
+
+def by_name(layout: structured.StructuredLayout, kept: dict[int, np.ndarray]) -> dict:
+    """`kept` keyed by the names of the layers of the model `layout` was read from."""
+    return {p.name: kept[p.kernel_index] for p in layout.layers if p.kernel_index in kept}
+
+
+def plain_model(pp, weights):
+    """The global model as a plain Keras model (tfmot wrappers stripped) holding `weights`."""
+    model = pp.keras_model_fn()
+    for variables, values in ((model.trainable_weights, weights.trainable),
+                              (model.non_trainable_weights, weights.non_trainable)):
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+    return pruning.strip(model) if pp.masking != "none" else model
+
+
+def model_size(model) -> dict:
+    """{params, model_bytes, flops_per_example} of a plain Keras model (see `surgery`).
+
+    `flops_per_example` is "" (unknown) for layers `surgery.flops_per_example`
+    cannot count (e.g. the LSTM of `models.rnn`) rather than an undercount.
+    """
+    try:
+        flops = surgery.flops_per_example(model)
+    except structured.UnsupportedArchitecture:
+        flops = ""
+    return {"params": surgery.count_params(model), "model_bytes": surgery.model_bytes(model),
+            "flops_per_example": flops}
+
+
+def transfer_state(old_state, new_process, *, layout: structured.StructuredLayout,
+                   kept: dict, shrunk_model):
+    """The new process's state continuing the old one after the shrink.
+
+    Args:
+      old_state: the `LearningAlgorithmState` of the unit-pruned process.
+      new_process: the shrunk model's `LearningProcess` (its `initialize()` gives
+        the structure; `set_model_weights` loads the shrunk weights).
+      layout: `structured.structured_layout` of the plain full model (its
+        trainable order is the wrapped model's and, smaller, the shrunk model's).
+      kept: {layer name in `layout`: kept unit indices} (`by_name`).
+      shrunk_model: the plain shrunk model (its weights become the global model).
+
+    Returns:
+      A state of `new_process` with the shrunk weights, the sliced server optimizer state and
+      the old round counters.
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    new_state = new_process.initialize()
+    shapes = [tuple(s) for s in layout.trainable_shapes]
+
+    def slice_entry(value):
+        if isinstance(value, (list, tuple)) and [tuple(np.shape(v)) for v in value] == shapes:
+            return surgery.slice_weights(layout, kept, list(value))[0]
+        return value
+
+    old_optimizer = old_state.finalizer["optimizer"]
+    template = new_state.finalizer["optimizer"]
+    sliced = collections.OrderedDict(
+        (key, slice_entry(value)) for key, value in old_optimizer.items())
+    flat_template, flat = tf.nest.flatten(template), tf.nest.flatten(sliced)
+    if [np.shape(a) for a in flat_template] != [np.shape(a) for a in flat]:
+        found = [np.shape(a) for a in flat]
+        wanted = [np.shape(a) for a in flat_template]
+        raise ShrinkError("the server optimizer state does not map onto the shrunk model's "
+                          f"({found} vs {wanted})")
+    optimizer = tf.nest.pack_sequence_as(template, [np.asarray(a) for a in flat])
+    state = new_state._replace(
+        finalizer=collections.OrderedDict(optimizer=optimizer,
+                                          round=old_state.finalizer["round"]),
+        client_work=collections.OrderedDict(hparams=new_state.client_work["hparams"],
+                                            round=old_state.client_work["round"]))
+    weights = tff.learning.models.ModelWeights(
+        tuple(v.numpy() for v in shrunk_model.trainable_weights),
+        tuple(v.numpy() for v in shrunk_model.non_trainable_weights))
+    return new_process.set_model_weights(state, weights)
