@@ -44,11 +44,12 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          (a per-round leak shows as growth; the limit is 5 %), for the Python
          process, the worker and both. Each setting runs with the worker's
          allocator settings of each of `--scale_worker_malloc` (fedprune's
-         defaults, `runtime.WORKER_MALLOC_DEFAULTS`, and glibc's own), and with
-         fedprune's defaults once more with clients capped at
-         `--scale_control_cap` examples: a control whose largest client is
-         reached by the baseline round, which separates retention of the
-         largest client's buffers from a per-round leak.
+         defaults, `runtime.WORKER_MALLOC_DEFAULTS`, and glibc's own), and,
+         with `--scale_control`, once more with fedprune's defaults on digits
+         split iid over the same number of clients (1-2 examples each, no
+         large client): a per-round leak of the round machinery (TFF calls,
+         masks, state) grows there too, while memory kept after large clients
+         does not.
 quality  Final test accuracy of `program.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
          `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI.
@@ -125,10 +126,12 @@ _SCALE_MALLOC = flags.DEFINE_list(
     "scale_worker_malloc", ["fedprune", "glibc"],
     "scale: allocator settings of the worker, one child each per clients-per-round value: "
     "fedprune (fedprune's defaults) or glibc (FEDPRUNE_WORKER_MALLOC=glibc: glibc's own).")
-_SCALE_CAP = flags.DEFINE_integer(
-    "scale_control_cap", 4000,
-    "scale: also run each clients-per-round value with fedprune's defaults and "
-    "--max_examples_per_client set to this (0: no control rows).")
+_SCALE_CONTROL = flags.DEFINE_bool(
+    "scale_control", True,
+    "scale: also run each clients-per-round value with fedprune's defaults on digits split "
+    "iid over --scale_clients clients (a control without large clients).")
+# The control's data: every client gets 1-2 of digits' 1,437 training examples.
+CONTROL_FLAGS = ("--scale_dataset=digits", "--partition=iid")
 _SCALE_CHILD = flags.DEFINE_integer("scale_child", 0, "Internal: run one scale setting with "
                                     "this many clients per round and print its result.")
 _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75", "0.9", "0.95"],
@@ -150,8 +153,8 @@ class Plan:
       pruned: the config of variants (a) and (a+): masking `both`, polynomial.
       dense: the config of variant (b): masking `none`, no schedule.
       scale: per clients-per-round value, the config of its scale children.
-      scale_runs: (clients per round, worker malloc mode, client cap or 0) per
-        scale child, in table order.
+      scale_runs: (clients per round, worker malloc mode, control?) per scale
+        child, in table order.
       quality: (target sparsity, seed, config) per quality run.
     """
 
@@ -159,7 +162,7 @@ class Plan:
     pruned: config_lib.ExperimentConfig
     dense: config_lib.ExperimentConfig
     scale: dict[int, config_lib.ExperimentConfig]
-    scale_runs: tuple[tuple[int, str, int], ...]
+    scale_runs: tuple[tuple[int, str, bool], ...]
     quality: tuple[tuple[float, int, config_lib.ExperimentConfig], ...]
 
 
@@ -212,8 +215,6 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
         mallocs = list(dict.fromkeys(_SCALE_MALLOC.value))
         check(bool(mallocs) and set(mallocs) <= set(WORKER_MALLOC_MODES), "scale_worker_malloc",
               ",".join(_SCALE_MALLOC.value), f"one or more of {','.join(WORKER_MALLOC_MODES)}")
-        check(_SCALE_CAP.value >= 0, "scale_control_cap", _SCALE_CAP.value,
-              "a whole number >= 0 (0: no control)")
         check(_SCALE_ROUNDS.value >= 2, "scale_rounds", _SCALE_ROUNDS.value, "a whole number >= 2")
         check(1 <= _SCALE_BASELINE.value < _SCALE_ROUNDS.value, "scale_baseline_round",
               _SCALE_BASELINE.value, f"a round in [1, --scale_rounds={_SCALE_ROUNDS.value})")
@@ -225,9 +226,9 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
             config = dataclasses.replace(base, dataset=_SCALE_DATASET.value,
                                          num_clients=_SCALE_CLIENTS.value, clients_per_round=cpr)
             scale[cpr] = pruned_and_dense(config, _SCALE_ROUNDS.value)[0]
-            scale_runs += [(cpr, malloc, 0) for malloc in mallocs]
-            if _SCALE_CAP.value:
-                scale_runs.append((cpr, "fedprune", _SCALE_CAP.value))
+            scale_runs += [(cpr, malloc, False) for malloc in mallocs]
+            if _SCALE_CONTROL.value and not _SCALE_CHILD.value:
+                scale_runs.append((cpr, "fedprune", True))
     quality = []
     if "quality" in sections:
         seeds = _int_list("quality_seeds", _QUALITY_SEEDS.value, 0)
@@ -331,11 +332,11 @@ def rss_slope(result: dict, key: str = "worker") -> float:
 def scale_markdown(results: Sequence[dict]) -> str:
     """The scale table, one row per child process (from `run_scale_child`)."""
     mib = 1024**2
-    lines = ["| clients | per round | worker malloc | MALLOC_ARENA_MAX | client cap | rounds "
+    lines = ["| dataset | clients | per round | worker malloc | MALLOC_ARENA_MAX | rounds "
              "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
              "| RSS growth Python | RSS growth worker | RSS growth total "
              "| worker RSS slope, 2nd half (MiB/round) | largest client so far (examples) |",
-             "| --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: "
+             "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: "
              "| --: | --: |"]
     for r in results:
         med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
@@ -344,8 +345,8 @@ def scale_markdown(results: Sequence[dict]) -> str:
                  for k in ("python", "worker", "total")]
         largest = r["largest_client"]
         lines.append(
-            f"| {r['num_clients']} | {r['clients_per_round']} | {r.get('worker_malloc', '')} "
-            f"| {r.get('malloc_arena_max', 'unset')} | {r.get('client_cap') or 'none'} "
+            f"| {r.get('dataset', '')} | {r['num_clients']} | {r['clients_per_round']} "
+            f"| {r.get('worker_malloc', '')} | {r.get('malloc_arena_max', 'unset')} "
             f"| {r['rounds']} "
             f"| {_seconds(med)} | {_seconds(lo)}–{_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
@@ -838,9 +839,7 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
         state = pp.process.next(state, batches.datasets).state
         round_seconds.append(time.perf_counter() - start)
         # Memory that malloc keeps after the largest client so far is not a leak.
-        cap = config.max_examples_per_client or None
-        largest.append(max([*largest[-1:], *(min(data.num_examples(c), cap or data.num_examples(c))
-                                              for c in batches.clients)]))
+        largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))
         workers = _workers()
         rss.append({"python": _rss(me), "worker": sum(_rss(w) for w in workers)})
         if round_num % 10 == 0 or round_num == rounds:
@@ -855,7 +854,8 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
             "malloc_arena_max": _arena_max(workers),
             "worker_malloc": os.environ.get(runtime.WORKER_MALLOC_ENV) or "fedprune",
-            "client_cap": config.max_examples_per_client,
+            "dataset": config.dataset + ("" if config.dataset == "synthetic"
+                                         else f" {config.partition}"),
             "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
             "rss": rss, "peak_rss": peak, "rss_growth": growth, "largest_client": largest}
 
@@ -885,11 +885,11 @@ def run_scale(plan: Plan, log) -> tuple[str, str]:
     process runs with glibc's defaults in every row.
     """
     results = []
-    for cpr, malloc, cap in plan.scale_runs:
-        log(f"scale: {_SCALE_CLIENTS.value} clients, {cpr} per round, worker malloc {malloc}, "
-            f"client cap {cap or 'none'}, in a child process")
+    for cpr, malloc, control in plan.scale_runs:
+        log(f"scale: {_SCALE_CLIENTS.value} clients, {cpr} per round, worker malloc {malloc}"
+            f"{', control' if control else ''}, in a child process")
         args = [sys.executable, "-m", "experiments.benchmark", *sys.argv[1:],
-                f"--scale_child={cpr}", *([f"--max_examples_per_client={cap}"] if cap else [])]
+                f"--scale_child={cpr}", *(CONTROL_FLAGS if control else ())]
         child = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, text=True, env=_child_env(malloc))
         result = None
@@ -925,16 +925,16 @@ sampled after round {_SCALE_BASELINE.value} with that after the last round; ✗ 
 of {100 * MAX_RSS_GROWTH:.0f} % or more. The slope is a least-squares fit of the worker's RSS
 over the second half of the rounds: a per-round leak keeps it positive, while a one-off rise
 does not, such as malloc keeping the memory of the largest client trained so far (last
-column: its size at round {_SCALE_BASELINE.value} → at the end, after the cap). "worker
+column: its size at round {_SCALE_BASELINE.value} → at the end). "worker
 malloc" is how the worker was started: `fedprune`, with fedprune's defaults
 (`runtime.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
 (`FEDPRUNE_WORKER_MALLOC=glibc`); MALLOC_ARENA_MAX is read from the running worker's
 environment ("unset": glibc's default, up to 8 arenas per core); the Python process runs
-with glibc's defaults in every row. Rows with a client cap are a control, not the
-workload: `--max_examples_per_client={_SCALE_CAP.value}` trims the largest clients (about 1 %
-of them) so that the largest client is reached before round {_SCALE_BASELINE.value}; memory
-that grows without the cap and not with it is memory kept after the largest client, not a
-per-round leak."""
+with glibc's defaults in every row. The `digits iid` rows are a control, not the workload:
+the same rounds, model and worker on digits split iid over the same number of clients (1-2
+examples each), so no round brings a larger client than before; a per-round leak of the
+round machinery (TFF calls, masks, server state) would grow there too, while memory kept
+after the largest client so far does not."""
     return scale_markdown(results), notes
 
 
