@@ -918,7 +918,9 @@ batch {config.batch_size}, {config.local_epochs} local epoch(s), fedprune maskin
 polynomial (power {config.power:g}) {config.initial_sparsity:g} →
 {config.final_sparsity:g} over rounds
 {config.begin_round}–{config.end_round}. Each setting runs in a fresh child process
-(its own `worker_binary`). Round time includes building the round's client datasets and
+(its own `worker_binary`), one after another, so their round times compare only as well as
+the machine's load allowed (the load averages above); the speed section interleaves its
+variants. Round time includes building the round's client datasets and
 `process.next`, medians over rounds {_SCALE_BASELINE.value + 1}–{_SCALE_ROUNDS.value}. Peak
 RSS is the kernel's high-water mark (VmHWM) of each process. RSS growth compares the RSS
 sampled after round {_SCALE_BASELINE.value} with that after the last round; ✗ marks growth
