@@ -41,9 +41,15 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          for `--scale_rounds` rounds, each setting in a fresh child process:
          round time, peak RSS of the Python process and of the `worker_binary`
          child, and RSS growth from round `--scale_baseline_round` to the last
-         (a per-round leak shows as growth; the limit is 5 %). Each setting runs
-         with glibc's default malloc arenas and with `--scale_malloc_arena_max`,
-         which separates allocator fragmentation from leaks.
+         (a per-round leak shows as growth; the limit is 5 %), for the Python
+         process, the worker and both. Each setting runs with the worker's
+         allocator settings of each of `--scale_worker_malloc` (fedprune's
+         defaults, `runtime.WORKER_MALLOC_DEFAULTS`, and glibc's own), and,
+         with `--scale_control`, once more with fedprune's defaults on digits
+         split iid over the same number of clients (1-2 examples each, no
+         large client): a per-round leak of the round machinery (TFF calls,
+         masks, state) grows there too, while memory kept after large clients
+         does not.
 quality  Final test accuracy of `program.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
          `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI.
@@ -90,6 +96,8 @@ SCALE_DATASETS = ("synthetic", "digits")
 FIXED_FLAGS = ("masking", "schedule")
 # Targets the project set for fedprune's round time (issue 8).
 TARGETS = {"a/c": 1.0, "a/d": 1.5}
+# Allocator settings of the scale section's workers: fedprune's defaults, or glibc's own.
+WORKER_MALLOC_MODES = ("fedprune", "glibc")
 MAX_RSS_GROWTH = 0.05  # fraction; more from the baseline round to the last suggests a leak
 SCALE_RESULT_PREFIX = "SCALE_RESULT "
 
@@ -110,14 +118,20 @@ _SCALE_DATASET = flags.DEFINE_enum("scale_dataset", "synthetic", SCALE_DATASETS,
 _SCALE_CLIENTS = flags.DEFINE_integer("scale_clients", 1000, "scale: number of clients.")
 _SCALE_CPR = flags.DEFINE_list("scale_clients_per_round", ["10", "100"],
                                "scale: clients per round; one child process per value and "
-                               "--scale_malloc_arena_max value.")
+                               "--scale_worker_malloc value, plus the control.")
 _SCALE_ROUNDS = flags.DEFINE_integer("scale_rounds", 100, "scale: rounds per setting.")
 _SCALE_BASELINE = flags.DEFINE_integer(
     "scale_baseline_round", 10, "scale: RSS growth is measured from this round to the last.")
-_SCALE_ARENAS = flags.DEFINE_list(
-    "scale_malloc_arena_max", ["0", "2"],
-    "scale: glibc MALLOC_ARENA_MAX values for the child and its worker, one child each per "
-    "clients-per-round value (0 = not set here; the table shows what the worker had).")
+_SCALE_MALLOC = flags.DEFINE_list(
+    "scale_worker_malloc", ["fedprune", "glibc"],
+    "scale: allocator settings of the worker, one child each per clients-per-round value: "
+    "fedprune (fedprune's defaults) or glibc (FEDPRUNE_WORKER_MALLOC=glibc: glibc's own).")
+_SCALE_CONTROL = flags.DEFINE_bool(
+    "scale_control", True,
+    "scale: also run each clients-per-round value with fedprune's defaults on digits split "
+    "iid over --scale_clients clients (a control without large clients).")
+# The control's data: every client gets 1-2 of digits' 1,437 training examples.
+CONTROL_FLAGS = ("--scale_dataset=digits", "--partition=iid")
 _SCALE_CHILD = flags.DEFINE_integer("scale_child", 0, "Internal: run one scale setting with "
                                     "this many clients per round and print its result.")
 _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75", "0.9", "0.95"],
@@ -139,7 +153,8 @@ class Plan:
       pruned: the config of variants (a) and (a+): masking `both`, polynomial.
       dense: the config of variant (b): masking `none`, no schedule.
       scale: per clients-per-round value, the config of its scale children.
-      arenas: MALLOC_ARENA_MAX per scale child (0: unset), crossed with `scale`.
+      scale_runs: (clients per round, worker malloc mode, control?) per scale
+        child, in table order.
       quality: (target sparsity, seed, config) per quality run.
     """
 
@@ -147,7 +162,7 @@ class Plan:
     pruned: config_lib.ExperimentConfig
     dense: config_lib.ExperimentConfig
     scale: dict[int, config_lib.ExperimentConfig]
-    arenas: tuple[int, ...]
+    scale_runs: tuple[tuple[int, str, bool], ...]
     quality: tuple[tuple[float, int, config_lib.ExperimentConfig], ...]
 
 
@@ -195,9 +210,11 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
     check(_WARMUP_ROUNDS.value >= 0, "warmup_rounds", _WARMUP_ROUNDS.value, "a whole number >= 0")
     check(_TIMED_ROUNDS.value >= 2, "timed_rounds", _TIMED_ROUNDS.value, "a whole number >= 2")
     pruned, dense = pruned_and_dense(base, 1 + _WARMUP_ROUNDS.value + _TIMED_ROUNDS.value)
-    scale, arenas = {}, ()
+    scale, scale_runs = {}, []
     if "scale" in sections or _SCALE_CHILD.value:
-        arenas = tuple(_int_list("scale_malloc_arena_max", _SCALE_ARENAS.value, 0))
+        mallocs = list(dict.fromkeys(_SCALE_MALLOC.value))
+        check(bool(mallocs) and set(mallocs) <= set(WORKER_MALLOC_MODES), "scale_worker_malloc",
+              ",".join(_SCALE_MALLOC.value), f"one or more of {','.join(WORKER_MALLOC_MODES)}")
         check(_SCALE_ROUNDS.value >= 2, "scale_rounds", _SCALE_ROUNDS.value, "a whole number >= 2")
         check(1 <= _SCALE_BASELINE.value < _SCALE_ROUNDS.value, "scale_baseline_round",
               _SCALE_BASELINE.value, f"a round in [1, --scale_rounds={_SCALE_ROUNDS.value})")
@@ -209,6 +226,9 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
             config = dataclasses.replace(base, dataset=_SCALE_DATASET.value,
                                          num_clients=_SCALE_CLIENTS.value, clients_per_round=cpr)
             scale[cpr] = pruned_and_dense(config, _SCALE_ROUNDS.value)[0]
+            scale_runs += [(cpr, malloc, False) for malloc in mallocs]
+            if _SCALE_CONTROL.value and not _SCALE_CHILD.value:
+                scale_runs.append((cpr, "fedprune", True))
     quality = []
     if "quality" in sections:
         seeds = _int_list("quality_seeds", _QUALITY_SEEDS.value, 0)
@@ -220,7 +240,7 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                     eval_every=base.rounds)
                 pruned_q, dense_q = pruned_and_dense(config, config.rounds)
                 quality.append((sparsity, seed, dense_q if sparsity == 0 else pruned_q))
-    return Plan(sections, pruned, dense, scale, arenas, tuple(quality))
+    return Plan(sections, pruned, dense, scale, tuple(scale_runs), tuple(quality))
 
 
 # --------------------------------------------------------------------------
@@ -312,11 +332,12 @@ def rss_slope(result: dict, key: str = "worker") -> float:
 def scale_markdown(results: Sequence[dict]) -> str:
     """The scale table, one row per child process (from `run_scale_child`)."""
     mib = 1024**2
-    lines = ["| clients | per round | MALLOC_ARENA_MAX | rounds | median round (s) "
-             "| min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) | RSS growth Python "
-             "| RSS growth worker | RSS growth total | worker RSS slope, 2nd half (MiB/round) "
-             "| largest client so far (examples) |",
-             "| --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
+    lines = ["| dataset | clients | per round | worker malloc | MALLOC_ARENA_MAX | rounds "
+             "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
+             "| RSS growth Python | RSS growth worker | RSS growth total "
+             "| worker RSS slope, 2nd half (MiB/round) | largest client so far (examples) |",
+             "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: "
+             "| --: | --: |"]
     for r in results:
         med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
         growth = r["rss_growth"]
@@ -324,8 +345,9 @@ def scale_markdown(results: Sequence[dict]) -> str:
                  for k in ("python", "worker", "total")]
         largest = r["largest_client"]
         lines.append(
-            f"| {r['num_clients']} | {r['clients_per_round']} "
-            f"| {r.get('malloc_arena_max', 'unset')} | {r['rounds']} "
+            f"| {r.get('dataset', '')} | {r['num_clients']} | {r['clients_per_round']} "
+            f"| {r.get('worker_malloc', '')} | {r.get('malloc_arena_max', 'unset')} "
+            f"| {r['rounds']} "
             f"| {_seconds(med)} | {_seconds(lo)}–{_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
             f"| {' | '.join(cells)} | {rss_slope(r):+.2f} "
@@ -804,7 +826,7 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     """
     import psutil
 
-    from fedprune import program
+    from fedprune import program, runtime
 
     data = program.load_data(config)
     pp = program.build_process(config, data)
@@ -831,16 +853,24 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
         before["python"] + before["worker"]) - 1
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
             "malloc_arena_max": _arena_max(workers),
+            "worker_malloc": os.environ.get(runtime.WORKER_MALLOC_ENV) or "fedprune",
+            "dataset": config.dataset + ("" if config.dataset == "synthetic"
+                                         else f" {config.partition}"),
             "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
             "rss": rss, "peak_rss": peak, "rss_growth": growth, "largest_client": largest}
 
 
-def _child_env(arena_max: int) -> dict[str, str]:
-    """This process's environment with MALLOC_ARENA_MAX set to `arena_max` (0: unset)."""
-    env = dict(os.environ)
-    env.pop("MALLOC_ARENA_MAX", None)
-    if arena_max:
-        env["MALLOC_ARENA_MAX"] = str(arena_max)
+def _child_env(malloc: str) -> dict[str, str]:
+    """This process's environment, for a child whose worker gets `malloc`'s settings.
+
+    The glibc variables are removed, so the child (Python) runs with glibc's
+    defaults either way and its worker with `runtime.worker_environment`'s.
+    """
+    from fedprune import runtime
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    env[runtime.WORKER_MALLOC_ENV] = malloc
     return env
 
 
@@ -849,17 +879,19 @@ def run_scale(plan: Plan, log) -> tuple[str, str]:
 
     glibc gives each thread that allocates concurrently its own malloc arena (up
     to 8 per core) and rarely returns their free space, so a multi-threaded
-    process such as TFF's worker can grow without leaking; running each setting
-    also with MALLOC_ARENA_MAX (inherited by the worker) tells the two apart.
+    process such as TFF's worker can grow without leaking. fedprune caps the
+    worker's arenas (`runtime.WORKER_MALLOC_DEFAULTS`); the `glibc` rows start
+    it with glibc's defaults (`FEDPRUNE_WORKER_MALLOC=glibc`). The child Python
+    process runs with glibc's defaults in every row.
     """
     results = []
-    for cpr, arena_max in [(c, a) for c in plan.scale for a in plan.arenas]:
-        log(f"scale: {_SCALE_CLIENTS.value} clients, {cpr} per round, MALLOC_ARENA_MAX="
-            f"{arena_max or 'unset'}, in a child process")
+    for cpr, malloc, control in plan.scale_runs:
+        log(f"scale: {_SCALE_CLIENTS.value} clients, {cpr} per round, worker malloc {malloc}"
+            f"{', control' if control else ''}, in a child process")
         args = [sys.executable, "-m", "experiments.benchmark", *sys.argv[1:],
-                f"--scale_child={cpr}"]
+                f"--scale_child={cpr}", *(CONTROL_FLAGS if control else ())]
         child = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, text=True, env=_child_env(arena_max))
+                                 stdout=subprocess.PIPE, text=True, env=_child_env(malloc))
         result = None
         try:
             for line in child.stdout:
@@ -886,17 +918,25 @@ batch {config.batch_size}, {config.local_epochs} local epoch(s), fedprune maskin
 polynomial (power {config.power:g}) {config.initial_sparsity:g} →
 {config.final_sparsity:g} over rounds
 {config.begin_round}–{config.end_round}. Each setting runs in a fresh child process
-(its own `worker_binary`). Round time includes building the round's client datasets and
+(its own `worker_binary`), one after another, so their round times compare only as well as
+the machine's load allowed (the load averages above); the speed section interleaves its
+variants. Round time includes building the round's client datasets and
 `process.next`, medians over rounds {_SCALE_BASELINE.value + 1}–{_SCALE_ROUNDS.value}. Peak
 RSS is the kernel's high-water mark (VmHWM) of each process. RSS growth compares the RSS
 sampled after round {_SCALE_BASELINE.value} with that after the last round; ✗ marks growth
 of {100 * MAX_RSS_GROWTH:.0f} % or more. The slope is a least-squares fit of the worker's RSS
 over the second half of the rounds: a per-round leak keeps it positive, while a one-off rise
 does not, such as malloc keeping the memory of the largest client trained so far (last
-column: its size at round {_SCALE_BASELINE.value} → at the end). MALLOC_ARENA_MAX is glibc's
-cap on malloc arenas, set for the child and inherited by its worker ("unset": glibc's
-default, up to 8 per core): growth that the cap removes is allocator fragmentation across
-threads, not a leak."""
+column: its size at round {_SCALE_BASELINE.value} → at the end). "worker
+malloc" is how the worker was started: `fedprune`, with fedprune's defaults
+(`runtime.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
+(`FEDPRUNE_WORKER_MALLOC=glibc`); MALLOC_ARENA_MAX is read from the running worker's
+environment ("unset": glibc's default, up to 8 arenas per core); the Python process runs
+with glibc's defaults in every row. The `digits iid` rows are a control, not the workload:
+the same rounds, model and worker on digits split iid over the same number of clients (1-2
+examples each), so no round brings a larger client than before; a per-round leak of the
+round machinery (TFF calls, masks, server state) would grow there too, while memory kept
+after the largest client so far does not."""
     return scale_markdown(results), notes
 
 

@@ -119,7 +119,8 @@ def test_bad_flags_fail_fast_without_tensorflow():
     for flag, words in (("--masking=none", "sets it per variant"),
                         ("--sections=speed,fast", "one or more of speed,scale,quality"),
                         ("--timed_rounds=1", ">= 2"),
-                        ("--scale_baseline_round=100", "--scale_rounds=100")):
+                        ("--scale_baseline_round=100", "--scale_rounds=100"),
+                        ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc")):
         result, workers = _run("--sections=speed,scale", flag, timeout=60)  # flag wins
         assert result.returncode == 2, (flag, result.stderr)
         name = flag.split("=")[0]
@@ -151,6 +152,7 @@ def test_speed_markdown_ratios_and_targets():
 
 def test_scale_markdown_marks_growth_of_five_percent():
     result = {"num_clients": 1000, "clients_per_round": 10, "malloc_arena_max": "2",
+              "worker_malloc": "fedprune", "dataset": "synthetic",
               "rounds": 4, "baseline_round": 2,
               "round_seconds": [9.0, 9.0, 0.2, 0.4], "largest_client": [50, 60, 60, 900],
               # worker RSS rises 2 MiB per round over the second half (rounds 3-4)
@@ -158,10 +160,10 @@ def test_scale_markdown_marks_growth_of_five_percent():
               "peak_rss": {"python": 700 * 2**20, "worker": 300 * 2**20},
               "rss_growth": {"python": 0.01, "worker": 0.05, "total": 0.049}}
     (row,) = [cells for first, cells in _table_rows(benchmark.scale_markdown([result])).items()
-              if first == "1000"]
+              if first == "synthetic"]
     # Rounds 1..baseline are left out of the round-time statistics.
-    assert row[:7] == ["10", "2", "4", "0.300", "0.200–0.400", "700", "300"]
-    assert row[7:] == ["+1.0 %", "+5.0 % ✗", "+4.9 %", "+2.00", "60 → 900"]
+    assert row[:9] == ["1000", "10", "fedprune", "2", "4", "0.300", "0.200–0.400", "700", "300"]
+    assert row[9:] == ["+1.0 %", "+5.0 % ✗", "+4.9 %", "+2.00", "60 → 900"]
 
 
 def test_replace_sections_replaces_in_place_and_keeps_everything_else():

@@ -147,6 +147,17 @@ def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, lev
             absl_logging.set_verbosity(saved_absl_verbosity)
 
 
+def test_worker_environment_caps_malloc_arenas_unless_told_otherwise():
+    arenas = runtime.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
+    assert int(arenas) >= 2
+    assert runtime.worker_environment({"A": "1"}) == {"A": "1", "MALLOC_ARENA_MAX": arenas}
+    assert runtime.worker_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+    glibc = {runtime.WORKER_MALLOC_ENV: "glibc"}
+    assert runtime.worker_environment(glibc) == glibc
+    with pytest.raises(ValueError, match="FEDPRUNE_WORKER_MALLOC='jemalloc'"):
+        runtime.worker_environment({runtime.WORKER_MALLOC_ENV: "jemalloc"})
+
+
 def test_start_worker_refuses_a_port_in_use():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -276,6 +287,8 @@ def test_worker_module_serves_and_stops_on_sigterm(tmp_path):
         assert b"serving port" in banner, banner
         workers = _identities(runtime.worker_descendants(service.pid))
         assert len(workers) == 1
+        environ = psutil.Process(workers[0][0]).environ()
+        assert environ.get("MALLOC_ARENA_MAX") == runtime.worker_environment()["MALLOC_ARENA_MAX"]
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
         service.send_signal(signal.SIGTERM)
