@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -200,7 +201,31 @@ def run(main) -> None:
 
     app.define_help_flags()
     argv = parse_flags(sys.argv)
-    sys.exit(main(argv))
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        _exit_by_sigint()
+    sys.exit(code)
+
+
+def _exit_by_sigint() -> None:
+    """Ends the process by SIGINT now, as an uncaught KeyboardInterrupt would (status 130).
+
+    But without the interpreter's teardown, which finalizes TF's and gRPC's
+    native threads mid-call and was seen to abort under load ("free(): invalid
+    next size", status -6 instead of -2). Nothing is lost: the runtime's SIGINT
+    handler has already stopped the workers (stopped again here, in case the
+    interrupt came first), and every output file is written atomically.
+    """
+    from fedprune import runtime
+
+    runtime.stop_workers()
+    print("interrupted (SIGINT); the last completed round is kept: rerun with --resume",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def check_output_dir(path: Path, *, resume: bool, overwrite: bool) -> None:

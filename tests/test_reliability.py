@@ -44,6 +44,9 @@ from fedprune.program import TIME_COLUMNS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 4
 FLAGS = (f"--rounds={ROUNDS}", "--num_clients=4", "--clients_per_round=4", "--end_round=3")
+# Signalled runs are long enough (~0.1-0.3 s a round) that the signal, sent when
+# round 1 is printed, lands mid-run even when the test reads that line late.
+SIGNALLED_ROUNDS = 60
 RUN_TIMEOUT_S = 180  # a whole small run: ~15 s alone, several times that on a loaded 2-core box
 WORKER_EXIT_TIMEOUT_S = 15  # runtime.STOP_GRACE_S is 3 s; the kernel's pdeathsig is immediate
 
@@ -348,7 +351,8 @@ def signalled_runs(tmp_path_factory) -> dict[str, tuple[Path, Cli]]:
     try:
         for name in SIGNALS:
             output_dir = tmp_path_factory.mktemp(name) / "run"
-            runs[name] = (output_dir, Cli(*FLAGS, f"--output_dir={output_dir}"))
+            runs[name] = (output_dir, Cli(*FLAGS, f"--rounds={SIGNALLED_ROUNDS}",
+                                          f"--output_dir={output_dir}"))
         for name, (_, cli) in runs.items():
             cli.wait_for_line(rf"^round\s+1/{ROUNDS}\b")
             cli.send(SIGNALS[name])

@@ -239,8 +239,11 @@ def _shared():
     return tf.keras.Model(inputs, L.Dense(2)(dense(dense(inputs))))
 
 
-def _seq(*layers, input_shape=(4,)):
-    return lambda: tf.keras.Sequential([L.InputLayer(input_shape=input_shape), *layers])
+def _seq(make_layers, input_shape=(4,)):
+    # Layers are made when the test runs, not at collection: Keras layers made
+    # before another test built a model inside a TF graph (TFF tracing) can come
+    # back as v1 layers that fail to build (seen with Reshape).
+    return lambda: tf.keras.Sequential([L.InputLayer(input_shape=input_shape), *make_layers()])
 
 
 def _subclassed():
@@ -263,14 +266,14 @@ def _frozen():
         (_concatenated, "Concatenate"),
         (_shared, "not a chain"),
         (_subclassed, "subclassed"),
-        (_seq(L.Dense(3, activation="sigmoid"), L.Dense(2)), "does not map 0 to 0"),
-        (_seq(L.Dense(3), L.Activation("softmax"), L.Dense(2)), "does not map 0 to 0"),
-        (_seq(L.Dense(4), L.Reshape((2, 2)), L.Flatten(), L.Dense(2)), "Reshape"),
-        (_seq(L.Conv2D(2, 1), L.BatchNormalization(scale=False), L.Flatten(), L.Dense(2),
-              input_shape=(2, 2, 1)), "scale=True"),
-        (_seq(L.Conv2D(2, 1), L.BatchNormalization(axis=1), L.Flatten(), L.Dense(2),
-              input_shape=(2, 2, 1)), "channel"),
-        (_seq(L.Flatten(), L.Dense(2)), "no Dense/Conv layer before its output"),
+        (_seq(lambda: [L.Dense(3, activation="sigmoid"), L.Dense(2)]), "does not map 0 to 0"),
+        (_seq(lambda: [L.Dense(3), L.Activation("softmax"), L.Dense(2)]), "does not map 0 to 0"),
+        (_seq(lambda: [L.Dense(4), L.Reshape((2, 2)), L.Flatten(), L.Dense(2)]), "Reshape"),
+        (_seq(lambda: [L.Conv2D(2, 1), L.BatchNormalization(scale=False), L.Flatten(),
+                      L.Dense(2)], input_shape=(2, 2, 1)), "scale=True"),
+        (_seq(lambda: [L.Conv2D(2, 1), L.BatchNormalization(axis=1), L.Flatten(),
+                      L.Dense(2)], input_shape=(2, 2, 1)), "channel"),
+        (_seq(lambda: [L.Flatten(), L.Dense(2)]), "no Dense/Conv layer before its output"),
         (_frozen, "frozen"),
     ],
 )
