@@ -110,10 +110,11 @@ def _usable_cores() -> int:
 # glibc malloc settings for every `worker_binary` fedprune starts (BUILD_NOTES.md,
 # "Worker memory"). glibc reads them once, at the worker's start-up. glibc's
 # default gives each thread that allocates concurrently its own arena, up to 8
-# per core, and the worker runs ~40 threads: its RSS then climbs for hundreds of
-# rounds (+44 to +70 % from round 10 to 100 at 1,000 clients) while live memory
-# does not. One arena per usable core (at least 2; 2 on the 2-core machine it was
-# measured on) cuts that growth to about a quarter and the peak by a third. A
+# per core, and the worker runs ~40 threads: its RSS then climbs for a long
+# while (+18 to +70 % from round 10 to 100 at 1,000 clients) although it does
+# not leak. One arena per usable core (at least 2; 2 on the 2-core machine it was
+# measured on) cut the worker's peak by about a quarter, its growth at 10
+# clients per round from +60 to +26 %, and kept Python + worker under +5 %. A
 # value already in the environment wins over these.
 WORKER_MALLOC_DEFAULTS = {"MALLOC_ARENA_MAX": str(max(2, _usable_cores()))}
 # `FEDPRUNE_WORKER_MALLOC=glibc` starts workers with glibc's own defaults instead.
