@@ -354,7 +354,7 @@ def signalled_runs(tmp_path_factory) -> dict[str, tuple[Path, Cli]]:
             runs[name] = (output_dir, Cli(*FLAGS, f"--rounds={SIGNALLED_ROUNDS}",
                                           f"--output_dir={output_dir}"))
         for name, (_, cli) in runs.items():
-            cli.wait_for_line(rf"^round\s+1/{ROUNDS}\b")
+            cli.wait_for_line(rf"^round\s+1/{SIGNALLED_ROUNDS}\b")
             cli.send(SIGNALS[name])
         for _, cli in runs.values():
             cli.returncode = cli.wait()
