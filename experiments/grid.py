@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import enum
-import json
 import math
 import sys
 import time
@@ -276,14 +275,6 @@ class Status(enum.Enum):
     DONE = "done"  # summary.json with this cell's fingerprint
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def cell_status(cell: Cell, root: Path) -> Status:
     """Whether a cell still has to run, without importing TensorFlow.
 
@@ -296,7 +287,7 @@ def cell_status(cell: Cell, root: Path) -> Status:
         return Status.NEW
     fingerprint = cell.config.fingerprint()
     for name in ("summary.json", "config.json"):
-        found = (read_json(folder / name) or {}).get("fingerprint")
+        found = (reporting.read_json(folder / name) or {}).get("fingerprint")
         check(found in (None, fingerprint), "output_dir", str(root),
               f"a new folder or one holding this grid: {cell.name}/{name} is a run of another "
               f"configuration (fingerprint {found}, this cell {fingerprint})")
@@ -440,7 +431,7 @@ def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
     results = []
     for cell in cells:
         folder = root / cell.name
-        summary = read_json(folder / "summary.json")
+        summary = reporting.read_json(folder / "summary.json")
         if summary is None or summary.get("fingerprint") != cell.config.fingerprint():
             continue
         with open(folder / "metrics.csv", newline="") as f:

@@ -258,7 +258,7 @@ def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]
     when a later invocation (e.g. with --write_results) only reuses them.
     """
     path = root / "invocations.json"
-    invocations = (grid.read_json(path) or {}).get("invocations", [])
+    invocations = (reporting.read_json(path) or {}).get("invocations", [])
     if trained:
         invocations.append({"date": time.strftime("%Y-%m-%d %H:%M"), "runs_trained": trained,
                             "seconds": seconds, "load_average_1min": os.getloadavg()[0]})
@@ -281,7 +281,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
 
     # The code a grid runs is imported by its first run: name the commit its config.json recorded
     # (later runs record HEAD at their start, which can move while a long grid runs).
-    first = (grid.read_json(root / results[0].cell.name / "config.json") or {})
+    first = (reporting.read_json(root / results[0].cell.name / "config.json") or {})
 
     flagfile = spec.flagfiles("full")[0]
     flag_lines = []
@@ -399,7 +399,7 @@ def main(argv):
               "an existing expected-values JSON (create it with --write_results)")
         expected = None
         if expected_path.is_file():
-            expected = grid.read_json(expected_path)
+            expected = reporting.read_json(expected_path)
             check(expected is not None and "rows" in expected, "expected", str(expected_path),
                   "an expected-values JSON written by --write_results")
         statuses = grid.statuses(cells, root)

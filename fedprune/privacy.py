@@ -270,10 +270,7 @@ def validate_dp_args(
     _validate_mechanism(dp, noise_multiplier=noise_multiplier, clip=clip,
                         clients_per_round=clients_per_round, target_quantile=target_quantile,
                         clipped_count_stddev=clipped_count_stddev)
-    upper = 1.0 if num_clients is None else 1.0 / num_clients
-    check(_is_real(delta) and 0 < delta < upper, "dp_delta", delta,
-          "a float in (0, 1)" if num_clients is None
-          else f"a float in (0, 1/num_clients = {upper:g}), e.g. 1e-5")
+    _check_delta(delta, num_clients)
     check(client_sampling in SAMPLING_MODES, "client_sampling", client_sampling,
           "one of " + "|".join(SAMPLING_MODES))
     check(accountant in ACCOUNTANTS, "dp_accountant", accountant,
@@ -658,8 +655,14 @@ def make_accountant(event, accountant: str = "rdp", *,
     return acc
 
 
-def _check_delta(delta) -> None:
-    check(_is_real(delta) and 0 < delta < 1, "dp_delta", delta, "a float in (0, 1)")
+def _check_delta(delta, num_clients: int | None = None) -> None:
+    """delta in (0, 1), and below 1/num_clients when the population is known."""
+    if num_clients is None:
+        check(_is_real(delta) and 0 < delta < 1, "dp_delta", delta, "a float in (0, 1)")
+        return
+    upper = 1.0 / num_clients
+    check(_is_real(delta) and 0 < delta < upper, "dp_delta", delta,
+          f"a float in (0, 1/num_clients = {upper:g}), e.g. 1e-5")
 
 
 def epsilon(event, delta: float, accountant: str = "rdp", *,
@@ -784,8 +787,7 @@ def run_accounting(kind: str, *, noise_multiplier: float, sampling: str,
     Raises:
       InvalidArgument: a bad value (e.g. delta >= 1/N once N is known).
     """
-    check(_is_real(delta) and 0 < delta < 1.0 / num_clients, "dp_delta", delta,
-          f"a float in (0, 1/num_clients = {1.0 / num_clients:g}), e.g. 1e-5")
+    _check_delta(delta, num_clients)
     round_event = sample_event(
         mechanism_event(kind, noise_multiplier=noise_multiplier,
                         clients_per_round=clients_per_round),

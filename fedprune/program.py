@@ -620,7 +620,7 @@ def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
     """The shrunk process and evaluator of a run resumed after its shrink (from shrink.json)."""
     from fedprune import pruning, structured, surgery
 
-    info = _read_json(output_dir / "shrink.json")
+    info = reporting.read_json(output_dir / "shrink.json")
     if info is None or "kept_units" not in info:
         raise checkpoint.CheckpointError(
             f"{output_dir}/checkpoints hold the state after the shrink (round "
@@ -633,14 +633,6 @@ def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
     small = surgery.shrink(plain, kept)
     new_pp = build_process(config, data, shrunk_model=small)
     return new_pp, _Evaluator.create(new_pp.keras_model_fn, data)
-
-
-def _read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) -> dict:
@@ -656,7 +648,7 @@ def _size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) 
                "median_round_seconds_after_pruning": float(np.median(tail or seconds)),
                "shrink": None}
     shrink_round = config.shrink_round()
-    info = _read_json(output_dir / "shrink.json") if shrink_round else None
+    info = reporting.read_json(output_dir / "shrink.json") if shrink_round else None
     if info is not None and int(last["round"]) >= shrink_round:
         before = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) <= shrink_round]
         after = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) > shrink_round]

@@ -94,6 +94,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
 
 
+def read_json(path: PathLike) -> Any | None:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_write_json(path: PathLike, obj: Any) -> pathlib.Path:
     """Atomically writes `obj` as JSON: sorted keys, indent 2, trailing newline.
 
