@@ -196,36 +196,73 @@ def run(main) -> None:
     builds Keras models from graph placeholders instead of KerasTensors (Keras
     2.14), which breaks `Flatten`; plain parsing keeps `--help` fast and Keras
     intact. `--help`/`--helpfull` behave as with absl.
+
+    SIGINT and SIGTERM, at any moment from here on (flag parsing, the TF import,
+    tracing, a round, a checkpoint), end the driver through `_exit_interrupted`:
+    one line on stderr, no worker left, status 130 (by SIGINT) or 143.
     """
     from absl import app
 
-    app.define_help_flags()
-    argv = parse_flags(sys.argv)
+    from fedprune import runtime
+
+    runtime.install_worker_cleanup()  # the interrupt handlers; cheap, no TensorFlow
     try:
+        app.define_help_flags()
+        argv = parse_flags(sys.argv)
         code = main(argv)
     except KeyboardInterrupt:
-        _exit_by_sigint()
+        _exit_interrupted(signal.SIGINT)
+    except runtime.Terminated as e:
+        _exit_interrupted(e.signum)
     sys.exit(code)
 
 
-def _exit_by_sigint() -> None:
-    """Ends the process by SIGINT now, as an uncaught KeyboardInterrupt would (status 130).
+def _exit_interrupted(signum: int) -> None:
+    """Ends the process after SIGINT/SIGTERM: one line, workers stopped, no teardown.
 
-    But without the interpreter's teardown, which finalizes TF's and gRPC's
-    native threads mid-call and was seen to abort under load ("free(): invalid
-    next size", status -6 instead of -2). Nothing is lost: the runtime's SIGINT
-    handler has already stopped the workers (stopped again here, in case the
-    interrupt came first), and every output file is written atomically.
+    Status: death by SIGINT (shell 130) for SIGINT, as an uncaught
+    KeyboardInterrupt would give; exit status 143 for SIGTERM. Without the
+    interpreter's teardown, which finalizes TF's and gRPC's native threads
+    mid-call and was seen to abort under load ("free(): invalid next size",
+    status -6). Nothing is lost: every output file is written atomically, so the
+    last completed round is on disk. After the message, stderr goes to
+    /dev/null: the in-flight call to the worker fails when the worker stops, and
+    native threads may log that on their way down.
     """
     from fedprune import runtime
 
-    runtime.stop_workers()
-    print("interrupted (SIGINT); the last completed round is kept: rerun with --resume",
-          file=sys.stderr)
+    runtime.begin_shutdown()  # first: no worker restarts, further signals ignored
+    print(f"interrupted ({signal.Signals(signum).name}); completed rounds are kept: rerun "
+          "with --resume to continue", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    runtime.stop_workers()
+    if signum == signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(128 + signum)
+
+
+def phase_logger():
+    """`on_phase` for `program.run_experiment` when `FEDPRUNE_PHASE_LOG` names a file.
+
+    Appends `<CLOCK_MONOTONIC ns> <phase>` per phase a run enters (`import`,
+    then `program.PHASES`), flushed at once: a diagnostic of where a run spends
+    its time or was stopped; tests aim signals at phases with it. None when the
+    variable is unset.
+    """
+    path = os.environ.get("FEDPRUNE_PHASE_LOG")
+    if not path:
+        return None
+    import time
+
+    stream = open(path, "a", buffering=1)  # noqa: SIM115 (open for the process's life)
+
+    def on_phase(name: str) -> None:
+        stream.write(f"{time.monotonic_ns()} {name}\n")
+
+    return on_phase
 
 
 def check_output_dir(path: Path, *, resume: bool, overwrite: bool) -> None:

@@ -41,6 +41,9 @@ def main(argv):
             checkpoint.check_latest(output_dir / "checkpoints", fingerprint=config.fingerprint())
         except checkpoint.CheckpointError as e:
             common.fail(str(e), code=1)
+    on_phase = common.phase_logger()
+    if on_phase is not None:
+        on_phase("import")
     common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
     from fedprune import program, runtime
 
@@ -50,7 +53,7 @@ def main(argv):
         # Flushed per line: progress shows through pipes (`| tee`), and a killed run
         # has printed every round it finished.
         program.run_experiment(config, output_dir, resume=_RESUME.value,
-                               log=lambda line: print(line, flush=True))
+                               log=lambda line: print(line, flush=True), on_phase=on_phase)
     except (program.NonFiniteError, checkpoint.CheckpointError) as e:
         common.fail(str(e), code=1)
     except runtime.WorkerUnreachableError as e:

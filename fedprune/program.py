@@ -62,6 +62,7 @@ from fedprune import (
     datasets,
     privacy,
     reporting,
+    runtime,
     sampling,
     shrinking,
 )
@@ -82,6 +83,11 @@ NON_PRIVATE_COLUMNS = ("train_loss", "train_accuracy")
 # they depend on the secret number of sampled clients or on the clients' data.
 NON_PRIVATE_DIAGNOSTICS = ("clients", "bytes_down", "bytes_up", "dense_bytes_down",
                            "dense_bytes_up", "tff_bytes_down", "tff_bytes_up")
+
+
+# What `run_experiment` passes to `on_phase`, in order; the per-round ones as
+# `round N train`, `round N evaluate` (rounds that evaluate), `round N checkpoint`.
+PHASES = ("build", "initialize", "train", "evaluate", "checkpoint", "export")
 
 
 class NonFiniteError(RuntimeError):
@@ -359,14 +365,25 @@ def _export_model(pp, weights, output_dir: Path) -> dict:
 
 def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False,
                    log: Callable[[str], None] = print,
+                   on_phase: Callable[[str], None] | None = None,
                    stop_after_round: int | None = None) -> dict:
     """Runs (or resumes) one experiment and writes its outputs.
+
+    Interrupts (with the runtime's handlers installed): SIGINT/SIGTERM raise at
+    once while the run waits on the TFF worker (most of a round), and otherwise
+    at the next phase boundary: TensorFlow code running in this thread (tracing,
+    evaluation, tf.data, summaries) is never unwound mid-way
+    (`runtime.deferred_interrupts`). Every boundary re-raises a recorded
+    interrupt, so one whose first raise was swallowed (e.g. inside a finalizer)
+    still stops the run within one phase.
 
     Args:
       config: a validated configuration.
       output_dir: where outputs go (created if missing).
       resume: continue from the newest checkpoint in `output_dir/checkpoints`.
       log: receives one progress line per round and the final summary line.
+      on_phase: called with the name of each phase as it starts (`PHASES`;
+        per-round phases are prefixed `round N `), e.g. to log where time goes.
       stop_after_round: for tests: stop (as if killed) after this round.
 
     Returns:
@@ -376,12 +393,32 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
       NonFiniteError: a loss or weight became NaN/Inf (the last good
         checkpoint and metrics are kept).
       checkpoint.CheckpointError: `resume` with an incompatible checkpoint.
+      KeyboardInterrupt, runtime.Terminated: SIGINT / SIGTERM (with the
+        runtime's handlers installed); the recorded interrupt is cleared as it
+        leaves, so a later run in the same process (a notebook) starts afresh.
     """
+    try:
+        with runtime.deferred_interrupts():
+            return _run_experiment(config, Path(output_dir), resume=resume, log=log,
+                                   on_phase=on_phase, stop_after_round=stop_after_round)
+    except (KeyboardInterrupt, runtime.Terminated):
+        runtime.clear_interrupt()
+        raise
+
+
+def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
+                    log: Callable[[str], None], on_phase: Callable[[str], None] | None,
+                    stop_after_round: int | None) -> dict:
     import tensorflow as tf
 
+    def phase(name: str) -> None:
+        runtime.raise_if_interrupted()
+        if on_phase is not None:
+            on_phase(name)
+
     start = time.time()
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    phase("build")
     data = load_data(config)
     pp = build_process(config, data)
     evaluator = _Evaluator.create(pp.keras_model_fn, data)
@@ -389,14 +426,17 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
     ckpt_dir = output_dir / "checkpoints"
 
     shrink_round = config.shrink_round()
-    state = pp.process.initialize()
+    phase("initialize")
+    with runtime.interruptible():
+        state = pp.process.initialize()
     rows: list[dict] = []
     first_round = 1
     if resume:
         if shrink_round and checkpoint.check_latest(
                 ckpt_dir, fingerprint=fingerprint) >= shrink_round:
             pp, evaluator = _shrunk_architecture(config, data, pp, output_dir)
-            state = pp.process.initialize()
+            with runtime.interruptible():
+                state = pp.process.initialize()
         loaded, done = checkpoint.load_latest(ckpt_dir, state, fingerprint=fingerprint)
         # metrics.csv is written before each round's checkpoint, so it may hold
         # one round more than the checkpoint (redone here) but never fewer.
@@ -425,11 +465,13 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
     writer = tf.summary.create_file_writer(str(output_dir / "tensorboard"))
-    weights = pp.process.get_model_weights(state)
+    with runtime.interruptible():
+        weights = pp.process.get_model_weights(state)
     size = shrinking.model_size(shrinking.plain_model(pp, weights))
     elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
     loop_start = time.time()
     for round_num in range(first_round, config.rounds + 1):
+        phase(f"round {round_num} train")
         t0 = time.time()
         clients = sampling.sample_round(config.client_sampling, data.client_ids,
                                         clients_per_round=config.clients_per_round,
@@ -445,8 +487,9 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
                                             len(clients))
         tff_bytes = communication.tff_simulation_bytes(
             list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
-        output = pp.process.next(state, client_data)
-        new_weights = pp.process.get_model_weights(output.state)
+        with runtime.interruptible():  # most of a round: waiting on the worker
+            output = pp.process.next(state, client_data)
+            new_weights = pp.process.get_model_weights(output.state)
         train = output.metrics["client_work"]["train"]
         # No client, no training loss (0/0): only the model is checked then.
         train_loss = float(train["loss"]) if clients else 0.0
@@ -455,6 +498,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
                 and (round_num % config.eval_every == 0 or round_num == config.rounds)):
             # Finite but huge weights can still give NaN logits: TFF drops
             # clients' non-finite updates and then reports a training loss of 0.
+            phase(f"round {round_num} evaluate")
             test_loss, test_accuracy = evaluator(new_weights)
         if not (math.isfinite(train_loss) and _finite(new_weights)
                 and (test_loss == "" or math.isfinite(test_loss))):
@@ -490,6 +534,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
             size = shrinking.model_size(shrinking.plain_model(pp, weights))
         # Metrics first: a kill between the two writes leaves round_num in the
         # CSV but not in a checkpoint, and `resume` redoes it (never a gap).
+        phase(f"round {round_num} checkpoint")
         _write_metrics(output_dir, rows)
         checkpoint.save(ckpt_dir, round_num, state, fingerprint=fingerprint)
         with writer.as_default(step=round_num):
@@ -512,6 +557,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
             writer.flush()
             return {}
     writer.flush()
+    phase("export")
     summary = _summarize(config, rows, start)
     if dp:
         summary.update(_privacy_summary(config, accounting))

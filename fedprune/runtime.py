@@ -10,13 +10,17 @@ parent's pipes) and guarantee that no `worker_binary` descendant of this
 process survives it, on every exit path:
 
   * normal exit and uncaught exceptions: an `atexit` hook;
-  * SIGINT: stop the workers, then raise `KeyboardInterrupt` as Python would;
-  * SIGTERM: stop the workers, then exit with status 143 (128 + SIGTERM);
+  * SIGINT / SIGTERM: the handlers record the signal and raise
+    (`KeyboardInterrupt` / `Terminated`); the exit path (`stop_workers`, or a
+    driver's own) stops the workers. The worker runs in its own process group,
+    so a terminal's Ctrl-C does not reach it: stopping it is ours to do, once,
+    and after `begin_shutdown()` no worker is restarted (see "Interrupts and
+    shutdown" below);
   * SIGKILL, `os._exit`, OOM kill: on Linux the worker is started through
     `setpriv --pdeathsig TERM` (util-linux), so the kernel sends it SIGTERM
     when the thread that started it dies.
 
-Contexts (all built from TFF's own parts, see DESIGN.md §6):
+Contexts (all built from TFF's own parts):
 
   * `set_local_context()`: one loopback worker that we start; a
     `tff.framework.SyncExecutionContext` for the plain-Python round loop
@@ -61,6 +65,7 @@ and psutil are imported by the functions that need them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import logging
 import os
@@ -371,8 +376,15 @@ def start_worker_process(
     else:
         output = subprocess.DEVNULL
     try:
+        # process_group=0: the worker leads its own group, so signals a terminal
+        # sends to our foreground group (Ctrl-C) do not reach it.
         process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            process_group=0,
         )
     finally:
         if log_path is not None:
@@ -515,55 +527,188 @@ def stop_workers(grace_s: float = STOP_GRACE_S) -> list[int]:
         _stopping = False
 
 
+# ----------------------------------------------------------------------------
+# Interrupts and shutdown.
+#
+# The signal handlers only record the signal and raise; everything else happens
+# on the exit path (`shutdown`), in ordinary code:
+#
+#   * The worker lives in its own process group (`start_worker_process`), so a
+#     terminal's Ctrl-C, which goes to the whole foreground group, reaches only
+#     us; stopping the worker is ours to do.
+#   * The handler does not stop the worker. The old design did, and if the
+#     `KeyboardInterrupt` it raised landed in a finalizer (`__del__`, a weakref
+#     callback: the round loop drops tf.data pipelines every round) Python printed
+#     "Exception ignored" and carried on with a dead worker; TFF then restarted
+#     it for one cached executor only and the next call through another one
+#     failed with `ValueError: Cannot invoke RPC on closed channel!`.
+#   * Because the interrupt is recorded, a swallowed one is raised again at the
+#     next `raise_if_interrupted()` (the round loop calls it at every phase), and
+#     the unraisable hook keeps the swallowed copy off stderr.
+#   * Inside `deferred_interrupts()` the handlers only record: the interrupt is
+#     raised at the next `raise_if_interrupted()` or when the block ends. A
+#     KeyboardInterrupt raised at an arbitrary bytecode of TensorFlow's own
+#     Python code (Keras evaluation, tracing) was seen to corrupt the heap
+#     ("free(): invalid next size", status -6) in 1 of 20 interrupted runs.
+#     `program.run_experiment` defers everywhere except while it waits on the
+#     worker (`interruptible()`), where raising is safe: TFF's sync context runs
+#     the call on its own thread and the main thread only waits for a future.
+#   * Once `begin_shutdown()` has run, no worker is restarted: the in-flight RPC
+#     that fails when `stop_workers` kills the worker raises
+#     `ShutdownInProgress` instead of starting a new one.
+
+
+class Terminated(SystemExit):
+    """Raised by the SIGTERM handler; uncaught, the process exits with status 143."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class ShutdownInProgress(RuntimeError):
+    """A worker was needed after `begin_shutdown()`; none is started any more."""
+
+
 _cleanup_installed = False
 _previous_handlers: dict[int, object] = {}
+_interrupt_signal: int | None = None
+_shutting_down = False
+_defer_depth = 0  # > 0: inside `deferred_interrupts()` (and not inside `interruptible()`)
 
 
-def _on_sigterm(signum, frame):
-    stop_workers()
-    previous = _previous_handlers.get(signum)
-    if callable(previous):
-        return previous(signum, frame)
-    # SystemExit rather than os._exit: `finally` blocks and atexit hooks (e.g.
-    # flushing a metrics CSV) still run; the workers are already gone.
-    raise SystemExit(128 + signum)
+def interrupt_signal() -> int | None:
+    """The first SIGINT/SIGTERM received since the handlers were installed, or None."""
+    return _interrupt_signal
 
 
-def _on_sigint(signum, frame):
-    # Stop first: if the KeyboardInterrupt is caught and the program carries on,
-    # the local context restarts its worker on the next call.
-    stop_workers()
+def _interrupt_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raises the recorded interrupt again (KeyboardInterrupt or `Terminated`).
+
+    For loops that must stop even when the first raise was swallowed (inside a
+    finalizer, or by code that catches `BaseException`). A no-op while no
+    signal was recorded, and during shutdown (the exit path is already running).
+    """
+    if _interrupt_signal is not None and not _shutting_down:
+        raise _interrupt_exception(_interrupt_signal)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """A block in which SIGINT/SIGTERM are only recorded, raised when it ends.
+
+    For main-thread code that runs TensorFlow (tracing, Keras, tf.data), which
+    must not be unwound at an arbitrary bytecode. The block can call
+    `raise_if_interrupted()` at safe points, and open `interruptible()` blocks.
+    Nests; the interrupt is raised when the outermost block ends normally.
+    """
+    global _defer_depth
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+    if _defer_depth == 0:
+        raise_if_interrupted()
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Inside `deferred_interrupts()`: a block where the handlers raise at once again.
+
+    For waiting on the TFF worker. An interrupt recorded before the block is
+    raised on entry.
+    """
+    global _defer_depth
+    saved, _defer_depth = _defer_depth, 0
+    try:
+        raise_if_interrupted()
+        yield
+    finally:
+        _defer_depth = saved
+
+
+def clear_interrupt() -> None:
+    """Forgets the recorded interrupt once it has been delivered (see `raise_if_interrupted`)."""
+    global _interrupt_signal
+    _interrupt_signal = None
+
+
+def begin_shutdown() -> None:
+    """From now on no worker is (re)started; further SIGINT/SIGTERM are ignored."""
+    global _shutting_down
+    _shutting_down = True
+
+
+def shutting_down() -> bool:
+    return _shutting_down
+
+
+def _on_signal(signum, frame):
+    global _interrupt_signal
+    if _shutting_down:
+        return  # a second Ctrl-C must not interrupt the exit path itself
+    if _interrupt_signal is None:
+        _interrupt_signal = signum
+    if _defer_depth:
+        return  # raised at the next safe point (`raise_if_interrupted`)
     previous = _previous_handlers.get(signum)
     if callable(previous) and previous is not signal.default_int_handler:
         return previous(signum, frame)
-    raise KeyboardInterrupt
+    raise _interrupt_exception(signum)
+
+
+def _unraisable_hook(unraisable) -> None:
+    """Drops a recorded interrupt swallowed by a finalizer; defers everything else.
+
+    Python cannot propagate an exception out of `__del__` or a weakref callback;
+    it reports it as "Exception ignored in ..." and goes on. For our own
+    interrupt that report is noise: the interrupt is recorded and
+    `raise_if_interrupted` raises it again where it can propagate.
+    """
+    if _interrupt_signal is not None and isinstance(
+            unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+        return
+    _default_unraisable_hook(unraisable)
+
+
+_default_unraisable_hook = sys.unraisablehook
 
 
 def install_worker_cleanup() -> None:
     """Makes sure no `worker_binary` descendant outlives this process.
 
     Registers `stop_workers` with atexit (normal exit, uncaught exception,
-    `sys.exit`) and, from the main thread, installs handlers: SIGTERM stops the
-    workers and exits with status 143 (128 + 15); SIGINT stops them and raises
-    `KeyboardInterrupt` (uncaught, Python then exits by SIGINT, status -2 /
-    shell 130). A handler that was installed before is called after the cleanup
-    instead of the default action; a signal that is ignored (SIG_IGN, e.g. under
-    `nohup`) stays ignored. Idempotent.
+    `sys.exit`) and, from the main thread, installs the interrupt handlers:
+    SIGINT raises `KeyboardInterrupt`, SIGTERM raises `Terminated`
+    (a `SystemExit` with status 143); both record the signal first
+    (`interrupt_signal`, `raise_if_interrupted`). Uncaught, either unwinds to
+    the interpreter's exit, where the atexit hook stops the workers. A handler
+    that was installed before is called instead of raising; a signal that is
+    ignored (SIG_IGN, e.g. under `nohup`) stays ignored. Idempotent.
+
+    Drivers should catch both exceptions and call `shutdown()`, which stops the
+    workers without the interpreter's teardown (see `experiments/common.py`).
     """
     global _cleanup_installed
     if _cleanup_installed:
         return
-    # Imported now so the signal handlers never import anything.
+    # Imported now so that nothing on the exit path imports anything.
     import psutil  # noqa: F401
 
     atexit.register(stop_workers)
     if threading.current_thread() is threading.main_thread():
-        for signum, handler in ((signal.SIGTERM, _on_sigterm), (signal.SIGINT, _on_sigint)):
+        for signum in (signal.SIGTERM, signal.SIGINT):
             previous = signal.getsignal(signum)
             if previous == signal.SIG_IGN:
                 continue
             _previous_handlers[signum] = previous
-            signal.signal(signum, handler)
+            signal.signal(signum, _on_signal)
+        sys.unraisablehook = _unraisable_hook
     else:
         _log.warning(
             "install_worker_cleanup called off the main thread: only the atexit "
@@ -650,9 +795,14 @@ def _context_over(factory, *, asynchronous: bool):
 class _LocalWorker:
     """One loopback worker we own, restarted if it dies (as TFF's ServiceManager does).
 
-    A restart happens when the executor stack is rebuilt, which TFF does after
-    a failed call: e.g. after SIGINT stopped the worker and the program caught
-    the `KeyboardInterrupt` and carried on.
+    A restart happens when TFF rebuilds an executor after a failed call, e.g.
+    when the worker crashed or was killed by someone else. It first drops every
+    executor cached by `executor_factory` (they hold executor ids and a channel
+    of the dead worker), so that each later call, whatever its cardinalities,
+    builds a fresh one on the new worker: TFF itself rebuilds only the executor
+    whose call failed, and the next call through another one used to fail with
+    `ValueError: Cannot invoke RPC on closed channel!`. After `begin_shutdown()`
+    nothing is restarted: `get_stub` raises `ShutdownInProgress`.
     """
 
     _START_ATTEMPTS = 3
@@ -662,6 +812,8 @@ class _LocalWorker:
         self._max_calls = max_concurrent_computation_calls
         self._lock = threading.Lock()
         self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self.executor_factory = None  # set by `set_local_context`
         self._channel = None
         self._stub = None
         self._start()
@@ -693,13 +845,22 @@ class _LocalWorker:
     def get_stub(self):
         with self._lock:
             if self.process is None or self.process.poll() is not None:
+                if _shutting_down:
+                    raise ShutdownInProgress(
+                        "the local TFF worker was stopped because this process is exiting"
+                    )
                 _log.warning(
                     "local TFF worker %s is gone (status %s); starting a new one",
                     self.process and self.process.pid,
                     self.process and self.process.returncode,
                 )
+                if self.executor_factory is not None:
+                    # Before the old channel closes: closing an executor disposes
+                    # of its state over that channel (an RPC error is ignored).
+                    self.executor_factory.clean_up_all()
                 self.close()
                 self._start()
+                self.restarts += 1
             return self._stub
 
     def close(self) -> None:
@@ -708,6 +869,46 @@ class _LocalWorker:
             self._channel = None
         if self.process is not None:
             _stop_popen(self.process, STOP_GRACE_S)
+
+
+def _executor_factory(stack_fn):
+    """TFF's `ResourceManagingExecutorFactory` plus `clean_up_all()`.
+
+    One executor per cardinalities, built by `stack_fn(cardinalities)` on first
+    use and kept until `clean_up_executor` (TFF calls it after a failed call) or
+    `clean_up_all` (a restarted worker). Unlike TFF's factory the cache is not
+    LRU-bounded at 10 keys; it is bounded by the distinct client counts a run
+    uses.
+    """
+    import tensorflow_federated as tff
+
+    class ExecutorFactory(tff.framework.ExecutorFactory):
+        def __init__(self):
+            self._executors = {}
+
+        @staticmethod
+        def _key(cardinalities):
+            return tuple(sorted((str(k), v) for k, v in cardinalities.items()))
+
+        def create_executor(self, cardinalities):
+            key = self._key(cardinalities)
+            executor = self._executors.get(key)
+            if executor is None:
+                executor = stack_fn(cardinalities)
+                self._executors[key] = executor
+            return executor
+
+        def clean_up_executor(self, cardinalities):
+            executor = self._executors.pop(self._key(cardinalities), None)
+            if executor is not None:
+                executor.close()
+
+        def clean_up_all(self):
+            executors, self._executors = list(self._executors.values()), {}
+            for executor in executors:
+                executor.close()
+
+    return ExecutorFactory()
 
 
 _local_worker: _LocalWorker | None = None
@@ -752,13 +953,14 @@ def set_local_context(
     worker = _LocalWorker(
         log_path=log_path, max_concurrent_computation_calls=max_concurrent_computation_calls
     )
-    factory = tff.framework.ResourceManagingExecutorFactory(
+    factory = _executor_factory(
         _stack_fn(
             worker.get_stub,
             default_num_clients=default_num_clients,
             stream_structs=stream_structs,
         )
     )
+    worker.executor_factory = factory
     context = _context_over(factory, asynchronous=asynchronous)
     tff.framework.set_default_context(context)
     previous, _local_worker = _local_worker, worker

@@ -1,15 +1,19 @@
-"""Resumable, deterministic, leak-free runs of `python -m experiments.run` (issue 7).
+"""Resumable, deterministic, leak-free, interruptible runs of `python -m experiments.run`.
 
 Every end-to-end case runs the real CLI in a subprocess with small settings
-(`FLAGS`: 4 clients, 4 rounds, the polynomial schedule ending at round 3) and
+(`FLAGS`: 4 clients, 8 rounds, the polynomial schedule ending at round 3) and
 sends real signals. Each CLI pays ~10 s for `import tensorflow_federated`, so
 runs are shared and independent runs overlap on the 2 cores: one module-scoped
 uninterrupted reference run is what the resume, determinism and concurrency
-cases compare against (and the "normal exit" case of the exit paths); the
-SIGINT and SIGTERM runs run side by side (`signalled_runs`). Every wait has a
-timeout, and every process a case starts (and every `worker_binary` seen under
-it) is killed in a `finally`, so a failure cannot hang the session or leak a
-worker.
+cases compare against (and the "normal exit" case of the exit paths); the 20
+randomly interrupted runs (`interrupted_runs`) run two at a time.
+
+Waits are on events, never on sleeps: a line the CLI prints, or a phase it
+enters (`FEDPRUNE_PHASE_LOG`, which `program.run_experiment` appends to as it
+enters each phase). Timeouts are only hang guards, far above any run's length
+on a loaded 2-core machine, and every process a case starts (and every
+`worker_binary` seen under it) is killed in a `finally`, so a failure cannot
+hang the session or leak a worker.
 
 "Identical" means bit-identical: metrics.csv compared as text with the time
 columns (`round_seconds`, `elapsed_seconds`) left out, checkpoint arrays and
@@ -21,9 +25,11 @@ The `checkpoint` unit tests at the end import TensorFlow (`tf.nest`), not TFF.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import queue
+import random
 import re
 import shutil
 import signal
@@ -42,13 +48,14 @@ from fedprune import checkpoint
 from fedprune.program import TIME_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 4
+# 8 rounds: the SIGKILL case kills when round 3 starts, and the 5 rounds left
+# (~0.1-0.3 s each) are the margin by which the kill lands before the run ends.
+ROUNDS = 8
 FLAGS = (f"--rounds={ROUNDS}", "--num_clients=4", "--clients_per_round=4", "--end_round=3")
-# Signalled runs are long enough (~0.1-0.3 s a round) that the signal, sent when
-# round 1 is printed, lands mid-run even when the test reads that line late.
-SIGNALLED_ROUNDS = 60
-RUN_TIMEOUT_S = 180  # a whole small run: ~15 s alone, several times that on a loaded 2-core box
-WORKER_EXIT_TIMEOUT_S = 15  # runtime.STOP_GRACE_S is 3 s; the kernel's pdeathsig is immediate
+# Interrupted runs are long enough that no aimed signal can arrive after the end.
+INTERRUPTED_ROUNDS = 60
+RUN_TIMEOUT_S = 600  # a hang guard: a whole small run takes ~15 s alone
+WORKER_EXIT_TIMEOUT_S = 30  # runtime.STOP_GRACE_S is 3 s; the kernel's pdeathsig is immediate
 
 
 # ----------------------------------------------------------------------------
@@ -63,13 +70,21 @@ class Cli:
     descendants every 20 ms, recording every `worker_binary` they ever see.
     """
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, phase_log: Path | None = None):
         self.args = args
         self.returncode: int | None = None  # set by `run_cli`
         self.survivors: list[int] | None = None  # set by `wait`
+        self.phase_log = phase_log
+        env = dict(os.environ)
+        if phase_log is not None:
+            phase_log.touch()
+            env["FEDPRUNE_PHASE_LOG"] = str(phase_log)
+        # Its own process group, as a shell gives a foreground job: `send` can
+        # signal the group, as a terminal's Ctrl-C does.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.run", *args], cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "experiments.run", *args], cwd=REPO_ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            process_group=0)
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self.workers: dict[int, psutil.Process] = {}
@@ -142,8 +157,31 @@ class Cli:
         self.survivors = [p.pid for p in _alive(self.workers.values())]
         return returncode
 
-    def send(self, signum: int) -> None:
-        self.proc.send_signal(signum)
+    def phases(self) -> list[tuple[int, str]]:
+        """(CLOCK_MONOTONIC ns, phase) entered so far, from `FEDPRUNE_PHASE_LOG`."""
+        lines = self.phase_log.read_text().splitlines()
+        return [(int(t), name) for t, _, name in (line.partition(" ") for line in lines)
+                if name]  # a line being written has no name yet
+
+    def wait_for_phase(self, phase: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+        """Returns as soon as the CLI has entered `phase`; fails if it exits first."""
+        deadline = time.monotonic() + timeout_s
+        while not any(name == phase for _, name in self.phases()):
+            if self.proc.poll() is not None:
+                pytest.fail(f"the CLI exited ({self.proc.returncode}) before phase {phase!r}; "
+                            f"stderr {self.stderr_lines[-5:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no phase {phase!r} within {timeout_s} s")
+            time.sleep(0.001)
+
+    def send(self, signum: int, *, group: bool = False) -> int:
+        """Sends `signum` to the CLI (or its whole group); returns the monotonic ns it was sent."""
+        sent = time.monotonic_ns()
+        if group:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
+        return sent
 
     def assert_workers_gone(self) -> None:
         """Some worker was seen while the CLI ran, and none outlived it (checked in `wait`)."""
@@ -270,7 +308,7 @@ def reference(tmp_path_factory) -> tuple[Path, Cli]:
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_results(reference, tmp_path):
-    """SIGKILL after round 2, then `--resume`: the same metrics, state and model.
+    """SIGKILL as round 3 starts, then `--resume`: the same metrics, state and model.
 
     Also the SIGKILL exit path: the runtime starts `worker_binary` through
     `setpriv --pdeathsig TERM`, so the kernel stops it when the CLI dies without
@@ -278,9 +316,9 @@ def test_sigkilled_run_resumes_to_identical_results(reference, tmp_path):
     """
     reference_dir, _ = reference
     output_dir = tmp_path / "run"
-    killed = Cli(*FLAGS, f"--output_dir={output_dir}")
+    killed = Cli(*FLAGS, f"--output_dir={output_dir}", phase_log=tmp_path / "phases")
     try:
-        killed.wait_for_line(rf"^round\s+2/{ROUNDS}\b")
+        killed.wait_for_phase("round 3 train")  # round 2 is checkpointed
         killed.send(signal.SIGKILL)
         assert killed.wait() == -signal.SIGKILL
         killed.assert_workers_gone()
@@ -341,41 +379,195 @@ def test_normal_exit_leaves_no_worker(reference):
     cli.assert_workers_gone()
 
 
-SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+# ----------------------------------------------------------------------------
+# 3b. SIGINT / SIGTERM at random moments of every phase (issue 15).
+
+NUM_INTERRUPTS = 20
+INTERRUPTED_ROUNDS = 20  # aims stop at round 3: 17 rounds (> 1.5 s) of margin before the end
+# Where signals are aimed: a phase the CLI enters (`program.PHASES`, plus the
+# driver's `import`; per-round phases in rounds 1-3) and the longest random delay
+# after entering it, in seconds. On an idle machine the import takes ~8 s, the
+# build ~3 s, initialize ~1 s, a round's training ~0.1 s, its evaluation and
+# checkpoint ~15 ms each: a delay stays inside its phase or lands in a later one.
+# The phase a signal really landed in is read back from the phase log.
+AIMS = (("import", 4.0), ("build", 2.0), ("initialize", 0.5), ("train", 0.08),
+        ("evaluate", 0.004), ("checkpoint", 0.004))
+EXPECTED_EXIT = {signal.SIGINT: -signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
+
+
+@dataclasses.dataclass
+class Interrupt:
+    index: int
+    signum: int
+    aim: str
+    delay_s: float
+    output_dir: Path | None = None
+    cli: Cli | None = None
+    landed: str | None = None  # the last phase entered before the signal was sent
+    # The outputs right after the exit (before any resume).
+    checkpointed: int = 0  # the newest checkpoint's round (0: none)
+    metrics_rounds: list[int] = dataclasses.field(default_factory=list)
+    leftovers: list[str] = dataclasses.field(default_factory=list)  # temporary files
+    finished: bool = False  # summary.json written
+    resumed: Cli | None = None
+
+
+def _interrupt_plan(seed: int = 15) -> list[Interrupt]:
+    """20 signals, seeded: every aimed phase gets both SIGINT and SIGTERM."""
+    rng = random.Random(seed)
+    plan = []
+    for index in range(NUM_INTERRUPTS):
+        aim, max_delay_s = AIMS[index % len(AIMS)]
+        if aim in ("train", "evaluate", "checkpoint"):
+            aim = f"round {rng.randint(1, 3)} {aim}"
+        signum = signal.SIGINT if (index // len(AIMS)) % 2 == 0 else signal.SIGTERM
+        plan.append(Interrupt(index, signum, aim, rng.uniform(0.0, max_delay_s)))
+    return plan
+
+
+def _interrupt(interrupt: Interrupt, root: Path) -> None:
+    """Runs the CLI, sends the planned signal, waits for the exit."""
+    interrupt.output_dir = root / f"run{interrupt.index}"
+    cli = interrupt.cli = Cli(*FLAGS, f"--rounds={INTERRUPTED_ROUNDS}",
+                              f"--output_dir={interrupt.output_dir}",
+                              phase_log=root / f"phases{interrupt.index}")
+    try:
+        cli.wait_for_phase(interrupt.aim)
+        time.sleep(interrupt.delay_s)  # the random moment, not a wait for anything
+        # SIGINT to the whole group, as a terminal's Ctrl-C; SIGTERM to the CLI, as `kill`.
+        sent = cli.send(interrupt.signum, group=interrupt.signum == signal.SIGINT)
+        cli.returncode = cli.wait()
+        entered = [name for t, name in cli.phases() if t <= sent]
+        interrupt.landed = entered[-1] if entered else "start"
+    finally:
+        cli.stop()
+    output_dir = interrupt.output_dir
+    interrupt.checkpointed = _checkpointed_round(output_dir)
+    if (output_dir / "metrics.csv").exists():
+        interrupt.metrics_rounds = [int(r["round"]) for r in metrics_without_time(output_dir)]
+    if output_dir.exists():
+        interrupt.leftovers = [str(p) for p in output_dir.rglob("*") if p.name.startswith(".tmp")]
+    interrupt.finished = (output_dir / "summary.json").exists()
 
 
 @pytest.fixture(scope="module")
-def signalled_runs(tmp_path_factory) -> dict[str, tuple[Path, Cli]]:
-    """One run per signal, side by side; each gets its signal right after round 1."""
-    runs = {}
-    try:
-        for name in SIGNALS:
-            output_dir = tmp_path_factory.mktemp(name) / "run"
-            runs[name] = (output_dir, Cli(*FLAGS, f"--rounds={SIGNALLED_ROUNDS}",
-                                          f"--output_dir={output_dir}"))
-        for name, (_, cli) in runs.items():
-            cli.wait_for_line(rf"^round\s+1/{SIGNALLED_ROUNDS}\b")
-            cli.send(SIGNALS[name])
-        for _, cli in runs.values():
-            cli.returncode = cli.wait()
-    finally:
-        for _, cli in runs.values():
-            cli.stop()
-    return runs
+def interrupted_runs(tmp_path_factory) -> list[Interrupt]:
+    """The 20 interrupted runs, two at a time; then 3 of them resumed to the end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("interrupted")
+    plan = _interrupt_plan()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for future in [pool.submit(_interrupt, interrupt, root) for interrupt in plan]:
+            future.result()
+    # Resume one that stopped before any checkpoint, and one per signal after some.
+    checkpointed = [i for i in plan if i.checkpointed >= 1]
+    chosen = [next(i for i in plan if i.checkpointed == 0),
+              next(i for i in checkpointed if i.signum == signal.SIGINT),
+              next(i for i in checkpointed if i.signum == signal.SIGTERM)]
+
+    def resume(interrupt: Interrupt) -> None:
+        interrupt.resumed = run_cli(*FLAGS, f"--rounds={INTERRUPTED_ROUNDS}",
+                                    f"--output_dir={interrupt.output_dir}", "--resume")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for future in [pool.submit(resume, interrupt) for interrupt in chosen]:
+            future.result()
+    return plan
+
+
+def _checkpointed_round(output_dir: Path) -> int:
+    """The newest checkpoint's round, or 0 without one (or without the folder)."""
+    if not checkpoint.list_checkpoints(output_dir / "checkpoints"):
+        return 0
+    return checkpoint_arrays(output_dir)[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "returncode"), [
-    ("SIGINT", -signal.SIGINT),  # KeyboardInterrupt, uncaught: Python dies by SIGINT
-    ("SIGTERM", 128 + signal.SIGTERM),  # the runtime's handler: SystemExit(143)
-])
-def test_signal_mid_run_leaves_no_worker(signalled_runs, name, returncode):
-    """A real SIGINT/SIGTERM after round 1: the CLI exits, its workers are gone, EOF."""
-    output_dir, cli = signalled_runs[name]
-    assert cli.returncode == returncode, cli.stderr_lines[-5:]
-    cli.assert_workers_gone()  # `Cli.wait` already asserted EOF on stdout and stderr
-    assert not (output_dir / "summary.json").exists()
-    assert checkpoint_arrays(output_dir)[0] >= 1  # the round it finished is kept
+@pytest.mark.parametrize("index", range(NUM_INTERRUPTS))
+def test_interrupt_at_a_random_moment(interrupted_runs, index):
+    """Status 130/143, one line on stderr, no worker left, the outputs of the last round intact."""
+    interrupt = interrupted_runs[index]
+    cli, name = interrupt.cli, signal.Signals(interrupt.signum).name
+    where = f"{name} aimed at {interrupt.aim!r} +{interrupt.delay_s:.3f} s, landed in " \
+            f"{interrupt.landed!r}"
+    assert cli.returncode == EXPECTED_EXIT[interrupt.signum], (where, cli.stderr_lines[-5:])
+    assert cli.stderr_lines == [
+        f"interrupted ({name}); completed rounds are kept: rerun with --resume to continue"
+    ], where
+    assert cli.survivors == [], where  # `Cli.wait` also asserted EOF on stdout and stderr
+    if interrupt.landed not in ("start", "import"):
+        assert cli.workers, f"{where}: no worker_binary was ever seen"
+    assert not interrupt.finished, f"{where}: the run had finished"
+    assert not interrupt.leftovers, f"{where}: half-written files {interrupt.leftovers}"
+    done = interrupt.checkpointed
+    # metrics.csv holds every checkpointed round, and at most the one after.
+    assert interrupt.metrics_rounds in (list(range(1, done + 1)), list(range(1, done + 2))), where
+    printed = [line for line in cli.stdout_lines if line.startswith("round ")]
+    assert len(printed) <= done, f"{where}: printed a round that was not checkpointed"
+
+
+@pytest.mark.slow
+def test_interrupts_landed_in_every_phase(interrupted_runs):
+    """The aims cover the import, the build, tracing, rounds, evaluation and checkpoints."""
+    landed = {re.sub(r"^round \d+ ", "", i.landed) for i in interrupted_runs}
+    assert {"import", "build", "train"} <= landed, landed
+    assert landed & {"initialize"}, landed
+    assert landed & {"evaluate", "checkpoint"}, landed
+
+
+@pytest.mark.slow
+def test_interrupted_runs_resume_to_the_end(interrupted_runs):
+    resumed = [i for i in interrupted_runs if i.resumed is not None]
+    assert len(resumed) == 3
+    for interrupt in resumed:
+        cli = interrupt.resumed
+        assert cli.returncode == 0, cli.stderr_lines[-5:]
+        cli.assert_workers_gone()
+        resuming = [line for line in cli.stdout_lines if line.startswith("resuming after round")]
+        if interrupt.checkpointed:
+            assert resuming[0].startswith(f"resuming after round {interrupt.checkpointed} ")
+        else:
+            assert not resuming  # nothing to resume from: it started afresh
+        rounds = [int(r["round"]) for r in metrics_without_time(interrupt.output_dir)]
+        assert rounds == list(range(1, INTERRUPTED_ROUNDS + 1))
+        assert (interrupt.output_dir / "summary.json").is_file()
+
+
+def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
+    """A SIGINT whose KeyboardInterrupt is swallowed still stops the run at the next phase.
+
+    In process, with the runtime's handlers (installed by the local context): the
+    `on_phase` hook swallows the interrupt as a finalizer would; the loop's own
+    check raises it again before the round's evaluation, round 1 stays the last
+    one written, and the recorded interrupt is cleared as it leaves.
+    """
+    from fedprune import program, runtime
+    from fedprune.config import ExperimentConfig
+
+    config = ExperimentConfig(rounds=ROUNDS, num_clients=4, clients_per_round=4,
+                              end_round=3).validate()
+    phases = []
+
+    def on_phase(name: str) -> None:
+        phases.append(name)
+        if name == "round 2 train":
+            try:
+                with runtime.interruptible():  # raise at once, to be swallowed
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(10**6):  # the handler raises in here
+                        pass
+            except KeyboardInterrupt:
+                pass
+
+    output_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        program.run_experiment(config, output_dir, log=lambda line: None, on_phase=on_phase)
+    assert phases == ["build", "initialize", "round 1 train", "round 1 evaluate",
+                      "round 1 checkpoint", "round 2 train"]
+    assert checkpoint_arrays(output_dir)[0] == 1
+    assert [r["round"] for r in metrics_without_time(output_dir)] == ["1"]
+    assert runtime.interrupt_signal() is None
 
 
 # ----------------------------------------------------------------------------
@@ -414,19 +606,17 @@ def _resume_failing_fast(output_dir: Path, *extra: str):
 
     Returns:
       (CompletedProcess, stderr lines that are not import-time lines,
-      import-time lines of tensorflow/tensorflow_federated modules, seconds).
+      import-time lines of tensorflow/tensorflow_federated modules).
     """
-    start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "experiments.run", *FLAGS, *extra,
          f"--output_dir={output_dir}", "--resume"],
         cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=RUN_TIMEOUT_S)
-    seconds = time.monotonic() - start
     lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     heavy = [line for line in result.stderr.splitlines()
              if re.search(r"\|\s+(tensorflow|tensorflow_federated)(\.|$)", line)]
-    return result, lines, heavy, seconds
+    return result, lines, heavy
 
 
 @pytest.mark.slow
@@ -441,14 +631,14 @@ def test_resume_from_truncated_checkpoint_fails_clearly(reference, tmp_path):
     newest = checkpoint.list_checkpoints(output_dir / "checkpoints")[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     before = _snapshot(output_dir)
-    result, stderr_lines, heavy, seconds = _resume_failing_fast(output_dir)
+    result, stderr_lines, heavy = _resume_failing_fast(output_dir)
     assert result.returncode == 1, result.stderr[-2000:]
     assert len(stderr_lines) == 1, stderr_lines
     assert f"{newest.name} is unreadable" in stderr_lines[0], stderr_lines
     assert "--overwrite" in stderr_lines[0]
     assert result.stdout == ""
     assert _snapshot(output_dir) == before
-    assert not heavy and seconds < 5  # failed before importing TensorFlow/TFF
+    assert not heavy  # failed before importing TensorFlow/TFF
 
 
 @pytest.mark.slow
@@ -456,14 +646,14 @@ def test_resume_with_other_flags_fails_clearly(reference, tmp_path):
     output_dir = tmp_path / "run"
     shutil.copytree(reference[0], output_dir)
     before = _snapshot(output_dir)
-    result, stderr_lines, heavy, seconds = _resume_failing_fast(
+    result, stderr_lines, heavy = _resume_failing_fast(
         output_dir, "--final_sparsity=0.7")
     assert result.returncode == 1, result.stderr[-2000:]
     assert len(stderr_lines) == 1, stderr_lines
     assert "different flags" in stderr_lines[0] and "--overwrite" in stderr_lines[0]
     assert result.stdout == ""
     assert _snapshot(output_dir) == before
-    assert not heavy and seconds < 5
+    assert not heavy
 
 
 # ----------------------------------------------------------------------------

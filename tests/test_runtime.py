@@ -484,3 +484,182 @@ def test_remote_worker_that_dies_raises_instead_of_retrying_forever(tff):
         if worker.poll() is None:
             worker.kill()
             worker.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------
+# Interrupts: the handlers only record and raise; a swallowed interrupt is
+# raised again; nothing restarts a worker during shutdown; a restarted worker
+# leaves no executor on the dead one (issue 15).
+
+_HANDLER_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal
+    from fedprune import runtime
+
+    runtime.install_worker_cleanup()
+    worker = runtime.start_worker_process(runtime.pick_unused_port())
+    result = {"own_group": os.getpgid(worker.pid) != os.getpgid(0)}
+    for name in ("SIGINT", "SIGTERM"):
+        try:
+            os.kill(os.getpid(), getattr(signal, name))
+            for _ in range(10**6):  # the handler runs between bytecodes, i.e. here
+                pass
+            result[name] = "not raised"
+        except KeyboardInterrupt as e:
+            result[name] = [type(e).__name__, runtime.interrupt_signal(), worker.poll() is None]
+        except runtime.Terminated as e:
+            result[name] = [type(e).__name__, e.code, runtime.interrupt_signal(),
+                            worker.poll() is None]
+        runtime.clear_interrupt()
+
+    # Inside deferred_interrupts() the handler only records; the block's end raises.
+    try:
+        with runtime.deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10**6):
+                pass
+            result["deferred"] = ["not raised inside", runtime.interrupt_signal()]
+    except KeyboardInterrupt:
+        result["deferred"].append("raised at the end")
+    runtime.clear_interrupt()
+    # ... except inside interruptible() (waiting on the worker): raised at once.
+    try:
+        with runtime.deferred_interrupts():
+            with runtime.interruptible():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(10**6):
+                    pass
+                result["interruptible"] = "not raised"
+    except runtime.Terminated:
+        result["interruptible"] = "raised at once"
+    print(json.dumps(result))
+    """
+)
+
+
+def test_interrupt_handlers_only_record_and_raise(tmp_path):
+    """The worker leads its own process group and survives both handlers.
+
+    The handlers raise at once, except inside `deferred_interrupts()` (outside
+    an `interruptible()` block), where the block's end raises.
+
+    Stopping it is the exit path's job (atexit, or a driver's `_exit_interrupted`),
+    not the handler's: a handler that stopped it left a dead worker behind
+    whenever its exception was swallowed.
+    """
+    import json
+
+    script = tmp_path / "handlers.py"
+    script.write_text(_HANDLER_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=_child_env(), timeout=CHILD_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""
+    assert json.loads(result.stdout) == {
+        "own_group": True,
+        "SIGINT": ["KeyboardInterrupt", signal.SIGINT, True],
+        "SIGTERM": ["Terminated", 128 + signal.SIGTERM, signal.SIGTERM, True],
+        "deferred": ["not raised inside", signal.SIGINT, "raised at the end"],
+        "interruptible": "raised at once",
+    }
+
+
+_FINALIZER_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from fedprune import runtime
+
+    if sys.argv[1] == "installed":
+        runtime.install_worker_cleanup()
+
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10**6):  # the KeyboardInterrupt is raised in here
+                pass
+
+
+    Finalized()  # dropped at once: Python swallows what its __del__ raises
+    print("carried on", flush=True)
+    try:
+        runtime.raise_if_interrupted()
+        print("not raised again")
+    except KeyboardInterrupt:
+        print("raised again")
+    """
+)
+
+
+@pytest.mark.parametrize(("handlers", "stdout", "reported"), [
+    ("installed", "carried on\nraised again\n", False),
+    # Control: Python's own handler; the interrupt is lost and "Exception ignored" printed.
+    ("default", "carried on\nnot raised again\n", True),
+])
+def test_interrupt_swallowed_by_a_finalizer_is_raised_again(tmp_path, handlers, stdout,
+                                                             reported):
+    script = tmp_path / "finalizer.py"
+    script.write_text(_FINALIZER_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), handlers], capture_output=True,
+                            text=True, env=_child_env(), timeout=CHILD_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == stdout
+    assert ("Exception ignored" in result.stderr) is reported, result.stderr
+
+
+def _new_worker(before: set[int]) -> psutil.Process:
+    (worker,) = [p for p in runtime.worker_descendants() if p.pid not in before]
+    return worker
+
+
+def test_no_worker_is_restarted_once_shutdown_has_begun(tff, monkeypatch):
+    """After `begin_shutdown` a call that needs the dead worker fails; none is started."""
+    before = {p.pid for p in runtime.worker_descendants()}
+    runtime.set_local_context()
+    worker = _new_worker(before)
+
+    @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+    def mean(values):
+        return tff.federated_mean(values)
+
+    assert mean([1.0, 3.0]) == 2.0
+    try:
+        monkeypatch.setattr(runtime, "_shutting_down", True)  # what begin_shutdown() sets
+        worker.kill()
+        worker.wait(timeout=10)
+        with pytest.raises(runtime.ShutdownInProgress, match="exiting"):
+            mean([1.0, 3.0])
+        assert [p.pid for p in runtime.worker_descendants() if p.pid not in before] == []
+    finally:
+        monkeypatch.undo()
+        runtime.set_local_context()  # a live context for the tests after this one
+
+
+@pytest.mark.parametrize("first", ["next", "get_model_weights"])
+def test_killed_worker_then_next_and_get_model_weights_recover(tff, fedavg, first):
+    """Both calls, in either order, run on the restarted worker with the same results.
+
+    `next` (CLIENTS = 5) and `get_model_weights` (no clients) use two cached
+    executors. TFF rebuilds only the one whose call failed; before every cached
+    executor was dropped on a restart, the other one still held the dead
+    worker's closed channel: `ValueError: Cannot invoke RPC on closed channel!`.
+    """
+    process, state, clients, local = fedavg
+    before = {p.pid for p in runtime.worker_descendants()}
+    runtime.set_local_context()
+    worker = _new_worker(before)
+    process.get_model_weights(process.next(state, clients).state)  # both executors cached
+    worker.kill()
+    worker.wait(timeout=10)
+    calls = {
+        "next": lambda: _trainable(process.next(state, clients)),
+        "get_model_weights": lambda: [
+            np.asarray(w) for w in process.get_model_weights(local.state).trainable],
+    }
+    results = {first: calls[first]()}
+    results.update({name: call() for name, call in calls.items() if name not in results})
+    for got, want in zip(results["next"], _trainable(local), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(results["get_model_weights"], _trainable(local), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len([p for p in runtime.worker_descendants() if p.pid not in before]) == 1
