@@ -61,7 +61,8 @@ load average before and after it ran: other jobs on the machine slow every
 variant, but ratios measured round by round are robust to moderate load.
 
 `--masking` and `--schedule` are set per variant and may not be given. Flags
-are validated before TensorFlow is imported; bad input exits with status 2.
+are validated before TensorFlow is imported (--only_check_args stops there);
+bad input exits with status 2.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common
+from experiments import common, usage
 from fedprune import config as config_lib
 from fedprune.errors import InvalidArgument, check
 
@@ -137,6 +138,13 @@ _SCALE_CHILD = flags.DEFINE_integer("scale_child", 0, "Internal: run one scale s
 _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75", "0.9", "0.95"],
                                         "quality: final sparsities (0 = dense training).")
 _QUALITY_SEEDS = flags.DEFINE_list("quality_seeds", ["0", "1", "2"], "quality: seeds.")
+usage.set_topic("sections", _SECTIONS)
+usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
+usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
+                _SCALE_BASELINE, _SCALE_MALLOC, _SCALE_CONTROL, _SCALE_CHILD)
+usage.set_topic("quality section", _QUALITY_SPARSITIES, _QUALITY_SEEDS)
+usage.set_topic(usage.OUTPUTS, _WRITE, _OUTPUT)
+usage.not_accepted(FIXED_FLAGS, "the benchmark sets it per variant")
 FLAGS = flags.FLAGS
 
 
@@ -428,14 +436,7 @@ def machine_description() -> str:
 
     from fedprune import program
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = program.cpu_model()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     v = program.package_versions()
     return (f"{cpu}, {usable} usable cores ({os.cpu_count()} online), "
@@ -983,8 +984,13 @@ def main(argv):
         common.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     try:
         plan = make_plan(common.config_from_flags())
+        check(not _WRITE.value or Path(_OUTPUT.value).parent.is_dir(), "output", _OUTPUT.value,
+              "a Markdown file in an existing folder")
+        common.check_tff_workers(FLAGS.tff_workers)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
+    if FLAGS.only_check_args:
+        return 0
 
     def log(line: str) -> None:
         print(line, flush=True)

@@ -1,8 +1,10 @@
-"""Flags shared by every driver, and the start-up every driver does the same way.
+"""Flags shared by every driver, the run's flagfile, and the start-up every driver does.
 
 Each `ExperimentConfig` field is one flag with the field's default; choices of
-enum flags come from the library's registries. Nothing here imports TensorFlow:
-flags are parsed and validated first, so `--help` and bad input return fast.
+enum flags come from the library's registries, topic and help from `_SPECS`
+(`experiments/usage.py` prints them grouped by topic for --help). Nothing here
+imports TensorFlow: flags are parsed and validated first, so `--help`,
+`--only_check_args` and bad input return fast.
 """
 
 from __future__ import annotations
@@ -13,9 +15,21 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from absl import flags
 
+from experiments import usage
+from experiments.usage import (
+    DATA,
+    MASKING,
+    MODEL,
+    OUTPUTS,
+    PRIVACY,
+    SCHEDULE,
+    STRUCTURE,
+    TRAINING,
+)
 from fedprune import config as config_lib
 from fedprune import (
     datasets,
@@ -32,82 +46,122 @@ from fedprune.errors import InvalidArgument
 
 FLAGS = flags.FLAGS
 
-_HELP = {
-    "dataset": "Federated dataset. digits and synthetic are built in; the others read TFF's "
-               "SQLite files from --data_dir.",
-    "data_dir": "Folder holding TFF's dataset files (e.g. emnist_all.sqlite). Nothing is "
-                "downloaded.",
-    "partition": "How digits/synthetic examples are split among clients.",
-    "dirichlet_alpha": "Dirichlet label-skew concentration (Hsu et al. 2019); smaller is more "
-                       "skewed.",
-    "shards_per_client": "Label-sorted shards per client (McMahan et al. 2017).",
-    "synthetic_alpha": "Synthetic(alpha, beta): model heterogeneity (Li et al. 2020).",
-    "synthetic_beta": "Synthetic(alpha, beta): data heterogeneity.",
-    "num_clients": "Number of clients (for TFF datasets: the first N clients; 0 = all).",
-    "clients_per_round": "Clients per round: exactly this many (--client_sampling=fixed) or "
-                         "this many in expectation (poisson).",
-    "client_sampling": "How each round's clients are drawn: fixed (uniformly without "
-                       "replacement, exactly --clients_per_round) or poisson (each client "
-                       "independently with probability clients_per_round/num_clients). The DP "
-                       "accountant assumes the matching event (see fedprune/sampling.py).",
-    "max_examples_per_client": "Cap on a client's examples per epoch (0 = no cap).",
-    "max_test_examples": "Cap on the global test set of TFF datasets (0 = the whole split).",
-    "rounds": "Federated rounds to train.",
-    "local_epochs": "Passes over its data a client makes in one round.",
-    "batch_size": "Client batch size (examples).",
-    "model": "Keras model builder.",
-    "client_lr": "Client SGD learning rate.",
-    "client_momentum": "Client SGD heavy-ball momentum (0 = none).",
-    "server_optimizer": "Server optimizer applied to the mean client delta: sgd with "
-                        "--server_lr=1 is FedAvg; adam is FedAdam.",
-    "server_lr": "Server learning rate.",
-    "masking": "Where masks are computed: none (dense), client (tfmot on clients only), "
-               "server (server re-mask after FedAvg), both.",
-    "schedule": "Sparsity schedule in rounds (tfmot, one step per round).",
-    "initial_sparsity": "Polynomial schedule: sparsity at --begin_round, in [0, 1).",
-    "final_sparsity": "Target sparsity (fraction of zero kernel weights), in [0, 1).",
-    "begin_round": "First round whose end recomputes the mask (0 prunes the initial model).",
-    "end_round": "Last round of the schedule (polynomial: reaches --final_sparsity here; "
-                 "constant: -1 = never stop re-pruning).",
-    "prune_every": "Recompute the mask every this many rounds.",
-    "power": "Polynomial schedule exponent (Zhu & Gupta 2017 use 3).",
-    "mask_criterion": "How the mask is chosen: magnitude (target sparsity), threshold "
-                      "(keep |w| >= --threshold), relative (keep |w| > rate * max|w|).",
-    "mask_scope": "Rank weights within each layer or globally across layers.",
-    "threshold": "Absolute magnitude for --mask_criterion=threshold.",
-    "relative_rate": "Fraction of the largest |w| for --mask_criterion=relative.",
-    "structure": "Sparsity structure: unstructured, 2:4 (N:M), block, or whole units: neuron "
-                 "(units of the hidden Dense layers) or filter (channels of the convolutions; "
-                 "--model=cnn). neuron|filter: the schedule's sparsity is the fraction of units "
-                 "removed per layer (of all units with --mask_scope=global), the output layer "
-                 "is kept (--noprune_output_layer), --masking=server only.",
-    "block_size": "Block height,width for --structure=block.",
-    "block_pooling": "How a block's magnitudes are pooled for --structure=block.",
-    "unit_norm": "Score of a unit/filter for --structure=neuron|filter: the l2 or l1 norm of "
-                 "its incoming weights (Li et al. 2017 use l1).",
-    "shrink_at_round": "For --structure=neuron|filter: after this round the global model is "
-                       "physically shrunk (removed units cut out) and training continues "
-                       "dense on the smaller model. -1 = after the schedule's last mask "
-                       "update; 0 = never (train masked to the end).",
-    "prune_output_layer": "Prune the last Dense/Conv layer too (--noprune_output_layer keeps "
-                          "it dense).",
-    "mask_aggregation": "How clients' pruned models combine (masking client|both): average, "
-                        "nonzero (average over the clients that kept a weight), majority (a "
-                        "weight survives when at least half the clients keep it).",
-    "dp": "Client-level differential privacy (DP-FedAvg): none, fixed (clip every client "
-          "update to --dp_clip) or adaptive (clip at the --dp_target_quantile of update norms, "
-          "starting at --dp_clip). Needs --masking=server or none.",
-    "dp_noise_multiplier": "DP noise multiplier z: noise stddev z * clip on the sum of clipped "
-                           "updates (0 = clipping only, epsilon = inf).",
-    "dp_clip": "DP clip norm (L2 norm of a client's whole update); the initial one for "
-               "--dp=adaptive.",
-    "dp_target_quantile": "--dp=adaptive: fraction of client updates left unclipped.",
-    "dp_delta": "DP delta at which epsilon is reported; < 1/num_clients.",
-    "dp_accountant": "Accountant of the headline epsilon: rdp, or pld (Poisson sampling "
-                     "only). metrics.csv has both where they apply.",
-    "seed": "Seed for partition, model init, client sampling and shuffling.",
-    "eval_every": "Evaluate the global model on the test set every this many rounds (and "
-                  "at the last round).",
+
+class _Spec(NamedTuple):
+    topic: str
+    help: str
+
+
+_SPECS = {
+    "dataset": _Spec(DATA, "Federated dataset. digits and synthetic are built in; the others "
+                           "read TFF's SQLite files from --data_dir."),
+    "data_dir": _Spec(DATA, "Folder holding TFF's dataset files (e.g. emnist_all.sqlite). "
+                            "Nothing is downloaded."),
+    "partition": _Spec(DATA, "How digits/synthetic examples are split among clients."),
+    "dirichlet_alpha": _Spec(DATA, "--partition=dirichlet: label-skew concentration, > 0 (Hsu "
+                                   "et al. 2019); smaller is more skewed."),
+    "shards_per_client": _Spec(DATA, "--partition=shards: label-sorted shards per client "
+                                     "(McMahan et al. 2017)."),
+    "synthetic_alpha": _Spec(DATA, "--dataset=synthetic: model heterogeneity alpha >= 0 of "
+                                   "Synthetic(alpha, beta) (Li et al. 2020)."),
+    "synthetic_beta": _Spec(DATA, "--dataset=synthetic: data heterogeneity beta >= 0."),
+    "num_clients": _Spec(DATA, "Number of clients (for TFF datasets: the first N clients; "
+                               "0 = all)."),
+    "clients_per_round": _Spec(DATA, "Clients per round: exactly this many "
+                                     "(--client_sampling=fixed) or this many in expectation "
+                                     "(poisson)."),
+    "client_sampling": _Spec(DATA, "How each round's clients are drawn: fixed (uniformly "
+                                   "without replacement, exactly --clients_per_round) or "
+                                   "poisson (each client independently with probability "
+                                   "clients_per_round/num_clients). The DP accountant assumes "
+                                   "the matching event (see fedprune/sampling.py)."),
+    "max_examples_per_client": _Spec(DATA, "Cap on a client's examples per local epoch "
+                                           "(examples; 0 = no cap)."),
+    "max_test_examples": _Spec(DATA, "Cap on the global test set of TFF datasets (examples; "
+                                     "0 = the whole split)."),
+    "model": _Spec(MODEL, "Keras model builder: mlp (64-128-10), mlp2 (McMahan et al.'s 2NN), "
+                          "cnn (the federated-EMNIST CNN), rnn (character LSTM, "
+                          "--dataset=shakespeare)."),
+    "rounds": _Spec(TRAINING, "Federated rounds to train."),
+    "local_epochs": _Spec(TRAINING, "Passes a client makes over its data in one round "
+                                    "(epochs)."),
+    "batch_size": _Spec(TRAINING, "Client batch size (examples per client step)."),
+    "client_lr": _Spec(TRAINING, "Client SGD learning rate (per client step)."),
+    "client_momentum": _Spec(TRAINING, "Client SGD heavy-ball momentum, in [0, 1) (0 = none)."),
+    "server_optimizer": _Spec(TRAINING, "Server optimizer applied to the mean client delta "
+                                        "once per round: sgd with --server_lr=1 is FedAvg; "
+                                        "adam is FedAdam."),
+    "server_lr": _Spec(TRAINING, "Server learning rate (per round; multiplies the mean client "
+                                 "delta)."),
+    "seed": _Spec(TRAINING, "Seed of the partition, model init, client sampling and shuffling "
+                            "(each a pure function of seed and round)."),
+    "masking": _Spec(MASKING, "Where masks are computed: none (dense), client (tfmot on clients "
+                              "only), server (server re-mask after FedAvg), both."),
+    "schedule": _Spec(SCHEDULE, "Sparsity schedule in rounds (tfmot, one step per round, not "
+                                "per client step)."),
+    "initial_sparsity": _Spec(SCHEDULE, "Polynomial schedule: sparsity at --begin_round, a "
+                                        "fraction in [0, 1)."),
+    "final_sparsity": _Spec(SCHEDULE, "Target sparsity (fraction of zero kernel weights), in "
+                                      "[0, 1)."),
+    "begin_round": _Spec(SCHEDULE, "First round (not client step) whose end recomputes the "
+                                   "mask (0 prunes the initial model)."),
+    "end_round": _Spec(SCHEDULE, "Last round of the schedule (polynomial: reaches "
+                                 "--final_sparsity here; constant: -1 = never stop "
+                                 "re-pruning)."),
+    "prune_every": _Spec(SCHEDULE, "Recompute the mask every this many rounds."),
+    "power": _Spec(SCHEDULE, "Polynomial schedule exponent, > 0 (Zhu & Gupta 2017 use 3)."),
+    "mask_criterion": _Spec(MASKING, "How the mask is chosen: magnitude (target sparsity), "
+                                     "threshold (keep |w| >= --threshold), relative (keep "
+                                     "|w| > rate * max|w|)."),
+    "mask_scope": _Spec(MASKING, "Rank weights within each layer or globally across layers."),
+    "threshold": _Spec(MASKING, "--mask_criterion=threshold: weight magnitude > 0 (in the "
+                                "weights' own units); weights with |w| below it are pruned."),
+    "relative_rate": _Spec(MASKING, "--mask_criterion=relative: fraction in (0, 1) of the "
+                                    "largest |w| (of the layer; of all layers with "
+                                    "--mask_scope=global) at or below which weights are "
+                                    "pruned."),
+    "structure": _Spec(STRUCTURE, "Sparsity structure: unstructured, 2:4 (N:M), block, or "
+                                  "whole units: neuron (units of the hidden Dense layers) or "
+                                  "filter (channels of the convolutions; --model=cnn). "
+                                  "neuron|filter: the schedule's sparsity is the fraction of "
+                                  "units removed per layer (of all units with "
+                                  "--mask_scope=global), the output layer is kept "
+                                  "(--noprune_output_layer), --masking=server only."),
+    "block_size": _Spec(STRUCTURE, "--structure=block: block height,width in weights."),
+    "block_pooling": _Spec(STRUCTURE, "--structure=block: how a block's magnitudes are "
+                                      "pooled."),
+    "unit_norm": _Spec(STRUCTURE, "--structure=neuron|filter: score of a unit/filter, the l2 "
+                                  "or l1 norm of its incoming weights (Li et al. 2017 use "
+                                  "l1)."),
+    "shrink_at_round": _Spec(STRUCTURE, "--structure=neuron|filter: after this round the "
+                                        "global model is physically shrunk (removed units cut "
+                                        "out) and training continues dense on the smaller "
+                                        "model. -1 = after the schedule's last mask update; "
+                                        "0 = never (train masked to the end)."),
+    "prune_output_layer": _Spec(MASKING, "Prune the last Dense/Conv layer too "
+                                         "(--noprune_output_layer keeps it dense)."),
+    "mask_aggregation": _Spec(MASKING, "How clients' pruned models combine (masking "
+                                       "client|both): average, nonzero (average over the "
+                                       "clients that kept a weight), majority (a weight "
+                                       "survives when at least half the clients keep it)."),
+    "dp": _Spec(PRIVACY, "Client-level differential privacy (DP-FedAvg): none, fixed (clip "
+                         "every client update to --dp_clip) or adaptive (clip at the "
+                         "--dp_target_quantile of update norms, starting at --dp_clip). Needs "
+                         "--masking=server or none."),
+    "dp_noise_multiplier": _Spec(PRIVACY, "DP noise multiplier z >= 0: noise stddev z * clip "
+                                          "on the sum of clipped updates (0 = clipping only, "
+                                          "epsilon = inf)."),
+    "dp_clip": _Spec(PRIVACY, "DP clip norm > 0: L2 norm of a client's whole update (weight "
+                              "units); the initial one for --dp=adaptive."),
+    "dp_target_quantile": _Spec(PRIVACY, "--dp=adaptive: fraction in [0, 1) of client updates "
+                                         "left unclipped."),
+    "dp_delta": _Spec(PRIVACY, "DP delta (a probability) at which epsilon is reported; "
+                               "< 1/num_clients."),
+    "dp_accountant": _Spec(PRIVACY, "Accountant of the headline epsilon: rdp, or pld (Poisson "
+                                    "sampling only). metrics.csv has both where they apply."),
+    "eval_every": _Spec(OUTPUTS, "Evaluate the global model on the test set every this many "
+                                 "rounds (and at the last round); other rows of metrics.csv "
+                                 "leave test_loss/test_accuracy blank."),
 }
 
 _ENUMS = {
@@ -131,35 +185,40 @@ _ENUMS = {
 _OPTIONAL_FLOATS = ("threshold", "relative_rate")
 
 
-def define_experiment_flags() -> None:
-    """Defines one flag per `ExperimentConfig` field (idempotent)."""
-    if "dataset" in FLAGS:
+def define_experiment_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines one flag per `ExperimentConfig` field, --verbose and --tff_workers (idempotent)."""
+    if "dataset" in flag_values:
         return
     for field in dataclasses.fields(config_lib.ExperimentConfig):
-        name, default, help_ = field.name, field.default, _HELP[field.name]
+        name, default, (topic, help_) = field.name, field.default, _SPECS[field.name]
+        kwargs = {"flag_values": flag_values}
         if name in _ENUMS:
-            flags.DEFINE_enum(name, default, _ENUMS[name], help_)
+            flags.DEFINE_enum(name, default, _ENUMS[name], help_, **kwargs)
         elif name == "block_size":
-            flags.DEFINE_list(name, [str(b) for b in default], help_)
+            flags.DEFINE_list(name, [str(b) for b in default], help_, **kwargs)
         elif isinstance(default, bool):
-            flags.DEFINE_bool(name, default, help_)
+            flags.DEFINE_bool(name, default, help_, **kwargs)
         elif isinstance(default, int):
-            flags.DEFINE_integer(name, default, help_)
+            flags.DEFINE_integer(name, default, help_, **kwargs)
         elif isinstance(default, float) or name in _OPTIONAL_FLOATS:
-            flags.DEFINE_float(name, default, help_)
+            flags.DEFINE_float(name, default, help_, **kwargs)
         else:
-            flags.DEFINE_string(name, default, help_)
-    flags.DEFINE_bool("verbose", False, "Show TensorFlow's and TFF's own logs.")
+            flags.DEFINE_string(name, default, help_, **kwargs)
+        usage.set_topic(topic, name)
+    flags.DEFINE_bool("verbose", False, "Show TensorFlow's and TFF's own logs from INFO up "
+                      "(without it: errors only).", flag_values=flag_values)
     flags.DEFINE_list("tff_workers", [], "host:port of TFF worker services to run on "
                       "(several: each round's clients are split across them). Empty: a local "
-                      "worker started and stopped by this process.")
+                      "worker started and stopped by this process.", flag_values=flag_values)
+    usage.set_topic(usage.RUNTIME, "verbose", "tff_workers")
 
 
-def config_from_flags(**overrides) -> config_lib.ExperimentConfig:
+def config_from_flags(flag_values: flags.FlagValues = FLAGS,
+                      **overrides) -> config_lib.ExperimentConfig:
     """An unvalidated `ExperimentConfig` from the parsed flags, with `overrides`."""
     values = {}
     for field in dataclasses.fields(config_lib.ExperimentConfig):
-        values[field.name] = FLAGS[field.name].value
+        values[field.name] = flag_values[field.name].value
     block = values["block_size"]
     try:
         values["block_size"] = tuple(int(b) for b in block)
@@ -168,6 +227,59 @@ def config_from_flags(**overrides) -> config_lib.ExperimentConfig:
             "block_size", ",".join(block), "two positive integers, e.g. 1,4") from None
     values.update(overrides)
     return config_lib.ExperimentConfig(**values)
+
+
+# --------------------------------------------------------------------------
+# flags.txt: a run's flagfile.
+
+FLAGFILE_NAME = "flags.txt"
+
+
+def _flag_line(name: str, value) -> str:
+    """`--name=value` as absl's --flagfile reads it back to the same value."""
+    if value is None:  # an unset optional float has no value to write
+        return f"# --{name} unset"
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, tuple | list):
+        return f"--{name}={','.join(map(str, value))}"
+    if isinstance(value, float):
+        return f"--{name}={value!r}"  # repr: the shortest text that reads back exactly
+    return f"--{name}={value}"
+
+
+def flagfile_text(config: config_lib.ExperimentConfig, *, tff_workers=()) -> str:
+    """flags.txt: every experiment flag's value, one `--name=value` a line.
+
+    `python -m experiments.run --flagfile=<run>/flags.txt --output_dir=<new>`
+    reruns the experiment. --tff_workers (where it ran) is a comment: rerunning
+    elsewhere needs other addresses, and the result does not depend on them
+    beyond float rounding (README, Scaling out).
+    """
+    lines = ["# Every experiment flag of this run. Rerun it with",
+             "#   python -m experiments.run --flagfile=<this file> --output_dir=<new folder>",
+             f"# config fingerprint {config.fingerprint()}"]
+    lines += [_flag_line(f.name, getattr(config, f.name))
+              for f in dataclasses.fields(config_lib.ExperimentConfig)]
+    lines.append(f"# ran on --tff_workers={','.join(tff_workers)} (not set here)" if tff_workers
+                 else "# ran on a local TFF worker (no --tff_workers)")
+    return "\n".join(lines) + "\n"
+
+
+def write_flagfile(output_dir: Path, config: config_lib.ExperimentConfig, *, resume: bool,
+                   tff_workers=()) -> None:
+    """Writes `output_dir/flags.txt` atomically (creating the folder).
+
+    A resumed run keeps its flags.txt: the checkpoint's fingerprint already
+    says it is this configuration's (a run from before flags.txt gets one).
+    """
+    from fedprune import reporting
+
+    path = Path(output_dir) / FLAGFILE_NAME
+    if resume and path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reporting.atomic_write_text(path, flagfile_text(config, tff_workers=tff_workers))
 
 
 def fail(message: str, code: int = 2):
@@ -183,6 +295,9 @@ def parse_flags(argv):
     except flags.CantOpenFlagFileError as e:  # absl's text does not name the flag
         reason = str(e).split("Unable to open flagfile:", 1)[-1].strip()
         fail(f"--flagfile: cannot read it ({reason})")
+    except flags.UnrecognizedFlagError as e:  # absl's text names it without the dashes
+        dashes = "-" if len(e.flagname) == 1 else "--"
+        fail(f"{dashes}{e.flagname}: not a flag of this command (--help lists them)")
     except flags.Error as e:
         fail(str(e).splitlines()[0])
     except OSError as e:  # an unreadable --flagfile
@@ -195,19 +310,18 @@ def run(main) -> None:
     Not `absl.app.run`: TensorFlow imported lazily inside `app.run`'s main
     builds Keras models from graph placeholders instead of KerasTensors (Keras
     2.14), which breaks `Flatten`; plain parsing keeps `--help` fast and Keras
-    intact. `--help`/`--helpfull` behave as with absl.
+    intact. `--help`, `-h`, `--helpshort` and `--helpfull` print and exit 0
+    while parsing (`experiments/usage.py`); `main` honours `--only_check_args`.
 
     SIGINT and SIGTERM, at any moment from here on (flag parsing, the TF import,
     tracing, a round, a checkpoint), end the driver through `_exit_interrupted`:
     one line on stderr, no worker left, status 130 (by SIGINT) or 143.
     """
-    from absl import app
-
     from fedprune import runtime
 
     runtime.install_worker_cleanup()  # the interrupt handlers; cheap, no TensorFlow
     try:
-        app.define_help_flags()
+        usage.define_command_line_flags()
         argv = parse_flags(sys.argv)
         code = main(argv)
     except KeyboardInterrupt:

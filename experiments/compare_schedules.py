@@ -20,8 +20,10 @@ Then writes into --output_dir: comparison.md, comparison.tex, comparison.csv
 (mean ± 95% CI over seeds), accuracy_vs_round.png, accuracy_vs_sparsity.png
 and plots/, and prints the Markdown table.
 
-Every cell's configuration is validated before TensorFlow is imported: bad
-input exits with status 2 and one line on stderr, writing nothing. Exit status
+Every cell's configuration is validated before TensorFlow is imported
+(--only_check_args stops there): bad input exits with status 2 and one line on
+stderr, writing nothing. Each cell's flags.txt reruns it alone with
+`python -m experiments.run --flagfile=<cell>/flags.txt --output_dir=<new>`. Exit status
 1 if a cell failed (e.g. NaN loss); the tables then hold the other cells.
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, grid
+from experiments import common, grid, usage
 from fedprune.errors import InvalidArgument
 
 common.define_experiment_flags()
@@ -37,6 +39,9 @@ grid.define_grid_flags()
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Root of the run tree (required).")
 _ROUND_LOGS = flags.DEFINE_bool("round_logs", False, "Print every run's per-round lines.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the cells and their status; train nothing.")
+usage.set_topic(usage.OUTPUTS, _OUTPUT_DIR, _ROUND_LOGS, _DRY_RUN)
+usage.not_accepted([f for f in grid.CELL_FIELDS if f not in grid.OPTIONAL_CELL_FIELDS],
+                   "each cell sets it from the grid flags")
 FLAGS = flags.FLAGS
 
 
@@ -52,8 +57,11 @@ def main(argv):
             raise InvalidArgument("output_dir", "", "the folder of the run tree")
         root = Path(_OUTPUT_DIR.value)
         statuses = grid.statuses(cells, root)
+        common.check_tff_workers(FLAGS.tff_workers)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
+    if FLAGS.only_check_args:
+        return 0
     if _DRY_RUN.value:
         for cell, status in zip(cells, statuses, strict=True):
             print(f"{status.value:6}  {cell.name}  {cell.config.fingerprint()}")

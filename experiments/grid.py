@@ -9,7 +9,8 @@ grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
 
 Dense training (`none` in --schedules) is one cell per seed with
 `masking=none`, not one per sparsity and masking. Each cell trains into its
-own folder `<root>/<cell name>` with `program.run_experiment`; a cell whose
+own folder `<root>/<cell name>` with `program.run_experiment`, beside its
+flags.txt (`experiments.run --flagfile=<cell>/flags.txt` reruns it); a cell whose
 `summary.json` is present with the cell's config fingerprint is complete and is
 skipped, a folder without a summary is resumed. Everything up to
 `run_cells` (flags, validation of every cell, the status of the run tree)
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common
+from experiments import common, usage
 from fedprune import reporting
 from fedprune.client_work import MASKING_MODES
 from fedprune.config import ExperimentConfig
@@ -49,6 +50,7 @@ CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "fi
 # Dimensions a grid may leave out (an empty grid flag): the base flag then applies.
 OPTIONAL_CELL_FIELDS = ("dp_noise_multiplier",)
 GRID_FLAGS = tuple(CELL_FIELDS.values())
+GRID_TOPIC = "grid (one cell per combination)"  # of the grid flags in --help
 KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without its seed
 DP_KEY = "dp_noise_multiplier"  # added to the row keys of DP grids
 # Also row keys, in front, when they differ between a table's runs (Table 3 mixes them).
@@ -75,6 +77,7 @@ def define_grid_flags() -> None:
     flags.DEFINE_list("dp_noise_multipliers", [], "DP noise multipliers, one cell each (with "
                       "--dp=fixed|adaptive); empty: --dp_noise_multiplier for every cell.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; tables show mean ± 95% CI over them.")
+    usage.set_topic(GRID_TOPIC, *GRID_FLAGS)
 
 
 def parse_flagfiles(paths: Sequence[Path | str]) -> None:
@@ -308,7 +311,7 @@ def _fmt_minutes(seconds: float) -> str:
 
 
 def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] = print,
-              round_logs: bool = False) -> list[str]:
+              round_logs: bool = False, tff_workers: Sequence[str] = ()) -> list[str]:
     """Trains every cell that is not complete, in this process, one after another.
 
     Needs the TFF runtime (`common.start_runtime`) when any cell is not done.
@@ -318,6 +321,8 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
       root: the run tree; cell `c` writes into `root / c.name`.
       log: receives one line per cell (skipped / resumed / done) and the grid ETA.
       round_logs: also pass on `run_experiment`'s per-round lines.
+      tff_workers: the workers the runtime runs on, recorded in flags.txt and
+        config.json (`experiments.run` reruns a cell from its flags.txt).
 
     Returns:
       The names of cells that failed (non-finite training or a bad checkpoint);
@@ -341,11 +346,14 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
             if round_logs or not line.startswith("round "):
                 log(f"{prefix}: {line}")
 
-        if status is Status.RESUME:
+        resume = status is Status.RESUME
+        if resume:
             log(f"{prefix}: resuming the incomplete run in its folder")
+        common.write_flagfile(root / cell.name, cell.config, resume=resume,
+                              tff_workers=tff_workers)
         try:
-            program.run_experiment(cell.config, root / cell.name,
-                                   resume=status is Status.RESUME, log=cell_log)
+            program.run_experiment(cell.config, root / cell.name, resume=resume, log=cell_log,
+                                   provenance={"tff_workers": list(tff_workers)})
         except (program.NonFiniteError, checkpoint.CheckpointError) as e:
             log(f"{prefix}: FAILED: {e}")
             failed.append(cell.name)
@@ -538,7 +546,7 @@ def run_grid(cells: Sequence[Cell], root: Path, *, verbose: bool, tff_workers: S
         log(f"skipped all {len(cells)} cell(s): complete in {root}; nothing to train")
         return []
     common.start_runtime(verbose=verbose, tff_workers=list(tff_workers))
-    return run_cells(cells, root, log=log, round_logs=round_logs)
+    return run_cells(cells, root, log=log, round_logs=round_logs, tff_workers=tff_workers)
 
 
 # --------------------------------------------------------------------------

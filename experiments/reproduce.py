@@ -41,7 +41,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, grid
+from experiments import common, grid, usage
 from fedprune import reporting
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
@@ -212,6 +212,14 @@ _WRITE_RESULTS = flags.DEFINE_bool("write_results", False, "Store the new values
 _ROUND_LOGS = flags.DEFINE_bool("round_logs", False, "Print every run's per-round lines.")
 common.define_experiment_flags()  # the flagfiles set these; only --verbose/--tff_workers here
 grid.define_grid_flags()
+usage.set_topic("table", _TABLE, _SIZE)
+usage.set_topic(usage.OUTPUTS, _OUTPUT_DIR, _EXPECTED, _RESULTS, _WRITE_RESULTS, _ROUND_LOGS)
+usage.not_accepted([*(f.name for f in dataclasses.fields(ExperimentConfig)), *grid.GRID_FLAGS,
+                    "flagfile"],
+                   "the table's flagfiles in experiments/configs/ set them (python -m "
+                   "experiments.compare_schedules runs a grid of your own)",
+                   shown_as="--flagfile, the experiment flags (python -m experiments.run --help) "
+                            "and the grid flags (--schedules, --seeds, ...)")
 FLAGS = flags.FLAGS
 _RUNTIME_FLAGS = ("verbose", "tff_workers")
 
@@ -234,14 +242,9 @@ def hardware() -> str:
     """CPU model, logical CPUs, memory and OS of this machine, one line."""
     import psutil
 
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fedprune import program
+
+    model = program.cpu_model() or "unknown CPU"
     memory = psutil.virtual_memory().total / 2**30
     return (f"{model}, {os.cpu_count()} logical CPUs, {memory:.0f} GiB RAM, "
             f"{platform.system()} {platform.release()}")
@@ -397,14 +400,20 @@ def main(argv):
         expected_path = Path(_EXPECTED.value or spec.expected_path(size))
         check(_WRITE_RESULTS.value or expected_path.is_file(), "expected", str(expected_path),
               "an existing expected-values JSON (create it with --write_results)")
+        results_path = Path(_RESULTS.value or REPO / "RESULTS.md")
+        check(not (_WRITE_RESULTS.value and size == "full") or results_path.parent.is_dir(),
+              "results", str(results_path), "a file in an existing folder")
         expected = None
         if expected_path.is_file():
             expected = reporting.read_json(expected_path)
             check(expected is not None and "rows" in expected, "expected", str(expected_path),
                   "an expected-values JSON written by --write_results")
         statuses = grid.statuses(cells, root)
+        common.check_tff_workers(FLAGS.tff_workers)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
+    if FLAGS.only_check_args:
+        return 0
     start = time.time()
     trained = sum(s is not grid.Status.DONE for s in statuses)
     failed = grid.run_grid(cells, root, verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers,
@@ -426,7 +435,6 @@ def main(argv):
              "flagfiles": [str(p.relative_to(REPO)) for p in spec.all_flagfiles(size)]}))
         print(f"\nwrote {expected_path}")
         if size == "full":
-            results_path = Path(_RESULTS.value or REPO / "RESULTS.md")
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
             section = render_section(spec, table, results, invocations, root)
             reporting.atomic_write_text(results_path,

@@ -4,25 +4,32 @@ r"""Runs one federated pruning experiment.
     python -m experiments.run --flagfile=experiments/configs/digits_poly90.flags
     python -m experiments.run --masking=server --schedule=oneshot --final_sparsity=0.9
 
-Writes config.json, metrics.csv, summary.json, plots, TensorBoard events and the
-stripped model into --output_dir (default: runs/<dataset>-<masking>-...). Flags
-are validated before TensorFlow is imported; bad input exits with status 2 and
-one line on stderr, writing nothing.
+Writes flags.txt, config.json, metrics.csv, summary.json, plots, TensorBoard
+events and the stripped model into --output_dir (default:
+runs/<dataset>-<masking>-...). flags.txt holds every experiment flag's value:
+`python -m experiments.run --flagfile=<run>/flags.txt --output_dir=<new>`
+reruns the experiment. Flags are validated before TensorFlow is imported
+(--only_check_args stops there); bad input exits with status 2 and one line on
+stderr, writing nothing.
 """
 
 from pathlib import Path
 
 from absl import flags
 
-from experiments import common
+from experiments import common, usage
 from fedprune import checkpoint
 from fedprune import config as config_lib
 from fedprune.errors import InvalidArgument
 
 common.define_experiment_flags()
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Output folder (default: runs/<name>).")
-_RESUME = flags.DEFINE_bool("resume", False, "Continue from the last complete round.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", "", "Output folder; empty: "
+    "runs/<dataset>-<masking>-<schedule>-s<sparsity>-seed<seed>-<fingerprint>.")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --output_dir from its last "
+                            "complete round, with the same experiment flags (its flags.txt).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an existing --output_dir first.")
+usage.set_topic(usage.OUTPUTS, _OUTPUT_DIR, _RESUME, _OVERWRITE)
 FLAGS = flags.FLAGS
 
 
@@ -41,6 +48,8 @@ def main(argv):
             checkpoint.check_latest(output_dir / "checkpoints", fingerprint=config.fingerprint())
         except checkpoint.CheckpointError as e:
             common.fail(str(e), code=1)
+    if FLAGS.only_check_args:
+        return 0
     on_phase = common.phase_logger()
     if on_phase is not None:
         on_phase("import")
@@ -49,11 +58,14 @@ def main(argv):
 
     if _OVERWRITE.value:
         common.clear_output_dir(output_dir)
+    common.write_flagfile(output_dir, config, resume=_RESUME.value,
+                          tff_workers=FLAGS.tff_workers)
     try:
         # Flushed per line: progress shows through pipes (`| tee`), and a killed run
         # has printed every round it finished.
         program.run_experiment(config, output_dir, resume=_RESUME.value,
-                               log=lambda line: print(line, flush=True), on_phase=on_phase)
+                               log=lambda line: print(line, flush=True), on_phase=on_phase,
+                               provenance={"tff_workers": list(FLAGS.tff_workers)})
     except (program.NonFiniteError, checkpoint.CheckpointError) as e:
         common.fail(str(e), code=1)
     except runtime.WorkerUnreachableError as e:

@@ -45,7 +45,7 @@ _FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp"
 class ExperimentConfig:
     """Everything that determines an experiment's result. Units are in the names.
 
-    Attributes mirror the flags of `experiments/run.py`; see `--helpfull`.
+    Attributes mirror the flags of `experiments/run.py`; see its `--help`.
     """
 
     # Data.

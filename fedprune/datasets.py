@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 import sqlite3
 import zlib
@@ -147,12 +148,16 @@ class ArraySource:
       x: float32 [N, *input_shape] training features.
       y: int32 [N, 1] training labels.
       client_indices: client id -> int array of row indices into `x`/`y`.
+      row_ids: each row's example id in the dataset before any split (see
+        `example_index_digests`); None: the row number.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, client_indices: dict[str, np.ndarray]):
+    def __init__(self, x: np.ndarray, y: np.ndarray, client_indices: dict[str, np.ndarray],
+                 row_ids: np.ndarray | None = None):
         self.x = x
         self.y = y
         self.client_indices = client_indices
+        self.row_ids = np.arange(len(x)) if row_ids is None else np.asarray(row_ids)
 
     def num_examples(self, client_id: str) -> int:
         return len(self.client_indices[client_id])
@@ -225,6 +230,8 @@ class FederatedData:
       vocab_size: Shakespeare only: number of token ids (pad 0, the
         characters, OOV, BOS, EOS).
       sequence_length: Shakespeare only: characters per example.
+      test_ids: digits/synthetic: each test example's id in the dataset before
+        any split (see `example_index_digests`); None for TFF data.
     """
 
     name: str
@@ -238,6 +245,7 @@ class FederatedData:
     x_dtype: str = "float32"
     vocab_size: int | None = None
     sequence_length: int | None = None
+    test_ids: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def num_examples(self, client_id: str) -> int:
         """Stored examples of `client_id` (Shakespeare: snippets, not sequences)."""
@@ -308,13 +316,20 @@ def _array_data(
     x_test: np.ndarray,
     y_test: np.ndarray,
     num_classes: int,
+    *,
+    train_ids: np.ndarray,
+    test_ids: np.ndarray,
 ) -> FederatedData:
-    """Packs in-memory arrays and per-client index arrays into `FederatedData`."""
+    """Packs in-memory arrays and per-client index arrays into `FederatedData`.
+
+    `train_ids`/`test_ids`: the example ids of the rows of `x_train`/`x_test`.
+    """
     client_ids = [str(i) for i in range(len(parts))]
     source = ArraySource(
         x_train.astype(np.float32),
         y_train.astype(np.int32).reshape(-1, 1),
         dict(zip(client_ids, parts, strict=True)),
+        row_ids=train_ids,
     )
     return FederatedData(
         name=name,
@@ -324,7 +339,35 @@ def _array_data(
         test_x=x_test.astype(np.float32),
         test_y=y_test.astype(np.int32).reshape(-1, 1),
         source=source,
+        test_ids=np.asarray(test_ids),
     )
+
+
+def _ids_sha256(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()
+
+
+def example_index_digests(data: FederatedData) -> dict | None:
+    """sha256 of the test set's and of each client's example ids (digits, synthetic).
+
+    An example's id is its place in the dataset before any split: digits, the
+    row of scikit-learn's 1,797 images; synthetic, its place in generation order
+    (client by client). The ids are hashed in the order the run uses them, as
+    little-endian int64. They pin down which examples a run trained and
+    evaluated on, which the flags fix only together with the code: the digits
+    test digest is the same for every run, the client digests change with the
+    seed, partition and number of clients. None for TFF data (its clients are
+    the file's own).
+
+    Returns:
+      {"test": hex digest, "clients": {client id: hex digest}}, or None.
+    """
+    if not isinstance(data.source, ArraySource) or data.test_ids is None:
+        return None
+    row_ids = data.source.row_ids
+    return {"test": _ids_sha256(data.test_ids),
+            "clients": {c: _ids_sha256(row_ids[data.source.client_indices[c]])
+                        for c in data.client_ids}}
 
 
 # --------------------------------------------------------------------------
@@ -436,7 +479,8 @@ def load_digits(
         min_examples_per_client=min_examples_per_client,
     )
     return _array_data(
-        "digits", x[train_idx], y[train_idx], parts, x[test_idx], y[test_idx], num_classes=10
+        "digits", x[train_idx], y[train_idx], parts, x[test_idx], y[test_idx], num_classes=10,
+        train_ids=train_idx, test_ids=test_idx,
     )
 
 
@@ -510,10 +554,17 @@ def load_synthetic(
 
 
 def _split_synthetic(xs, ys, test_fraction, num_classes) -> FederatedData:
-    """Keeps each client's first examples for training and pools the rest for test."""
+    """Keeps each client's first examples for training and pools the rest for test.
+
+    Example ids count the generated examples client by client.
+    """
     num_train = [int((1 - test_fraction) * len(y)) for y in ys]
     bounds = np.concatenate([[0], np.cumsum(num_train)])
     parts = [np.arange(bounds[k], bounds[k + 1]) for k in range(len(ys))]
+    starts = np.concatenate([[0], np.cumsum([len(y) for y in ys])])
+    train_ids = np.concatenate([starts[k] + np.arange(n) for k, n in enumerate(num_train)])
+    test_ids = np.concatenate([starts[k] + np.arange(n, len(ys[k]))
+                               for k, n in enumerate(num_train)])
     return _array_data(
         "synthetic",
         np.concatenate([x[:n] for x, n in zip(xs, num_train, strict=True)]),
@@ -522,6 +573,8 @@ def _split_synthetic(xs, ys, test_fraction, num_classes) -> FederatedData:
         np.concatenate([x[n:] for x, n in zip(xs, num_train, strict=True)]),
         np.concatenate([y[n:] for y, n in zip(ys, num_train, strict=True)]),
         num_classes=num_classes,
+        train_ids=train_ids,
+        test_ids=test_ids,
     )
 
 

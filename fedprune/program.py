@@ -4,7 +4,8 @@
 takes a validated `ExperimentConfig` (plain arguments; no flags here) and
 writes into `output_dir`:
 
-  config.json          every setting, package versions, git commit, seeds
+  config.json          every setting, package versions, git commit, seeds, and what
+                       the numbers depend on beyond the settings (`provenance`)
   metrics.csv          one row per round (rewritten atomically every round)
   summary.json         final numbers (atomic)
   partition.json, label_heatmap.png   client sizes and label skew
@@ -43,6 +44,7 @@ DP noise is not seeded, so DP runs are not bit-reproducible.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -94,12 +96,22 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN or Inf loss or weight."""
 
 
+# Every installed package whose version can change a number a run writes: the
+# training stack (TF, Keras, TFF and what TFF computes with: jax, TF Privacy's DP
+# queries, TF Probability), tfmot, the accountant, the data (scikit-learn's digits
+# and split, numpy's generators, scipy), float types, and h5py (model.h5's bytes).
+_RESULT_PACKAGES = ("tensorflow", "tensorflow-federated", "tensorflow-model-optimization",
+                    "keras", "tensorflow-privacy", "tensorflow-probability", "dp-accounting",
+                    "numpy", "scipy", "scikit-learn", "ml-dtypes", "h5py", "absl-py", "jax",
+                    "jaxlib")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def package_versions() -> dict:
-    """Versions of the packages that decide results."""
+    """Versions of the packages that decide results (None: not installed), and Python's."""
     from importlib import metadata
 
-    names = ("tensorflow", "tensorflow-federated", "tensorflow-model-optimization", "numpy",
-             "scikit-learn", "absl-py", "jax", "jaxlib")
+    names = _RESULT_PACKAGES
     versions = {}
     for name in names:
         try:
@@ -112,7 +124,7 @@ def package_versions() -> dict:
 
 def git_commit() -> str | None:
     """The fedprune checkout's commit (with `-dirty` for local changes), or None."""
-    root = Path(__file__).resolve().parent.parent
+    root = _REPO_ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=5, check=True).stdout.strip()
@@ -121,6 +133,25 @@ def git_commit() -> str | None:
         return commit + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def uv_lock_sha256() -> str | None:
+    """sha256 of the checkout's uv.lock (the locked environment), or None without one."""
+    try:
+        return hashlib.sha256((_REPO_ROOT / "uv.lock").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def cpu_model() -> str | None:
+    """The CPU model (/proc/cpuinfo's `model name`; else what `platform` says, or None)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or None
 
 
 def load_data(config: ExperimentConfig) -> datasets.FederatedData:
@@ -308,13 +339,32 @@ def privacy_info(config: ExperimentConfig, num_clients: int) -> dict:
     }
 
 
-def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None = None) -> None:
-    """config.json: every setting, package versions, git commit."""
+def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None = None, *,
+                 data: datasets.FederatedData | None = None,
+                 provenance: dict | None = None) -> None:
+    """config.json: every setting, package versions, git commit, seeds, provenance.
+
+    Args:
+      config: the run's configuration.
+      output_dir: the run folder.
+      extra: more top-level entries (e.g. the privacy section).
+      data: the run's data; its example-index digests go into `provenance`.
+      provenance: what the caller knows that no setting shows (e.g. the driver's
+        `tff_workers`); merged into the `provenance` section, which also has the
+        uv.lock hash, the CPU model and the data digests.
+    """
     payload = {
         "config": config.to_dict(),
         "fingerprint": config.fingerprint(),
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "provenance": {
+            "uv_lock_sha256": uv_lock_sha256(),
+            "cpu_model": cpu_model(),
+            "example_indices_sha256": (datasets.example_index_digests(data)
+                                       if data is not None else None),
+            **(provenance or {}),
+        },
         "seeds": {"partition": config.seed, "model_init": config.seed,
                   "client_sampling": config.seed, "client_shuffle": config.seed},
         "client_sampling": _SAMPLING_DESCRIPTIONS[config.client_sampling],
@@ -366,7 +416,7 @@ def _export_model(pp, weights, output_dir: Path) -> dict:
 def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False,
                    log: Callable[[str], None] = print,
                    on_phase: Callable[[str], None] | None = None,
-                   stop_after_round: int | None = None) -> dict:
+                   stop_after_round: int | None = None, provenance: dict | None = None) -> dict:
     """Runs (or resumes) one experiment and writes its outputs.
 
     Interrupts (with the runtime's handlers installed): SIGINT/SIGTERM raise at
@@ -385,6 +435,8 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
       on_phase: called with the name of each phase as it starts (`PHASES`;
         per-round phases are prefixed `round N `), e.g. to log where time goes.
       stop_after_round: for tests: stop (as if killed) after this round.
+      provenance: what the caller knows that the config does not show (e.g. the
+        TFF workers it runs on), recorded in config.json (`write_config`).
 
     Returns:
       The summary dict also written to `summary.json`.
@@ -400,7 +452,8 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
     try:
         with runtime.deferred_interrupts():
             return _run_experiment(config, Path(output_dir), resume=resume, log=log,
-                                   on_phase=on_phase, stop_after_round=stop_after_round)
+                                   on_phase=on_phase, stop_after_round=stop_after_round,
+                                   provenance=provenance)
     except (KeyboardInterrupt, runtime.Terminated):
         runtime.clear_interrupt()
         raise
@@ -408,7 +461,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
 
 def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
                     log: Callable[[str], None], on_phase: Callable[[str], None] | None,
-                    stop_after_round: int | None) -> dict:
+                    stop_after_round: int | None, provenance: dict | None) -> dict:
     import tensorflow as tf
 
     def phase(name: str) -> None:
@@ -460,7 +513,8 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     if first_round == 1:
         write_config(config, output_dir, {"num_train_clients": len(data.client_ids),
                                           "num_test_examples": int(len(data.test_y)),
-                                          "privacy": privacy_info(config, len(data.client_ids))})
+                                          "privacy": privacy_info(config, len(data.client_ids))},
+                     data=data, provenance=provenance)
         _write_partition(data, output_dir)
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 

@@ -8,6 +8,7 @@ point patched to fail.
 """
 
 import collections
+import hashlib
 import sqlite3
 import subprocess
 import sys
@@ -282,6 +283,54 @@ def test_synthetic_iid_has_far_less_label_skew():
 def test_synthetic_rejects_negative_beta():
     with pytest.raises(InvalidArgument, match=r"^--synthetic_beta=-1.0"):
         _synthetic(beta=-1.0)
+
+
+# --------------------------------------------------------------------------
+# Example-id digests (config.json's provenance).
+# --------------------------------------------------------------------------
+
+
+def _digits_digests(**kwargs):
+    args = {"num_clients": 5, "partition": "dirichlet", "seed": 0, **kwargs}
+    return datasets.example_index_digests(datasets.load_digits(**args))
+
+
+def test_digits_ids_are_the_rows_of_sklearns_digits_split_once():
+    data = datasets.load_digits(num_clients=5, partition="dirichlet", seed=0)
+    clients = [data.source.row_ids[data.source.client_indices[c]] for c in data.client_ids]
+    assert sorted(np.concatenate([*clients, data.test_ids]).tolist()) == list(range(1797))
+    digests = datasets.example_index_digests(data)
+    assert digests["test"] == hashlib.sha256(
+        np.asarray(data.test_ids, dtype="<i8").tobytes()).hexdigest()
+    assert digests["clients"]["2"] == hashlib.sha256(
+        np.asarray(clients[2], dtype="<i8").tobytes()).hexdigest()
+
+
+def test_digits_digests_change_with_the_seed_and_partition_only():
+    base = _digits_digests()
+    assert _digits_digests() == base
+    assert _digits_digests(shards_per_client=5) == base  # not a setting of this partition
+    for changed in ({"seed": 1}, {"partition": "iid"}, {"dirichlet_alpha": 0.1},
+                    {"num_clients": 6}):
+        other = _digits_digests(**changed)
+        assert other["test"] == base["test"], changed  # the fixed test split
+        assert other["clients"] != base["clients"], changed
+
+
+def test_synthetic_digests_change_with_the_seed_only():
+    def digests(**kwargs):
+        return datasets.example_index_digests(_synthetic(**kwargs))
+
+    base = digests(seed=4)
+    assert digests(seed=4) == base
+    assert digests(seed=4, beta=0.5) == base  # beta moves the features, not which examples
+    other = digests(seed=5)
+    assert other["test"] != base["test"] and other["clients"] != base["clients"]
+
+
+def test_tff_data_has_no_index_digests(no_network, data_dir):
+    assert datasets.example_index_digests(
+        datasets.load_tff_dataset("cifar100", data_dir=data_dir)) is None
 
 
 # --------------------------------------------------------------------------
