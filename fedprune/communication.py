@@ -21,8 +21,8 @@ encoding           bytes                        layout (little-endian)
 =================  ===========================  ==================================
 
 So `bitmap` beats `dense` while the density nnz/N is below 31/32 and `coo`
-beats `bitmap` only below 1/32 (DESIGN.md §7). Ties go to the encoding listed
-first in `ENCODINGS` (the simpler one).
+beats `bitmap` only below 1/32 (docs/design.md, "Communication bytes"). Ties
+go to the encoding listed first in `ENCODINGS` (the simpler one).
 
 What is not counted: the tensor's shape and dtype (part of the model
 architecture both sides agree on), the choice of encoding (2 bits per tensor),

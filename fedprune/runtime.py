@@ -20,7 +20,8 @@ process survives it, on every exit path:
     `setpriv --pdeathsig TERM` (util-linux), so the kernel sends it SIGTERM
     when the thread that started it dies.
 
-Contexts (all built from TFF's own parts):
+Contexts (all built from TFF's own parts; see docs/design.md, "Worker process
+and execution contexts"):
 
   * `set_local_context()`: one loopback worker that we start; a
     `tff.framework.SyncExecutionContext` for the plain-Python round loop

@@ -16,8 +16,8 @@ The polynomial schedule is Zhu & Gupta (2017), "To prune, or not to prune":
 
     s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** p,   t0 <= t <= t1.
 
-tfmot traps caught here, at the boundary (see DESIGN.md §3): with
-`(end - begin) % frequency != 0` tfmot never reaches the final sparsity, and
+tfmot traps caught here, at the boundary (see docs/design.md, "Schedules"):
+with `(end - begin) % frequency != 0` tfmot never reaches the final sparsity, and
 `begin == end` yields NaN. Both are rejected with the nearest valid value.
 
 This module does not import TensorFlow until `table()` or `tfmot_schedule()` is
