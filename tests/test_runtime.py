@@ -192,13 +192,11 @@ _EXIT_PATH_SCRIPT = textwrap.dedent(
     assert mean([1.0, 3.0]) == 2.0  # the worker really runs
     print("READY", flush=True)
     mode = sys.argv[1]
-    if mode in ("normal", "exception"):
+    if mode == "exception":
         sys.stdin.readline()  # the test records the worker pids, then says go
-        if mode == "exception":
-            raise RuntimeError("boom")
-        sys.exit(0)
-    # Signals land both in computations and in sleeps.
-    deadline = time.monotonic() + 60
+        raise RuntimeError("boom")
+    # Signals land both in computations and in sleeps; the deadline is a hang guard.
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         mean([1.0, 3.0])
         time.sleep(0.05)
@@ -206,17 +204,15 @@ _EXIT_PATH_SCRIPT = textwrap.dedent(
     """
 )
 
-# Uncaught KeyboardInterrupt: CPython re-kills itself with SIGINT (shell status 130).
-_EXPECTED_STATUS = {
-    "normal": 0,
-    "exception": 1,
-    "sigint": -signal.SIGINT,
-    "sigterm": 128 + signal.SIGTERM,
-}
+_EXPECTED_STATUS = {"exception": 1, "sigterm": 128 + signal.SIGTERM}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["normal", "exception", "sigint", "sigterm"])
+# A library script's exit paths (a driver's are tests/test_reliability.py's):
+# an uncaught exception reaches the atexit hook, as a normal exit and an
+# uncaught KeyboardInterrupt (SIGINT: test_interrupt_handlers_only_record_and_raise
+# shows the handler raises it) do; SIGTERM's Terminated is a SystemExit.
+@pytest.mark.parametrize("mode", ["exception", "sigterm"])
 def test_no_worker_survives_exit_path(tmp_path, mode):
     script = tmp_path / "train.py"
     script.write_text(_EXIT_PATH_SCRIPT)
@@ -237,11 +233,11 @@ def test_no_worker_survives_exit_path(tmp_path, mode):
         workers = _identities(runtime.worker_descendants(child.pid))
         assert workers, "the computation did not start a worker_binary under the child"
 
-        if mode in ("normal", "exception"):
+        if mode == "exception":
             child.stdin.write(b"go\n")
             child.stdin.flush()
         else:
-            child.send_signal(signal.SIGINT if mode == "sigint" else signal.SIGTERM)
+            child.send_signal(signal.SIGTERM)
         try:
             # (c) EOF on both pipes: nothing the child started still holds them.
             out, err = child.communicate(timeout=60)
@@ -253,8 +249,6 @@ def test_no_worker_survives_exit_path(tmp_path, mode):
         assert child.returncode == _EXPECTED_STATUS[mode], err.decode()[-2000:]
         if mode == "exception":
             assert b"RuntimeError: boom" in err
-        if mode == "sigint":
-            assert b"KeyboardInterrupt" in err
         # (b) no worker_binary started under the child outlives it.
         assert not _survivors(workers), f"surviving workers after {mode}: {workers}"
     finally:
