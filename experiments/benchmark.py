@@ -1017,11 +1017,11 @@ def main(argv):
         bodies[name] = section_body(title, table, notes, load_before=load_before,
                                     seconds=time.perf_counter() - start)
     if _WRITE.value:
-        from fedprune import reporting
+        from fedprune import atomic_files
 
         output = Path(_OUTPUT.value)
         old = output.read_text() if output.exists() else ""
-        reporting.atomic_write_text(output, replace_sections(old, bodies))
+        atomic_files.atomic_write_text(output, replace_sections(old, bodies))
         print(f"wrote {', '.join(plan.sections)} to {output}", flush=True)
     return 0
 

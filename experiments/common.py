@@ -273,13 +273,13 @@ def write_flagfile(output_dir: Path, config: config_lib.ExperimentConfig, *, res
     A resumed run keeps its flags.txt: the checkpoint's fingerprint already
     says it is this configuration's (a run from before flags.txt gets one).
     """
-    from fedprune import reporting
+    from fedprune import atomic_files
 
     path = Path(output_dir) / FLAGFILE_NAME
     if resume and path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    reporting.atomic_write_text(path, flagfile_text(config, tff_workers=tff_workers))
+    atomic_files.atomic_write_text(path, flagfile_text(config, tff_workers=tff_workers))
 
 
 def fail(message: str, code: int = 2):

@@ -32,7 +32,7 @@ from pathlib import Path
 from absl import flags
 
 from experiments import common, usage
-from fedprune import reporting
+from fedprune import atomic_files, reporting
 from fedprune.client_work import MASKING_MODES
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
@@ -290,7 +290,7 @@ def cell_status(cell: Cell, root: Path) -> Status:
         return Status.NEW
     fingerprint = cell.config.fingerprint()
     for name in ("summary.json", "config.json"):
-        found = (reporting.read_json(folder / name) or {}).get("fingerprint")
+        found = (atomic_files.read_json(folder / name) or {}).get("fingerprint")
         check(found in (None, fingerprint), "output_dir", str(root),
               f"a new folder or one holding this grid: {cell.name}/{name} is a run of another "
               f"configuration (fingerprint {found}, this cell {fingerprint})")
@@ -439,7 +439,7 @@ def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
     results = []
     for cell in cells:
         folder = root / cell.name
-        summary = reporting.read_json(folder / "summary.json")
+        summary = atomic_files.read_json(folder / "summary.json")
         if summary is None or summary.get("fingerprint") != cell.config.fingerprint():
             continue
         with open(folder / "metrics.csv", newline="") as f:
@@ -492,8 +492,8 @@ def write_reports(results: Sequence[RunResult], root: Path,
         metrics = [m for m in METRICS if dp or m != "epsilon"]
     table = aggregate(results, metrics)
     root.mkdir(parents=True, exist_ok=True)
-    reporting.atomic_write_text(root / "comparison.md", markdown(table))
-    reporting.atomic_write_text(root / "comparison.tex",
+    atomic_files.atomic_write_text(root / "comparison.md", markdown(table))
+    atomic_files.atomic_write_text(root / "comparison.tex",
                                 reporting.to_latex(table, formats(metrics)))
     reporting.to_csv(table, root / "comparison.csv")
     _write_plots(results, root)
@@ -532,7 +532,7 @@ def _write_plots(results: Sequence[RunResult], root: Path) -> None:
         reporting.plot_accuracy_vs_sparsity(table, headline["accuracy_vs_sparsity.png"],
                                             x="final_sparsity", y="accuracy")
     for name, source in headline.items():
-        reporting.atomic_write_bytes(root / name, source.read_bytes())
+        atomic_files.atomic_write_bytes(root / name, source.read_bytes())
 
 
 def run_grid(cells: Sequence[Cell], root: Path, *, verbose: bool, tff_workers: Sequence[str],

@@ -42,7 +42,7 @@ from pathlib import Path
 from absl import flags
 
 from experiments import common, grid, usage
-from fedprune import reporting
+from fedprune import atomic_files, reporting
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
 
@@ -261,11 +261,11 @@ def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]
     when a later invocation (e.g. with --write_results) only reuses them.
     """
     path = root / "invocations.json"
-    invocations = (reporting.read_json(path) or {}).get("invocations", [])
+    invocations = (atomic_files.read_json(path) or {}).get("invocations", [])
     if trained:
         invocations.append({"date": time.strftime("%Y-%m-%d %H:%M"), "runs_trained": trained,
                             "seconds": seconds, "load_average_1min": os.getloadavg()[0]})
-        reporting.atomic_write_json(path, {"invocations": invocations})
+        atomic_files.atomic_write_json(path, {"invocations": invocations})
     return invocations
 
 
@@ -284,7 +284,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
 
     # The code a grid runs is imported by its first run: name the commit its config.json recorded
     # (later runs record HEAD at their start, which can move while a long grid runs).
-    first = (reporting.read_json(root / results[0].cell.name / "config.json") or {})
+    first = (atomic_files.read_json(root / results[0].cell.name / "config.json") or {})
 
     flagfile = spec.flagfiles("full")[0]
     flag_lines = []
@@ -405,7 +405,7 @@ def main(argv):
               "results", str(results_path), "a file in an existing folder")
         expected = None
         if expected_path.is_file():
-            expected = reporting.read_json(expected_path)
+            expected = atomic_files.read_json(expected_path)
             check(expected is not None and "rows" in expected, "expected", str(expected_path),
                   "an expected-values JSON written by --write_results")
         statuses = grid.statuses(cells, root)
@@ -429,7 +429,7 @@ def main(argv):
     for line in problems:
         print(f"differs: {line}", file=sys.stderr)
     if _WRITE_RESULTS.value:
-        reporting.atomic_write_json(expected_path, grid.expected_values(
+        atomic_files.atomic_write_json(expected_path, grid.expected_values(
             table, spec.tolerances,
             {"table": spec.number, "size": size,
              "flagfiles": [str(p.relative_to(REPO)) for p in spec.all_flagfiles(size)]}))
@@ -437,7 +437,7 @@ def main(argv):
         if size == "full":
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
             section = render_section(spec, table, results, invocations, root)
-            reporting.atomic_write_text(results_path,
+            atomic_files.atomic_write_text(results_path,
                                         grid.replace_section(old, f"table{spec.number}",
                                                              section))
             print(f"wrote table {spec.number} into {results_path}")

@@ -47,7 +47,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import time
@@ -59,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from fedprune import (
+    atomic_files,
     checkpoint,
     communication,
     datasets,
@@ -370,7 +370,7 @@ def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None 
         "client_sampling": _SAMPLING_DESCRIPTIONS[config.client_sampling],
         **(extra or {}),
     }
-    reporting.atomic_write_json(output_dir / "config.json", payload)
+    atomic_files.atomic_write_json(output_dir / "config.json", payload)
 
 
 def _write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
@@ -384,7 +384,7 @@ def _write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
         info["distinct_labels_per_client"] = [int((row > 0).sum()) for row in counts]
         info["label_counts"] = counts.tolist()
         partitions.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
-    reporting.atomic_write_json(output_dir / "partition.json", info)
+    atomic_files.atomic_write_json(output_dir / "partition.json", info)
 
 
 def _export_model(pp, weights, output_dir: Path) -> dict:
@@ -399,16 +399,14 @@ def _export_model(pp, weights, output_dir: Path) -> dict:
     if pp.masking != "none":
         model = pruning.strip(model)
     h5 = model_dir / "model.h5"
-    tmp = model_dir / ".tmp-model.h5"
-    with warnings.catch_warnings():  # HDF5 is "legacy" to Keras, but plain and portable
+    # HDF5 is "legacy" to Keras, but plain and portable.
+    with atomic_files.atomic_path(h5) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model.save(tmp, save_format="h5")
-    os.replace(tmp, h5)
     zipped = model_dir / "model.zip"
-    tmp_zip = model_dir / ".tmp-model.zip"
-    with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
+    with atomic_files.atomic_writer(zipped) as f, \
+            zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.write(h5, arcname="model.h5")
-    os.replace(tmp_zip, zipped)
     return {"model_bytes_h5": h5.stat().st_size, "model_bytes_zipped": zipped.stat().st_size,
             "model_params": int(sum(np.size(w) for w in model.get_weights()))}
 
@@ -617,7 +615,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         summary.update(_privacy_summary(config, accounting))
     summary.update(_size_summary(config, rows, output_dir))
     summary.update(_export_model(pp, weights, output_dir))
-    reporting.atomic_write_json(output_dir / "summary.json", summary)
+    atomic_files.atomic_write_json(output_dir / "summary.json", summary)
     reporting.plot_run_curves(rows, output_dir / "curves.png",
                               title=f"{config.dataset} {config.masking} {config.schedule}")
     eps_text = (f"epsilon {rows[-1]['epsilon']:.3g} (delta {config.dp_delta:g})  "
@@ -706,7 +704,7 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: _Evaluator, state, we
         "server_optimizer_state": "sliced to the kept units (surgery.slice_weights)",
         "shrink_seconds": time.time() - start,
     }
-    reporting.atomic_write_json(output_dir / "shrink.json", info)
+    atomic_files.atomic_write_json(output_dir / "shrink.json", info)
     line = (f"shrunk after round {round_num}: params {before['params']:,} -> {after['params']:,}, "
         f"multiply-adds/example {before['flops_per_example']:,} -> "
         f"{after['flops_per_example']:,}, units " + ", ".join(
@@ -720,7 +718,7 @@ def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
     """The shrunk process and evaluator of a run resumed after its shrink (from shrink.json)."""
     from fedprune import pruning, structured, surgery
 
-    info = reporting.read_json(output_dir / "shrink.json")
+    info = atomic_files.read_json(output_dir / "shrink.json")
     if info is None or "kept_units" not in info:
         raise checkpoint.CheckpointError(
             f"{output_dir}/checkpoints hold the state after the shrink (round "
@@ -748,7 +746,7 @@ def _size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) 
                "median_round_seconds_after_pruning": float(np.median(tail or seconds)),
                "shrink": None}
     shrink_round = config.shrink_round()
-    info = reporting.read_json(output_dir / "shrink.json") if shrink_round else None
+    info = atomic_files.read_json(output_dir / "shrink.json") if shrink_round else None
     if info is not None and int(last["round"]) >= shrink_round:
         before = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) <= shrink_round]
         after = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) > shrink_round]
@@ -794,7 +792,7 @@ def _summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict
 
 def _write_metrics(output_dir: Path, rows: list[dict]) -> None:
     layer_columns = sorted({k for r in rows for k in r if k.startswith("sparsity/")})
-    reporting.atomic_write_csv(output_dir / "metrics.csv", rows,
+    atomic_files.atomic_write_csv(output_dir / "metrics.csv", rows,
                                list(METRIC_COLUMNS) + layer_columns)
 
 
