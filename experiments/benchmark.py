@@ -44,7 +44,7 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          (a per-round leak shows as growth; the limit is 5 %), for the Python
          process, the worker and both. Each setting runs with the worker's
          allocator settings of each of `--scale_worker_malloc` (fedprune's
-         defaults, `runtime.WORKER_MALLOC_DEFAULTS`, and glibc's own), and,
+         defaults, `runtime.workers.WORKER_MALLOC_DEFAULTS`, and glibc's own), and,
          with `--scale_control`, once more with fedprune's defaults on digits
          split iid over the same number of clients (1-2 examples each, no
          large client): a per-round leak of the round machinery (TFF calls,
@@ -467,9 +467,9 @@ def section_body(title: str, table: str, notes: str, *, load_before: str,
 
 
 def _workers():
-    from fedprune import runtime
+    from fedprune.runtime import workers
 
-    return runtime.worker_descendants()
+    return workers.worker_descendants()
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -827,7 +827,8 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     """
     import psutil
 
-    from fedprune import program, runtime
+    from fedprune import program
+    from fedprune.runtime import workers
 
     data = program.load_data(config)
     pp = program.build_process(config, data)
@@ -841,20 +842,20 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
         round_seconds.append(time.perf_counter() - start)
         # Memory that malloc keeps after the largest client so far is not a leak.
         largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))
-        workers = _workers()
-        rss.append({"python": _rss(me), "worker": sum(_rss(w) for w in workers)})
+        procs = _workers()
+        rss.append({"python": _rss(me), "worker": sum(_rss(w) for w in procs)})
         if round_num % 10 == 0 or round_num == rounds:
             log(f"round {round_num}/{rounds}: {round_seconds[-1]:.3f} s, RSS python "
                 f"{rss[-1]['python'] / 2**20:.0f} MiB, worker {rss[-1]['worker'] / 2**20:.0f} MiB")
-    workers = _workers()
-    peak = {"python": _peak_rss(me), "worker": sum(_peak_rss(w) for w in workers)}
+    procs = _workers()
+    peak = {"python": _peak_rss(me), "worker": sum(_peak_rss(w) for w in procs)}
     before, after = rss[baseline_round - 1], rss[-1]
     growth = {k: after[k] / before[k] - 1 for k in ("python", "worker")}
     growth["total"] = (after["python"] + after["worker"]) / (
         before["python"] + before["worker"]) - 1
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
-            "malloc_arena_max": _arena_max(workers),
-            "worker_malloc": os.environ.get(runtime.WORKER_MALLOC_ENV) or "fedprune",
+            "malloc_arena_max": _arena_max(procs),
+            "worker_malloc": os.environ.get(workers.WORKER_MALLOC_ENV) or "fedprune",
             "dataset": config.dataset + ("" if config.dataset == "synthetic"
                                          else f" {config.partition}"),
             "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
@@ -865,13 +866,13 @@ def _child_env(malloc: str) -> dict[str, str]:
     """This process's environment, for a child whose worker gets `malloc`'s settings.
 
     The glibc variables are removed, so the child (Python) runs with glibc's
-    defaults either way and its worker with `runtime.worker_environment`'s.
+    defaults either way and its worker with `runtime.workers.worker_environment`'s.
     """
-    from fedprune import runtime
+    from fedprune.runtime import workers
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("GLIBC_TUNABLES", None)
-    env[runtime.WORKER_MALLOC_ENV] = malloc
+    env[workers.WORKER_MALLOC_ENV] = malloc
     return env
 
 
@@ -881,7 +882,7 @@ def run_scale(plan: Plan, log) -> tuple[str, str]:
     glibc gives each thread that allocates concurrently its own malloc arena (up
     to 8 per core) and rarely returns their free space, so a multi-threaded
     process such as TFF's worker can grow without leaking. fedprune caps the
-    worker's arenas (`runtime.WORKER_MALLOC_DEFAULTS`); the `glibc` rows start
+    worker's arenas (`runtime.workers.WORKER_MALLOC_DEFAULTS`); the `glibc` rows start
     it with glibc's defaults (`FEDPRUNE_WORKER_MALLOC=glibc`). The child Python
     process runs with glibc's defaults in every row.
     """
@@ -930,7 +931,7 @@ over the second half of the rounds: a per-round leak keeps it positive, while a 
 does not, such as malloc keeping the memory of the largest client trained so far (last
 column: its size at round {_SCALE_BASELINE.value} → at the end). "worker
 malloc" is how the worker was started: `fedprune`, with fedprune's defaults
-(`runtime.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
+(`runtime.workers.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
 (`FEDPRUNE_WORKER_MALLOC=glibc`); MALLOC_ARENA_MAX is read from the running worker's
 environment ("unset": glibc's default, up to 8 arenas per core); the Python process runs
 with glibc's defaults in every row. The `digits iid` rows are a control, not the workload:

@@ -64,11 +64,11 @@ from fedprune import (
     datasets,
     privacy,
     reporting,
-    runtime,
     sampling,
     shrinking,
 )
 from fedprune.config import ExperimentConfig
+from fedprune.runtime import interrupts
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
@@ -421,7 +421,7 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
     once while the run waits on the TFF worker (most of a round), and otherwise
     at the next phase boundary: TensorFlow code running in this thread (tracing,
     evaluation, tf.data, summaries) is never unwound mid-way
-    (`runtime.deferred_interrupts`). Every boundary re-raises a recorded
+    (`interrupts.deferred_interrupts`). Every boundary re-raises a recorded
     interrupt, so one whose first raise was swallowed (e.g. inside a finalizer)
     still stops the run within one phase.
 
@@ -443,17 +443,17 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
       NonFiniteError: a loss or weight became NaN/Inf (the last good
         checkpoint and metrics are kept).
       checkpoint.CheckpointError: `resume` with an incompatible checkpoint.
-      KeyboardInterrupt, runtime.Terminated: SIGINT / SIGTERM (with the
+      KeyboardInterrupt, interrupts.Terminated: SIGINT / SIGTERM (with the
         runtime's handlers installed); the recorded interrupt is cleared as it
         leaves, so a later run in the same process (a notebook) starts afresh.
     """
     try:
-        with runtime.deferred_interrupts():
+        with interrupts.deferred_interrupts():
             return _run_experiment(config, Path(output_dir), resume=resume, log=log,
                                    on_phase=on_phase, stop_after_round=stop_after_round,
                                    provenance=provenance)
-    except (KeyboardInterrupt, runtime.Terminated):
-        runtime.clear_interrupt()
+    except (KeyboardInterrupt, interrupts.Terminated):
+        interrupts.clear_interrupt()
         raise
 
 
@@ -463,7 +463,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     import tensorflow as tf
 
     def phase(name: str) -> None:
-        runtime.raise_if_interrupted()
+        interrupts.raise_if_interrupted()
         if on_phase is not None:
             on_phase(name)
 
@@ -478,7 +478,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
 
     shrink_round = config.shrink_round()
     phase("initialize")
-    with runtime.interruptible():
+    with interrupts.interruptible():
         state = pp.process.initialize()
     rows: list[dict] = []
     first_round = 1
@@ -486,7 +486,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         if shrink_round and checkpoint.check_latest(
                 ckpt_dir, fingerprint=fingerprint) >= shrink_round:
             pp, evaluator = _shrunk_architecture(config, data, pp, output_dir)
-            with runtime.interruptible():
+            with interrupts.interruptible():
                 state = pp.process.initialize()
         loaded, done = checkpoint.load_latest(ckpt_dir, state, fingerprint=fingerprint)
         # metrics.csv is written before each round's checkpoint, so it may hold
@@ -517,7 +517,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
     writer = tf.summary.create_file_writer(str(output_dir / "tensorboard"))
-    with runtime.interruptible():
+    with interrupts.interruptible():
         weights = pp.process.get_model_weights(state)
     size = shrinking.model_size(shrinking.plain_model(pp, weights))
     elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
@@ -539,7 +539,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
                                             len(clients))
         tff_bytes = communication.tff_simulation_bytes(
             list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
-        with runtime.interruptible():  # most of a round: waiting on the worker
+        with interrupts.interruptible():  # most of a round: waiting on the worker
             output = pp.process.next(state, client_data)
             new_weights = pp.process.get_model_weights(output.state)
         train = output.metrics["client_work"]["train"]

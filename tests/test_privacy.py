@@ -210,11 +210,11 @@ def test_adaptive_constraint_is_tff_constraint():
 
 @pytest.fixture(scope="module")
 def tff_context():
-    from fedprune import runtime
+    from fedprune.runtime import contexts, workers
 
-    runtime.set_local_context()
+    contexts.set_local_context()
     yield
-    runtime.stop_workers()
+    workers.stop_workers()
 
 
 DIM = 2000  # coordinates of the test update; enough for a 10% check of a stddev
