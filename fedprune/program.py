@@ -36,7 +36,7 @@ in metrics.csv (`epsilon`, by `--dp_accountant`; `epsilon_rdp`, and
 `epsilon_pld` under Poisson sampling) and the final one in summary.json, after
 checking every round that the event TFF's aggregator reports is the one
 accounted for. The clients' training loss and accuracy, which TFF sums without
-noise, are left blank; the columns in `NON_PRIVATE_DIAGNOSTICS` are written but
+noise, are left blank; the columns in `privacy_report.NON_PRIVATE_DIAGNOSTICS` are written but
 not covered by the guarantee (config.json's `privacy` section says so). TFF's
 DP noise is not seeded, so DP runs are not bit-reproducible.
 """
@@ -63,6 +63,8 @@ from fedprune import (
     communication,
     datasets,
     privacy,
+    privacy_accounting,
+    privacy_report,
     reporting,
     sampling,
     shrinking,
@@ -79,14 +81,6 @@ METRIC_COLUMNS = (
     "dp_clip", "round_seconds", "elapsed_seconds",
 )
 TIME_COLUMNS = ("round_seconds", "elapsed_seconds")
-# What a DP run leaves blank: TFF sums client training metrics without noise.
-NON_PRIVATE_COLUMNS = ("train_loss", "train_accuracy")
-# What a DP run still writes that the DP guarantee does not cover (diagnostics):
-# they depend on the secret number of sampled clients or on the clients' data.
-NON_PRIVATE_DIAGNOSTICS = ("clients", "bytes_down", "bytes_up", "dense_bytes_down",
-                           "dense_bytes_up", "tff_bytes_down", "tff_bytes_up")
-
-
 # What `run_experiment` passes to `on_phase`, in order; the per-round ones as
 # `round N train`, `round N evaluate` (rounds that evaluate), `round N checkpoint`.
 PHASES = ("build", "initialize", "train", "evaluate", "checkpoint", "export")
@@ -300,45 +294,6 @@ _SAMPLING_DESCRIPTIONS = {
 }
 
 
-def privacy_info(config: ExperimentConfig, num_clients: int) -> dict:
-    """The `dp` section of config.json: mechanism, sampling assumption, what is released."""
-    if config.dp == "none":
-        return {"dp": "none"}
-    params = privacy.noise_params(config.dp, config.dp_noise_multiplier,
-                                  config.clients_per_round)
-    fixed = config.client_sampling == "fixed"
-    return {
-        "dp": config.dp,
-        "mechanism": "DP-FedAvg (McMahan et al. 2018) with TFF's DifferentiallyPrivateFactory: "
-                     "each client's whole update clipped to L2 norm dp_clip"
-                     + (" (adaptive, tracking the dp_target_quantile of update norms)"
-                        if config.dp == "adaptive" else "")
-                     + ", Gaussian noise on the sum, divided by clients_per_round; uniform "
-                       "client weights; the noised mean is multiplied by the public broadcast "
-                       "mask (post-processing)",
-        "noise_multiplier": params.noise_multiplier,
-        "value_noise_multiplier": params.value_noise_multiplier,
-        "clipped_count_stddev": params.clipped_count_stddev,
-        "clip": config.dp_clip,
-        "delta": config.dp_delta,
-        "num_clients": num_clients,
-        "client_sampling": config.client_sampling,
-        "accountant_assumption": (
-            f"SampledWithoutReplacementDpEvent(N={num_clients}, m={config.clients_per_round}), "
-            "replace-one adjacency" if fixed else
-            f"PoissonSampledDpEvent(q={config.clients_per_round / num_clients:g}), "
-            "add-or-remove-one adjacency"),
-        "accountants": ["rdp"] if fixed else ["rdp", "pld"],
-        "headline_accountant": config.dp_accountant,
-        "guarantee": "client-level (epsilon, delta)-DP of the sequence of global models",
-        "not_released": list(NON_PRIVATE_COLUMNS),
-        "non_private_diagnostics": list(NON_PRIVATE_DIAGNOSTICS),
-        "noise_seed": "none: TFF draws the DP noise from OS entropy, so DP runs are not "
-                      "bit-reproducible (a seed stored beside the results would let anyone "
-                      "subtract the noise)",
-    }
-
-
 def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None = None, *,
                  data: datasets.FederatedData | None = None,
                  provenance: dict | None = None) -> None:
@@ -503,15 +458,17 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     dp = config.dp != "none"
     accounting = None
     if dp:
-        accounting = privacy.run_accounting(
+        accounting = privacy_accounting.run_accounting(
             config.dp, noise_multiplier=config.dp_noise_multiplier,
             sampling=config.client_sampling, clients_per_round=config.clients_per_round,
             num_clients=len(data.client_ids), rounds=config.rounds, delta=config.dp_delta,
             accountant=config.dp_accountant)
     if first_round == 1:
-        write_config(config, output_dir, {"num_train_clients": len(data.client_ids),
-                                          "num_test_examples": int(len(data.test_y)),
-                                          "privacy": privacy_info(config, len(data.client_ids))},
+        num_clients = len(data.client_ids)
+        write_config(config, output_dir, {
+            "num_train_clients": num_clients,
+            "num_test_examples": int(len(data.test_y)),
+            "privacy": privacy_report.config_section(config, num_clients)},
                      data=data, provenance=provenance)
         _write_partition(data, output_dir)
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
@@ -565,8 +522,8 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
                "train_accuracy": float(train["sparse_categorical_accuracy"]) if clients else "",
                "test_loss": test_loss, "test_accuracy": test_accuracy}
         if dp:
-            row.update(dict.fromkeys(NON_PRIVATE_COLUMNS, ""))
-            row.update(_privacy_row(config, accounting, output, round_num))
+            row.update(dict.fromkeys(privacy_report.NON_PRIVATE_COLUMNS, ""))
+            row.update(privacy_report.round_row(config, accounting, output, round_num))
         row.update(sparsity_metrics(pp, weights))
         row.update(size)
         diagnostics = output.metrics["finalizer"]["masks"]
@@ -612,7 +569,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     phase("export")
     summary = _summarize(config, rows, start)
     if dp:
-        summary.update(_privacy_summary(config, accounting))
+        summary.update(privacy_report.summary_fields(config, accounting))
     summary.update(_size_summary(config, rows, output_dir))
     summary.update(_export_model(pp, weights, output_dir))
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
@@ -625,36 +582,6 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         f"bytes down/up {summary['total_bytes_down']:,}/{summary['total_bytes_up']:,}  "
         f"wall {summary['wall_seconds']:.1f}s  -> {output_dir}")
     return summary
-
-
-def _privacy_row(config: ExperimentConfig, accounting: privacy.RunAccounting, output,
-                 round_num: int) -> dict:
-    """A DP round's epsilons (and the adaptive clip), after checking what TFF ran."""
-    privacy.check_aggregator_event(output.state, config.dp,
-                                   noise_multiplier=config.dp_noise_multiplier,
-                                   clients_per_round=config.clients_per_round)
-    clip = output.metrics["aggregator"].get("dp_query_metrics", {}).get("clip", config.dp_clip)
-    pld = accounting.epsilons.get("pld")
-    return {"epsilon": accounting.epsilon_after(round_num),
-            "epsilon_rdp": accounting.epsilon_after(round_num, "rdp"),
-            "epsilon_pld": pld[round_num - 1] if pld else "",
-            "dp_clip": float(clip)}
-
-
-def _privacy_summary(config: ExperimentConfig, accounting: privacy.RunAccounting) -> dict:
-    """summary.json's DP fields; an infinite epsilon (no noise) is JSON null."""
-    def finite_or_none(value):
-        return None if value is None or math.isinf(value) else value
-
-    last = config.rounds
-    pld = accounting.epsilons.get("pld")
-    return {"dp": config.dp, "dp_delta": config.dp_delta,
-            "dp_noise_multiplier": config.dp_noise_multiplier,
-            "dp_accountant": accounting.accountant,
-            "final_epsilon": finite_or_none(accounting.epsilon_after(last)),
-            "final_epsilon_rdp": finite_or_none(accounting.epsilon_after(last, "rdp")),
-            "final_epsilon_pld": finite_or_none(pld[-1] if pld else None),
-            "client_sampling": config.client_sampling}
 
 
 def _logits(evaluator: _Evaluator, weights) -> np.ndarray:

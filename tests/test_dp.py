@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from fedprune import masking, models, privacy, program, sampling, schedules
+from fedprune import masking, models, privacy, privacy_accounting, program, sampling, schedules
 from fedprune import process as fp_process
 from fedprune.config import ExperimentConfig
 
@@ -146,7 +146,7 @@ def test_dp_run_reports_the_accountants_epsilon(tmp_path):
     rows = _read_csv(tmp_path / "metrics.csv")
 
     # Poisson sampling, q = 2/6, z = 1, delta = 1e-5, add-or-remove adjacency.
-    expected = privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
+    expected = privacy_accounting.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
                                       clients_per_round=2, num_clients=6, rounds=3, delta=1e-5,
                                       accountant="pld")
     for r, row in enumerate(rows, 1):
