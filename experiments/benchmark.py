@@ -540,9 +540,9 @@ class RoundData:
 
 def build_round_data(config, data, round_num: int) -> RoundData:
     """The clients and batches `program.run_experiment` uses in round `round_num`."""
-    from fedprune import datasets
+    from fedprune import datasets, sampling
 
-    clients = datasets.sample_clients(data.client_ids, config.clients_per_round,
+    clients = sampling.sample_clients(data.client_ids, config.clients_per_round,
                                       seed=config.seed, round_num=round_num)
     return RoundData(round_num, clients, [
         data.client_dataset(c, batch_size=config.batch_size, local_epochs=config.local_epochs,

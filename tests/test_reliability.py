@@ -348,7 +348,7 @@ def test_same_flags_and_seed_give_identical_results(reference, tmp_path):
     Nothing had to be switched on for this: every random choice is a pure
     function of (--seed, round[, client]) -- the partition, the initial weights
     (`tf.keras.utils.set_random_seed` before the model is built), client
-    sampling (`datasets.sample_clients`) and tf.data shuffle seeds
+    sampling (`sampling.sample_clients`) and tf.data shuffle seeds
     (`datasets.client_shuffle_seed`, op-level seeds with
     `reshuffle_each_iteration=False`) -- and, measured here on CPU, TF's kernels
     and the TFF C++ worker's aggregation give the same bits run after run (also
