@@ -329,8 +329,6 @@ def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None 
 
 
 def _write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
-    from fedprune import partitions
-
     sizes = [data.num_examples(c) for c in data.client_ids]
     info = {"num_clients": len(sizes), "examples_per_client": sizes,
             "min": int(min(sizes)), "max": int(max(sizes)), "mean": float(np.mean(sizes))}
@@ -338,7 +336,7 @@ def _write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
     if counts is not None:
         info["distinct_labels_per_client"] = [int((row > 0).sum()) for row in counts]
         info["label_counts"] = counts.tolist()
-        partitions.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
+        reporting.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
     atomic_files.atomic_write_json(output_dir / "partition.json", info)
 
 

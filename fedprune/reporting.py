@@ -465,3 +465,36 @@ def plot_accuracy_vs_sparsity(
     ax.grid(alpha=0.3)
     ax.legend()
     return _save_png(fig, path)
+
+
+def plot_label_heatmap(count_matrix: np.ndarray, path: PathLike, *,
+                       title: str | None = None) -> pathlib.Path:
+    """Writes a PNG heat map of examples per (client, class), atomically.
+
+    Args:
+      count_matrix: int [num_clients, num_classes], e.g.
+        `partitions.partition_stats(...)["count_matrix"]`.
+      path: output file path (PNG).
+      title: optional figure title.
+
+    Returns:
+      `path` as a `pathlib.Path`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    count_matrix = np.asarray(count_matrix)
+    num_clients, num_classes = count_matrix.shape
+    fig = Figure(figsize=(min(2 + 0.3 * num_classes, 16), min(2 + 0.12 * num_clients, 12)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(count_matrix, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="examples")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -230,3 +230,14 @@ def test_importing_does_not_load_heavy_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_label_heatmap_is_an_atomic_png_without_a_global_backend_switch(tmp_path):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    counts = np.array([[3, 0, 1], [0, 5, 0]])  # 2 clients, 3 classes
+    path = reporting.plot_label_heatmap(counts, tmp_path / "heat.png", title="iid")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert os.listdir(tmp_path) == ["heat.png"]
+    assert matplotlib.get_backend() == backend
