@@ -88,6 +88,7 @@ from absl import flags
 
 from experiments import common, usage
 from fedprune import config as config_lib
+from fedprune.assembly import RoundInputs, round_inputs
 from fedprune.errors import InvalidArgument, check
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -434,16 +435,16 @@ def machine_description() -> str:
     """CPU model, cores, RAM, and the versions that decide speed and results."""
     import psutil
 
-    from fedprune import program
+    from fedprune import provenance
 
-    cpu = program.cpu_model()
+    cpu = provenance.cpu_model()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    v = program.package_versions()
+    v = provenance.package_versions()
     return (f"{cpu}, {usable} usable cores ({os.cpu_count()} online), "
             f"{psutil.virtual_memory().total / 1024**3:.1f} GiB RAM, {platform.system()} "
             f"{platform.release()}; Python {v['python']}, TensorFlow {v['tensorflow']}, "
             f"TFF {v['tensorflow-federated']}, tfmot {v['tensorflow-model-optimization']}, "
-            f"numpy {v['numpy']}; fedprune {program.git_commit() or 'unknown commit'}")
+            f"numpy {v['numpy']}; fedprune {provenance.git_commit() or 'unknown commit'}")
 
 
 def _load() -> str:
@@ -523,34 +524,6 @@ def _peak_rss(proc) -> int:
 # Speed variants. Each runs its round 1 in `prepare` and one round per `step`.
 
 
-@dataclasses.dataclass
-class RoundData:
-    """One round's inputs, shared by every variant.
-
-    Attributes:
-      round_num: the round (drives client sampling and shuffling, as in program.py).
-      clients: the sampled client ids.
-      datasets: their `tf.data` datasets of batches, in the same order.
-    """
-
-    round_num: int
-    clients: list[str]
-    datasets: list
-
-
-def build_round_data(config, data, round_num: int) -> RoundData:
-    """The clients and batches `program.run_experiment` uses in round `round_num`."""
-    from fedprune import datasets, sampling
-
-    clients = sampling.sample_clients(data.client_ids, config.clients_per_round,
-                                      seed=config.seed, round_num=round_num)
-    return RoundData(round_num, clients, [
-        data.client_dataset(c, batch_size=config.batch_size, local_epochs=config.local_epochs,
-                            shuffle_seed=datasets.client_shuffle_seed(config.seed, round_num, c),
-                            max_examples=config.max_examples_per_client or None)
-        for c in clients])
-
-
 class TffVariant:
     """A TFF learning process: `state = process.next(state, datasets).state`."""
 
@@ -559,7 +532,7 @@ class TffVariant:
         self.state = state
         self.pruning_process = pruning_process  # fedprune's `PruningProcess`, if any
 
-    def step(self, batches: RoundData) -> None:
+    def step(self, batches: RoundInputs) -> None:
         # `next` returns numpy values: the state is back in Python when it returns.
         self.state = self.process.next(self.state, batches.datasets).state
 
@@ -574,7 +547,7 @@ class KerasVariant:
         self.model = model
         self.callbacks = list(callbacks)
 
-    def step(self, batches: RoundData) -> None:
+    def step(self, batches: RoundInputs) -> None:
         dataset = functools.reduce(lambda a, b: a.concatenate(b), batches.datasets)
         dataset = dataset.map(lambda b: (b["x"], b["y"]))
         self.model.fit(dataset, epochs=1, verbose=0, callbacks=self.callbacks)
@@ -629,7 +602,7 @@ class ProgramVariant:
         self._thread.start()
         self._wait()
 
-    def step(self, batches: RoundData) -> None:
+    def step(self, batches: RoundInputs) -> None:
         del batches  # run_experiment builds its own, for the same round
         self._go.put(True)
         self._wait()
@@ -664,7 +637,7 @@ def _compile(model, config):
     return model
 
 
-def build_variants(plan: Plan, data, first: RoundData, work_dir: Path, log) -> dict:
+def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) -> dict:
     """Builds every speed variant from identical initial weights and runs its round 1.
 
     Returns:
@@ -674,16 +647,16 @@ def build_variants(plan: Plan, data, first: RoundData, work_dir: Path, log) -> d
     import tensorflow_federated as tff
     import tensorflow_model_optimization as tfmot
 
+    from fedprune import assembly
     from fedprune import process as process_lib
-    from fedprune import program
 
     config = plan.pruned
     variants = {}
     log("building (a) fedprune masking both")
-    pruned = program.build_process(plan.pruned, data)
+    pruned = assembly.build_process(plan.pruned, data)
     variants["a"] = TffVariant(pruned.process, pruned.process.initialize(), pruned)
     log("building (b) fedprune masking none")
-    dense = program.build_process(plan.dense, data)
+    dense = assembly.build_process(plan.dense, data)
     variants["b"] = TffVariant(dense.process, dense.process.initialize())
     initial = variants["b"].weights()
 
@@ -729,7 +702,7 @@ def build_variants(plan: Plan, data, first: RoundData, work_dir: Path, log) -> d
     return variants
 
 
-def _num_batches(batches: RoundData) -> int:
+def _num_batches(batches: RoundInputs) -> int:
     return sum(int(d.reduce(0, lambda n, _: n + 1)) for d in batches.datasets)
 
 
@@ -757,20 +730,20 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
     """Runs the speed section; returns (table, notes)."""
     import numpy as np
 
-    from fedprune import program
+    from fedprune import assembly, evaluation
 
-    data = program.load_data(plan.pruned)
+    data = assembly.load_data(plan.pruned)
     timings = {k: VariantTiming(k, label) for k, label in VARIANT_LABELS.items()}
     input_seconds = []
-    steps_per_round = _num_batches(build_round_data(plan.pruned, data, 1))
+    steps_per_round = _num_batches(round_inputs(plan.pruned, data, 1))
     with tempfile.TemporaryDirectory(prefix="fedprune-benchmark-") as work_dir:
-        variants = build_variants(plan, data, build_round_data(plan.pruned, data, 1),
+        variants = build_variants(plan, data, round_inputs(plan.pruned, data, 1),
                                   Path(work_dir), log)
         last = 1 + _WARMUP_ROUNDS.value + _TIMED_ROUNDS.value
         for round_num in range(2, last + 1):
             timed = round_num > 1 + _WARMUP_ROUNDS.value
             start = time.perf_counter()
-            batches = build_round_data(plan.pruned, data, round_num)
+            batches = round_inputs(plan.pruned, data, round_num)
             built = time.perf_counter() - start
             line = []
             for key, variant in variants.items():
@@ -795,7 +768,7 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
         max_diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                        for other in dense[1:]
                        for x, y in zip(dense[0].trainable, other.trainable, strict=True))
-        sparsity = program.sparsity_metrics(variants["a"].pruning_process,
+        sparsity = evaluation.sparsity_metrics(variants["a"].pruning_process,
                                             variants["a"].weights())["global_sparsity"]
     table = speed_markdown([t for t in timings.values() if t.wall], input_seconds)
     config = plan.pruned
@@ -827,17 +800,17 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     """
     import psutil
 
-    from fedprune import program
+    from fedprune import assembly
     from fedprune.runtime import workers
 
-    data = program.load_data(config)
-    pp = program.build_process(config, data)
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
     state = pp.process.initialize()
     me = psutil.Process()
     round_seconds, rss, largest = [], [], []
     for round_num in range(1, rounds + 1):
         start = time.perf_counter()
-        batches = build_round_data(config, data, round_num)
+        batches = round_inputs(config, data, round_num)
         state = pp.process.next(state, batches.datasets).state
         round_seconds.append(time.perf_counter() - start)
         # Memory that malloc keeps after the largest client so far is not a leak.

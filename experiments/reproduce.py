@@ -242,9 +242,9 @@ def hardware() -> str:
     """CPU model, logical CPUs, memory and OS of this machine, one line."""
     import psutil
 
-    from fedprune import program
+    from fedprune import provenance
 
-    model = program.cpu_model() or "unknown CPU"
+    model = provenance.cpu_model() or "unknown CPU"
     memory = psutil.virtual_memory().total / 2**30
     return (f"{model}, {os.cpu_count()} logical CPUs, {memory:.0f} GiB RAM, "
             f"{platform.system()} {platform.release()}")
@@ -280,7 +280,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
       invocations: from `record_invocation`, for the time it took.
       root: the run tree; the runs' config.json name the commit they were trained at.
     """
-    from fedprune import program
+    from fedprune import provenance
 
     # The code a grid runs is imported by its first run: name the commit its config.json recorded
     # (later runs record HEAD at their start, which can move while a long grid runs).
@@ -302,7 +302,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         same_grid = (f"the same grid: `python -m experiments.compare_schedules "
                      f"--flagfile={flagfile.relative_to(REPO)} "
                      f"--output_dir=runs/table{spec.number}`")
-    versions = program.package_versions()
+    versions = provenance.package_versions()
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
     loads = ", ".join(f"{i['load_average_1min']:.1f}" for i in invocations)
@@ -335,7 +335,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "
         f"({_minutes(train_seconds)} in total; the rest is start-up and tables).",
         f"- Code: runs trained with git commit `{first.get('git_commit')}` (`-dirty`: with "
-        f"uncommitted changes); table written at `{program.git_commit()}`, "
+        f"uncommitted changes); table written at `{provenance.git_commit()}`, "
         f"{time.strftime('%Y-%m-%d')}.",
         f"- Expected values and tolerances: "
         f"`{spec.expected_path('full').relative_to(REPO)}`.",

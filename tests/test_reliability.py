@@ -45,7 +45,7 @@ import psutil
 import pytest
 
 from fedprune import checkpoint
-from fedprune.program import TIME_COLUMNS
+from fedprune.outputs import TIME_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 8 rounds: the SIGKILL case kills when round 3 starts, and the 5 rounds left
