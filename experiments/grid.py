@@ -32,7 +32,7 @@ from pathlib import Path
 from absl import flags
 
 from experiments import common, usage
-from fedprune import atomic_files, reporting
+from fedprune import atomic_files, plots, reporting
 from fedprune.client_work import MASKING_MODES
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
@@ -509,8 +509,8 @@ def _series(result: RunResult) -> str:
 def _write_plots(results: Sequence[RunResult], root: Path) -> None:
     dense = [r for r in results if r.cell.schedule == DENSE]
     pruned = [r for r in results if r.cell.schedule != DENSE]
-    plots = root / "plots"
-    plots.mkdir(exist_ok=True)
+    plot_dir = root / "plots"
+    plot_dir.mkdir(exist_ok=True)
     headline = {}
     for masking in list(dict.fromkeys(r.cell.config.masking for r in pruned)) or [None]:
         runs = dense + [r for r in pruned if r.cell.config.masking == masking]
@@ -523,14 +523,15 @@ def _write_plots(results: Sequence[RunResult], root: Path) -> None:
                 continue  # dense alone; it is drawn with every pruned sparsity
             curves = [({"schedule": _series(r)}, r.metrics_rows)
                       for r in (group if sparsity == 0.0 else dense + group)]
-            headline["accuracy_vs_round.png"] = plots / f"accuracy_vs_round-{tag}-s{sparsity:g}.png"
-            reporting.plot_curves_by_group(curves, "schedule", "test_accuracy",
-                                           headline["accuracy_vs_round.png"])
+            headline["accuracy_vs_round.png"] = (
+                plot_dir / f"accuracy_vs_round-{tag}-s{sparsity:g}.png")
+            plots.plot_curves_by_group(curves, "schedule", "test_accuracy",
+                                       headline["accuracy_vs_round.png"])
         table = reporting.aggregate([{**r.row(["accuracy"]), "schedule": _series(r)}
                                      for r in runs], ("schedule", "final_sparsity"), ["accuracy"])
-        headline["accuracy_vs_sparsity.png"] = plots / f"accuracy_vs_sparsity-{tag}.png"
-        reporting.plot_accuracy_vs_sparsity(table, headline["accuracy_vs_sparsity.png"],
-                                            x="final_sparsity", y="accuracy")
+        headline["accuracy_vs_sparsity.png"] = plot_dir / f"accuracy_vs_sparsity-{tag}.png"
+        plots.plot_accuracy_vs_sparsity(table, headline["accuracy_vs_sparsity.png"],
+                                        x="final_sparsity", y="accuracy")
     for name, source in headline.items():
         atomic_files.atomic_write_bytes(root / name, source.read_bytes())
 

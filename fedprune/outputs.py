@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprune import atomic_files, communication, datasets, reporting
+from fedprune import atomic_files, communication, datasets, plots
 from fedprune.config import ExperimentConfig
 from fedprune.evaluation import Evaluator
 from fedprune.provenance import cpu_model, git_commit, package_versions, uv_lock_sha256
@@ -89,7 +89,7 @@ def write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
     if counts is not None:
         info["distinct_labels_per_client"] = [int((row > 0).sum()) for row in counts]
         info["label_counts"] = counts.tolist()
-        reporting.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
+        plots.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
     atomic_files.atomic_write_json(output_dir / "partition.json", info)
 
 

@@ -59,9 +59,9 @@ from fedprune import (
     communication,
     evaluation,
     outputs,
+    plots,
     privacy_accounting,
     privacy_report,
-    reporting,
     shrinking,
 )
 from fedprune.config import ExperimentConfig
@@ -309,7 +309,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     summary.update(outputs.size_summary(config, rows, output_dir))
     summary.update(outputs.export_model(pp, weights, output_dir))
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
-    reporting.plot_run_curves(rows, output_dir / "curves.png",
+    plots.plot_run_curves(rows, output_dir / "curves.png",
                               title=f"{config.dataset} {config.masking} {config.schedule}")
     eps_text = (f"epsilon {rows[-1]['epsilon']:.3g} (delta {config.dp_delta:g})  "
                 if dp else "")

@@ -9,9 +9,6 @@ import pytest
 
 from fedprune import reporting
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 # --------------------------------------------------------------------------
 # Statistics.
 
@@ -155,89 +152,13 @@ def test_csv_round_trip(table, tmp_path):
     assert os.listdir(tmp_path) == ["table.csv"]
 
 
-# --------------------------------------------------------------------------
-# Plots.
-
-
-def assert_png(path):
-    data = path.read_bytes()
-    assert len(data) > 1000
-    assert data.startswith(PNG_SIGNATURE)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
-
-
-def run_rows(seed, num_rounds=6):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for r in range(num_rounds):
-        rows.append(
-            {
-                "round": str(r),  # as read back from metrics.csv
-                # evaluated every other round: empty cells are skipped
-                "test_accuracy": "" if r % 2 else str(0.5 + 0.05 * r + 0.01 * rng.random()),
-                "global_sparsity": str(min(0.8, 0.2 * r)),
-            }
-        )
-    return rows
-
-
-def test_plot_run_curves(tmp_path):
-    path = reporting.plot_run_curves(run_rows(0), tmp_path / "run.png", title="seed 0")
-    assert path == tmp_path / "run.png"
-    assert_png(path)
-
-
-def test_plot_curves_by_group(tmp_path):
-    runs = [
-        ({"schedule": "constant", "seed": 0}, run_rows(0)),
-        ({"schedule": "constant", "seed": 1}, run_rows(1)),
-        ({"schedule": "polynomial", "seed": 0}, run_rows(2, num_rounds=4)),  # one run: no band
-    ]
-    path = reporting.plot_curves_by_group(runs, "schedule", "test_accuracy", tmp_path / "g.png")
-    assert_png(path)
-
-
-@pytest.mark.parametrize("x", ["final_sparsity", "measured_sparsity"])
-def test_plot_accuracy_vs_sparsity(tmp_path, x):
-    rows = [
-        {"schedule": s, "final_sparsity": fs, "accuracy": 0.9 - fs / 4 + 0.01 * seed,
-         "measured_sparsity": fs + 0.001 * seed}
-        for s in ("constant", "polynomial") for fs in (0.5, 0.8, 0.9) for seed in range(3)
-    ]  # fmt: skip
-    rows.append({"schedule": "oneshot", "final_sparsity": 0.9, "accuracy": 0.6,
-                 "measured_sparsity": 0.9})  # fmt: skip
-    table = reporting.aggregate(
-        rows, ["schedule", "final_sparsity"], ["accuracy", "measured_sparsity"]
-    )
-    path = reporting.plot_accuracy_vs_sparsity(table, tmp_path / "avs.png", x=x)
-    assert_png(path)
-
-
-def test_plot_accuracy_vs_sparsity_rejects_unknown_columns(table, tmp_path):
-    with pytest.raises(ValueError, match="not a metric"):
-        reporting.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", y="test_accuracy")
-    with pytest.raises(ValueError, match="neither"):
-        reporting.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", x="sparsity")
-
-
 def test_importing_does_not_load_heavy_modules():
     import subprocess
     import sys
 
     code = (
-        "import sys, fedprune.reporting, fedprune.communication; "
+        "import sys, fedprune.reporting, fedprune.plots, fedprune.communication; "
         "print(sorted(m for m in ('tensorflow', 'matplotlib', 'scipy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-def test_label_heatmap_is_an_atomic_png_without_a_global_backend_switch(tmp_path):
-    import matplotlib
-
-    backend = matplotlib.get_backend()
-    counts = np.array([[3, 0, 1], [0, 5, 0]])  # 2 clients, 3 classes
-    path = reporting.plot_label_heatmap(counts, tmp_path / "heat.png", title="iid")
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    assert os.listdir(tmp_path) == ["heat.png"]
-    assert matplotlib.get_backend() == backend
