@@ -72,9 +72,7 @@ import datetime
 import functools
 import json
 import os
-import platform
 import queue
-import re
 import statistics
 import subprocess
 import sys
@@ -397,30 +395,10 @@ def replace_sections(text: str, bodies: dict[str, str]) -> str:
     section of `SECTIONS` present, else before the nearest later one, else at
     the end; an empty `text` gets the standard header first.
     """
-    if not text.strip():
-        text = _HEADER
-    for index, name in enumerate(SECTIONS):
-        if name not in bodies:
-            continue
-        start, end = _section_markers(name)
-        block = f"{start}\n{bodies[name].rstrip()}\n{end}"
-        pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.S)
-        match = pattern.search(text)
-        if match:
-            text = text[:match.start()] + block + text[match.end():]
-            continue
-        earlier = [text.find(_section_markers(n)[1]) for n in SECTIONS[:index]]
-        later = [text.find(_section_markers(n)[0]) for n in SECTIONS[index + 1:]]
-        if any(p >= 0 for p in earlier):
-            at = max(p for p in earlier if p >= 0)
-            at = text.index("\n", at) if "\n" in text[at:] else len(text)
-            text = f"{text[:at]}\n\n{block}{text[at:]}"
-        elif any(p >= 0 for p in later):
-            at = min(p for p in later if p >= 0)
-            text = f"{text[:at]}{block}\n\n{text[at:]}"
-        else:
-            text = f"{text.rstrip()}\n\n{block}\n"
-    return text
+    from fedprune import reporting
+
+    return reporting.replace_marked_sections(text if text.strip() else _HEADER, bodies,
+                                             _section_markers, order=SECTIONS)
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -433,18 +411,10 @@ def command_line(argv: Sequence[str]) -> str:
 
 def machine_description() -> str:
     """CPU model, cores, RAM, and the versions that decide speed and results."""
-    import psutil
-
     from fedprune import provenance
 
-    cpu = provenance.cpu_model()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    v = provenance.package_versions()
-    return (f"{cpu}, {usable} usable cores ({os.cpu_count()} online), "
-            f"{psutil.virtual_memory().total / 1024**3:.1f} GiB RAM, {platform.system()} "
-            f"{platform.release()}; Python {v['python']}, TensorFlow {v['tensorflow']}, "
-            f"TFF {v['tensorflow-federated']}, tfmot {v['tensorflow-model-optimization']}, "
-            f"numpy {v['numpy']}; fedprune {provenance.git_commit() or 'unknown commit'}")
+    return (f"{provenance.machine_description()}; {provenance.software_description()}; "
+            f"fedprune {provenance.git_commit() or 'unknown commit'}")
 
 
 def _load() -> str:

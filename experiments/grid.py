@@ -622,8 +622,5 @@ def replace_section(text: str, name: str, section: str) -> str:
 
     The markers stay; without them the block is appended at the end.
     """
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{section.rstrip()}\n{end}"
-    if start in text and end in text and text.index(start) < text.index(end):
-        return text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    return text.rstrip() + "\n\n" + block + "\n"
+    return reporting.replace_marked_sections(
+        text, {name: section}, lambda n: (f"<!-- {n}:start -->", f"<!-- {n}:end -->"))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -238,18 +237,6 @@ checks them against `experiments/configs/table<N>_expected.json`.
 """
 
 
-def hardware() -> str:
-    """CPU model, logical CPUs, memory and OS of this machine, one line."""
-    import psutil
-
-    from fedprune import provenance
-
-    model = provenance.cpu_model() or "unknown CPU"
-    memory = psutil.virtual_memory().total / 2**30
-    return (f"{model}, {os.cpu_count()} logical CPUs, {memory:.0f} GiB RAM, "
-            f"{platform.system()} {platform.release()}")
-
-
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -302,7 +289,6 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         same_grid = (f"the same grid: `python -m experiments.compare_schedules "
                      f"--flagfile={flagfile.relative_to(REPO)} "
                      f"--output_dir=runs/table{spec.number}`")
-    versions = provenance.package_versions()
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
     loads = ", ".join(f"{i['load_average_1min']:.1f}" for i in invocations)
@@ -327,9 +313,8 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "",
         "</details>",
         "",
-        f"- Hardware: {hardware()}; TensorFlow {versions['tensorflow']}, TFF "
-        f"{versions['tensorflow-federated']}, tfmot {versions['tensorflow-model-optimization']}, "
-        f"Python {versions['python']}.",
+        f"- Hardware: {provenance.machine_description()}; "
+        f"{provenance.software_description()}.",
         f"- Time: {_minutes(took)} for the command above ({len(invocations)} invocation(s) "
         f"that trained runs; 1-minute load average at their end: {loads}); "
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "

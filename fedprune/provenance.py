@@ -3,8 +3,9 @@
 Package versions (every installed package that can change a number a run
 writes), the checkout's git commit, the uv.lock hash and the CPU model; the
 example-index digests come from `datasets.example_index_digests`. config.json
-records them (`outputs.write_config`); the benchmark and `reproduce` describe
-the machine with them.
+records them (`outputs.write_config`); `machine_description` and
+`software_description` are the one-line descriptions BENCHMARKS.md and RESULTS.md
+give of where their numbers were measured.
 
 Importing this module is cheap (standard library only).
 """
@@ -72,3 +73,23 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or platform.machine() or None
+
+
+def machine_description() -> str:
+    """CPU model, usable and online cores, RAM and OS of this machine, one line."""
+    import os
+
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu_model() or 'unknown CPU'}, {usable} usable cores ({os.cpu_count()} online), "
+            f"{psutil.virtual_memory().total / 1024**3:.1f} GiB RAM, {platform.system()} "
+            f"{platform.release()}")
+
+
+def software_description() -> str:
+    """The versions that decide speed and results, one line: Python, TF, TFF, tfmot, numpy."""
+    v = package_versions()
+    return (f"Python {v['python']}, TensorFlow {v['tensorflow']}, "
+            f"TFF {v['tensorflow-federated']}, tfmot {v['tensorflow-model-optimization']}, "
+            f"numpy {v['numpy']}")

@@ -8,6 +8,8 @@ Files are written through `fedprune.atomic_files`; the figures are in
   `to_markdown`, `to_latex` and `to_csv` write the resulting `Table`. Groups
   keep the order in which they first appear in the rows: sort the rows first
   for another order.
+* `replace_marked_sections`: rewrites the generated sections of a Markdown
+  file (BENCHMARKS.md, RESULTS.md) and keeps the rest.
 
 Pure Python + numpy/scipy; no TensorFlow import.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -279,3 +281,49 @@ def to_csv(table: Table, path: PathLike) -> pathlib.Path:
             row[f"{m}_ci"] = g.ci[m]
         rows.append(row)
     return atomic_write_csv(path, rows, fieldnames)
+
+
+# --------------------------------------------------------------------------
+# Generated sections of Markdown files.
+
+
+def replace_marked_sections(text: str, bodies: Mapping[str, str],
+                            markers: Callable[[str], tuple[str, str]], *,
+                            order: Sequence[str] = ()) -> str:
+    """`text` with each section of `bodies` replaced between its markers.
+
+    The writer behind BENCHMARKS.md and RESULTS.md: a generated section sits
+    between two comment lines, `markers(name)` = (start, end), and rerunning one
+    section replaces only it; everything else in `text` (hand-written notes,
+    other sections) is kept as it is. A section not yet in `text` goes after
+    the nearest earlier section of `order` present, else before the nearest
+    later one, else at the end.
+
+    Args:
+      text: the file's current content.
+      bodies: section name -> its Markdown (without the markers).
+      markers: a section name -> its (start, end) marker lines.
+      order: the order of the sections in the file, for placing new ones.
+    """
+    names = [n for n in order if n in bodies] + [n for n in bodies if n not in order]
+    for name in names:
+        start, end = markers(name)
+        block = f"{start}\n{bodies[name].rstrip()}\n{end}"
+        at_start = text.find(start)
+        at_end = text.find(end, at_start + len(start)) if at_start >= 0 else -1
+        if at_end >= 0:
+            text = text[:at_start] + block + text[at_end + len(end):]
+            continue
+        index = list(order).index(name) if name in order else len(order)
+        earlier = [text.find(markers(n)[1]) for n in order[:index]]
+        later = [text.find(markers(n)[0]) for n in order[index + 1:]]
+        if any(p >= 0 for p in earlier):
+            at = max(p for p in earlier if p >= 0)
+            at = text.index("\n", at) if "\n" in text[at:] else len(text)
+            text = f"{text[:at]}\n\n{block}{text[at:]}"
+        elif any(p >= 0 for p in later):
+            at = min(p for p in later if p >= 0)
+            text = f"{text[:at]}{block}\n\n{text[at:]}"
+        else:
+            text = f"{text.rstrip()}\n\n{block}\n"
+    return text

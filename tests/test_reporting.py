@@ -162,3 +162,16 @@ def test_importing_does_not_load_heavy_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_replace_marked_sections_keeps_the_rest_and_places_new_sections_in_order():
+    def markers(name):
+        return f"<!-- {name} -->", f"<!-- /{name} -->"
+
+    text = reporting.replace_marked_sections("# Title\n", {"c": "C1", "a": "A1"}, markers,
+                                             order=("a", "b", "c"))
+    assert text == "# Title\n\n<!-- a -->\nA1\n<!-- /a -->\n\n<!-- c -->\nC1\n<!-- /c -->\n"
+    text = reporting.replace_marked_sections(text + "notes\n", {"b": "B", "a": r"A2 \1"},
+                                             markers, order=("a", "b", "c"))
+    assert text == ("# Title\n\n<!-- a -->\nA2 \\1\n<!-- /a -->\n\n<!-- b -->\nB\n<!-- /b -->"
+                    "\n\n<!-- c -->\nC1\n<!-- /c -->\nnotes\n")
