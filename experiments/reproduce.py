@@ -40,7 +40,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, grid, usage
+from experiments import common, grid, grid_results, usage
 from fedprune import atomic_files, reporting
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
@@ -58,7 +58,7 @@ class TableSpec:
       number: N in `--table=N`, the markers and the file names.
       title: the section heading.
       description: Markdown shown above the table (what it compares, how to read it).
-      metrics: columns, names from `grid.METRICS`, in order.
+      metrics: columns, names from `grid_results.METRICS`, in order.
       tolerances: metric -> the largest accepted |value - expected| of a row's mean;
         metrics without one (e.g. machine-dependent round times) are shown, not checked.
       parts: for a table made of several grids (e.g. one per model): their names;
@@ -263,7 +263,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
     Args:
       spec: the table.
       table: its aggregated values.
-      results: the runs (`grid.load_results`), found under `root`.
+      results: the runs (`grid_results.load_results`), found under `root`.
       invocations: from `record_invocation`, for the time it took.
       root: the run tree; the runs' config.json name the commit they were trained at.
     """
@@ -325,7 +325,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"- Expected values and tolerances: "
         f"`{spec.expected_path('full').relative_to(REPO)}`.",
         "",
-        grid.markdown(table).rstrip(),
+        grid_results.markdown(table).rstrip(),
         "",
         f"Plots in the run tree (`runs/table{spec.number}-full/`): "
         "`plots/accuracy_vs_sparsity-<masking>.png` and "
@@ -406,15 +406,15 @@ def main(argv):
     invocations = record_invocation(root, trained=trained, seconds=time.time() - start)
     if failed:
         common.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", code=1)
-    results = grid.load_results(cells, root)
-    table = grid.write_reports(results, root, spec.metrics)
+    results = grid_results.load_results(cells, root)
+    table = grid_results.write_reports(results, root, spec.metrics)
     print(f"\nTable {spec.number} ({size}), {len(results)} runs in {root}:\n")
-    print(grid.markdown(table), end="")
-    problems = grid.compare(table, expected) if expected is not None else []
+    print(grid_results.markdown(table), end="")
+    problems = grid_results.compare(table, expected) if expected is not None else []
     for line in problems:
         print(f"differs: {line}", file=sys.stderr)
     if _WRITE_RESULTS.value:
-        atomic_files.atomic_write_json(expected_path, grid.expected_values(
+        atomic_files.atomic_write_json(expected_path, grid_results.expected_values(
             table, spec.tolerances,
             {"table": spec.number, "size": size,
              "flagfiles": [str(p.relative_to(REPO)) for p in spec.all_flagfiles(size)]}))
@@ -423,7 +423,7 @@ def main(argv):
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
             section = render_section(spec, table, results, invocations, root)
             atomic_files.atomic_write_text(results_path,
-                                        grid.replace_section(old, f"table{spec.number}",
+                                        grid_results.replace_section(old, f"table{spec.number}",
                                                              section))
             print(f"wrote table {spec.number} into {results_path}")
         return 0
