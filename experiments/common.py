@@ -273,13 +273,13 @@ def write_flagfile(output_dir: Path, config: config_lib.ExperimentConfig, *, res
     A resumed run keeps its flags.txt: the checkpoint's fingerprint already
     says it is this configuration's (a run from before flags.txt gets one).
     """
-    from fedprune import reporting
+    from fedprune import atomic_files
 
     path = Path(output_dir) / FLAGFILE_NAME
     if resume and path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    reporting.atomic_write_text(path, flagfile_text(config, tff_workers=tff_workers))
+    atomic_files.atomic_write_text(path, flagfile_text(config, tff_workers=tff_workers))
 
 
 def fail(message: str, code: int = 2):
@@ -317,16 +317,16 @@ def run(main) -> None:
     tracing, a round, a checkpoint), end the driver through `_exit_interrupted`:
     one line on stderr, no worker left, status 130 (by SIGINT) or 143.
     """
-    from fedprune import runtime
+    from fedprune.runtime import interrupts
 
-    runtime.install_worker_cleanup()  # the interrupt handlers; cheap, no TensorFlow
+    interrupts.install_worker_cleanup()  # the interrupt handlers; cheap, no TensorFlow
     try:
         usage.define_command_line_flags()
         argv = parse_flags(sys.argv)
         code = main(argv)
     except KeyboardInterrupt:
         _exit_interrupted(signal.SIGINT)
-    except runtime.Terminated as e:
+    except interrupts.Terminated as e:
         _exit_interrupted(e.signum)
     sys.exit(code)
 
@@ -343,15 +343,15 @@ def _exit_interrupted(signum: int) -> None:
     /dev/null: the in-flight call to the worker fails when the worker stops, and
     native threads may log that on their way down.
     """
-    from fedprune import runtime
+    from fedprune.runtime import interrupts, workers
 
-    runtime.begin_shutdown()  # first: no worker restarts, further signals ignored
+    interrupts.begin_shutdown()  # first: no worker restarts, further signals ignored
     print(f"interrupted ({signal.Signals(signum).name}); completed rounds are kept: rerun "
           "with --resume to continue", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
-    runtime.stop_workers()
+    workers.stop_workers()
     if signum == signal.SIGINT:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
@@ -401,13 +401,13 @@ def check_tff_workers(tff_workers: list[str]) -> None:
     """Fails fast (before TFF is imported) when a --tff_workers address is malformed or down."""
     if not tff_workers:
         return
-    from fedprune import runtime
+    from fedprune.runtime import contexts
 
     for address in tff_workers:
-        runtime.parse_worker_address(address)
+        contexts.parse_worker_address(address)
     try:
-        runtime.check_workers_reachable(list(tff_workers), timeout_s=10.0)
-    except runtime.WorkerUnreachableError as e:
+        contexts.check_workers_reachable(list(tff_workers), timeout_s=10.0)
+    except contexts.WorkerUnreachableError as e:
         raise InvalidArgument("tff_workers", ",".join(tff_workers),
                               f"reachable TFF workers ({e})") from None
 
@@ -417,12 +417,12 @@ def start_runtime(*, verbose: bool, tff_workers: list[str]) -> None:
 
     Imports TensorFlow/TFF: call after validation.
     """
-    from fedprune import runtime
+    from fedprune.runtime import contexts, interrupts, tf_logging
 
-    runtime.quiet_tensorflow_logging(verbose)
-    runtime.install_worker_cleanup()
+    tf_logging.quiet_tensorflow_logging(verbose)
+    interrupts.install_worker_cleanup()
     if tff_workers:
-        runtime.set_remote_context(list(tff_workers))
+        contexts.set_remote_context(list(tff_workers))
     else:
         log_path = os.environ.get("FEDPRUNE_WORKER_LOG") or None
-        runtime.set_local_context(log_path=log_path)
+        contexts.set_local_context(log_path=log_path)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, grid, usage
+from experiments import common, grid, grid_results, usage
 from fedprune.errors import InvalidArgument
 
 common.define_experiment_flags()
@@ -68,12 +68,12 @@ def main(argv):
         return 0
     failed = grid.run_grid(cells, root, verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers,
                            round_logs=_ROUND_LOGS.value)
-    results = grid.load_results(cells, root)
+    results = grid_results.load_results(cells, root)
     if results:
-        table = grid.write_reports(results, root)
+        table = grid_results.write_reports(results, root)
         print(f"\n{len(results)} run(s) in {root}: comparison.md, comparison.tex, "
               "comparison.csv, accuracy_vs_round.png, accuracy_vs_sparsity.png\n")
-        print(grid.markdown(table), end="")
+        print(grid_results.markdown(table), end="")
     if failed:
         common.fail(f"{len(failed)} cell(s) failed: {', '.join(failed)}", code=1)
     return 0

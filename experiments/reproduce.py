@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from absl import flags
 
-from experiments import common, grid, usage
-from fedprune import reporting
+from experiments import common, grid, grid_results, usage
+from fedprune import atomic_files, reporting
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
 
@@ -59,7 +58,7 @@ class TableSpec:
       number: N in `--table=N`, the markers and the file names.
       title: the section heading.
       description: Markdown shown above the table (what it compares, how to read it).
-      metrics: columns, names from `grid.METRICS`, in order.
+      metrics: columns, names from `grid_results.METRICS`, in order.
       tolerances: metric -> the largest accepted |value - expected| of a row's mean;
         metrics without one (e.g. machine-dependent round times) are shown, not checked.
       parts: for a table made of several grids (e.g. one per model): their names;
@@ -238,18 +237,6 @@ checks them against `experiments/configs/table<N>_expected.json`.
 """
 
 
-def hardware() -> str:
-    """CPU model, logical CPUs, memory and OS of this machine, one line."""
-    import psutil
-
-    from fedprune import program
-
-    model = program.cpu_model() or "unknown CPU"
-    memory = psutil.virtual_memory().total / 2**30
-    return (f"{model}, {os.cpu_count()} logical CPUs, {memory:.0f} GiB RAM, "
-            f"{platform.system()} {platform.release()}")
-
-
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -261,11 +248,11 @@ def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]
     when a later invocation (e.g. with --write_results) only reuses them.
     """
     path = root / "invocations.json"
-    invocations = (reporting.read_json(path) or {}).get("invocations", [])
+    invocations = (atomic_files.read_json(path) or {}).get("invocations", [])
     if trained:
         invocations.append({"date": time.strftime("%Y-%m-%d %H:%M"), "runs_trained": trained,
                             "seconds": seconds, "load_average_1min": os.getloadavg()[0]})
-        reporting.atomic_write_json(path, {"invocations": invocations})
+        atomic_files.atomic_write_json(path, {"invocations": invocations})
     return invocations
 
 
@@ -276,15 +263,15 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
     Args:
       spec: the table.
       table: its aggregated values.
-      results: the runs (`grid.load_results`), found under `root`.
+      results: the runs (`grid_results.load_results`), found under `root`.
       invocations: from `record_invocation`, for the time it took.
       root: the run tree; the runs' config.json name the commit they were trained at.
     """
-    from fedprune import program
+    from fedprune import provenance
 
     # The code a grid runs is imported by its first run: name the commit its config.json recorded
     # (later runs record HEAD at their start, which can move while a long grid runs).
-    first = (reporting.read_json(root / results[0].cell.name / "config.json") or {})
+    first = (atomic_files.read_json(root / results[0].cell.name / "config.json") or {})
 
     flagfile = spec.flagfiles("full")[0]
     flag_lines = []
@@ -302,7 +289,6 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         same_grid = (f"the same grid: `python -m experiments.compare_schedules "
                      f"--flagfile={flagfile.relative_to(REPO)} "
                      f"--output_dir=runs/table{spec.number}`")
-    versions = program.package_versions()
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
     loads = ", ".join(f"{i['load_average_1min']:.1f}" for i in invocations)
@@ -327,20 +313,19 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "",
         "</details>",
         "",
-        f"- Hardware: {hardware()}; TensorFlow {versions['tensorflow']}, TFF "
-        f"{versions['tensorflow-federated']}, tfmot {versions['tensorflow-model-optimization']}, "
-        f"Python {versions['python']}.",
+        f"- Hardware: {provenance.machine_description()}; "
+        f"{provenance.software_description()}.",
         f"- Time: {_minutes(took)} for the command above ({len(invocations)} invocation(s) "
         f"that trained runs; 1-minute load average at their end: {loads}); "
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "
         f"({_minutes(train_seconds)} in total; the rest is start-up and tables).",
         f"- Code: runs trained with git commit `{first.get('git_commit')}` (`-dirty`: with "
-        f"uncommitted changes); table written at `{program.git_commit()}`, "
+        f"uncommitted changes); table written at `{provenance.git_commit()}`, "
         f"{time.strftime('%Y-%m-%d')}.",
         f"- Expected values and tolerances: "
         f"`{spec.expected_path('full').relative_to(REPO)}`.",
         "",
-        grid.markdown(table).rstrip(),
+        grid_results.markdown(table).rstrip(),
         "",
         f"Plots in the run tree (`runs/table{spec.number}-full/`): "
         "`plots/accuracy_vs_sparsity-<masking>.png` and "
@@ -405,7 +390,7 @@ def main(argv):
               "results", str(results_path), "a file in an existing folder")
         expected = None
         if expected_path.is_file():
-            expected = reporting.read_json(expected_path)
+            expected = atomic_files.read_json(expected_path)
             check(expected is not None and "rows" in expected, "expected", str(expected_path),
                   "an expected-values JSON written by --write_results")
         statuses = grid.statuses(cells, root)
@@ -421,15 +406,15 @@ def main(argv):
     invocations = record_invocation(root, trained=trained, seconds=time.time() - start)
     if failed:
         common.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", code=1)
-    results = grid.load_results(cells, root)
-    table = grid.write_reports(results, root, spec.metrics)
+    results = grid_results.load_results(cells, root)
+    table = grid_results.write_reports(results, root, spec.metrics)
     print(f"\nTable {spec.number} ({size}), {len(results)} runs in {root}:\n")
-    print(grid.markdown(table), end="")
-    problems = grid.compare(table, expected) if expected is not None else []
+    print(grid_results.markdown(table), end="")
+    problems = grid_results.compare(table, expected) if expected is not None else []
     for line in problems:
         print(f"differs: {line}", file=sys.stderr)
     if _WRITE_RESULTS.value:
-        reporting.atomic_write_json(expected_path, grid.expected_values(
+        atomic_files.atomic_write_json(expected_path, grid_results.expected_values(
             table, spec.tolerances,
             {"table": spec.number, "size": size,
              "flagfiles": [str(p.relative_to(REPO)) for p in spec.all_flagfiles(size)]}))
@@ -437,8 +422,8 @@ def main(argv):
         if size == "full":
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
             section = render_section(spec, table, results, invocations, root)
-            reporting.atomic_write_text(results_path,
-                                        grid.replace_section(old, f"table{spec.number}",
+            atomic_files.atomic_write_text(results_path,
+                                        grid_results.replace_section(old, f"table{spec.number}",
                                                              section))
             print(f"wrote table {spec.number} into {results_path}")
         return 0

@@ -54,7 +54,8 @@ def main(argv):
     if on_phase is not None:
         on_phase("import")
     common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
-    from fedprune import program, runtime
+    from fedprune import program
+    from fedprune.runtime import contexts
 
     if _OVERWRITE.value:
         common.clear_output_dir(output_dir)
@@ -68,7 +69,7 @@ def main(argv):
                                provenance={"tff_workers": list(FLAGS.tff_workers)})
     except (program.NonFiniteError, checkpoint.CheckpointError) as e:
         common.fail(str(e), code=1)
-    except runtime.WorkerUnreachableError as e:
+    except contexts.WorkerUnreachableError as e:
         kept = checkpoint.list_checkpoints(output_dir / "checkpoints")
         done = f"the state after round {int(kept[-1].stem.split('_')[1])}" if kept else "nothing"
         common.fail(f"{e}; {done} is kept in {output_dir}: restart the worker(s) and rerun "

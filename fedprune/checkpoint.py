@@ -3,7 +3,8 @@
 A checkpoint is one `.npz` file holding every leaf of the state (global
 weights with masks, server optimizer state, round counters) plus a JSON header
 (round, config fingerprint, leaf shapes and dtypes). It is written to a
-temporary file in the same directory, fsynced and renamed into place, so a kill
+temporary file in the same directory, fsynced and renamed into place
+(`fedprune.atomic_files`), so a kill
 at any moment leaves either the previous checkpoint or the new one, never a
 truncated file. Loading checks the header against the expected structure and
 refuses a checkpoint from other flags or another model with a clear error.
@@ -12,12 +13,12 @@ refuses a checkpoint from other flags or another model with a clear error.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from fedprune import atomic_files
 
 _NAME = re.compile(r"^round_(\d{6})\.npz$")
 
@@ -53,17 +54,8 @@ def save(directory, round_num: int, state, *, fingerprint: str, keep: int = 2) -
     arrays = {f"leaf_{i:05d}": a for i, a in enumerate(leaves)}
     arrays["header"] = np.array(json.dumps(header))
     path = directory / f"round_{round_num:06d}.npz"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_files.atomic_writer(path) as f:
+        np.savez(f, **arrays)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink()
     return path

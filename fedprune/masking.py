@@ -35,6 +35,7 @@ Structures (`MaskSpec.structure`):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from fedprune.errors import check
 
@@ -232,3 +233,32 @@ def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
     scores = [_scores(k, spec) for k in kernels]
     score_masks = _criterion_masks(scores, spec, sparsity)
     return [_to_weight_mask(m, k, spec) for m, k in zip(score_masks, kernels, strict=True)]
+
+
+def mask_update(update: Sequence, masks: Sequence) -> tuple:
+    """Multiplies each tensor of a (DP-noised) aggregate by its public 0/1 mask (TF ops).
+
+    Post-processing of the DP output with the broadcast mask: exactly zero off
+    the mask, noise only on kept coordinates, no privacy cost (see
+    `fedprune/privacy.py`).
+
+    Args:
+      update: the aggregate, a sequence of tensors (e.g. the trainable deltas).
+      masks: one entry per tensor of `update`: a 0/1 tensor of the same shape,
+        or None for tensors that are not pruned (passed through).
+
+    Returns:
+      A tuple of tensors, `update[i] * masks[i]` where a mask is given.
+
+    Raises:
+      ValueError: `masks` has a different length than `update`.
+    """
+    import tensorflow as tf
+
+    update, masks = list(update), list(masks)
+    if len(update) != len(masks):
+        raise ValueError(f"{len(masks)} masks for {len(update)} update tensors")
+    return tuple(
+        u if m is None else u * tf.cast(m, tf.convert_to_tensor(u).dtype)
+        for u, m in zip(update, masks, strict=True)
+    )

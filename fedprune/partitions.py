@@ -342,34 +342,3 @@ def partition_stats(labels: np.ndarray, partition: list[np.ndarray], num_classes
         "labels_mean": float(distinct.mean()),
         "label_tv_mean": float(tv.mean()),
     }
-
-
-def plot_label_heatmap(count_matrix: np.ndarray, path: str, *, title: str | None = None) -> None:
-    """Writes a PNG heat map of examples per (client, class).
-
-    Args:
-      count_matrix: int [num_clients, num_classes], e.g.
-        `partition_stats(...)["count_matrix"]`.
-      path: output file path (PNG).
-      title: optional figure title.
-    """
-    # Imported here: matplotlib is slow to import and only reports need it.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count_matrix = np.asarray(count_matrix)
-    num_clients, num_classes = count_matrix.shape
-    fig, ax = plt.subplots(
-        figsize=(min(2 + 0.3 * num_classes, 16), min(2 + 0.12 * num_clients, 12))
-    )
-    image = ax.imshow(count_matrix, aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_xlabel("class")
-    ax.set_ylabel("client")
-    if title:
-        ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="examples")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)

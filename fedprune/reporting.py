@@ -1,142 +1,30 @@
-"""Reporting: atomic files, confidence intervals, comparison tables and plots.
+"""Reporting: confidence intervals and comparison tables.
 
-* Atomic writes for every file the project produces (metrics, configs,
-  tables, figures): the content goes to a temporary file in the same
-  directory, is flushed and fsynced, then renamed over the target with
-  `os.replace`, so a reader or a killed run sees either the old file or the
-  new one, never a truncated one. Serialization happens before the temporary
-  file is opened, so an error there (e.g. NaN in JSON) leaves the old file as
-  it was.
+Files are written through `fedprune.atomic_files`; the figures are in
+`fedprune.plots`.
+
 * `mean_ci`: mean and Student-t confidence half width over seeds.
 * `aggregate` groups result rows (e.g. one per run) by configuration keys;
   `to_markdown`, `to_latex` and `to_csv` write the resulting `Table`. Groups
   keep the order in which they first appear in the rows: sort the rows first
   for another order.
-* Plots are PNG files drawn with matplotlib's Agg canvas on a bare `Figure`
-  (no pyplot, no global backend switch); matplotlib is imported inside the
-  plotting functions so importing this module stays cheap.
+* `replace_marked_sections`: rewrites the generated sections of a Markdown
+  file (BENCHMARKS.md, RESULTS.md) and keeps the rest.
 
 Pure Python + numpy/scipy; no TensorFlow import.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import io
-import json
 import math
-import os
 import pathlib
-import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-PathLike = str | os.PathLike
-
-# --------------------------------------------------------------------------
-# Atomic files.
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    # The rename is durable only once the directory entry itself is on disk.
-    # Some platforms cannot open or fsync a directory; the rename is still atomic there.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:
-    """Atomically replaces the file at `path` with `data`.
-
-    The directory must exist. The new file gets the default permissions
-    (0o666 minus the umask), like `open(path, 'w')`.
-
-    Returns:
-      `path` as a `pathlib.Path`.
-    """
-    path = pathlib.Path(path)
-    # Same directory, so os.replace is a rename within one filesystem.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> pathlib.Path:
-    """Atomically writes `text` as UTF-8 (newlines untranslated); returns the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy scalars and arrays show up in configs and metrics; store them as plain JSON.
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
-
-
-def read_json(path: PathLike) -> Any | None:
-    """A JSON file's content, or None when it is missing or unreadable."""
-    try:
-        return json.loads(pathlib.Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> pathlib.Path:
-    """Atomically writes `obj` as JSON: sorted keys, indent 2, trailing newline.
-
-    numpy scalars/arrays and paths are converted to plain JSON values.
-
-    Raises:
-      ValueError: `obj` contains NaN or an infinity (not valid JSON); the file
-        is left untouched.
-      TypeError: `obj` contains a value JSON cannot represent.
-    """
-    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False, default=_json_default)
-    return atomic_write_text(path, text + "\n")
-
-
-def _csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def atomic_write_csv(
-    path: PathLike, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]
-) -> pathlib.Path:
-    """Atomically writes `rows` as CSV with a header row of `fieldnames`.
-
-    Missing keys are written as empty cells; floats are written with `repr`
-    precision, so they read back exactly.
-
-    Raises:
-      ValueError: a row has a key not in `fieldnames`; the file is left untouched.
-    """
-    return atomic_write_text(path, _csv_text(rows, fieldnames))
-
+from fedprune.atomic_files import PathLike, atomic_write_csv
 
 # --------------------------------------------------------------------------
 # Statistics.
@@ -396,184 +284,46 @@ def to_csv(table: Table, path: PathLike) -> pathlib.Path:
 
 
 # --------------------------------------------------------------------------
-# Plots.
+# Generated sections of Markdown files.
 
 
-def _new_figure(nrows: int = 1, *, height: float = 3.2):
-    """A bare matplotlib `Figure` and its axes, drawn by the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def replace_marked_sections(text: str, bodies: Mapping[str, str],
+                            markers: Callable[[str], tuple[str, str]], *,
+                            order: Sequence[str] = ()) -> str:
+    """`text` with each section of `bodies` replaced between its markers.
 
-    fig = Figure(figsize=(6.0, height * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
-    return fig, axes
-
-
-def _label_rounds(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-
-
-def _save_png(fig, path: PathLike) -> pathlib.Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def _number(value: Any) -> float:
-    """A float from a metrics cell; empty cells (metric not computed that round) are NaN."""
-    if value is None or value == "":
-        return math.nan
-    return float(value)
-
-
-def _series(rows: Iterable[Mapping[str, Any]], round_key: str, key: str):
-    """(rounds, values) of one metric, rows where it is missing or NaN left out."""
-    points = [(_number(r[round_key]), _number(r.get(key))) for r in rows]
-    points = [(x, y) for x, y in points if not math.isnan(y)]
-    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
-
-
-def plot_run_curves(
-    metrics_rows: Sequence[Mapping[str, Any]],
-    path: PathLike,
-    *,
-    round_key: str = "round",
-    accuracy_key: str = "test_accuracy",
-    sparsity_key: str = "global_sparsity",
-    title: str | None = None,
-) -> pathlib.Path:
-    """Plots one run: test accuracy (top) and global sparsity (bottom) against the round.
+    The writer behind BENCHMARKS.md and RESULTS.md: a generated section sits
+    between two comment lines, `markers(name)` = (start, end), and rerunning one
+    section replaces only it; everything else in `text` (hand-written notes,
+    other sections) is kept as it is. A section not yet in `text` goes after
+    the nearest earlier section of `order` present, else before the nearest
+    later one, else at the end.
 
     Args:
-      metrics_rows: the run's metrics, one mapping per round (e.g. read back
-        from metrics.csv; numeric strings are fine, empty cells are skipped).
-      path: the PNG file to write (atomically).
-      round_key, accuracy_key, sparsity_key: the column names.
-      title: optional figure title.
-
-    Returns:
-      `path` as a `pathlib.Path`.
+      text: the file's current content.
+      bodies: section name -> its Markdown (without the markers).
+      markers: a section name -> its (start, end) marker lines.
+      order: the order of the sections in the file, for placing new ones.
     """
-    fig, (acc_ax, sparsity_ax) = _new_figure(2)
-    for ax, key in ((acc_ax, accuracy_key), (sparsity_ax, sparsity_key)):
-        rounds, values = _series(metrics_rows, round_key, key)
-        ax.plot(rounds, values, marker="." if len(rounds) < 50 else None)
-        ax.set_ylabel(key.replace("_", " "))
-        _label_rounds(ax)
-        ax.grid(alpha=0.3)
-    sparsity_ax.set_ylim(-0.02, 1.02)  # sparsity is a fraction
-    if title:
-        fig.suptitle(title)
-    return _save_png(fig, path)
-
-
-def plot_curves_by_group(
-    runs: Iterable[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]],
-    key: str,
-    metric: str,
-    path: PathLike,
-    *,
-    round_key: str = "round",
-    confidence: float = 0.95,
-) -> pathlib.Path:
-    """Plots `metric` against the round, one line per value of `key`, mean over runs.
-
-    Args:
-      runs: (config, metrics rows) per run; `config[key]` names the run's
-        group (e.g. key='schedule'), runs of one group being e.g. seeds.
-      key: the configuration key to group by; groups in order of first appearance.
-      metric: the metrics column to plot (e.g. 'test_accuracy').
-      path: the PNG file to write (atomically).
-      round_key: the rounds column.
-      confidence: the confidence of the shaded band (`mean_ci` per round;
-        no band at rounds with a single run).
-
-    Returns:
-      `path` as a `pathlib.Path`.
-    """
-    by_group: dict[Any, list[dict[float, float]]] = {}
-    for config, rows in runs:
-        rounds, values = _series(rows, round_key, metric)
-        by_group.setdefault(config[key], []).append(dict(zip(rounds, values, strict=True)))
-    fig, (ax,) = _new_figure(1, height=4.0)
-    for value, curves in by_group.items():
-        rounds = sorted(set().union(*curves))
-        stats = [mean_ci([c[r] for c in curves if r in c], confidence) for r in rounds]
-        mean = np.array([s[0] for s in stats])
-        half = np.array([s[1] for s in stats])
-        (line,) = ax.plot(rounds, mean, label=f"{key}={value} (n={len(curves)})")
-        ax.fill_between(
-            rounds,
-            mean - half,
-            mean + half,
-            where=np.isfinite(half),
-            alpha=0.2,
-            color=line.get_color(),
-            linewidth=0,
-        )
-    _label_rounds(ax)
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save_png(fig, path)
-
-
-def plot_accuracy_vs_sparsity(
-    table: Table,
-    path: PathLike,
-    *,
-    x: str = "final_sparsity",
-    y: str = "accuracy",
-) -> pathlib.Path:
-    """Plots final accuracy against sparsity with CI error bars, one series per configuration.
-
-    Args:
-      table: from `aggregate`.
-      path: the PNG file to write (atomically).
-      x: a grouping key (e.g. the target 'final_sparsity', no error bar) or a
-        metric (e.g. the measured sparsity, with a horizontal error bar).
-      y: a metric (e.g. 'accuracy').
-      The series are the values of the remaining grouping keys (e.g. the
-      schedule), points sorted by x; a group with n == 1 has no error bar.
-
-    Returns:
-      `path` as a `pathlib.Path`.
-
-    Raises:
-      ValueError: `x` or `y` is not in the table.
-    """
-    if y not in table.metrics:
-        raise ValueError(f"y={y!r} is not a metric of the table {table.metrics}")
-    if x not in table.metrics and x not in table.group_by:
-        raise ValueError(f"x={x!r} is neither a metric nor a grouping key of the table")
-    series_keys = [k for k in table.group_by if k != x]
-    series: dict[str, list[tuple[float, float, float, float]]] = {}
-    for g in table.groups:
-        config = dict(zip(table.group_by, g.key, strict=True))
-        if x in table.metrics:
-            x_mean, x_ci = g.mean[x], g.ci[x]
+    names = [n for n in order if n in bodies] + [n for n in bodies if n not in order]
+    for name in names:
+        start, end = markers(name)
+        block = f"{start}\n{bodies[name].rstrip()}\n{end}"
+        at_start = text.find(start)
+        at_end = text.find(end, at_start + len(start)) if at_start >= 0 else -1
+        if at_end >= 0:
+            text = text[:at_start] + block + text[at_end + len(end):]
+            continue
+        index = list(order).index(name) if name in order else len(order)
+        earlier = [text.find(markers(n)[1]) for n in order[:index]]
+        later = [text.find(markers(n)[0]) for n in order[index + 1:]]
+        if any(p >= 0 for p in earlier):
+            at = max(p for p in earlier if p >= 0)
+            at = text.index("\n", at) if "\n" in text[at:] else len(text)
+            text = f"{text[:at]}\n\n{block}{text[at:]}"
+        elif any(p >= 0 for p in later):
+            at = min(p for p in later if p >= 0)
+            text = f"{text[:at]}{block}\n\n{text[at:]}"
         else:
-            x_mean, x_ci = float(config[x]), math.nan
-        label = ", ".join(f"{k}={config[k]}" for k in series_keys) or y
-        series.setdefault(label, []).append((x_mean, x_ci, g.mean[y], g.ci[y]))
-    fig, (ax,) = _new_figure(1, height=4.0)
-    for label, points in series.items():
-        xs, x_cis, ys, y_cis = np.array(sorted(points)).T
-        ax.errorbar(
-            xs,
-            ys,
-            xerr=np.nan_to_num(x_cis) if x in table.metrics else None,
-            yerr=np.nan_to_num(y_cis),  # NaN (n == 1): no bar
-            marker="o",
-            capsize=3,
-            label=label,
-        )
-    ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel(y.replace("_", " "))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save_png(fig, path)
+            text = f"{text.rstrip()}\n\n{block}\n"
+    return text

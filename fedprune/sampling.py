@@ -5,7 +5,7 @@ run resumed at round k samples exactly as an uninterrupted one:
 
   fixed    exactly `clients_per_round` distinct clients, uniformly at random
            without replacement, independently in every round
-           (`datasets.sample_clients`).
+           (`sample_clients`).
            Accountant: `SampledWithoutReplacementDpEvent(num_clients,
            clients_per_round, ...)` under *replace-one* adjacency (neighbouring
            populations have the same size N, one client's data replaced by
@@ -39,7 +39,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedprune import datasets
 from fedprune.errors import check
 from fedprune.partitions import check_positive_int
 
@@ -48,6 +47,39 @@ SAMPLING_MODES = ("fixed", "poisson")
 # Mixed into the Poisson RNG's entropy so that its stream is independent of the
 # fixed-size sampler's, which is seeded with [seed, round_num] alone.
 _POISSON_STREAM = 0x706F6973  # "pois"
+
+
+def sample_clients(
+    client_ids: Sequence[str], clients_per_round: int, *, seed: int, round_num: int
+) -> list[str]:
+    """Clients of round `round_num`, without replacement.
+
+    A pure function of (seed, round_num): a run resumed at round k samples the
+    same clients as an uninterrupted one.
+
+    Args:
+      client_ids: all client ids.
+      clients_per_round: clients to sample (flag `--clients_per_round`).
+      seed: client-sampling seed (non-negative).
+      round_num: round number (non-negative).
+
+    Returns:
+      `clients_per_round` distinct ids, in sampled order.
+
+    Raises:
+      fedprune.errors.InvalidArgument: if `clients_per_round` is not in
+        [1, len(client_ids)].
+    """
+    check_positive_int(clients_per_round, "clients_per_round")
+    check(
+        clients_per_round <= len(client_ids),
+        "clients_per_round",
+        clients_per_round,
+        f"at most the {len(client_ids)} clients",
+    )
+    rng = np.random.default_rng([seed, round_num])
+    chosen = rng.choice(len(client_ids), size=clients_per_round, replace=False)
+    return [client_ids[i] for i in chosen]
 
 
 def poisson_rate(clients_per_round: float, num_clients: int) -> float:
@@ -128,7 +160,7 @@ def sample_round(
     """
     check(mode in SAMPLING_MODES, "client_sampling", mode, "one of " + "|".join(SAMPLING_MODES))
     if mode == "fixed":
-        return datasets.sample_clients(client_ids, clients_per_round, seed=seed,
-                                       round_num=round_num)
+        return sample_clients(client_ids, clients_per_round, seed=seed,
+                              round_num=round_num)
     rate = poisson_rate(clients_per_round, len(client_ids))
     return poisson_sample(client_ids, rate, seed=seed, round_num=round_num)

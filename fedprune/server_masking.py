@@ -16,11 +16,11 @@ part of the server state and is broadcast with the model; TFF never aggregates
 non-trainable weights, so the server alone owns masks and pruning steps.
 
 With `remask` and plain-delta uploads, the aggregate is first multiplied by the
-broadcast mask (`privacy.mask_update`) before the optimizer sees it. Clients
+broadcast mask (`masking.mask_update`) before the optimizer sees it. Clients
 upload `delta * mask`, so for a mean this changes nothing (bit for bit); for a
 differentially private aggregate it removes the noise TFF adds to pruned
 coordinates, so neither the model nor a stateful optimizer's moments see it
-(post-processing with the public mask; see `privacy.py`).
+(post-processing with the public mask; see `fedprune/privacy.py`).
 
 With `--structure=neuron|filter` the mask removes whole units instead
 (`structured.structured_masks`): each pruned layer's wrapper mask holds the
@@ -41,7 +41,7 @@ import collections
 
 import numpy as np
 
-from fedprune import mask_aggregation, privacy, structured
+from fedprune import mask_aggregation, masking, structured
 from fedprune.masking import MaskSpec, compute_masks
 from fedprune.pruning import PruningLayout
 from fedprune.schedules import ScheduleTable, table_lookup
@@ -176,7 +176,7 @@ def build_masking_finalizer(
             masks = [None] * len(aggregate)
             for k in layout.kernels:
                 masks[k.trainable_index] = weights.non_trainable[k.mask_index]
-            delta = list(privacy.mask_update(aggregate, masks))
+            delta = list(masking.mask_update(aggregate, masks))
             if mask_spec.is_unit_structure:
                 # Dropped units' biases, gamma/beta and consumer rows are zero in the
                 # broadcast model too: keep a DP aggregate's noise off them as well.

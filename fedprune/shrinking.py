@@ -10,7 +10,7 @@ Training then continues on a new TFF process built for the smaller model:
    column, bias and BatchNorm gamma/beta must be exactly zero).
 2. `plain_model` + `surgery.shrink`: the smaller plain Keras model with the
    surviving weights.
-3. A new process (`program.build_shrunk_process`: masking `none`, no schedule;
+3. A new process (`assembly.build_process(..., shrunk_model=...)`: masking `none`, no schedule;
    the pruning is over, the small model trains dense) and `transfer_state`: its
    state gets the shrunk weights and the old server optimizer state sliced to
    the kept units (`surgery.slice_weights`): SGD is stateless, SGD momentum and

@@ -8,11 +8,11 @@ output in `--log_file` (default: `<tmpdir>/fedprune_worker_<port>.log`), and
 stays in the foreground until SIGTERM or SIGINT, which it forwards to the
 binary (SIGKILL after a few seconds if that does not stop it); it then exits
 with status 0. If the binary dies by itself, this exits non-zero. On Linux the
-binary also dies if this process is SIGKILLed (see `runtime.start_worker_process`).
+binary also dies if this process is SIGKILLed (see `runtime.workers.start_worker_process`).
 Like every worker fedprune starts, it runs with glibc's malloc arenas capped
 (`MALLOC_ARENA_MAX` = usable cores, at least 2, unless the environment sets
 it; `FEDPRUNE_WORKER_MALLOC=glibc` keeps glibc's defaults): see
-`runtime.worker_environment`.
+`runtime.workers.worker_environment`.
 A port already in use is refused: gRPC's SO_REUSEPORT would otherwise let two
 workers share it and split the calls between them.
 
@@ -35,8 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedprune import runtime
 from fedprune.errors import InvalidArgument
+from fedprune.runtime import workers
 
 _PROG = "fedprune.worker"
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _request_stop)
     process = None
     try:
-        process = runtime.start_worker_process(
+        process = workers.start_worker_process(
             args.port,
             log_path=args.log_file,
             max_concurrent_computation_calls=args.max_concurrent_computation_calls,
@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         if process is not None and process.poll() is None:
             try:
                 process.send_signal(stop.signum)
-                process.wait(timeout=runtime.STOP_GRACE_S)
+                process.wait(timeout=workers.STOP_GRACE_S)
             except Exception:  # the finally below kills it regardless
                 pass
         _say(f"stopped on {name}")
         return 0
-    except runtime.WorkerStartError as e:
+    except workers.WorkerStartError as e:
         _say(str(e))
         return 1
     finally:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         # started survives (also covers a signal that arrived mid-start).
         for signum in previous_handlers:
             signal.signal(signum, signal.SIG_IGN)
-        runtime.stop_workers()
+        workers.stop_workers()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
 

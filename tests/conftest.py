@@ -9,11 +9,11 @@ def tff_local_context():
 
     Its output never reaches pytest's stdout, and it is stopped after the module.
     """
-    from fedprune import runtime
+    from fedprune.runtime import contexts, workers
 
-    runtime.set_local_context()
+    contexts.set_local_context()
     yield
-    runtime.stop_workers()
+    workers.stop_workers()
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +49,6 @@ def pytest_sessionfinish(session, exitstatus):
     hangs `pytest | tail` and CI steps. Runs on Ctrl-C too. Imports no TF.
     """
     del session, exitstatus
-    from fedprune import runtime
+    from fedprune.runtime import workers
 
-    runtime.stop_workers()
+    workers.stop_workers()

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from experiments import benchmark
+from experiments import benchmark, benchmark_scale, benchmark_speed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
@@ -129,8 +129,8 @@ def test_bad_flags_fail_fast_without_tensorflow():
         assert not workers  # failed before TFF was started
 
 
-def _timing(key: str, seconds: list[float]) -> benchmark.VariantTiming:
-    return benchmark.VariantTiming(key, benchmark.VARIANT_LABELS[key], wall=seconds,
+def _timing(key: str, seconds: list[float]) -> benchmark_speed.VariantTiming:
+    return benchmark_speed.VariantTiming(key, benchmark_speed.VARIANT_LABELS[key], wall=seconds,
                                    python_cpu=[0.01] * len(seconds),
                                    worker_cpu=[0.1] * len(seconds))
 
@@ -139,15 +139,15 @@ def test_speed_markdown_ratios_and_targets():
     timings = [_timing("a", [0.3, 0.2, 0.4]), _timing("b", [0.2, 0.2, 0.2]),
                _timing("c", [0.25, 0.2, 0.3]), _timing("d", [0.1, 0.1, 0.1]),
                _timing("e", [0.12, 0.1, 0.2])]
-    rows = _table_rows(benchmark.speed_markdown(timings, [0.01, 0.02]))
-    a = rows[benchmark.VARIANT_LABELS["a"]]
+    rows = _table_rows(benchmark_speed.speed_markdown(timings, [0.01, 0.02]))
+    a = rows[benchmark_speed.VARIANT_LABELS["a"]]
     # median 0.3 / median of (c) 0.25 = 1.2, / median of (d) 0.1 = 3.0
     assert a[:4] == ["0.300", "0.200–0.400", "1.20", "3.00"]
     assert rows["a/c"] == ["1.20", "≤ 1 (not met)"]
     assert rows["a/d"] == ["3.00", "≤ 1.5 (not met)"]
     assert rows["c/d"] == ["2.50", ""]
     assert "a/c-iter" not in rows and "a+/a" not in rows  # not measured, not reported
-    assert benchmark.speed_ratios({"a": 1.0, "c": 2.0, "d": 1.0, "b": 2.0})["a/c"] == 0.5
+    assert benchmark_speed.speed_ratios({"a": 1.0, "c": 2.0, "d": 1.0, "b": 2.0})["a/c"] == 0.5
 
 
 def test_scale_markdown_marks_growth_of_five_percent():
@@ -159,8 +159,8 @@ def test_scale_markdown_marks_growth_of_five_percent():
               "rss": [{"python": 1, "worker": w * 2**20} for w in (100, 200, 300, 302)],
               "peak_rss": {"python": 700 * 2**20, "worker": 300 * 2**20},
               "rss_growth": {"python": 0.01, "worker": 0.05, "total": 0.049}}
-    (row,) = [cells for first, cells in _table_rows(benchmark.scale_markdown([result])).items()
-              if first == "synthetic"]
+    rows = _table_rows(benchmark_scale.scale_markdown([result]))
+    (row,) = [cells for first, cells in rows.items() if first == "synthetic"]
     # Rounds 1..baseline are left out of the round-time statistics.
     assert row[:9] == ["1000", "10", "fedprune", "2", "4", "0.300", "0.200–0.400", "700", "300"]
     assert row[9:] == ["+1.0 %", "+5.0 % ✗", "+4.9 %", "+2.00", "60 → 900"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from experiments import common, grid
+from experiments import common, grid, grid_results
 from fedprune import reporting
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
@@ -179,15 +179,15 @@ def _table(accuracy_shift: float = 0.0, extra_seed: bool = False) -> reporting.T
 
 def _expected() -> dict:
     # Through JSON, as reproduce reads it back.
-    return json.loads(json.dumps(grid.expected_values(_table(), TOLERANCES, {"table": 0})))
+    return json.loads(json.dumps(grid_results.expected_values(_table(), TOLERANCES, {"table": 0})))
 
 
 def test_expected_values_round_trip_and_tolerances():
     expected = _expected()
     assert expected["table"] == 0 and expected["tolerances"] == TOLERANCES
-    assert grid.compare(_table(), expected) == []
-    assert grid.compare(_table(accuracy_shift=0.019), expected) == []
-    problems = grid.compare(_table(accuracy_shift=-0.03), expected)
+    assert grid_results.compare(_table(), expected) == []
+    assert grid_results.compare(_table(accuracy_shift=0.019), expected) == []
+    problems = grid_results.compare(_table(accuracy_shift=-0.03), expected)
     assert len(problems) == 1
     assert problems[0].startswith("schedule=oneshot final_sparsity=0.5 masking=both: accuracy")
     assert "tolerance ±0.02" in problems[0]
@@ -197,23 +197,23 @@ def test_compare_reports_exact_metrics_rows_and_run_counts():
     expected = _expected()
     expected["rows"][1]["nonzeros"] += 1  # nonzeros are exact
     expected["rows"].append({**expected["rows"][0], "schedule": "constant"})
-    problems = grid.compare(_table(extra_seed=True), expected)
+    problems = grid_results.compare(_table(extra_seed=True), expected)
     assert any("nonzeros 4872.0, expected 4873.0" in p for p in problems)
     assert any(p == "schedule=constant final_sparsity=0.0 masking=none: row missing"
                for p in problems)
     assert any("dense" in p and "2 run(s), expected 1" in p for p in problems)
     expected = _expected()
     del expected["rows"][0]
-    assert grid.compare(_table(), expected) == [
+    assert grid_results.compare(_table(), expected) == [
         "schedule=dense final_sparsity=0.0 masking=none: row not in the expected values"]
 
 
 def test_replace_section_keeps_the_rest_and_appends_when_missing():
     text = "# Results\n\nintro\n"
-    once = grid.replace_section(text, "table1", "old table\n")
+    once = grid_results.replace_section(text, "table1", "old table\n")
     assert once == "# Results\n\nintro\n\n<!-- table1:start -->\nold table\n<!-- table1:end -->\n"
-    both = grid.replace_section(once + "\nafter\n", "table2", "two")
-    again = grid.replace_section(both, "table1", "new table")
+    both = grid_results.replace_section(once + "\nafter\n", "table2", "two")
+    again = grid_results.replace_section(both, "table1", "new table")
     assert again == both.replace("old table", "new table")
     assert again.endswith("<!-- table2:start -->\ntwo\n<!-- table2:end -->\n")
     assert "\nafter\n" in again
@@ -312,7 +312,7 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
     with open(root / "comparison.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    metrics = [m for m in grid.METRICS if m != "epsilon"]  # epsilon: DP grids only
+    metrics = [m for m in grid_results.METRICS if m != "epsilon"]  # epsilon: DP grids only
     assert reader.fieldnames == [*grid.KEYS, "n",
                                  *(f"{m}_{s}" for m in metrics for s in ("mean", "ci"))]
     assert [(r["schedule"], r["final_sparsity"], r["masking"], r["n"]) for r in rows] == [

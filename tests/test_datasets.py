@@ -183,24 +183,8 @@ def test_pipeline_rejects_bad_sizes(digits, kwargs, flag):
 
 
 # --------------------------------------------------------------------------
-# Client sampling and seeds.
+# Client shuffle seeds.
 # --------------------------------------------------------------------------
-
-
-def test_sample_clients_is_a_function_of_seed_and_round():
-    ids = [str(i) for i in range(100)]
-    rounds = [datasets.sample_clients(ids, 10, seed=1, round_num=r) for r in range(5)]
-    # "Resuming" at round 3 gives the same sample as the uninterrupted sequence.
-    assert datasets.sample_clients(ids, 10, seed=1, round_num=3) == rounds[3]
-    assert all(len(set(s)) == 10 and set(s) <= set(ids) for s in rounds)
-    assert rounds[0] != rounds[1]
-    assert datasets.sample_clients(ids, 10, seed=2, round_num=0) != rounds[0]
-
-
-@pytest.mark.parametrize("k", [0, 101])
-def test_sample_clients_rejects_bad_count(k):
-    with pytest.raises(InvalidArgument, match=f"^--clients_per_round={k}"):
-        datasets.sample_clients([str(i) for i in range(100)], k, seed=0, round_num=0)
 
 
 def test_client_shuffle_seed():

@@ -14,7 +14,16 @@ import math
 import numpy as np
 import pytest
 
-from fedprune import masking, models, privacy, program, sampling, schedules
+from fedprune import (
+    assembly,
+    masking,
+    models,
+    privacy,
+    privacy_accounting,
+    program,
+    sampling,
+    schedules,
+)
 from fedprune import process as fp_process
 from fedprune.config import ExperimentConfig
 
@@ -139,14 +148,14 @@ def test_dp_run_reports_the_accountants_epsilon(tmp_path):
                             rounds=3, end_round=2, max_examples_per_client=32,
                             masking="server", dp="fixed", dp_noise_multiplier=1.0, dp_clip=CLIP,
                             dp_accountant="pld", eval_every=1)
-    data = program.load_data(base.validate())
+    data = assembly.load_data(base.validate())
     seed, sizes = _poisson_seed_with_empty_round(data.client_ids, 2 / 6, base.rounds)
     config = dataclasses.replace(base, seed=seed).validate()
     summary = program.run_experiment(config, tmp_path, log=lambda line: None)
     rows = _read_csv(tmp_path / "metrics.csv")
 
     # Poisson sampling, q = 2/6, z = 1, delta = 1e-5, add-or-remove adjacency.
-    expected = privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
+    expected = privacy_accounting.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
                                       clients_per_round=2, num_clients=6, rounds=3, delta=1e-5,
                                       accountant="pld")
     for r, row in enumerate(rows, 1):
@@ -176,7 +185,7 @@ def test_dp_run_reports_the_accountants_epsilon(tmp_path):
 def test_poisson_without_dp_survives_an_empty_round(tmp_path):
     base = ExperimentConfig(num_clients=6, clients_per_round=2, client_sampling="poisson",
                             rounds=3, end_round=2, max_examples_per_client=32)
-    data = program.load_data(base.validate())
+    data = assembly.load_data(base.validate())
     seed, sizes = _poisson_seed_with_empty_round(data.client_ids, 2 / 6, base.rounds)
     program.run_experiment(dataclasses.replace(base, seed=seed).validate(), tmp_path,
                            log=lambda line: None)

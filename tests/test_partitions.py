@@ -126,13 +126,6 @@ def test_partition_stats_golden():
     assert stats["label_tv_mean"] == pytest.approx(0.5)
 
 
-def test_plot_label_heatmap_writes_png(tmp_path):
-    counts = partitions.partition_stats(DIGITS_Y, partitions.iid(1797, 5, seed=0), 10)
-    path = tmp_path / "heat.png"
-    partitions.plot_label_heatmap(counts["count_matrix"], str(path), title="iid")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 BAD_ARGS = [
     (dict(partition="dirichlet", num_clients=5, dirichlet_alpha=0.0), "--dirichlet_alpha=0.0"),
     (dict(partition="dirichlet", num_clients=5, dirichlet_alpha=-1.0), "--dirichlet_alpha=-1.0"),

@@ -1,4 +1,5 @@
-"""DP aggregators, privacy accounting and masking of the DP aggregate.
+"""DP aggregators (privacy), accounting (privacy_accounting), the per-round
+check (privacy_report) and masking of the DP aggregate (masking.mask_update).
 
 Golden epsilons were computed with dp-accounting 0.4.3 on the events named in
 each test (RdpAccountant with its default orders; PLDAccountant with the
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from fedprune import privacy
+from fedprune import masking, privacy, privacy_report
+from fedprune import privacy_accounting as accounting
 from fedprune.errors import InvalidArgument
 
 # TFF warns that adaptive clipping at m = 11 multiplies the update noise by 2.40: expected here.
@@ -37,10 +39,10 @@ def _raw_rdp_epsilon(event, delta=DELTA):
 
 @pytest.mark.parametrize("accountant, expected", [("rdp", 7.899), ("pld", 7.047)])
 def test_reference_epsilon(accountant, expected):
-    event = privacy.dp_event("fixed", sampling="poisson", **REF)
+    event = accounting.dp_event("fixed", sampling="poisson", **REF)
     assert event == dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 100)
-    assert privacy.epsilon(event, DELTA, accountant) == pytest.approx(expected, abs=5e-4)
+    assert accounting.epsilon(event, DELTA, accountant) == pytest.approx(expected, abs=5e-4)
 
 
 def test_adaptive_event_accounts_the_combined_noise():
@@ -50,20 +52,20 @@ def test_adaptive_event_accounts_the_combined_noise():
     params = privacy.adaptive_noise(1.0, 11)
     assert params.value_noise_multiplier == pytest.approx(2.4004, abs=1e-4)
     assert params.count_noise_multiplier == pytest.approx(1.1)
-    mechanism = privacy.mechanism_event("adaptive", noise_multiplier=1.0, clients_per_round=11)
+    mechanism = accounting.mechanism_event("adaptive", noise_multiplier=1.0, clients_per_round=11)
     assert mechanism == dp_accounting.ComposedDpEvent([
         dp_accounting.GaussianDpEvent(params.value_noise_multiplier),
         dp_accounting.GaussianDpEvent(1.1)])
-    assert privacy.effective_gaussian_noise_multiplier(mechanism) == pytest.approx(1.0)
-    ours = privacy.dp_event("adaptive", noise_multiplier=1.0, sampling="poisson",
+    assert accounting.effective_gaussian_noise_multiplier(mechanism) == pytest.approx(1.0)
+    ours = accounting.dp_event("adaptive", noise_multiplier=1.0, sampling="poisson",
                             clients_per_round=11, num_clients=110, rounds=100)
     # dp-accounting's own RDP treatment of the composed event inside the sampling.
     theirs = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.1, mechanism), 100)
-    assert privacy.epsilon(ours, DELTA) == pytest.approx(_raw_rdp_epsilon(theirs), rel=1e-9)
-    assert privacy.epsilon(ours, DELTA) == pytest.approx(7.899, abs=5e-4)
+    assert accounting.epsilon(ours, DELTA) == pytest.approx(_raw_rdp_epsilon(theirs), rel=1e-9)
+    assert accounting.epsilon(ours, DELTA) == pytest.approx(7.899, abs=5e-4)
     # The collapsed event is also one the PLD accountant accepts.
-    assert privacy.epsilon(ours, DELTA, "pld") == pytest.approx(7.047, abs=5e-4)
+    assert accounting.epsilon(ours, DELTA, "pld") == pytest.approx(7.047, abs=5e-4)
 
 
 def test_float32_guard():
@@ -76,55 +78,55 @@ def test_float32_guard():
     float32_event = dp_accounting.SelfComposedDpEvent(float32_round, 100)
     raw = _raw_rdp_epsilon(float32_event)
     assert raw == pytest.approx(2.024, abs=1e-3)
-    assert raw == pytest.approx(privacy.epsilon(
+    assert raw == pytest.approx(accounting.epsilon(
         dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
             0.1, dp_accounting.GaussianDpEvent(float(z_v))), 100), DELTA), rel=1e-6)
     # Guarded: every field a Python number, and epsilon matches the event built
     # from known parameters (7.899) up to float32 rounding of z_v and 1.1.
-    guarded = privacy.as_python_floats(float32_event)
+    guarded = accounting.as_python_floats(float32_event)
     multipliers = [e.noise_multiplier for e in guarded.event.event.events]
     assert all(type(m) is float for m in multipliers)
-    from_params = privacy.epsilon(privacy.dp_event("adaptive", sampling="poisson",
+    from_params = accounting.epsilon(accounting.dp_event("adaptive", sampling="poisson",
                                                    noise_multiplier=1.0, clients_per_round=11,
                                                    num_clients=110, rounds=100), DELTA)
     assert _raw_rdp_epsilon(guarded) == pytest.approx(from_params, rel=1e-4)
-    assert privacy.epsilon(float32_event, DELTA) == pytest.approx(from_params, rel=1e-4)
+    assert accounting.epsilon(float32_event, DELTA) == pytest.approx(from_params, rel=1e-4)
 
 
 def test_fixed_size_sampling_event():
     # Fixed-size sampling without replacement: replace-one adjacency, where two
     # clipped updates differ by up to 2C, so the Gaussian enters with z / 2.
-    event = privacy.dp_event("fixed", sampling="fixed", **REF)
+    event = accounting.dp_event("fixed", sampling="fixed", **REF)
     assert event == dp_accounting.SelfComposedDpEvent(
         dp_accounting.SampledWithoutReplacementDpEvent(
             100, 10, dp_accounting.GaussianDpEvent(0.5)), 100)
-    eps_fixed = privacy.epsilon(event, DELTA)
+    eps_fixed = accounting.epsilon(event, DELTA)
     # RdpAccountant(REPLACE_ONE) on that event: 83.94. With dp-accounting's
     # uncorrected z = 1 it would be 14.05; Poisson (add-or-remove) gives 7.899.
     assert eps_fixed == pytest.approx(83.94, abs=0.01)
     uncorrected = dp_accounting.SelfComposedDpEvent(
         dp_accounting.SampledWithoutReplacementDpEvent(100, 10, dp_accounting.GaussianDpEvent(1.0)),
         100)
-    assert privacy.epsilon(uncorrected, DELTA) == pytest.approx(14.05, abs=0.01)
-    assert eps_fixed > 10 * privacy.epsilon(privacy.dp_event("fixed", sampling="poisson", **REF),
-                                            DELTA)
+    assert accounting.epsilon(uncorrected, DELTA) == pytest.approx(14.05, abs=0.01)
+    poisson = accounting.dp_event("fixed", sampling="poisson", **REF)
+    assert eps_fixed > 10 * accounting.epsilon(poisson, DELTA)
     with pytest.raises(InvalidArgument, match="--dp_accountant='pld'"):
-        privacy.epsilon(event, DELTA, "pld")
+        accounting.epsilon(event, DELTA, "pld")
 
 
 def test_epsilon_per_round_rdp_matches_composition():
-    round_event = privacy.dp_event("fixed", sampling="poisson", **{**REF, "rounds": 1})
-    eps = privacy.epsilon_per_round(round_event, DELTA, rounds=100)
+    round_event = accounting.dp_event("fixed", sampling="poisson", **{**REF, "rounds": 1})
+    eps = accounting.epsilon_per_round(round_event, DELTA, rounds=100)
     assert len(eps) == 100 and all(a < b for a, b in zip(eps, eps[1:], strict=False))
     assert eps[-1] == pytest.approx(7.899, abs=5e-4)
     for k in (1, 10):
         composed = dp_accounting.SelfComposedDpEvent(round_event, k)
-        assert eps[k - 1] == pytest.approx(privacy.epsilon(composed, DELTA), rel=1e-12)
+        assert eps[k - 1] == pytest.approx(accounting.epsilon(composed, DELTA), rel=1e-12)
 
 
 def test_epsilon_per_round_pld():
-    round_event = privacy.dp_event("fixed", sampling="poisson", **{**REF, "rounds": 1})
-    eps = privacy.epsilon_per_round(round_event, DELTA, rounds=100, accountant="pld")
+    round_event = accounting.dp_event("fixed", sampling="poisson", **{**REF, "rounds": 1})
+    eps = accounting.epsilon_per_round(round_event, DELTA, rounds=100, accountant="pld")
     # Grid step 1e-3 (default here) vs 1e-4: 7.04663 vs 7.04660; the coarser grid
     # is pessimistic, so never below.
     assert eps[-1] == pytest.approx(7.047, abs=5e-4) and eps[-1] >= 7.04660
@@ -133,10 +135,10 @@ def test_epsilon_per_round_pld():
 
 
 def test_no_noise_is_infinite_epsilon():
-    event = privacy.dp_event("fixed", sampling="poisson", **{**REF, "noise_multiplier": 0.0})
+    event = accounting.dp_event("fixed", sampling="poisson", **{**REF, "noise_multiplier": 0.0})
     assert event.event == dp_accounting.NonPrivateDpEvent()
-    assert privacy.epsilon(event, DELTA) == math.inf
-    assert privacy.epsilon_per_round(event.event, DELTA, rounds=3) == [math.inf] * 3
+    assert accounting.epsilon(event, DELTA) == math.inf
+    assert accounting.epsilon_per_round(event.event, DELTA, rounds=3) == [math.inf] * 3
 
 
 # ----------------------------------------------------------------------------
@@ -210,11 +212,11 @@ def test_adaptive_constraint_is_tff_constraint():
 
 @pytest.fixture(scope="module")
 def tff_context():
-    from fedprune import runtime
+    from fedprune.runtime import contexts, workers
 
-    runtime.set_local_context()
+    contexts.set_local_context()
     yield
-    runtime.stop_workers()
+    workers.stop_workers()
 
 
 DIM = 2000  # coordinates of the test update; enough for a 10% check of a stddev
@@ -269,14 +271,14 @@ def test_mask_after_aggregation(tff_context):
     rng = np.random.default_rng(0)
     values = [(rng.normal(size=DIM) * 0.01 * mask).astype(np.float32) for _ in range(3)]
     noised = np.asarray(_run(process, values).result)
-    (masked,) = privacy.mask_update([noised], [mask])
+    (masked,) = masking.mask_update([noised], [mask])
     masked = np.asarray(masked)
     assert np.all(masked[mask == 0] == 0.0)
     np.testing.assert_array_equal(masked[mask == 1], noised[mask == 1])
     # Noise norm falls by sqrt(density) = 0.5.
     assert np.linalg.norm(masked) / np.linalg.norm(noised) == pytest.approx(0.5, rel=0.1)
     # Tensors without a mask pass through.
-    passed, _ = privacy.mask_update([noised, masked], [None, mask])
+    passed, _ = masking.mask_update([noised, masked], [None, mask])
     np.testing.assert_array_equal(np.asarray(passed), noised)
 
 
@@ -290,16 +292,16 @@ def test_adaptive_aggregator_state_event(tff_context):
         params.aggregate_stddev(1.0, 11), rel=0.1)
     raw = output.state.dp_event.events[0].noise_multiplier
     assert isinstance(raw, np.float32)  # why the float32 guard exists
-    event = privacy.event_from_aggregator_state(output.state)
+    event = accounting.event_from_aggregator_state(output.state)
     assert all(type(e.noise_multiplier) is float for e in event.events)
-    expected = privacy.mechanism_event("adaptive", noise_multiplier=1.0, clients_per_round=11)
+    expected = accounting.mechanism_event("adaptive", noise_multiplier=1.0, clients_per_round=11)
     for got, want in zip(event.events, expected.events, strict=True):
         assert got.noise_multiplier == pytest.approx(want.noise_multiplier, rel=1e-6)
-    sampled = dp_accounting.SelfComposedDpEvent(privacy.sample_event(
+    sampled = dp_accounting.SelfComposedDpEvent(accounting.sample_event(
         event, sampling="poisson", clients_per_round=11, num_clients=110), 100)
-    assert privacy.epsilon(sampled, DELTA) == pytest.approx(7.899, abs=1e-3)
+    assert accounting.epsilon(sampled, DELTA) == pytest.approx(7.899, abs=1e-3)
     with pytest.raises(ValueError):
-        privacy.event_from_aggregator_state(process.initialize())
+        accounting.event_from_aggregator_state(process.initialize())
 
 
 def test_mass_off_the_mask_cannot_move_the_masked_aggregate_beyond_the_clip(tff_context):
@@ -310,11 +312,11 @@ def test_mass_off_the_mask_cannot_move_the_masked_aggregate_beyond_the_clip(tff_
         "fixed", noise_multiplier=0.0, clip=1.0, clients_per_round=3), dim=4)
     mask = np.array([1, 1, 0, 0], np.float32)
     honest = [np.array([0, 0.3, 0, 0], np.float32), np.array([0, 0.4, 0, 0], np.float32)]
-    (base,) = privacy.mask_update([_run(process, [np.zeros(4, np.float32), *honest]).result],
+    (base,) = masking.mask_update([_run(process, [np.zeros(4, np.float32), *honest]).result],
                                   [mask])
     for bad in ([0.5, 0, 1e6, 0], [3.0, 0, 1e6, 1e6], [1e6, 0, 1.0, 0]):
         bad = np.array(bad, np.float32)
-        (moved,) = privacy.mask_update([_run(process, [bad, *honest]).result], [mask])
+        (moved,) = masking.mask_update([_run(process, [bad, *honest]).result], [mask])
         moved = np.asarray(moved)
         assert np.all(moved[mask == 0] == 0.0)
         shift = np.linalg.norm(moved - np.asarray(base))
@@ -329,31 +331,31 @@ def test_check_aggregator_event(tff_context, kind, z, m):
     process = _create(privacy.build_dp_aggregator(kind, noise_multiplier=z, clip=1.0,
                                                   clients_per_round=m), dim=4)
     state = _run(process, [np.zeros(4, np.float32)] * 2).state
-    assert privacy.check_aggregator_event(state, kind, noise_multiplier=z,
+    assert privacy_report.check_aggregator_event(state, kind, noise_multiplier=z,
                                           clients_per_round=m) == pytest.approx(z, rel=1e-6)
     # An accountant told another noise multiplier (or clipping mode) is caught.
     with pytest.raises(RuntimeError, match="accountant assumes"):
-        privacy.check_aggregator_event(state, kind, noise_multiplier=0.7 * z or 0.5,
+        privacy_report.check_aggregator_event(state, kind, noise_multiplier=0.7 * z or 0.5,
                                        clients_per_round=m)
     with pytest.raises(RuntimeError, match="accountant assumes"):
-        privacy.check_aggregator_event(state, "adaptive" if kind == "fixed" else "fixed",
+        privacy_report.check_aggregator_event(state, "adaptive" if kind == "fixed" else "fixed",
                                        noise_multiplier=0.2 if kind == "fixed" else z,
                                        clients_per_round=m)
 
 
 def test_run_accounting_matches_the_reference():
-    acc = privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
+    acc = accounting.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
                                  clients_per_round=10, num_clients=100, rounds=100, delta=DELTA)
     assert acc.epsilon_after(100) == pytest.approx(7.899, abs=5e-4)
     assert acc.epsilon_after(100, "pld") == pytest.approx(7.047, abs=2e-3)  # grid step 1e-3
     assert len(acc.epsilons["rdp"]) == 100
-    fixed = privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="fixed",
+    fixed = accounting.run_accounting("fixed", noise_multiplier=1.0, sampling="fixed",
                                    clients_per_round=10, num_clients=100, rounds=5, delta=DELTA)
     assert list(fixed.epsilons) == ["rdp"]
     with pytest.raises(InvalidArgument, match="dp_accountant"):
-        privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="fixed",
+        accounting.run_accounting("fixed", noise_multiplier=1.0, sampling="fixed",
                                clients_per_round=10, num_clients=100, rounds=5, delta=DELTA,
                                accountant="pld")
     with pytest.raises(InvalidArgument, match="dp_delta"):
-        privacy.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
+        accounting.run_accounting("fixed", noise_multiplier=1.0, sampling="poisson",
                                clients_per_round=10, num_clients=100, rounds=5, delta=0.05)

@@ -45,7 +45,7 @@ import psutil
 import pytest
 
 from fedprune import checkpoint
-from fedprune.program import TIME_COLUMNS
+from fedprune.outputs import TIME_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 8 rounds: the SIGKILL case kills when round 3 starts, and the 5 rounds left
@@ -55,7 +55,7 @@ FLAGS = (f"--rounds={ROUNDS}", "--num_clients=4", "--clients_per_round=4", "--en
 # Interrupted runs are long enough that no aimed signal can arrive after the end.
 INTERRUPTED_ROUNDS = 60
 RUN_TIMEOUT_S = 600  # a hang guard: a whole small run takes ~15 s alone
-WORKER_EXIT_TIMEOUT_S = 30  # runtime.STOP_GRACE_S is 3 s; the kernel's pdeathsig is immediate
+WORKER_EXIT_TIMEOUT_S = 30  # workers.STOP_GRACE_S is 3 s; the kernel's pdeathsig is immediate
 
 
 # ----------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def test_same_seed_gives_identical_results_beside_another_run(reference, tmp_pat
     Nothing had to be switched on for this: every random choice is a pure
     function of (--seed, round[, client]) -- the partition, the initial weights
     (`tf.keras.utils.set_random_seed` before the model is built), client
-    sampling (`datasets.sample_clients`) and tf.data shuffle seeds
+    sampling (`sampling.sample_clients`) and tf.data shuffle seeds
     (`datasets.client_shuffle_seed`, op-level seeds with
     `reshuffle_each_iteration=False`) -- and, measured here on CPU, TF's kernels
     and the TFF C++ worker's aggregation give the same bits run after run (also
@@ -553,8 +553,9 @@ def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
     check raises it again before the round's evaluation, round 1 stays the last
     one written, and the recorded interrupt is cleared as it leaves.
     """
-    from fedprune import program, runtime
+    from fedprune import program
     from fedprune.config import ExperimentConfig
+    from fedprune.runtime import interrupts
 
     config = ExperimentConfig(rounds=ROUNDS, num_clients=4, clients_per_round=4,
                               end_round=3).validate()
@@ -564,7 +565,7 @@ def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
         phases.append(name)
         if name == "round 2 train":
             try:
-                with runtime.interruptible():  # raise at once, to be swallowed
+                with interrupts.interruptible():  # raise at once, to be swallowed
                     os.kill(os.getpid(), signal.SIGINT)
                     for _ in range(10**6):  # the handler raises in here
                         pass
@@ -578,7 +579,7 @@ def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
                       "round 1 checkpoint", "round 2 train"]
     assert checkpoint_arrays(output_dir)[0] == 1
     assert [r["round"] for r in metrics_without_time(output_dir)] == ["1"]
-    assert runtime.interrupt_signal() is None
+    assert interrupts.interrupt_signal() is None
 
 
 # ----------------------------------------------------------------------------

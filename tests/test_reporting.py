@@ -1,7 +1,6 @@
 """Tests for fedprune.reporting: atomic files, intervals, tables, plots."""
 
 import csv
-import json
 import math
 import os
 
@@ -9,83 +8,6 @@ import numpy as np
 import pytest
 
 from fedprune import reporting
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-# --------------------------------------------------------------------------
-# Atomic files.
-
-
-class TestAtomicWrites:
-    def test_text_replaces_and_leaves_no_temp_file(self, tmp_path):
-        path = tmp_path / "notes.txt"
-        path.write_text("old")
-        assert reporting.atomic_write_text(path, "new\nline\n") == path
-        assert path.read_text() == "new\nline\n"
-        assert os.listdir(tmp_path) == ["notes.txt"]
-
-    def test_new_file_has_default_permissions(self, tmp_path):
-        umask = os.umask(0o022)
-        try:
-            path = reporting.atomic_write_text(tmp_path / "a.txt", "x")
-        finally:
-            os.umask(umask)
-        assert path.stat().st_mode & 0o777 == 0o644  # 0o666 minus the umask, like open()
-
-    def test_json_format(self, tmp_path):
-        path = tmp_path / "config.json"
-        reporting.atomic_write_json(
-            path, {"b": np.float32(0.5), "a": [1, np.int64(2)], "c": np.arange(2)}
-        )
-        assert path.read_text() == (
-            '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 0.5,\n  "c": [\n    0,\n    1\n  ]\n}\n'
-        )
-
-    @pytest.mark.parametrize("bad", [math.nan, math.inf, np.float32("nan")])
-    def test_json_nan_keeps_the_previous_file(self, tmp_path, bad):
-        path = tmp_path / "metrics.json"
-        reporting.atomic_write_json(path, {"accuracy": 0.9})
-        before = path.read_text()
-        with pytest.raises(ValueError):
-            reporting.atomic_write_json(path, {"accuracy": bad})
-        assert path.read_text() == before
-        assert os.listdir(tmp_path) == ["metrics.json"]
-
-    def test_failure_while_writing_keeps_the_previous_file(self, tmp_path, monkeypatch):
-        path = tmp_path / "metrics.csv"
-        reporting.atomic_write_text(path, "round\n1\n")
-
-        def failing_fsync(fd):
-            raise OSError("disk full")
-
-        monkeypatch.setattr(reporting.os, "fsync", failing_fsync)
-        with pytest.raises(OSError, match="disk full"):
-            reporting.atomic_write_text(path, "round\n1\n2\n")
-        assert path.read_text() == "round\n1\n"
-        assert os.listdir(tmp_path) == ["metrics.csv"]
-
-    def test_csv_round_trip_is_exact(self, tmp_path):
-        path = tmp_path / "metrics.csv"
-        rows = [
-            {"round": 1, "test_accuracy": 0.1 + 0.2, "bytes_up": 123456},
-            {"round": 2, "test_accuracy": 1 / 3},  # bytes_up missing: empty cell
-        ]
-        reporting.atomic_write_csv(path, rows, ["round", "test_accuracy", "bytes_up"])
-        assert path.read_text().splitlines()[0] == "round,test_accuracy,bytes_up"
-        back = list(csv.DictReader(path.open()))
-        assert [float(r["test_accuracy"]) for r in back] == [0.1 + 0.2, 1 / 3]
-        assert [r["bytes_up"] for r in back] == ["123456", ""]
-
-    def test_csv_unknown_key_keeps_the_previous_file(self, tmp_path):
-        path = tmp_path / "metrics.csv"
-        reporting.atomic_write_csv(path, [{"round": 1}], ["round"])
-        before = path.read_text()
-        with pytest.raises(ValueError):
-            reporting.atomic_write_csv(path, [{"round": 2, "typo": 0}], ["round"])
-        assert path.read_text() == before
-        assert os.listdir(tmp_path) == ["metrics.csv"]
-
 
 # --------------------------------------------------------------------------
 # Statistics.
@@ -230,84 +152,26 @@ def test_csv_round_trip(table, tmp_path):
     assert os.listdir(tmp_path) == ["table.csv"]
 
 
-# --------------------------------------------------------------------------
-# Plots.
-
-
-def assert_png(path):
-    data = path.read_bytes()
-    assert len(data) > 1000
-    assert data.startswith(PNG_SIGNATURE)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
-
-
-def run_rows(seed, num_rounds=6):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for r in range(num_rounds):
-        rows.append(
-            {
-                "round": str(r),  # as read back from metrics.csv
-                # evaluated every other round: empty cells are skipped
-                "test_accuracy": "" if r % 2 else str(0.5 + 0.05 * r + 0.01 * rng.random()),
-                "global_sparsity": str(min(0.8, 0.2 * r)),
-            }
-        )
-    return rows
-
-
-def test_plot_run_curves(tmp_path):
-    path = reporting.plot_run_curves(run_rows(0), tmp_path / "run.png", title="seed 0")
-    assert path == tmp_path / "run.png"
-    assert_png(path)
-
-
-def test_plot_curves_by_group(tmp_path):
-    runs = [
-        ({"schedule": "constant", "seed": 0}, run_rows(0)),
-        ({"schedule": "constant", "seed": 1}, run_rows(1)),
-        ({"schedule": "polynomial", "seed": 0}, run_rows(2, num_rounds=4)),  # one run: no band
-    ]
-    path = reporting.plot_curves_by_group(runs, "schedule", "test_accuracy", tmp_path / "g.png")
-    assert_png(path)
-
-
-@pytest.mark.parametrize("x", ["final_sparsity", "measured_sparsity"])
-def test_plot_accuracy_vs_sparsity(tmp_path, x):
-    rows = [
-        {"schedule": s, "final_sparsity": fs, "accuracy": 0.9 - fs / 4 + 0.01 * seed,
-         "measured_sparsity": fs + 0.001 * seed}
-        for s in ("constant", "polynomial") for fs in (0.5, 0.8, 0.9) for seed in range(3)
-    ]  # fmt: skip
-    rows.append({"schedule": "oneshot", "final_sparsity": 0.9, "accuracy": 0.6,
-                 "measured_sparsity": 0.9})  # fmt: skip
-    table = reporting.aggregate(
-        rows, ["schedule", "final_sparsity"], ["accuracy", "measured_sparsity"]
-    )
-    path = reporting.plot_accuracy_vs_sparsity(table, tmp_path / "avs.png", x=x)
-    assert_png(path)
-
-
-def test_plot_accuracy_vs_sparsity_rejects_unknown_columns(table, tmp_path):
-    with pytest.raises(ValueError, match="not a metric"):
-        reporting.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", y="test_accuracy")
-    with pytest.raises(ValueError, match="neither"):
-        reporting.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", x="sparsity")
-
-
 def test_importing_does_not_load_heavy_modules():
     import subprocess
     import sys
 
     code = (
-        "import sys, fedprune.reporting, fedprune.communication; "
+        "import sys, fedprune.reporting, fedprune.plots, fedprune.communication; "
         "print(sorted(m for m in ('tensorflow', 'matplotlib', 'scipy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_json_loads_back(tmp_path):
-    obj = {"z": {"b": 1, "a": [0.25, None, "s"]}, "a": True}
-    path = reporting.atomic_write_json(tmp_path / "x.json", obj)
-    assert json.loads(path.read_text()) == obj
+def test_replace_marked_sections_keeps_the_rest_and_places_new_sections_in_order():
+    def markers(name):
+        return f"<!-- {name} -->", f"<!-- /{name} -->"
+
+    text = reporting.replace_marked_sections("# Title\n", {"c": "C1", "a": "A1"}, markers,
+                                             order=("a", "b", "c"))
+    assert text == "# Title\n\n<!-- a -->\nA1\n<!-- /a -->\n\n<!-- c -->\nC1\n<!-- /c -->\n"
+    text = reporting.replace_marked_sections(text + "notes\n", {"b": "B", "a": r"A2 \1"},
+                                             markers, order=("a", "b", "c"))
+    assert text == ("# Title\n\n<!-- a -->\nA2 \\1\n<!-- /a -->\n\n<!-- b -->\nB\n<!-- /b -->"
+                    "\n\n<!-- c -->\nC1\n<!-- /c -->\nnotes\n")

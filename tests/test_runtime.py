@@ -23,8 +23,8 @@ import numpy as np
 import psutil
 import pytest
 
-from fedprune import runtime
 from fedprune.errors import InvalidArgument
+from fedprune.runtime import contexts, interrupts, tf_logging, workers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 120  # TFF import (~10 s, more on a loaded 2-core box) + one computation
@@ -90,7 +90,8 @@ def _kill(identities) -> None:
 
 def test_importing_runtime_and_worker_is_cheap():
     code = (
-        "import sys, fedprune.runtime, fedprune.worker; "
+        "import sys, fedprune.runtime.contexts, fedprune.runtime.interrupts, "
+        "fedprune.runtime.tf_logging, fedprune.runtime.workers, fedprune.worker; "
         "heavy = [m for m in ('tensorflow', 'tensorflow_federated', 'grpc', 'psutil') "
         "if m in sys.modules]; "
         "assert not heavy, heavy"
@@ -99,7 +100,7 @@ def test_importing_runtime_and_worker_is_cheap():
 
 
 def test_find_worker_binary_is_executable():
-    path = runtime.find_worker_binary()
+    path = workers.find_worker_binary()
     assert path.name == "worker_binary"
     assert os.access(path, os.X_OK)
 
@@ -109,7 +110,7 @@ def test_find_worker_binary_is_executable():
 )
 def test_malformed_address_is_rejected(address):
     with pytest.raises(InvalidArgument, match="--tff_workers="):
-        runtime.parse_worker_address(address)
+        contexts.parse_worker_address(address)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_malformed_address_is_rejected(address):
     [("10.0.0.5:8000", ("10.0.0.5", 8000)), ("[::1]:80", ("[::1]", 80)), (" h:1 ", ("h", 1))],
 )
 def test_address_is_parsed(address, expected):
-    assert runtime.parse_worker_address(address) == expected
+    assert contexts.parse_worker_address(address) == expected
 
 
 @pytest.mark.parametrize("verbose, level", [(False, "3"), (True, "0")])
@@ -136,7 +137,7 @@ def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, lev
     saved_absl_verbosity = absl_logging.get_verbosity()
     with warnings.catch_warnings():  # restores the filters this call adds
         try:
-            runtime.quiet_tensorflow_logging(verbose=verbose)
+            tf_logging.quiet_tensorflow_logging(verbose=verbose)
             assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == level
             assert os.environ["GRPC_VERBOSITY"] == ("INFO" if verbose else "ERROR")
             expected = logging.INFO if verbose else logging.ERROR
@@ -148,22 +149,22 @@ def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, lev
 
 
 def test_worker_environment_caps_malloc_arenas_unless_told_otherwise():
-    arenas = runtime.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
+    arenas = workers.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
     assert int(arenas) >= 2
-    assert runtime.worker_environment({"A": "1"}) == {"A": "1", "MALLOC_ARENA_MAX": arenas}
-    assert runtime.worker_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
-    glibc = {runtime.WORKER_MALLOC_ENV: "glibc"}
-    assert runtime.worker_environment(glibc) == glibc
+    assert workers.worker_environment({"A": "1"}) == {"A": "1", "MALLOC_ARENA_MAX": arenas}
+    assert workers.worker_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+    glibc = {workers.WORKER_MALLOC_ENV: "glibc"}
+    assert workers.worker_environment(glibc) == glibc
     with pytest.raises(ValueError, match="FEDPRUNE_WORKER_MALLOC='jemalloc'"):
-        runtime.worker_environment({runtime.WORKER_MALLOC_ENV: "jemalloc"})
+        workers.worker_environment({workers.WORKER_MALLOC_ENV: "jemalloc"})
 
 
 def test_start_worker_refuses_a_port_in_use():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
-        with pytest.raises(runtime.WorkerStartError, match="already in use"):
-            runtime.start_worker_process(sock.getsockname()[1])
+        with pytest.raises(workers.WorkerStartError, match="already in use"):
+            workers.start_worker_process(sock.getsockname()[1])
 
 
 # ----------------------------------------------------------------------------
@@ -174,11 +175,11 @@ _EXIT_PATH_SCRIPT = textwrap.dedent(
     import sys
     import time
 
-    from fedprune import runtime
+    from fedprune.runtime import contexts, interrupts, tf_logging
 
-    runtime.quiet_tensorflow_logging(verbose=False)
-    runtime.install_worker_cleanup()
-    runtime.set_local_context()
+    tf_logging.quiet_tensorflow_logging(verbose=False)
+    interrupts.install_worker_cleanup()
+    contexts.set_local_context()
 
     import numpy as np
     import tensorflow_federated as tff
@@ -223,14 +224,14 @@ def test_no_worker_survives_exit_path(tmp_path, mode):
         stderr=subprocess.PIPE,
         env=_child_env(),
     )
-    workers = []
+    found = []
     try:
         head = _read_until(child.stdout, b"READY\n", CHILD_TIMEOUT_S)
         if b"READY\n" not in head:
             child.kill()
             _, err = child.communicate(timeout=30)
             pytest.fail(f"child never got READY: {head!r}\n{err.decode()[-2000:]}")
-        workers = _identities(runtime.worker_descendants(child.pid))
+        found = _identities(workers.worker_descendants(child.pid))
         assert workers, "the computation did not start a worker_binary under the child"
 
         if mode == "exception":
@@ -250,12 +251,12 @@ def test_no_worker_survives_exit_path(tmp_path, mode):
         if mode == "exception":
             assert b"RuntimeError: boom" in err
         # (b) no worker_binary started under the child outlives it.
-        assert not _survivors(workers), f"surviving workers after {mode}: {workers}"
+        assert not _survivors(found), f"surviving workers after {mode}: {found}"
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(timeout=30)
-        _kill(workers)
+        _kill(found)
 
 
 # ----------------------------------------------------------------------------
@@ -273,23 +274,23 @@ def _start_worker_module(port: int, log_file: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_worker_module_serves_and_stops_on_sigterm(tmp_path):
-    port = runtime.pick_unused_port()
+    port = workers.pick_unused_port()
     service = _start_worker_module(port, tmp_path / "worker.log")
-    workers = []
+    found = []
     try:
         banner = _read_until(service.stderr, b"serving port", 60)
         assert b"serving port" in banner, banner
-        workers = _identities(runtime.worker_descendants(service.pid))
-        assert len(workers) == 1
-        environ = psutil.Process(workers[0][0]).environ()
-        assert environ.get("MALLOC_ARENA_MAX") == runtime.worker_environment()["MALLOC_ARENA_MAX"]
+        found = _identities(workers.worker_descendants(service.pid))
+        assert len(found) == 1
+        environ = psutil.Process(found[0][0]).environ()
+        assert environ.get("MALLOC_ARENA_MAX") == workers.worker_environment()["MALLOC_ARENA_MAX"]
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
         service.send_signal(signal.SIGTERM)
         _, err = service.communicate(timeout=30)
         assert service.returncode == 0, err
         assert b"stopped on SIGTERM" in err
-        assert not _survivors(workers)
+        assert not _survivors(found)
         # The binary's output goes to the log, never to our pipes (it may not have
         # written anything yet under load, so only the file's existence is certain).
         assert (tmp_path / "worker.log").exists()
@@ -297,23 +298,23 @@ def test_worker_module_serves_and_stops_on_sigterm(tmp_path):
         if service.poll() is None:
             service.kill()
             service.wait(timeout=30)
-        _kill(workers)
+        _kill(found)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not runtime._pdeathsig_prefix(), reason="needs Linux setpriv --pdeathsig")
+@pytest.mark.skipif(not workers._pdeathsig_prefix(), reason="needs Linux setpriv --pdeathsig")
 def test_worker_dies_with_a_sigkilled_parent(tmp_path):
-    service = _start_worker_module(runtime.pick_unused_port(), tmp_path / "worker.log")
-    workers = []
+    service = _start_worker_module(workers.pick_unused_port(), tmp_path / "worker.log")
+    found = []
     try:
         assert b"serving port" in _read_until(service.stderr, b"serving port", 60)
-        workers = _identities(runtime.worker_descendants(service.pid))
+        found = _identities(workers.worker_descendants(service.pid))
         assert workers
         service.kill()  # no handler, no atexit: only the parent-death signal is left
         service.communicate(timeout=30)
-        assert not _survivors(workers)
+        assert not _survivors(found)
     finally:
-        _kill(workers)
+        _kill(found)
 
 
 def test_worker_module_refuses_a_port_in_use(tmp_path):
@@ -348,8 +349,8 @@ def tff():
 def two_workers():
     processes, addresses = [], []
     for _ in range(2):  # one after the other, so the second probe sees the first port taken
-        port = runtime.pick_unused_port()
-        processes.append(runtime.start_worker_process(port))
+        port = workers.pick_unused_port()
+        processes.append(workers.start_worker_process(port))
         addresses.append(f"127.0.0.1:{port}")
     yield addresses
     for process in processes:
@@ -382,7 +383,7 @@ def fedavg(tff):
         model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.5)
     )
     clients = [client_data(seed) for seed in range(5)]
-    runtime.set_local_context()
+    contexts.set_local_context()
     state = process.initialize()
     local = process.next(state, clients)
     return process, state, clients, local
@@ -395,7 +396,7 @@ def _trainable(output) -> list[np.ndarray]:
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_remote_round_matches_local(tff, two_workers, fedavg, num_workers):
     process, state, clients, local = fedavg
-    context = runtime.set_remote_context(two_workers[:num_workers], connect_timeout_s=10)
+    context = contexts.set_remote_context(two_workers[:num_workers], connect_timeout_s=10)
     expected_type = (
         tff.framework.SyncExecutionContext
         if num_workers == 1
@@ -415,10 +416,10 @@ def test_remote_round_matches_local(tff, two_workers, fedavg, num_workers):
 
 
 def test_unreachable_address_fails_fast_naming_it(two_workers):
-    dead = f"127.0.0.1:{runtime.pick_unused_port()}"
+    dead = f"127.0.0.1:{workers.pick_unused_port()}"
     start = time.monotonic()
-    with pytest.raises(runtime.WorkerUnreachableError) as error:
-        runtime.set_remote_context([two_workers[0], dead], connect_timeout_s=1.0)
+    with pytest.raises(contexts.WorkerUnreachableError) as error:
+        contexts.set_remote_context([two_workers[0], dead], connect_timeout_s=1.0)
     assert time.monotonic() - start < 5
     message = str(error.value)
     assert "\n" not in message
@@ -426,7 +427,7 @@ def test_unreachable_address_fails_fast_naming_it(two_workers):
 
 
 def test_async_local_context_serves_tff_programs(tff):
-    context = runtime.set_local_context(asynchronous=True, default_num_clients=3)
+    context = contexts.set_local_context(asynchronous=True, default_num_clients=3)
     assert isinstance(context, tff.program.NativeFederatedContext)
 
     @tff.federated_computation()
@@ -440,9 +441,9 @@ def test_async_local_context_serves_tff_programs(tff):
 
 
 def test_local_context_restarts_a_dead_worker(tff):
-    before = {p.pid for p in runtime.worker_descendants()}
-    runtime.set_local_context()
-    (worker,) = [p for p in runtime.worker_descendants() if p.pid not in before]
+    before = {p.pid for p in workers.worker_descendants()}
+    contexts.set_local_context()
+    (worker,) = [p for p in workers.worker_descendants() if p.pid not in before]
 
     @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
     def mean(values):
@@ -456,11 +457,11 @@ def test_local_context_restarts_a_dead_worker(tff):
 
 
 def test_remote_worker_that_dies_raises_instead_of_retrying_forever(tff):
-    port = runtime.pick_unused_port()
-    worker = runtime.start_worker_process(port)
+    port = workers.pick_unused_port()
+    worker = workers.start_worker_process(port)
     address = f"127.0.0.1:{port}"
     try:
-        runtime.set_remote_context([address], connect_timeout_s=1.0)
+        contexts.set_remote_context([address], connect_timeout_s=1.0)
 
         @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
         def mean(values):
@@ -471,7 +472,7 @@ def test_remote_worker_that_dies_raises_instead_of_retrying_forever(tff):
         worker.wait(timeout=10)
         start = time.monotonic()
         # TFF alone would retry UNAVAILABLE forever.
-        with pytest.raises(runtime.WorkerUnreachableError, match=address):
+        with pytest.raises(contexts.WorkerUnreachableError, match=address):
             mean([1.0, 3.0])
         assert time.monotonic() - start < 10
     finally:
@@ -488,10 +489,10 @@ def test_remote_worker_that_dies_raises_instead_of_retrying_forever(tff):
 _HANDLER_SCRIPT = textwrap.dedent(
     """
     import json, os, signal
-    from fedprune import runtime
+    from fedprune.runtime import interrupts, workers
 
-    runtime.install_worker_cleanup()
-    worker = runtime.start_worker_process(runtime.pick_unused_port())
+    interrupts.install_worker_cleanup()
+    worker = workers.start_worker_process(workers.pick_unused_port())
     result = {"own_group": os.getpgid(worker.pid) != os.getpgid(0)}
     for name in ("SIGINT", "SIGTERM"):
         try:
@@ -500,31 +501,31 @@ _HANDLER_SCRIPT = textwrap.dedent(
                 pass
             result[name] = "not raised"
         except KeyboardInterrupt as e:
-            result[name] = [type(e).__name__, runtime.interrupt_signal(), worker.poll() is None]
-        except runtime.Terminated as e:
-            result[name] = [type(e).__name__, e.code, runtime.interrupt_signal(),
+            result[name] = [type(e).__name__, interrupts.interrupt_signal(), worker.poll() is None]
+        except interrupts.Terminated as e:
+            result[name] = [type(e).__name__, e.code, interrupts.interrupt_signal(),
                             worker.poll() is None]
-        runtime.clear_interrupt()
+        interrupts.clear_interrupt()
 
     # Inside deferred_interrupts() the handler only records; the block's end raises.
     try:
-        with runtime.deferred_interrupts():
+        with interrupts.deferred_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(10**6):
                 pass
-            result["deferred"] = ["not raised inside", runtime.interrupt_signal()]
+            result["deferred"] = ["not raised inside", interrupts.interrupt_signal()]
     except KeyboardInterrupt:
         result["deferred"].append("raised at the end")
-    runtime.clear_interrupt()
+    interrupts.clear_interrupt()
     # ... except inside interruptible() (waiting on the worker): raised at once.
     try:
-        with runtime.deferred_interrupts():
-            with runtime.interruptible():
+        with interrupts.deferred_interrupts():
+            with interrupts.interruptible():
                 os.kill(os.getpid(), signal.SIGTERM)
                 for _ in range(10**6):
                     pass
                 result["interruptible"] = "not raised"
-    except runtime.Terminated:
+    except interrupts.Terminated:
         result["interruptible"] = "raised at once"
     print(json.dumps(result))
     """
@@ -561,10 +562,10 @@ def test_interrupt_handlers_only_record_and_raise(tmp_path):
 _FINALIZER_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from fedprune import runtime
+    from fedprune.runtime import interrupts
 
     if sys.argv[1] == "installed":
-        runtime.install_worker_cleanup()
+        interrupts.install_worker_cleanup()
 
 
     class Finalized:
@@ -577,7 +578,7 @@ _FINALIZER_SCRIPT = textwrap.dedent(
     Finalized()  # dropped at once: Python swallows what its __del__ raises
     print("carried on", flush=True)
     try:
-        runtime.raise_if_interrupted()
+        interrupts.raise_if_interrupted()
         print("not raised again")
     except KeyboardInterrupt:
         print("raised again")
@@ -602,14 +603,14 @@ def test_interrupt_swallowed_by_a_finalizer_is_raised_again(tmp_path, handlers, 
 
 
 def _new_worker(before: set[int]) -> psutil.Process:
-    (worker,) = [p for p in runtime.worker_descendants() if p.pid not in before]
+    (worker,) = [p for p in workers.worker_descendants() if p.pid not in before]
     return worker
 
 
 def test_no_worker_is_restarted_once_shutdown_has_begun(tff, monkeypatch):
     """After `begin_shutdown` a call that needs the dead worker fails; none is started."""
-    before = {p.pid for p in runtime.worker_descendants()}
-    runtime.set_local_context()
+    before = {p.pid for p in workers.worker_descendants()}
+    contexts.set_local_context()
     worker = _new_worker(before)
 
     @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
@@ -618,15 +619,15 @@ def test_no_worker_is_restarted_once_shutdown_has_begun(tff, monkeypatch):
 
     assert mean([1.0, 3.0]) == 2.0
     try:
-        monkeypatch.setattr(runtime, "_shutting_down", True)  # what begin_shutdown() sets
+        monkeypatch.setattr(interrupts, "_shutting_down", True)  # what begin_shutdown() sets
         worker.kill()
         worker.wait(timeout=10)
-        with pytest.raises(runtime.ShutdownInProgress, match="exiting"):
+        with pytest.raises(interrupts.ShutdownInProgress, match="exiting"):
             mean([1.0, 3.0])
-        assert [p.pid for p in runtime.worker_descendants() if p.pid not in before] == []
+        assert [p.pid for p in workers.worker_descendants() if p.pid not in before] == []
     finally:
         monkeypatch.undo()
-        runtime.set_local_context()  # a live context for the tests after this one
+        contexts.set_local_context()  # a live context for the tests after this one
 
 
 @pytest.mark.parametrize("first", ["next", "get_model_weights"])
@@ -639,8 +640,8 @@ def test_killed_worker_then_next_and_get_model_weights_recover(tff, fedavg, firs
     worker's closed channel: `ValueError: Cannot invoke RPC on closed channel!`.
     """
     process, state, clients, local = fedavg
-    before = {p.pid for p in runtime.worker_descendants()}
-    runtime.set_local_context()
+    before = {p.pid for p in workers.worker_descendants()}
+    contexts.set_local_context()
     worker = _new_worker(before)
     process.get_model_weights(process.next(state, clients).state)  # both executors cached
     worker.kill()
@@ -656,4 +657,4 @@ def test_killed_worker_then_next_and_get_model_weights_recover(tff, fedavg, firs
         np.testing.assert_array_equal(got, want)
     for got, want in zip(results["get_model_weights"], _trainable(local), strict=True):
         np.testing.assert_array_equal(got, want)
-    assert len([p for p in runtime.worker_descendants() if p.pid not in before]) == 1
+    assert len([p for p in workers.worker_descendants() if p.pid not in before]) == 1

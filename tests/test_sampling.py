@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedprune import datasets, sampling
+from fedprune import sampling
 from fedprune.errors import InvalidArgument
 
 IDS = [f"c{i:03d}" for i in range(100)]
@@ -41,7 +41,7 @@ def test_poisson_round_can_be_empty():
 
 def test_sample_round_modes():
     fixed = sampling.sample_round("fixed", IDS, clients_per_round=10, seed=3, round_num=2)
-    assert fixed == datasets.sample_clients(IDS, 10, seed=3, round_num=2)
+    assert fixed == sampling.sample_clients(IDS, 10, seed=3, round_num=2)
     poisson = sampling.sample_round("poisson", IDS, clients_per_round=10, seed=3, round_num=2)
     assert poisson == sampling.poisson_sample(IDS, 0.1, seed=3, round_num=2)
     assert sampling.poisson_rate(10, 100) == 0.1
@@ -62,3 +62,19 @@ def test_sample_round_rejects(mode, clients_per_round, flag):
 def test_poisson_rejects_rate(rate):
     with pytest.raises(ValueError, match="rate"):
         sampling.poisson_sample(IDS, rate, seed=0, round_num=0)
+
+
+def test_sample_clients_is_a_function_of_seed_and_round():
+    ids = [str(i) for i in range(100)]
+    rounds = [sampling.sample_clients(ids, 10, seed=1, round_num=r) for r in range(5)]
+    # "Resuming" at round 3 gives the same sample as the uninterrupted sequence.
+    assert sampling.sample_clients(ids, 10, seed=1, round_num=3) == rounds[3]
+    assert all(len(set(s)) == 10 and set(s) <= set(ids) for s in rounds)
+    assert rounds[0] != rounds[1]
+    assert sampling.sample_clients(ids, 10, seed=2, round_num=0) != rounds[0]
+
+
+@pytest.mark.parametrize("k", [0, 101])
+def test_sample_clients_rejects_bad_count(k):
+    with pytest.raises(InvalidArgument, match=f"^--clients_per_round={k}"):
+        sampling.sample_clients([str(i) for i in range(100)], k, seed=0, round_num=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedprune import runtime
+from fedprune.runtime import workers
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--rounds=4", "--end_round=3", "--num_clients=6", "--clients_per_round=6",
@@ -58,10 +58,10 @@ def _assert_same_run(a, b, atol=1e-5):
 
 @pytest.fixture
 def two_workers():
-    ports = [runtime.pick_unused_port(), runtime.pick_unused_port()]
-    workers = [runtime.start_worker_process(port) for port in ports]
-    yield workers, ",".join(f"127.0.0.1:{port}" for port in ports)
-    for worker in workers:
+    ports = [workers.pick_unused_port(), workers.pick_unused_port()]
+    started = [workers.start_worker_process(port) for port in ports]
+    yield started, ",".join(f"127.0.0.1:{port}" for port in ports)
+    for worker in started:
         worker.kill()
         worker.wait()
 
@@ -116,7 +116,7 @@ def test_worker_killed_mid_run_then_resume(local_run, two_workers, tmp_path):
 
 def test_unreachable_worker_fails_before_training(tmp_path):
     """One line, status 2, nothing written, TensorFlow never imported (after a 10 s probe)."""
-    port = runtime.pick_unused_port()  # nothing listens there
+    port = workers.pick_unused_port()  # nothing listens there
     process = _cli(f"--output_dir={tmp_path / 'x'}", f"--tff_workers=127.0.0.1:{port}",
                    python_flags=("-X", "importtime"))
     _, err = process.communicate(timeout=HANG_GUARD_S)

@@ -1,0 +1,200 @@
+"""The benchmark's scale section: round time and memory with many clients.
+
+Each setting runs in a fresh child process (`python -m experiments.benchmark
+--scale_child=N`), which reports its measurements as one `SCALE_RESULT_PREFIX`
+line of JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from experiments.process_stats import (
+    arena_max,
+    format_seconds,
+    median_range,
+    peak_rss,
+    worker_processes,
+)
+from fedprune.assembly import round_inputs
+
+if TYPE_CHECKING:
+    from experiments.benchmark import Plan
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Allocator settings of the scale section's workers: fedprune's defaults, or glibc's own.
+WORKER_MALLOC_MODES = ("fedprune", "glibc")
+MAX_RSS_GROWTH = 0.05  # fraction; more from the baseline round to the last suggests a leak
+SCALE_RESULT_PREFIX = "SCALE_RESULT "
+# The control's data: every client gets 1-2 of digits' 1,437 training examples.
+CONTROL_FLAGS = ("--scale_dataset=digits", "--partition=iid")
+
+
+def rss_slope(result: dict, key: str = "worker") -> float:
+    """Least-squares RSS slope in MiB per round over the second half of a scale run.
+
+    A per-round leak shows as a positive slope however the first rounds went;
+    a one-off rise (e.g. after the largest client so far) does not.
+    """
+    rss = result["rss"]
+    first = len(rss) // 2
+    rounds = list(range(first + 1, len(rss) + 1))
+    mib = [r[key] / 2**20 for r in rss[first:]]
+    return statistics.linear_regression(rounds, mib).slope
+
+
+def scale_markdown(results: Sequence[dict]) -> str:
+    """The scale table, one row per child process (from `run_scale_child`)."""
+    mib = 1024**2
+    lines = ["| dataset | clients | per round | worker malloc | MALLOC_ARENA_MAX | rounds "
+             "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
+             "| RSS growth Python | RSS growth worker | RSS growth total "
+             "| worker RSS slope, 2nd half (MiB/round) | largest client so far (examples) |",
+             "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: "
+             "| --: | --: |"]
+    for r in results:
+        med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
+        growth = r["rss_growth"]
+        cells = [f"{100 * growth[k]:+.1f} %" + ("" if growth[k] < MAX_RSS_GROWTH else " ✗")
+                 for k in ("python", "worker", "total")]
+        largest = r["largest_client"]
+        lines.append(
+            f"| {r.get('dataset', '')} | {r['num_clients']} | {r['clients_per_round']} "
+            f"| {r.get('worker_malloc', '')} | {r.get('malloc_arena_max', 'unset')} "
+            f"| {r['rounds']} "
+            f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} "
+            f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
+            f"| {' | '.join(cells)} | {rss_slope(r):+.2f} "
+            f"| {largest[r['baseline_round'] - 1]:,} → {largest[-1]:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
+    """Runs fedprune (a) for `rounds` rounds, sampling RSS after every round.
+
+    Returns:
+      A JSON-able dict: round seconds, RSS samples, peak RSS and growth.
+    """
+    import psutil
+
+    from fedprune import assembly
+    from fedprune.runtime import workers
+
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
+    state = pp.process.initialize()
+    me = psutil.Process()
+    round_seconds, rss, largest = [], [], []
+    for round_num in range(1, rounds + 1):
+        start = time.perf_counter()
+        batches = round_inputs(config, data, round_num)
+        state = pp.process.next(state, batches.datasets).state
+        round_seconds.append(time.perf_counter() - start)
+        # Memory that malloc keeps after the largest client so far is not a leak.
+        largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))
+        procs = worker_processes()
+        rss.append({"python": rss(me), "worker": sum(rss(w) for w in procs)})
+        if round_num % 10 == 0 or round_num == rounds:
+            log(f"round {round_num}/{rounds}: {round_seconds[-1]:.3f} s, RSS python "
+                f"{rss[-1]['python'] / 2**20:.0f} MiB, worker {rss[-1]['worker'] / 2**20:.0f} MiB")
+    procs = worker_processes()
+    peak = {"python": peak_rss(me), "worker": sum(peak_rss(w) for w in procs)}
+    before, after = rss[baseline_round - 1], rss[-1]
+    growth = {k: after[k] / before[k] - 1 for k in ("python", "worker")}
+    growth["total"] = (after["python"] + after["worker"]) / (
+        before["python"] + before["worker"]) - 1
+    return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
+            "malloc_arena_max": arena_max(procs),
+            "worker_malloc": os.environ.get(workers.WORKER_MALLOC_ENV) or "fedprune",
+            "dataset": config.dataset + ("" if config.dataset == "synthetic"
+                                         else f" {config.partition}"),
+            "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
+            "rss": rss, "peak_rss": peak, "rss_growth": growth, "largest_client": largest}
+
+
+def _child_env(malloc: str) -> dict[str, str]:
+    """This process's environment, for a child whose worker gets `malloc`'s settings.
+
+    The glibc variables are removed, so the child (Python) runs with glibc's
+    defaults either way and its worker with `runtime.workers.worker_environment`'s.
+    """
+    from fedprune.runtime import workers
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    env[workers.WORKER_MALLOC_ENV] = malloc
+    return env
+
+
+def run_scale(plan: Plan, log) -> tuple[str, str]:
+    """Runs each scale setting in a child process (clean peak RSS); returns (table, notes).
+
+    glibc gives each thread that allocates concurrently its own malloc arena (up
+    to 8 per core) and rarely returns their free space, so a multi-threaded
+    process such as TFF's worker can grow without leaking. fedprune caps the
+    worker's arenas (`runtime.workers.WORKER_MALLOC_DEFAULTS`); the `glibc` rows start
+    it with glibc's defaults (`FEDPRUNE_WORKER_MALLOC=glibc`). The child Python
+    process runs with glibc's defaults in every row.
+    """
+    results = []
+    for cpr, malloc, control in plan.scale_runs:
+        log(f"scale: {plan.scale_clients} clients, {cpr} per round, worker malloc {malloc}"
+            f"{', control' if control else ''}, in a child process")
+        args = [sys.executable, "-m", "experiments.benchmark", *sys.argv[1:],
+                f"--scale_child={cpr}", *(CONTROL_FLAGS if control else ())]
+        child = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, text=True, env=_child_env(malloc))
+        result = None
+        try:
+            for line in child.stdout:
+                if line.startswith(SCALE_RESULT_PREFIX):
+                    result = json.loads(line[len(SCALE_RESULT_PREFIX):])
+                else:
+                    log(f"  [{cpr}/round] {line.rstrip()}")
+            status = child.wait()
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        if status != 0 or result is None:
+            raise RuntimeError(f"scale child (--scale_child={cpr}) failed with status {status}")
+        results.append(result)
+    config = next(iter(plan.scale.values()))
+    if config.dataset == "synthetic":
+        dataset = (f"Synthetic(α={config.synthetic_alpha:g}, β={config.synthetic_beta:g}) "
+                   "(Li et al. 2020; log-normal client sizes)")
+    else:
+        dataset = f"{config.dataset} ({config.partition} partition)"
+    notes = f"""Setting: {dataset} with {config.num_clients} clients, model `{config.model}`,
+batch {config.batch_size}, {config.local_epochs} local epoch(s), fedprune masking both,
+polynomial (power {config.power:g}) {config.initial_sparsity:g} →
+{config.final_sparsity:g} over rounds
+{config.begin_round}–{config.end_round}. Each setting runs in a fresh child process
+(its own `worker_binary`), one after another, so their round times compare only as well as
+the machine's load allowed (the load averages above); the speed section interleaves its
+variants. Round time includes building the round's client datasets and
+`process.next`, medians over rounds {plan.scale_baseline + 1}–{plan.scale_rounds}. Peak
+RSS is the kernel's high-water mark (VmHWM) of each process. RSS growth compares the RSS
+sampled after round {plan.scale_baseline} with that after the last round; ✗ marks growth
+of {100 * MAX_RSS_GROWTH:.0f} % or more. The slope is a least-squares fit of the worker's RSS
+over the second half of the rounds: a per-round leak keeps it positive, while a one-off rise
+does not, such as malloc keeping the memory of the largest client trained so far (last
+column: its size at round {plan.scale_baseline} → at the end). "worker
+malloc" is how the worker was started: `fedprune`, with fedprune's defaults
+(`runtime.workers.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
+(`FEDPRUNE_WORKER_MALLOC=glibc`); MALLOC_ARENA_MAX is read from the running worker's
+environment ("unset": glibc's default, up to 8 arenas per core); the Python process runs
+with glibc's defaults in every row. The `digits iid` rows are a control, not the workload:
+the same rounds, model and worker on digits split iid over the same number of clients (1-2
+examples each), so no round brings a larger client than before; a per-round leak of the
+round machinery (TFF calls, masks, server state) would grow there too, while memory kept
+after the largest client so far does not."""
+    return scale_markdown(results), notes

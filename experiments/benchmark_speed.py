@@ -1,0 +1,352 @@
+"""The benchmark's speed section: round time of fedprune vs TFF FedAvg vs Keras.
+
+Variants (a), (b), (c), (c-iter), (d), (e) and (a+) as described in
+`experiments/benchmark.py`; each runs its round 1 in `prepare` and one round
+per `step`, interleaved round by round, all on the same `assembly.round_inputs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from experiments.process_stats import cpu_seconds, format_seconds, median_range
+from fedprune.assembly import RoundInputs, round_inputs
+
+if TYPE_CHECKING:
+    from experiments.benchmark import Plan
+
+# Targets the project set for fedprune's round time (issue 8).
+TARGETS = {"a/c": 1.0, "a/d": 1.5}
+
+
+RATIOS = ("a/c", "a/d", "c/d", "b/c", "a/c-iter", "c-iter/d", "a+/a")
+
+
+def speed_ratios(medians: dict[str, float]) -> dict[str, float]:
+    """Ratios of median round seconds (`RATIOS` whose variants were measured).
+
+    Args:
+      medians: variant key (e.g. "a", "c-iter") -> median round seconds.
+    """
+    ratios = {}
+    for name in RATIOS:
+        top, bottom = name.split("/")
+        if top in medians and bottom in medians:
+            ratios[name] = medians[top] / medians[bottom]
+    return ratios
+
+
+@dataclasses.dataclass
+class VariantTiming:
+    """Per-round measurements of one speed variant (timed rounds only).
+
+    Attributes:
+      key: short name, e.g. "a" or "a+".
+      label: the table's row label.
+      wall: wall seconds per round.
+      python_cpu: CPU seconds of this process (all threads) per round.
+      worker_cpu: CPU seconds of TFF's worker processes per round.
+    """
+
+    key: str
+    label: str
+    wall: list[float] = dataclasses.field(default_factory=list)
+    python_cpu: list[float] = dataclasses.field(default_factory=list)
+    worker_cpu: list[float] = dataclasses.field(default_factory=list)
+
+
+def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[float]) -> str:
+    """The speed tables: per-variant round time and CPU, then the tracked ratios."""
+    medians = {t.key: statistics.median(t.wall) for t in timings}
+    lines = ["| variant | median (s) | min–max (s) | vs (c) | vs (d) | Python CPU (s) "
+             "| worker CPU (s) |", "| :-- | --: | --: | --: | --: | --: | --: |"]
+    for t in timings:
+        med, lo, hi = median_range(t.wall)
+        lines.append(
+            f"| {t.label} | {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} "
+            f"| {med / medians['c']:.2f} | {med / medians['d']:.2f} "
+            f"| {format_seconds(statistics.median(t.python_cpu))} "
+            f"| {format_seconds(statistics.median(t.worker_cpu))} |")
+    med, lo, hi = median_range(input_seconds)
+    lines.append(f"| (input) build the round's client datasets, not in any row above "
+                 f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} | | | | |")
+    lines += ["", "| ratio | median round time ratio | target |", "| :-- | --: | :-- |"]
+    for name, value in speed_ratios(medians).items():
+        target = TARGETS.get(name)
+        verdict = "" if target is None else (
+            f"≤ {target:g} ({'met' if value <= target else 'not met'})")
+        lines.append(f"| {name} | {value:.2f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+class TffVariant:
+    """A TFF learning process: `state = process.next(state, datasets).state`."""
+
+    def __init__(self, process, state, pruning_process=None):
+        self.process = process
+        self.state = state
+        self.pruning_process = pruning_process  # fedprune's `PruningProcess`, if any
+
+    def step(self, batches: RoundInputs) -> None:
+        # `next` returns numpy values: the state is back in Python when it returns.
+        self.state = self.process.next(self.state, batches.datasets).state
+
+    def weights(self):
+        return self.process.get_model_weights(self.state)
+
+
+class KerasVariant:
+    """Keras `fit`, one epoch over the concatenation of the round's client datasets."""
+
+    def __init__(self, model, callbacks=()):
+        self.model = model
+        self.callbacks = list(callbacks)
+
+    def step(self, batches: RoundInputs) -> None:
+        dataset = functools.reduce(lambda a, b: a.concatenate(b), batches.datasets)
+        dataset = dataset.map(lambda b: (b["x"], b["y"]))
+        self.model.fit(dataset, epochs=1, verbose=0, callbacks=self.callbacks)
+
+
+class ProgramVariant:
+    """`program.run_experiment` in a thread, released one round at a time.
+
+    Its `log` callback, called once at the end of every round, reports the
+    round and blocks until the next `step`, so the benchmark interleaves whole
+    experiment rounds (data, `next`, byte accounting, evaluation, metrics CSV,
+    TensorBoard, checkpoint) with the other variants' rounds.
+    """
+
+    def __init__(self, config, output_dir: Path, last_round: int):
+        import tensorflow_federated as tff
+
+        # TFF's context stack is thread-local: hand the thread this thread's context.
+        self._context = tff.framework.get_context_stack().current
+        self._go: queue.Queue[bool] = queue.Queue()
+        self._done: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, args=(config, output_dir, last_round), daemon=True)
+
+    def _run(self, config, output_dir, last_round) -> None:
+        import tensorflow_federated as tff
+
+        from fedprune import program
+
+        try:
+            with tff.framework.get_context_stack().install(self._context):
+                program.run_experiment(config, output_dir, log=self._on_log,
+                                       stop_after_round=last_round)
+            self._done.put(None)
+        except BaseException as e:  # handed to the main thread, which re-raises
+            self._done.put(e)
+
+    def _on_log(self, line: str) -> None:
+        if line.startswith("round "):
+            self._done.put(line)
+            self._go.get()
+
+    def _wait(self) -> None:
+        result = self._done.get()
+        if isinstance(result, BaseException):
+            raise RuntimeError("run_experiment failed in variant (a+)") from result
+        if result is None:
+            raise RuntimeError("run_experiment stopped before the benchmark's last round")
+
+    def prepare(self) -> None:
+        """Starts the thread and waits for round 1 (set-up included) to finish."""
+        self._thread.start()
+        self._wait()
+
+    def step(self, batches: RoundInputs) -> None:
+        del batches  # run_experiment builds its own, for the same round
+        self._go.put(True)
+        self._wait()
+
+    def finish(self) -> None:
+        self._go.put(True)
+        result = self._done.get()
+        self._thread.join(timeout=60)
+        if isinstance(result, BaseException):
+            raise RuntimeError("run_experiment failed in variant (a+)") from result
+
+
+VARIANT_LABELS = {
+    "a": "(a) fedprune, masking both, polynomial",
+    "b": "(b) fedprune, masking none",
+    "c": "(c) TFF build_weighted_fed_avg",
+    "c-iter": "(c-iter) the same, loop_implementation=DATASET_ITERATOR",
+    "d": "(d) Keras fit, same batches (floor)",
+    "e": "(e) Keras fit + tfmot pruning",
+    "a+": "(a+) fedprune run_experiment round",
+}
+
+
+def _compile(model, config):
+    import tensorflow as tf
+
+    model.compile(
+        optimizer=tf.keras.optimizers.SGD(learning_rate=config.client_lr,
+                                          momentum=config.client_momentum),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+    return model
+
+
+def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) -> dict:
+    """Builds every speed variant from identical initial weights and runs its round 1.
+
+    Returns:
+      key -> variant, in interleaving order.
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+    import tensorflow_model_optimization as tfmot
+
+    from fedprune import assembly
+    from fedprune import process as process_lib
+
+    config = plan.pruned
+    variants = {}
+    log("building (a) fedprune masking both")
+    pruned = assembly.build_process(plan.pruned, data)
+    variants["a"] = TffVariant(pruned.process, pruned.process.initialize(), pruned)
+    log("building (b) fedprune masking none")
+    dense = assembly.build_process(plan.dense, data)
+    variants["b"] = TffVariant(dense.process, dense.process.initialize())
+    initial = variants["b"].weights()
+
+    log("building (c) and (c-iter) build_weighted_fed_avg")
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            dense.keras_model_fn(),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=data.element_spec,
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+
+    # c-iter: the same with TFF's other client loop (a `for` over a dataset
+    # iterator instead of `DatasetReduce`): stock FedAvg at its best, and the
+    # like-for-like baseline when fedprune's client work uses that loop.
+    for key, loop in (("c", tff.learning.LoopImplementation.DATASET_REDUCE),
+                      ("c-iter", tff.learning.LoopImplementation.DATASET_ITERATOR)):
+        fed_avg = tff.learning.algorithms.build_weighted_fed_avg(
+            model_fn,
+            client_optimizer_fn=process_lib.make_optimizer("sgd", config.client_lr,
+                                                           momentum=config.client_momentum),
+            server_optimizer_fn=process_lib.make_optimizer(config.server_optimizer,
+                                                           config.server_lr),
+            loop_implementation=loop)
+        variants[key] = TffVariant(fed_avg,
+                                   fed_avg.set_model_weights(fed_avg.initialize(), initial))
+
+    log("building (d) Keras fit and (e) Keras fit + tfmot")
+    floor = _compile(dense.keras_model_fn(), config)
+    floor.set_weights([*initial.trainable, *initial.non_trainable])
+    variants["d"] = KerasVariant(floor)
+    variants["e"] = KerasVariant(_tfmot_model(dense.keras_model_fn, initial, config,
+                                              steps_per_round=_num_batches(first)),
+                                 [tfmot.sparsity.keras.UpdatePruningStep()])
+    for key, variant in variants.items():
+        log(f"round 1 (untimed) of ({key})")
+        variant.step(first)
+    if plan.program_round:
+        log("starting (a+) run_experiment and its round 1 (untimed)")
+        variants["a+"] = ProgramVariant(plan.pruned, work_dir / "program",
+                                        last_round=1 + plan.warmup_rounds + plan.timed_rounds)
+        variants["a+"].prepare()
+    return variants
+
+
+def _num_batches(batches: RoundInputs) -> int:
+    return sum(int(d.reduce(0, lambda n, _: n + 1)) for d in batches.datasets)
+
+
+def _tfmot_model(keras_model_fn, initial, config, *, steps_per_round: int):
+    """The plain model wrapped by tfmot with the run's schedule, in steps of one round each.
+
+    One round is `steps_per_round` optimizer steps (the batches of round 1),
+    so rounds `begin_round..end_round` become steps and the mask is updated
+    every `prune_every` rounds' worth of steps, as fedprune does per round.
+    """
+    import tensorflow_model_optimization as tfmot
+
+    model = keras_model_fn()
+    model.set_weights([*initial.trainable, *initial.non_trainable])
+    schedule = tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=config.initial_sparsity, final_sparsity=config.final_sparsity,
+        begin_step=config.begin_round * steps_per_round,
+        end_step=config.end_round * steps_per_round, power=config.power,
+        frequency=config.prune_every * steps_per_round)
+    model = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    return _compile(model, config)
+
+
+def run_speed(plan: Plan, log) -> tuple[str, str]:
+    """Runs the speed section; returns (table, notes)."""
+    import numpy as np
+
+    from fedprune import assembly, evaluation
+
+    data = assembly.load_data(plan.pruned)
+    timings = {k: VariantTiming(k, label) for k, label in VARIANT_LABELS.items()}
+    input_seconds = []
+    steps_per_round = _num_batches(round_inputs(plan.pruned, data, 1))
+    with tempfile.TemporaryDirectory(prefix="fedprune-benchmark-") as work_dir:
+        variants = build_variants(plan, data, round_inputs(plan.pruned, data, 1),
+                                  Path(work_dir), log)
+        last = 1 + plan.warmup_rounds + plan.timed_rounds
+        for round_num in range(2, last + 1):
+            timed = round_num > 1 + plan.warmup_rounds
+            start = time.perf_counter()
+            batches = round_inputs(plan.pruned, data, round_num)
+            built = time.perf_counter() - start
+            line = []
+            for key, variant in variants.items():
+                cpu0, worker0 = cpu_seconds()
+                start = time.perf_counter()
+                variant.step(batches)
+                wall = time.perf_counter() - start
+                cpu1, worker1 = cpu_seconds()
+                line.append(f"{key} {wall:.3f}")
+                if timed:
+                    timings[key].wall.append(wall)
+                    timings[key].python_cpu.append(cpu1 - cpu0)
+                    timings[key].worker_cpu.append(worker1 - worker0)
+            if timed:
+                input_seconds.append(built)
+            log(f"round {round_num}/{last} ({'timed' if timed else 'warm-up'}): "
+                f"{', '.join(line)} s")
+        if "a+" in variants:
+            variants["a+"].finish()
+        # (b), (c) and (c-iter) saw the same weights and batches: they should agree.
+        dense = [variants[k].weights() for k in ("b", "c", "c-iter")]
+        max_diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                       for other in dense[1:]
+                       for x, y in zip(dense[0].trainable, other.trainable, strict=True))
+        sparsity = evaluation.sparsity_metrics(variants["a"].pruning_process,
+                                            variants["a"].weights())["global_sparsity"]
+    table = speed_markdown([t for t in timings.values() if t.wall], input_seconds)
+    config = plan.pruned
+    notes = f"""Setting: {config.dataset} ({len(data.client_ids)} clients, {config.partition}
+partition), model `{config.model}`, {config.clients_per_round} clients per round, batch
+{config.batch_size}, {config.local_epochs} local epoch(s), client SGD lr {config.client_lr},
+server {config.server_optimizer} lr {config.server_lr}; (a) prunes
+{config.initial_sparsity:g} → {config.final_sparsity:g} over rounds
+{config.begin_round}–{config.end_round} (global sparsity {sparsity:.3f} after the last
+timed round). Round 1 untimed, then {plan.warmup_rounds} warm-up and {plan.timed_rounds}
+timed rounds per variant, interleaved round by round. Python CPU counts all threads of the
+benchmark process (Keras runs there); worker CPU is TFF's `worker_binary`, where TFF
+executes the rounds. (b), (c) and (c-iter) end with weights equal to within {max_diff:.1e}
+(same initial weights, batches and optimizers). (a+) − (a) is what program.py adds per
+round (client datasets, byte accounting, evaluation, CSV, TensorBoard, checkpoint). (e)
+maps one round to the {steps_per_round} steps of round 1 for tfmot's PolynomialDecay."""
+    return table, notes

@@ -1,0 +1,260 @@
+"""A finished grid's results: metrics per run, tables, plots, expected values.
+
+`load_results` reads the runs of a grid's cells (`experiments/grid.py`) from
+disk; `write_reports` writes comparison.{md,tex,csv} and the plots;
+`expected_values`/`compare` are the checks of `reproduce.py`, and
+`replace_section` writes its generated sections of RESULTS.md. Imports neither
+TensorFlow nor TFF.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from experiments.grid import DENSE, DP_KEY, KEYS, VARYING_KEYS, Cell
+from fedprune import atomic_files, plots, reporting
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A table column computed from a run's summary.json.
+
+    Attributes:
+      name: the column (CSV: `<name>_mean`, `<name>_ci`).
+      value: summary dict -> the run's value.
+      format: how Markdown and LaTeX print it.
+    """
+
+    name: str
+    value: Callable[[Mapping], float]
+    format: reporting.MetricFormat
+
+
+def _number(value) -> float:
+    """NaN for a value a run did not record (None or absent)."""
+    return math.nan if value is None else value
+
+
+def _per_round(key: str) -> Callable[[Mapping], float]:
+    return lambda s: s[key] / s["rounds_completed"]
+
+
+METRICS = {m.name: m for m in (
+    Metric("accuracy", lambda s: s["final_test_accuracy"],
+           reporting.MetricFormat(spec=".3f", label="test accuracy")),
+    Metric("sparsity", lambda s: s["final_global_sparsity"],
+           reporting.MetricFormat(spec=".4f", label="global sparsity")),
+    Metric("nonzeros", lambda s: s["final_nonzero_params"],
+           reporting.MetricFormat(spec=".0f", label="nonzero params")),
+    # Mean over the rounds of what one round sends, summed over that round's clients.
+    Metric("bytes_down", _per_round("total_bytes_down"),
+           reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="down/round")),
+    Metric("bytes_up", _per_round("total_bytes_up"),
+           reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="up/round")),
+    Metric("round_seconds", lambda s: s["median_round_seconds"],
+           reporting.MetricFormat(spec=".3f", unit="s", label="median round")),
+    # summary.json stores an infinite epsilon (no noise) as null.
+    Metric("epsilon", lambda s: math.inf if s["final_epsilon"] is None else s["final_epsilon"],
+           reporting.MetricFormat(spec=".2f", label="ε")),
+    # The model as stored after the last round (after a shrink: the smaller one); NaN for
+    # runs recorded before these were measured.
+    Metric("params", lambda s: _number(s.get("params")),
+           reporting.MetricFormat(spec=".0f", label="params")),
+    Metric("flops", lambda s: _number(s.get("flops_per_example")),
+           reporting.MetricFormat(spec=".0f", label="mult-adds/example")),
+    Metric("round_seconds_final", lambda s: _number(s.get("median_round_seconds_after_pruning")),
+           reporting.MetricFormat(spec=".3f", unit="s", label="round after pruning")),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """A finished cell read back from disk."""
+
+    cell: Cell
+    summary: dict
+    metrics_rows: list[dict]
+
+    def row(self, metrics: Sequence[str]) -> dict:
+        """{schedule, final_sparsity, masking, seed, <metric>: value, ...}."""
+        values = {m: METRICS[m].value(self.summary) for m in metrics}
+        varying = {k: getattr(self.cell.config, k) for k in VARYING_KEYS}
+        return {**varying, **self.cell.key, "seed": self.cell.config.seed, **values}
+
+
+def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
+    """The complete cells' summaries and metrics (incomplete cells are left out)."""
+    results = []
+    for cell in cells:
+        folder = root / cell.name
+        summary = atomic_files.read_json(folder / "summary.json")
+        if summary is None or summary.get("fingerprint") != cell.config.fingerprint():
+            continue
+        with open(folder / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        results.append(RunResult(cell, summary, rows))
+    return results
+
+
+def row_keys(results: Sequence[RunResult]) -> tuple[str, ...]:
+    """KEYS, preceded by the `VARYING_KEYS` whose values differ between the runs, and
+    followed by the noise multiplier (`DP_KEY`) when the runs are DP runs."""
+    varying = tuple(k for k in VARYING_KEYS
+                    if len({getattr(r.cell.config, k) for r in results}) > 1)
+    dp = (DP_KEY,) if any(DP_KEY in r.cell.key for r in results) else ()
+    return varying + KEYS + dp
+
+
+def aggregate(results: Sequence[RunResult], metrics: Sequence[str]) -> reporting.Table:
+    """Mean ± 95% CI over seeds per `row_keys` (schedule, sparsity, masking, ...), in grid
+    order."""
+    return reporting.aggregate([r.row(metrics) for r in results], row_keys(results), metrics)
+
+
+def formats(metrics: Sequence[str]) -> dict:
+    """Metric name -> its `MetricFormat`, for `reporting.to_markdown`/`to_latex`."""
+    return {m: METRICS[m].format for m in metrics}
+
+
+def markdown(table: reporting.Table) -> str:
+    """The Markdown of a grid table in the grid's metric formats."""
+    return reporting.to_markdown(table, formats(table.metrics))
+
+
+def write_reports(results: Sequence[RunResult], root: Path,
+                  metrics: Sequence[str] | None = None) -> reporting.Table:
+    """Writes comparison.{md,tex,csv} and the plots into `root`; returns the table.
+
+    `metrics` defaults to every metric of `METRICS`, `epsilon` only for DP runs.
+
+    Plots, per masking mode, dense included, one series per schedule (mean
+    and 95% CI over seeds): `plots/accuracy_vs_sparsity-<masking>.png` (final
+    test accuracy against the target sparsity) and
+    `plots/accuracy_vs_round-<masking>-s<sparsity>.png` (test accuracy against
+    the round, one file per target sparsity). `accuracy_vs_sparsity.png` and
+    `accuracy_vs_round.png` in `root` are those of the last masking mode listed
+    (at its last sparsity listed).
+    """
+    if metrics is None:
+        dp = any(DP_KEY in r.cell.key for r in results)
+        metrics = [m for m in METRICS if dp or m != "epsilon"]
+    table = aggregate(results, metrics)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_files.atomic_write_text(root / "comparison.md", markdown(table))
+    atomic_files.atomic_write_text(root / "comparison.tex",
+                                reporting.to_latex(table, formats(metrics)))
+    reporting.to_csv(table, root / "comparison.csv")
+    _write_plots(results, root)
+    return table
+
+
+def _series(result: RunResult) -> str:
+    """A plot series: the schedule, and the noise multiplier of a DP run."""
+    key = result.cell.key
+    return result.cell.schedule + (f" z={key[DP_KEY]:g}" if DP_KEY in key else "")
+
+
+def _write_plots(results: Sequence[RunResult], root: Path) -> None:
+    dense = [r for r in results if r.cell.schedule == DENSE]
+    pruned = [r for r in results if r.cell.schedule != DENSE]
+    plot_dir = root / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    headline = {}
+    for masking in list(dict.fromkeys(r.cell.config.masking for r in pruned)) or [None]:
+        runs = dense + [r for r in pruned if r.cell.config.masking == masking]
+        tag = masking or DENSE
+        by_sparsity = {}
+        for r in runs:
+            by_sparsity.setdefault(r.cell.config.final_sparsity, []).append(r)
+        for sparsity, group in by_sparsity.items():
+            if sparsity == 0.0 and len(by_sparsity) > 1:
+                continue  # dense alone; it is drawn with every pruned sparsity
+            curves = [({"schedule": _series(r)}, r.metrics_rows)
+                      for r in (group if sparsity == 0.0 else dense + group)]
+            headline["accuracy_vs_round.png"] = (
+                plot_dir / f"accuracy_vs_round-{tag}-s{sparsity:g}.png")
+            plots.plot_curves_by_group(curves, "schedule", "test_accuracy",
+                                       headline["accuracy_vs_round.png"])
+        table = reporting.aggregate([{**r.row(["accuracy"]), "schedule": _series(r)}
+                                     for r in runs], ("schedule", "final_sparsity"), ["accuracy"])
+        headline["accuracy_vs_sparsity.png"] = plot_dir / f"accuracy_vs_sparsity-{tag}.png"
+        plots.plot_accuracy_vs_sparsity(table, headline["accuracy_vs_sparsity.png"],
+                                        x="final_sparsity", y="accuracy")
+    for name, source in headline.items():
+        atomic_files.atomic_write_bytes(root / name, source.read_bytes())
+
+
+def expected_values(table: reporting.Table, tolerances: Mapping[str, float],
+                    info: Mapping) -> dict:
+    """A table's expected-values JSON: its rows' means, the tolerances and `info`.
+
+    Args:
+      table: from `aggregate`.
+      tolerances: metric -> the largest accepted |mean - expected mean|; only
+        these metrics are stored and compared.
+      info: stored as is (e.g. the table number and its flagfiles).
+    """
+    rows = [{**dict(zip(table.group_by, g.key, strict=True)), "n": g.n,
+             **{m: None if math.isinf(g.mean[m]) else g.mean[m] for m in tolerances}}
+            for g in table.groups]
+    return {
+        **info,
+        "tolerances": dict(tolerances),
+        "tolerance_note": "A value passes when |mean over seeds - expected| <= tolerance "
+                          "(null: infinite, e.g. the epsilon of a run without noise). "
+                          "On the same machine and software a rerun is bit-identical, except "
+                          "for DP runs (TFF's noise is unseeded); other CPUs may move accuracy "
+                          "by a few test examples. See _TOLERANCES and _DP_TOLERANCES in "
+                          "experiments/reproduce.py.",
+        "rows": rows,
+    }
+
+
+def _row_name(group_by: Sequence[str], key: tuple) -> str:
+    return " ".join(f"{k}={v}" for k, v in zip(group_by, key, strict=True))
+
+
+def compare(table: reporting.Table, expected: Mapping) -> list[str]:
+    """Differences between a table and its expected values, one line each.
+
+    Args:
+      table: from `aggregate`.
+      expected: from `expected_values` (e.g. read back from JSON).
+
+    Returns:
+      One message per missing or extra row, different number of runs, or
+      metric mean outside its tolerance; empty when everything matches.
+    """
+    wanted = {tuple(r[k] for k in table.group_by): r for r in expected["rows"]}
+    found = {g.key: g for g in table.groups}
+    problems = []
+    for key, row in wanted.items():
+        name = _row_name(table.group_by, key)
+        if key not in found:
+            problems.append(f"{name}: row missing")
+            continue
+        group = found[key]
+        if group.n != row["n"]:
+            problems.append(f"{name}: {group.n} run(s), expected {row['n']}")
+        for metric, tolerance in expected["tolerances"].items():
+            value, want = group.mean[metric], row[metric]
+            want = math.inf if want is None else want
+            if not math.isclose(value, want, rel_tol=0.0, abs_tol=tolerance):
+                problems.append(f"{name}: {metric} {value!r}, expected {want!r} "
+                                f"(tolerance ±{tolerance:g}, off by {value - want:+.6g})")
+    problems += [f"{_row_name(table.group_by, key)}: row not in the expected values"
+                 for key in found if key not in wanted]
+    return problems
+
+
+def replace_section(text: str, name: str, section: str) -> str:
+    """`text` with the block between `<!-- name:start -->` and `<!-- name:end -->` replaced.
+
+    The markers stay; without them the block is appended at the end.
+    """
+    return reporting.replace_marked_sections(
+        text, {name: section}, lambda n: (f"<!-- {n}:start -->", f"<!-- {n}:end -->"))

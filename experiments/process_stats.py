@@ -1,0 +1,74 @@
+"""Measurements for the benchmark's sections, and how their tables summarize them.
+
+CPU seconds, RSS, peak RSS and malloc arenas of this process and of the TFF
+`worker_binary` processes it started (psutil and /proc, imported by the
+functions that need them); `median_range` and `format_seconds` for the tables.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def worker_processes():
+    from fedprune.runtime import workers
+
+    return workers.worker_descendants()
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(this process, its TFF workers): user + system CPU seconds so far."""
+    import psutil
+
+    own = psutil.Process().cpu_times()
+    worker = 0.0
+    for proc in worker_processes():
+        try:
+            t = proc.cpu_times()
+            worker += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return own.user + own.system, worker
+
+
+def arena_max(workers) -> str:
+    """MALLOC_ARENA_MAX in the workers' environment ("unset": glibc's default)."""
+    import psutil
+
+    for proc in workers:
+        try:
+            return proc.environ().get("MALLOC_ARENA_MAX", "unset")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return "unknown"
+
+
+def rss(proc) -> int:
+    import psutil
+
+    try:
+        return proc.memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def peak_rss(proc) -> int:
+    """Peak RSS in bytes (Linux VmHWM; elsewhere the current RSS)."""
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return rss(proc)
+
+
+def median_range(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) of `values`."""
+    return statistics.median(values), min(values), max(values)
+
+
+def format_seconds(x: float) -> str:
+    return f"{x:.3f}"

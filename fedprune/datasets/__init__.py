@@ -1,0 +1,89 @@
+"""Federated datasets: per-client `tf.data` pipelines plus a global test set.
+
+Every loader returns a `FederatedData`. Client datasets are built lazily, one
+client at a time, from stored index arrays (digits, synthetic) or from TFF's
+`ClientData` (EMNIST, CIFAR-100, Shakespeare), and all of them go through the
+one client pipeline `preprocess_client_dataset` (shuffle with a seed, cap,
+repeat for local epochs, batch). Elements are
+`OrderedDict(x=[B, *input_shape], y=[B, *label_shape] int32)`; `y` keeps a
+trailing axis ([B, 1] for classification) so that the batched element spec can
+serve as the input spec of TFF's Keras wrapper with
+`SparseCategoricalCrossentropy`.
+
+One module per source (`digits`, `synthetic`, `tff_files`) plus the container
+and client pipeline (`container`). This package's namespace is the datasets
+API: the registry `DATASETS`, `load_dataset`, and the names of those modules
+that callers use.
+
+Importing this package is cheap: TensorFlow and TFF are imported inside the
+functions that need them, and `load_digits`/`load_synthetic` construct their
+`FederatedData` without TensorFlow (only `client_dataset`, `test_dataset` and
+`element_spec` import it).
+
+Datasets (`DATASETS`):
+  * `digits`: scikit-learn's copy of the UCI optical digits (1,797 8x8 images,
+    shipped inside scikit-learn, no download), flattened to 64 features in
+    [0, 1], split among clients by a `fedprune.partitions` partitioner.
+  * `synthetic`: Synthetic(alpha, beta) of Li et al. 2020, "Federated
+    Optimization in Heterogeneous Networks" (FedProx, MLSys), Sec. 5.1 and
+    the data generator of their code release.
+  * `emnist_digits`, `emnist`, `cifar100`, `shakespeare`: TFF's federated
+    datasets (Caldas et al. 2018, "LEAF: A Benchmark for Federated Settings";
+    Reddi et al. 2021, "Adaptive Federated Optimization" for the CIFAR-100
+    split), read from the SQLite files that `tff.simulation.datasets` caches.
+    This package never downloads: a missing file is an error.
+"""
+
+from __future__ import annotations
+
+from fedprune.datasets.container import (
+    ArraySource,
+    ClientSource,
+    FederatedData,
+    TffSource,
+    check_dataset_name,
+    client_shuffle_seed,
+    example_index_digests,
+    preprocess_client_dataset,
+)
+from fedprune.datasets.digits import DIGITS_TEST_SPLIT_SEED, load_digits
+from fedprune.datasets.synthetic import load_synthetic
+from fedprune.datasets.tff_files import (
+    TFF_TEST_CLIENT_ORDER_SEED,
+    check_tff_data_file,
+    load_tff_dataset,
+    shakespeare_byte_table,
+    tff_data_path,
+)
+
+__all__ = [
+    "DATASETS", "DIGITS_TEST_SPLIT_SEED", "TFF_TEST_CLIENT_ORDER_SEED", "ArraySource",
+    "ClientSource", "FederatedData", "TffSource", "check_tff_data_file", "client_shuffle_seed",
+    "example_index_digests", "load_dataset", "load_digits", "load_synthetic", "load_tff_dataset",
+    "preprocess_client_dataset", "shakespeare_byte_table", "tff_data_path",
+    "validate_dataset_name",
+]
+
+DATASETS = ("digits", "synthetic", "emnist_digits", "emnist", "cifar100", "shakespeare")
+
+
+def validate_dataset_name(name: str) -> None:
+    """Raises `InvalidArgument` (flag `--dataset`) unless `name` is in `DATASETS`."""
+    check_dataset_name(name, DATASETS)
+
+
+def load_dataset(name: str, **kwargs) -> FederatedData:
+    """Loads dataset `name` (one of `DATASETS`) with its loader's keyword arguments.
+
+    `digits` -> `load_digits`, `synthetic` -> `load_synthetic`, the others ->
+    `load_tff_dataset(name, ...)`.
+
+    Raises:
+      fedprune.errors.InvalidArgument: for an unknown name (flag `--dataset`).
+    """
+    validate_dataset_name(name)
+    if name == "digits":
+        return load_digits(**kwargs)
+    if name == "synthetic":
+        return load_synthetic(**kwargs)
+    return load_tff_dataset(name, **kwargs)

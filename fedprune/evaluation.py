@@ -1,0 +1,88 @@
+"""Evaluation of global weights: test loss and accuracy, logits, sparsity.
+
+`Evaluator` runs the held-out test set through a Keras model (no TFF);
+`sparsity_metrics` measures the pruned kernels; `kernel_masks` gives the
+broadcast masks the downlink byte count needs.
+
+Importing this module is cheap: TensorFlow is imported by the functions that
+need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from fedprune import datasets
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """Test loss and accuracy of global weights on the held-out set (Keras, no TFF)."""
+
+    model: object
+    test: object
+
+    @classmethod
+    def create(cls, keras_model_fn: Callable, data: datasets.FederatedData):
+        import tensorflow as tf
+
+        model = keras_model_fn()
+        model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+        test = data.test_dataset(batch_size=512).map(lambda b: (b["x"], b["y"])).cache()
+        return cls(model, test)
+
+    def load(self, weights) -> None:
+        for var, value in zip(self.model.trainable_weights, weights.trainable, strict=True):
+            var.assign(value)
+        for var, value in zip(self.model.non_trainable_weights, weights.non_trainable,
+                              strict=True):
+            var.assign(value)
+
+    def __call__(self, weights) -> tuple[float, float]:
+        self.load(weights)
+        loss, accuracy = self.model.evaluate(self.test, verbose=0)
+        return float(loss), float(accuracy)
+
+
+def kernel_masks(pp, weights) -> list:
+    """Per trainable tensor: its broadcast 0/1 mask (pruned kernels) or None."""
+    masks = [None] * len(weights.trainable)
+    if pp.layout is not None and pp.masking != "none":
+        for k in pp.layout.kernels:
+            masks[k.trainable_index] = np.asarray(weights.non_trainable[k.mask_index])
+    return masks
+
+
+def sparsity_metrics(pp, weights) -> dict:
+    """Global and per-layer sparsity (fraction of zeros) of the pruned kernels, and nonzeros.
+
+    `global_sparsity` is over the kernels fedprune prunes (Dense/Conv, see
+    `pruning.py`; for masking `none` the same kernels of the dense model);
+    `nonzero_params` counts every trainable parameter, biases included.
+    """
+    metrics = {}
+    zeros = total = 0
+    for k in pp.layout.kernels:
+        kernel = np.asarray(weights.trainable[k.trainable_index])
+        z = int(kernel.size - np.count_nonzero(kernel))
+        metrics[f"sparsity/{k.name}"] = z / kernel.size
+        zeros, total = zeros + z, total + kernel.size
+    metrics["global_sparsity"] = zeros / total
+    metrics["nonzero_params"] = int(sum(np.count_nonzero(w) for w in weights.trainable))
+    return metrics
+
+
+def all_finite(weights) -> bool:
+    """True if every trainable tensor is free of NaN and Inf."""
+    return all(np.isfinite(np.asarray(w)).all() for w in weights.trainable)
+
+
+def logits(evaluator: Evaluator, weights) -> np.ndarray:
+    """The model's logits on the whole test set for `weights`."""
+    evaluator.load(weights)
+    return np.concatenate([evaluator.model(x, training=False).numpy()
+                           for x, _ in evaluator.test])

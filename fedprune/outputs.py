@@ -1,0 +1,196 @@
+"""A run's output files: config, partition, metrics, summary, exported model.
+
+What `program.run_experiment` writes into its folder (every file atomically,
+through `atomic_files`):
+
+  config.json          every setting, package versions, git commit, seeds, and what
+                       the numbers depend on beyond the settings (`provenance`)
+  metrics.csv          one row per round (rewritten every round; `METRIC_COLUMNS`)
+  summary.json         final numbers
+  partition.json, label_heatmap.png   client sizes and label skew
+  model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
+
+Importing this module is cheap: TensorFlow is imported by `export_model` only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fedprune import atomic_files, communication, datasets, plots
+from fedprune.config import ExperimentConfig
+from fedprune.evaluation import Evaluator
+from fedprune.provenance import cpu_model, git_commit, package_versions, uv_lock_sha256
+
+METRIC_COLUMNS = (
+    "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
+    "nonzero_params", "params", "model_bytes", "flops_per_example",
+    "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
+    "dense_bytes_down", "dense_bytes_up",
+    "tff_bytes_down", "tff_bytes_up", "clients", "epsilon", "epsilon_rdp", "epsilon_pld",
+    "dp_clip", "round_seconds", "elapsed_seconds",
+)
+TIME_COLUMNS = ("round_seconds", "elapsed_seconds")
+
+_SAMPLING_DESCRIPTIONS = {
+    "fixed": "uniform without replacement, exactly --clients_per_round clients, drawn "
+             "independently every round, a pure function of (seed, round)",
+    "poisson": "Poisson: every client independently with probability q = clients_per_round / "
+               "num_clients, every round, a pure function of (seed, round); rounds may be empty",
+}
+
+
+def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None = None, *,
+                 data: datasets.FederatedData | None = None,
+                 provenance: dict | None = None) -> None:
+    """config.json: every setting, package versions, git commit, seeds, provenance.
+
+    Args:
+      config: the run's configuration.
+      output_dir: the run folder.
+      extra: more top-level entries (e.g. the privacy section).
+      data: the run's data; its example-index digests go into `provenance`.
+      provenance: what the caller knows that no setting shows (e.g. the driver's
+        `tff_workers`); merged into the `provenance` section, which also has the
+        uv.lock hash, the CPU model and the data digests.
+    """
+    payload = {
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "provenance": {
+            "uv_lock_sha256": uv_lock_sha256(),
+            "cpu_model": cpu_model(),
+            "example_indices_sha256": (datasets.example_index_digests(data)
+                                       if data is not None else None),
+            **(provenance or {}),
+        },
+        "seeds": {"partition": config.seed, "model_init": config.seed,
+                  "client_sampling": config.seed, "client_shuffle": config.seed},
+        "client_sampling": _SAMPLING_DESCRIPTIONS[config.client_sampling],
+        **(extra or {}),
+    }
+    atomic_files.atomic_write_json(output_dir / "config.json", payload)
+
+
+def write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
+    sizes = [data.num_examples(c) for c in data.client_ids]
+    info = {"num_clients": len(sizes), "examples_per_client": sizes,
+            "min": int(min(sizes)), "max": int(max(sizes)), "mean": float(np.mean(sizes))}
+    counts = data.label_count_matrix()
+    if counts is not None:
+        info["distinct_labels_per_client"] = [int((row > 0).sum()) for row in counts]
+        info["label_counts"] = counts.tolist()
+        plots.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
+    atomic_files.atomic_write_json(output_dir / "partition.json", info)
+
+
+def export_model(pp, weights, output_dir: Path) -> dict:
+    """Saves the stripped final model as HDF5 and a deflate zip; returns sizes in bytes."""
+    from fedprune import pruning
+
+    model_dir = output_dir / "model"
+    model_dir.mkdir(exist_ok=True)
+    model = pp.keras_model_fn()
+    evaluator = Evaluator(model, None)
+    evaluator.load(weights)
+    if pp.masking != "none":
+        model = pruning.strip(model)
+    h5 = model_dir / "model.h5"
+    # HDF5 is "legacy" to Keras, but plain and portable.
+    with atomic_files.atomic_path(h5) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(tmp, save_format="h5")
+    zipped = model_dir / "model.zip"
+    with atomic_files.atomic_writer(zipped) as f, \
+            zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.write(h5, arcname="model.h5")
+    return {"model_bytes_h5": h5.stat().st_size, "model_bytes_zipped": zipped.stat().st_size,
+            "model_params": int(sum(np.size(w) for w in model.get_weights()))}
+
+
+def size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) -> dict:
+    """Final model size, round time after pruning ended, and the shrink's before/after."""
+    last = rows[-1]
+    seconds = [float(r["round_seconds"]) for r in rows]
+    pruned_by = config.last_mask_update_round()
+    tail = [float(r["round_seconds"]) for r in rows if int(r["round"]) > pruned_by]
+    summary = {"params": int(last["params"]), "model_bytes": int(last["model_bytes"]),
+               "flops_per_example": (int(last["flops_per_example"])
+                                     if last["flops_per_example"] != "" else None),
+               # After the schedule's last mask update (and the shrink): the model's final cost.
+               "median_round_seconds_after_pruning": float(np.median(tail or seconds)),
+               "shrink": None}
+    shrink_round = config.shrink_round()
+    info = atomic_files.read_json(output_dir / "shrink.json") if shrink_round else None
+    if info is not None and int(last["round"]) >= shrink_round:
+        before = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) <= shrink_round]
+        after = [s for r, s in zip(rows, seconds, strict=True) if int(r["round"]) > shrink_round]
+        summary["shrink"] = {
+            **{k: v for k, v in info.items() if k != "kept_units"},
+            # {kernel index in the trainable weights: units kept}; `layers` names them.
+            "kept_units": {i: len(k) for i, k in info["kept_units"].items()},
+            "median_round_seconds_before": float(np.median(before)),
+            "median_round_seconds_after": float(np.median(after)) if after else None,
+        }
+    return summary
+
+
+def summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict:
+    last = rows[-1]
+    totals = {k: int(sum(int(r[k]) for r in rows)) for k in
+              ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up",
+               "tff_bytes_down", "tff_bytes_up")}
+    ratio = communication.compression_ratio
+    return {
+        "rounds_completed": int(last["round"]),
+        "final_test_accuracy": float(last["test_accuracy"]),
+        "final_test_loss": float(last["test_loss"]),
+        # None in DP runs (not released) and after a round without clients.
+        "final_train_loss": float(last["train_loss"]) if last["train_loss"] != "" else None,
+        "final_global_sparsity": float(last["global_sparsity"]),
+        "final_nonzero_params": int(last["nonzero_params"]),
+        "total_bytes_down": totals["bytes_down"],
+        "total_bytes_up": totals["bytes_up"],
+        "total_dense_bytes_down": totals["dense_bytes_down"],
+        "total_dense_bytes_up": totals["dense_bytes_up"],
+        "total_tff_bytes_down": totals["tff_bytes_down"],
+        "total_tff_bytes_up": totals["tff_bytes_up"],
+        "compression_ratio_down": ratio(totals["dense_bytes_down"], totals["bytes_down"]),
+        "compression_ratio_up": ratio(totals["dense_bytes_up"], totals["bytes_up"]),
+        "compression_ratio_total": ratio(totals["dense_bytes_down"] + totals["dense_bytes_up"],
+                                         totals["bytes_down"] + totals["bytes_up"]),
+        "median_round_seconds": float(np.median([float(r["round_seconds"]) for r in rows])),
+        "wall_seconds": time.time() - start,
+        "fingerprint": config.fingerprint(),
+    }
+
+
+def write_metrics(output_dir: Path, rows: list[dict]) -> None:
+    layer_columns = sorted({k for r in rows for k in r if k.startswith("sparsity/")})
+    atomic_files.atomic_write_csv(output_dir / "metrics.csv", rows,
+                               list(METRIC_COLUMNS) + layer_columns)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_summary(output_dir) -> dict | None:
+    """summary.json of a completed run, or None."""
+    path = Path(output_dir) / "summary.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())

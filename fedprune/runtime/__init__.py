@@ -1,0 +1,11 @@
+"""The runtime TFF computations run on.
+
+* `workers`: starting and stopping TFF's C++ `worker_binary`, on every exit path.
+* `interrupts`: SIGINT/SIGTERM handlers that record and raise, deferred inside
+  TensorFlow code; shutdown without worker restarts.
+* `contexts`: TFF execution contexts over a loopback worker we start or over
+  remote workers.
+* `tf_logging`: how chatty TensorFlow, gRPC and the worker are.
+
+Importing any of them is cheap (standard library only).
+"""
