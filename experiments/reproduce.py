@@ -234,6 +234,20 @@ flagfiles in `experiments/configs/`, never this file. Each section names the
 command that regenerates it, the flagfiles, the hardware and the time it took.
 Without `--write_results` the same command re-runs (or reuses) the runs and
 checks them against `experiments/configs/table<N>_expected.json`.
+
+Each table also has a `ci` size, the one the test suite runs
+(`tests/test_compare_reproduce.py`): `python -m experiments.reproduce --table=N
+--size=ci` reads `experiments/configs/table<N>_ci.flags` after the table's own
+flagfiles (a few clients, rounds and cells, the same code paths) and checks
+`experiments/configs/table<N>_ci_expected.json`, written by the same command
+with `--write_results`. The `ci` numbers are not the tables', but they mean
+something: each size is chosen so the models learn (test accuracy 0.65-0.89 on
+10 classes, chance 0.1; each flagfile says how and what it costs: Table 1
+4 clients × 3 rounds, Table 2 ~24 of 30 clients a round × 8 rounds so that
+DP noise at z = 1 still lets the model learn, Table 3 4 clients × 5 rounds
+with the shrink after round 3), and the tests fail when an expected or a
+rerun accuracy is not above 0.5, so a model broken down to chance cannot
+match its expected values.
 """
 
 

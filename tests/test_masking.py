@@ -42,7 +42,9 @@ def test_magnitude_keeps_tfmot_count(sparsity, kept):
 
 def test_magnitude_ties_keep_exactly_k():
     weights = np.array([1.0, 1.0, 1.0, 1.0, 0.5, 0.0], np.float32)
-    assert _mask(weights, 0.5).sum() == 3  # tfmot would keep all four tied ones
+    # k = 3 of four tied ones: tf.math.top_k takes the lower indices first
+    # (tfmot would keep all four tied ones).
+    np.testing.assert_array_equal(_mask(weights, 0.5), [1, 1, 1, 0, 0, 0])
 
 
 def test_global_scope_ranks_across_layers():
@@ -82,22 +84,54 @@ def test_block_equals_tfmot(block, pooling):
     assert ours.sum() == 16 * 12 // 4  # 48 blocks of 4, keep 12
 
 
-@pytest.mark.parametrize("shape", [(16, 8), (3, 3, 8, 4)])
-def test_two_four_equals_tfmot_and_is_half(shape):
+def _groups_of_four(array):
+    """[groups, 4]: every 4 consecutive input weights (axis -2) of a Dense or Conv kernel."""
+    return np.moveaxis(array, -2, -1).reshape(-1, 4)
+
+
+def test_two_four_golden():
+    # One Dense column of 8 inputs = two groups of 4. Group 1 (0.1, -0.9, 0.3, 0.2):
+    # the two largest |w| are -0.9 and 0.3. Group 2 (5, -6, 0.01, 0.02): 5 and -6.
+    weights = np.array([[0.1], [-0.9], [0.3], [0.2], [5.0], [-6.0], [0.01], [0.02]], np.float32)
+    mask = _mask(weights, structure="2:4")
+    np.testing.assert_array_equal(mask[:, 0], [0, 1, 1, 0, 1, 1, 0, 0])
+    # With a threshold the mask is the intersection: |w| >= 0.5 drops 0.3, keeps -0.9, 5, -6.
+    np.testing.assert_array_equal(
+        _mask(weights, structure="2:4", mask_criterion="threshold", threshold=0.5)[:, 0],
+        [0, 1, 0, 0, 1, 1, 0, 0])
+
+
+# Every kernel shape the 2:4 tests use: small Dense and Conv2D kernels, and the
+# MLP 64-16-10 of test_process's structure x criterion x masking grid.
+TWO_FOUR_SHAPES = [(16, 8), (3, 3, 8, 4), (64, 16), (16, 10)]
+
+
+@pytest.mark.parametrize("shape", TWO_FOUR_SHAPES)
+def test_two_four_equals_tfmot_and_keeps_the_two_largest_of_every_four(shape):
     weights = np.random.default_rng(2).normal(size=shape).astype(np.float32)
     ours = _mask(weights, structure="2:4")
     np.testing.assert_array_equal(ours, _tfmot_mask(weights, 0.5, sparsity_m_by_n=(2, 4)))
-    assert ours.mean() == 0.5
-    # Every group of 4 consecutive input weights (axis -2) keeps exactly 2.
-    groups = np.moveaxis(ours, -2, -1).reshape(-1, 4)
+    groups, magnitudes = _groups_of_four(ours), _groups_of_four(np.abs(weights))
+    assert groups.shape == (np.prod(shape) // 4, 4)
+    # Exactly 2 of every 4, and they are the group's 2 largest |w| (no ties in normals).
     np.testing.assert_array_equal(groups.sum(axis=1), 2)
+    top_two = np.argsort(-magnitudes, axis=1)[:, :2]
+    expected = np.zeros_like(groups)
+    np.put_along_axis(expected, top_two, 1, axis=1)
+    np.testing.assert_array_equal(groups, expected)
 
 
-def test_two_four_with_threshold_is_intersection():
-    weights = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+@pytest.mark.parametrize("shape", TWO_FOUR_SHAPES)
+def test_two_four_with_threshold_is_intersection(shape):
+    weights = np.random.default_rng(3).normal(size=shape).astype(np.float32)
     both = _mask(weights, structure="2:4", mask_criterion="threshold", threshold=0.5)
     expected = _mask(weights, structure="2:4") * (np.abs(weights) >= 0.5)
     np.testing.assert_array_equal(both, expected)
+    # At most 2 of every 4; exactly 2 where the group's second largest |w| is >= 0.5.
+    second = np.sort(_groups_of_four(np.abs(weights)), axis=1)[:, -2]
+    kept = _groups_of_four(both).sum(axis=1)
+    np.testing.assert_array_equal(kept[second >= 0.5], 2)
+    assert kept.max() == 2 and (kept < 2).any()  # the threshold removed some
 
 
 @pytest.mark.parametrize(
@@ -120,4 +154,7 @@ def test_runs_inside_tf_function():
     def fn(w, s):
         return masking.compute_masks([w], masking.MaskSpec(), s)[0]
 
-    assert fn(tf.constant(SEED_TABLE), tf.constant(0.5)).numpy().sum() == 3
+    # Keep 3 of 6: the largest are 0.8, 0.7 and 0.6 (as in the eager golden below).
+    np.testing.assert_array_equal(fn(tf.constant(SEED_TABLE), tf.constant(0.5)),
+                                  [[1, 0], [0, 1], [0, 1]])
+    np.testing.assert_array_equal(_mask(SEED_TABLE, 0.5), [[1, 0], [0, 1], [0, 1]])

@@ -148,8 +148,11 @@ def test_layout_of_a_tfmot_wrapped_model_points_at_its_own_lists():
     wrapped = pruning.wrap_for_pruning(plain, prune_output_layer=False)
     layout = structured.structured_layout(wrapped)
     # The wrapper adds mask/threshold/step non-trainables, so indices differ from
-    # the plain model's, but they name the same variables.
-    assert len(layout.non_trainable_shapes) > len(plain.non_trainable_weights)
+    # the plain model's, but they name the same variables: 2 BatchNorms x (moving
+    # mean, variance) + 3 wrapped layers (both convs, the hidden Dense; not the
+    # output layer) x (mask, threshold, pruning_step) = 4 + 9.
+    assert len(plain.non_trainable_weights) == 4
+    assert len(layout.non_trainable_shapes) == len(wrapped.non_trainable_weights) == 13
     for p in layout.layers:
         assert wrapped.trainable_weights[p.kernel_index] is plain.get_layer(p.name).kernel
         for bn in p.batchnorms:
@@ -198,15 +201,28 @@ def test_apply_unit_masks_zeroes_columns_biases_and_batchnorm():
         np.testing.assert_array_equal(after, before)
 
 
-def test_prune_units_keeps_k_per_layer():
+def test_prune_units_keeps_the_k_best_per_layer():
     model = MODELS["cnn"]()
     layout = structured.structured_layout(model)
+    before = [w.numpy() for w in model.trainable_weights]
     trainable, _, unit_masks = structured.prune_units(
         model.trainable_weights, model.non_trainable_weights, layout, 0.75, norm="l1")
-    # max(round(n * 0.25), 1) for 8, 16, 32 units.
-    assert [int(m.numpy().sum()) for m in unit_masks] == [2, 4, 8]
-    out_kernel = trainable[-2].numpy()  # the output layer's kernel is never masked
-    np.testing.assert_array_equal(out_kernel, model.trainable_weights[-2].numpy())
+    trainable, unit_masks = [w.numpy() for w in trainable], [m.numpy() for m in unit_masks]
+    # max(round(n * 0.25), 1) of 8, 16, 32 units: 2, 4, 8.
+    assert [int(m.sum()) for m in unit_masks] == [2, 4, 8]
+    for p, mask in zip(layout.layers, unit_masks, strict=True):
+        # Each layer keeps its k units of largest L1 norm, scored on the weights
+        # before any layer was pruned (random init: no ties), ...
+        scores = structured.unit_scores(before[p.kernel_index], "l1").numpy()
+        expected = np.zeros(p.num_units, np.float32)
+        expected[np.argsort(-scores)[:int(mask.sum())]] = 1
+        np.testing.assert_array_equal(mask, expected)
+        # ... zeroes the others' kernel columns and biases, and leaves the kept ones as they were.
+        np.testing.assert_array_equal(trainable[p.kernel_index], before[p.kernel_index] * mask)
+        np.testing.assert_array_equal(trainable[p.bias_index], before[p.bias_index] * mask)
+    # The output layer's kernel and bias are never masked.
+    for i in (-2, -1):
+        np.testing.assert_array_equal(trainable[i], before[i])
 
 
 # ----------------------------------------------------------------------------- rejected
