@@ -1,7 +1,9 @@
-"""Helpers of the driver tests: read `-X importtime` output, snapshot folders."""
+"""Helpers of the driver tests: read `-X importtime` output, snapshot folders, phase logs."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 TIMEOUT_S = 600  # a hang guard only: a loaded 2-core box is slow, never this slow
@@ -46,3 +48,25 @@ def exit_lines(result, status: int) -> list[str]:
     assert result.returncode == status, stderr_lines[-20:]
     assert not tensorflow_modules(modules)
     return stderr_lines
+
+
+def phases(phase_log: Path) -> list[tuple[int, str]]:
+    """(CLOCK_MONOTONIC ns, phase) a run has entered, from its `FEDPRUNE_PHASE_LOG` file."""
+    lines = phase_log.read_text().splitlines()
+    return [(int(t), name) for t, _, name in (line.partition(" ") for line in lines)
+            if name]  # a line being written has no name yet
+
+
+def wait_for_phase(phase_log: Path, phase: str, process: subprocess.Popen,
+                   timeout_s: float = TIMEOUT_S) -> None:
+    """Returns as soon as the run has entered `phase`.
+
+    Raises:
+      AssertionError: the process exited first, or the hang guard ran out.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not any(name == phase for _, name in phases(phase_log)):
+        assert process.poll() is None, (
+            f"the run exited ({process.returncode}) before phase {phase!r}")
+        assert time.monotonic() < deadline, f"no phase {phase!r} within {timeout_s} s"
+        time.sleep(0.001)

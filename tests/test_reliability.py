@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+import cli_util
 import h5py
 import numpy as np
 import psutil
@@ -159,20 +160,14 @@ class Cli:
 
     def phases(self) -> list[tuple[int, str]]:
         """(CLOCK_MONOTONIC ns, phase) entered so far, from `FEDPRUNE_PHASE_LOG`."""
-        lines = self.phase_log.read_text().splitlines()
-        return [(int(t), name) for t, _, name in (line.partition(" ") for line in lines)
-                if name]  # a line being written has no name yet
+        return cli_util.phases(self.phase_log)
 
     def wait_for_phase(self, phase: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
         """Returns as soon as the CLI has entered `phase`; fails if it exits first."""
-        deadline = time.monotonic() + timeout_s
-        while not any(name == phase for _, name in self.phases()):
-            if self.proc.poll() is not None:
-                pytest.fail(f"the CLI exited ({self.proc.returncode}) before phase {phase!r}; "
-                            f"stderr {self.stderr_lines[-5:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no phase {phase!r} within {timeout_s} s")
-            time.sleep(0.001)
+        try:
+            cli_util.wait_for_phase(self.phase_log, phase, self.proc, timeout_s)
+        except AssertionError as e:
+            pytest.fail(f"{e}; stderr {self.stderr_lines[-5:]}")
 
     def send(self, signum: int, *, group: bool = False) -> int:
         """Sends `signum` to the CLI (or its whole group); returns the monotonic ns it was sent."""

@@ -2,12 +2,11 @@
 
 import csv
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import cli_util
 import numpy as np
 import pytest
 
@@ -94,11 +93,7 @@ def test_worker_killed_mid_run_then_resume(local_run, two_workers, tmp_path):
     process = _cli(f"--output_dir={out}", f"--tff_workers={addresses}",
                    env={**os.environ, "FEDPRUNE_PHASE_LOG": str(phase_log)})
     try:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while " round 3 train\n" not in phase_log.read_text():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no round 3 within the hang guard"
-            time.sleep(0.001)
+        cli_util.wait_for_phase(phase_log, "round 3 train", process, HANG_GUARD_S)
         workers[1].kill()
         _, err = process.communicate(timeout=HANG_GUARD_S)
     finally:
@@ -120,10 +115,10 @@ def test_unreachable_worker_fails_before_training(tmp_path):
     process = _cli(f"--output_dir={tmp_path / 'x'}", f"--tff_workers=127.0.0.1:{port}",
                    python_flags=("-X", "importtime"))
     _, err = process.communicate(timeout=HANG_GUARD_S)
-    imports = [line for line in err.splitlines() if line.startswith("import time:")]
-    err = "".join(f"{line}\n" for line in err.splitlines() if not line.startswith("import time:"))
+    modules, lines = cli_util.split_importtime(err)
+    err = "".join(f"{line}\n" for line in lines)
     assert process.returncode == 2
     assert err.startswith("error: --tff_workers=") and f"127.0.0.1:{port}" in err
     assert err.count("\n") == 1
     assert not (tmp_path / "x").exists()
-    assert not [line for line in imports if re.search(r"\|\s+tensorflow(_federated)?(\.|$)", line)]
+    assert not cli_util.tensorflow_modules(modules)
