@@ -1,6 +1,18 @@
 """Shared pytest configuration for fedprune."""
 
+import os
+
 import pytest
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): one test process per CPU, at most 4.
+
+    Each process imports TensorFlow and runs its own TFF worker (~1.5 GB
+    together), so more processes than cores, or than 4, only add memory.
+    """
+    del config
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
 @pytest.fixture(scope="module")
