@@ -21,12 +21,12 @@ speed    Per-round wall time of, side by side on the same model, initial
                 client learning rate, compiled once;
            (e)  centralized tfmot pruning: the same `fit` on the
                 `prune_low_magnitude` model with `UpdatePruningStep`;
-           (a+) fedprune's whole experiment round (`program.run_experiment`:
+           (a+) fedprune's whole experiment round (`loop.run_experiment`:
                 (a) plus building the client datasets, byte accounting,
                 test-set evaluation, metrics CSV, TensorBoard and checkpoint),
                 stepped round by round from a thread (`--program_round`).
          (a) deliberately excludes what (a+) adds, so that a/c and a/d
-         compare like with like; a+ - a is program.py's per-round cost.
+         compare like with like; a+ - a is loop.py's per-round cost.
          Every variant first runs round 1 untimed (tracing, compilation and,
          for a+, the experiment's set-up), then `--warmup_rounds` untimed and
          `--timed_rounds` timed rounds, interleaved round by round
@@ -50,7 +50,7 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          large client): a per-round leak of the round machinery (TFF calls,
          masks, state) grows there too, while memory kept after large clients
          does not.
-quality  Final test accuracy of `program.run_experiment` at each of
+quality  Final test accuracy of `loop.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
          `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI.
 
@@ -273,7 +273,7 @@ def replace_sections(text: str, bodies: dict[str, str]) -> str:
     section of `SECTIONS` present, else before the nearest later one, else at
     the end; an empty `text` gets the standard header first.
     """
-    from fedprune import reporting
+    from fedprune.outputs import reporting
 
     return reporting.replace_marked_sections(text if text.strip() else _HEADER, bodies,
                                              _section_markers, order=SECTIONS)
@@ -289,7 +289,7 @@ def command_line(argv: Sequence[str]) -> str:
 
 def machine_description() -> str:
     """CPU model, cores, RAM, and the versions that decide speed and results."""
-    from fedprune import provenance
+    from fedprune.outputs import provenance
 
     return (f"{provenance.machine_description()}; {provenance.software_description()}; "
             f"fedprune {provenance.git_commit() or 'unknown commit'}")
@@ -354,7 +354,7 @@ def main(argv):
         bodies[name] = section_body(title, table, notes, load_before=load_before,
                                     seconds=time.perf_counter() - start)
     if _WRITE.value:
-        from fedprune import atomic_files
+        from fedprune.outputs import atomic_files
 
         output = Path(_OUTPUT.value)
         old = output.read_text() if output.exists() else ""

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def quality_markdown(rows: Sequence[dict]) -> str:
     """The quality table: accuracy and measured sparsity, mean ± 95 % CI over seeds."""
-    from fedprune import reporting
+    from fedprune.outputs import reporting
 
     table = reporting.aggregate(rows, ["target sparsity", "masking"],
                                 ["final_test_accuracy", "final_global_sparsity"])
@@ -26,14 +26,14 @@ def quality_markdown(rows: Sequence[dict]) -> str:
 
 
 def run_quality(plan: Plan, log) -> tuple[str, str]:
-    """Trains every (sparsity, seed) with `program.run_experiment`; returns (table, notes)."""
-    from fedprune import program
+    """Trains every (sparsity, seed) with `loop.run_experiment`; returns (table, notes)."""
+    from fedprune.program import loop
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedprune-quality-") as root:
         for sparsity, seed, config in plan.quality:
             start = time.perf_counter()
-            summary = program.run_experiment(config, Path(root) / f"s{sparsity:g}-seed{seed}",
+            summary = loop.run_experiment(config, Path(root) / f"s{sparsity:g}-seed{seed}",
                                              log=lambda _line: None)
             rows.append({"target sparsity": f"{100 * sparsity:g} %", "masking": config.masking,
                          "final_test_accuracy": summary["final_test_accuracy"],

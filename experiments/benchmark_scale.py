@@ -24,7 +24,7 @@ from experiments.process_stats import (
     peak_rss,
     worker_processes,
 )
-from fedprune.assembly import round_inputs
+from fedprune.program.assembly import round_inputs
 
 if TYPE_CHECKING:
     from experiments.benchmark import Plan
@@ -85,7 +85,7 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
     """
     import psutil
 
-    from fedprune import assembly
+    from fedprune.program import assembly
     from fedprune.runtime import workers
 
     data = assembly.load_data(config)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from experiments.process_stats import cpu_seconds, format_seconds, median_range
-from fedprune.assembly import RoundInputs, round_inputs
+from fedprune.program.assembly import RoundInputs, round_inputs
 
 if TYPE_CHECKING:
     from experiments.benchmark import Plan
@@ -118,7 +118,7 @@ class KerasVariant:
 
 
 class ProgramVariant:
-    """`program.run_experiment` in a thread, released one round at a time.
+    """`loop.run_experiment` in a thread, released one round at a time.
 
     Its `log` callback, called once at the end of every round, reports the
     round and blocks until the next `step`, so the benchmark interleaves whole
@@ -139,11 +139,11 @@ class ProgramVariant:
     def _run(self, config, output_dir, last_round) -> None:
         import tensorflow_federated as tff
 
-        from fedprune import program
+        from fedprune.program import loop
 
         try:
             with tff.framework.get_context_stack().install(self._context):
-                program.run_experiment(config, output_dir, log=self._on_log,
+                loop.run_experiment(config, output_dir, log=self._on_log,
                                        stop_after_round=last_round)
             self._done.put(None)
         except BaseException as e:  # handed to the main thread, which re-raises
@@ -211,8 +211,8 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     import tensorflow_federated as tff
     import tensorflow_model_optimization as tfmot
 
-    from fedprune import assembly
-    from fedprune import process as process_lib
+    from fedprune.federated import process as process_lib
+    from fedprune.program import assembly
 
     config = plan.pruned
     variants = {}
@@ -294,7 +294,7 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
     """Runs the speed section; returns (table, notes)."""
     import numpy as np
 
-    from fedprune import assembly, evaluation
+    from fedprune.program import assembly, evaluation
 
     data = assembly.load_data(plan.pruned)
     timings = {k: VariantTiming(k, label) for k, label in VARIANT_LABELS.items()}
@@ -346,7 +346,7 @@ timed round). Round 1 untimed, then {plan.warmup_rounds} warm-up and {plan.timed
 timed rounds per variant, interleaved round by round. Python CPU counts all threads of the
 benchmark process (Keras runs there); worker CPU is TFF's `worker_binary`, where TFF
 executes the rounds. (b), (c) and (c-iter) end with weights equal to within {max_diff:.1e}
-(same initial weights, batches and optimizers). (a+) − (a) is what program.py adds per
+(same initial weights, batches and optimizers). (a+) − (a) is what loop.py adds per
 round (client datasets, byte accounting, evaluation, CSV, TensorBoard, checkpoint). (e)
 maps one round to the {steps_per_round} steps of round 1 for tfmot's PolynomialDecay."""
     return table, notes

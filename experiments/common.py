@@ -31,18 +31,12 @@ from experiments.usage import (
     TRAINING,
 )
 from fedprune import config as config_lib
-from fedprune import (
-    datasets,
-    mask_aggregation,
-    masking,
-    models,
-    partitions,
-    privacy,
-    sampling,
-    schedules,
-)
-from fedprune.client_work import MASKING_MODES
+from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
+from fedprune.federated import privacy
+from fedprune.federated.client_work import MASKING_MODES
+from fedprune.model import builders
+from fedprune.pruning import mask_aggregation, masking, schedules
 
 FLAGS = flags.FLAGS
 
@@ -74,7 +68,7 @@ _SPECS = {
                                    "without replacement, exactly --clients_per_round) or "
                                    "poisson (each client independently with probability "
                                    "clients_per_round/num_clients). The DP accountant assumes "
-                                   "the matching event (see fedprune/sampling.py)."),
+                                   "the matching event (see fedprune/data/sampling.py)."),
     "max_examples_per_client": _Spec(DATA, "Cap on a client's examples per local epoch "
                                            "(examples; 0 = no cap)."),
     "max_test_examples": _Spec(DATA, "Cap on the global test set of TFF datasets (examples; "
@@ -167,7 +161,7 @@ _SPECS = {
 _ENUMS = {
     "dataset": datasets.DATASETS,
     "partition": partitions.PARTITIONERS,
-    "model": models.MODELS,
+    "model": builders.MODELS,
     "server_optimizer": config_lib.SERVER_OPTIMIZERS,
     "masking": MASKING_MODES,
     "schedule": schedules.SCHEDULES,
@@ -273,7 +267,7 @@ def write_flagfile(output_dir: Path, config: config_lib.ExperimentConfig, *, res
     A resumed run keeps its flags.txt: the checkpoint's fingerprint already
     says it is this configuration's (a run from before flags.txt gets one).
     """
-    from fedprune import atomic_files
+    from fedprune.outputs import atomic_files
 
     path = Path(output_dir) / FLAGFILE_NAME
     if resume and path.exists():
@@ -359,7 +353,7 @@ def _exit_interrupted(signum: int) -> None:
 
 
 def phase_logger():
-    """`on_phase` for `program.run_experiment` when `FEDPRUNE_PHASE_LOG` names a file.
+    """`on_phase` for `loop.run_experiment` when `FEDPRUNE_PHASE_LOG` names a file.
 
     Appends `<CLOCK_MONOTONIC ns> <phase>` per phase a run enters (`import`,
     then `program.PHASES`), flushed at once: a diagnostic of where a run spends

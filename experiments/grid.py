@@ -9,7 +9,7 @@ grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
 
 Dense training (`none` in --schedules) is one cell per seed with
 `masking=none`, not one per sparsity and masking. Each cell trains into its
-own folder `<root>/<cell name>` with `program.run_experiment`, beside its
+own folder `<root>/<cell name>` with `loop.run_experiment`, beside its
 flags.txt (`experiments.run --flagfile=<cell>/flags.txt` reruns it); a cell whose
 `summary.json` is present with the cell's config fingerprint is complete and is
 skipped, a folder without a summary is resumed. Everything up to
@@ -32,11 +32,11 @@ from pathlib import Path
 from absl import flags
 
 from experiments import common, usage
-from fedprune import atomic_files
-from fedprune.client_work import MASKING_MODES
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
-from fedprune.schedules import SCHEDULES
+from fedprune.federated.client_work import MASKING_MODES
+from fedprune.outputs import atomic_files
+from fedprune.pruning.schedules import SCHEDULES
 
 FLAGS = flags.FLAGS
 
@@ -167,7 +167,7 @@ class GridSpec:
     """The grid flags, parsed and checked.
 
     Attributes:
-      schedules: names from `fedprune.schedules.SCHEDULES`; `none` is dense.
+      schedules: names from `fedprune.pruning.schedules.SCHEDULES`; `none` is dense.
       powers: polynomial exponents (> 0), one polynomial variant each.
       final_sparsities: target sparsities in [0, 1) of the pruned cells.
       maskings: masking modes of the pruned cells (not `none`).
@@ -335,7 +335,7 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
         log(f"skipped {skipped} complete cell(s) of {len(cells)} in {root}")
     if not todo:
         return []
-    from fedprune import checkpoint, program
+    from fedprune.program import checkpoint, loop
 
     failed = []
     start = time.time()
@@ -352,9 +352,9 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
         common.write_flagfile(root / cell.name, cell.config, resume=resume,
                               tff_workers=tff_workers)
         try:
-            program.run_experiment(cell.config, root / cell.name, resume=resume, log=cell_log,
+            loop.run_experiment(cell.config, root / cell.name, resume=resume, log=cell_log,
                                    provenance={"tff_workers": list(tff_workers)})
-        except (program.NonFiniteError, checkpoint.CheckpointError) as e:
+        except (loop.NonFiniteError, checkpoint.CheckpointError) as e:
             log(f"{prefix}: FAILED: {e}")
             failed.append(cell.name)
         elapsed = time.time() - start

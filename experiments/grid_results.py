@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from experiments.grid import DENSE, DP_KEY, KEYS, VARYING_KEYS, Cell
-from fedprune import atomic_files, plots, reporting
+from fedprune.outputs import atomic_files, plots, reporting
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,9 +41,9 @@ from pathlib import Path
 from absl import flags
 
 from experiments import common, grid, grid_results, usage
-from fedprune import atomic_files, reporting
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
+from fedprune.outputs import atomic_files, reporting
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "experiments" / "configs"
@@ -281,7 +281,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
       invocations: from `record_invocation`, for the time it took.
       root: the run tree; the runs' config.json name the commit they were trained at.
     """
-    from fedprune import provenance
+    from fedprune.outputs import provenance
 
     # The code a grid runs is imported by its first run: name the commit its config.json recorded
     # (later runs record HEAD at their start, which can move while a long grid runs).

@@ -18,9 +18,9 @@ from pathlib import Path
 from absl import flags
 
 from experiments import common, usage
-from fedprune import checkpoint
 from fedprune import config as config_lib
 from fedprune.errors import InvalidArgument
+from fedprune.program import checkpoint
 
 common.define_experiment_flags()
 _OUTPUT_DIR = flags.DEFINE_string(
@@ -54,7 +54,7 @@ def main(argv):
     if on_phase is not None:
         on_phase("import")
     common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
-    from fedprune import program
+    from fedprune.program import loop
     from fedprune.runtime import contexts
 
     if _OVERWRITE.value:
@@ -64,10 +64,10 @@ def main(argv):
     try:
         # Flushed per line: progress shows through pipes (`| tee`), and a killed run
         # has printed every round it finished.
-        program.run_experiment(config, output_dir, resume=_RESUME.value,
+        loop.run_experiment(config, output_dir, resume=_RESUME.value,
                                log=lambda line: print(line, flush=True), on_phase=on_phase,
                                provenance={"tff_workers": list(FLAGS.tff_workers)})
-    except (program.NonFiniteError, checkpoint.CheckpointError) as e:
+    except (loop.NonFiniteError, checkpoint.CheckpointError) as e:
         common.fail(str(e), code=1)
     except contexts.WorkerUnreachableError as e:
         kept = checkpoint.list_checkpoints(output_dir / "checkpoints")

@@ -14,18 +14,12 @@ import hashlib
 import json
 import os
 
-from fedprune import (
-    datasets,
-    mask_aggregation,
-    masking,
-    models,
-    partitions,
-    privacy,
-    sampling,
-    schedules,
-)
-from fedprune.client_work import MASKING_MODES
+from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import check
+from fedprune.federated import privacy
+from fedprune.federated.client_work import MASKING_MODES
+from fedprune.model import builders
+from fedprune.pruning import mask_aggregation, masking, schedules
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 TFF_DATASETS = ("emnist_digits", "emnist", "cifar100", "shakespeare")
@@ -90,7 +84,7 @@ class ExperimentConfig:
     shrink_at_round: int = SHRINK_AT_SCHEDULE_END
     prune_output_layer: bool = True
     mask_aggregation: str = "average"
-    # Client-level differential privacy (DP-FedAvg, see fedprune/privacy.py).
+    # Client-level differential privacy (DP-FedAvg, see fedprune/federated/privacy.py).
     dp: str = "none"
     dp_noise_multiplier: float = 1.0
     dp_clip: float = 1.0
@@ -108,7 +102,8 @@ class ExperimentConfig:
           InvalidArgument: naming the first offending flag.
         """
         datasets.validate_dataset_name(self.dataset)
-        check(self.model in models.MODELS, "model", self.model, "one of " + "|".join(models.MODELS))
+        check(self.model in builders.MODELS, "model", self.model,
+              "one of " + "|".join(builders.MODELS))
         sequence = self.dataset == "shakespeare"
         check((self.model == "rnn") == sequence, "model", self.model,
               "rnn for --dataset=shakespeare, and mlp|mlp2|cnn for the other datasets")

@@ -1,9 +1,10 @@
-"""Tests for fedprune.assembly: each round's inputs."""
+"""Tests for fedprune.program.assembly: each round's inputs."""
 
 import pytest
 
-from fedprune import assembly, datasets, sampling
 from fedprune.config import ExperimentConfig
+from fedprune.data import datasets, sampling
+from fedprune.program import assembly
 
 
 @pytest.mark.parametrize("mode", ["fixed", "poisson"])

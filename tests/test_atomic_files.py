@@ -1,4 +1,4 @@
-"""Tests for fedprune.atomic_files: atomic writes, JSON/CSV formats, leftovers."""
+"""Tests for fedprune.outputs.atomic_files: atomic writes, JSON/CSV formats, leftovers."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from fedprune import atomic_files
+from fedprune.outputs import atomic_files
 
 
 class TestAtomicWrites:

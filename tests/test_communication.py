@@ -1,11 +1,11 @@
-"""Tests for fedprune.communication: measured sizes, round trips, choices, totals."""
+"""Tests for fedprune.federated.communication: measured sizes, round trips, choices, totals."""
 
 import math
 
 import numpy as np
 import pytest
 
-from fedprune import communication as comm
+from fedprune.federated import communication as comm
 
 DENSITIES = [0.0, 1 / 64, 1 / 32, 0.5, 31 / 32, 1.0]
 # Rank 1, 2 and 4; 7, 15, 143 and 90 entries are not multiples of 8.

@@ -27,9 +27,9 @@ import pytest
 from absl import flags
 
 from experiments import common, grid, grid_results
-from fedprune import reporting
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
+from fedprune.outputs import reporting
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "experiments" / "configs"

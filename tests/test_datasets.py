@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from sklearn.datasets import load_digits as sk_load_digits
 
-from fedprune import datasets, partitions
+from fedprune.data import datasets, partitions
 from fedprune.errors import InvalidArgument
 
 NUM_DIGITS = 1797

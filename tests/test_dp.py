@@ -14,18 +14,13 @@ import math
 import numpy as np
 import pytest
 
-from fedprune import (
-    assembly,
-    masking,
-    models,
-    privacy,
-    privacy_accounting,
-    program,
-    sampling,
-    schedules,
-)
-from fedprune import process as fp_process
 from fedprune.config import ExperimentConfig
+from fedprune.data import sampling
+from fedprune.federated import privacy, privacy_accounting
+from fedprune.federated import process as fp_process
+from fedprune.model import builders
+from fedprune.program import assembly, loop
+from fedprune.pruning import masking, schedules
 
 pytestmark = pytest.mark.usefixtures("tff_local_context")
 
@@ -42,7 +37,7 @@ def _dp_process(client_data, noise_multiplier, schedule=None):
     # MLP 64-50-10, server Adam: its moments would carry noise onto pruned
     # coordinates if the DP aggregate were not masked.
     return fp_process.build_pruning_process(
-        model_builder=lambda: models.mlp((64,), 10, hidden=(50,)),
+        model_builder=lambda: builders.mlp((64,), 10, hidden=(50,)),
         input_spec=client_data[0].element_spec,
         masking="server",
         schedule=schedule or schedules.make_schedule(
@@ -151,7 +146,7 @@ def test_dp_run_reports_the_accountants_epsilon(tmp_path):
     data = assembly.load_data(base.validate())
     seed, sizes = _poisson_seed_with_empty_round(data.client_ids, 2 / 6, base.rounds)
     config = dataclasses.replace(base, seed=seed).validate()
-    summary = program.run_experiment(config, tmp_path, log=lambda line: None)
+    summary = loop.run_experiment(config, tmp_path, log=lambda line: None)
     rows = _read_csv(tmp_path / "metrics.csv")
 
     # Poisson sampling, q = 2/6, z = 1, delta = 1e-5, add-or-remove adjacency.
@@ -187,7 +182,7 @@ def test_poisson_without_dp_survives_an_empty_round(tmp_path):
                             rounds=3, end_round=2, max_examples_per_client=32)
     data = assembly.load_data(base.validate())
     seed, sizes = _poisson_seed_with_empty_round(data.client_ids, 2 / 6, base.rounds)
-    program.run_experiment(dataclasses.replace(base, seed=seed).validate(), tmp_path,
+    loop.run_experiment(dataclasses.replace(base, seed=seed).validate(), tmp_path,
                            log=lambda line: None)
     rows = _read_csv(tmp_path / "metrics.csv")
     assert [int(r["clients"]) for r in rows] == sizes

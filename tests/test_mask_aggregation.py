@@ -14,9 +14,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedprune import communication, mask_aggregation, masking, models, schedules
-from fedprune import process as fp_process
-from fedprune.client_work import uplink_bytes
+from fedprune.federated import communication
+from fedprune.federated import process as fp_process
+from fedprune.federated.client_work import uplink_bytes
+from fedprune.model import builders
+from fedprune.pruning import mask_aggregation, masking, schedules
 
 # One 4-weight kernel; the broadcast model is all ones. Each client prunes to
 # its own mask; its delta turns the broadcast into its pruned model.
@@ -167,7 +169,7 @@ def rule_rounds(digits_clients):
     def get(rule):
         if rule not in done:
             pp = fp_process.build_pruning_process(
-                model_builder=lambda: models.mlp((64,), 10, hidden=(16,)),
+                model_builder=lambda: builders.mlp((64,), 10, hidden=(16,)),
                 input_spec=clients[0].element_spec, masking="client",
                 schedule=schedules.ConstantSparsity(0.5, begin_round=1),
                 mask_spec=masking.MaskSpec(), num_rounds=1,

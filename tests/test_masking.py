@@ -6,8 +6,8 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_impl
 
-from fedprune import masking
 from fedprune.errors import InvalidArgument
+from fedprune.pruning import masking
 
 # The seeds' worked example (3 x 2 kernel).
 SEED_TABLE = np.array([[0.8, 0.3], [0.5, 0.7], [0.2, 0.6]], np.float32)

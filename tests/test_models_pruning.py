@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedprune import models, pruning
 from fedprune.errors import InvalidArgument
+from fedprune.model import builders
+from fedprune.pruning import wrappers
 
 
 @pytest.mark.parametrize(
@@ -20,21 +21,21 @@ from fedprune.errors import InvalidArgument
     ],
 )
 def test_parameter_counts(name, input_shape, classes, params):
-    model = models.build_model(name, input_shape, classes, seed=0)
-    assert models.count_params(model) == params
+    model = builders.build_model(name, input_shape, classes, seed=0)
+    assert builders.count_params(model) == params
 
 
 def test_same_seed_same_weights():
-    a = models.build_model("mlp", (64,), 10, seed=3).get_weights()
-    b = models.build_model("mlp", (64,), 10, seed=3).get_weights()
-    c = models.build_model("mlp", (64,), 10, seed=4).get_weights()
+    a = builders.build_model("mlp", (64,), 10, seed=3).get_weights()
+    b = builders.build_model("mlp", (64,), 10, seed=3).get_weights()
+    c = builders.build_model("mlp", (64,), 10, seed=4).get_weights()
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0])
 
 
 def test_unknown_model_names_the_flag():
     with pytest.raises(InvalidArgument, match="--model="):
-        models.build_model("resnet", (64,), 10)
+        builders.build_model("resnet", (64,), 10)
 
 
 @pytest.mark.parametrize(
@@ -49,9 +50,9 @@ def test_unknown_model_names_the_flag():
 )
 def test_only_dense_and_conv_kernels_are_pruned(name, input_shape, prune_output, pruned):
     classes = 90 if name == "rnn" else 10
-    wrapped = pruning.wrap_for_pruning(models.build_model(name, input_shape, classes, seed=0),
+    wrapped = wrappers.wrap_for_pruning(builders.build_model(name, input_shape, classes, seed=0),
                                        prune_output_layer=prune_output)
-    layout = pruning.pruning_layout(wrapped)
+    layout = wrappers.pruning_layout(wrapped)
     assert [k.shape for k in layout.kernels] == pruned
     assert layout.num_pruned_params == sum(int(np.prod(s)) for s in pruned)
     # Kernels only: no bias (rank 1) is ever pruned.
@@ -62,13 +63,13 @@ def test_only_dense_and_conv_kernels_are_pruned(name, input_shape, prune_output,
 def test_initial_weights_make_the_wrapper_valid_inside_tff():
     # tfmot starts pruning_step at -1 and asserts >= 1 after its own increment;
     # Keras' UpdatePruningStep callback would fix that, but TFF never runs callbacks.
-    wrapped = pruning.wrap_for_pruning(models.build_model("mlp", (64,), 10, seed=0))
-    layout = pruning.pruning_layout(wrapped)
+    wrapped = wrappers.wrap_for_pruning(builders.build_model("mlp", (64,), 10, seed=0))
+    layout = wrappers.pruning_layout(wrapped)
     steps = [wrapped.non_trainable_weights[i].numpy() for i in layout.step_indices]
     assert steps == [-1, -1]
     with pytest.raises(tf.errors.InvalidArgumentError):
         wrapped(np.zeros((1, 64), np.float32), training=True)
-    trainable, non_trainable = pruning.initial_weights(wrapped, layout)
+    trainable, non_trainable = wrappers.initial_weights(wrapped, layout)
     assert [non_trainable[i] for i in layout.step_indices] == [0, 0]
     for var, value in zip(wrapped.non_trainable_weights, non_trainable, strict=True):
         var.assign(value)
@@ -77,14 +78,14 @@ def test_initial_weights_make_the_wrapper_valid_inside_tff():
 
 
 def test_strip_keeps_masked_kernels():
-    wrapped = pruning.wrap_for_pruning(models.build_model("mlp", (64,), 10, seed=0))
-    layout = pruning.pruning_layout(wrapped)
+    wrapped = wrappers.wrap_for_pruning(builders.build_model("mlp", (64,), 10, seed=0))
+    layout = wrappers.pruning_layout(wrapped)
     kernel = layout.kernels[0]
     mask = np.zeros(kernel.shape, np.float32)
     mask[:, :5] = 1
     wrapped.non_trainable_weights[kernel.mask_index].assign(mask)
     wrapped.trainable_weights[kernel.trainable_index].assign(
         wrapped.trainable_weights[kernel.trainable_index] * mask)
-    stripped = pruning.strip(wrapped)
+    stripped = wrappers.strip(wrapped)
     assert not any("prune" in layer.name for layer in stripped.layers)
     assert np.count_nonzero(stripped.get_weights()[0]) == np.count_nonzero(mask[:, :5] * 1.0)

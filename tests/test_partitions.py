@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import datasets as sk_datasets
 
-from fedprune import partitions
+from fedprune.data import partitions
 from fedprune.errors import InvalidArgument
 
 DIGITS_Y = sk_datasets.load_digits().target  # 1,797 labels, 10 classes

@@ -1,11 +1,11 @@
-"""Tests for fedprune.plots: every figure is an atomic PNG."""
+"""Tests for fedprune.outputs.plots: every figure is an atomic PNG."""
 
 import os
 
 import numpy as np
 import pytest
 
-from fedprune import plots, reporting
+from fedprune.outputs import plots, reporting
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

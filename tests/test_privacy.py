@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from fedprune import masking, privacy, privacy_report
-from fedprune import privacy_accounting as accounting
 from fedprune.errors import InvalidArgument
+from fedprune.federated import privacy
+from fedprune.federated import privacy_accounting as accounting
+from fedprune.outputs import privacy_report
+from fedprune.pruning import masking
 
 # TFF warns that adaptive clipping at m = 11 multiplies the update noise by 2.40: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:A significant amount of noise:UserWarning")

@@ -5,8 +5,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedprune import masking, models, schedules
-from fedprune import process as fp_process
+from fedprune.federated import process as fp_process
+from fedprune.model import builders
+from fedprune.pruning import masking, schedules
 
 NUM_CLIENTS = 4
 HIDDEN = (50,)  # MLP 64-50-10: kernels of 3,200 and 500 weights
@@ -23,7 +24,7 @@ def client_data(digits_clients):
 def _build(client_data, *, masking_mode, schedule, mask_spec=None, server="sgd",
            num_rounds=5, hidden=HIDDEN):
     return fp_process.build_pruning_process(
-        model_builder=lambda: models.mlp((64,), 10, hidden=hidden),
+        model_builder=lambda: builders.mlp((64,), 10, hidden=hidden),
         input_spec=client_data[0].element_spec,
         masking=masking_mode,
         schedule=schedule,
@@ -86,7 +87,7 @@ def test_dense_mode_matches_stock_fed_avg(client_data):
 
     def model_fn():
         return tff.learning.models.from_keras_model(
-            models.mlp((64,), 10, hidden=HIDDEN),
+            builders.mlp((64,), 10, hidden=HIDDEN),
             loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             input_spec=client_data[0].element_spec,
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
@@ -120,7 +121,7 @@ def test_client_mode_average_is_denser_than_each_client(client_data):
 
 def test_server_adam_needs_the_remask(client_data):
     """Adam's momentum moves pruned coordinates; the re-mask after the optimizer restores them."""
-    from fedprune.server_masking import build_masking_finalizer
+    from fedprune.federated.server_masking import build_masking_finalizer
 
     pp = _build(client_data, masking_mode="server", schedule=POLY, server="adam")
     weights = _run(pp, client_data, 1)[1]
@@ -190,7 +191,7 @@ def test_every_combination_builds_and_runs_a_round(client_data, masking_mode, cr
 @pytest.mark.parametrize("masking_mode", ["client", "both"])
 def test_mask_aggregation_rules_run_and_report_diagnostics(client_data, masking_mode, rule):
     pp = fp_process.build_pruning_process(
-        model_builder=lambda: models.mlp((64,), 10, hidden=HIDDEN),
+        model_builder=lambda: builders.mlp((64,), 10, hidden=HIDDEN),
         input_spec=client_data[0].element_spec, masking=masking_mode, schedule=POLY,
         mask_spec=masking.MaskSpec(), num_rounds=2,
         client_optimizer=fp_process.make_optimizer("sgd", 0.1),
@@ -219,7 +220,7 @@ def test_rules_need_pruning_clients(client_data):
 
     with pytest.raises(InvalidArgument, match="--mask_aggregation=.nonzero"):
         fp_process.build_pruning_process(
-            model_builder=lambda: models.mlp((64,), 10, hidden=HIDDEN),
+            model_builder=lambda: builders.mlp((64,), 10, hidden=HIDDEN),
             input_spec=client_data[0].element_spec, masking="server", schedule=POLY,
             mask_spec=masking.MaskSpec(), num_rounds=2,
             client_optimizer=fp_process.make_optimizer("sgd", 0.1),

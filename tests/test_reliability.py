@@ -9,7 +9,7 @@ cases compare against (and the "normal exit" case of the exit paths); the 20
 randomly interrupted runs (`interrupted_runs`) run two at a time.
 
 Waits are on events, never on sleeps: a line the CLI prints, or a phase it
-enters (`FEDPRUNE_PHASE_LOG`, which `program.run_experiment` appends to as it
+enters (`FEDPRUNE_PHASE_LOG`, which `loop.run_experiment` appends to as it
 enters each phase). Timeouts are only hang guards, far above any run's length
 on a loaded 2-core machine, and every process a case starts (and every
 `worker_binary` seen under it) is killed in a `finally`, so a failure cannot
@@ -45,8 +45,8 @@ import numpy as np
 import psutil
 import pytest
 
-from fedprune import checkpoint
-from fedprune.outputs import TIME_COLUMNS
+from fedprune.outputs.run_files import TIME_COLUMNS
+from fedprune.program import checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 8 rounds: the SIGKILL case kills when round 3 starts, and the 5 rounds left
@@ -548,8 +548,8 @@ def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
     check raises it again before the round's evaluation, round 1 stays the last
     one written, and the recorded interrupt is cleared as it leaves.
     """
-    from fedprune import program
     from fedprune.config import ExperimentConfig
+    from fedprune.program import loop
     from fedprune.runtime import interrupts
 
     config = ExperimentConfig(rounds=ROUNDS, num_clients=4, clients_per_round=4,
@@ -569,7 +569,7 @@ def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
 
     output_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        program.run_experiment(config, output_dir, log=lambda line: None, on_phase=on_phase)
+        loop.run_experiment(config, output_dir, log=lambda line: None, on_phase=on_phase)
     assert phases == ["build", "initialize", "round 1 train", "round 1 evaluate",
                       "round 1 checkpoint", "round 2 train"]
     assert checkpoint_arrays(output_dir)[0] == 1

@@ -1,4 +1,4 @@
-"""Tests for fedprune.reporting: atomic files, intervals, tables, plots."""
+"""Tests for fedprune.outputs.reporting: atomic files, intervals, tables, plots."""
 
 import csv
 import math
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from fedprune import reporting
+from fedprune.outputs import reporting
 
 # --------------------------------------------------------------------------
 # Statistics.
@@ -157,7 +157,8 @@ def test_importing_does_not_load_heavy_modules():
     import sys
 
     code = (
-        "import sys, fedprune.reporting, fedprune.plots, fedprune.communication; "
+        "import sys, fedprune.outputs.reporting, fedprune.outputs.plots, "
+        "fedprune.federated.communication; "
         "print(sorted(m for m in ('tensorflow', 'matplotlib', 'scipy') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

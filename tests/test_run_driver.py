@@ -32,9 +32,9 @@ from absl import flags
 from cli_util import EXPERIMENT_TOPICS, LAST_TOPICS, TIMEOUT_S, exit_lines, tree
 
 from experiments import common
-from fedprune import outputs
 from fedprune.config import ExperimentConfig
-from fedprune.provenance import cpu_model
+from fedprune.outputs import run_files
+from fedprune.outputs.provenance import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,11 +284,11 @@ def test_flags_txt_of_a_resumed_run_is_kept(tmp_path):
 
 
 def test_config_json_records_what_no_flag_shows(tmp_path):
-    from fedprune import datasets
+    from fedprune.data import datasets
 
     config = ExperimentConfig(num_clients=3, clients_per_round=3)
     data = datasets.load_digits(num_clients=3, partition="dirichlet", seed=0)
-    outputs.write_config(config, tmp_path, {"num_train_clients": 3}, data=data,
+    run_files.write_config(config, tmp_path, {"num_train_clients": 3}, data=data,
                          provenance={"tff_workers": ["10.0.0.5:8000", "10.0.0.6:8000"]})
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["num_train_clients"] == 3 and saved["fingerprint"] == config.fingerprint()
@@ -340,7 +340,7 @@ def smoke_run(tmp_path_factory):
 
 def _metrics_without_time(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k not in outputs.TIME_COLUMNS}
+        return [{k: v for k, v in row.items() if k not in run_files.TIME_COLUMNS}
                 for row in csv.DictReader(f)]
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedprune import sampling
+from fedprune.data import sampling
 from fedprune.errors import InvalidArgument
 
 IDS = [f"c{i:03d}" for i in range(100)]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedprune import schedules
 from fedprune.errors import InvalidArgument
+from fedprune.pruning import schedules
 
 
 def zhu_gupta(t, s_i, s_f, t0, t1, p):

@@ -1,7 +1,7 @@
 """Structured (neuron/filter) federated pruning, and shrinking the global model mid-training.
 
 In-process TFF cases use 4 digits clients and MLP 64-20-10 / a small
-Conv(6)-BatchNorm CNN; the end-to-end cases (`slow`) run `program.run_experiment`
+Conv(6)-BatchNorm CNN; the end-to-end cases (`slow`) run `loop.run_experiment`
 for 4 rounds of 3 clients.
 """
 
@@ -15,9 +15,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedprune import client_work, masking, schedules, shrinking, structured, surgery
-from fedprune import process as fp_process
 from fedprune.config import ExperimentConfig
+from fedprune.federated import client_work
+from fedprune.federated import process as fp_process
+from fedprune.model import surgery
+from fedprune.program import shrinking
+from fedprune.pruning import masking, schedules, structured
 
 L = tf.keras.layers
 NUM_CLIENTS = 4
@@ -208,9 +211,9 @@ def test_shrunk_process_continues_with_sliced_adam_state(client_data, trained):
 
 
 def test_model_size_of_a_model_flops_cannot_count():
-    from fedprune import models
+    from fedprune.model import builders
 
-    rnn = models.rnn((5,), 7, embedding_dim=2, units=4)
+    rnn = builders.rnn((5,), 7, embedding_dim=2, units=4)
     # Embedding 7x2, LSTM 4 * (2 + 4 + 1) * 4, Dense 4x7 + 7.
     params = 7 * 2 + 4 * 4 * (2 + 4 + 1) + 4 * 7 + 7
     assert shrinking.model_size(rnn) == {"params": params, "model_bytes": 4 * params,
@@ -218,7 +221,7 @@ def test_model_size_of_a_model_flops_cannot_count():
 
 
 # --------------------------------------------------------------------------
-# End to end: program.run_experiment shrinks, continues, exports, resumes.
+# End to end: loop.run_experiment shrinks, continues, exports, resumes.
 
 
 def _config(**changes):
@@ -230,10 +233,10 @@ def _config(**changes):
 
 @pytest.fixture(scope="module")
 def shrunk_run(tmp_path_factory):
-    from fedprune import program
+    from fedprune.program import loop
 
     out = tmp_path_factory.mktemp("shrunk")
-    summary = program.run_experiment(_config(), out, log=lambda line: None)
+    summary = loop.run_experiment(_config(), out, log=lambda line: None)
     with open(out / "metrics.csv") as f:
         import csv
 
@@ -288,11 +291,11 @@ def test_exported_shrunk_model_loads_in_plain_keras(shrunk_run):
 
 @pytest.mark.slow
 def test_resume_after_the_shrink_gives_the_uninterrupted_result(shrunk_run, tmp_path):
-    from fedprune import program
+    from fedprune.program import loop
 
     out, summary, rows = shrunk_run
-    program.run_experiment(_config(), tmp_path, log=lambda line: None, stop_after_round=3)
-    resumed = program.run_experiment(_config(), tmp_path, resume=True, log=lambda line: None)
+    loop.run_experiment(_config(), tmp_path, log=lambda line: None, stop_after_round=3)
+    resumed = loop.run_experiment(_config(), tmp_path, resume=True, log=lambda line: None)
     for key in ("final_test_accuracy", "final_train_loss", "final_nonzero_params",
                 "total_bytes_down", "total_bytes_up", "params", "flops_per_example"):
         assert resumed[key] == summary[key], key

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedprune import models, pruning, structured
 from fedprune.errors import InvalidArgument
+from fedprune.model import builders
+from fedprune.pruning import structured, wrappers
 
 L = tf.keras.layers
 
@@ -21,8 +22,8 @@ def _bn_cnn():
 
 
 MODELS = {
-    "mlp": lambda: models.mlp((64,), 10, hidden=(32, 16)),
-    "cnn": lambda: models.cnn((8, 8, 1), 10, filters=(8, 16), dense_units=32),
+    "mlp": lambda: builders.mlp((64,), 10, hidden=(32, 16)),
+    "cnn": lambda: builders.cnn((8, 8, 1), 10, filters=(8, 16), dense_units=32),
     "bn_cnn": _bn_cnn,
 }
 
@@ -145,7 +146,7 @@ def test_layout_finds_pruned_layers_and_consumers(name, expected):
 
 def test_layout_of_a_tfmot_wrapped_model_points_at_its_own_lists():
     plain = _bn_cnn()
-    wrapped = pruning.wrap_for_pruning(plain, prune_output_layer=False)
+    wrapped = wrappers.wrap_for_pruning(plain, prune_output_layer=False)
     layout = structured.structured_layout(wrapped)
     # The wrapper adds mask/threshold/step non-trainables, so indices differ from
     # the plain model's, but they name the same variables: 2 BatchNorms x (moving
@@ -269,7 +270,7 @@ def _subclassed():
 
 
 def _frozen():
-    model = models.mlp((4,), 2, hidden=(3,))
+    model = builders.mlp((4,), 2, hidden=(3,))
     model.layers[1].trainable = False
     return model
 
@@ -277,7 +278,7 @@ def _frozen():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: models.rnn((5,), 7, units=4), "Embedding"),
+        (lambda: builders.rnn((5,), 7, units=4), "Embedding"),
         (_residual, "Add"),
         (_concatenated, "Concatenate"),
         (_shared, "not a chain"),

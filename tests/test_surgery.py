@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedprune import models, pruning, structured, surgery
+from fedprune.model import builders, surgery
+from fedprune.pruning import structured, wrappers
 
 L = tf.keras.layers
 
@@ -31,8 +32,8 @@ def _functional_mlp():
 
 
 MODELS = {
-    "mlp": (lambda: models.mlp((64,), 10, hidden=(32, 16)), (64,)),
-    "cnn": (lambda: models.cnn((8, 8, 1), 10, filters=(8, 16), dense_units=32), (8, 8, 1)),
+    "mlp": (lambda: builders.mlp((64,), 10, hidden=(32, 16)), (64,)),
+    "cnn": (lambda: builders.cnn((8, 8, 1), 10, filters=(8, 16), dense_units=32), (8, 8, 1)),
     "bn_cnn": (_bn_cnn, (8, 8, 1)),
     "functional_mlp": (_functional_mlp, (64,)),
 }
@@ -205,7 +206,7 @@ def test_slice_weights_maps_per_weight_state_like_the_weights():
 
 
 def test_kept_units_from_masks_rules():
-    model = models.mlp((4,), 2, hidden=(3,))
+    model = builders.mlp((4,), 2, hidden=(3,))
     kernel, bias = np.ones((4, 3), np.float32), np.zeros(3, np.float32)
     kernel[:, 1] = 0  # unit 1: zero column and zero bias -> dropped
     kernel[:, 2] = 0
@@ -247,14 +248,14 @@ def test_shrink_rejects_bad_kept_units(kept, message):
 
 
 def test_shrink_rejects_wrapped_models():
-    wrapped = pruning.wrap_for_pruning(MODELS["mlp"][0](), prune_output_layer=False)
-    with pytest.raises(structured.UnsupportedArchitecture, match="pruning.strip"):
+    wrapped = wrappers.wrap_for_pruning(MODELS["mlp"][0](), prune_output_layer=False)
+    with pytest.raises(structured.UnsupportedArchitecture, match="wrappers.strip"):
         surgery.shrink(wrapped, {})
 
 
 def test_flops_reject_layers_they_cannot_count():
     with pytest.raises(structured.UnsupportedArchitecture, match="Embedding"):
-        surgery.flops_per_example(models.rnn((5,), 7, units=4))
+        surgery.flops_per_example(builders.rnn((5,), 7, units=4))
 
 
 @pytest.mark.slow

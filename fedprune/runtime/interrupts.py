@@ -20,7 +20,7 @@ on the exit path (`shutdown`), in ordinary code:
     KeyboardInterrupt raised at an arbitrary bytecode of TensorFlow's own
     Python code (Keras evaluation, tracing) was seen to corrupt the heap
     ("free(): invalid next size", status -6) in 1 of 20 interrupted runs.
-    `program.run_experiment` defers everywhere except while it waits on the
+    `loop.run_experiment` defers everywhere except while it waits on the
     worker (`interruptible()`), where raising is safe: TFF's sync context runs
     the call on its own thread and the main thread only waits for a future.
   * Once `begin_shutdown()` has run, no worker is restarted: the in-flight RPC

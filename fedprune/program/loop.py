@@ -52,19 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprune import (
-    assembly,
-    atomic_files,
-    checkpoint,
-    communication,
-    evaluation,
-    outputs,
-    plots,
-    privacy_accounting,
-    privacy_report,
-    shrinking,
-)
 from fedprune.config import ExperimentConfig
+from fedprune.federated import communication, privacy_accounting
+from fedprune.outputs import atomic_files, plots, privacy_report, run_files
+from fedprune.program import assembly, checkpoint, evaluation, shrinking
 from fedprune.runtime import interrupts
 
 # What `run_experiment` passes to `on_phase`, in order; the per-round ones as
@@ -190,9 +181,9 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         loaded, done = checkpoint.load_latest(ckpt_dir, state, fingerprint=fingerprint)
         # metrics.csv is written before each round's checkpoint, so it may hold
         # one round more than the checkpoint (redone here) but never fewer.
-        rows = [r for r in outputs.read_metrics(output_dir) if int(r["round"]) <= done]
+        rows = [r for r in run_files.read_metrics(output_dir) if int(r["round"]) <= done]
         if [int(r["round"]) for r in rows] != list(range(1, done + 1)) or (
-                loaded is None and outputs.read_metrics(output_dir)):
+                loaded is None and run_files.read_metrics(output_dir)):
             raise checkpoint.CheckpointError(
                 f"{output_dir}/metrics.csv does not match the newest checkpoint (round {done}) "
                 f"in {ckpt_dir}; cannot resume, use --overwrite to start again")
@@ -209,12 +200,12 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
             accountant=config.dp_accountant)
     if first_round == 1:
         num_clients = len(data.client_ids)
-        outputs.write_config(config, output_dir, {
+        run_files.write_config(config, output_dir, {
             "num_train_clients": num_clients,
             "num_test_examples": int(len(data.test_y)),
             "privacy": privacy_report.config_section(config, num_clients)},
                      data=data, provenance=provenance)
-        outputs.write_partition(data, output_dir)
+        run_files.write_partition(data, output_dir)
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
     writer = tf.summary.create_file_writer(str(output_dir / "tensorboard"))
@@ -280,7 +271,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         # Metrics first: a kill between the two writes leaves round_num in the
         # CSV but not in a checkpoint, and `resume` redoes it (never a gap).
         phase(f"round {round_num} checkpoint")
-        outputs.write_metrics(output_dir, rows)
+        run_files.write_metrics(output_dir, rows)
         checkpoint.save(ckpt_dir, round_num, state, fingerprint=fingerprint)
         with writer.as_default(step=round_num):
             for key, value in row.items():
@@ -303,11 +294,11 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
             return {}
     writer.flush()
     phase("export")
-    summary = outputs.summarize(config, rows, start)
+    summary = run_files.summarize(config, rows, start)
     if dp:
         summary.update(privacy_report.summary_fields(config, accounting))
-    summary.update(outputs.size_summary(config, rows, output_dir))
-    summary.update(outputs.export_model(pp, weights, output_dir))
+    summary.update(run_files.size_summary(config, rows, output_dir))
+    summary.update(run_files.export_model(pp, weights, output_dir))
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
     plots.plot_run_curves(rows, output_dir / "curves.png",
                               title=f"{config.dataset} {config.masking} {config.schedule}")
@@ -333,7 +324,8 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
     Returns:
       The shrunk run's (pp, evaluator, state, weights) and a line for the log.
     """
-    from fedprune import structured, surgery
+    from fedprune.model import surgery
+    from fedprune.pruning import structured
 
     start = time.time()
     kept_by_kernel = shrinking.kept_units(pp, weights)
@@ -375,7 +367,8 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
 
 def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
     """The shrunk process and evaluator of a run resumed after its shrink (from shrink.json)."""
-    from fedprune import pruning, structured, surgery
+    from fedprune.model import surgery
+    from fedprune.pruning import structured, wrappers
 
     info = atomic_files.read_json(output_dir / "shrink.json")
     if info is None or "kept_units" not in info:
@@ -383,7 +376,7 @@ def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
             f"{output_dir}/checkpoints hold the state after the shrink (round "
             f"{config.shrink_round()}) but {output_dir}/shrink.json is missing or unreadable; "
             "cannot rebuild the shrunk model, use --overwrite to start again")
-    plain = pruning.strip(pp.keras_model_fn())
+    plain = wrappers.strip(pp.keras_model_fn())
     kept = shrinking.by_name(structured.structured_layout(plain), {
         int(i): np.asarray(k, np.int64) for i, k in info["kept_units"].items()})
     # Only the architecture matters: the weights come from the checkpoint.

@@ -1,4 +1,4 @@
-"""Plain Keras model builders (no pruning: `pruning.py` decides what is prunable).
+"""Plain Keras model builders (no pruning: `wrappers.py` decides what is prunable).
 
 Every builder takes the per-example input shape and the number of classes and
 returns an uncompiled Sequential model that outputs logits. Weights are drawn

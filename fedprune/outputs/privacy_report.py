@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from fedprune import privacy
-from fedprune.privacy_accounting import (
+from fedprune.federated import privacy
+from fedprune.federated.privacy_accounting import (
     RunAccounting,
     effective_gaussian_noise_multiplier,
     event_from_aggregator_state,

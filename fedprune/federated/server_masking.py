@@ -20,7 +20,7 @@ broadcast mask (`masking.mask_update`) before the optimizer sees it. Clients
 upload `delta * mask`, so for a mean this changes nothing (bit for bit); for a
 differentially private aggregate it removes the noise TFF adds to pruned
 coordinates, so neither the model nor a stateful optimizer's moments see it
-(post-processing with the public mask; see `fedprune/privacy.py`).
+(post-processing with the public mask; see `fedprune/federated/privacy.py`).
 
 With `--structure=neuron|filter` the mask removes whole units instead
 (`structured.structured_masks`): each pruned layer's wrapper mask holds the
@@ -41,10 +41,10 @@ import collections
 
 import numpy as np
 
-from fedprune import mask_aggregation, masking, structured
-from fedprune.masking import MaskSpec, compute_masks
-from fedprune.pruning import PruningLayout
-from fedprune.schedules import ScheduleTable, table_lookup
+from fedprune.pruning import mask_aggregation, masking, structured
+from fedprune.pruning.masking import MaskSpec, compute_masks
+from fedprune.pruning.schedules import ScheduleTable, table_lookup
+from fedprune.pruning.wrappers import PruningLayout
 
 
 def _unit_masks(kernels, old_masks, sparsity, *, layout: PruningLayout,

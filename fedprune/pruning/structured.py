@@ -214,7 +214,7 @@ def structured_masks(kernels: list, sparsity, *, norm: str = "l2",
     """
     import tensorflow as tf
 
-    from fedprune.masking import num_kept
+    from fedprune.pruning.masking import num_kept
 
     check(scope in SCOPES, "scope", scope, "one of " + "|".join(SCOPES))
     kernels = [tf.convert_to_tensor(k) for k in kernels]

@@ -3,7 +3,7 @@
 Package versions (every installed package that can change a number a run
 writes), the checkout's git commit, the uv.lock hash and the CPU model; the
 example-index digests come from `datasets.example_index_digests`. config.json
-records them (`outputs.write_config`); `machine_description` and
+records them (`run_files.write_config`); `machine_description` and
 `software_description` are the one-line descriptions BENCHMARKS.md and RESULTS.md
 give of where their numbers were measured.
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedprune import models
-from fedprune.structured import (
+from fedprune.model import builders
+from fedprune.pruning.structured import (
     UNIT_LAYERS,
     StructuredLayout,
     UnsupportedArchitecture,
@@ -101,7 +101,7 @@ def shrink(model, kept_units: dict):
     """A new, smaller plain Keras model keeping only `kept_units` of each pruned layer.
 
     Args:
-      model: a plain (unwrapped; see `pruning.strip`) Sequential or functional
+      model: a plain (unwrapped; see `wrappers.strip`) Sequential or functional
         model that `structured.structured_layout` accepts.
       kept_units: {layer name: 1-D array of kept unit/filter indices} for any of
         the pruned layers (`structured_layout(model).names`); absent layers keep
@@ -123,7 +123,7 @@ def shrink(model, kept_units: dict):
     wrapped = [layer.name for layer in layers if type(layer).__name__ == "PruneLowMagnitude"]
     if wrapped:
         raise UnsupportedArchitecture(
-            f"layers {wrapped} carry tfmot wrappers; shrink a plain model (pruning.strip)")
+            f"layers {wrapped} carry tfmot wrappers; shrink a plain model (wrappers.strip)")
     layout = structured_layout(model)
     kept = _validated(layout, kept_units)
     trainable, non_trainable = slice_weights(
@@ -198,7 +198,7 @@ def kept_units_from_masks(model, weights: list | None = None) -> dict[str, np.nd
 
 def count_params(model) -> int:
     """All parameters, trainable and non-trainable (BatchNorm moving statistics included)."""
-    return models.count_params(model)
+    return builders.count_params(model)
 
 
 def model_bytes(model) -> int:

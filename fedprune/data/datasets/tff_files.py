@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedprune.datasets.container import FederatedData, TffSource, _tf, check_dataset_name
+from fedprune.data.datasets.container import FederatedData, TffSource, _tf, check_dataset_name
+from fedprune.data.partitions import check_positive_int
 from fedprune.errors import check
-from fedprune.partitions import check_positive_int
 
 if TYPE_CHECKING:
     import tensorflow as tf

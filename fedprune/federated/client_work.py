@@ -38,10 +38,10 @@ import collections
 
 import numpy as np
 
-from fedprune import mask_aggregation, structured
-from fedprune.masking import MaskSpec, compute_masks
-from fedprune.pruning import PruningLayout
-from fedprune.schedules import ScheduleTable, table_lookup
+from fedprune.pruning import mask_aggregation, structured
+from fedprune.pruning.masking import MaskSpec, compute_masks
+from fedprune.pruning.schedules import ScheduleTable, table_lookup
+from fedprune.pruning.wrappers import PruningLayout
 
 MASKING_MODES = ("none", "client", "server", "both")
 

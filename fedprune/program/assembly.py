@@ -6,7 +6,7 @@
 * `round_inputs`: who is sampled in a round (`sampling.sample_round`, under the
   config's `client_sampling`) and their datasets, shuffled with
   `datasets.client_shuffle_seed`; a pure function of (config, round), used by
-  the round loop (`program.run_experiment`) and the benchmark alike.
+  the round loop (`loop.run_experiment`) and the benchmark alike.
 
 Importing this module is cheap: TensorFlow and TFF are imported by the
 functions that need them.
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from fedprune import datasets, privacy, sampling
 from fedprune.config import ExperimentConfig
+from fedprune.data import datasets, sampling
+from fedprune.federated import privacy
 
 
 def load_data(config: ExperimentConfig) -> datasets.FederatedData:
@@ -62,15 +63,16 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
     that architecture, dense (masking `none`, no schedule), with the config's
     optimizers; its initial weights are replaced by `shrinking.transfer_state`.
     """
-    from fedprune import masking, models, schedules
-    from fedprune import process as process_lib
+    from fedprune.federated import process as process_lib
+    from fedprune.model import builders
+    from fedprune.pruning import masking, schedules
 
     def model_builder():
         if shrunk_model is not None:
             import tensorflow as tf
 
             return tf.keras.models.clone_model(shrunk_model)
-        return models.build_model(config.model, data.input_shape, data.num_classes)
+        return builders.build_model(config.model, data.input_shape, data.num_classes)
 
     dense = shrunk_model is not None
     return process_lib.build_pruning_process(

@@ -66,8 +66,8 @@ measurements, which TFF sums without noise: treat those as non-private
 diagnostics.
 
 Accounting (events, accountants, a run's epsilons) is in
-`fedprune/privacy_accounting.py`; what a run reports about privacy in
-`fedprune/privacy_report.py`.
+`fedprune/federated/privacy_accounting.py`; what a run reports about privacy in
+`fedprune/outputs/privacy_report.py`.
 
 Importing this module is cheap: TensorFlow and TFF are imported by the
 functions that need them, so `validate_dp_args` runs before any of them.
@@ -79,8 +79,8 @@ import math
 
 import numpy as np
 
+from fedprune.data.sampling import SAMPLING_MODES
 from fedprune.errors import InvalidArgument, check
-from fedprune.sampling import SAMPLING_MODES
 
 DP_KINDS = ("none", "fixed", "adaptive")
 ACCOUNTANTS = ("rdp", "pld")

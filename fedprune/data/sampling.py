@@ -39,8 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedprune.data.partitions import check_positive_int
 from fedprune.errors import check
-from fedprune.partitions import check_positive_int
 
 SAMPLING_MODES = ("fixed", "poisson")
 

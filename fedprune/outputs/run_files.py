@@ -1,6 +1,6 @@
 """A run's output files: config, partition, metrics, summary, exported model.
 
-What `program.run_experiment` writes into its folder (every file atomically,
+What `loop.run_experiment` writes into its folder (every file atomically,
 through `atomic_files`):
 
   config.json          every setting, package versions, git commit, seeds, and what
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprune import atomic_files, communication, datasets, plots
 from fedprune.config import ExperimentConfig
-from fedprune.evaluation import Evaluator
-from fedprune.provenance import cpu_model, git_commit, package_versions, uv_lock_sha256
+from fedprune.data import datasets
+from fedprune.federated import communication
+from fedprune.outputs import atomic_files, plots
+from fedprune.outputs.provenance import cpu_model, git_commit, package_versions, uv_lock_sha256
+from fedprune.program.evaluation import Evaluator
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
@@ -95,7 +97,7 @@ def write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
 
 def export_model(pp, weights, output_dir: Path) -> dict:
     """Saves the stripped final model as HDF5 and a deflate zip; returns sizes in bytes."""
-    from fedprune import pruning
+    from fedprune.pruning import wrappers
 
     model_dir = output_dir / "model"
     model_dir.mkdir(exist_ok=True)
@@ -103,7 +105,7 @@ def export_model(pp, weights, output_dir: Path) -> dict:
     evaluator = Evaluator(model, None)
     evaluator.load(weights)
     if pp.masking != "none":
-        model = pruning.strip(model)
+        model = wrappers.strip(model)
     h5 = model_dir / "model.h5"
     # HDF5 is "legacy" to Keras, but plain and portable.
     with atomic_files.atomic_path(h5) as tmp, warnings.catch_warnings():

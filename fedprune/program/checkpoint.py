@@ -4,7 +4,7 @@ A checkpoint is one `.npz` file holding every leaf of the state (global
 weights with masks, server optimizer state, round counters) plus a JSON header
 (round, config fingerprint, leaf shapes and dtypes). It is written to a
 temporary file in the same directory, fsynced and renamed into place
-(`fedprune.atomic_files`), so a kill
+(`fedprune.outputs.atomic_files`), so a kill
 at any moment leaves either the previous checkpoint or the new one, never a
 truncated file. Loading checks the header against the expected structure and
 refuses a checkpoint from other flags or another model with a clear error.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedprune import atomic_files
+from fedprune.outputs import atomic_files
 
 _NAME = re.compile(r"^round_(\d{6})\.npz$")
 

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from fedprune import partitions
+from fedprune.data import partitions
+from fedprune.data.partitions import check_positive_int
 from fedprune.errors import check
-from fedprune.partitions import check_positive_int
 
 if TYPE_CHECKING:
     import tensorflow as tf

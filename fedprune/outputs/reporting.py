@@ -1,7 +1,7 @@
 """Reporting: confidence intervals and comparison tables.
 
-Files are written through `fedprune.atomic_files`; the figures are in
-`fedprune.plots`.
+Files are written through `fedprune.outputs.atomic_files`; the figures are in
+`fedprune.outputs.plots`.
 
 * `mean_ci`: mean and Student-t confidence half width over seeds.
 * `aggregate` groups result rows (e.g. one per run) by configuration keys;
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.atomic_files import PathLike, atomic_write_csv
+from fedprune.outputs.atomic_files import PathLike, atomic_write_csv
 
 # --------------------------------------------------------------------------
 # Statistics.

@@ -23,7 +23,7 @@ functions that need them, and `load_digits`/`load_synthetic` construct their
 Datasets (`DATASETS`):
   * `digits`: scikit-learn's copy of the UCI optical digits (1,797 8x8 images,
     shipped inside scikit-learn, no download), flattened to 64 features in
-    [0, 1], split among clients by a `fedprune.partitions` partitioner.
+    [0, 1], split among clients by a `fedprune.data.partitions` partitioner.
   * `synthetic`: Synthetic(alpha, beta) of Li et al. 2020, "Federated
     Optimization in Heterogeneous Networks" (FedProx, MLSys), Sec. 5.1 and
     the data generator of their code release.
@@ -36,7 +36,7 @@ Datasets (`DATASETS`):
 
 from __future__ import annotations
 
-from fedprune.datasets.container import (
+from fedprune.data.datasets.container import (
     ArraySource,
     ClientSource,
     FederatedData,
@@ -46,9 +46,9 @@ from fedprune.datasets.container import (
     example_index_digests,
     preprocess_client_dataset,
 )
-from fedprune.datasets.digits import DIGITS_TEST_SPLIT_SEED, load_digits
-from fedprune.datasets.synthetic import load_synthetic
-from fedprune.datasets.tff_files import (
+from fedprune.data.datasets.digits import DIGITS_TEST_SPLIT_SEED, load_digits
+from fedprune.data.datasets.synthetic import load_synthetic
+from fedprune.data.datasets.tff_files import (
     TFF_TEST_CLIENT_ORDER_SEED,
     check_tff_data_file,
     load_tff_dataset,

@@ -29,7 +29,8 @@ import collections
 
 import numpy as np
 
-from fedprune import pruning, structured, surgery
+from fedprune.model import surgery
+from fedprune.pruning import structured, wrappers
 
 
 class ShrinkError(RuntimeError):
@@ -83,14 +84,14 @@ def plain_model(pp, weights):
                               (model.non_trainable_weights, weights.non_trainable)):
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
-    return pruning.strip(model) if pp.masking != "none" else model
+    return wrappers.strip(model) if pp.masking != "none" else model
 
 
 def model_size(model) -> dict:
     """{params, model_bytes, flops_per_example} of a plain Keras model (see `surgery`).
 
     `flops_per_example` is "" (unknown) for layers `surgery.flops_per_example`
-    cannot count (e.g. the LSTM of `models.rnn`) rather than an undercount.
+    cannot count (e.g. the LSTM of `builders.rnn`) rather than an undercount.
     """
     try:
         flops = surgery.flops_per_example(model)

@@ -1,7 +1,7 @@
 """The digits dataset: scikit-learn's copy of the UCI optical digits.
 
 1,797 8x8 images, shipped inside scikit-learn (no download), flattened to 64
-features in [0, 1], split among clients by a `fedprune.partitions`
+features in [0, 1], split among clients by a `fedprune.data.partitions`
 partitioner; a fixed stratified test split.
 
 Importing this module is cheap: `load_digits` builds its `FederatedData`
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedprune import partitions
-from fedprune.datasets.container import FederatedData, array_data
+from fedprune.data import partitions
+from fedprune.data.datasets.container import FederatedData, array_data
 from fedprune.errors import check
 
 # Seed of the stratified digits train/test split. Fixed, independent of the
@@ -43,7 +43,7 @@ def load_digits(
 
     Args:
       num_clients: number of clients (flag `--num_clients`).
-      partition: one of `fedprune.partitions.PARTITIONERS`.
+      partition: one of `fedprune.data.partitions.PARTITIONERS`.
       seed: partition seed.
       dirichlet_alpha: Dir(alpha) concentration for `partition="dirichlet"`.
       shards_per_client: shards per client for `partition="shards"`.

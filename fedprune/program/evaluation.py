@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedprune import datasets
+from fedprune.data import datasets
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def sparsity_metrics(pp, weights) -> dict:
     """Global and per-layer sparsity (fraction of zeros) of the pruned kernels, and nonzeros.
 
     `global_sparsity` is over the kernels fedprune prunes (Dense/Conv, see
-    `pruning.py`; for masking `none` the same kernels of the dense model);
+    `wrappers.py`; for masking `none` the same kernels of the dense model);
     `nonzero_params` counts every trainable parameter, biases included.
     """
     metrics = {}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedprune.datasets.container import FederatedData, array_data
+from fedprune.data.datasets.container import FederatedData, array_data
+from fedprune.data.partitions import check_positive_int
 from fedprune.errors import check
-from fedprune.partitions import check_positive_int
 
 # FedProx's generator: client sizes are int(LogNormal(4, 2)) + 50 and each
 # client keeps the first 90% of its examples for training.

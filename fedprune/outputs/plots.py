@@ -1,7 +1,7 @@
 """Plots: PNG figures of runs, grids and partitions.
 
 Drawn with matplotlib's Agg canvas on a bare `Figure` (no pyplot, no global
-backend switch) and written atomically (`fedprune.atomic_files`); matplotlib
+backend switch) and written atomically (`fedprune.outputs.atomic_files`); matplotlib
 is imported inside the plotting functions so importing this module stays
 cheap.
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from fedprune.atomic_files import PathLike, atomic_write_bytes
-from fedprune.reporting import Table, mean_ci
+from fedprune.outputs.atomic_files import PathLike, atomic_write_bytes
+from fedprune.outputs.reporting import Table, mean_ci
 
 
 def _new_figure(nrows: int = 1, *, height: float = 3.2):

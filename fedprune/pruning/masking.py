@@ -240,7 +240,7 @@ def mask_update(update: Sequence, masks: Sequence) -> tuple:
 
     Post-processing of the DP output with the broadcast mask: exactly zero off
     the mask, noise only on kept coordinates, no privacy cost (see
-    `fedprune/privacy.py`).
+    `fedprune/federated/privacy.py`).
 
     Args:
       update: the aggregate, a sequence of tensors (e.g. the trainable deltas).

@@ -1,6 +1,6 @@
 """Differential-privacy accounting: DP events, accountants and a run's epsilons.
 
-The events describe the mechanism of `fedprune/privacy.py` from its known
+The events describe the mechanism of `fedprune/federated/privacy.py` from its known
 parameters; the accountants are dp-accounting's RDP and PLD accountants.
 
 Accounting (`dp_event`, `epsilon`, `epsilon_per_round`): events are built from
@@ -12,7 +12,7 @@ state) carry `np.float32` fields, so the accountant would silently account only
 the value noise z_v of an adaptive-clipping round and under-report epsilon.
 `as_python_floats` (used by `epsilon` and `event_from_aggregator_state`)
 converts every NumPy scalar in an event to a Python number. What each client
-sampling mode assumes is in `fedprune/sampling.py`: Poisson sampling is
+sampling mode assumes is in `fedprune/data/sampling.py`: Poisson sampling is
 accounted under add-or-remove-one adjacency; fixed-size sampling without
 replacement under replace-one adjacency, where two clipped updates can differ
 by 2C, so the Gaussian event gets noise multiplier z/2 (dp-accounting passes
@@ -31,14 +31,14 @@ import math
 
 import numpy as np
 
+from fedprune.data.sampling import SAMPLING_MODES
 from fedprune.errors import InvalidArgument, check
-from fedprune.privacy import (
+from fedprune.federated.privacy import (
     ACCOUNTANTS,
     check_delta,
     is_finite_number,
     noise_params,
 )
-from fedprune.sampling import SAMPLING_MODES
 
 # ----------------------------------------------------------------------------
 # DP events.

@@ -24,13 +24,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedprune import mask_aggregation as mask_aggregation_lib
-from fedprune import pruning, structured
-from fedprune.client_work import MASKING_MODES, build_pruning_client_work
 from fedprune.errors import check
-from fedprune.masking import UNIT_STRUCTURES, MaskSpec
-from fedprune.schedules import RoundSchedule, ScheduleTable
-from fedprune.server_masking import build_masking_finalizer, remask_weights
+from fedprune.federated.client_work import MASKING_MODES, build_pruning_client_work
+from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
+from fedprune.pruning import mask_aggregation as mask_aggregation_lib
+from fedprune.pruning import structured, wrappers
+from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
+from fedprune.pruning.schedules import RoundSchedule, ScheduleTable
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 
@@ -67,7 +67,7 @@ class PruningProcess:
 
     process: object
     masking: str
-    layout: pruning.PruningLayout | None
+    layout: wrappers.PruningLayout | None
     table: ScheduleTable
     keras_model_fn: Callable
     units: structured.StructuredLayout | None = None
@@ -125,7 +125,7 @@ def build_pruning_process(
     def keras_model_fn():
         model = model_builder()
         if wrapped:
-            model = pruning.wrap_for_pruning(model, prune_output_layer=prune_output_layer)
+            model = wrappers.wrap_for_pruning(model, prune_output_layer=prune_output_layer)
         return model
 
     loss_fn = loss_fn or (lambda: tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -139,15 +139,15 @@ def build_pruning_process(
     tf.keras.utils.set_random_seed(seed)
     initial_model = keras_model_fn()
     if wrapped:
-        layout = pruning.pruning_layout(initial_model)
-        trainable, non_trainable = pruning.initial_weights(initial_model, layout)
+        layout = wrappers.pruning_layout(initial_model)
+        trainable, non_trainable = wrappers.initial_weights(initial_model, layout)
     else:
         trainable = [v.numpy() for v in initial_model.trainable_weights]
         non_trainable = [v.numpy() for v in initial_model.non_trainable_weights]
         # The kernels a pruned run would prune, for measuring the dense model's
         # sparsity; wrapping keeps the trainable order, so their indices hold.
-        layout = pruning.pruning_layout(
-            pruning.wrap_for_pruning(initial_model, prune_output_layer=prune_output_layer))
+        layout = wrappers.pruning_layout(
+            wrappers.wrap_for_pruning(initial_model, prune_output_layer=prune_output_layer))
     units = None
     if mask_spec.is_unit_structure:
         units = _unit_layout(initial_model, layout, mask_spec.structure, masking)
@@ -206,7 +206,7 @@ def build_pruning_process(
     return PruningProcess(process, masking, layout, table, keras_model_fn, units)
 
 
-def _unit_layout(wrapped_model, layout: pruning.PruningLayout, structure: str,
+def _unit_layout(wrapped_model, layout: wrappers.PruningLayout, structure: str,
                  masking: str) -> structured.StructuredLayout:
     """The layers `structure` removes units from; each must carry a tfmot wrapper (a mask)."""
     check(masking == "server", "masking", masking,

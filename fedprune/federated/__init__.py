@@ -1,0 +1,1 @@
+"""The federated process: TFF learning templates plus client and server masking."""

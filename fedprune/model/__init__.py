@@ -1,0 +1,1 @@
+"""The Keras model: builders, and surgery that rebuilds a unit-pruned model smaller."""

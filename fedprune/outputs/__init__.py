@@ -1,0 +1,1 @@
+"""Outputs: the files a run writes, their provenance, tables and figures."""

@@ -1,0 +1,1 @@
+"""The program: one experiment run round by round, with evaluation and checkpoints."""

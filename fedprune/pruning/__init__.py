@@ -1,0 +1,1 @@
+"""Pruning: tfmot wrappers on the model, sparsity schedules, and the mask maths."""
