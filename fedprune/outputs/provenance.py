@@ -25,7 +25,7 @@ _RESULT_PACKAGES = ("tensorflow", "tensorflow-federated", "tensorflow-model-opti
                     "keras", "tensorflow-privacy", "tensorflow-probability", "dp-accounting",
                     "numpy", "scipy", "scikit-learn", "ml-dtypes", "h5py", "absl-py", "jax",
                     "jaxlib")
-_REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout holding fedprune/
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding fedprune/outputs/
 
 
 def package_versions() -> dict:
