@@ -33,8 +33,7 @@ from experiments.usage import (
 from fedprune import config as config_lib
 from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
-from fedprune.federated import privacy
-from fedprune.federated.client_work import MASKING_MODES
+from fedprune.federated import masking_modes, privacy
 from fedprune.model import builders
 from fedprune.pruning import mask_aggregation, masking, schedules
 
@@ -89,8 +88,8 @@ _SPECS = {
                                  "delta)."),
     "seed": _Spec(TRAINING, "Seed of the partition, model init, client sampling and shuffling "
                             "(each a pure function of seed and round)."),
-    "masking": _Spec(MASKING, "Where masks are computed: none (dense), client (tfmot on clients "
-                              "only), server (server re-mask after FedAvg), both."),
+    "masking": _Spec(MASKING, "Who applies the mask in a round. " + " ".join(
+        f"{name}: {mode.description}." for name, mode in masking_modes.MASKING_MODES.items())),
     "schedule": _Spec(SCHEDULE, "Sparsity schedule in rounds (tfmot, one step per round, not "
                                 "per client step)."),
     "initial_sparsity": _Spec(SCHEDULE, "Polynomial schedule: sparsity at --begin_round, a "
@@ -163,7 +162,7 @@ _ENUMS = {
     "partition": partitions.PARTITIONERS,
     "model": builders.MODELS,
     "server_optimizer": config_lib.SERVER_OPTIMIZERS,
-    "masking": MASKING_MODES,
+    "masking": tuple(masking_modes.MASKING_MODES),
     "schedule": schedules.SCHEDULES,
     "mask_criterion": masking.CRITERIA,
     "mask_scope": masking.SCOPES,

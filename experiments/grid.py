@@ -34,14 +34,15 @@ from absl import flags
 from experiments import common, usage
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
-from fedprune.federated.client_work import MASKING_MODES
+from fedprune.federated import masking_modes
 from fedprune.outputs import atomic_files
 from fedprune.pruning.schedules import SCHEDULES
 
 FLAGS = flags.FLAGS
 
 DENSE = "dense"  # the schedule label of `--schedules=none` cells
-GRID_MASKINGS = tuple(m for m in MASKING_MODES if m != "none")  # none is the dense cell's
+# The modes that prune; the dense cell's (none) comes with --schedules=none.
+GRID_MASKINGS = masking_modes.names(lambda mode: mode.wraps_model)
 # Config field -> the grid flag that sets it per cell; setting the field as a base flag
 # would be silently overridden, so it is rejected.
 CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "final_sparsities",
@@ -72,7 +73,7 @@ def define_grid_flags() -> None:
                       "variant per value (e.g. 1,3).")
     flags.DEFINE_list("final_sparsities", ["0.5", "0.75", "0.9", "0.95"],
                       "Target sparsities, fractions in [0, 1).")
-    flags.DEFINE_list("maskings", ["client", "server", "both"],
+    flags.DEFINE_list("maskings", list(GRID_MASKINGS),
                       "Masking modes of the pruned cells (" + "|".join(GRID_MASKINGS) + ").")
     flags.DEFINE_list("dp_noise_multipliers", [], "DP noise multipliers, one cell each (with "
                       "--dp=fixed|adaptive); empty: --dp_noise_multiplier for every cell.")

@@ -16,12 +16,11 @@ import os
 
 from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import check
-from fedprune.federated import privacy
-from fedprune.federated.client_work import MASKING_MODES
+from fedprune.federated import masking_modes, privacy
+from fedprune.federated.process import SERVER_OPTIMIZERS
 from fedprune.model import builders
-from fedprune.pruning import mask_aggregation, masking, schedules
+from fedprune.pruning import masking, schedules
 
-SERVER_OPTIMIZERS = ("sgd", "adam")
 TFF_DATASETS = ("emnist_digits", "emnist", "cifar100", "shakespeare")
 # scikit-learn's 1,797 digits minus the fixed 360-example test split of `datasets.load_digits`.
 DIGITS_TRAIN_EXAMPLES = 1437
@@ -131,19 +130,13 @@ class ExperimentConfig:
               "a momentum in [0, 1)")
         check(self.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer",
               self.server_optimizer, "one of " + "|".join(SERVER_OPTIMIZERS))
-        check(self.masking in MASKING_MODES, "masking", self.masking,
-              "one of " + "|".join(MASKING_MODES))
+        mode = self.masking_mode
         schedule = self.make_schedule()
-        check((self.masking == "none") == (self.schedule == "none"), "masking", self.masking,
-              "none exactly when --schedule=none (dense training)")
+        masking_modes.check_schedule(mode, self.schedule)
         last = schedule.last_update_round
         check(last <= self.rounds, "end_round" if self.schedule == "polynomial" else "begin_round",
               last, f"a round <= --rounds={self.rounds}, so the schedule completes within the run")
-        check(self.mask_aggregation in mask_aggregation.RULES, "mask_aggregation",
-              self.mask_aggregation, "one of " + "|".join(mask_aggregation.RULES))
-        check(self.mask_aggregation == "average" or self.masking in ("client", "both"),
-              "mask_aggregation", self.mask_aggregation,
-              "average unless clients prune (--masking=client|both)")
+        masking_modes.check_mask_aggregation(mode, self.mask_aggregation)
         check(self.client_sampling in sampling.SAMPLING_MODES, "client_sampling",
               self.client_sampling, "one of " + "|".join(sampling.SAMPLING_MODES))
         privacy.validate_dp_args(
@@ -172,9 +165,7 @@ class ExperimentConfig:
               f"one of {'|'.join(models_with_units)} with --structure={self.structure} "
               f"({'Dense hidden layers' if self.structure == 'neuron' else 'convolutions'} "
               "to remove units from)")
-        check(self.masking == "server", "masking", self.masking,
-              f"server with --structure={self.structure} (the server decides which units "
-              "survive; client-side unit pruning is not supported)")
+        masking_modes.check_unit_structure(self.masking_mode, self.structure)
         check(not self.prune_output_layer, "prune_output_layer", self.prune_output_layer,
               f"False (--noprune_output_layer) with --structure={self.structure}: the output "
               "layer's units are the classes and are never removed")
@@ -184,6 +175,11 @@ class ExperimentConfig:
               self.shrink_at_round,
               f"-1 (after the last mask update, round {last}), 0 (never) or a round in "
               f"[{last}, --rounds={self.rounds}]")
+
+    @property
+    def masking_mode(self) -> masking_modes.MaskingMode:
+        """The `MaskingMode` `masking` names (raises `InvalidArgument` for an unknown name)."""
+        return masking_modes.masking_mode(self.masking)
 
     def last_mask_update_round(self) -> int:
         """The last round whose end recomputes the mask (0 for no pruning).

@@ -4,7 +4,7 @@ Local training is `tff.learning.templates.build_model_delta_client_work` on the
 tfmot-wrapped model, unchanged (a hand-written client loop measured 4x slower
 per round). Each wrapper multiplies its kernel by the broadcast mask before
 every batch, so clients train inside the mask. This module adds two cheap TF
-computations around it, selected by the masking mode:
+computations around it, selected by the masking mode (`masking_modes.py`):
 
 * `server`: the upload is masked by the broadcast mask (`delta * mask`). The
   last optimizer step moves pruned coordinates by one gradient step, which the
@@ -38,12 +38,11 @@ import collections
 
 import numpy as np
 
+from fedprune.federated.masking_modes import MaskingMode, masking_mode
 from fedprune.pruning import mask_aggregation, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
 from fedprune.pruning.schedules import ScheduleTable, table_lookup
 from fedprune.pruning.wrappers import PruningLayout
-
-MASKING_MODES = ("none", "client", "server", "both")
 
 
 def uplink_bytes(tensors, known_masks):
@@ -88,7 +87,7 @@ def build_pruning_client_work(
     *,
     model_fn,
     client_optimizer,
-    masking: str,
+    masking: str | MaskingMode,
     layout: PruningLayout | None,
     table: ScheduleTable,
     mask_spec: MaskSpec,
@@ -98,12 +97,12 @@ def build_pruning_client_work(
 
     Args:
       model_fn: no-arg callable returning a fresh `tff.learning.models.VariableModel`
-        (the tfmot-wrapped model unless `masking == "none"`).
+        (the tfmot-wrapped model if the mode `wraps_model`).
       client_optimizer: a `tff.learning.optimizers.Optimizer` for local steps.
-      masking: one of MASKING_MODES.
+      masking: a `masking_modes.MaskingMode` or its name (`--masking`).
       layout: positions of pruned kernels and masks (None for `none`).
       table: the schedule evaluated per round.
-      mask_spec: the mask rule clients use in modes `client` and `both`.
+      mask_spec: the mask rule clients use in modes that `client_prunes`.
       units: for `--structure=neuron|filter` (mode `server` only): the
         unit-pruned layers, whose biases and BatchNorm gamma/beta uploads are
         masked by the unit mask the broadcast kernel mask holds.
@@ -116,6 +115,7 @@ def build_pruning_client_work(
       weights' delta, or for `client`/`both` `mask_aggregation.client_payload`
       (delta, kernel masks, pruned kernels) so the server can combine masks.
     """
+    mode = masking_mode(masking)
     import tensorflow_federated as tff
 
     # DATASET_ITERATOR (a Python-style loop over the dataset inside the graph)
@@ -133,7 +133,10 @@ def build_pruning_client_work(
     kernels = layout.kernels if layout is not None else ()
     kernel_idx = [k.trainable_index for k in kernels]
     mask_idx = [k.mask_index for k in kernels]
-    client_prunes = masking in ("client", "both")
+    client_prunes = mode.client_prunes
+    # Step 1 of the module docstring: clients prune the broadcast model first
+    # when the server did not (the average of differently pruned models is denser).
+    prunes_broadcast = mode.client_prunes and not mode.server_remasks
     started = table.started
 
     def prune_broadcast(weights, round_num):
@@ -150,7 +153,7 @@ def build_pruning_client_work(
             non_trainable[j] = m
         return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
 
-    if masking == "client":  # traced only where used (its mask rule is element-wise)
+    if prunes_broadcast:  # traced only where used (its mask rule is element-wise)
         prune_broadcast = tff.tensorflow.computation(weights_type, round_type)(prune_broadcast)
 
     @tff.tensorflow.computation(update_type, weights_type, weights_type, round_type)
@@ -222,7 +225,7 @@ def build_pruning_client_work(
     def next_fn(state, weights, client_data):
         round_at_clients = tff.federated_broadcast(state.round)
         trained_from = weights
-        if masking == "client":
+        if prunes_broadcast:
             trained_from = tff.federated_map(prune_broadcast, (weights, round_at_clients))
         inner_output = inner.next(state.hparams, trained_from, client_data)
         result, upload_bytes = tff.federated_map(

@@ -60,8 +60,9 @@ coordinates.
 
 What the guarantee covers: the sequence of broadcast models, for any client's
 whole dataset (client-level DP). It does not cover client-computed masks
-(masking `client`/`both`: masks are aggregated without noise, so `--dp` is
-rejected with them), nor the per-round client training metrics and uplink-byte
+(modes whose clients prune, `client`/`both`: masks are aggregated without
+noise, so `--dp` is rejected with them; `MaskingMode.dp_compatible` in
+`masking_modes.py`), nor the per-round client training metrics and uplink-byte
 measurements, which TFF sums without noise: treat those as non-private
 diagnostics.
 
@@ -81,11 +82,10 @@ import numpy as np
 
 from fedprune.data.sampling import SAMPLING_MODES
 from fedprune.errors import InvalidArgument, check
+from fedprune.federated import masking_modes
 
 DP_KINDS = ("none", "fixed", "adaptive")
 ACCOUNTANTS = ("rdp", "pld")
-# Masking modes whose client-computed masks are aggregated without noise.
-_NON_PRIVATE_MASKING = ("client", "both")
 
 # TFF's defaults for adaptive clipping (DifferentiallyPrivateFactory.gaussian_adaptive).
 DEFAULT_CLIP_LEARNING_RATE = 0.2
@@ -219,7 +219,7 @@ def validate_dp_args(
     num_clients: int | None = None,
     client_sampling: str = "fixed",
     accountant: str = "rdp",
-    masking: str | None = None,
+    masking: str | masking_modes.MaskingMode | None = None,
     clipped_count_stddev: float | None = None,
 ) -> None:
     """Checks the DP settings; raises `InvalidArgument` naming the flag. Imports no TF.
@@ -242,8 +242,8 @@ def validate_dp_args(
       client_sampling: `fixed` or `poisson` (`--client_sampling`).
       accountant: `rdp` or `pld` (`--dp_accountant`); dp-accounting 0.4.3's PLD
         accountant has no event for fixed-size sampling.
-      masking: the masking mode (`--masking`), if known: `client` and `both`
-        aggregate client-computed masks without noise, so DP is rejected.
+      masking: the masking mode (`--masking`), if known: DP is rejected unless
+        it is `dp_compatible` (see `masking_modes.py`).
       clipped_count_stddev: sigma_b for `adaptive` (None: 0.05 * m).
 
     Raises:
@@ -270,9 +270,7 @@ def validate_dp_args(
         check(clients_per_round <= num_clients, "clients_per_round", clients_per_round,
               f"at most the {num_clients} clients")
     if masking is not None:
-        check(masking not in _NON_PRIVATE_MASKING, "dp", dp,
-              f"none with --masking={masking} (client-computed masks are aggregated without "
-              "noise, so the DP guarantee would not hold); use --masking=server or none")
+        masking_modes.check_dp(masking_modes.masking_mode(masking), dp)
 
 
 def check_delta(delta, num_clients: int | None = None) -> None:
@@ -298,6 +296,7 @@ def build_dp_aggregator(
     target_unclipped_quantile: float = 0.5,
     clip_learning_rate: float = DEFAULT_CLIP_LEARNING_RATE,
     clipped_count_stddev: float | None = None,
+    masking: str | masking_modes.MaskingMode | None = None,
 ):
     """A weighted TFF aggregation factory for DP-FedAvg, ready for `compose_learning_process`.
 
@@ -328,6 +327,8 @@ def build_dp_aggregator(
         tracks (`--dp_target_quantile`).
       clip_learning_rate: adaptive clipping's geometric learning rate (TFF's default 0.2).
       clipped_count_stddev: sigma_b for adaptive clipping (None: 0.05 * m).
+      masking: the masking mode of the process the aggregator is for, if
+        known: rejected unless `dp_compatible` (see `masking_modes.py`).
 
     Returns:
       A `tff.aggregators.WeightedAggregationFactory`.
@@ -337,6 +338,8 @@ def build_dp_aggregator(
         e.g. z >= 0.1 * clients_per_round with adaptive clipping.
     """
     check(kind in DP_KINDS[1:], "dp", kind, "fixed|adaptive (none builds no DP aggregator)")
+    if masking is not None:
+        masking_modes.check_dp(masking_modes.masking_mode(masking), kind)
     _validate_mechanism(kind, noise_multiplier=noise_multiplier, clip=clip,
                         clients_per_round=clients_per_round,
                         target_quantile=target_unclipped_quantile,

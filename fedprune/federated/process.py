@@ -9,12 +9,10 @@ joined by `tff.learning.templates.compose_learning_process`. Nothing of FedAvg's
 body is forked: with masking `none` the parts are TFF's own and the process
 computes exactly `tff.learning.algorithms.build_weighted_fed_avg`.
 
-Masking modes (see MASKING_MODES):
-  none    dense FedAvg (no wrappers).
-  client  clients prune with the schedule; the server averages without masking.
-  server  clients train inside the broadcast mask; the server re-masks after
-          every optimizer step.
-  both    clients prune at the end of local training and the server re-masks.
+The masking mode (`masking_modes.py`) selects the parts: with `wraps_model`
+the model carries tfmot wrappers; with `client_prunes` the client work prunes
+and the aggregator combines clients' masks (`mask_aggregation.py`); with
+`server_remasks` the finalizer re-applies the schedule's mask.
 """
 
 from __future__ import annotations
@@ -25,7 +23,9 @@ from collections.abc import Callable
 import numpy as np
 
 from fedprune.errors import check
-from fedprune.federated.client_work import MASKING_MODES, build_pruning_client_work
+from fedprune.federated import masking_modes
+from fedprune.federated.client_work import build_pruning_client_work
+from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
 from fedprune.pruning import structured, wrappers
@@ -43,7 +43,8 @@ def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.0):
     """
     import tensorflow_federated as tff
 
-    check(name in SERVER_OPTIMIZERS, "server_optimizer", name, "one of sgd|adam")
+    check(name in SERVER_OPTIMIZERS, "server_optimizer", name,
+          "one of " + "|".join(SERVER_OPTIMIZERS))
     if name == "adam":
         return tff.learning.optimizers.build_adam(learning_rate, epsilon=1e-3)
     return tff.learning.optimizers.build_sgdm(learning_rate, momentum=momentum or None)
@@ -55,18 +56,19 @@ class PruningProcess:
 
     Attributes:
       process: the `tff.learning.templates.LearningProcess`.
-      masking: the masking mode.
-      layout: positions of pruned kernels and masks in `ModelWeights`; for
-        `none`, the kernels a pruned run would prune (mask indices unused).
+      masking_mode: the masking mode.
+      layout: positions of pruned kernels and masks in `ModelWeights`; for a
+        mode that does not wrap the model (`none`), the kernels a pruned run
+        would prune (mask indices unused).
       table: the schedule evaluated at rounds 0..num_rounds.
       keras_model_fn: builds the Keras model the weights belong to (wrapped
-        unless masking is `none`); for evaluation and export.
+        if `masking_mode.wraps_model`); for evaluation and export.
       units: for `--structure=neuron|filter`, the unit-pruned layers
         (`structured.StructuredLayout` of the wrapped model's weight lists).
     """
 
     process: object
-    masking: str
+    masking_mode: MaskingMode
     layout: wrappers.PruningLayout | None
     table: ScheduleTable
     keras_model_fn: Callable
@@ -77,7 +79,7 @@ def build_pruning_process(
     *,
     model_builder: Callable,
     input_spec,
-    masking: str,
+    masking: str | MaskingMode,
     schedule: RoundSchedule,
     mask_spec: MaskSpec,
     num_rounds: int,
@@ -95,7 +97,7 @@ def build_pruning_process(
     Args:
       model_builder: no-arg callable returning a fresh plain Keras model (logits).
       input_spec: the element spec of a client batch, `OrderedDict(x=..., y=...)`.
-      masking: one of MASKING_MODES.
+      masking: a `masking_modes.MaskingMode` or its name (`--masking`).
       schedule: when and how much to prune, in rounds.
       mask_spec: the mask criterion and structure.
       num_rounds: training rounds (the schedule is tabulated for 0..num_rounds).
@@ -103,24 +105,32 @@ def build_pruning_process(
       server_optimizer: `tff.learning.optimizers.Optimizer` applied to the mean delta.
       seed: seeds the initial model weights.
       prune_output_layer: False leaves the last weighted layer dense.
-      mask_aggregation: how clients' pruned models combine in modes `client` and
-        `both`: one of `mask_aggregation.RULES` (see that module).
+      mask_aggregation: how clients' pruned models combine in modes whose
+        clients prune (`client`, `both`): one of `mask_aggregation.RULES` (see
+        that module); `average` in the other modes.
       model_aggregator: a weighted `tff.aggregators` factory for plain deltas
-        (default: MeanFactory); modes `client`/`both` use the mask aggregator.
+        (default: MeanFactory); modes whose clients prune use the mask aggregator.
       loss_fn: no-arg callable returning a Keras loss (default: sparse CE from logits).
       metrics_fn: no-arg callable returning Keras metrics (default: sparse accuracy).
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
       `(LearningAlgorithmState@SERVER, data@CLIENTS) -> LearningProcessOutput`.
+
+    Raises:
+      InvalidArgument: an unknown mode, or a mode the other arguments do not
+        fit (`masking_modes.check_*`), before anything is built.
     """
+    mode = masking_modes.masking_mode(masking)
+    masking_modes.check_schedule(mode, schedule.name)
+    masking_modes.check_mask_aggregation(mode, mask_aggregation)
+    if mask_spec.is_unit_structure:
+        masking_modes.check_unit_structure(mode, mask_spec.structure)
+
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    check(masking in MASKING_MODES, "masking", masking, "one of " + "|".join(MASKING_MODES))
-    check(mask_aggregation in mask_aggregation_lib.RULES, "mask_aggregation", mask_aggregation,
-          "one of " + "|".join(mask_aggregation_lib.RULES))
-    wrapped = masking != "none"
+    wrapped = mode.wraps_model
 
     def keras_model_fn():
         model = model_builder()
@@ -150,10 +160,10 @@ def build_pruning_process(
             wrappers.wrap_for_pruning(initial_model, prune_output_layer=prune_output_layer))
     units = None
     if mask_spec.is_unit_structure:
-        units = _unit_layout(initial_model, layout, mask_spec.structure, masking)
+        units = _unit_layout(initial_model, layout, mask_spec.structure)
     parts_layout = layout if wrapped else None
     table = schedule.table(num_rounds)
-    remask = masking in ("server", "both")
+    remask = mode.server_remasks
 
     @tff.tensorflow.computation
     def initial_model_weights_fn():
@@ -169,19 +179,17 @@ def build_pruning_process(
     client_work = build_pruning_client_work(
         model_fn=model_fn,
         client_optimizer=client_optimizer,
-        masking=masking,
+        masking=mode,
         layout=parts_layout,
         table=table,
         mask_spec=mask_spec,
         units=units,
     )
     update_type = client_work.next.type_signature.result.result.member.update
-    client_prunes = masking in ("client", "both")
+    client_prunes = mode.client_prunes
     if client_prunes:
         factory = mask_aggregation_lib.build_mask_aggregator()
     else:
-        check(mask_aggregation == "average", "mask_aggregation", mask_aggregation,
-              "average unless clients prune (--masking=client|both)")
         factory = model_aggregator or tff.aggregators.MeanFactory()
     aggregator = factory.create(update_type, tff.TensorType(np.float32))
     finalizer = build_masking_finalizer(
@@ -203,14 +211,12 @@ def build_pruning_process(
         aggregator,
         finalizer,
     )
-    return PruningProcess(process, masking, layout, table, keras_model_fn, units)
+    return PruningProcess(process, mode, layout, table, keras_model_fn, units)
 
 
-def _unit_layout(wrapped_model, layout: wrappers.PruningLayout, structure: str,
-                 masking: str) -> structured.StructuredLayout:
+def _unit_layout(wrapped_model, layout: wrappers.PruningLayout,
+                 structure: str) -> structured.StructuredLayout:
     """The layers `structure` removes units from; each must carry a tfmot wrapper (a mask)."""
-    check(masking == "server", "masking", masking,
-          f"server with --structure={structure} (client-side unit pruning is not supported)")
     units = structured.restrict(structured.structured_layout(wrapped_model),
                                 UNIT_STRUCTURES[structure])
     check(bool(units.layers), "structure", structure,

@@ -104,7 +104,7 @@ def export_model(pp, weights, output_dir: Path) -> dict:
     model = pp.keras_model_fn()
     evaluator = Evaluator(model, None)
     evaluator.load(weights)
-    if pp.masking != "none":
+    if pp.masking_mode.wraps_model:
         model = wrappers.strip(model)
     h5 = model_dir / "model.h5"
     # HDF5 is "legacy" to Keras, but plain and portable.

@@ -48,7 +48,7 @@ def model_aggregator(config: ExperimentConfig):
         return privacy.build_dp_aggregator(
             config.dp, noise_multiplier=config.dp_noise_multiplier, clip=config.dp_clip,
             clients_per_round=config.clients_per_round,
-            target_unclipped_quantile=config.dp_target_quantile)
+            target_unclipped_quantile=config.dp_target_quantile, masking=config.masking)
     import tensorflow_federated as tff
 
     return tff.aggregators.MeanFactory(no_nan_division=config.client_sampling == "poisson")

@@ -51,7 +51,7 @@ class Evaluator:
 def kernel_masks(pp, weights) -> list:
     """Per trainable tensor: its broadcast 0/1 mask (pruned kernels) or None."""
     masks = [None] * len(weights.trainable)
-    if pp.layout is not None and pp.masking != "none":
+    if pp.layout is not None and pp.masking_mode.wraps_model:
         for k in pp.layout.kernels:
             masks[k.trainable_index] = np.asarray(weights.non_trainable[k.mask_index])
     return masks

@@ -84,7 +84,7 @@ def plain_model(pp, weights):
                               (model.non_trainable_weights, weights.non_trainable)):
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
-    return wrappers.strip(model) if pp.masking != "none" else model
+    return wrappers.strip(model) if pp.masking_mode.wraps_model else model
 
 
 def model_size(model) -> dict:
