@@ -5,6 +5,11 @@ flag defaults: the drivers in `experiments/` define flags from these fields and
 the library never reads flags. `validate()` checks every value and every
 combination and raises `fedprune.errors.InvalidArgument` (one line naming the
 flag, the value and what is accepted); it imports neither TensorFlow nor TFF.
+
+The dataset, schedule and mask criterion are looked up in their registries
+(`datasets.DATASETS`, `schedules.SCHEDULES`, `masking.CRITERIA`) and built
+from the fields they read, which validates them; nothing here depends on
+their names.
 """
 
 from __future__ import annotations
@@ -14,16 +19,13 @@ import hashlib
 import json
 import os
 
-from fedprune.data import datasets, partitions, sampling
+from fedprune.data import datasets, sampling
 from fedprune.errors import check
 from fedprune.federated import masking_modes, privacy
 from fedprune.federated.process import SERVER_OPTIMIZERS
 from fedprune.model import builders
 from fedprune.pruning import masking, schedules
 
-TFF_DATASETS = ("emnist_digits", "emnist", "cifar100", "shakespeare")
-# scikit-learn's 1,797 digits minus the fixed 360-example test split of `datasets.load_digits`.
-DIGITS_TRAIN_EXAMPLES = 1437
 # --shrink_at_round sentinels: shrink after the schedule's last mask update, or never.
 SHRINK_AT_SCHEDULE_END = -1
 SHRINK_NEVER = 0
@@ -100,22 +102,14 @@ class ExperimentConfig:
         Raises:
           InvalidArgument: naming the first offending flag.
         """
-        datasets.validate_dataset_name(self.dataset)
+        dataset = datasets.DATASETS[self.dataset]
         check(self.model in builders.MODELS, "model", self.model,
               "one of " + "|".join(builders.MODELS))
-        sequence = self.dataset == "shakespeare"
-        check((self.model == "rnn") == sequence, "model", self.model,
-              "rnn for --dataset=shakespeare, and mlp|mlp2|cnn for the other datasets")
-        if self.dataset in TFF_DATASETS:
-            datasets.check_tff_data_file(self.dataset, self.data_dir or None)
-        tff_data = self.dataset in TFF_DATASETS
-        check(self.num_clients >= (0 if tff_data else 1), "num_clients", self.num_clients,
-              "a whole number >= 0 (0 = all clients of the file)" if tff_data
-              else "a whole number >= 1")
-        if self.dataset in ("digits", "synthetic"):
-            partitions.validate_partition_args(
-                self.partition, num_clients=self.num_clients, num_examples=_num_examples(self),
-                dirichlet_alpha=self.dirichlet_alpha, shards_per_client=self.shards_per_client)
+        sequence = [e.name for e in datasets.DATASETS.entries() if e.target.sequence]
+        check((self.model == "rnn") == dataset.sequence, "model", self.model,
+              f"rnn for --dataset={'|'.join(sequence)}, and mlp|mlp2|cnn for the other "
+              "datasets")
+        self.dataset_loader()  # the dataset's own checks (its files, clients, partition)
         check(1 <= self.clients_per_round <= (self.num_clients or float("inf")),
               "clients_per_round", self.clients_per_round,
               f"a whole number in [1, --num_clients={self.num_clients}]")
@@ -132,10 +126,8 @@ class ExperimentConfig:
               self.server_optimizer, "one of " + "|".join(SERVER_OPTIMIZERS))
         mode = self.masking_mode
         schedule = self.make_schedule()
-        masking_modes.check_schedule(mode, self.schedule)
-        last = schedule.last_update_round
-        check(last <= self.rounds, "end_round" if self.schedule == "polynomial" else "begin_round",
-              last, f"a round <= --rounds={self.rounds}, so the schedule completes within the run")
+        masking_modes.check_schedule(mode, schedule)
+        schedule.check_rounds(self.rounds)
         masking_modes.check_mask_aggregation(mode, self.mask_aggregation)
         check(self.client_sampling in sampling.SAMPLING_MODES, "client_sampling",
               self.client_sampling, "one of " + "|".join(sampling.SAMPLING_MODES))
@@ -146,7 +138,7 @@ class ExperimentConfig:
             client_sampling=self.client_sampling, accountant=self.dp_accountant,
             masking=self.masking)
         spec = self.mask_spec()
-        if spec.structure == "2:4" and self.schedule != "none":
+        if spec.structure == "2:4" and not schedule.dense:
             check(self.final_sparsity == 0.5, "final_sparsity", self.final_sparsity,
                   "0.5 with --structure=2:4 (2 of every 4 weights are zero)")
         self._validate_unit_structure(spec)
@@ -185,12 +177,10 @@ class ExperimentConfig:
         """The last round whose end recomputes the mask (0 for no pruning).
 
         For `constant` that is `--end_round`, or `--rounds` when it re-prunes to
-        the end (-1); otherwise the schedule's last level change.
+        the end (-1); otherwise the schedule's last level change
+        (`RoundSchedule.last_mask_update_round`).
         """
-        schedule = self.make_schedule()
-        if self.schedule == "constant":
-            return self.end_round if self.end_round >= 0 else self.rounds
-        return max(schedule.last_update_round, 0)
+        return self.make_schedule().last_mask_update_round(self.rounds)
 
     def shrink_round(self) -> int:
         """After which round the global model is physically shrunk (0 = never).
@@ -205,17 +195,24 @@ class ExperimentConfig:
             return max(self.last_mask_update_round(), 1)
         return self.shrink_at_round
 
+    def _values(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def dataset_loader(self) -> datasets.DatasetLoader:
+        """The registered dataset `--dataset` names, built (and so checked) from its fields."""
+        return datasets.DATASETS.build(self.dataset, self._values())
+
     def make_schedule(self) -> schedules.RoundSchedule:
-        return schedules.make_schedule(
-            self.schedule, initial_sparsity=self.initial_sparsity,
-            final_sparsity=self.final_sparsity, begin_round=self.begin_round,
-            end_round=self.end_round, prune_every=self.prune_every, power=self.power)
+        """The registered schedule `--schedule` names, built (and checked) from its fields."""
+        return schedules.SCHEDULES.build(self.schedule, self._values())
 
     def mask_spec(self) -> masking.MaskSpec:
+        """The mask rule; of the criterion's optional values, only those it reads are set."""
+        reads = masking.CRITERIA.entry(self.mask_criterion).params
         return masking.MaskSpec(
             mask_criterion=self.mask_criterion, mask_scope=self.mask_scope,
-            threshold=self.threshold if self.mask_criterion == "threshold" else None,
-            relative_rate=self.relative_rate if self.mask_criterion == "relative" else None,
+            threshold=self.threshold if "threshold" in reads else None,
+            relative_rate=self.relative_rate if "relative_rate" in reads else None,
             structure=self.structure, block_size=tuple(self.block_size),
             block_pooling=self.block_pooling, unit_norm=self.unit_norm)
 
@@ -242,13 +239,6 @@ class ExperimentConfig:
             if d[name] == defaults[name]:
                 d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _num_examples(config: ExperimentConfig) -> int:
-    """Training examples available for partitioning (digits: the fixed train split)."""
-    if config.dataset == "digits":
-        return DIGITS_TRAIN_EXAMPLES
-    return 10**9  # synthetic: client sizes are generated per client
 
 
 def default_output_dir(config: ExperimentConfig, root: str = "runs") -> str:

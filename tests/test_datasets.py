@@ -57,8 +57,8 @@ def test_no_tensorflow_until_a_dataset_is_built():
     code = textwrap.dedent(
         """
         import sys
-        from fedprune import datasets, partitions
-        assert datasets.DATASETS[0] == "digits"
+        from fedprune.data import datasets, partitions
+        assert datasets.DATASETS.names()[0] == "digits"
         partitions.validate_partition_args("dirichlet", num_clients=5, dirichlet_alpha=0.1)
         data = datasets.load_digits(num_clients=5, partition="shards", seed=0)
         assert data.num_examples(data.client_ids[0]) > 0
@@ -73,7 +73,7 @@ def test_no_tensorflow_until_a_dataset_is_built():
 
 
 def test_registry():
-    assert datasets.DATASETS == (
+    assert datasets.DATASETS.names() == (
         "digits",
         "synthetic",
         "emnist_digits",
@@ -87,7 +87,7 @@ def test_unknown_dataset_names_the_flag():
     with pytest.raises(InvalidArgument) as info:
         datasets.load_dataset("mnist")
     message = str(info.value)
-    assert message.startswith("--dataset='mnist': expected one of digits, synthetic, emnist_digits")
+    assert message.startswith("--dataset='mnist': expected one of digits|synthetic|emnist_digits")
     assert "\n" not in message
 
 

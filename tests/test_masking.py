@@ -1,5 +1,7 @@
 """Mask maths: golden numbers and parity with tfmot's own mask code."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -158,3 +160,34 @@ def test_runs_inside_tf_function():
     np.testing.assert_array_equal(fn(tf.constant(SEED_TABLE), tf.constant(0.5)),
                                   [[1, 0], [0, 1], [0, 1]])
     np.testing.assert_array_equal(_mask(SEED_TABLE, 0.5), [[1, 0], [0, 1], [0, 1]])
+
+
+@pytest.mark.parametrize("scope", masking.SCOPES)
+@pytest.mark.parametrize("name", masking.CRITERIA.names())
+def test_every_criterion_gives_0_1_masks_of_each_kernel_shape(name, scope):
+    params = masking.CRITERIA.entry(name).params
+    if "mask_scope" not in params and scope == "global":
+        pytest.skip(f"{name} does not read --mask_scope")
+    spec = masking.MaskSpec(mask_criterion=name, mask_scope=scope, threshold=0.4,
+                            relative_rate=0.5)
+    kernels = [SEED_TABLE, np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)]
+    masks = [m.numpy() for m in masking.compute_masks(kernels, spec, 0.5)]
+    for mask, kernel in zip(masks, kernels, strict=True):
+        assert mask.shape == kernel.shape and mask.dtype == kernel.dtype
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+    if spec.criterion.uses_sparsity:  # k = max(round(N * (1 - s)), 1) kept, here N / 2
+        assert sum(m.sum() for m in masks) == sum(k.size for k in kernels) / 2
+
+
+def test_a_criterion_overrides_one_hook():
+    @dataclasses.dataclass(frozen=True)
+    class Smallest(masking.MaskCriterion):
+        """Keeps the k smallest |w| (registered nowhere: called directly)."""
+
+        def masks(self, scores, sparsity):
+            return [masking.keep_top_k(-s, masking.num_kept(tf.size(s), sparsity))
+                    for s in scores]
+
+    # Keep 2 of 6: the smallest are 0.2 and 0.3.
+    mask = Smallest().masks([tf.abs(tf.constant(SEED_TABLE))], 2 / 3)[0].numpy()
+    np.testing.assert_array_equal(mask, [[0, 1], [0, 0], [1, 0]])

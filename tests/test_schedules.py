@@ -79,9 +79,44 @@ def test_validation_does_not_import_tensorflow():
     import sys
 
     code = (
-        "import sys; from fedprune import schedules, masking, errors;"
+        "import sys; from fedprune.pruning import schedules, masking;"
         "schedules.make_schedule('polynomial', final_sparsity=0.5, end_round=4);"
         "masking.MaskSpec(mask_criterion='threshold', threshold=0.1);"
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", schedules.SCHEDULES.names())
+def test_every_schedule_table_is_its_call_per_round(name):
+    # tfmot's contract, round by round: the table is `schedule(r)` for r = 0..rounds.
+    schedule = schedules.make_schedule(name, final_sparsity=0.6, begin_round=1, end_round=4)
+    table = schedule.table(6)
+    for r in range(7):
+        updates, sparsity = schedule(r)
+        assert table.updates[r] == updates
+        if updates:
+            assert table.target[r] == pytest.approx(sparsity, abs=1e-7)
+    assert table.sparsity[-1] == pytest.approx(schedule.final_sparsity_value, abs=1e-7)
+    assert table.updates.any() == (not schedule.dense)
+
+
+def test_a_schedule_in_plain_python_needs_no_tfmot_schedule():
+    import dataclasses
+    from typing import ClassVar
+
+    @dataclasses.dataclass(frozen=True)
+    class Halves(schedules.RoundSchedule):
+        """0.4 after round 1, 0.6 after round 2 (registered nowhere: only `table` is used)."""
+
+        name: ClassVar[str] = "halves"
+
+        def __call__(self, round_num):
+            return round_num in (1, 2), {1: 0.4, 2: 0.6}.get(round_num, 0.6)
+
+        final_sparsity_value = 0.6
+        last_update_round = 2
+
+    table = Halves().table(3)
+    np.testing.assert_array_equal(table.updates, [False, True, True, False])
+    np.testing.assert_allclose(table.sparsity, [0, 0.4, 0.6, 0.6], atol=1e-7)

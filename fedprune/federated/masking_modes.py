@@ -34,7 +34,7 @@ import dataclasses
 from collections.abc import Callable
 
 from fedprune.errors import InvalidArgument, check
-from fedprune.pruning import mask_aggregation
+from fedprune.pruning import mask_aggregation, schedules
 
 FLAG = "masking"
 
@@ -123,11 +123,12 @@ def masking_mode(mode: str | MaskingMode) -> MaskingMode:
 # Rules between --masking and other flags.
 
 
-def check_schedule(mode: MaskingMode, schedule: str) -> None:
-    """A mode applies masks exactly when there is a schedule (`--schedule` other than `none`)."""
+def check_schedule(mode: MaskingMode, schedule: schedules.RoundSchedule) -> None:
+    """A mode applies masks exactly when the schedule prunes (not `dense`, e.g. not `none`)."""
     dense = "|".join(names(lambda m: not m.wraps_model))
-    check(mode.wraps_model == (schedule != "none"), FLAG, mode.name,
-          f"{dense} exactly when --schedule=none (dense training)")
+    dense_schedules = "|".join(e.name for e in schedules.SCHEDULES.entries() if e.target.dense)
+    check(mode.wraps_model == (not schedule.dense), FLAG, mode.name,
+          f"{dense} exactly when --schedule={dense_schedules} (dense training)")
 
 
 def check_mask_aggregation(mode: MaskingMode, rule: str) -> None:

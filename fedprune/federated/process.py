@@ -122,7 +122,7 @@ def build_pruning_process(
         fit (`masking_modes.check_*`), before anything is built.
     """
     mode = masking_modes.masking_mode(masking)
-    masking_modes.check_schedule(mode, schedule.name)
+    masking_modes.check_schedule(mode, schedule)
     masking_modes.check_mask_aggregation(mode, mask_aggregation)
     if mask_spec.is_unit_structure:
         masking_modes.check_unit_structure(mode, mask_spec.structure)

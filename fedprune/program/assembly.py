@@ -1,6 +1,6 @@
 """Assembly: a config's data, its learning process, and each round's inputs.
 
-* `load_data`: the federated dataset a config names.
+* `load_data`: the federated dataset a config names (`datasets.DATASETS`).
 * `model_aggregator`, `build_process`: the TFF aggregator and the pruning
   process (`process.build_pruning_process`) for a config and its data.
 * `round_inputs`: who is sampled in a round (`sampling.sample_round`, under the
@@ -22,18 +22,8 @@ from fedprune.federated import privacy
 
 
 def load_data(config: ExperimentConfig) -> datasets.FederatedData:
-    """The federated dataset a config names."""
-    common = dict(num_clients=config.num_clients, seed=config.seed)
-    if config.dataset == "digits":
-        return datasets.load_digits(partition=config.partition,
-                                    dirichlet_alpha=config.dirichlet_alpha,
-                                    shards_per_client=config.shards_per_client, **common)
-    if config.dataset == "synthetic":
-        return datasets.load_synthetic(alpha=config.synthetic_alpha, beta=config.synthetic_beta,
-                                       **common)
-    return datasets.load_dataset(config.dataset, data_dir=config.data_dir or None,
-                                 num_clients=config.num_clients or None, seed=config.seed,
-                                 max_test_examples=config.max_test_examples or None)
+    """The federated dataset a config names (its registered `DatasetLoader`)."""
+    return config.dataset_loader().load()
 
 
 def model_aggregator(config: ExperimentConfig):

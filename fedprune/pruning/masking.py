@@ -5,7 +5,8 @@ TensorFlow computations alike). Both the server's re-masking step and the
 clients' end-of-round pruning call `compute_masks`, so one rule decides
 everywhere.
 
-Criteria (`MaskSpec.criterion`):
+Criteria (`MaskSpec.mask_criterion`, registered in `CRITERIA`; each is a
+`MaskCriterion` subclass whose `masks` hook turns score tensors into 0/1 masks):
   * `magnitude`: keep the k = max(round(N * (1 - s)), 1) largest |w| (tfmot's
     count, float32 arithmetic as in `pruning_impl.Pruning._update_mask`), per
     layer or globally across layers (`scope`). Ties are broken by index
@@ -30,16 +31,21 @@ Structures (`MaskSpec.structure`):
     `structured.structured_masks` (scores: the `unit_norm` of a unit's incoming
     weights), and they also zero the units' biases and dependent BatchNorm
     parameters; see `server_masking.remask_weights`.
+
+A new criterion is one registered `MaskCriterion` subclass (docs/extending.md);
+`--mask_criterion`'s choices and help come from `CRITERIA`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Sequence
+from typing import ClassVar
 
 from fedprune.errors import check
+from fedprune.registry import Registry
 
-CRITERIA = ("magnitude", "threshold", "relative")
 SCOPES = ("layer", "global")
 STRUCTURES = ("unstructured", "2:4", "block", "neuron", "filter")
 # Structures that remove whole units, and the layer classes whose units each prunes.
@@ -48,12 +54,107 @@ UNIT_NORMS = ("l2", "l1")
 POOLINGS = ("AVG", "MAX")
 
 
+CRITERIA: Registry[type[MaskCriterion]] = Registry("mask_criterion", "mask criterion")
+
+
+class MaskCriterion(abc.ABC):
+    """Which entries of score tensors survive: the hook every criterion overrides.
+
+    A subclass is a frozen dataclass whose fields are the `MaskSpec` fields
+    (= driver flags) it reads, validated in `__post_init__` (raising
+    `InvalidArgument`), registered in `CRITERIA`.
+
+    Class attributes:
+      uses_sparsity: whether the schedule's sparsity decides the mask (with
+        `--structure=2:4` such a criterion gives way to the N:M mask, whose
+        sparsity is fixed; one that does not is intersected with it).
+      for_units: whether `--structure=neuron|filter` accepts it: unit masks rank
+        whole units by `--unit_norm` at the schedule's sparsity, and do not call
+        the criterion.
+    """
+
+    uses_sparsity: ClassVar[bool] = True
+    for_units: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def masks(self, scores: list, sparsity) -> list:
+        """One 0/1 mask per score tensor (same shape and dtype), as TF ops.
+
+        Args:
+          scores: float tensors >= 0: |w|, or pooled |w| of blocks.
+          sparsity: scalar tensor, the schedule's fraction of zeros in [0, 1).
+        """
+
+
+@CRITERIA.register("magnitude", help="keep the largest |w| at the schedule's sparsity, per "
+                   "layer or --mask_scope=global")
+@dataclasses.dataclass(frozen=True)
+class Magnitude(MaskCriterion):
+    """Keep the k = `num_kept(N, sparsity)` largest scores (per layer, or of all layers)."""
+
+    mask_scope: str = "layer"
+    for_units: ClassVar[bool] = True
+
+    def masks(self, scores, sparsity):
+        import tensorflow as tf
+
+        if self.mask_scope == "layer":
+            return [keep_top_k(s, num_kept(tf.size(s), sparsity)) for s in scores]
+        flat = tf.concat([tf.reshape(s, [-1]) for s in scores], axis=0)
+        kept = keep_top_k(flat, num_kept(tf.size(flat), sparsity))
+        sizes = [s.shape.num_elements() for s in scores]
+        return [tf.reshape(m, tf.shape(s))
+                for m, s in zip(tf.split(kept, sizes), scores, strict=True)]
+
+
+@CRITERIA.register("threshold", help="keep |w| >= --threshold")
+@dataclasses.dataclass(frozen=True)
+class Threshold(MaskCriterion):
+    """Keep scores >= `threshold` (absolute, in the weights' units)."""
+
+    threshold: float | None = None
+    uses_sparsity: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check(self.threshold is not None and self.threshold > 0, "threshold",
+              self.threshold, "a magnitude > 0 with --mask_criterion=threshold")
+
+    def masks(self, scores, sparsity):
+        import tensorflow as tf
+
+        return [tf.cast(s >= self.threshold, s.dtype) for s in scores]
+
+
+@CRITERIA.register("relative", help="keep |w| > --relative_rate * max|w| (of the layer, or of "
+                   "all layers with --mask_scope=global)")
+@dataclasses.dataclass(frozen=True)
+class Relative(MaskCriterion):
+    """Keep scores > `relative_rate` * the largest score (per layer, or of all layers)."""
+
+    relative_rate: float | None = None
+    mask_scope: str = "layer"
+    uses_sparsity: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check(self.relative_rate is not None and 0 < self.relative_rate < 1,
+              "relative_rate", self.relative_rate,
+              "a fraction in (0, 1) with --mask_criterion=relative")
+
+    def masks(self, scores, sparsity):
+        import tensorflow as tf
+
+        if self.mask_scope == "global":
+            top = tf.reduce_max([tf.reduce_max(s) for s in scores])
+            return [tf.cast(s > self.relative_rate * top, s.dtype) for s in scores]
+        return [tf.cast(s > self.relative_rate * tf.reduce_max(s), s.dtype) for s in scores]
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """How a mask is computed. Field names equal the driver flags.
 
     Attributes:
-      mask_criterion: one of CRITERIA.
+      mask_criterion: a name in CRITERIA; the criterion reads the fields it names.
       mask_scope: one of SCOPES: rank weights within each layer or across all.
       threshold: theta for `threshold` (keep |w| >= theta).
       relative_rate: rate for `relative` (keep |w| > rate * max|w|), in (0, 1).
@@ -74,29 +175,28 @@ class MaskSpec:
     unit_norm: str = "l2"
 
     def __post_init__(self):
-        check(self.mask_criterion in CRITERIA, "mask_criterion", self.mask_criterion,
-              "one of " + "|".join(CRITERIA))
+        CRITERIA.check(self.mask_criterion)
         check(self.mask_scope in SCOPES, "mask_scope", self.mask_scope,
               "one of " + "|".join(SCOPES))
         check(self.structure in STRUCTURES, "structure", self.structure,
               "one of " + "|".join(STRUCTURES))
         check(self.block_pooling in POOLINGS, "block_pooling", self.block_pooling,
               "one of " + "|".join(POOLINGS))
-        if self.mask_criterion == "threshold":
-            check(self.threshold is not None and self.threshold > 0, "threshold",
-                  self.threshold, "a magnitude > 0 with --mask_criterion=threshold")
-        if self.mask_criterion == "relative":
-            check(self.relative_rate is not None and 0 < self.relative_rate < 1,
-                  "relative_rate", self.relative_rate,
-                  "a fraction in (0, 1) with --mask_criterion=relative")
+        criterion = self.criterion  # validates the fields the criterion reads
         check(self.unit_norm in UNIT_NORMS, "unit_norm", self.unit_norm,
               "one of " + "|".join(UNIT_NORMS))
         if self.is_unit_structure:
-            check(self.mask_criterion == "magnitude", "mask_criterion", self.mask_criterion,
-                  f"magnitude with --structure={self.structure} (units are ranked by "
-                  "--unit_norm and the schedule's sparsity is the fraction of units removed)")
+            for_units = [e.name for e in CRITERIA.entries() if e.target.for_units]
+            check(criterion.for_units, "mask_criterion", self.mask_criterion,
+                  f"{'|'.join(for_units)} with --structure={self.structure} (units are ranked "
+                  "by --unit_norm and the schedule's sparsity is the fraction of units removed)")
         check(len(self.block_size) == 2 and all(int(b) >= 1 for b in self.block_size),
               "block_size", self.block_size, "two positive integers, e.g. 1,4")
+
+    @property
+    def criterion(self) -> MaskCriterion:
+        """The `mask_criterion`'s instance, built from the fields it reads."""
+        return CRITERIA.build(self.mask_criterion, dataclasses.asdict(self))
 
     @property
     def is_unit_structure(self) -> bool:
@@ -106,7 +206,7 @@ class MaskSpec:
     @property
     def uses_sparsity(self) -> bool:
         """Whether the schedule's sparsity value decides the mask (magnitude, not 2:4)."""
-        return self.mask_criterion == "magnitude" and self.structure != "2:4"
+        return self.criterion.uses_sparsity and self.structure != "2:4"
 
 
 def num_kept(size, sparsity):
@@ -188,22 +288,8 @@ def _to_weight_mask(score_mask, weights, spec: MaskSpec):
 
 
 def _criterion_masks(scores: list, spec: MaskSpec, sparsity) -> list:
-    """Masks over score tensors (elements or blocks) by the criterion and scope."""
-    import tensorflow as tf
-
-    if spec.mask_criterion == "threshold":
-        return [tf.cast(s >= spec.threshold, s.dtype) for s in scores]
-    if spec.mask_criterion == "relative":
-        if spec.mask_scope == "global":
-            top = tf.reduce_max([tf.reduce_max(s) for s in scores])
-            return [tf.cast(s > spec.relative_rate * top, s.dtype) for s in scores]
-        return [tf.cast(s > spec.relative_rate * tf.reduce_max(s), s.dtype) for s in scores]
-    if spec.mask_scope == "layer":
-        return [keep_top_k(s, num_kept(tf.size(s), sparsity)) for s in scores]
-    flat = tf.concat([tf.reshape(s, [-1]) for s in scores], axis=0)
-    kept = keep_top_k(flat, num_kept(tf.size(flat), sparsity))
-    sizes = [s.shape.num_elements() for s in scores]
-    return [tf.reshape(m, tf.shape(s)) for m, s in zip(tf.split(kept, sizes), scores, strict=True)]
+    """Masks over score tensors (elements or blocks) by the spec's criterion."""
+    return list(spec.criterion.masks(scores, sparsity))
 
 
 def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
@@ -226,7 +312,7 @@ def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
     kernels = [tf.convert_to_tensor(k) for k in kernels]
     if spec.structure == "2:4":
         masks = [n_by_m_mask(k) for k in kernels]
-        if spec.mask_criterion != "magnitude":
+        if not spec.criterion.uses_sparsity:  # its own rule, within the N:M pattern
             criterion = _criterion_masks([tf.math.abs(k) for k in kernels], spec, sparsity)
             masks = [m * c for m, c in zip(masks, criterion, strict=True)]
         return masks

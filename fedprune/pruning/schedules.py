@@ -20,8 +20,15 @@ tfmot traps caught here, at the boundary (see docs/design.md, "Schedules"):
 with `(end - begin) % frequency != 0` tfmot never reaches the final sparsity, and
 `begin == end` yields NaN. Both are rejected with the nearest valid value.
 
-This module does not import TensorFlow until `table()` or `tfmot_schedule()` is
-called, so drivers can validate schedules before the slow imports.
+Schedules are registered in `SCHEDULES` (`fedprune/registry.py`): one class
+per schedule, its fields named like the config fields (= driver flags) it
+reads, validated in its constructor, like tfmot's `PruningSchedule` classes.
+`--schedule`'s choices and help come from the registry; a new schedule is one
+registered `RoundSchedule` subclass (docs/extending.md).
+
+This module does not import TensorFlow until `table()`, `__call__` or
+`tfmot_schedule()` is called, so drivers can validate schedules before the slow
+imports.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from typing import ClassVar
 import numpy as np
 
 from fedprune.errors import check
+from fedprune.registry import Registry
 
-SCHEDULES = ("none", "constant", "polynomial", "oneshot")
+SCHEDULES: Registry[type[RoundSchedule]] = Registry("schedule", "sparsity schedule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +84,42 @@ def table_lookup(values: np.ndarray, round_num):
 
 
 class RoundSchedule(abc.ABC):
-    """A sparsity schedule in rounds, backed by a tfmot `PruningSchedule`."""
+    """A sparsity schedule in rounds: tfmot's contract with one step per round.
+
+    A subclass is a frozen dataclass whose fields are the config fields it
+    reads (validated in `__post_init__`, raising `InvalidArgument`), registered
+    in `SCHEDULES`. It either returns a tfmot schedule (`tfmot_schedule`), which
+    `__call__` evaluates, or overrides `__call__` in plain Python. `table`
+    evaluates it once per round for the process.
+
+    Class attributes:
+      name: the `--schedule` value.
+      dense: True for a schedule that never prunes (`--masking=none` goes with it).
+      last_update_flag: the flag that sets `last_update_round`, named when that
+        round is past `--rounds`.
+    """
 
     name: ClassVar[str]
+    dense: ClassVar[bool] = False
+    last_update_flag: ClassVar[str] = "end_round"
 
-    @abc.abstractmethod
     def tfmot_schedule(self):
-        """The tfmot schedule with one step per round, or None for no pruning."""
+        """The tfmot schedule with one step per round, or None (`__call__` is overridden)."""
+        return None
+
+    def __call__(self, round_num: int) -> tuple[bool, float]:
+        """(whether the mask is recomputed after round `round_num`, the sparsity then).
+
+        tfmot's `PruningSchedule.__call__(step)` with step = round, as Python
+        values; without a tfmot schedule, never (dense).
+        """
+        schedule = self.tfmot_schedule()
+        if schedule is None:
+            return False, 0.0
+        import tensorflow as tf
+
+        should_prune, sparsity = schedule(tf.constant(round_num, tf.int64))
+        return bool(should_prune), float(sparsity)
 
     @property
     @abc.abstractmethod
@@ -94,8 +131,23 @@ class RoundSchedule(abc.ABC):
     def last_update_round(self) -> int:
         """The last round whose mask update changes the sparsity level (-1 if none)."""
 
+    def last_mask_update_round(self, num_rounds: int) -> int:
+        """The last round of a `num_rounds` run whose end recomputes the mask (0: none).
+
+        By default the last level change; a schedule that keeps re-pruning at
+        the same level (constant) overrides it.
+        """
+        del num_rounds
+        return max(self.last_update_round, 0)
+
+    def check_rounds(self, num_rounds: int) -> None:
+        """Raises `InvalidArgument` unless the schedule completes within `num_rounds` rounds."""
+        last = self.last_update_round
+        check(last <= num_rounds, self.last_update_flag, last,
+              f"a round <= --rounds={num_rounds}, so the schedule completes within the run")
+
     def table(self, num_rounds: int) -> ScheduleTable:
-        """Evaluates the tfmot schedule at steps 0..num_rounds (imports TensorFlow)."""
+        """Evaluates the schedule at rounds 0..num_rounds (a tfmot one imports TensorFlow)."""
         updates = np.zeros(num_rounds + 1, bool)
         target = np.zeros(num_rounds + 1, np.float32)
         schedule = self.tfmot_schedule()
@@ -106,6 +158,9 @@ class RoundSchedule(abc.ABC):
                 should_prune, sparsity = schedule(tf.constant(step, tf.int64))
                 updates[step] = bool(should_prune)
                 target[step] = float(sparsity)
+        else:
+            for step in range(num_rounds + 1):
+                updates[step], target[step] = self(step)
         sparsity = np.zeros(num_rounds + 1, np.float32)
         current = np.float32(0.0)
         for r in range(num_rounds + 1):
@@ -114,8 +169,14 @@ class RoundSchedule(abc.ABC):
             sparsity[r] = current
         return ScheduleTable(updates=updates, target=target, sparsity=sparsity)
 
-    def to_dict(self) -> dict:
+    def get_config(self) -> dict:
+        """`{"schedule": name, <field>: value, ...}`; `from_config` reads it back."""
         return {"schedule": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_config(config: dict) -> RoundSchedule:
+        """The schedule `get_config` described (any registered one)."""
+        return SCHEDULES.build(config["schedule"], config)
 
 
 def _check_sparsity(name: str, value: float) -> None:
@@ -135,14 +196,14 @@ def _check_rounds(begin_round: int, end_round: int, prune_every: int, *, allow_o
     )
 
 
+@SCHEDULES.register("none", help="dense training, no mask is ever computed (with "
+                    "--masking=none)")
 @dataclasses.dataclass(frozen=True)
 class NoPruning(RoundSchedule):
     """Dense training: no mask is ever computed."""
 
     name: ClassVar[str] = "none"
-
-    def tfmot_schedule(self):
-        return None
+    dense: ClassVar[bool] = True
 
     @property
     def final_sparsity_value(self) -> float:
@@ -153,6 +214,8 @@ class NoPruning(RoundSchedule):
         return -1
 
 
+@SCHEDULES.register("constant", help="re-prune to --final_sparsity every --prune_every rounds "
+                    "from --begin_round to --end_round (-1: to the end)")
 @dataclasses.dataclass(frozen=True)
 class ConstantSparsity(RoundSchedule):
     """Re-prunes to `final_sparsity` every `prune_every` rounds in [begin_round, end_round].
@@ -166,6 +229,7 @@ class ConstantSparsity(RoundSchedule):
     prune_every: int = 1
 
     name: ClassVar[str] = "constant"
+    last_update_flag: ClassVar[str] = "begin_round"
 
     def __post_init__(self):
         _check_sparsity("final_sparsity", self.final_sparsity)
@@ -189,7 +253,14 @@ class ConstantSparsity(RoundSchedule):
     def last_update_round(self) -> int:
         return self.begin_round
 
+    def last_mask_update_round(self, num_rounds: int) -> int:
+        """`--end_round`, or `num_rounds` when it re-prunes to the end (-1)."""
+        return self.end_round if self.end_round >= 0 else num_rounds
 
+
+@SCHEDULES.register("polynomial", help="from --initial_sparsity at --begin_round to "
+                    "--final_sparsity at --end_round, exponent --power, every --prune_every "
+                    "rounds (Zhu & Gupta 2017)")
 @dataclasses.dataclass(frozen=True)
 class PolynomialDecay(RoundSchedule):
     """Zhu & Gupta (2017) from `initial_sparsity` at begin_round to `final_sparsity` at end_round.
@@ -254,6 +325,8 @@ class PolynomialDecay(RoundSchedule):
         return self.end_round
 
 
+@SCHEDULES.register("oneshot", help="prune once to --final_sparsity after round --begin_round "
+                    "and keep that mask")
 @dataclasses.dataclass(frozen=True)
 class OneShot(RoundSchedule):
     """Jumps to `final_sparsity` at `begin_round` and keeps that mask.
@@ -265,6 +338,7 @@ class OneShot(RoundSchedule):
     begin_round: int = 0
 
     name: ClassVar[str] = "oneshot"
+    last_update_flag: ClassVar[str] = "begin_round"
 
     def __post_init__(self):
         _check_sparsity("final_sparsity", self.final_sparsity)
@@ -289,31 +363,20 @@ class OneShot(RoundSchedule):
         return self.begin_round
 
 
-def make_schedule(
-    schedule: str,
-    *,
-    initial_sparsity: float = 0.0,
-    final_sparsity: float = 0.0,
-    begin_round: int = 0,
-    end_round: int = -1,
-    prune_every: int = 1,
-    power: float = 3.0,
-) -> RoundSchedule:
-    """Builds a schedule from flag-style arguments (names equal the driver flags).
+# What `make_schedule` passes for a parameter its caller leaves out.
+_MAKE_SCHEDULE_DEFAULTS = dict(initial_sparsity=0.0, final_sparsity=0.0, begin_round=0,
+                               end_round=-1, prune_every=1, power=3.0)
 
-    Arguments a schedule does not use are ignored: `constant` and `oneshot` use
-    `final_sparsity` and `begin_round` (`constant` also `end_round`, `prune_every`).
+
+def make_schedule(schedule: str, **values) -> RoundSchedule:
+    """Builds a registered schedule from flag-style arguments (names equal the driver flags).
+
+    Each schedule takes the arguments it reads (its fields) and ignores the
+    others: `constant` and `oneshot` use `final_sparsity` and `begin_round`
+    (`constant` also `end_round`, `prune_every`). Left out: initial and final
+    sparsity 0, begin round 0, end round -1, every round, power 3.
 
     Raises:
       InvalidArgument: for an unknown name or a value the schedule rejects.
     """
-    check(schedule in SCHEDULES, "schedule", schedule, "one of " + "|".join(SCHEDULES))
-    if schedule == "none":
-        return NoPruning()
-    if schedule == "constant":
-        return ConstantSparsity(final_sparsity, begin_round, end_round, prune_every)
-    if schedule == "oneshot":
-        return OneShot(final_sparsity, begin_round)
-    return PolynomialDecay(
-        initial_sparsity, final_sparsity, begin_round, end_round, power, prune_every
-    )
+    return SCHEDULES.build(schedule, {**_MAKE_SCHEDULE_DEFAULTS, **values})

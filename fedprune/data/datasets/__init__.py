@@ -10,10 +10,13 @@ trailing axis ([B, 1] for classification) so that the batched element spec can
 serve as the input spec of TFF's Keras wrapper with
 `SparseCategoricalCrossentropy`.
 
-One module per source (`digits`, `synthetic`, `tff_files`) plus the container
-and client pipeline (`container`). This package's namespace is the datasets
-API: the registry `DATASETS`, `load_dataset`, and the names of those modules
-that callers use.
+One module per source (`digits`, `synthetic`, `tff_files`), each registering
+its datasets in `DATASETS` (`catalog`: a `DatasetLoader` subclass per
+dataset), plus the container and client pipeline (`container`). This
+package's namespace is the datasets API: the registry `DATASETS`,
+`load_dataset`, and the names of those modules that callers use. A new
+dataset is one registered `DatasetLoader` in its own module
+(docs/extending.md).
 
 Importing this package is cheap: TensorFlow and TFF are imported inside the
 functions that need them, and `load_digits`/`load_synthetic` construct their
@@ -36,17 +39,22 @@ Datasets (`DATASETS`):
 
 from __future__ import annotations
 
+from fedprune.data.datasets.catalog import DATASETS, DatasetLoader
 from fedprune.data.datasets.container import (
     ArraySource,
     ClientSource,
     FederatedData,
     TffSource,
-    check_dataset_name,
+    array_data,
     client_shuffle_seed,
     example_index_digests,
     preprocess_client_dataset,
 )
-from fedprune.data.datasets.digits import DIGITS_TEST_SPLIT_SEED, load_digits
+from fedprune.data.datasets.digits import (
+    DIGITS_TEST_SPLIT_SEED,
+    DIGITS_TRAIN_EXAMPLES,
+    load_digits,
+)
 from fedprune.data.datasets.synthetic import load_synthetic
 from fedprune.data.datasets.tff_files import (
     TFF_TEST_CLIENT_ORDER_SEED,
@@ -57,33 +65,32 @@ from fedprune.data.datasets.tff_files import (
 )
 
 __all__ = [
-    "DATASETS", "DIGITS_TEST_SPLIT_SEED", "TFF_TEST_CLIENT_ORDER_SEED", "ArraySource",
-    "ClientSource", "FederatedData", "TffSource", "check_tff_data_file", "client_shuffle_seed",
-    "example_index_digests", "load_dataset", "load_digits", "load_synthetic", "load_tff_dataset",
-    "preprocess_client_dataset", "shakespeare_byte_table", "tff_data_path",
-    "validate_dataset_name",
+    "DATASETS", "DIGITS_TEST_SPLIT_SEED", "DIGITS_TRAIN_EXAMPLES", "TFF_TEST_CLIENT_ORDER_SEED",
+    "ArraySource", "ClientSource", "DatasetLoader", "FederatedData", "TffSource", "array_data",
+    "check_tff_data_file", "client_shuffle_seed", "example_index_digests", "load_dataset",
+    "load_digits", "load_synthetic", "load_tff_dataset", "preprocess_client_dataset",
+    "shakespeare_byte_table", "tff_data_path", "validate_dataset_name",
 ]
-
-DATASETS = ("digits", "synthetic", "emnist_digits", "emnist", "cifar100", "shakespeare")
 
 
 def validate_dataset_name(name: str) -> None:
-    """Raises `InvalidArgument` (flag `--dataset`) unless `name` is in `DATASETS`."""
-    check_dataset_name(name, DATASETS)
+    """Raises `InvalidArgument` (flag `--dataset`) unless `name` is registered in `DATASETS`."""
+    DATASETS.check(name)
 
 
-def load_dataset(name: str, **kwargs) -> FederatedData:
-    """Loads dataset `name` (one of `DATASETS`) with its loader's keyword arguments.
+def load_dataset(name: str, **values) -> FederatedData:
+    """Loads registered dataset `name` from config-style values (names equal the driver flags).
 
-    `digits` -> `load_digits`, `synthetic` -> `load_synthetic`, the others ->
-    `load_tff_dataset(name, ...)`.
+    E.g. `load_dataset("digits", num_clients=3, partition="iid", seed=0)`;
+    values left out take the loader's defaults (the flags' defaults).
 
     Raises:
-      fedprune.errors.InvalidArgument: for an unknown name (flag `--dataset`).
+      fedprune.errors.InvalidArgument: for an unknown name (flag `--dataset`) or
+        a value the dataset rejects.
+      TypeError: a value the dataset does not read.
     """
-    validate_dataset_name(name)
-    if name == "digits":
-        return load_digits(**kwargs)
-    if name == "synthetic":
-        return load_synthetic(**kwargs)
-    return load_tff_dataset(name, **kwargs)
+    entry = DATASETS.entry(name)
+    unknown = sorted(set(values) - set(entry.params))
+    if unknown:
+        raise TypeError(f"dataset {name!r} reads {', '.join(entry.params)}; not {unknown}")
+    return entry.build(values).load()

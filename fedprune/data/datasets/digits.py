@@ -4,15 +4,20 @@
 features in [0, 1], split among clients by a `fedprune.data.partitions`
 partitioner; a fixed stratified test split.
 
+Registered as `--dataset=digits` (`Digits`).
+
 Importing this module is cheap: `load_digits` builds its `FederatedData`
 without TensorFlow.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from fedprune.data import partitions
+from fedprune.data.datasets.catalog import DATASETS, DatasetLoader
 from fedprune.data.datasets.container import FederatedData, array_data
 from fedprune.errors import check
 
@@ -20,6 +25,32 @@ from fedprune.errors import check
 # experiment seed, so every run of every configuration is evaluated on the same
 # 360 test images.
 DIGITS_TEST_SPLIT_SEED = 0
+# scikit-learn's 1,797 digits minus the fixed 360-example test split of `load_digits`.
+DIGITS_TRAIN_EXAMPLES = 1437
+
+
+@DATASETS.register("digits", help="scikit-learn's 8x8 digits (1,797 images, embedded), split "
+                   "among clients by --partition")
+@dataclasses.dataclass(frozen=True)
+class Digits(DatasetLoader):
+    """`load_digits` with the config's partition; the partition is checked here."""
+
+    num_clients: int
+    seed: int
+    partition: str
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+
+    def __post_init__(self):
+        check(self.num_clients >= 1, "num_clients", self.num_clients, "a whole number >= 1")
+        partitions.validate_partition_args(
+            self.partition, num_clients=self.num_clients, num_examples=DIGITS_TRAIN_EXAMPLES,
+            dirichlet_alpha=self.dirichlet_alpha, shards_per_client=self.shards_per_client)
+
+    def load(self) -> FederatedData:
+        return load_digits(num_clients=self.num_clients, seed=self.seed,
+                           partition=self.partition, dirichlet_alpha=self.dirichlet_alpha,
+                           shards_per_client=self.shards_per_client)
 
 
 def load_digits(

@@ -3,13 +3,19 @@
 Li et al. 2020, "Federated Optimization in Heterogeneous Networks" (FedProx,
 MLSys), Sec. 5.1 and the data generator of their code release.
 
+Registered as `--dataset=synthetic` (`Synthetic`).
+
 Importing this module is cheap (NumPy only).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from fedprune.data import partitions
+from fedprune.data.datasets.catalog import DATASETS, DatasetLoader
 from fedprune.data.datasets.container import FederatedData, array_data
 from fedprune.data.partitions import check_positive_int
 from fedprune.errors import check
@@ -18,6 +24,39 @@ from fedprune.errors import check
 # client keeps the first 90% of its examples for training.
 _SYNTHETIC_SIZE_LOGNORMAL = (4.0, 2.0)
 _SYNTHETIC_MIN_CLIENT_SIZE = 50
+
+
+@DATASETS.register("synthetic", help="Synthetic(--synthetic_alpha, --synthetic_beta) of Li et "
+                   "al. 2020, generated per client")
+@dataclasses.dataclass(frozen=True)
+class Synthetic(DatasetLoader):
+    """`load_synthetic` with the config's alpha and beta.
+
+    The clients are generated, not partitioned; the partition flags are still
+    checked as for digits (they are shared flags, and a run's config.json
+    records them).
+    """
+
+    num_clients: int
+    seed: int
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+
+    def __post_init__(self):
+        check(self.num_clients >= 1, "num_clients", self.num_clients, "a whole number >= 1")
+        check(self.synthetic_alpha >= 0, "synthetic_alpha", self.synthetic_alpha, "a float >= 0")
+        check(self.synthetic_beta >= 0, "synthetic_beta", self.synthetic_beta, "a float >= 0")
+        # No limit from the data: client sizes are generated per client.
+        partitions.validate_partition_args(
+            self.partition, num_clients=self.num_clients, num_examples=10**9,
+            dirichlet_alpha=self.dirichlet_alpha, shards_per_client=self.shards_per_client)
+
+    def load(self) -> FederatedData:
+        return load_synthetic(num_clients=self.num_clients, seed=self.seed,
+                              alpha=self.synthetic_alpha, beta=self.synthetic_beta)
 
 
 def load_synthetic(

@@ -6,6 +6,9 @@ Federated Optimization" for the CIFAR-100 split), read from the files that
 `tff.simulation.datasets` caches. This module never downloads: a missing file
 is an error.
 
+Each is registered in `DATASETS` (`EmnistDigits`, `Emnist`, `Cifar100`,
+`Shakespeare`).
+
 Importing this module is cheap: TensorFlow and TFF are imported by
 `load_tff_dataset` and the per-dataset mappings.
 """
@@ -16,10 +19,11 @@ import collections
 import dataclasses
 import os
 import sqlite3
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from fedprune.data.datasets.catalog import DATASETS, DatasetLoader
 from fedprune.data.datasets.container import FederatedData, TffSource, _tf, check_dataset_name
 from fedprune.data.partitions import check_positive_int
 from fedprune.errors import check
@@ -81,6 +85,55 @@ def check_tff_data_file(name: str, data_dir: str | None) -> str:
             f"cache_dir=DIR)` downloads {spec.file_name}.lzma and leaves DIR/{spec.file_name}."
         )
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class _TffDataset(DatasetLoader):
+    """`load_tff_dataset(tff_name, ...)` with the config's values; the file is checked here.
+
+    `data_dir` "" is TFF's default cache; `num_clients` and `max_test_examples`
+    0 keep every client and every test example.
+    """
+
+    data_dir: str = ""
+    num_clients: int = 0
+    seed: int = 0
+    max_test_examples: int = 0
+
+    tff_name: ClassVar[str]
+
+    def __post_init__(self):
+        check_tff_data_file(self.tff_name, self.data_dir or None)
+        check(self.num_clients >= 0, "num_clients", self.num_clients,
+              "a whole number >= 0 (0 = all clients of the file)")
+
+    def load(self) -> FederatedData:
+        return load_tff_dataset(self.tff_name, data_dir=self.data_dir or None,
+                                num_clients=self.num_clients or None, seed=self.seed,
+                                max_test_examples=self.max_test_examples or None)
+
+
+@DATASETS.register("emnist_digits", help="TFF's federated EMNIST, digits only (3,383 writers, "
+                   "10 classes)")
+class EmnistDigits(_TffDataset):
+    tff_name = "emnist_digits"
+
+
+@DATASETS.register("emnist", help="TFF's federated EMNIST (3,400 writers, 62 classes)")
+class Emnist(_TffDataset):
+    tff_name = "emnist"
+
+
+@DATASETS.register("cifar100", help="TFF's federated CIFAR-100 (500 clients)")
+class Cifar100(_TffDataset):
+    tff_name = "cifar100"
+
+
+@DATASETS.register("shakespeare", help="TFF's Shakespeare (715 characters, next-character "
+                   "prediction, --model=rnn)")
+class Shakespeare(_TffDataset):
+    tff_name = "shakespeare"
+    sequence = True
 
 
 def load_tff_dataset(
