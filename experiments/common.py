@@ -2,9 +2,12 @@
 
 Each `ExperimentConfig` field is one flag with the field's default; choices of
 enum flags come from the library's registries, topic and help from `_SPECS`
-(`experiments/usage.py` prints them grouped by topic for --help). Nothing here
-imports TensorFlow: flags are parsed and validated first, so `--help`,
-`--only_check_args` and bad input return fast.
+(`experiments/usage.py` prints them grouped by topic for --help). `--dataset`,
+`--schedule` and `--mask_criterion` list their registries' entries, with each
+entry's own help (`experiments/registry_flags.py`); `--extensions` imports
+users' modules that register more. Nothing here imports TensorFlow: flags are
+parsed and validated first, so `--help`, `--only_check_args` and bad input
+return fast.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import NamedTuple
 
 from absl import flags
 
-from experiments import usage
+from experiments import registry_flags, usage
 from experiments.usage import (
     DATA,
     MASKING,
@@ -31,6 +34,7 @@ from experiments.usage import (
     TRAINING,
 )
 from fedprune import config as config_lib
+from fedprune import extensions
 from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
 from fedprune.federated import masking_modes, privacy
@@ -46,8 +50,8 @@ class _Spec(NamedTuple):
 
 
 _SPECS = {
-    "dataset": _Spec(DATA, "Federated dataset. digits and synthetic are built in; the others "
-                           "read TFF's SQLite files from --data_dir."),
+    "dataset": _Spec(DATA, "Federated dataset (TFF's are read from --data_dir, never "
+                           "downloaded):"),
     "data_dir": _Spec(DATA, "Folder holding TFF's dataset files (e.g. emnist_all.sqlite). "
                             "Nothing is downloaded."),
     "partition": _Spec(DATA, "How digits/synthetic examples are split among clients."),
@@ -91,7 +95,7 @@ _SPECS = {
     "masking": _Spec(MASKING, "Who applies the mask in a round. " + " ".join(
         f"{name}: {mode.description}." for name, mode in masking_modes.MASKING_MODES.items())),
     "schedule": _Spec(SCHEDULE, "Sparsity schedule in rounds (tfmot, one step per round, not "
-                                "per client step)."),
+                                "per client step):"),
     "initial_sparsity": _Spec(SCHEDULE, "Polynomial schedule: sparsity at --begin_round, a "
                                         "fraction in [0, 1)."),
     "final_sparsity": _Spec(SCHEDULE, "Target sparsity (fraction of zero kernel weights), in "
@@ -103,9 +107,7 @@ _SPECS = {
                                  "re-pruning)."),
     "prune_every": _Spec(SCHEDULE, "Recompute the mask every this many rounds."),
     "power": _Spec(SCHEDULE, "Polynomial schedule exponent, > 0 (Zhu & Gupta 2017 use 3)."),
-    "mask_criterion": _Spec(MASKING, "How the mask is chosen: magnitude (target sparsity), "
-                                     "threshold (keep |w| >= --threshold), relative (keep "
-                                     "|w| > rate * max|w|)."),
+    "mask_criterion": _Spec(MASKING, "How the mask is chosen:"),
     "mask_scope": _Spec(MASKING, "Rank weights within each layer or globally across layers."),
     "threshold": _Spec(MASKING, "--mask_criterion=threshold: weight magnitude > 0 (in the "
                                 "weights' own units); weights with |w| below it are pruned."),
@@ -157,14 +159,19 @@ _SPECS = {
                                  "leave test_loss/test_accuracy blank."),
 }
 
-_ENUMS = {
+# Flags whose values are registry entries: their help is the _SPECS text followed by
+# every entry's own.
+_REGISTRIES = {
     "dataset": datasets.DATASETS,
+    "schedule": schedules.SCHEDULES,
+    "mask_criterion": masking.CRITERIA,
+}
+
+_ENUMS = {
     "partition": partitions.PARTITIONERS,
     "model": builders.MODELS,
     "server_optimizer": config_lib.SERVER_OPTIMIZERS,
     "masking": tuple(masking_modes.MASKING_MODES),
-    "schedule": schedules.SCHEDULES,
-    "mask_criterion": masking.CRITERIA,
     "mask_scope": masking.SCOPES,
     "structure": masking.STRUCTURES,
     "block_pooling": masking.POOLINGS,
@@ -179,13 +186,18 @@ _OPTIONAL_FLOATS = ("threshold", "relative_rate")
 
 
 def define_experiment_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """Defines one flag per `ExperimentConfig` field, --verbose and --tff_workers (idempotent)."""
+    """Defines one flag per `ExperimentConfig` field, --verbose, --tff_workers and --extensions.
+
+    Idempotent.
+    """
     if "dataset" in flag_values:
         return
     for field in dataclasses.fields(config_lib.ExperimentConfig):
         name, default, (topic, help_) = field.name, field.default, _SPECS[field.name]
         kwargs = {"flag_values": flag_values}
-        if name in _ENUMS:
+        if name in _REGISTRIES:
+            registry_flags.define_registry_flag(_REGISTRIES[name], name, default, help_, **kwargs)
+        elif name in _ENUMS:
             flags.DEFINE_enum(name, default, _ENUMS[name], help_, **kwargs)
         elif name == "block_size":
             flags.DEFINE_list(name, [str(b) for b in default], help_, **kwargs)
@@ -204,6 +216,8 @@ def define_experiment_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       "(several: each round's clients are split across them). Empty: a local "
                       "worker started and stopped by this process.", flag_values=flag_values)
     usage.set_topic(usage.RUNTIME, "verbose", "tff_workers")
+    registry_flags.define_extensions_flag(flag_values)
+    usage.set_topic(usage.COMMAND_LINE, "extensions")
 
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS,
@@ -247,11 +261,14 @@ def flagfile_text(config: config_lib.ExperimentConfig, *, tff_workers=()) -> str
     `python -m experiments.run --flagfile=<run>/flags.txt --output_dir=<new>`
     reruns the experiment. --tff_workers (where it ran) is a comment: rerunning
     elsewhere needs other addresses, and the result does not depend on them
-    beyond float rounding (README, Scaling out).
+    beyond float rounding (README, Scaling out). The --extensions this process
+    loaded (`fedprune.extensions.loaded()`) come first, when there are any.
     """
     lines = ["# Every experiment flag of this run. Rerun it with",
              "#   python -m experiments.run --flagfile=<this file> --output_dir=<new folder>",
              f"# config fingerprint {config.fingerprint()}"]
+    if extensions.loaded():  # first: they register names the lines below use
+        lines.append(f"--extensions={','.join(extensions.loaded())}")
     lines += [_flag_line(f.name, getattr(config, f.name))
               for f in dataclasses.fields(config_lib.ExperimentConfig)]
     lines.append(f"# ran on --tff_workers={','.join(tff_workers)} (not set here)" if tff_workers
@@ -291,6 +308,10 @@ def parse_flags(argv):
     except flags.UnrecognizedFlagError as e:  # absl's text names it without the dashes
         dashes = "-" if len(e.flagname) == 1 else "--"
         fail(f"{dashes}{e.flagname}: not a flag of this command (--help lists them)")
+    except flags.IllegalFlagValueError as e:
+        if isinstance(e.__context__, InvalidArgument):  # our parsers' (e.g. --extensions)
+            fail(str(e.__context__))
+        fail(str(e).splitlines()[0])
     except flags.Error as e:
         fail(str(e).splitlines()[0])
     except OSError as e:  # an unreadable --flagfile
@@ -315,6 +336,10 @@ def run(main) -> None:
     interrupts.install_worker_cleanup()  # the interrupt handlers; cheap, no TensorFlow
     try:
         usage.define_command_line_flags()
+        try:  # before parsing: their names are --help's and the flags' choices too
+            registry_flags.load_environment_extensions()
+        except InvalidArgument as e:
+            fail(str(e))
         argv = parse_flags(sys.argv)
         code = main(argv)
     except KeyboardInterrupt:

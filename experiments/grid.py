@@ -7,8 +7,9 @@ grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
     --schedules × (--powers for polynomial) × --final_sparsities × --maskings
       [× --dp_noise_multipliers] × --seeds
 
-Dense training (`none` in --schedules) is one cell per seed with
-`masking=none`, not one per sparsity and masking. Each cell trains into its
+Dense training (`none` in --schedules, any schedule that never prunes) is one
+cell per seed with `masking=none`, not one per sparsity and masking. Schedules
+that read `--power` (polynomial) get one variant per `--powers` value. Each cell trains into its
 own folder `<root>/<cell name>` with `loop.run_experiment`, beside its
 flags.txt (`experiments.run --flagfile=<cell>/flags.txt` reruns it); a cell whose
 `summary.json` is present with the cell's config fingerprint is complete and is
@@ -196,8 +197,10 @@ class GridSpec:
             check(m in GRID_MASKINGS, "maskings", m, "one or more of " + "|".join(GRID_MASKINGS))
         for s in self.final_sparsities:
             check(0.0 <= s < 1.0, "final_sparsities", s, "sparsity fractions in [0, 1)")
-        if "polynomial" in self.schedules:
-            check(bool(self.powers), "powers", "", "one or more exponents > 0 for polynomial")
+        with_power = [s for s in self.schedules if _reads_power(s)]
+        if with_power:
+            check(bool(self.powers), "powers", "",
+                  f"one or more exponents > 0 for {'|'.join(with_power)}")
         for p in self.powers:
             check(p > 0, "powers", p, "exponents > 0 (1 = linear, 3 = cubic)")
         check(bool(self.seeds), "seeds", "", "one or more seeds >= 0")
@@ -238,15 +241,15 @@ class GridSpec:
         noise = noise or [("", {})]
         cells = []
         for schedule in self.schedules:
-            if schedule == "none":
+            if SCHEDULES[schedule].dense:
                 for tag, dp in noise:
                     for seed in self.seeds:
                         cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}",
-                                           schedule="none", masking="none", final_sparsity=0.0,
-                                           seed=seed, **dp))
+                                           schedule=schedule, masking="none",
+                                           final_sparsity=0.0, seed=seed, **dp))
                 continue
-            variants = ([(f"polynomial-p{p:g}", p) for p in self.powers]
-                        if schedule == "polynomial" else [(schedule, base.power)])
+            variants = ([(f"{schedule}-p{p:g}", p) for p in self.powers]
+                        if _reads_power(schedule) else [(schedule, base.power)])
             for label, power in variants:
                 for sparsity in self.final_sparsities:
                     for masking in self.maskings:
@@ -258,6 +261,11 @@ class GridSpec:
                                     schedule=schedule, power=power, masking=masking,
                                     final_sparsity=sparsity, seed=seed, **dp))
         return cells
+
+
+def _reads_power(schedule: str) -> bool:
+    """Whether a registered schedule reads --power (then --powers makes its variants)."""
+    return "power" in SCHEDULES.entry(schedule).params
 
 
 def _cell(base: ExperimentConfig, label: str, name: str, **overrides) -> Cell:

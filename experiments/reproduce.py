@@ -22,12 +22,14 @@ of RESULTS.md between `<!-- table<N>:start -->` and `<!-- table<N>:end -->`
 (atomically) with the command, hardware and time. That is the only way
 RESULTS.md is written.
 
-Adding a table (e.g. 2: differential privacy, 3: structured shrinking) is
-adding a `TableSpec` to `TABLES` and its flagfiles; a new grid dimension goes
-into `experiments/grid.py`. A table whose rows need different base flags
-(Table 3: other models, structures and sparsities) lists `parts`: each part
-is its own grid over `table<N>.flags` + `table<N>_<part>.flags`, and the
-table's rows gain `model`/`structure` columns when those differ.
+The tables are registered in `experiments/tables.py` (`TABLES`, one
+`TableSpec` each, which `--table` lists); adding a table is registering a
+`TableSpec` there, or in a module of one's own passed with `--extensions`, and
+writing its flagfiles (docs/extending.md). A new grid dimension goes into
+`experiments/grid.py`. A table whose rows need different base flags (Table 3:
+other models, structures and sparsities) lists `parts`: each part is its own
+grid over `table<N>.flags` + `table<N>_<part>.flags`, and the table's rows gain
+`model`/`structure` columns when those differ.
 """
 
 from __future__ import annotations
@@ -40,164 +42,26 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, grid, grid_results, usage
+from experiments import common, grid, grid_results, registry_flags, usage
+from experiments.tables import CONFIGS, REPO, SIZES, TABLES, TableSpec, register_table
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
 from fedprune.outputs import atomic_files, reporting
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "experiments" / "configs"
-SIZES = ("full", "ci")
+__all__ = ["CONFIGS", "REPO", "SIZES", "TABLES", "TableSpec", "main", "record_invocation",
+           "register_table", "render_section", "table_cells"]
 
 
-@dataclasses.dataclass(frozen=True)
-class TableSpec:
-    """One table of RESULTS.md.
-
-    Attributes:
-      number: N in `--table=N`, the markers and the file names.
-      title: the section heading.
-      description: Markdown shown above the table (what it compares, how to read it).
-      metrics: columns, names from `grid_results.METRICS`, in order.
-      tolerances: metric -> the largest accepted |value - expected| of a row's mean;
-        metrics without one (e.g. machine-dependent round times) are shown, not checked.
-      parts: for a table made of several grids (e.g. one per model): their names;
-        part P reads `table<N>.flags`, then `table<N>_<P>.flags` (then the ci file),
-        and its cells are named `<P>-<cell>`. Empty: one grid.
-    """
-
-    number: int
-    title: str
-    description: str
-    metrics: tuple[str, ...]
-    tolerances: dict[str, float]
-    parts: tuple[str, ...] = ()
-
-    def flagfiles(self, size: str, part: str | None = None) -> list[Path]:
-        files = [CONFIGS / f"table{self.number}.flags"]
-        if part is not None:
-            files.append(CONFIGS / f"table{self.number}_{part}.flags")
-        if size == "ci":
-            files.append(CONFIGS / f"table{self.number}_ci.flags")
-        return files
-
-    def all_flagfiles(self, size: str) -> list[Path]:
-        """Every flagfile of the table, each once, in reading order."""
-        parts = [CONFIGS / f"table{self.number}_{part}.flags" for part in self.parts]
-        files = self.flagfiles(size)
-        return files[:1] + parts + files[1:]
-
-    def expected_path(self, size: str) -> Path:
-        suffix = "" if size == "full" else f"_{size}"
-        return CONFIGS / f"table{self.number}{suffix}_expected.json"
+def _table_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgument("table", text, TABLES.accepted()) from None
 
 
-# Why these tolerances. On this machine a run is bit-deterministic: every seed is
-# a pure function of (seed, round), a cell gives identical metrics.csv whether
-# it runs first or after other cells in the process, or in another process.
-# Another CPU (other SIMD paths in Eigen/oneDNN, another thread count) rounds
-# floats differently and, after 30 rounds of training, moves the final test
-# accuracy by a few of the 360 test images (1 image = 0.0028): ±0.02 absolute
-# accepts that and still catches a real regression (a broken schedule or mask
-# costs far more). Sparsity, nonzeros and bytes are set by mask sizes (top-k per
-# layer), so they are exact, up to 1e-6 for sparsity as a float; under client
-# masking they come from the union of the clients' masks, where float noise
-# could move a weight across the threshold on another CPU: re-baseline with
-# --write_results there rather than widening the tolerance for everyone.
-_TOLERANCES = {"accuracy": 0.02, "sparsity": 1e-6, "nonzeros": 0.0, "bytes_down": 0.0,
-               "bytes_up": 0.0}
-
-# Table 2's runs add unseeded DP noise, so accuracy differs between reruns on the
-# same machine. Measured: rerunning the six 90 % z > 0 cells moved single seeds by
-# up to 0.14 and the row means by 0.013-0.015 (per-seed spread ~0.07 at z = 1, so
-# the mean of 3 seeds has ~0.04 stddev): +-0.15 on a row mean accepts that with
-# margin. What pins the mechanism down is exact: epsilon (computed from the
-# configuration alone, 1e-6), sparsity, nonzeros (noise makes every kept weight
-# nonzero) and bytes down (set by the nonzeros and the seeded client sample).
-_DP_TOLERANCES = {"accuracy": 0.15, "epsilon": 1e-6, "sparsity": 1e-6, "nonzeros": 0.0,
-                  "bytes_down": 0.0}
-
-TABLES = {
-    1: TableSpec(
-        number=1,
-        title="Table 1: sparsity schedules × final sparsity × masking (digits)",
-        description=(
-            "FedAvg on the embedded digits data (scikit-learn's 8×8 digits: 1,437 training "
-            "images split among 10 clients by Dirichlet(α = 0.5) label skew, 360 test images), "
-            "the seeds' MLP, all 10 clients every round. Schedules: `dense` (no pruning, "
-            "`--masking=none`), `oneshot` (prune once after round `--begin_round`, keep the "
-            "mask), `constant` (re-prune to the target every round from `--begin_round` to "
-            "`--end_round`), `polynomial-p1`/`-p3` (Zhu & Gupta 2017, linear/cubic from 0 at "
-            "`--begin_round` to the target at `--end_round`). Masking: `client` (clients "
-            "prune, the server only averages, so the average of different masks is denser "
-            "than the target), `server` (the server re-masks after averaging), `both`. "
-            "Cells are mean ± 95 % Student-t CI over 3 seeds (partition, initialization, "
-            "sampling and shuffling all follow the seed). Accuracy and sparsity (fraction "
-            "of zeros in the prunable Dense kernels) are after the last round; nonzeros count "
-            "every trainable parameter, biases included; bytes are the mean per round "
-            "of what an efficient encoding sends (dense, bitmap + values, coordinates, or "
-            "values inside a known mask, whichever is smallest), summed over the round's "
-            "10 clients."),
-        metrics=("accuracy", "sparsity", "nonzeros", "bytes_down", "bytes_up"),
-        tolerances=_TOLERANCES,
-    ),
-    2: TableSpec(
-        number=2,
-        title="Table 2: differential privacy × sparsity (digits, 100 clients)",
-        description=(
-            "Client-level DP-FedAvg (McMahan et al. 2018) with TFF's "
-            "`DifferentiallyPrivateFactory`: every sampled client's whole update is clipped to "
-            "L2 norm 0.3, Gaussian noise of stddev z · 0.3 is added to the sum and the sum is "
-            "divided by the expected 20 clients; the server multiplies the noised mean by the "
-            "public broadcast mask (post-processing: the model stays exactly sparse and only "
-            "the kept coordinates carry noise) and then re-masks. Digits split among 100 "
-            "clients (Dirichlet 0.5), each sampled independently with probability 0.2 every "
-            "round (Poisson), 50 rounds, the seeds' MLP; `dense` is unpruned DP-FedAvg, the "
-            "pruned rows prune with the cubic schedule over rounds 1–30 by server masking. "
-            "ε is at δ = 1e-5 by dp-accounting's PLD accountant for "
-            "`PoissonSampledDpEvent(0.2, Gaussian(z))` composed 50 times (RDP: 11.3 at "
-            "z = 1, 42.9 at z = 0.5; metrics.csv has both); z = 0 clips without noise: no "
-            "guarantee (ε = inf). "
-            "Mean ± 95 % CI over 3 seeds. TFF's DP noise is not seeded (by design: a stored "
-            "seed would let anyone remove it), so reruns differ in accuracy; see the tolerances."),
-        metrics=("accuracy", "epsilon", "sparsity", "nonzeros", "bytes_down"),
-        tolerances=_DP_TOLERANCES,
-    ),
-}
-
-# Table 3: rounds times depend on the machine and its load: shown, never checked.
-_TOLERANCES_3 = {"accuracy": 0.02, "nonzeros": 0.0, "params": 0.0, "flops": 0.0,
-                 "bytes_down": 0.0, "bytes_up": 0.0}
-TABLES[3] = TableSpec(
-    number=3,
-    title="Table 3: unstructured vs neuron/filter pruning at equal parameter budgets (digits)",
-    description=(
-        "FedAvg on the embedded digits data as in Table 1 (10 clients, Dirichlet(α = 0.5), "
-        "30 rounds, all clients every round), server masking, the cubic polynomial schedule "
-        "over rounds 1..20; the output layer is never pruned. `neuron` removes units of the "
-        "MLP's hidden layer (64-128-10: 32 of 128 units kept, sparsity 0.75), `filter` removes "
-        "channels of both convolutions of the CNN (Conv 5×5 32 → MaxPool → Conv 5×5 64 → "
-        "MaxPool → Dense 512 → Dense 10 on the 8×8 images: half the filters kept, sparsity "
-        "0.5), scored by the L2 norm of their incoming weights; after round 20 the global "
-        "model is physically shrunk (`--shrink_at_round=-1`) and trains 10 more rounds dense "
-        "on the smaller model. `unstructured` prunes the same layers' kernels (global "
-        "magnitude ranking) to the sparsity that leaves exactly the same number of nonzero "
-        "parameters: MLP 1 − 992/8,192 = 0.87890625 (992 + 128 + 1,290 = 2,410 = 32·64 + 32 + "
-        "32·10 + 10), CNN 1 − 78,688/183,072 (78,688 + 5,738 = 84,426 = the shrunk CNN). "
-        "`dense` is the unpruned model. Mean ± 95 % CI over 3 seeds. Accuracy after the last "
-        "round; nonzeros: nonzero trainable parameters; params: parameters of the model as "
-        "stored (unstructured zeros are still stored and computed); mult-adds/example: "
-        "multiply-adds of one forward pass of the stored model (Dense and Conv layers); "
-        "bytes per round of the efficient encodings, summed over the round's 10 clients; "
-        "round after pruning: median seconds of the rounds after round 20 (machine- and "
-        "load-dependent, not checked against the expected values)."),
-    metrics=("accuracy", "nonzeros", "params", "flops", "bytes_down", "bytes_up",
-             "round_seconds_final"),
-    tolerances=_TOLERANCES_3,
-    parts=("mlp", "mlp_neuron", "cnn", "cnn_filter"),
-)
-
-_TABLE = flags.DEFINE_integer("table", None, "The table of RESULTS.md to regenerate.")
+_TABLE = registry_flags.define_registry_flag(TABLES, "table", None,
+                                            "The table of RESULTS.md to regenerate:",
+                                            convert=_table_number)
 _SIZE = flags.DEFINE_enum("size", "full", SIZES, "full: the published grid; ci: a tiny "
                           "variant (few clients, rounds and cells) for the test suite.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Root of the run tree "
@@ -251,6 +115,11 @@ match its expected values.
 """
 
 
+def _shown(path: Path) -> str:
+    """A path as RESULTS.md and the expected values show it: relative to the repository if in it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -291,17 +160,17 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
     flag_lines = []
     for path in spec.all_flagfiles("full"):
         if len(spec.all_flagfiles("full")) > 1:
-            flag_lines.append(f"# {path.relative_to(REPO)}")
+            flag_lines.append(f"# {_shown(path)}")
         flag_lines += [line for line in path.read_text().splitlines()
                        if line.strip() and not line.lstrip().startswith("#")]
-    files = [str(p.relative_to(REPO)) for p in spec.all_flagfiles("full")]
+    files = [_shown(p) for p in spec.all_flagfiles("full")]
     if spec.parts:
         same_grid = (f"each part P of {', '.join(spec.parts)} is a grid: `python -m "
-                     f"experiments.compare_schedules --flagfile={flagfile.relative_to(REPO)} "
+                     f"experiments.compare_schedules --flagfile={_shown(flagfile)} "
                      f"--flagfile=experiments/configs/table{spec.number}_P.flags`")
     else:
         same_grid = (f"the same grid: `python -m experiments.compare_schedules "
-                     f"--flagfile={flagfile.relative_to(REPO)} "
+                     f"--flagfile={_shown(flagfile)} "
                      f"--output_dir=runs/table{spec.number}`")
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
@@ -337,7 +206,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"uncommitted changes); table written at `{provenance.git_commit()}`, "
         f"{time.strftime('%Y-%m-%d')}.",
         f"- Expected values and tolerances: "
-        f"`{spec.expected_path('full').relative_to(REPO)}`.",
+        f"`{_shown(spec.expected_path('full'))}`.",
         "",
         grid_results.markdown(table).rstrip(),
         "",
@@ -390,10 +259,8 @@ def main(argv):
         common.fail(f"unexpected arguments: {' '.join(argv[1:])} "
                     "(flags take the form --name=value)")
     try:
-        check(_TABLE.value in TABLES, "table", _TABLE.value,
-              "one of " + ", ".join(map(str, TABLES)) + " (the tables of RESULTS.md)")
-        _check_command_line()
         spec, size = TABLES[_TABLE.value], _SIZE.value
+        _check_command_line()
         cells = table_cells(spec, size)
         root = Path(_OUTPUT_DIR.value or REPO / "runs" / f"table{spec.number}-{size}")
         expected_path = Path(_EXPECTED.value or spec.expected_path(size))
@@ -431,7 +298,7 @@ def main(argv):
         atomic_files.atomic_write_json(expected_path, grid_results.expected_values(
             table, spec.tolerances,
             {"table": spec.number, "size": size,
-             "flagfiles": [str(p.relative_to(REPO)) for p in spec.all_flagfiles(size)]}))
+             "flagfiles": [_shown(p) for p in spec.all_flagfiles(size)]}))
         print(f"\nwrote {expected_path}")
         if size == "full":
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER

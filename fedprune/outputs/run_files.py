@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedprune import extensions
 from fedprune.config import ExperimentConfig
 from fedprune.data import datasets
 from fedprune.federated import communication
@@ -61,8 +62,10 @@ def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None 
       data: the run's data; its example-index digests go into `provenance`.
       provenance: what the caller knows that no setting shows (e.g. the driver's
         `tff_workers`); merged into the `provenance` section, which also has the
-        uv.lock hash, the CPU model and the data digests.
+        uv.lock hash, the CPU model, the data digests and, when any were
+        loaded, the `extensions` (`fedprune/extensions.py`) whose code the run used.
     """
+    loaded = extensions.loaded()
     payload = {
         "config": config.to_dict(),
         "fingerprint": config.fingerprint(),
@@ -73,6 +76,7 @@ def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None 
             "cpu_model": cpu_model(),
             "example_indices_sha256": (datasets.example_index_digests(data)
                                        if data is not None else None),
+            **({"extensions": loaded} if loaded else {}),
             **(provenance or {}),
         },
         "seeds": {"partition": config.seed, "model_init": config.seed,
