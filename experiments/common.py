@@ -36,7 +36,7 @@ from fedprune.errors import InvalidArgument
 from fedprune.federated import privacy
 from fedprune.federated.client_work import MASKING_MODES
 from fedprune.model import builders
-from fedprune.pruning import mask_aggregation, masking, schedules
+from fedprune.pruning import mask_aggregation, masking, schedules, step_schedule
 
 FLAGS = flags.FLAGS
 
@@ -104,6 +104,20 @@ _SPECS = {
                                  "re-pruning)."),
     "prune_every": _Spec(SCHEDULE, "Recompute the mask every this many rounds."),
     "power": _Spec(SCHEDULE, "Polynomial schedule exponent, > 0 (Zhu & Gupta 2017 use 3)."),
+    "prune_granularity": _Spec(SCHEDULE, "When pruning clients (--masking=client|both) "
+                                         "prune: round (at the end of local training, one "
+                                         "tfmot step per round) or step (tfmot's own mask "
+                                         "update inside local training, the schedule in "
+                                         "client steps: begin_step = begin_round * "
+                                         "steps_per_round; magnitude per layer, "
+                                         "unstructured|2:4|block)."),
+    "steps_per_round": _Spec(SCHEDULE, "--prune_granularity=step: client steps one round "
+                                       "stands for; the server's global step after round r "
+                                       "is r * steps_per_round. 0 = the mean client's local "
+                                       "steps per round (recorded in config.json)."),
+    "prune_every_steps": _Spec(SCHEDULE, "--prune_granularity=step: recompute the clients' "
+                                         "masks every this many client steps (tfmot's "
+                                         "frequency; --prune_every must stay 1)."),
     "mask_criterion": _Spec(MASKING, "How the mask is chosen: magnitude (target sparsity), "
                                      "threshold (keep |w| >= --threshold), relative (keep "
                                      "|w| > rate * max|w|)."),
@@ -165,6 +179,7 @@ _ENUMS = {
     "server_optimizer": config_lib.SERVER_OPTIMIZERS,
     "masking": MASKING_MODES,
     "schedule": schedules.SCHEDULES,
+    "prune_granularity": step_schedule.GRANULARITIES,
     "mask_criterion": masking.CRITERIA,
     "mask_scope": masking.SCOPES,
     "structure": masking.STRUCTURES,
