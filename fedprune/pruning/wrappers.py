@@ -6,7 +6,9 @@ fedprune wraps prunable layers with tfmot's `PruneLowMagnitude`, whose
 were sent. The wrappers carry `NeverPrune`, a schedule that never recomputes a
 mask, because masks are decided at round granularity by `masking.compute_masks`
 (on the server after aggregation, and on clients at the end of local training);
-see `client_work.py` and `server_masking.py`.
+see `client_work.py` and `server_masking.py`. Only `--prune_granularity=step`
+clients carry a real tfmot schedule, in client steps (`pruning_params`;
+`fedprune/pruning/step_schedule.py`).
 
 TFF sees the model as `ModelWeights(trainable, non_trainable)`: kernels and
 biases are trainable; each wrapper adds a float `mask` (kernel-shaped) and a
