@@ -39,7 +39,7 @@ from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
 from fedprune.federated import masking_modes, privacy
 from fedprune.model import builders
-from fedprune.pruning import mask_aggregation, masking, schedules
+from fedprune.pruning import mask_aggregation, masking, schedules, step_schedule
 
 FLAGS = flags.FLAGS
 
@@ -107,6 +107,20 @@ _SPECS = {
                                  "re-pruning)."),
     "prune_every": _Spec(SCHEDULE, "Recompute the mask every this many rounds."),
     "power": _Spec(SCHEDULE, "Polynomial schedule exponent, > 0 (Zhu & Gupta 2017 use 3)."),
+    "prune_granularity": _Spec(SCHEDULE, "When pruning clients (--masking=client|both) "
+                                         "prune: round (at the end of local training, one "
+                                         "tfmot step per round) or step (tfmot's own mask "
+                                         "update inside local training, the schedule in "
+                                         "client steps: begin_step = begin_round * "
+                                         "steps_per_round; magnitude per layer, "
+                                         "unstructured|2:4|block)."),
+    "steps_per_round": _Spec(SCHEDULE, "--prune_granularity=step: client steps one round "
+                                       "stands for; the server's global step after round r "
+                                       "is r * steps_per_round. 0 = the mean client's local "
+                                       "steps per round (recorded in config.json)."),
+    "prune_every_steps": _Spec(SCHEDULE, "--prune_granularity=step: recompute the clients' "
+                                         "masks every this many client steps (tfmot's "
+                                         "frequency; --prune_every must stay 1)."),
     "mask_criterion": _Spec(MASKING, "How the mask is chosen:"),
     "mask_scope": _Spec(MASKING, "Rank weights within each layer or globally across layers."),
     "threshold": _Spec(MASKING, "--mask_criterion=threshold: weight magnitude > 0 (in the "
@@ -172,6 +186,7 @@ _ENUMS = {
     "model": builders.MODELS,
     "server_optimizer": config_lib.SERVER_OPTIMIZERS,
     "masking": tuple(masking_modes.MASKING_MODES),
+    "prune_granularity": step_schedule.GRANULARITIES,
     "mask_scope": masking.SCOPES,
     "structure": masking.STRUCTURES,
     "block_pooling": masking.POOLINGS,

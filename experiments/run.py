@@ -67,6 +67,8 @@ def main(argv):
         loop.run_experiment(config, output_dir, resume=_RESUME.value,
                                log=lambda line: print(line, flush=True), on_phase=on_phase,
                                provenance={"tff_workers": list(FLAGS.tff_workers)})
+    except InvalidArgument as e:  # a check that needs the data (e.g. --steps_per_round=0)
+        common.fail(str(e))
     except (loop.NonFiniteError, checkpoint.CheckpointError) as e:
         common.fail(str(e), code=1)
     except contexts.WorkerUnreachableError as e:

@@ -24,7 +24,7 @@ from fedprune.errors import check
 from fedprune.federated import masking_modes, privacy
 from fedprune.federated.process import SERVER_OPTIMIZERS
 from fedprune.model import builders
-from fedprune.pruning import masking, schedules
+from fedprune.pruning import masking, schedules, step_schedule
 
 # --shrink_at_round sentinels: shrink after the schedule's last mask update, or never.
 SHRINK_AT_SCHEDULE_END = -1
@@ -33,7 +33,8 @@ SHRINK_NEVER = 0
 # defaults, so earlier runs (e.g. of Table 1) keep their fingerprints.
 _FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp",
                          "dp_noise_multiplier", "dp_clip", "dp_target_quantile", "dp_delta",
-                         "dp_accountant")
+                         "dp_accountant", "prune_granularity", "steps_per_round",
+                         "prune_every_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,11 @@ class ExperimentConfig:
     end_round: int = 20
     prune_every: int = 1
     power: float = 3.0
+    # Clients prune at the end of local training (round) or inside it with
+    # tfmot's schedule in client steps (step; see fedprune/pruning/step_schedule.py).
+    prune_granularity: str = "round"
+    steps_per_round: int = 0  # client steps per round; 0 = the mean client's local steps
+    prune_every_steps: int = 1  # the step schedule's frequency, in client steps
     mask_criterion: str = "magnitude"
     mask_scope: str = "layer"
     threshold: float | None = None
@@ -137,6 +143,15 @@ class ExperimentConfig:
             delta=self.dp_delta, num_clients=self.num_clients or None,
             client_sampling=self.client_sampling, accountant=self.dp_accountant,
             masking=self.masking)
+        if self.prune_granularity == "step":  # the mode's rule first, as the builder checks it
+            masking_modes.check_step_granularity(mode)
+        step_schedule.validate_step_args(
+            prune_granularity=self.prune_granularity, steps_per_round=self.steps_per_round,
+            prune_every_steps=self.prune_every_steps, schedule=self.schedule,
+            begin_round=self.begin_round, end_round=self.end_round,
+            prune_every=self.prune_every, mask_criterion=self.mask_criterion,
+            mask_scope=self.mask_scope, structure=self.structure, model=self.model,
+            dataset=self.dataset)
         spec = self.mask_spec()
         if spec.structure == "2:4" and not schedule.dense:
             check(self.final_sparsity == 0.5, "final_sparsity", self.final_sparsity,

@@ -277,13 +277,29 @@ def test_rules_end_to_end_combine_what_each_client_uploaded(rule_rounds, rule):
         assert zeros == np.mean(2 * counts < n if rule == "majority" else counts == 0)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: under `average` a weight every client "
-                   "pruned comes back as b - sum_c w_c b / sum_c w_c, float residue (~1e-8) "
-                   "that sparsity, nonzero counts and mask_drift count as a kept weight")
-def test_average_rule_leaves_exact_zeros_where_every_client_pruned(rule_rounds):
-    result = rule_rounds("average")
+@pytest.mark.parametrize("rule", mask_aggregation.RULES)
+def test_every_rule_leaves_exact_zeros_where_every_client_pruned(rule_rounds, rule):
+    # `average` used to leave b - sum_c w_c b / sum_c w_c there (float residue, ~1e-8),
+    # which sparsity, nonzero counts and mask_drift counted as kept weights.
+    result = rule_rounds(rule)
+    nobody_total = 0
     for i in result.kernel_idx:
         _, masks = _uploads(result, i)
         nobody = sum(masks) == 0
-        assert nobody.any()
+        nobody_total += int(nobody.sum())
         np.testing.assert_array_equal(result.together[i][nobody], 0.0)
+        # Alone in a round, a client's pruned weights are exact zeros too (50 % of each kernel).
+        for alone in result.alone:
+            assert np.count_nonzero(alone[i]) == alone[i].size // 2
+    assert nobody_total > 0
+
+
+def test_average_exact_zero_on_hand_built_clients(aggregate):
+    # Weight 3 is pruned by all three clients; a broadcast of ones must give exactly 0.
+    current = np.full(4, 0.1, np.float32)  # 0.1 is not exact in binary: residue-prone
+    payloads = aggregate["mean"]["delta"][0] + (current - 1.0)
+    shifted = dict(aggregate, mean=dict(aggregate["mean"], delta=(payloads,)))
+    delta, _ = mask_aggregation.pseudo_delta("average", (tf.constant(current),), shifted, [0])
+    combined = current - np.asarray(delta[0])
+    assert combined[3] == 0.0
+    np.testing.assert_allclose(combined, [4.5, 1.0, 1.5, 0.0], rtol=1e-6)

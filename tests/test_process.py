@@ -115,8 +115,12 @@ def test_client_mode_average_is_denser_than_each_client(client_data):
     kernel = pp.layout.kernels[0]
     nonzero = np.count_nonzero(history[2].trainable[kernel.trainable_index])
     assert nonzero > _kept(kernel.size, pp.table.sparsity[2])
-    # The server never masks in this mode: its masks stay all ones.
-    assert history[2].non_trainable[kernel.mask_index].all()
+    # No schedule mask on the server in this mode: the global mask, which the next
+    # round's clients train inside, is the union of the clients' masks (the support).
+    for weights in history[1:]:
+        mask = weights.non_trainable[kernel.mask_index]
+        assert 0 < mask.sum() < kernel.size
+        np.testing.assert_array_equal(mask, weights.trainable[kernel.trainable_index] != 0)
 
 
 def test_server_adam_needs_the_remask(client_data):
@@ -171,8 +175,8 @@ def test_every_combination_builds_and_runs_a_round(client_data, masking_mode, cr
         kernel = weights.trainable[k.trainable_index]
         mask = weights.non_trainable[k.mask_index]
         assert np.isfinite(kernel).all()
-        if masking_mode == "client":
-            assert mask.all()  # the server does not mask in this mode
+        if masking_mode == "client":  # the server's mask: the union of the clients' masks
+            np.testing.assert_array_equal(mask, kernel != 0)
             continue
         assert not kernel[mask == 0].any()
         pruned += k.size - mask.sum()
@@ -201,8 +205,13 @@ def test_mask_aggregation_rules_run_and_report_diagnostics(client_data, masking_
         output = pp.process.next(state, client_data)
         state = output.state
     diagnostics = output.metrics["finalizer"]["masks"]
-    assert set(diagnostics) == {"regrowth", "mask_drift", "client_mask_jaccard"}
+    assert set(diagnostics) == {"regrowth", "mask_drift", "client_mask_jaccard",
+                                "client_sparsity"}
     assert 0.0 < diagnostics["client_mask_jaccard"] <= 1.0
+    # Every client pruned both kernels to round 2's level, 0.7625 (tfmot's counts).
+    level = pp.table.sparsity[2]
+    kept = sum(_kept(k.size, level) for k in pp.layout.kernels)
+    assert float(diagnostics["client_sparsity"]) == pytest.approx(1 - kept / 3700, abs=1e-6)
     weights = pp.process.get_model_weights(state)
     kernel = pp.layout.kernels[0]
     nonzero = np.count_nonzero(weights.trainable[kernel.trainable_index])

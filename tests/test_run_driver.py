@@ -92,6 +92,15 @@ BAD_INPUT = [
     ("dp-pld-with-fixed-sampling", ["--dp=fixed", "--masking=server", "--dp_accountant=pld"],
      ["--dp_accountant"]),
     ("unknown-client-sampling", ["--client_sampling=shuffle"], ["--client_sampling"]),
+    ("unknown-granularity", ["--prune_granularity=batch"], ["--prune_granularity"]),
+    ("step-with-server-masking", ["--prune_granularity=step", "--masking=server"],
+     ["--prune_granularity", "--masking"]),
+    ("step-with-unit-structure", ["--prune_granularity=step", "--masking=client",
+                                  "--structure=neuron", "--noprune_output_layer"],
+     ["--structure", "--prune_granularity"]),
+    ("step-with-threshold", ["--prune_granularity=step", "--mask_criterion=threshold",
+                             "--threshold=0.1"], ["--mask_criterion"]),
+    ("steps-per-round-in-round-mode", ["--steps_per_round=8"], ["--steps_per_round"]),
     ("typo", ["--final_sparsty=0.5"], ["--final_sparsty"]),
     # --only_check_args checks the same things, and fails the same way.
     ("only-check-args-bad-value", ["--only_check_args", "--final_sparsity=1.2"],
@@ -459,3 +468,37 @@ def test_exported_model_loads_with_plain_keras_at_the_reported_sparsity(smoke_ru
     summary = json.loads((output_dir / "summary.json").read_text())
     assert info["zeros"] / info["kernel_size"] == summary["final_global_sparsity"]
     assert summary["final_global_sparsity"] > 0.5  # the schedule really pruned
+
+
+# ----------------------------------------------------------------------------
+# --prune_granularity=step, end to end: the mapping in config.json, the columns.
+
+
+@pytest.mark.slow
+def test_step_run_records_its_round_to_step_mapping(tmp_path):
+    # 4 clients of 172, 384, 500 and 381 digits (Dirichlet 0.5, seed 0): 11, 24, 32
+    # and 24 steps of 16, mean 22.75 -> 23 steps per round (tests/test_step_pruning.py).
+    output_dir = tmp_path / "run"
+    result = _cli(["--prune_granularity=step", "--masking=client", "--rounds=2",
+                   "--end_round=2", "--num_clients=4", "--clients_per_round=4",
+                   f"--output_dir={output_dir}"], cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((output_dir / "config.json").read_text())
+    assert saved["config"]["prune_granularity"] == "step"
+    assert saved["config"]["steps_per_round"] == 0  # the flag; the resolved value:
+    steps = saved["pruning_steps"]
+    assert {k: steps[k] for k in ("prune_granularity", "steps_per_round", "begin_step",
+                                  "end_step", "frequency", "schedule_class")} == dict(
+        prune_granularity="step", steps_per_round=23, begin_step=23, end_step=46,
+        frequency=1, schedule_class="PolynomialDecay")
+    assert "mean over the training clients" in steps["source"]
+    with open(output_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # 0 -> 0.8 over steps 23..46, cubic: 0 after round 1 (step 23), 0.8 after round 2.
+    assert [float(r["target_sparsity"]) for r in rows] == pytest.approx([0.0, 0.8])
+    # The last round: every client ends past step 46 except the one of 11 steps
+    # (34), so the clients' mean is below 0.8 and their union below that.
+    last = rows[-1]
+    assert 0.5 < float(last["client_sparsity"]) < 0.8
+    assert float(last["global_sparsity"]) < float(last["client_sparsity"])
+

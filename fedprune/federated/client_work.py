@@ -12,17 +12,16 @@ computations around it, selected by the masking mode (`masking_modes.py`):
   With `--structure=neuron|filter` the dropped units' biases and BatchNorm
   gamma/beta (which tfmot does not mask) are masked the same way, so the
   upload is exactly unit-sparse.
-* `client` / `both`: clients prune at round granularity, since TFF clients are
-  stateless. In round r a client
-    1. (`client` only) prunes the broadcast model to the sparsity in force after
-       round r-1 (the averaged model is denser than any client's), then trains
-       inside that mask;
-    2. prunes its trained kernels to the schedule's sparsity for round r with
-       the same `masking.compute_masks` rule the server uses, restricted to the
-       mask it trained in, and uploads the delta that turns the broadcast model
-       into its pruned model: `m * delta + (1 - m) * broadcast`.
-  In `both` the broadcast model is already pruned by the server at round r-1's
-  level, so step 1 would not change it and is skipped.
+* `client` / `both` (`--prune_granularity=round`): in round r a client trains
+  inside the broadcast mask (in `both` the server's mask; in `client` the
+  union of the previous round's client masks, `server_masking.keep_client_support`),
+  then prunes its trained kernels to the schedule's sparsity for round r with
+  the same `masking.compute_masks` rule the server uses, restricted to the
+  mask it trained in, and uploads the delta that turns the broadcast model
+  into its pruned model: `m * delta + (1 - m) * broadcast`. The broadcast
+  model itself is never re-pruned to the server's rule by the client.
+  (`--prune_granularity=step` clients prune inside local training instead:
+  `step_pruning.py`.)
 * `none`: TFF's local training on the plain model; the update passes through.
 
 Every mode also measures what an efficient upload would cost (`uplink_bytes`,
@@ -134,36 +133,16 @@ def build_pruning_client_work(
     kernel_idx = [k.trainable_index for k in kernels]
     mask_idx = [k.mask_index for k in kernels]
     client_prunes = mode.client_prunes
-    # Step 1 of the module docstring: clients prune the broadcast model first
-    # when the server did not (the average of differently pruned models is denser).
-    prunes_broadcast = mode.client_prunes and not mode.server_remasks
     started = table.started
 
-    def prune_broadcast(weights, round_num):
-        # Round r starts from the level in force after round r - 1 == round_num.
-        trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
-        masks = _prune_kernels(
-            [trainable[i] for i in kernel_idx],
-            mask_spec,
-            table_lookup(table.sparsity, round_num),
-            table_lookup(started, round_num),
-        )
-        for i, j, m in zip(kernel_idx, mask_idx, masks, strict=True):
-            trainable[i] = trainable[i] * m
-            non_trainable[j] = m
-        return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
-
-    if prunes_broadcast:  # traced only where used (its mask rule is element-wise)
-        prune_broadcast = tff.tensorflow.computation(weights_type, round_type)(prune_broadcast)
-
-    @tff.tensorflow.computation(update_type, weights_type, weights_type, round_type)
-    def finish_update(result, broadcast, trained_from, round_num):
+    @tff.tensorflow.computation(update_type, weights_type, round_type)
+    def finish_update(result, broadcast, round_num):
         delta = list(result.update)
-        start_masks = [trained_from.non_trainable[j] for j in mask_idx]
+        start_masks = [broadcast.non_trainable[j] for j in mask_idx]
         if client_prunes:
             this_round = round_num + 1
             final = [
-                (trained_from.trainable[i] - delta[i]) * m
+                (broadcast.trainable[i] - delta[i]) * m
                 for i, m in zip(kernel_idx, start_masks, strict=True)
             ]
             end_masks = _prune_kernels(
@@ -224,12 +203,9 @@ def build_pruning_client_work(
     )
     def next_fn(state, weights, client_data):
         round_at_clients = tff.federated_broadcast(state.round)
-        trained_from = weights
-        if prunes_broadcast:
-            trained_from = tff.federated_map(prune_broadcast, (weights, round_at_clients))
-        inner_output = inner.next(state.hparams, trained_from, client_data)
+        inner_output = inner.next(state.hparams, weights, client_data)
         result, upload_bytes = tff.federated_map(
-            finish_update, (inner_output.result, weights, trained_from, round_at_clients)
+            finish_update, (inner_output.result, weights, round_at_clients)
         )
         new_state = tff.federated_zip(
             collections.OrderedDict(

@@ -151,6 +151,13 @@ def check_unit_structure(mode: MaskingMode, structure: str) -> None:
           "client-side unit pruning is not supported)")
 
 
+def check_step_granularity(mode: MaskingMode) -> None:
+    """`--prune_granularity=step` needs a mode whose clients prune (inside local training)."""
+    allowed = "|".join(names(lambda m: m.client_prunes))
+    check(mode.client_prunes, "prune_granularity", "step",
+          f"round unless --masking={allowed} (only pruning clients prune in steps)")
+
+
 def check_dp(mode: MaskingMode, dp: str) -> None:
     """Client-level DP (`--dp` other than `none`) needs a DP-compatible mode."""
     allowed = "|".join(names(lambda m: m.dp_compatible))

@@ -13,6 +13,12 @@ The masking mode (`masking_modes.py`) selects the parts: with `wraps_model`
 the model carries tfmot wrappers; with `client_prunes` the client work prunes
 and the aggregator combines clients' masks (`mask_aggregation.py`); with
 `server_remasks` the finalizer re-applies the schedule's mask.
+
+Clients prune at the end of local training (`client_work.py`), or with a
+`step_mapping` (`--prune_granularity=step`) inside it, with tfmot's own
+schedule in client steps (`step_pruning.py`, `fedprune/pruning/step_schedule.py`).
+In mode `client` the server only averages, so the global mask is the union of
+the clients' masks (denser than the schedule).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from fedprune.federated import masking_modes
 from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
+from fedprune.federated.step_pruning import build_step_client_work
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
-from fedprune.pruning import structured, wrappers
+from fedprune.pruning import step_schedule, structured, wrappers
 from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
 from fedprune.pruning.schedules import RoundSchedule, ScheduleTable
 
@@ -65,6 +72,8 @@ class PruningProcess:
         if `masking_mode.wraps_model`); for evaluation and export.
       units: for `--structure=neuron|filter`, the unit-pruned layers
         (`structured.StructuredLayout` of the wrapped model's weight lists).
+      step_mapping: the round -> client step mapping of `--prune_granularity=step`
+        (None: round granularity).
     """
 
     process: object
@@ -73,6 +82,7 @@ class PruningProcess:
     table: ScheduleTable
     keras_model_fn: Callable
     units: structured.StructuredLayout | None = None
+    step_mapping: step_schedule.StepMapping | None = None
 
 
 def build_pruning_process(
@@ -91,6 +101,7 @@ def build_pruning_process(
     model_aggregator=None,
     loss_fn: Callable | None = None,
     metrics_fn: Callable | None = None,
+    step_mapping: step_schedule.StepMapping | None = None,
 ) -> PruningProcess:
     """Builds the federated pruning process.
 
@@ -112,6 +123,11 @@ def build_pruning_process(
         (default: MeanFactory); modes whose clients prune use the mask aggregator.
       loss_fn: no-arg callable returning a Keras loss (default: sparse CE from logits).
       metrics_fn: no-arg callable returning Keras metrics (default: sparse accuracy).
+      step_mapping: prune in client steps (`--prune_granularity=step`, modes
+        `client`/`both`): the clients' wrappers carry `schedule` mapped to steps
+        by it, the server's table is the step schedule per round, and the
+        server's global step after round r is `r * step_mapping.steps_per_round`.
+        None prunes at round granularity.
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
@@ -140,10 +156,22 @@ def build_pruning_process(
 
     loss_fn = loss_fn or (lambda: tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     metrics_fn = metrics_fn or (lambda: [tf.keras.metrics.SparseCategoricalAccuracy()])
+    table = schedule.table(num_rounds)
+    client_keras_model_fn = keras_model_fn
+    if step_mapping is not None:
+        masking_modes.check_step_granularity(mode)
+        in_steps = step_schedule.tfmot_step_schedule(schedule, step_mapping)
+        table = step_schedule.step_table(in_steps, num_rounds=num_rounds,
+                                         steps_per_round=step_mapping.steps_per_round)
+        params = {"pruning_schedule": in_steps, **step_schedule.wrapper_params(mask_spec)}
+
+        def client_keras_model_fn():
+            return wrappers.wrap_for_pruning(model_builder(), prune_output_layer=prune_output_layer,
+                                             pruning_params=params)
 
     def model_fn():
         return tff.learning.models.from_keras_model(
-            keras_model_fn(), loss=loss_fn(), input_spec=input_spec, metrics=metrics_fn()
+            client_keras_model_fn(), loss=loss_fn(), input_spec=input_spec, metrics=metrics_fn()
         )
 
     tf.keras.utils.set_random_seed(seed)
@@ -162,8 +190,12 @@ def build_pruning_process(
     if mask_spec.is_unit_structure:
         units = _unit_layout(initial_model, layout, mask_spec.structure)
     parts_layout = layout if wrapped else None
-    table = schedule.table(num_rounds)
     remask = mode.server_remasks
+    steps_per_round = step_mapping.steps_per_round if step_mapping is not None else 1
+    if step_mapping is not None and mask_spec.structure == "block":
+        check(all(len(k.shape) == 2 for k in layout.kernels), "structure", "block",
+              "rank-2 kernels with --prune_granularity=step (tfmot's block_size); "
+              "convolutions are rank 4")
 
     @tff.tensorflow.computation
     def initial_model_weights_fn():
@@ -176,15 +208,20 @@ def build_pruning_process(
         return weights
 
     weights_type = initial_model_weights_fn.type_signature.result
-    client_work = build_pruning_client_work(
-        model_fn=model_fn,
-        client_optimizer=client_optimizer,
-        masking=mode,
-        layout=parts_layout,
-        table=table,
-        mask_spec=mask_spec,
-        units=units,
-    )
+    if step_mapping is not None:
+        client_work = build_step_client_work(model_fn=model_fn,
+                                             client_optimizer=client_optimizer,
+                                             masking=mode, layout=layout)
+    else:
+        client_work = build_pruning_client_work(
+            model_fn=model_fn,
+            client_optimizer=client_optimizer,
+            masking=mode,
+            layout=parts_layout,
+            table=table,
+            mask_spec=mask_spec,
+            units=units,
+        )
     update_type = client_work.next.type_signature.result.result.member.update
     client_prunes = mode.client_prunes
     if client_prunes:
@@ -203,6 +240,7 @@ def build_pruning_process(
         else None,
         aggregation_rule=mask_aggregation,
         units=units,
+        steps_per_round=steps_per_round,
     )
     process = tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,
@@ -211,7 +249,7 @@ def build_pruning_process(
         aggregator,
         finalizer,
     )
-    return PruningProcess(process, mode, layout, table, keras_model_fn, units)
+    return PruningProcess(process, mode, layout, table, keras_model_fn, units, step_mapping)
 
 
 def _unit_layout(wrapped_model, layout: wrappers.PruningLayout,

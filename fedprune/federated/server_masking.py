@@ -31,6 +31,15 @@ and `surgery.shrink` of it computes the same function. The next layer's input
 rows for dropped units are zeroed as well (dead weights: they get no gradient
 and the shrink cuts them out), so the downlink skips them before the shrink.
 
+With `--masking=client` there is no schedule mask: the global masks become
+the union of the round's client masks (`keep_client_support`), the mask the
+next round's clients start from.
+
+The global step lives in the same place: every wrapper's `pruning_step` is set
+to `round * steps_per_round` after each round (`steps_per_round` = 1 unless
+`--prune_granularity=step`, see `fedprune/pruning/step_schedule.py`), and is
+broadcast with the model.
+
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
 counting completed rounds.
 """
@@ -60,8 +69,31 @@ def _unit_masks(kernels, old_masks, sparsity, *, layout: PruningLayout,
     return masks
 
 
+def _set_masks(trainable: list, non_trainable: list, layout: PruningLayout, masks) -> None:
+    """Masks the kernels and stores each mask and tfmot threshold (in place, TF ops)."""
+    import tensorflow as tf
+
+    for k, mask in zip(layout.kernels, masks, strict=True):
+        kernel = trainable[k.trainable_index]
+        trainable[k.trainable_index] = kernel * mask
+        non_trainable[k.mask_index] = mask
+        # tfmot's threshold: the smallest kept magnitude (0 when nothing is pruned).
+        kept = tf.where(mask > 0, tf.abs(kernel), tf.fill(tf.shape(kernel), np.inf))
+        threshold = tf.where(tf.reduce_all(mask > 0), 0.0, tf.reduce_min(kept))
+        non_trainable[k.threshold_index] = tf.cast(threshold, kernel.dtype)
+
+
+def _set_steps(non_trainable: list, layout: PruningLayout, round_num, steps_per_round: int):
+    """Every wrapper's `pruning_step` <- the global step after `round_num` (in place)."""
+    import tensorflow as tf
+
+    for i in layout.step_indices:
+        non_trainable[i] = tf.cast(round_num, tf.int64) * steps_per_round
+
+
 def remask_weights(weights, round_num, *, layout: PruningLayout, table: ScheduleTable,
-                   mask_spec: MaskSpec, units: structured.StructuredLayout | None = None):
+                   mask_spec: MaskSpec, units: structured.StructuredLayout | None = None,
+                   steps_per_round: int = 1):
     """Applies the schedule's mask decision for `round_num` to model weights (TF ops).
 
     Args:
@@ -74,11 +106,15 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
         (`structured.restrict` of the wrapped model's `structured_layout`);
         their kernels must be wrapped. Their dropped units' biases and
         BatchNorm gamma/beta are zeroed as well.
+      steps_per_round: 1 when one tfmot step is one round; with
+        `--prune_granularity=step`, the client steps a round stands for
+        (`step_schedule.StepMapping`).
 
     Returns:
       `tff.learning.models.ModelWeights` with kernels masked, masks and
       thresholds updated when the schedule says so, and every tfmot
-      `pruning_step` set to `round_num` (>= 0, as the wrapper requires).
+      `pruning_step` set to the global step `round_num * steps_per_round`
+      (>= 0, as the wrapper requires).
     """
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -95,13 +131,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
         def new_masks():
             return compute_masks(kernels, mask_spec, sparsity)
     masks = tf.cond(table_lookup(table.updates, round_num), new_masks, lambda: old_masks)
-    for k, kernel, mask in zip(layout.kernels, kernels, masks, strict=True):
-        trainable[k.trainable_index] = kernel * mask
-        non_trainable[k.mask_index] = mask
-        # tfmot's threshold: the smallest kept magnitude (0 when nothing is pruned).
-        kept = tf.where(mask > 0, tf.abs(kernel), tf.fill(tf.shape(kernel), np.inf))
-        threshold = tf.where(tf.reduce_all(mask > 0), 0.0, tf.reduce_min(kept))
-        non_trainable[k.threshold_index] = tf.cast(threshold, kernel.dtype)
+    _set_masks(trainable, non_trainable, layout, masks)
     if mask_spec.is_unit_structure:
         position = {k.trainable_index: n for n, k in enumerate(layout.kernels)}
         unit_masks = [structured.unit_mask_of(masks[position[p.kernel_index]])
@@ -109,8 +139,29 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
         trainable, non_trainable = structured.apply_unit_masks(trainable, non_trainable, units,
                                                                unit_masks)
         trainable = structured.zero_consumer_inputs(trainable, units, unit_masks)
-    for i in layout.step_indices:
-        non_trainable[i] = tf.cast(round_num, tf.int64)
+    _set_steps(non_trainable, layout, round_num, steps_per_round)
+    return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
+
+
+def keep_client_support(weights, aggregate, round_num, *, layout: PruningLayout, rule: str,
+                        steps_per_round: int = 1):
+    """`--masking=client`: the global masks become the union of the clients' masks (TF ops).
+
+    No schedule mask: the kernels keep whatever some client kept (`majority`:
+    at least half of the clients), so the global model is denser than each
+    client's. Stored as the wrappers' masks, it is the mask the next round's
+    clients start from (they train inside it). The kernels are multiplied by it:
+    a no-op after server SGD (nobody's weights are exactly 0 already), and it
+    keeps server momentum (Adam) off weights no client kept. The wrappers'
+    `pruning_step` is set to the global step, as in `remask_weights`.
+    """
+    import tensorflow_federated as tff
+
+    trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
+    old_masks = [non_trainable[k.mask_index] for k in layout.kernels]
+    masks = mask_aggregation.support_masks(rule, aggregate, old_masks)
+    _set_masks(trainable, non_trainable, layout, masks)
+    _set_steps(non_trainable, layout, round_num, steps_per_round)
     return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
 
 
@@ -125,6 +176,7 @@ def build_masking_finalizer(
     aggregate_type=None,
     aggregation_rule: str = "average",
     units: structured.StructuredLayout | None = None,
+    steps_per_round: int = 1,
 ):
     """Builds TFF's apply-optimizer finalizer followed by the server mask step.
 
@@ -144,13 +196,18 @@ def build_masking_finalizer(
       aggregation_rule: one of `mask_aggregation.RULES` (with `aggregate_type`).
       units: the unit-pruned layers for `--structure=neuron|filter` (see
         `remask_weights`), else None.
+      steps_per_round: the global step after round r is `r * steps_per_round`
+        (1: one step per round); written into every wrapper's `pruning_step`.
+
+    Without `remask` but with `aggregate_type` (`--masking=client`), the global
+    masks become the union of the clients' masks (`keep_client_support`).
 
     Returns:
       A `tff.learning.templates.FinalizerProcess` with type signature
       `(<optimizer=S, round=int32>@SERVER, ModelWeights@SERVER, A@SERVER) ->
       (state@SERVER, ModelWeights@SERVER, <optimizer=<update_non_finite=int32>,
-      masks=<mask_drift, regrowth[, client_mask_jaccard]>>@SERVER)`, with A the
-      trainable weights' type or `aggregate_type`.
+      masks=<mask_drift, regrowth[, client_mask_jaccard, client_sparsity]>>@SERVER)`,
+      with A the trainable weights' type or `aggregate_type`.
     """
     import tensorflow_federated as tff
 
@@ -203,11 +260,18 @@ def build_masking_finalizer(
                                                [weights.trainable[i] for i in kernel_idx]))
         if remask:
             weights = remask_weights(weights, round_num, layout=layout, table=table,
-                                     mask_spec=mask_spec, units=units)
+                                     mask_spec=mask_spec, units=units,
+                                     steps_per_round=steps_per_round)
+        elif aggregate_type is not None:
+            weights = keep_client_support(weights, aggregate, round_num, layout=layout,
+                                          rule=aggregation_rule,
+                                          steps_per_round=steps_per_round)
         diagnostics["mask_drift"] = mask_aggregation.mask_drift(
             old_kernels, [weights.trainable[i] for i in kernel_idx])
         if aggregate_type is not None:
             diagnostics["client_mask_jaccard"] = mask_aggregation.pooled_jaccard(
+                aggregate["kept_count"], aggregate["num_clients"])
+            diagnostics["client_sparsity"] = mask_aggregation.mean_client_sparsity(
                 aggregate["kept_count"], aggregate["num_clients"])
         return weights, diagnostics
 

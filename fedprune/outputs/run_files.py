@@ -34,7 +34,8 @@ from fedprune.program.evaluation import Evaluator
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
-    "nonzero_params", "params", "model_bytes", "flops_per_example",
+    "target_sparsity", "client_sparsity", "nonzero_params", "params", "model_bytes",
+    "flops_per_example",
     "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
     "dense_bytes_down", "dense_bytes_up",
     "tff_bytes_down", "tff_bytes_up", "clients", "epsilon", "epsilon_rdp", "epsilon_pld",

@@ -44,6 +44,33 @@ def model_aggregator(config: ExperimentConfig):
     return tff.aggregators.MeanFactory(no_nan_division=config.client_sampling == "poisson")
 
 
+def step_mapping(config: ExperimentConfig, data: datasets.FederatedData):
+    """The round -> client step mapping of `--prune_granularity=step` (None for `round`).
+
+    `--steps_per_round=0` resolves to the mean over all training clients of
+    their local steps per round, ceil(local_epochs * m / batch_size) with m
+    capped by `--max_examples_per_client` (`step_schedule.mean_local_steps`).
+
+    Raises:
+      InvalidArgument: a schedule or frequency the resolved mapping rejects.
+    """
+    if config.prune_granularity != "step":
+        return None
+    from fedprune.pruning import step_schedule
+
+    cap = config.max_examples_per_client or None
+    if config.steps_per_round:
+        spr, source = config.steps_per_round, "--steps_per_round"
+    else:
+        spr = step_schedule.mean_local_steps(
+            [data.num_examples(c) for c in data.client_ids], local_epochs=config.local_epochs,
+            batch_size=config.batch_size, max_examples=cap)
+        source = ("mean over the training clients of ceil(local_epochs * examples / "
+                  "batch_size), rounded half up (--steps_per_round=0)")
+    return step_schedule.step_mapping(config.make_schedule(), steps_per_round=spr,
+                                      prune_every_steps=config.prune_every_steps, source=source)
+
+
 def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
                   shrunk_model=None):
     """The `PruningProcess` for a config and its data.
@@ -79,6 +106,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
         seed=config.seed,
         prune_output_layer=config.prune_output_layer,
         mask_aggregation=config.mask_aggregation,
+        step_mapping=None if dense else step_mapping(config, data),
     )
 
 

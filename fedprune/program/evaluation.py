@@ -76,6 +76,28 @@ def sparsity_metrics(pp, weights) -> dict:
     return metrics
 
 
+def target_sparsity(config, table, round_num: int):
+    """The schedule's sparsity in force after `round_num` (metrics.csv `target_sparsity`).
+
+    What the server's mask holds in `server`/`both` modes, and what each
+    pruning client prunes to in `client` mode (whose global model is the union
+    of the clients' masks, so `global_sparsity` falls below it). Blank when the
+    criterion does not use the schedule's level (`threshold`, `relative`).
+    """
+    if config.mask_criterion != "magnitude":
+        return ""
+    return float(table.sparsity[min(round_num, len(table.sparsity) - 1)])
+
+
+def step_section(pp) -> dict:
+    """config.json's `pruning_steps`: the granularity and the round -> step mapping."""
+    if pp.step_mapping is None:
+        return {"prune_granularity": "round", "steps_per_round": 1,
+                "source": "one tfmot step is one round (schedules.py)"}
+    return {"prune_granularity": "step", **pp.step_mapping.to_dict(),
+            "server_step_after_round": "round * steps_per_round"}
+
+
 def all_finite(weights) -> bool:
     """True if every trainable tensor is free of NaN and Inf."""
     return all(np.isfinite(np.asarray(w)).all() for w in weights.trainable)

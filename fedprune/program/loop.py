@@ -163,6 +163,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
     evaluator = evaluation.Evaluator.create(pp.keras_model_fn, data)
+    schedule_table = pp.table  # the schedule's levels (a shrunk process has none)
     fingerprint = config.fingerprint()
     ckpt_dir = output_dir / "checkpoints"
 
@@ -203,7 +204,8 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         run_files.write_config(config, output_dir, {
             "num_train_clients": num_clients,
             "num_test_examples": int(len(data.test_y)),
-            "privacy": privacy_report.config_section(config, num_clients)},
+            "privacy": privacy_report.config_section(config, num_clients),
+            "pruning_steps": evaluation.step_section(pp)},
                      data=data, provenance=provenance)
         run_files.write_partition(data, output_dir)
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
@@ -255,7 +257,9 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         row.update(size)
         diagnostics = output.metrics["finalizer"]["masks"]
         row.update({k: float(diagnostics[k]) if k in diagnostics else ""
-                    for k in ("mask_drift", "regrowth", "client_mask_jaccard")})
+                    for k in ("mask_drift", "regrowth", "client_mask_jaccard",
+                              "client_sparsity")})
+        row["target_sparsity"] = evaluation.target_sparsity(config, schedule_table, round_num)
         dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
         bytes_up = int(output.metrics["client_work"]["uplink_bytes"])
         row.update(clients=len(clients), bytes_down=down.sent, bytes_up=bytes_up,

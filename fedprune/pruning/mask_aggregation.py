@@ -6,6 +6,8 @@ Each client therefore also uploads its kernel masks, and the server combines
 by one of three rules (`--mask_aggregation`):
 
   average   weighted FedAvg of the deltas; the server mask (in `both`) decides.
+            A weight that every client pruned is exactly 0 (the mean of the
+            deltas alone would leave b - sum_c w_c b / sum_c w_c, ~1e-8).
   nonzero   per weight, the example-weighted average over the clients that
             kept it (zero where none did): sum_i w_i m_i x_i / sum_i w_i m_i.
   majority  a weight survives when at least half the round's clients keep it
@@ -19,6 +21,10 @@ kernels' weights):
   regrowth             of the weights pruned in the previous global model, the
                        fraction that are nonzero after aggregation and the
                        optimizer step, before the server's re-mask.
+  client_sparsity      the round's clients' mean mask sparsity (unweighted),
+                       from the same keep counts: 1 - sum c / (n N). In
+                       `client` mode the global model is the union of the
+                       clients' masks, so it is denser than this.
   client_mask_jaccard  pooled pairwise Jaccard agreement of the round's client
                        masks: sum over pairs |m_i & m_j| / sum over pairs
                        |m_i | m_j|, exact from per-weight keep counts c:
@@ -116,7 +122,13 @@ def pseudo_delta(rule: str, current, aggregate, kernel_indices):
     mean = aggregate["mean"]
     delta = list(mean["delta"])
     votes = None
-    if rule == "nonzero":
+    if rule == "average":
+        someone = aggregate["num_clients"] > 0
+        for j, i in enumerate(kernel_indices):
+            nobody = tf.logical_and(tf.equal(aggregate["kept_count"][j], 0.0), someone)
+            # Exactly `current` there, so that current - delta is exactly 0.
+            delta[i] = tf.where(nobody, tf.convert_to_tensor(current[i]), delta[i])
+    elif rule == "nonzero":
         for j, i in enumerate(kernel_indices):
             kept, values = mean["kept"][j], mean["kept_values"][j]
             combined = tf.math.divide_no_nan(values, kept)  # 0 where no client kept it
@@ -125,6 +137,33 @@ def pseudo_delta(rule: str, current, aggregate, kernel_indices):
         n = aggregate["num_clients"]
         votes = [tf.cast(2.0 * count >= n, count.dtype) for count in aggregate["kept_count"]]
     return tuple(delta), votes
+
+
+def support_masks(rule: str, aggregate, old_masks):
+    """The global masks of `--masking=client`: the union of the round's client masks (TF).
+
+    What survives the rule: a weight some client kept (`average`, `nonzero`),
+    or at least half of the clients kept (`majority`). A round without
+    clients keeps `old_masks`.
+    """
+    import tensorflow as tf
+
+    n = aggregate["num_clients"]
+    masks = []
+    for count, old in zip(aggregate["kept_count"], old_masks, strict=True):
+        keep = 2.0 * count >= n if rule == "majority" else count > 0.0
+        masks.append(tf.where(n > 0, tf.cast(keep, old.dtype), old))
+    return masks
+
+
+def mean_client_sparsity(kept_counts, num_clients):
+    """The clients' mean mask sparsity over all pruned kernels, 1 - sum c / (n N) (TF)."""
+    import tensorflow as tf
+
+    total = float(sum(int(np.prod(c.shape)) for c in kept_counts))
+    kept = tf.add_n([tf.reduce_sum(c) for c in kept_counts])
+    n = tf.cast(num_clients, tf.float32)
+    return tf.where(n > 0, 1.0 - tf.math.divide_no_nan(kept, n * total), 0.0)
 
 
 def pooled_jaccard(kept_counts, num_clients):

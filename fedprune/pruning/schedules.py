@@ -8,9 +8,9 @@ Users give schedules in **rounds**; fedprune hands them to tfmot's own
 So `begin_round`, `end_round` and `prune_every` become tfmot's `begin_step`,
 `end_step` and `frequency`, and the server's mask decision after round `r` is
 tfmot's `schedule(step=r)`: `(should_prune, sparsity)`. Round 0 is the initial
-model (before any training); training rounds are 1, 2, ... Client-side local
-steps never enter a schedule: clients are stateless, so they prune at round
-granularity (see `client_work.py`).
+model (before any training); training rounds are 1, 2, ... With the default
+`--prune_granularity=round` client-side local steps never enter a schedule;
+with `step` the same schedule is mapped to client steps (`step_schedule.py`).
 
 The polynomial schedule is Zhu & Gupta (2017), "To prune, or not to prune":
 

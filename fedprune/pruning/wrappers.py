@@ -6,7 +6,9 @@ fedprune wraps prunable layers with tfmot's `PruneLowMagnitude`, whose
 were sent. The wrappers carry `NeverPrune`, a schedule that never recomputes a
 mask, because masks are decided at round granularity by `masking.compute_masks`
 (on the server after aggregation, and on clients at the end of local training);
-see `client_work.py` and `server_masking.py`.
+see `client_work.py` and `server_masking.py`. Only `--prune_granularity=step`
+clients carry a real tfmot schedule, in client steps (`pruning_params`;
+`fedprune/pruning/step_schedule.py`).
 
 TFF sees the model as `ModelWeights(trainable, non_trainable)`: kernels and
 biases are trainable; each wrapper adds a float `mask` (kernel-shaped) and a
@@ -100,12 +102,20 @@ def is_prunable(layer, *, is_output: bool, prune_output_layer: bool) -> bool:
     return type(layer).__name__ in PRUNABLE_LAYER_NAMES
 
 
-def wrap_for_pruning(model, *, prune_output_layer: bool = True):
+def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=None):
     """Returns a clone of `model` whose prunable layers carry tfmot wrappers.
 
     The wrapped layers are the original layer objects, so the clone shares the
     original's kernels and biases. Masks start at ones, pruning steps at -1
     (call `initial_weights` or set them >= 0 before training).
+
+    Args:
+      model: a plain Keras model.
+      prune_output_layer: False leaves the last weighted layer unwrapped.
+      pruning_params: `prune_low_magnitude` arguments (`pruning_schedule`,
+        `block_size`, ...); default: the `NeverPrune` schedule. Only
+        `--prune_granularity=step` clients pass a real schedule
+        (`fedprune/federated/step_pruning.py`); the variables are the same.
 
     Raises:
       InvalidArgument: when no layer of the model is prunable.
@@ -116,14 +126,14 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True):
 
     from fedprune.errors import check
 
-    never_prune = _never_prune_class()()
+    params = dict(pruning_params or {"pruning_schedule": _never_prune_class()()})
     weighted = [layer for layer in model.layers if layer.weights]
     output_layer = weighted[-1] if weighted else None
 
     def clone_fn(layer):
         if is_prunable(layer, is_output=layer is output_layer,
                        prune_output_layer=prune_output_layer):
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=never_prune)
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, **params)
         return layer
 
     wrapped = tf.keras.models.clone_model(model, clone_function=clone_fn)
