@@ -5,6 +5,7 @@
   TensorFlow code; shutdown without worker restarts.
 * `contexts`: TFF execution contexts over a loopback worker we start or over
   remote workers.
+* `channels`: gRPC channels to workers: options, readiness, a clean close.
 * `tf_logging`: how chatty TensorFlow, gRPC and the worker are.
 
 Importing any of them is cheap (standard library only).

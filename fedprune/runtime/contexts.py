@@ -39,64 +39,17 @@ import logging
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Sequence
 
 from fedprune.errors import InvalidArgument
-from fedprune.runtime import interrupts, workers
+from fedprune.runtime import channels, interrupts, workers
+from fedprune.runtime.channels import WorkerUnreachableError  # noqa: F401 (what contexts raise)
 
 _log = logging.getLogger(__name__)
-
-# The channel options of TFF's own executor factory: models and
-# client datasets travel as single gRPC messages, far above gRPC's 4 MB default.
-_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
-_GRPC_CHANNEL_OPTIONS = (
-    ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
-)
-
-
-class WorkerUnreachableError(ConnectionError):
-    """A TFF worker address does not accept a gRPC connection."""
 
 
 # ----------------------------------------------------------------------------
 # Execution contexts.
-
-
-def _channel(address: str):
-    import grpc
-
-    return grpc.insecure_channel(address, options=list(_GRPC_CHANNEL_OPTIONS))
-
-
-def _wait_ready(channels: dict, timeout_s: float) -> list[str]:
-    """Waits for all channels at once; returns the addresses not ready in time."""
-    import grpc
-
-    futures = {address: grpc.channel_ready_future(ch) for address, ch in channels.items()}
-    deadline = time.monotonic() + timeout_s
-    unreachable = []
-    for address, future in futures.items():
-        try:
-            future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except grpc.FutureTimeoutError:
-            future.cancel()
-            unreachable.append(address)
-    return unreachable
-
-
-def _unreachable_error(addresses: Sequence[str], timeout_s: float) -> WorkerUnreachableError:
-    if len(addresses) == 1:
-        what = f"TFF worker at {addresses[0]} is unreachable"
-    else:
-        what = f"TFF workers at {', '.join(addresses)} are unreachable"
-    return WorkerUnreachableError(
-        f"{what}: no gRPC connection within {timeout_s:g} s "
-        "(start one there with `python -m fedprune.worker --port=PORT`)"
-    )
-
 
 def _stack_fn(get_stub, *, default_num_clients: int, stream_structs: bool):
     """The executor-stack function TFF's `local_cpp_executor_factory` uses, over `get_stub`."""
@@ -180,8 +133,8 @@ class _LocalWorker:
         else:
             raise error
         self.address = f"localhost:{port}"
-        self._channel = _channel(self.address)
-        if _wait_ready({self.address: self._channel}, 30.0):
+        self._channel = channels.open_channel(self.address)
+        if channels.wait_ready({self.address: self._channel}, 30.0):
             self.close()
             raise workers.WorkerStartError(
                 f"local TFF worker on port {port} refused gRPC connections")
@@ -210,7 +163,7 @@ class _LocalWorker:
 
     def close(self) -> None:
         if self._channel is not None:
-            self._channel.close()
+            channels.close_channel(self._channel)
             self._channel = None
         if self.process is not None:
             workers.stop_popen(self.process, workers.STOP_GRACE_S)
@@ -337,14 +290,14 @@ def check_workers_reachable(addresses: Sequence[str], *, timeout_s: float = 10.0
     """
     for address in addresses:
         parse_worker_address(address)
-    channels = {address: _channel(address) for address in addresses}
+    by_address = {address: channels.open_channel(address) for address in addresses}
     try:
-        unreachable = _wait_ready(channels, timeout_s)
+        unreachable = channels.wait_ready(by_address, timeout_s)
     finally:
-        for ch in channels.values():
-            ch.close()
+        for ch in by_address.values():
+            channels.close_channel(ch)
     if unreachable:
-        raise _unreachable_error(unreachable, timeout_s)
+        raise channels.unreachable_error(unreachable, timeout_s)
 
 
 def set_remote_context(
@@ -411,24 +364,24 @@ def set_remote_context(
             addresses,
             "a single address with asynchronous=True (the mergeable context is synchronous)",
         )
-    channels = {address: _channel(address) for address in addresses}
-    unreachable = _wait_ready(channels, connect_timeout_s)
+    by_address = {address: channels.open_channel(address) for address in addresses}
+    unreachable = channels.wait_ready(by_address, connect_timeout_s)
     if unreachable:
-        for ch in channels.values():
-            ch.close()
-        raise _unreachable_error(unreachable, connect_timeout_s)
+        for ch in by_address.values():
+            channels.close_channel(ch)
+        raise channels.unreachable_error(unreachable, connect_timeout_s)
 
     import tensorflow_federated as tff
 
     def factory_for(address):
-        channel = channels[address]
+        channel = by_address[address]
         stub = tff.framework.RemoteExecutorGrpcStub(channel)
 
         def get_stub():
             # Called when TFF (re)builds the executor, i.e. first use and after
             # a failed call: turn a dead worker into an error, not endless retries.
-            if _wait_ready({address: channel}, connect_timeout_s):
-                raise _unreachable_error([address], connect_timeout_s)
+            if channels.wait_ready({address: channel}, connect_timeout_s):
+                raise channels.unreachable_error([address], connect_timeout_s)
             return stub
 
         return tff.framework.ResourceManagingExecutorFactory(
