@@ -441,6 +441,20 @@ def test_table1_flagfiles_and_expected_values_agree(parsed_flags, size):
     assert expected["rows"][0]["delta_accuracy"] == 0.0  # dense against itself
 
 
+@pytest.mark.parametrize("size", [pytest.param("full", marks=_OLD_FULL_EXPECTED), "ci"])
+def test_table1_rows_differ_beyond_the_tolerances(size):
+    # The check can tell every two rows apart: if a change made one mode or granularity
+    # compute what another does, some checked value would move beyond its tolerance.
+    # (Accuracy alone cannot: at 75 % in the ci table, client at round and at step
+    # granularity are 0.006 apart; their masks, so sparsity, nonzeros and bytes, differ.)
+    expected = _expected_file(1, size)
+    tolerances, rows = expected["tolerances"], expected["rows"]
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            apart = [m for m, tol in tolerances.items() if abs(a[m] - b[m]) > tol]
+            assert apart, (a, b)
+
+
 @pytest.mark.parametrize("size, runs, rows", [("full", 27, 9), ("ci", 4, 4)])
 def test_table2_flagfiles_and_expected_values_agree(parsed_flags, size, runs, rows):
     files = [CONFIGS / "table2.flags"] + ([CONFIGS / "table2_ci.flags"] if size == "ci" else [])
