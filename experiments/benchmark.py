@@ -291,7 +291,7 @@ def machine_description() -> str:
     """CPU model, cores, RAM, and the versions that decide speed and results."""
     from fedprune.outputs import provenance
 
-    return (f"{provenance.machine_description()}; {provenance.software_description()}; "
+    return (f"{provenance.environment_description()}; "
             f"fedprune {provenance.git_commit() or 'unknown commit'}")
 
 

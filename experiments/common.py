@@ -1,4 +1,4 @@
-"""Flags shared by every driver, the run's flagfile, and the start-up every driver does.
+"""Flags shared by every driver, and the start-up every driver does.
 
 Each `ExperimentConfig` field is one flag with the field's default; choices of
 enum flags come from the library's registries, topic and help from `_SPECS`
@@ -34,7 +34,6 @@ from experiments.usage import (
     TRAINING,
 )
 from fedprune import config as config_lib
-from fedprune import extensions
 from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
 from fedprune.federated import masking_modes, privacy
@@ -249,62 +248,6 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS,
             "block_size", ",".join(block), "two positive integers, e.g. 1,4") from None
     values.update(overrides)
     return config_lib.ExperimentConfig(**values)
-
-
-# --------------------------------------------------------------------------
-# flags.txt: a run's flagfile.
-
-FLAGFILE_NAME = "flags.txt"
-
-
-def _flag_line(name: str, value) -> str:
-    """`--name=value` as absl's --flagfile reads it back to the same value."""
-    if value is None:  # an unset optional float has no value to write
-        return f"# --{name} unset"
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no{name}"
-    if isinstance(value, tuple | list):
-        return f"--{name}={','.join(map(str, value))}"
-    if isinstance(value, float):
-        return f"--{name}={value!r}"  # repr: the shortest text that reads back exactly
-    return f"--{name}={value}"
-
-
-def flagfile_text(config: config_lib.ExperimentConfig, *, tff_workers=()) -> str:
-    """flags.txt: every experiment flag's value, one `--name=value` a line.
-
-    `python -m experiments.run --flagfile=<run>/flags.txt --output_dir=<new>`
-    reruns the experiment. --tff_workers (where it ran) is a comment: rerunning
-    elsewhere needs other addresses, and the result does not depend on them
-    beyond float rounding (README, Scaling out). The --extensions this process
-    loaded (`fedprune.extensions.loaded()`) come first, when there are any.
-    """
-    lines = ["# Every experiment flag of this run. Rerun it with",
-             "#   python -m experiments.run --flagfile=<this file> --output_dir=<new folder>",
-             f"# config fingerprint {config.fingerprint()}"]
-    if extensions.loaded():  # first: they register names the lines below use
-        lines.append(f"--extensions={','.join(extensions.loaded())}")
-    lines += [_flag_line(f.name, getattr(config, f.name))
-              for f in dataclasses.fields(config_lib.ExperimentConfig)]
-    lines.append(f"# ran on --tff_workers={','.join(tff_workers)} (not set here)" if tff_workers
-                 else "# ran on a local TFF worker (no --tff_workers)")
-    return "\n".join(lines) + "\n"
-
-
-def write_flagfile(output_dir: Path, config: config_lib.ExperimentConfig, *, resume: bool,
-                   tff_workers=()) -> None:
-    """Writes `output_dir/flags.txt` atomically (creating the folder).
-
-    A resumed run keeps its flags.txt: the checkpoint's fingerprint already
-    says it is this configuration's (a run from before flags.txt gets one).
-    """
-    from fedprune.outputs import atomic_files
-
-    path = Path(output_dir) / FLAGFILE_NAME
-    if resume and path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_files.atomic_write_text(path, flagfile_text(config, tff_workers=tff_workers))
 
 
 def fail(message: str, code: int = 2):

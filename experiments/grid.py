@@ -36,7 +36,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, usage
+from experiments import common, flagfile, usage
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
 from fedprune.federated import masking_modes
@@ -429,8 +429,8 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
         resume = status is Status.RESUME
         if resume:
             log(f"{prefix}: resuming the incomplete run in its folder")
-        common.write_flagfile(root / cell.name, cell.config, resume=resume,
-                              tff_workers=tff_workers)
+        flagfile.write_flagfile(root / cell.name, cell.config, resume=resume,
+                                tff_workers=tff_workers)
         try:
             loop.run_experiment(cell.config, root / cell.name, resume=resume, log=cell_log,
                                    provenance={"tff_workers": list(tff_workers)})

@@ -196,8 +196,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "",
         "</details>",
         "",
-        f"- Hardware: {provenance.machine_description()}; "
-        f"{provenance.software_description()}.",
+        f"- Hardware: {provenance.environment_description()}.",
         f"- Time: {_minutes(took)} for the command above ({len(invocations)} invocation(s) "
         f"that trained runs; 1-minute load average at their end: {loads}); "
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "

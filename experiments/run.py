@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, usage
+from experiments import common, flagfile, usage
 from fedprune import config as config_lib
 from fedprune.errors import InvalidArgument
 from fedprune.program import checkpoint
@@ -59,8 +59,8 @@ def main(argv):
 
     if _OVERWRITE.value:
         common.clear_output_dir(output_dir)
-    common.write_flagfile(output_dir, config, resume=_RESUME.value,
-                          tff_workers=FLAGS.tff_workers)
+    flagfile.write_flagfile(output_dir, config, resume=_RESUME.value,
+                            tff_workers=FLAGS.tff_workers)
     try:
         # Flushed per line: progress shows through pipes (`| tee`), and a killed run
         # has printed every round it finished.

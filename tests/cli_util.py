@@ -1,4 +1,5 @@
-"""Helpers of the driver tests: read `-X importtime` output, snapshot folders, phase logs."""
+"""Helpers of the driver tests: read `-X importtime` output, snapshot folders, phase logs,
+flagfiles."""
 
 from __future__ import annotations
 
@@ -70,3 +71,18 @@ def wait_for_phase(phase_log: Path, phase: str, process: subprocess.Popen,
             f"the run exited ({process.returncode}) before phase {phase!r}")
         assert time.monotonic() < deadline, f"no phase {phase!r} within {timeout_s} s"
         time.sleep(0.001)
+
+
+def parse_flagfile(path: Path):
+    """The `ExperimentConfig` a flagfile gives, parsed by absl into fresh flags.
+
+    The global `flags.FLAGS` are left untouched.
+    """
+    from absl import flags
+
+    from experiments import common
+
+    flag_values = flags.FlagValues()
+    common.define_experiment_flags(flag_values)
+    flag_values(["prog", f"--flagfile={path}"])
+    return common.config_from_flags(flag_values)

@@ -1,4 +1,4 @@
-"""The `python -m experiments.run` driver: bad input, --help, flags.txt, and a small smoke run.
+"""The `python -m experiments.run` driver: bad input, --help, and a small smoke run.
 
 Bad input (issue 5 item 6) is rejected before TensorFlow is imported: each case
 runs the real CLI under `python -X importtime`, which logs every import to
@@ -29,9 +29,16 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from cli_util import EXPERIMENT_TOPICS, LAST_TOPICS, TIMEOUT_S, exit_lines, tree
+from cli_util import (
+    EXPERIMENT_TOPICS,
+    LAST_TOPICS,
+    TIMEOUT_S,
+    exit_lines,
+    parse_flagfile,
+    tree,
+)
 
-from experiments import common
+from experiments import common, flagfile
 from fedprune.config import ExperimentConfig
 from fedprune.outputs import run_files
 from fedprune.outputs.provenance import cpu_model
@@ -237,58 +244,6 @@ def test_only_check_args_passes_valid_input_writing_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# flags.txt.
-
-
-# Every field off its default, with floats that only repr writes exactly.
-NON_DEFAULT = ExperimentConfig(
-    dataset="synthetic", data_dir="/data/tff files", partition="shards", dirichlet_alpha=0.3,
-    shards_per_client=3, synthetic_alpha=0.5, synthetic_beta=1 / 3, num_clients=7,
-    clients_per_round=5, client_sampling="poisson", max_examples_per_client=11,
-    max_test_examples=13, rounds=9, local_epochs=2, batch_size=8, model="mlp2",
-    client_lr=0.1 + 0.2, client_momentum=0.9, server_optimizer="adam", server_lr=1e-3,
-    masking="server", schedule="constant", initial_sparsity=0.1, final_sparsity=0.7,
-    begin_round=2, end_round=-1, prune_every=3, power=2.5, mask_criterion="threshold",
-    mask_scope="global", threshold=1e-7, relative_rate=None, structure="block",
-    block_size=(2, 8), block_pooling="MAX", unit_norm="l1", shrink_at_round=0,
-    prune_output_layer=False, mask_aggregation="majority", dp="adaptive",
-    dp_noise_multiplier=0.75, dp_clip=0.05, dp_target_quantile=0.25, dp_delta=1e-9,
-    dp_accountant="pld", seed=12345, eval_every=4)
-
-
-def _parse_flagfile(path: Path) -> ExperimentConfig:
-    """The config a flagfile gives, parsed by absl into fresh flags (global ones untouched)."""
-    flag_values = flags.FlagValues()
-    common.define_experiment_flags(flag_values)
-    flag_values(["prog", f"--flagfile={path}"])
-    return common.config_from_flags(flag_values)
-
-
-@pytest.mark.parametrize("config", [ExperimentConfig(), NON_DEFAULT,
-                                    dataclasses.replace(NON_DEFAULT, mask_criterion="relative",
-                                                        threshold=None, relative_rate=0.05)],
-                         ids=["defaults", "non-default", "relative"])
-def test_flags_txt_reads_back_as_the_same_config(tmp_path, config):
-    common.write_flagfile(tmp_path, config, resume=False, tff_workers=["h1:8000", "h2:8000"])
-    text = (tmp_path / common.FLAGFILE_NAME).read_text()
-    flag_lines = [line for line in text.splitlines() if line.startswith("--")]
-    assert len(flag_lines) == sum(getattr(config, f.name) is not None
-                                  for f in dataclasses.fields(ExperimentConfig))
-    assert "--tff_workers" not in "".join(flag_lines)  # where it ran is a comment
-    parsed = _parse_flagfile(tmp_path / common.FLAGFILE_NAME)
-    assert parsed == config
-    assert parsed.fingerprint() == config.fingerprint()
-
-
-def test_flags_txt_of_a_resumed_run_is_kept(tmp_path):
-    common.write_flagfile(tmp_path / "run", NON_DEFAULT, resume=True)  # a run without one
-    first = (tmp_path / "run" / common.FLAGFILE_NAME).read_bytes()
-    common.write_flagfile(tmp_path / "run", NON_DEFAULT, resume=True, tff_workers=["h:1"])
-    assert (tmp_path / "run" / common.FLAGFILE_NAME).read_bytes() == first
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [common.FLAGFILE_NAME]
-
-
-# ----------------------------------------------------------------------------
 # config.json's provenance.
 
 
@@ -356,16 +311,16 @@ def _metrics_without_time(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_rerun_from_flags_txt_gives_the_same_metrics(smoke_run, tmp_path):
     output_dir, _ = smoke_run
-    assert _parse_flagfile(output_dir / common.FLAGFILE_NAME) == ExperimentConfig(**SMOKE_FLAGS)
+    assert parse_flagfile(output_dir / flagfile.FLAGFILE_NAME) == ExperimentConfig(**SMOKE_FLAGS)
     rerun = tmp_path / "rerun"
-    result = _cli([f"--flagfile={output_dir / common.FLAGFILE_NAME}", f"--output_dir={rerun}"],
+    result = _cli([f"--flagfile={output_dir / flagfile.FLAGFILE_NAME}", f"--output_dir={rerun}"],
                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _metrics_without_time(rerun)
     assert len(rows) == SMOKE_ROUNDS
     assert rows == _metrics_without_time(output_dir)
-    assert ((rerun / common.FLAGFILE_NAME).read_text()
-            == (output_dir / common.FLAGFILE_NAME).read_text())
+    assert ((rerun / flagfile.FLAGFILE_NAME).read_text()
+            == (output_dir / flagfile.FLAGFILE_NAME).read_text())
     first, second = (json.loads((d / "config.json").read_text()) for d in (output_dir, rerun))
     assert second["fingerprint"] == first["fingerprint"]
     assert second["provenance"] == first["provenance"]

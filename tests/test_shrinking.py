@@ -20,7 +20,7 @@ from fedprune.federated import client_work
 from fedprune.federated import process as fp_process
 from fedprune.model import surgery
 from fedprune.program import shrinking
-from fedprune.pruning import masking, schedules, structured
+from fedprune.pruning import masking, schedules, structured, unit_layout
 
 L = tf.keras.layers
 NUM_CLIENTS = 4
@@ -173,7 +173,7 @@ def test_shrunk_process_continues_with_sliced_adam_state(client_data, trained):
     old = states[2]
     weights = pp.process.get_model_weights(old)
     plain = shrinking.plain_model(pp, weights)
-    layout = structured.structured_layout(plain)
+    layout = unit_layout.structured_layout(plain)
     kept = shrinking.by_name(layout, shrinking.kept_units(pp, weights))
     small = surgery.shrink(plain, kept)
     x = np.concatenate([b["x"] for b in client_data[0].as_numpy_iterator()])

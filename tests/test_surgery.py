@@ -6,22 +6,13 @@ import textwrap
 
 import numpy as np
 import pytest
+import structured_models
 import tensorflow as tf
 
 from fedprune.model import builders, surgery
-from fedprune.pruning import structured, wrappers
+from fedprune.pruning import structured, unit_layout, wrappers
 
 L = tf.keras.layers
-
-
-def _bn_cnn():
-    """CNN with BatchNorm after each conv (Conv -> BN -> ReLU -> MaxPool, twice)."""
-    return tf.keras.Sequential([
-        L.InputLayer(input_shape=(8, 8, 1)),
-        L.Conv2D(8, 3, padding="same"), L.BatchNormalization(), L.ReLU(), L.MaxPool2D(2),
-        L.Conv2D(16, 3, padding="same"), L.BatchNormalization(), L.ReLU(), L.MaxPool2D(2),
-        L.Flatten(), L.Dense(32, activation="relu"), L.Dense(10),
-    ])
 
 
 def _functional_mlp():
@@ -32,9 +23,9 @@ def _functional_mlp():
 
 
 MODELS = {
-    "mlp": (lambda: builders.mlp((64,), 10, hidden=(32, 16)), (64,)),
-    "cnn": (lambda: builders.cnn((8, 8, 1), 10, filters=(8, 16), dense_units=32), (8, 8, 1)),
-    "bn_cnn": (_bn_cnn, (8, 8, 1)),
+    "mlp": (structured_models.MODELS["mlp"], (64,)),
+    "cnn": (structured_models.MODELS["cnn"], (8, 8, 1)),
+    "bn_cnn": (structured_models.bn_cnn, (8, 8, 1)),
     "functional_mlp": (_functional_mlp, (64,)),
 }
 
@@ -95,7 +86,7 @@ def _assign(model, trainable):
 def _masked(name, norm, sparsity=0.5):
     """(model with the structured mask applied, inputs, layout, unit masks as numpy)."""
     model, x = _randomized(name)
-    layout = structured.structured_layout(model)
+    layout = unit_layout.structured_layout(model)
     trainable, _, unit_masks = structured.prune_units(
         model.trainable_weights, model.non_trainable_weights, layout, sparsity, norm=norm)
     _assign(model, trainable)
@@ -147,7 +138,7 @@ def test_params_bytes_and_flops_match_closed_forms(name):
 )
 def test_partial_masking_is_not_equivalent(name, partial, difference):
     model, x = _randomized(name)
-    layout = structured.structured_layout(model)
+    layout = unit_layout.structured_layout(model)
     kernels = [model.trainable_weights[p.kernel_index] for p in layout.layers]
     unit_masks, kernel_masks = structured.structured_masks(kernels, 0.5)
     trainable = [v.numpy() for v in model.trainable_weights]
@@ -241,7 +232,7 @@ def test_kept_units_from_masks_keeps_channels_with_batchnorm_beta():
 )
 def test_shrink_rejects_bad_kept_units(kept, message):
     model = MODELS["mlp"][0]()
-    first = structured.structured_layout(model).names[0]
+    first = unit_layout.structured_layout(model).names[0]
     kept = {first if k == "first" else k: np.asarray(v) for k, v in kept.items()}
     with pytest.raises(ValueError, match=message):
         surgery.shrink(model, kept)
@@ -249,12 +240,12 @@ def test_shrink_rejects_bad_kept_units(kept, message):
 
 def test_shrink_rejects_wrapped_models():
     wrapped = wrappers.wrap_for_pruning(MODELS["mlp"][0](), prune_output_layer=False)
-    with pytest.raises(structured.UnsupportedArchitecture, match="wrappers.strip"):
+    with pytest.raises(unit_layout.UnsupportedArchitecture, match="wrappers.strip"):
         surgery.shrink(wrapped, {})
 
 
 def test_flops_reject_layers_they_cannot_count():
-    with pytest.raises(structured.UnsupportedArchitecture, match="Embedding"):
+    with pytest.raises(unit_layout.UnsupportedArchitecture, match="Embedding"):
         surgery.flops_per_example(builders.rnn((5,), 7, units=4))
 
 

@@ -45,10 +45,6 @@ class EqualSteps(schedules.RoundSchedule):
         return False, self.final_sparsity
 
     @property
-    def final_sparsity_value(self) -> float:
-        return self.final_sparsity
-
-    @property
     def last_update_round(self) -> int:
         return self.end_round
 

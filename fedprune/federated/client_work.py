@@ -47,7 +47,7 @@ from fedprune.pruning.wrappers import PruningLayout
 def uplink_bytes(tensors, known_masks):
     """Bytes of the smallest encoding of each tensor, summed (TF ops; int64 scalar).
 
-    The closed forms of `communication.py` (dense 4N, bitmap ceil(N/8) + 4 nnz,
+    The closed forms of `encodings.py` (dense 4N, bitmap ceil(N/8) + 4 nnz,
     coordinate list 8 nnz, and 4 |mask| for values inside a mask the receiver
     knows, valid only when the tensor is zero outside that mask), evaluated on
     the client's actual update; tests check them against the measured encodings.

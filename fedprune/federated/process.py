@@ -35,7 +35,7 @@ from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
 from fedprune.federated.step_pruning import build_step_client_work
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
-from fedprune.pruning import step_schedule, structured, wrappers
+from fedprune.pruning import step_schedule, structured, unit_layout, wrappers
 from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
 from fedprune.pruning.schedules import RoundSchedule, ScheduleTable
 
@@ -255,7 +255,7 @@ def build_pruning_process(
 def _unit_layout(wrapped_model, layout: wrappers.PruningLayout,
                  structure: str) -> structured.StructuredLayout:
     """The layers `structure` removes units from; each must carry a tfmot wrapper (a mask)."""
-    units = structured.restrict(structured.structured_layout(wrapped_model),
+    units = structured.restrict(unit_layout.structured_layout(wrapped_model),
                                 UNIT_STRUCTURES[structure])
     check(bool(units.layers), "structure", structure,
           "a structure the model has units for: neuron needs Dense hidden layers, filter "

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedprune.model import builders
-from fedprune.pruning.structured import (
+from fedprune.pruning.structured import StructuredLayout
+from fedprune.pruning.unit_layout import (
     UNIT_LAYERS,
-    StructuredLayout,
     UnsupportedArchitecture,
     chain_layers,
     structured_layout,
@@ -63,7 +63,7 @@ def slice_weights(layout: StructuredLayout, kept_units: dict, trainable: list,
     server optimizer's momentum or Adam moments: pass them as `trainable`).
 
     Args:
-      layout: `structured.structured_layout` of the (plain) source model.
+      layout: `unit_layout.structured_layout` of the (plain) source model.
       kept_units: {pruned layer name: kept unit indices}; absent layers keep all.
       trainable: arrays in the source model's `trainable_weights` order.
       non_trainable: arrays in its `non_trainable_weights` order, or None.
@@ -102,7 +102,7 @@ def shrink(model, kept_units: dict):
 
     Args:
       model: a plain (unwrapped; see `wrappers.strip`) Sequential or functional
-        model that `structured.structured_layout` accepts.
+        model that `unit_layout.structured_layout` accepts.
       kept_units: {layer name: 1-D array of kept unit/filter indices} for any of
         the pruned layers (`structured_layout(model).names`); absent layers keep
         all their units. E.g. from `kept_units_from_masks`.
@@ -168,7 +168,7 @@ def kept_units_from_masks(model, weights: list | None = None) -> dict[str, np.nd
     are all dropped keeps unit 0 (which outputs zero), so no layer vanishes.
 
     Args:
-      model: a Keras model `structured.structured_layout` accepts (plain or
+      model: a Keras model `unit_layout.structured_layout` accepts (plain or
         tfmot-wrapped).
       weights: its trainable weights (`model.trainable_weights` order, e.g.
         TFF's `ModelWeights.trainable`); None reads the model's own.

@@ -31,28 +31,24 @@ import numpy as np
 PathLike = str | os.PathLike
 
 
+def _fsync_path(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_directory(directory: pathlib.Path) -> None:
     # The rename is durable only once the directory entry itself is on disk.
     # Some platforms cannot open or fsync a directory; the rename is still atomic there.
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(directory)
 
 
 def _temporary_name(path: pathlib.Path) -> pathlib.Path:
     # Same directory, so os.replace is a rename within one filesystem.
     return path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-
-
-def _fsync_file(tmp: pathlib.Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -66,7 +62,7 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     tmp = _temporary_name(path)
     try:
         yield tmp
-        _fsync_file(tmp)
+        _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -82,19 +78,10 @@ def atomic_writer(path: PathLike) -> Iterator[BinaryIO]:
     (0o666 minus the umask), like `open(path, 'w')`. On an exception the
     temporary file is removed and `path` is left as it was.
     """
-    path = pathlib.Path(path)
-    tmp = _temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:

@@ -27,13 +27,19 @@ from fedprune.outputs.atomic_files import PathLike, atomic_write_bytes
 from fedprune.outputs.reporting import Table, mean_ci
 
 
-def _new_figure(nrows: int = 1, *, height: float = 3.2):
-    """A bare matplotlib `Figure` and its axes, drawn by the Agg canvas."""
+def _agg_figure(figsize: tuple[float, float], **kwargs):
+    """A bare matplotlib `Figure` of `figsize` inches, drawn by the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.0, height * nrows), layout="constrained")
+    fig = Figure(figsize=figsize, **kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _new_figure(nrows: int = 1, *, height: float = 3.2):
+    """A bare figure of `nrows` stacked axes sharing the x axis, and those axes."""
+    fig = _agg_figure((6.0, height * nrows), layout="constrained")
     axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
     return fig, axes
 
@@ -45,9 +51,9 @@ def _label_rounds(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
 
 
-def _save_png(fig, path: PathLike) -> pathlib.Path:
+def _save_png(fig, path: PathLike, *, dpi: int = 120) -> pathlib.Path:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=dpi)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -220,13 +226,9 @@ def plot_label_heatmap(count_matrix: np.ndarray, path: PathLike, *,
     Returns:
       `path` as a `pathlib.Path`.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     count_matrix = np.asarray(count_matrix)
     num_clients, num_classes = count_matrix.shape
-    fig = Figure(figsize=(min(2 + 0.3 * num_classes, 16), min(2 + 0.12 * num_clients, 12)))
-    FigureCanvasAgg(fig)
+    fig = _agg_figure((min(2 + 0.3 * num_classes, 16), min(2 + 0.12 * num_clients, 12)))
     ax = fig.subplots()
     image = ax.imshow(count_matrix, aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_xlabel("class")
@@ -235,6 +237,4 @@ def plot_label_heatmap(count_matrix: np.ndarray, path: PathLike, *,
         ax.set_title(title)
     fig.colorbar(image, ax=ax, label="examples")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return _save_png(fig, path, dpi=100)

@@ -3,9 +3,9 @@
 Package versions (every installed package that can change a number a run
 writes), the checkout's git commit, the uv.lock hash and the CPU model; the
 example-index digests come from `datasets.example_index_digests`. config.json
-records them (`run_files.write_config`); `machine_description` and
-`software_description` are the one-line descriptions BENCHMARKS.md and RESULTS.md
-give of where their numbers were measured.
+records them (`run_files.write_config`); `environment_description`
+(`machine_description`; `software_description`) is the one line BENCHMARKS.md
+and RESULTS.md give of where their numbers were measured.
 
 Importing this module is cheap (standard library only).
 """
@@ -93,3 +93,8 @@ def software_description() -> str:
     return (f"Python {v['python']}, TensorFlow {v['tensorflow']}, "
             f"TFF {v['tensorflow-federated']}, tfmot {v['tensorflow-model-optimization']}, "
             f"numpy {v['numpy']}")
+
+
+def environment_description() -> str:
+    """Where numbers were measured, one line: `machine_description`; `software_description`."""
+    return f"{machine_description()}; {software_description()}"

@@ -329,12 +329,12 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
       The shrunk run's (pp, evaluator, state, weights) and a line for the log.
     """
     from fedprune.model import surgery
-    from fedprune.pruning import structured
+    from fedprune.pruning import unit_layout
 
     start = time.time()
     kept_by_kernel = shrinking.kept_units(pp, weights)
     plain = shrinking.plain_model(pp, weights)
-    layout = structured.structured_layout(plain)
+    layout = unit_layout.structured_layout(plain)
     kept = shrinking.by_name(layout, kept_by_kernel)
     small = surgery.shrink(plain, kept)
     new_pp = assembly.build_process(config, data, shrunk_model=small)
@@ -372,7 +372,7 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
 def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
     """The shrunk process and evaluator of a run resumed after its shrink (from shrink.json)."""
     from fedprune.model import surgery
-    from fedprune.pruning import structured, wrappers
+    from fedprune.pruning import unit_layout, wrappers
 
     info = atomic_files.read_json(output_dir / "shrink.json")
     if info is None or "kept_units" not in info:
@@ -381,7 +381,7 @@ def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
             f"{config.shrink_round()}) but {output_dir}/shrink.json is missing or unreadable; "
             "cannot rebuild the shrunk model, use --overwrite to start again")
     plain = wrappers.strip(pp.keras_model_fn())
-    kept = shrinking.by_name(structured.structured_layout(plain), {
+    kept = shrinking.by_name(unit_layout.structured_layout(plain), {
         int(i): np.asarray(k, np.int64) for i, k in info["kept_units"].items()})
     # Only the architecture matters: the weights come from the checkpoint.
     small = surgery.shrink(plain, kept)

@@ -30,7 +30,7 @@ import collections
 import numpy as np
 
 from fedprune.model import surgery
-from fedprune.pruning import structured, wrappers
+from fedprune.pruning import structured, unit_layout, wrappers
 
 
 class ShrinkError(RuntimeError):
@@ -95,7 +95,7 @@ def model_size(model) -> dict:
     """
     try:
         flops = surgery.flops_per_example(model)
-    except structured.UnsupportedArchitecture:
+    except unit_layout.UnsupportedArchitecture:
         flops = ""
     return {"params": surgery.count_params(model), "model_bytes": surgery.model_bytes(model),
             "flops_per_example": flops}
@@ -109,7 +109,7 @@ def transfer_state(old_state, new_process, *, layout: structured.StructuredLayou
       old_state: the `LearningAlgorithmState` of the unit-pruned process.
       new_process: the shrunk model's `LearningProcess` (its `initialize()` gives
         the structure; `set_model_weights` loads the shrunk weights).
-      layout: `structured.structured_layout` of the plain full model (its
+      layout: `unit_layout.structured_layout` of the plain full model (its
         trainable order is the wrapped model's and, smaller, the shrunk model's).
       kept: {layer name in `layout`: kept unit indices} (`by_name`).
       shrunk_model: the plain shrunk model (its weights become the global model).

@@ -122,9 +122,9 @@ class RoundSchedule(abc.ABC):
         return bool(should_prune), float(sparsity)
 
     @property
-    @abc.abstractmethod
     def final_sparsity_value(self) -> float:
-        """The sparsity this schedule ends at (0 for no pruning)."""
+        """The sparsity this schedule ends at: its `final_sparsity` field (0 without one)."""
+        return getattr(self, "final_sparsity", 0.0)
 
     @property
     @abc.abstractmethod
@@ -206,10 +206,6 @@ class NoPruning(RoundSchedule):
     dense: ClassVar[bool] = True
 
     @property
-    def final_sparsity_value(self) -> float:
-        return 0.0
-
-    @property
     def last_update_round(self) -> int:
         return -1
 
@@ -244,10 +240,6 @@ class ConstantSparsity(RoundSchedule):
             end_step=self.end_round,
             frequency=self.prune_every,
         )
-
-    @property
-    def final_sparsity_value(self) -> float:
-        return self.final_sparsity
 
     @property
     def last_update_round(self) -> int:
@@ -317,10 +309,6 @@ class PolynomialDecay(RoundSchedule):
         )
 
     @property
-    def final_sparsity_value(self) -> float:
-        return self.final_sparsity
-
-    @property
     def last_update_round(self) -> int:
         return self.end_round
 
@@ -353,10 +341,6 @@ class OneShot(RoundSchedule):
             end_step=self.begin_round,
             frequency=1,
         )
-
-    @property
-    def final_sparsity_value(self) -> float:
-        return self.final_sparsity
 
     @property
     def last_update_round(self) -> int:
