@@ -8,11 +8,14 @@ r"""Compares sparsity schedules × final sparsities × masking modes × seeds in
 
 The ordinary experiment flags set the base configuration (as for
 `experiments.run`); the grid flags (--schedules, --powers, --final_sparsities,
---maskings, --seeds) set, per cell, the flags --schedule, --power,
---final_sparsity, --masking and --seed, which are therefore not accepted here.
-`none` in --schedules is dense training, run once per seed.
+--maskings, --prune_granularities, --seeds) set, per cell, the flags
+--schedule, --power, --final_sparsity, --masking, --prune_granularity and
+--seed, which are therefore not accepted here. `none` in --schedules is dense
+training, run once per seed; --prune_granularities crosses only the modes
+whose clients prune (client, both).
 
-Every cell trains into `<output_dir>/<schedule>[-p<power>]-s<sparsity>-<masking>-seed<seed>`
+Every cell trains into
+`<output_dir>/<schedule>[-p<power>]-s<sparsity>-<masking>[-step]-seed<seed>`
 (dense: `dense-seed<seed>`) with the same outputs as `experiments.run`.
 Complete cells (summary.json of the same configuration) are skipped and
 incomplete ones resumed, so an interrupted grid continues where it stopped.

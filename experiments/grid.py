@@ -5,11 +5,15 @@ grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
 (the ordinary experiment flags) crossed with the grid flags:
 
     --schedules × (--powers for polynomial) × --final_sparsities × --maskings
+      [× --prune_granularities for modes whose clients prune]
       [× --dp_noise_multipliers] × --seeds
 
 Dense training (`none` in --schedules, any schedule that never prunes) is one
 cell per seed with `masking=none`, not one per sparsity and masking. Schedules
-that read `--power` (polynomial) get one variant per `--powers` value. Each cell trains into its
+that read `--power` (polynomial) get one variant per `--powers` value. Only
+modes whose clients prune (`MaskingMode.client_prunes`) have a choice of when
+they prune, so only their cells are crossed with --prune_granularities; the
+other modes' cells are at `round` granularity, once. Each cell trains into its
 own folder `<root>/<cell name>` with `loop.run_experiment`, beside its
 flags.txt (`experiments.run --flagfile=<cell>/flags.txt` reruns it); a cell whose
 `summary.json` is present with the cell's config fingerprint is complete and is
@@ -37,6 +41,7 @@ from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
 from fedprune.federated import masking_modes
 from fedprune.outputs import atomic_files
+from fedprune.pruning import step_schedule
 from fedprune.pruning.schedules import SCHEDULES
 
 FLAGS = flags.FLAGS
@@ -44,17 +49,28 @@ FLAGS = flags.FLAGS
 DENSE = "dense"  # the schedule label of `--schedules=none` cells
 # The modes that prune; the dense cell's (none) comes with --schedules=none.
 GRID_MASKINGS = masking_modes.names(lambda mode: mode.wraps_model)
+# The modes whose cells are crossed with --prune_granularities.
+_PRUNING_CLIENT_MASKINGS = masking_modes.names(lambda mode: mode.client_prunes)
 # Config field -> the grid flag that sets it per cell; setting the field as a base flag
 # would be silently overridden, so it is rejected.
 CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "final_sparsities",
-               "masking": "maskings", "dp_noise_multiplier": "dp_noise_multipliers",
-               "seed": "seeds"}
+               "masking": "maskings", "prune_granularity": "prune_granularities",
+               "dp_noise_multiplier": "dp_noise_multipliers", "seed": "seeds"}
+# Flags that only --prune_granularity=step reads (and round refuses at other values).
+_STEP_ONLY_FIELDS = ("steps_per_round", "prune_every_steps")
 # Dimensions a grid may leave out (an empty grid flag): the base flag then applies.
 OPTIONAL_CELL_FIELDS = ("dp_noise_multiplier",)
 GRID_FLAGS = tuple(CELL_FIELDS.values())
 GRID_TOPIC = "grid (one cell per combination)"  # of the grid flags in --help
 KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without its seed
+# Added after KEYS to the row keys of grids that list a granularity other than the default.
+GRANULARITY_KEY = "granularity"
+DEFAULT_GRANULARITY = ExperimentConfig.prune_granularity  # round
 DP_KEY = "dp_noise_multiplier"  # added to the row keys of DP grids
+# The row of the dense cells: the baseline of paired differences (`grid_results`). Keys a
+# table does not have (e.g. granularity) are ignored.
+DENSE_KEY = {"schedule": DENSE, "final_sparsity": 0.0, "masking": "none",
+             GRANULARITY_KEY: DEFAULT_GRANULARITY}
 # Also row keys, in front, when they differ between a table's runs (Table 3 mixes them).
 VARYING_KEYS = ("model", "structure")
 
@@ -76,6 +92,12 @@ def define_grid_flags() -> None:
                       "Target sparsities, fractions in [0, 1).")
     flags.DEFINE_list("maskings", list(GRID_MASKINGS),
                       "Masking modes of the pruned cells (" + "|".join(GRID_MASKINGS) + ").")
+    flags.DEFINE_list("prune_granularities", [DEFAULT_GRANULARITY],
+                      "When pruning clients prune (" + "|".join(step_schedule.GRANULARITIES)
+                      + "), one cell each for the modes whose clients prune ("
+                      + "|".join(_PRUNING_CLIENT_MASKINGS) + "); the other modes' cells are at "
+                      f"{DEFAULT_GRANULARITY} granularity, once. --steps_per_round and "
+                      "--prune_every_steps apply to the step cells.")
     flags.DEFINE_list("dp_noise_multipliers", [], "DP noise multipliers, one cell each (with "
                       "--dp=fixed|adaptive); empty: --dp_noise_multiplier for every cell.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; tables show mean ± 95% CI over them.")
@@ -128,18 +150,24 @@ class Cell:
       schedule: the schedule label in tables: `dense`, `oneshot`, `constant`,
         `polynomial-p<power>`.
       config: the run's validated configuration.
+      shows_granularity: the cell's grid lists a granularity other than the
+        default, so its row key names the cell's (`GRANULARITY_KEY`).
     """
 
     name: str
     schedule: str
     config: ExperimentConfig
+    shows_granularity: bool = False
 
     @property
     def key(self) -> dict:
         """The table row this cell belongs to: {schedule, final_sparsity, masking[,
-        dp_noise_multiplier]} (the last for DP runs)."""
+        granularity][, dp_noise_multiplier]} (granularity when its grid lists one
+        other than `round`, the last for DP runs)."""
         key = {"schedule": self.schedule, "final_sparsity": self.config.final_sparsity,
                "masking": self.config.masking}
+        if self.shows_granularity:
+            key[GRANULARITY_KEY] = self.config.prune_granularity
         if self.config.dp != "none":
             key[DP_KEY] = self.config.dp_noise_multiplier
         return key
@@ -176,6 +204,9 @@ class GridSpec:
       seeds: seeds (>= 0); every cell is run once per seed.
       dp_noise_multipliers: DP noise multipliers (>= 0), one cell each; empty:
         the base config's.
+      prune_granularities: `--prune_granularity` values, one cell each for the
+        masking modes whose clients prune (`MaskingMode.client_prunes`); the
+        other modes' cells are at the default granularity (`round`), once.
     """
 
     schedules: tuple[str, ...]
@@ -184,6 +215,7 @@ class GridSpec:
     maskings: tuple[str, ...]
     seeds: tuple[int, ...]
     dp_noise_multipliers: tuple[float, ...] = ()
+    prune_granularities: tuple[str, ...] = (DEFAULT_GRANULARITY,)
 
     def __post_init__(self):
         check(bool(self.schedules), "schedules", "", "one or more of " + "|".join(SCHEDULES))
@@ -208,10 +240,32 @@ class GridSpec:
             check(s >= 0, "seeds", s, "whole numbers >= 0")
         for z in self.dp_noise_multipliers:
             check(z >= 0, "dp_noise_multipliers", z, "noise multipliers >= 0")
+        accepted = "one or more of " + "|".join(step_schedule.GRANULARITIES)
+        check(bool(self.prune_granularities), "prune_granularities", "", accepted)
+        for g in self.prune_granularities:
+            check(g in step_schedule.GRANULARITIES, "prune_granularities", g, accepted)
+        if self.varies_granularity and any(s != "none" for s in self.schedules):
+            pruning = "|".join(_PRUNING_CLIENT_MASKINGS)
+            check(any(masking_modes.masking_mode(m).client_prunes for m in self.maskings),
+                  "prune_granularities", ",".join(self.prune_granularities),
+                  f"{DEFAULT_GRANULARITY} unless --maskings lists a mode whose clients prune "
+                  f"({pruning}); the others have no granularity to vary")
+
+    @property
+    def varies_granularity(self) -> bool:
+        """The grid lists a granularity other than the default: its rows show the granularity."""
+        return self.prune_granularities != (DEFAULT_GRANULARITY,)
+
+    def granularities(self, masking: str) -> tuple[str, ...]:
+        """The granularities of a masking mode's cells: the grid's if its clients prune."""
+        if masking_modes.masking_mode(masking).client_prunes:
+            return self.prune_granularities
+        return (DEFAULT_GRANULARITY,)
 
     @classmethod
     def from_strings(cls, *, schedules, powers, final_sparsities, maskings, seeds,
-                     dp_noise_multipliers=()) -> GridSpec:
+                     dp_noise_multipliers=(), prune_granularities=(DEFAULT_GRANULARITY,)
+                     ) -> GridSpec:
         """Parses the comma-separated grid flags (lists of strings).
 
         Raises:
@@ -226,40 +280,56 @@ class GridSpec:
             seeds=_parse_list("seeds", seeds, int, "whole numbers >= 0, e.g. 0,1,2"),
             dp_noise_multipliers=_parse_list("dp_noise_multipliers", dp_noise_multipliers,
                                              _finite_float, "noise multipliers, e.g. 0,0.5,1"),
+            prune_granularities=_parse_list("prune_granularities", prune_granularities, str,
+                                            "|".join(step_schedule.GRANULARITIES)),
         )
 
     def cells(self, base: ExperimentConfig) -> list[Cell]:
         """Every cell of the grid over `base`, each config validated.
 
         Order: schedules as listed (dense first if listed first), then power,
-        sparsity, masking, noise multiplier and seed; tables keep this order.
+        sparsity, masking, granularity, noise multiplier and seed; tables keep
+        this order. Cells at a granularity other than `round` have it in their
+        name (`...-client-step-seed0`); the others keep the names (and
+        configs, so fingerprints) of a grid without --prune_granularities.
 
         Raises:
           InvalidArgument: a cell's config is invalid; the message names the cell.
         """
         noise = [(f"-z{z:g}", {"dp_noise_multiplier": z}) for z in self.dp_noise_multipliers]
         noise = noise or [("", {})]
+        shows = self.varies_granularity
+        # The step-only flags of the base apply to the step cells; the others keep the
+        # defaults, which is all --prune_granularity=round accepts.
+        round_args = {f: getattr(ExperimentConfig, f) for f in _STEP_ONLY_FIELDS} if shows else {}
         cells = []
         for schedule in self.schedules:
             if SCHEDULES[schedule].dense:
                 for tag, dp in noise:
                     for seed in self.seeds:
-                        cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}",
+                        cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}", shows,
                                            schedule=schedule, masking="none",
-                                           final_sparsity=0.0, seed=seed, **dp))
+                                           final_sparsity=0.0, seed=seed,
+                                           prune_granularity=DEFAULT_GRANULARITY,
+                                           **round_args, **dp))
                 continue
             variants = ([(f"{schedule}-p{p:g}", p) for p in self.powers]
                         if _reads_power(schedule) else [(schedule, base.power)])
             for label, power in variants:
                 for sparsity in self.final_sparsities:
                     for masking in self.maskings:
-                        for tag, dp in noise:
-                            for seed in self.seeds:
-                                cells.append(_cell(
-                                    base, label,
-                                    f"{label}-s{sparsity:g}-{masking}{tag}-seed{seed}",
-                                    schedule=schedule, power=power, masking=masking,
-                                    final_sparsity=sparsity, seed=seed, **dp))
+                        for granularity in self.granularities(masking):
+                            tagged = granularity != DEFAULT_GRANULARITY
+                            g_tag = f"-{granularity}" if tagged else ""
+                            g_args = {"prune_granularity": granularity,
+                                      **({} if tagged else round_args)}
+                            for tag, dp in noise:
+                                for seed in self.seeds:
+                                    cells.append(_cell(
+                                        base, label,
+                                        f"{label}-s{sparsity:g}-{masking}{g_tag}{tag}-seed{seed}",
+                                        shows, schedule=schedule, power=power, masking=masking,
+                                        final_sparsity=sparsity, seed=seed, **g_args, **dp))
         return cells
 
 
@@ -268,13 +338,14 @@ def _reads_power(schedule: str) -> bool:
     return "power" in SCHEDULES.entry(schedule).params
 
 
-def _cell(base: ExperimentConfig, label: str, name: str, **overrides) -> Cell:
+def _cell(base: ExperimentConfig, label: str, name: str, shows_granularity: bool,
+          **overrides) -> Cell:
     config = dataclasses.replace(base, **overrides)
     try:
         config.validate()
     except InvalidArgument as e:
         raise InvalidArgument(e.name, e.value, f"{e.accepted} (in grid cell {name})") from None
-    return Cell(name=name, schedule=label, config=config)
+    return Cell(name=name, schedule=label, config=config, shows_granularity=shows_granularity)
 
 
 # --------------------------------------------------------------------------

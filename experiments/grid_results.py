@@ -1,7 +1,9 @@
 """A finished grid's results: metrics per run, tables, plots, expected values.
 
 `load_results` reads the runs of a grid's cells (`experiments/grid.py`) from
-disk; `write_reports` writes comparison.{md,tex,csv} and the plots;
+disk; `aggregate` makes their table (mean ± 95 % CI over seeds per row, and
+optionally paired differences to the dense row of the same seed, columns
+`delta_<metric>`); `write_reports` writes comparison.{md,tex,csv} and the plots;
 `expected_values`/`compare` are the checks of `reproduce.py`, and
 `replace_section` writes its generated sections of RESULTS.md. Imports neither
 TensorFlow nor TFF.
@@ -15,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from experiments.grid import DENSE, DP_KEY, KEYS, VARYING_KEYS, Cell
+from experiments.grid import DENSE, DENSE_KEY, DP_KEY, GRANULARITY_KEY, KEYS, VARYING_KEYS, Cell
 from fedprune.outputs import atomic_files, plots, reporting
 
 
@@ -102,22 +104,65 @@ def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
 
 def row_keys(results: Sequence[RunResult]) -> tuple[str, ...]:
     """KEYS, preceded by the `VARYING_KEYS` whose values differ between the runs, and
-    followed by the noise multiplier (`DP_KEY`) when the runs are DP runs."""
+    followed by the granularity (`GRANULARITY_KEY`) when the grid varies it and the
+    noise multiplier (`DP_KEY`) when the runs are DP runs."""
     varying = tuple(k for k in VARYING_KEYS
                     if len({getattr(r.cell.config, k) for r in results}) > 1)
+    granularity = ((GRANULARITY_KEY,) if any(GRANULARITY_KEY in r.cell.key for r in results)
+                   else ())
     dp = (DP_KEY,) if any(DP_KEY in r.cell.key for r in results) else ()
-    return varying + KEYS + dp
+    return varying + KEYS + granularity + dp
 
 
-def aggregate(results: Sequence[RunResult], metrics: Sequence[str]) -> reporting.Table:
+PAIRED_PREFIX = "delta_"
+
+
+def paired_name(metric: str) -> str:
+    """The column of a metric's paired difference to the dense row: `delta_<metric>`."""
+    return PAIRED_PREFIX + metric
+
+
+def aggregate(results: Sequence[RunResult], metrics: Sequence[str],
+              paired: Sequence[str] = (), baseline: Mapping | None = None) -> reporting.Table:
     """Mean ± 95% CI over seeds per `row_keys` (schedule, sparsity, masking, ...), in grid
-    order."""
-    return reporting.aggregate([r.row(metrics) for r in results], row_keys(results), metrics)
+    order; then, for each metric of `paired`, the column `delta_<metric>`.
+
+    `delta_<metric>` of a row is `reporting.paired_mean_ci` of its runs' values
+    minus those of the dense row's run with the same seed (the same partition,
+    initialization and client order follow the seed): the mean of the per-seed
+    differences and the Student-t interval of those differences, not of the
+    difference of two means. The dense row is `grid.DENSE_KEY` plus `baseline`
+    (e.g. `{"structure": "unstructured"}`), with the row's own values of the
+    other keys (model, noise multiplier); its own difference is 0 ± 0.
+
+    Raises:
+      reporting.UnpairedError: with `paired`, a row without a dense row or whose
+        seeds differ from the dense row's (e.g. a run missing): the message names
+        the row and the seeds.
+    """
+    rows = [r.row([*metrics, *(m for m in paired if m not in metrics)]) for r in results]
+    table = reporting.aggregate(rows, row_keys(results), metrics)
+    if not paired:
+        return table
+    return reporting.add_paired(table, rows, paired, {**DENSE_KEY, **(baseline or {})},
+                                name=paired_name)
 
 
 def formats(metrics: Sequence[str]) -> dict:
-    """Metric name -> its `MetricFormat`, for `reporting.to_markdown`/`to_latex`."""
-    return {m: METRICS[m].format for m in metrics}
+    """Metric name -> its `MetricFormat`, for `reporting.to_markdown`/`to_latex`.
+
+    A paired column (`delta_<metric>`) is printed as its metric, headed
+    `Δ <label> vs dense`.
+    """
+    shown = {}
+    for m in metrics:
+        if m.startswith(PAIRED_PREFIX) and m.removeprefix(PAIRED_PREFIX) in METRICS:
+            base = METRICS[m.removeprefix(PAIRED_PREFIX)].format
+            shown[m] = dataclasses.replace(base, label=f"Δ {base.header(m)} vs dense",
+                                           unit="")
+        else:
+            shown[m] = METRICS[m].format
+    return shown
 
 
 def markdown(table: reporting.Table) -> str:
@@ -126,10 +171,12 @@ def markdown(table: reporting.Table) -> str:
 
 
 def write_reports(results: Sequence[RunResult], root: Path,
-                  metrics: Sequence[str] | None = None) -> reporting.Table:
+                  metrics: Sequence[str] | None = None, paired: Sequence[str] = (),
+                  baseline: Mapping | None = None) -> reporting.Table:
     """Writes comparison.{md,tex,csv} and the plots into `root`; returns the table.
 
-    `metrics` defaults to every metric of `METRICS`, `epsilon` only for DP runs.
+    `metrics` defaults to every metric of `METRICS`, `epsilon` only for DP runs;
+    `paired` and `baseline` add paired-difference columns (`aggregate`).
 
     Plots, per masking mode, dense included, one series per schedule (mean
     and 95% CI over seeds): `plots/accuracy_vs_sparsity-<masking>.png` (final
@@ -142,20 +189,24 @@ def write_reports(results: Sequence[RunResult], root: Path,
     if metrics is None:
         dp = any(DP_KEY in r.cell.key for r in results)
         metrics = [m for m in METRICS if dp or m != "epsilon"]
-    table = aggregate(results, metrics)
+    table = aggregate(results, metrics, paired, baseline)
     root.mkdir(parents=True, exist_ok=True)
     atomic_files.atomic_write_text(root / "comparison.md", markdown(table))
     atomic_files.atomic_write_text(root / "comparison.tex",
-                                reporting.to_latex(table, formats(metrics)))
+                                reporting.to_latex(table, formats(table.metrics)))
     reporting.to_csv(table, root / "comparison.csv")
     _write_plots(results, root)
     return table
 
 
 def _series(result: RunResult) -> str:
-    """A plot series: the schedule, and the noise multiplier of a DP run."""
+    """A plot series: the schedule, its granularity when the grid varies it and it is
+    not `round`, and the noise multiplier of a DP run."""
     key = result.cell.key
-    return result.cell.schedule + (f" z={key[DP_KEY]:g}" if DP_KEY in key else "")
+    granularity = key.get(GRANULARITY_KEY, DENSE_KEY[GRANULARITY_KEY])
+    return (result.cell.schedule
+            + (f" {granularity}" if granularity != DENSE_KEY[GRANULARITY_KEY] else "")
+            + (f" z={key[DP_KEY]:g}" if DP_KEY in key else ""))
 
 
 def _write_plots(results: Sequence[RunResult], root: Path) -> None:
@@ -208,8 +259,8 @@ def expected_values(table: reporting.Table, tolerances: Mapping[str, float],
                           "(null: infinite, e.g. the epsilon of a run without noise). "
                           "On the same machine and software a rerun is bit-identical, except "
                           "for DP runs (TFF's noise is unseeded); other CPUs may move accuracy "
-                          "by a few test examples. See _TOLERANCES and _DP_TOLERANCES in "
-                          "experiments/reproduce.py.",
+                          "by a few test examples. See the tolerances' comments in "
+                          "experiments/tables.py.",
         "rows": rows,
     }
 
@@ -229,7 +280,8 @@ def compare(table: reporting.Table, expected: Mapping) -> list[str]:
       One message per missing or extra row, different number of runs, or
       metric mean outside its tolerance; empty when everything matches.
     """
-    wanted = {tuple(r[k] for k in table.group_by): r for r in expected["rows"]}
+    # A key the expected rows lack (values of another grid) leaves every row unmatched.
+    wanted = {tuple(r.get(k) for k in table.group_by): r for r in expected["rows"]}
     found = {g.key: g for g in table.groups}
     problems = []
     for key, row in wanted.items():
@@ -241,6 +293,10 @@ def compare(table: reporting.Table, expected: Mapping) -> list[str]:
         if group.n != row["n"]:
             problems.append(f"{name}: {group.n} run(s), expected {row['n']}")
         for metric, tolerance in expected["tolerances"].items():
+            if metric not in group.mean or metric not in row:
+                problems.append(f"{name}: {metric} is not in both the table and the expected "
+                                "values")
+                continue
             value, want = group.mean[metric], row[metric]
             want = math.inf if want is None else want
             if not math.isclose(value, want, rel_tol=0.0, abs_tol=tolerance):

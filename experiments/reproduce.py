@@ -20,7 +20,9 @@ value outside its tolerance when they differ. --write_results instead stores
 the new values as expected and, for the full size, rewrites the table's section
 of RESULTS.md between `<!-- table<N>:start -->` and `<!-- table<N>:end -->`
 (atomically) with the command, hardware and time. That is the only way
-RESULTS.md is written.
+RESULTS.md is written, and it names the commit the runs trained at: the full
+size with --write_results starts only in a clean checkout (no uncommitted
+changes to tracked files) and writes only runs trained at one clean commit.
 
 The tables are registered in `experiments/tables.py` (`TABLES`, one
 `TableSpec` each, which `--table` lists); adding a table is registering a
@@ -152,9 +154,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
     """
     from fedprune.outputs import provenance
 
-    # The code a grid runs is imported by its first run: name the commit its config.json recorded
-    # (later runs record HEAD at their start, which can move while a long grid runs).
-    first = (atomic_files.read_json(root / results[0].cell.name / "config.json") or {})
+    commit = trained_commit(results, root)
 
     flagfile = spec.flagfiles("full")[0]
     flag_lines = []
@@ -201,8 +201,8 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"that trained runs; 1-minute load average at their end: {loads}); "
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "
         f"({_minutes(train_seconds)} in total; the rest is start-up and tables).",
-        f"- Code: runs trained with git commit `{first.get('git_commit')}` (`-dirty`: with "
-        f"uncommitted changes); table written at `{provenance.git_commit()}`, "
+        f"- Code: the {len(results)} runs trained at git commit `{commit}` (a clean "
+        f"checkout); table written at `{provenance.git_commit()}`, "
         f"{time.strftime('%Y-%m-%d')}.",
         f"- Expected values and tolerances: "
         f"`{_shown(spec.expected_path('full'))}`.",
@@ -214,6 +214,40 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "`plots/accuracy_vs_round-<masking>-s<sparsity>.png` (mean and 95 % CI band over "
         "seeds, one series per schedule).",
     ])
+
+
+def trained_commit(results: list, root: Path) -> str:
+    """The one clean git commit that every run's config.json records.
+
+    Raises:
+      InvalidArgument: (`--output_dir`) runs trained with uncommitted changes, at
+        no known commit, or at several commits; the message lists them.
+    """
+    commits: dict[str | None, list[str]] = {}
+    for r in results:
+        config = atomic_files.read_json(root / r.cell.name / "config.json") or {}
+        commits.setdefault(config.get("git_commit"), []).append(r.cell.name)
+    if len(commits) == 1:
+        (commit,) = commits
+        if commit and not commit.endswith("-dirty"):
+            return commit
+    found = "; ".join(f"{c or 'no commit'}: {len(names)} run(s), e.g. {names[0]}"
+                      for c, names in commits.items())
+    raise InvalidArgument("output_dir", str(root),
+                          "runs trained at one clean git commit, for RESULTS.md to name "
+                          f"(found {found}); retrain them at one clean commit (a new "
+                          "--output_dir, or delete these runs)")
+
+
+def _check_clean_checkout() -> None:
+    """--write_results at full size starts only in a clean checkout (see `trained_commit`)."""
+    from fedprune.outputs import provenance
+
+    commit = provenance.git_commit()
+    check(bool(commit) and not commit.endswith("-dirty"), "write_results", True,
+          "a clean checkout for --size=full (uncommitted changes to tracked files, or no git "
+          f"commit: {commit}): commit first, so that RESULTS.md names the code its runs "
+          "trained with")
 
 
 # --------------------------------------------------------------------------
@@ -274,6 +308,8 @@ def main(argv):
             check(expected is not None and "rows" in expected, "expected", str(expected_path),
                   "an expected-values JSON written by --write_results")
         statuses = grid.statuses(cells, root)
+        if _WRITE_RESULTS.value and size == "full":
+            _check_clean_checkout()
         common.check_tff_workers(FLAGS.tff_workers)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
@@ -287,7 +323,13 @@ def main(argv):
     if failed:
         common.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", code=1)
     results = grid_results.load_results(cells, root)
-    table = grid_results.write_reports(results, root, spec.metrics)
+    try:
+        if _WRITE_RESULTS.value and size == "full":
+            trained_commit(results, root)
+        table = grid_results.write_reports(results, root, spec.metrics, spec.paired,
+                                           spec.baseline)
+    except ValueError as e:  # InvalidArgument, reporting.UnpairedError
+        common.fail(str(e), code=1)
     print(f"\nTable {spec.number} ({size}), {len(results)} runs in {root}:\n")
     print(grid_results.markdown(table), end="")
     problems = grid_results.compare(table, expected) if expected is not None else []

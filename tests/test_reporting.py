@@ -51,6 +51,124 @@ class TestMeanCi:
             reporting.mean_ci(values, confidence)
 
 
+class TestPairedMeanCi:
+    # Seeds' values [0.90, 0.92, 0.91] against dense [0.93, 0.94, 0.92]: differences
+    # [-0.03, -0.02, -0.01], mean -0.02, s = 0.01, half width t_{0.975, 2} * 0.01 / sqrt(3)
+    # = 4.302652729911275 * 0.01 / 1.7320508 = 0.024841.
+    VALUES = {0: 0.90, 1: 0.92, 2: 0.91}
+    DENSE = {0: 0.93, 1: 0.94, 2: 0.92}
+
+    def test_three_seeds_by_hand(self):
+        mean, half = reporting.paired_mean_ci(self.VALUES, self.DENSE)
+        assert mean == pytest.approx(-0.02, abs=1e-12)
+        assert half == pytest.approx(4.302652729911275 * 0.01 / math.sqrt(3), rel=1e-9)
+        assert half == pytest.approx(0.02484, abs=1e-5)
+
+    def test_is_not_the_difference_of_two_intervals(self):
+        # The pruned run is 0.02 below dense on every seed: the differences have no
+        # spread, so the paired interval is 0, while each configuration's own interval
+        # is wider than 0.12 (pairing removes the seed-to-seed spread both share).
+        values, dense = {0: 0.80, 1: 0.90, 2: 0.85}, {0: 0.82, 1: 0.92, 2: 0.87}
+        mean, half = reporting.paired_mean_ci(values, dense)
+        assert mean == pytest.approx(-0.02) and half == pytest.approx(0.0, abs=1e-12)
+        assert reporting.mean_ci(values.values())[1] > 0.12
+
+    def test_pairs_by_unit_not_by_order(self):
+        reordered = dict(reversed(list(self.DENSE.items())))
+        assert reporting.paired_mean_ci(self.VALUES, reordered) == pytest.approx(
+            reporting.paired_mean_ci(self.VALUES, self.DENSE))
+
+    def test_single_unit_has_nan_half_width(self):
+        mean, half = reporting.paired_mean_ci({3: 0.5}, {3: 0.75})
+        assert mean == -0.25 and math.isnan(half)
+
+    def test_unmatched_units_are_named(self):
+        with pytest.raises(reporting.UnpairedError,
+                           match=r"\[3\] only in the values, \[1\] only in the baseline"):
+            reporting.paired_mean_ci({0: 0.9, 2: 0.9, 3: 0.9}, {0: 0.9, 1: 0.9, 2: 0.9})
+        with pytest.raises(reporting.UnpairedError, match="no units"):
+            reporting.paired_mean_ci({}, {})
+
+
+PAIRED_ROWS = [
+    {"schedule": s, "masking": m, "seed": seed, "accuracy": a}
+    for s, m, values in [("dense", "none", (0.93, 0.94, 0.92)),
+                         ("oneshot", "server", (0.90, 0.92, 0.91)),
+                         ("oneshot", "client", (0.95, 0.91, 0.94))]
+    for seed, a in zip((0, 1, 2), values, strict=True)
+]
+DENSE_BASELINE = {"schedule": "dense", "masking": "none", "granularity": "round"}
+
+
+class TestAddPaired:
+    def test_columns_are_paired_differences_by_seed(self):
+        table = reporting.aggregate(PAIRED_ROWS, ["schedule", "masking"], ["accuracy"])
+        paired = reporting.add_paired(table, PAIRED_ROWS, ["accuracy"], DENSE_BASELINE)
+        assert paired.metrics == ("accuracy", "delta_accuracy")
+        # Each paired column right after its metric's.
+        two = reporting.aggregate([{**r, "loss": 1.0} for r in PAIRED_ROWS],
+                                  ["schedule", "masking"], ["accuracy", "loss"])
+        assert reporting.add_paired(two, [{**r, "loss": 1.0} for r in PAIRED_ROWS],
+                                    ["accuracy"], DENSE_BASELINE).metrics == (
+            "accuracy", "delta_accuracy", "loss")
+        dense, server, client = paired.groups
+        assert (dense.mean["delta_accuracy"], dense.ci["delta_accuracy"]) == (0.0, 0.0)
+        # server: [-0.03, -0.02, -0.01] as in TestPairedMeanCi.
+        assert server.mean["delta_accuracy"] == pytest.approx(-0.02, abs=1e-12)
+        assert server.ci["delta_accuracy"] == pytest.approx(0.024841, abs=1e-6)
+        # client: [+0.02, -0.03, +0.02], mean 1/300, s = 0.028868, half 0.071713.
+        assert client.mean["delta_accuracy"] == pytest.approx(0.01 / 3, abs=1e-12)
+        assert client.ci["delta_accuracy"] == pytest.approx(
+            4.302652729911275 * np.std([0.02, -0.03, 0.02], ddof=1) / math.sqrt(3), rel=1e-9)
+        # The other columns are untouched.
+        assert [g.mean["accuracy"] for g in paired.groups] == [g.mean["accuracy"]
+                                                               for g in table.groups]
+
+    def test_written_like_the_other_columns(self, tmp_path):
+        table = reporting.add_paired(
+            reporting.aggregate(PAIRED_ROWS, ["schedule", "masking"], ["accuracy"]),
+            PAIRED_ROWS, ["accuracy"], DENSE_BASELINE)
+        markdown = reporting.to_markdown(table, {"accuracy": ".3f", "delta_accuracy": ".3f"})
+        assert markdown.splitlines()[3] == (
+            "| oneshot | server | 3 | 0.910 ± 0.025 | -0.020 ± 0.025 |")
+        assert "-0.020 $\\pm$ 0.025" in reporting.to_latex(table, {"delta_accuracy": ".3f"})
+        back = list(csv.DictReader(reporting.to_csv(table, tmp_path / "t.csv").open()))
+        assert list(back[0])[-2:] == ["delta_accuracy_mean", "delta_accuracy_ci"]
+        assert float(back[1]["delta_accuracy_mean"]) == pytest.approx(-0.02, abs=1e-12)
+
+    def test_baseline_matches_the_other_keys(self):
+        # One dense row per noise multiplier: each pruned row pairs with its own.
+        rows = [{**r, "z": z, "accuracy": r["accuracy"] - z} for r in PAIRED_ROWS[:6]
+                for z in (0.0, 1.0)]
+        table = reporting.aggregate(rows, ["schedule", "masking", "z"], ["accuracy"])
+        paired = reporting.add_paired(table, rows, ["accuracy"], DENSE_BASELINE)
+        by_key = {g.key: g.mean["delta_accuracy"] for g in paired.groups}
+        assert by_key[("oneshot", "server", 1.0)] == pytest.approx(-0.02, abs=1e-12)
+        assert by_key[("oneshot", "server", 0.0)] == pytest.approx(-0.02, abs=1e-12)
+
+    def test_unmatched_seed_names_the_row_and_the_seeds(self):
+        rows = [r for r in PAIRED_ROWS if not (r["masking"] == "client" and r["seed"] == 1)]
+        rows.append({**PAIRED_ROWS[-1], "seed": 7})
+        table = reporting.aggregate(rows, ["schedule", "masking"], ["accuracy"])
+        with pytest.raises(reporting.UnpairedError) as e:
+            reporting.add_paired(table, rows, ["accuracy"], DENSE_BASELINE)
+        assert str(e.value) == (
+            "schedule=oneshot masking=client: seeds do not match its baseline row "
+            "schedule=dense masking=none's: [7] only in this row, [1] only in the baseline")
+
+    def test_missing_baseline_row_and_repeated_seed_are_errors(self):
+        rows = PAIRED_ROWS[3:]
+        table = reporting.aggregate(rows, ["schedule", "masking"], ["accuracy"])
+        with pytest.raises(reporting.UnpairedError,
+                           match="schedule=oneshot masking=server: no baseline row "
+                                 "schedule=dense masking=none"):
+            reporting.add_paired(table, rows, ["accuracy"], DENSE_BASELINE)
+        rows = [*PAIRED_ROWS, PAIRED_ROWS[0]]
+        table = reporting.aggregate(rows, ["schedule", "masking"], ["accuracy"])
+        with pytest.raises(reporting.UnpairedError, match="masking=none: seed 0 appears twice"):
+            reporting.add_paired(table, rows, ["accuracy"], DENSE_BASELINE)
+
+
 # --------------------------------------------------------------------------
 # Tables.
 

@@ -4,7 +4,10 @@ Files are written through `fedprune.outputs.atomic_files`; the figures are in
 `fedprune.outputs.plots`.
 
 * `mean_ci`: mean and Student-t confidence half width over seeds.
+  `paired_mean_ci`: the same for the per-seed differences between two
+  configurations run on the same seeds.
 * `aggregate` groups result rows (e.g. one per run) by configuration keys;
+  `add_paired` adds columns of paired differences to a baseline group;
   `to_markdown`, `to_latex` and `to_csv` write the resulting `Table`. Groups
   keep the order in which they first appear in the rows: sort the rows first
   for another order.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,6 +63,47 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, f
         return mean, math.nan
     t = stats.t.ppf((1.0 + confidence) / 2.0, df=x.size - 1)
     return mean, float(t * x.std(ddof=1) / math.sqrt(x.size))
+
+
+class UnpairedError(ValueError):
+    """Paired values whose units (seeds) do not match one to one."""
+
+
+def paired_mean_ci(values: Mapping[Hashable, float], baseline: Mapping[Hashable, float],
+                   confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and confidence half width of the paired differences `values[u] - baseline[u]`.
+
+    For two configurations run on the same units (seeds: the same partition,
+    initialization and client order), the differences d_u = values[u] -
+    baseline[u] are what varies independently between units; their mean equals
+    the difference of the two means, and its interval is `mean_ci(d)`,
+    t_{(1 + confidence) / 2, n - 1} * s_d / sqrt(n), narrower than the two
+    separate intervals whenever the configurations move together across units.
+
+    Args:
+      values: unit (e.g. seed) -> value of one configuration.
+      baseline: unit -> value of the configuration it is compared with.
+      confidence: the interval's coverage, in (0, 1).
+
+    Returns:
+      (mean difference, half width); the half width is NaN for a single unit.
+
+    Raises:
+      UnpairedError: the units differ (naming those only in `values` and those
+        only in `baseline`), or there are none; never an unpaired difference.
+    """
+    only_values = sorted(set(values) - set(baseline))
+    only_baseline = sorted(set(baseline) - set(values))
+    if only_values or only_baseline or not values:
+        raise UnpairedError(
+            f"unpaired units: {_units(only_values)} only in the values, "
+            f"{_units(only_baseline)} only in the baseline" if values else "no units to pair")
+    units = sorted(values)
+    return mean_ci([float(values[u]) - float(baseline[u]) for u in units], confidence)
+
+
+def _units(units: Sequence) -> str:
+    return "[" + ", ".join(map(str, units)) + "]" if units else "none"
 
 
 # --------------------------------------------------------------------------
@@ -135,6 +179,72 @@ def aggregate(
             )
         )
     return Table(group_by=group_by, metrics=metrics, groups=tuple(groups), confidence=confidence)
+
+
+def add_paired(table: Table, rows: Iterable[Mapping[str, Any]], metrics: Sequence[str],
+               baseline: Mapping[str, Any], *, unit: str = "seed",
+               name: Callable[[str], str] = "delta_{}".format) -> Table:
+    """`table` with a column of paired differences to a baseline group per metric.
+
+    Each group's baseline is the group whose key has the `baseline` values in
+    those keys and the group's own values in the others (keys of `baseline`
+    that `table` does not group by are ignored): with `baseline =
+    {"schedule": "dense", "masking": "none"}`, a row's baseline is the dense row
+    with the same values of the other keys (e.g. the same noise multiplier).
+    The column `name(metric)`, placed right after the metric's own column (or
+    last), holds `paired_mean_ci` of the group's values and its baseline's,
+    unit by unit; the baseline group's own is 0 ± 0.
+
+    Args:
+      table: from `aggregate(rows, ...)`, at the confidence used here too.
+      rows: the rows `table` was aggregated from, each with `unit`.
+      metrics: the metrics to pair (each in the rows).
+      baseline: key -> value of the baseline group.
+      unit: the row key that pairs values (the seed).
+      name: metric -> the new column's name.
+
+    Raises:
+      UnpairedError: a group without a baseline group, a unit twice in one
+        group, or units that do not match its baseline's; the message names the
+        group (`key=value ...`) and the units.
+    """
+    per_group: dict[tuple, dict[Hashable, Mapping[str, Any]]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in table.group_by)
+        units = per_group.setdefault(key, {})
+        if row[unit] in units:
+            raise UnpairedError(f"{_group_name(table.group_by, key)}: {unit} {row[unit]} "
+                                "appears twice")
+        units[row[unit]] = row
+    fixed = {k: v for k, v in baseline.items() if k in table.group_by}
+    groups = []
+    for group in table.groups:
+        own = dict(zip(table.group_by, group.key, strict=True))
+        base_key = tuple({**own, **fixed}[k] for k in table.group_by)
+        where = _group_name(table.group_by, group.key)
+        if base_key not in per_group:
+            raise UnpairedError(f"{where}: no baseline row "
+                                f"{_group_name(table.group_by, base_key)} to pair with")
+        mine, theirs = per_group[group.key], per_group[base_key]
+        if set(mine) != set(theirs):
+            raise UnpairedError(
+                f"{where}: {unit}s do not match its baseline row "
+                f"{_group_name(table.group_by, base_key)}'s: "
+                f"{_units(sorted(set(mine) - set(theirs)))} only in this row, "
+                f"{_units(sorted(set(theirs) - set(mine)))} only in the baseline")
+        mean, ci = dict(group.mean), dict(group.ci)
+        for m in metrics:
+            mean[name(m)], ci[name(m)] = paired_mean_ci(
+                {u: float(r[m]) for u, r in mine.items()},
+                {u: float(r[m]) for u, r in theirs.items()}, table.confidence)
+        groups.append(dataclasses.replace(group, mean=mean, ci=ci))
+    order = [c for m in table.metrics for c in ((m, name(m)) if m in metrics else (m,))]
+    order += [name(m) for m in metrics if m not in table.metrics]
+    return dataclasses.replace(table, metrics=tuple(order), groups=tuple(groups))
+
+
+def _group_name(group_by: Sequence[str], key: tuple) -> str:
+    return " ".join(f"{k}={v}" for k, v in zip(group_by, key, strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
