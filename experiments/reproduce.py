@@ -214,7 +214,8 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"Plots in the run tree (`runs/table{spec.number}-full/`): "
         "`plots/accuracy_vs_sparsity-<masking>.png` and "
         "`plots/accuracy_vs_round-<masking>-s<sparsity>.png` (mean and 95 % CI band over "
-        "seeds, one series per schedule).",
+        "seeds, one series per schedule, and granularity or noise multiplier where the "
+        "table varies them).",
     ])
 
 
