@@ -178,8 +178,9 @@ def write_reports(results: Sequence[RunResult], root: Path,
     `metrics` defaults to every metric of `METRICS`, `epsilon` only for DP runs;
     `paired` and `baseline` add paired-difference columns (`aggregate`).
 
-    Plots, per masking mode, dense included, one series per schedule (mean
-    and 95% CI over seeds): `plots/accuracy_vs_sparsity-<masking>.png` (final
+    Plots, per masking mode, dense included, one series per schedule (and
+    granularity or noise multiplier, where the grid varies them; mean and 95%
+    CI over seeds): `plots/accuracy_vs_sparsity-<masking>.png` (final
     test accuracy against the target sparsity) and
     `plots/accuracy_vs_round-<masking>-s<sparsity>.png` (test accuracy against
     the round, one file per target sparsity). `accuracy_vs_sparsity.png` and

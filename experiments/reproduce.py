@@ -21,8 +21,10 @@ the new values as expected and, for the full size, rewrites the table's section
 of RESULTS.md between `<!-- table<N>:start -->` and `<!-- table<N>:end -->`
 (atomically) with the command, hardware and time. That is the only way
 RESULTS.md is written, and it names the commit the runs trained at: the full
-size with --write_results starts only in a clean checkout (no uncommitted
-changes to tracked files) and writes only runs trained at one clean commit.
+size with --write_results trains runs only in a clean checkout (no
+uncommitted changes to tracked files) and writes only runs trained at one
+clean commit (reusing complete runs needs no clean checkout, so the tables
+can be written one after another once their runs are trained).
 
 The tables are registered in `experiments/tables.py` (`TABLES`, one
 `TableSpec` each, which `--table` lists); adding a table is registering a
@@ -212,7 +214,8 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"Plots in the run tree (`runs/table{spec.number}-full/`): "
         "`plots/accuracy_vs_sparsity-<masking>.png` and "
         "`plots/accuracy_vs_round-<masking>-s<sparsity>.png` (mean and 95 % CI band over "
-        "seeds, one series per schedule).",
+        "seeds, one series per schedule, and granularity or noise multiplier where the "
+        "table varies them).",
     ])
 
 
@@ -240,7 +243,7 @@ def trained_commit(results: list, root: Path) -> str:
 
 
 def _check_clean_checkout() -> None:
-    """--write_results at full size starts only in a clean checkout (see `trained_commit`)."""
+    """--write_results at full size trains only in a clean checkout (see `trained_commit`)."""
     from fedprune.outputs import provenance
 
     commit = provenance.git_commit()
@@ -308,8 +311,9 @@ def main(argv):
             check(expected is not None and "rows" in expected, "expected", str(expected_path),
                   "an expected-values JSON written by --write_results")
         statuses = grid.statuses(cells, root)
-        if _WRITE_RESULTS.value and size == "full":
-            _check_clean_checkout()
+        if (_WRITE_RESULTS.value and size == "full"
+                and any(s is not grid.Status.DONE for s in statuses)):
+            _check_clean_checkout()  # runs to train: they record the commit RESULTS.md names
         common.check_tff_workers(FLAGS.tff_workers)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
