@@ -419,14 +419,6 @@ def test_table1_grid_has_no_rows_equal_by_construction(parsed_flags, size, runs,
     assert len(keys) == rows and keys[0] == ("dense", 0.0, "none", "round")
 
 
-# Until `reproduce --table=1 --size=full --write_results` regenerates it (at a clean
-# commit, on an idle machine), table1_expected.json holds the values of the earlier
-# grid, as RESULTS.md's Table 1 does; strict, so the mark must go with that commit.
-_OLD_FULL_EXPECTED = pytest.mark.xfail(
-    strict=True, reason="table1_expected.json is of the earlier Table 1 grid until the full "
-                        "table is regenerated; remove this mark then")
-
-
 @pytest.mark.parametrize("size", [pytest.param("full", marks=_OLD_FULL_EXPECTED), "ci"])
 def test_table1_flagfiles_and_expected_values_agree(parsed_flags, size):
     spec, cells, files = _table1_cells(size)
