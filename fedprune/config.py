@@ -147,9 +147,8 @@ class ExperimentConfig:
             masking_modes.check_step_granularity(mode)
         step_schedule.validate_step_args(
             prune_granularity=self.prune_granularity, steps_per_round=self.steps_per_round,
-            prune_every_steps=self.prune_every_steps, schedule=self.schedule,
-            begin_round=self.begin_round, end_round=self.end_round,
-            prune_every=self.prune_every, mask_criterion=self.mask_criterion,
+            prune_every_steps=self.prune_every_steps, schedule=schedule,
+            num_rounds=self.rounds, mask_criterion=self.mask_criterion,
             mask_scope=self.mask_scope, structure=self.structure, model=self.model,
             dataset=self.dataset)
         spec = self.mask_spec()

@@ -11,6 +11,7 @@ refusals.
 """
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -255,6 +256,30 @@ def test_new_fields_at_their_defaults_keep_the_fingerprint():
 def test_schedule_without_tfmot_class_is_refused():
     with pytest.raises(InvalidArgument, match="^--schedule='none'"):
         step_schedule.step_mapping(schedules.NoPruning(), steps_per_round=4, prune_every_steps=1)
+
+
+def test_step_form_comes_from_the_schedule_class_not_its_name():
+    # The registry's step schedules, and a new schedule class maps by its
+    # `tfmot_step_class` (an extension needs no edit in step_schedule.py).
+    assert step_schedule.step_schedules() == ("constant", "polynomial", "oneshot")
+
+    @dataclasses.dataclass(frozen=True)
+    class Renamed(schedules.PolynomialDecay):
+        name: ClassVar[str] = "renamed"
+
+    poly = schedules.PolynomialDecay(0.1, 0.8, begin_round=2, end_round=6)
+    renamed = Renamed(0.1, 0.8, begin_round=2, end_round=6)
+    assert (step_schedule.step_mapping(renamed, steps_per_round=3, prune_every_steps=2)
+            == step_schedule.step_mapping(poly, steps_per_round=3, prune_every_steps=2))
+
+    @dataclasses.dataclass(frozen=True)
+    class Mislabelled(schedules.PolynomialDecay):
+        name: ClassVar[str] = "mislabelled"
+        tfmot_step_class: ClassVar[str] = "ConstantSparsity"
+
+    with pytest.raises(InvalidArgument, match="^--schedule='mislabelled'.*PolynomialDecay"):
+        step_schedule.step_mapping(Mislabelled(0.1, 0.8, begin_round=2, end_round=6),
+                                   steps_per_round=3, prune_every_steps=2)
 
 
 def test_auto_steps_per_round_is_resolved_from_the_data_and_checked():

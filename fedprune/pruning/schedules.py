@@ -97,11 +97,15 @@ class RoundSchedule(abc.ABC):
       dense: True for a schedule that never prunes (`--masking=none` goes with it).
       last_update_flag: the flag that sets `last_update_round`, named when that
         round is past `--rounds`.
+      tfmot_step_class: the tfmot class `tfmot_schedule` returns when the same
+        class with its step arguments counted in client steps is this schedule
+        at `--prune_granularity=step` (`step_schedule.py`); None: no step form.
     """
 
     name: ClassVar[str]
     dense: ClassVar[bool] = False
     last_update_flag: ClassVar[str] = "end_round"
+    tfmot_step_class: ClassVar[str | None] = None
 
     def tfmot_schedule(self):
         """The tfmot schedule with one step per round, or None (`__call__` is overridden)."""
@@ -226,6 +230,7 @@ class ConstantSparsity(RoundSchedule):
 
     name: ClassVar[str] = "constant"
     last_update_flag: ClassVar[str] = "begin_round"
+    tfmot_step_class: ClassVar[str] = "ConstantSparsity"
 
     def __post_init__(self):
         _check_sparsity("final_sparsity", self.final_sparsity)
@@ -270,6 +275,7 @@ class PolynomialDecay(RoundSchedule):
     prune_every: int = 1
 
     name: ClassVar[str] = "polynomial"
+    tfmot_step_class: ClassVar[str] = "PolynomialDecay"
 
     def __post_init__(self):
         _check_sparsity("initial_sparsity", self.initial_sparsity)
@@ -327,6 +333,7 @@ class OneShot(RoundSchedule):
 
     name: ClassVar[str] = "oneshot"
     last_update_flag: ClassVar[str] = "begin_round"
+    tfmot_step_class: ClassVar[str] = "ConstantSparsity"
 
     def __post_init__(self):
         _check_sparsity("final_sparsity", self.final_sparsity)

@@ -18,8 +18,9 @@ schedule within the round (and a later round starts it again from the server's
 step), one with fewer stops short. `spr` defaults to the mean client's local
 steps per round, `mean_local_steps` (`--steps_per_round=0`).
 
-Only schedules that tfmot has a class for map: `polynomial` (PolynomialDecay),
-`constant` and `oneshot` (ConstantSparsity). Only what tfmot's wrapper
+Only schedules whose class names a `tfmot_step_class` map (`step_schedules()`:
+`polynomial` as PolynomialDecay, `constant` and `oneshot` as ConstantSparsity;
+a registered extension schedule maps the same way). Only what tfmot's wrapper
 computes maps: magnitude per layer, unstructured, `2:4` (`sparsity_m_by_n`) or
 `block` on rank-2 kernels (`block_size`, `block_pooling_type`). Everything
 else is refused with `InvalidArgument` naming the flag (`validate_step_args`,
@@ -40,20 +41,27 @@ import math
 import numpy as np
 
 from fedprune.errors import check
+from fedprune.pruning.schedules import SCHEDULES
 
 GRANULARITIES = ("round", "step")
-# Schedules that tfmot has a step-schedule class for (see `tfmot_step_schedule`).
-STEP_SCHEDULES = ("constant", "polynomial", "oneshot")
 STEP_STRUCTURES = ("unstructured", "2:4", "block")
 # Models whose pruned kernels are all rank 2 (tfmot's block_size needs rank 2).
 RANK2_MODELS = ("mlp", "mlp2", "rnn")
 
 
+def step_schedules() -> tuple[str, ...]:
+    """The registered `--schedule` names with a form in client steps (a `tfmot_step_class`)."""
+    return tuple(entry.name for entry in SCHEDULES.entries() if entry.target.tfmot_step_class)
+
+
 def validate_step_args(*, prune_granularity: str, steps_per_round: int, prune_every_steps: int,
-                       schedule: str, begin_round: int, end_round: int,
-                       prune_every: int, mask_criterion: str, mask_scope: str, structure: str,
-                       model: str, dataset: str) -> None:
+                       schedule, num_rounds: int, mask_criterion: str, mask_scope: str,
+                       structure: str, model: str, dataset: str) -> None:
     """Checks the granularity flags and what `step` supports (no TensorFlow).
+
+    Args:
+      schedule: the run's `schedules.RoundSchedule` (validated).
+      num_rounds: `--rounds`.
 
     Raises:
       InvalidArgument: naming the first offending flag.
@@ -71,9 +79,10 @@ def validate_step_args(*, prune_granularity: str, steps_per_round: int, prune_ev
               "1 (its default) unless --prune_granularity=step")
         return
     step = "with --prune_granularity=step"
-    check(schedule in STEP_SCHEDULES, "schedule", schedule,
-          f"one of {'|'.join(STEP_SCHEDULES)} {step} (tfmot has a step schedule for them)")
-    check(prune_every == 1, "prune_every", prune_every,
+    check(schedule.tfmot_step_class is not None, "schedule", schedule.name,
+          f"one of {'|'.join(step_schedules())} {step} (tfmot has a step schedule for them)")
+    every = getattr(schedule, "prune_every", 1)
+    check(every == 1, "prune_every", every,
           f"1 {step} (the frequency in steps is --prune_every_steps)")
     check(mask_criterion == "magnitude", "mask_criterion", mask_criterion,
           f"magnitude {step} (tfmot's wrapper prunes by magnitude)")
@@ -85,16 +94,19 @@ def validate_step_args(*, prune_granularity: str, steps_per_round: int, prune_ev
         check(model in RANK2_MODELS, "model", model,
               f"one of {'|'.join(RANK2_MODELS)} with --structure=block {step} (tfmot's "
               "block_size needs rank-2 kernels; convolutions are rank 4)")
-    # Client steps start at 1 (the wrapper counts a batch before using the step).
-    last = begin_round if schedule == "oneshot" else end_round
-    check(last != 0, "begin_round" if schedule == "oneshot" else "end_round", last,
-          f"a round >= 1 for --schedule={schedule} {step} (step 0 is never a client step)")
+    # Client steps start at 1 (the wrapper counts a batch before using the step),
+    # so a schedule whose last mask update is at round 0 would never prune.
+    last = schedule.last_mask_update_round(num_rounds)
+    flag = "end_round" if getattr(schedule, "end_round", None) == last else "begin_round"
+    check(last != 0, flag, last,
+          f"a round >= 1 for --schedule={schedule.name} {step} (step 0 is never a client step)")
     if steps_per_round == 0:
         check(dataset != "shakespeare", "steps_per_round", steps_per_round,
               "a whole number >= 1 with --dataset=shakespeare (its client sizes count "
               "snippets, not batches)")
-    elif schedule == "polynomial":
-        check_frequency(begin_round, end_round, steps_per_round, prune_every_steps)
+    elif schedule.tfmot_step_class == "PolynomialDecay":
+        check_frequency(schedule.begin_round, schedule.end_round, steps_per_round,
+                        prune_every_steps)
 
 
 def check_frequency(begin_round: int, end_round: int, steps_per_round: int,
@@ -167,11 +179,14 @@ def step_mapping(schedule, *, steps_per_round: int, prune_every_steps: int,
       InvalidArgument: for a schedule tfmot has no class for, or a frequency
         that does not divide a polynomial schedule's span.
     """
-    check(schedule.name in STEP_SCHEDULES, "schedule", schedule.name,
-          f"one of {'|'.join(STEP_SCHEDULES)} with --prune_granularity=step")
+    check(schedule.tfmot_step_class is not None, "schedule", schedule.name,
+          f"one of {'|'.join(step_schedules())} with --prune_granularity=step")
     check(steps_per_round >= 1, "steps_per_round", steps_per_round, "a whole number >= 1")
     config = schedule.tfmot_schedule().get_config()
     kind, args = config["class_name"], config["config"]
+    check(kind == schedule.tfmot_step_class, "schedule", schedule.name,
+          f"a schedule whose tfmot_schedule() is its tfmot_step_class "
+          f"{schedule.tfmot_step_class} (it returned {kind})")
     end = args["end_step"]
     if kind == "PolynomialDecay":
         check_frequency(args["begin_step"], end, steps_per_round, prune_every_steps)
