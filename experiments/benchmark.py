@@ -16,26 +16,32 @@ speed    Per-round wall time of, side by side on the same model, initial
                 initial weights (`set_model_weights`) and client optimizer;
            (c-iter) the same with `loop_implementation=DATASET_ITERATOR`, TFF's
                 other client loop (stock's default is `DATASET_REDUCE`);
-           (d)  the compute floor: one Keras `fit` epoch over the concatenation
-                of the round's client datasets (the same batches), SGD with the
-                client learning rate, compiled once;
+           (d)  Keras `fit`: one epoch over the concatenation of the round's
+                client datasets (the same batches), SGD with the client
+                learning rate, compiled once;
            (e)  centralized tfmot pruning: the same `fit` on the
                 `prune_low_magnitude` model with `UpdatePruningStep`;
+           (f)  the compute floor: one compiled `tf.function` loop over the
+                same batches (forward, gradient, SGD update; no Keras `fit`
+                machinery), traced once;
            (a+) fedprune's whole experiment round (`loop.run_experiment`:
                 (a) plus building the client datasets, byte accounting,
                 test-set evaluation, metrics CSV, TensorBoard and checkpoint),
                 stepped round by round from a thread (`--program_round`).
-         (a) deliberately excludes what (a+) adds, so that a/c and a/d
+         (a) deliberately excludes what (a+) adds, so that a/b and a/c-iter
          compare like with like; a+ - a is loop.py's per-round cost.
          Every variant first runs round 1 untimed (tracing, compilation and,
          for a+, the experiment's set-up), then `--warmup_rounds` untimed and
          `--timed_rounds` timed rounds, interleaved round by round
-         (a, b, c, c-iter, d, e, a+, a, ...) so that machine noise hits all of
+         (a, b, c, c-iter, d, e, f, a+, a, ...) so that machine noise hits all of
          them alike. All variants of a round train on the same `tf.data`
          datasets, built before the round (their construction time is
          reported on its own line). Reports median and min-max wall seconds,
-         this process's and TFF's worker's CPU seconds per round, and the
-         ratios a/c, a/d and c/d (project targets: a/c <= 1.0, a/d <= 1.5).
+         this process's and TFF's worker's CPU seconds per round, each row
+         relative to (c-iter) (stock TFF on fedprune's client loop) and (f)
+         (the floor), and the ratios of `benchmark_speed.RATIOS` (targets:
+         a/b <= 1.10, pruning's overhead over dense fedprune; a/c-iter <= 1.10;
+         a+/c-iter <= 1.25, a whole experiment round over stock TFF).
 scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1)
          clients) with each of `--scale_clients_per_round` (default 10 and 100)
          for `--scale_rounds` rounds, each setting in a fresh child process:

@@ -29,7 +29,7 @@ SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
 # alone, so a loaded machine cannot fail a test by being slow.
 HANG_GUARD_S = 900
 VARIANT_ROWS = ("(a) fedprune", "(b) fedprune", "(c) TFF", "(c-iter)", "(d) Keras",
-                "(e) Keras", "(a+) fedprune")
+                "(e) Keras", "(f) one compiled", "(a+) fedprune")
 
 
 def _run(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -99,20 +99,24 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
     assert workers, "no worker_binary was seen under the benchmark (watcher broken?)"
     _assert_gone(workers)
     rows = _table_rows(result.stdout)
+    text = output.read_text()
     header = rows["variant"]
-    assert header[:4] == ["median (s)", "min–max (s)", "vs (c)", "vs (d)"]
+    assert header[:4] == ["median (s)", "min–max (s)", "vs (c-iter)", "vs (f)"]
     for label in VARIANT_ROWS:
         (row,) = [cells for first, cells in rows.items() if first.startswith(label)]
         median, spread = float(row[0]), row[1]
         low, high = (float(x) for x in spread.split("–"))
         assert 0 < low <= median <= high
-    c_row = next(cells for first, cells in rows.items() if first.startswith("(c) TFF"))
-    assert c_row[2] == "1.00"  # (c) relative to itself
-    for ratio in ("a/c", "a/d", "c/d", "a+/a"):
+    c_row = next(cells for first, cells in rows.items() if first.startswith("(c-iter)"))
+    assert c_row[2] == "1.00"  # (c-iter) relative to itself
+    for ratio in benchmark_speed.RATIOS:
         assert float(rows[ratio][0]) > 0
-    assert "≤ 1 (" in rows["a/c"][1] and "≤ 1.5 (" in rows["a/d"][1]
+    for ratio, target in benchmark_speed.TARGETS.items():
+        assert rows[ratio][1].startswith(f"≤ {target:g} (")
+    # (d) and (f) train centrally on the same batches from the same weights.
+    floor_diff = re.search(r"\(d\) and \(f\) within ([0-9.]+e[+-][0-9]+)", text.replace("\n", " "))
+    assert float(floor_diff.group(1)) < 1e-5
 
-    text = output.read_text()
     assert "<!-- benchmark:speed -->" in text and "<!-- /benchmark:speed -->" in text
     assert "Command: `python -m experiments.benchmark --timed_rounds=2" in text
     assert re.search(r"Machine: .+ usable cores .+ GiB RAM.+TensorFlow 2\.14", text)
@@ -141,18 +145,23 @@ def _timing(key: str, seconds: list[float]) -> benchmark_speed.VariantTiming:
 
 
 def test_speed_markdown_ratios_and_targets():
-    timings = [_timing("a", [0.3, 0.2, 0.4]), _timing("b", [0.2, 0.2, 0.2]),
-               _timing("c", [0.25, 0.2, 0.3]), _timing("d", [0.1, 0.1, 0.1]),
-               _timing("e", [0.12, 0.1, 0.2])]
+    timings = [_timing("a", [0.3, 0.2, 0.4]), _timing("b", [0.28, 0.28, 0.28]),
+               _timing("c-iter", [0.25, 0.2, 0.3]), _timing("d", [0.1, 0.1, 0.1]),
+               _timing("f", [0.125, 0.1, 0.2])]
     rows = _table_rows(benchmark_speed.speed_markdown(timings, [0.01, 0.02]))
+    assert rows["variant"][2:4] == ["vs (c-iter)", "vs (f)"]
     a = rows[benchmark_speed.VARIANT_LABELS["a"]]
-    # median 0.3 / median of (c) 0.25 = 1.2, / median of (d) 0.1 = 3.0
-    assert a[:4] == ["0.300", "0.200–0.400", "1.20", "3.00"]
-    assert rows["a/c"] == ["1.20", "≤ 1 (not met)"]
-    assert rows["a/d"] == ["3.00", "≤ 1.5 (not met)"]
-    assert rows["c/d"] == ["2.50", ""]
-    assert "a/c-iter" not in rows and "a+/a" not in rows  # not measured, not reported
-    assert benchmark_speed.speed_ratios({"a": 1.0, "c": 2.0, "d": 1.0, "b": 2.0})["a/c"] == 0.5
+    # median 0.3 / median of (c-iter) 0.25 = 1.2, / median of (f) 0.125 = 2.4
+    assert a[:4] == ["0.300", "0.200–0.400", "1.20", "2.40"]
+    assert rows["a/b"] == ["1.07", "≤ 1.1 (met)"]
+    assert rows["a/c-iter"] == ["1.20", "≤ 1.1 (not met)"]
+    assert rows["c-iter/f"] == ["2.00", ""]
+    assert rows["d/f"] == ["0.80", ""]
+    assert "a+/c-iter" not in rows and "c/c-iter" not in rows  # not measured, not reported
+    # Without the floor, only the reference columns that were measured.
+    rows = _table_rows(benchmark_speed.speed_markdown(timings[:3], [0.01]))
+    assert rows["variant"][2:4] == ["vs (c-iter)", "Python CPU (s)"]
+    assert benchmark_speed.speed_ratios({"a": 1.0, "c-iter": 2.0, "b": 2.0})["a/c-iter"] == 0.5
 
 
 def test_scale_markdown_marks_growth_of_five_percent():
