@@ -40,7 +40,7 @@ import numpy as np
 from fedprune.federated.masking_modes import MaskingMode, masking_mode
 from fedprune.pruning import mask_aggregation, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
-from fedprune.pruning.schedules import ScheduleTable, table_lookup
+from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
 from fedprune.pruning.wrappers import PruningLayout
 
 
@@ -148,7 +148,7 @@ def build_pruning_client_work(
             end_masks = _prune_kernels(
                 final,
                 mask_spec,
-                table_lookup(table.sparsity, this_round),
+                kernel_sparsity(table, this_round),
                 table_lookup(started, this_round),
             )
             end_masks = [e * m for e, m in zip(end_masks, start_masks, strict=True)]

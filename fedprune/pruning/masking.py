@@ -82,7 +82,9 @@ class MaskCriterion(abc.ABC):
 
         Args:
           scores: float tensors >= 0: |w|, or pooled |w| of blocks.
-          sparsity: scalar tensor, the schedule's fraction of zeros in [0, 1).
+          sparsity: the schedule's fraction of zeros in [0, 1): a scalar tensor,
+            or a vector with one level per score tensor (per-layer budgets,
+            `layer_budgets.py`; criteria that use it must accept both).
         """
 
 
@@ -99,7 +101,13 @@ class Magnitude(MaskCriterion):
         import tensorflow as tf
 
         if self.mask_scope == "layer":
+            sparsity = tf.convert_to_tensor(sparsity)
+            if sparsity.shape.rank == 1:  # one level per layer (layer_budgets.py)
+                return [keep_top_k(s, num_kept(tf.size(s), sparsity[i]))
+                        for i, s in enumerate(scores)]
             return [keep_top_k(s, num_kept(tf.size(s), sparsity)) for s in scores]
+        check(tf.convert_to_tensor(sparsity).shape.rank == 0, "mask_scope", self.mask_scope,
+              "layer with per-layer sparsities (--sparsity_distribution)")
         flat = tf.concat([tf.reshape(s, [-1]) for s in scores], axis=0)
         kept = keep_top_k(flat, num_kept(tf.size(flat), sparsity))
         sizes = [s.shape.num_elements() for s in scores]
@@ -299,8 +307,9 @@ def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
       kernels: float tensors (or arrays) of any static shape; rank 2 or 4 for
         `2:4`, and rank >= 2 for `block`.
       spec: the criterion, scope and structure.
-      sparsity: scalar target fraction of zeros in [0, 1), used by `magnitude`
-        (per layer, or over all kernels together with scope `global`).
+      sparsity: target fraction of zeros in [0, 1), used by `magnitude`: a
+        scalar (per layer, or over all kernels together with scope `global`),
+        or a vector of one level per kernel (scope `layer`; `layer_budgets.py`).
 
     Returns:
       A list of masks, each with its kernel's shape and dtype.
