@@ -161,7 +161,7 @@ class ExperimentConfig:
         self._validate_unit_structure(spec)
         layer_budgets.check_distribution(
             self.sparsity_distribution, masking=self.masking, prunes=mode.wraps_model,
-            mask_criterion=self.mask_criterion, uses_sparsity=spec.criterion.uses_sparsity,
+            mask_criterion=self.mask_criterion,
             mask_scope=self.mask_scope, structure=self.structure,
             prune_granularity=self.prune_granularity)
         return self

@@ -15,7 +15,8 @@ computations around it, selected by the masking mode (`masking_modes.py`):
 * `client` / `both` (`--prune_granularity=round`): in round r a client trains
   inside the broadcast mask (in `both` the server's mask; in `client` the
   union of the previous round's client masks, `server_masking.keep_client_support`),
-  then prunes its trained kernels to the schedule's sparsity for round r with
+  then prunes its trained kernels to the schedule's sparsity for round r (per
+  kernel with `--sparsity_distribution=erk`, `layer_budgets.py`) with
   the same `masking.compute_masks` rule the server uses, restricted to the
   mask it trained in, and uploads the delta that turns the broadcast model
   into its pruned model: `m * delta + (1 - m) * broadcast`. The broadcast

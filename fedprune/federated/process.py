@@ -67,7 +67,8 @@ class PruningProcess:
       layout: positions of pruned kernels and masks in `ModelWeights`; for a
         mode that does not wrap the model (`none`), the kernels a pruned run
         would prune (mask indices unused).
-      table: the schedule evaluated at rounds 0..num_rounds.
+      table: the schedule evaluated at rounds 0..num_rounds (with
+        `layer_sparsity` per pruned kernel for `--sparsity_distribution=erk`).
       keras_model_fn: builds the Keras model the weights belong to (wrapped
         if `masking_mode.wraps_model`); for evaluation and export.
       units: for `--structure=neuron|filter`, the unit-pruned layers
@@ -149,7 +150,7 @@ def build_pruning_process(
         masking_modes.check_unit_structure(mode, mask_spec.structure)
     layer_budgets.check_distribution(
         sparsity_distribution, masking=mode.name, prunes=mode.wraps_model,
-        mask_criterion=mask_spec.mask_criterion, uses_sparsity=mask_spec.criterion.uses_sparsity,
+        mask_criterion=mask_spec.mask_criterion,
         mask_scope=mask_spec.mask_scope, structure=mask_spec.structure,
         prune_granularity="round" if step_mapping is None else "step")
 

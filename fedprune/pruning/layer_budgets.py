@@ -53,6 +53,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fedprune.errors import check
+from fedprune.pruning.masking import CRITERIA
 
 DISTRIBUTIONS = ("uniform", "erk")
 
@@ -189,15 +190,14 @@ def budget_section(table, names: Sequence[str], shapes: Sequence[Sequence[int]],
 
 
 def check_distribution(distribution: str, *, masking: str, prunes: bool, mask_criterion: str,
-                       uses_sparsity: bool, mask_scope: str, structure: str,
-                       prune_granularity: str) -> None:
+                       mask_scope: str, structure: str, prune_granularity: str) -> None:
     """Refuses, with one line naming the flag, what per-layer budgets do not apply to.
 
     Args:
       distribution: `--sparsity_distribution`.
       masking: `--masking`; prunes: whether that mode prunes (not `none`).
-      mask_criterion: `--mask_criterion`; uses_sparsity: whether it keeps a
-        sparsity's count (`magnitude`; not `threshold`/`relative`).
+      mask_criterion: `--mask_criterion`; it must take a level per layer
+        (`MaskCriterion.per_layer_sparsity`: `magnitude`, not `threshold`/`relative`).
       mask_scope, structure, prune_granularity: the flags of the same names.
     """
     check(distribution in DISTRIBUTIONS, "sparsity_distribution", distribution,
@@ -206,9 +206,10 @@ def check_distribution(distribution: str, *, masking: str, prunes: bool, mask_cr
         return
     check(prunes, "masking", masking,
           f"client|server|both with --sparsity_distribution={distribution} (none prunes nothing)")
-    check(uses_sparsity, "mask_criterion", mask_criterion,
-          f"magnitude with --sparsity_distribution={distribution} (the budget is a sparsity "
-          "per layer)")
+    per_layer = [e.name for e in CRITERIA.entries() if e.target.per_layer_sparsity]
+    check(mask_criterion in per_layer, "mask_criterion", mask_criterion,
+          f"{'|'.join(per_layer)} with --sparsity_distribution={distribution} (the budget is a "
+          "sparsity per layer)")
     check(mask_scope == "layer", "mask_scope", mask_scope,
           f"layer with --sparsity_distribution={distribution} (global scope already "
           "distributes sparsity across layers)")

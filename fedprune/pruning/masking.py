@@ -71,10 +71,13 @@ class MaskCriterion(abc.ABC):
       for_units: whether `--structure=neuron|filter` accepts it: unit masks rank
         whole units by `--unit_norm` at the schedule's sparsity, and do not call
         the criterion.
+      per_layer_sparsity: whether `masks` also takes a vector of levels, one per
+        score tensor (`--sparsity_distribution=erk`, `layer_budgets.py`).
     """
 
     uses_sparsity: ClassVar[bool] = True
     for_units: ClassVar[bool] = False
+    per_layer_sparsity: ClassVar[bool] = False
 
     @abc.abstractmethod
     def masks(self, scores: list, sparsity) -> list:
@@ -83,8 +86,8 @@ class MaskCriterion(abc.ABC):
         Args:
           scores: float tensors >= 0: |w|, or pooled |w| of blocks.
           sparsity: the schedule's fraction of zeros in [0, 1): a scalar tensor,
-            or a vector with one level per score tensor (per-layer budgets,
-            `layer_budgets.py`; criteria that use it must accept both).
+            or, for a criterion with `per_layer_sparsity`, a vector with one
+            level per score tensor (per-layer budgets, `layer_budgets.py`).
         """
 
 
@@ -96,6 +99,7 @@ class Magnitude(MaskCriterion):
 
     mask_scope: str = "layer"
     for_units: ClassVar[bool] = True
+    per_layer_sparsity: ClassVar[bool] = True
 
     def masks(self, scores, sparsity):
         import tensorflow as tf
