@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from cli_util import TIMEOUT_S, exit_lines
 
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
@@ -209,6 +212,20 @@ def test_refusals_are_one_line(overrides, flag, phrase):
         config.validate()
     message = str(raised.value)
     assert raised.value.name == flag and phrase in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--mask_scope=global"], "mask_scope"),
+    (["--masking=client", "--prune_granularity=step"], "prune_granularity"),
+], ids=["global", "step"])
+def test_the_driver_refuses_with_one_line(args, flag, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "experiments.run", "--only_check_args",
+         "--sparsity_distribution=erk", *args], cwd=tmp_path, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=TIMEOUT_S)
+    lines = exit_lines(result, 2)  # and no TensorFlow imported
+    assert len(lines) == 1 and lines[0].startswith(f"error: --{flag}="), lines
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_process_builder_refuses_too():
