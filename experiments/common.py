@@ -38,7 +38,7 @@ from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
 from fedprune.federated import masking_modes, privacy
 from fedprune.model import builders
-from fedprune.pruning import mask_aggregation, masking, schedules, step_schedule
+from fedprune.pruning import layer_budgets, mask_aggregation, masking, schedules, step_schedule
 
 FLAGS = flags.FLAGS
 
@@ -122,6 +122,15 @@ _SPECS = {
                                          "frequency; --prune_every must stay 1)."),
     "mask_criterion": _Spec(MASKING, "How the mask is chosen:"),
     "mask_scope": _Spec(MASKING, "Rank weights within each layer or globally across layers."),
+    "sparsity_distribution": _Spec(MASKING, "How the schedule's sparsity is split among the "
+                                            "pruned layers: uniform (every layer at it) or erk "
+                                            "(Erdos-Renyi-kernel, Evci et al. 2020: density "
+                                            "proportional to (sum of kernel dims)/(product), "
+                                            "layers over density 1 kept dense, recomputed at "
+                                            "each round's level; magnitude, --mask_scope=layer, "
+                                            "unstructured, --prune_granularity=round). The "
+                                            "chosen levels are in config.json's "
+                                            "layer_budgets."),
     "threshold": _Spec(MASKING, "--mask_criterion=threshold: weight magnitude > 0 (in the "
                                 "weights' own units); weights with |w| below it are pruned."),
     "relative_rate": _Spec(MASKING, "--mask_criterion=relative: fraction in (0, 1) of the "
@@ -187,6 +196,7 @@ _ENUMS = {
     "masking": tuple(masking_modes.MASKING_MODES),
     "prune_granularity": step_schedule.GRANULARITIES,
     "mask_scope": masking.SCOPES,
+    "sparsity_distribution": layer_budgets.DISTRIBUTIONS,
     "structure": masking.STRUCTURES,
     "block_pooling": masking.POOLINGS,
     "unit_norm": masking.UNIT_NORMS,

@@ -24,7 +24,7 @@ from fedprune.errors import check
 from fedprune.federated import masking_modes, privacy
 from fedprune.federated.process import SERVER_OPTIMIZERS
 from fedprune.model import builders
-from fedprune.pruning import masking, schedules, step_schedule
+from fedprune.pruning import layer_budgets, masking, schedules, step_schedule
 
 # --shrink_at_round sentinels: shrink after the schedule's last mask update, or never.
 SHRINK_AT_SCHEDULE_END = -1
@@ -34,7 +34,7 @@ SHRINK_NEVER = 0
 _FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp",
                          "dp_noise_multiplier", "dp_clip", "dp_target_quantile", "dp_delta",
                          "dp_accountant", "prune_granularity", "steps_per_round",
-                         "prune_every_steps")
+                         "prune_every_steps", "sparsity_distribution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,9 @@ class ExperimentConfig:
     prune_every_steps: int = 1  # the step schedule's frequency, in client steps
     mask_criterion: str = "magnitude"
     mask_scope: str = "layer"
+    # How the schedule's sparsity is split among layers: uniform, or erk
+    # (Erdős–Rényi-kernel budgets, fedprune/pruning/layer_budgets.py).
+    sparsity_distribution: str = "uniform"
     threshold: float | None = None
     relative_rate: float | None = None
     structure: str = "unstructured"
@@ -156,6 +159,11 @@ class ExperimentConfig:
             check(self.final_sparsity == 0.5, "final_sparsity", self.final_sparsity,
                   "0.5 with --structure=2:4 (2 of every 4 weights are zero)")
         self._validate_unit_structure(spec)
+        layer_budgets.check_distribution(
+            self.sparsity_distribution, masking=self.masking, prunes=mode.wraps_model,
+            mask_criterion=self.mask_criterion,
+            mask_scope=self.mask_scope, structure=self.structure,
+            prune_granularity=self.prune_granularity)
         return self
 
     def _validate_unit_structure(self, spec: masking.MaskSpec) -> None:

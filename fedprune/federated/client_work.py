@@ -15,7 +15,8 @@ computations around it, selected by the masking mode (`masking_modes.py`):
 * `client` / `both` (`--prune_granularity=round`): in round r a client trains
   inside the broadcast mask (in `both` the server's mask; in `client` the
   union of the previous round's client masks, `server_masking.keep_client_support`),
-  then prunes its trained kernels to the schedule's sparsity for round r with
+  then prunes its trained kernels to the schedule's sparsity for round r (per
+  kernel with `--sparsity_distribution=erk`, `layer_budgets.py`) with
   the same `masking.compute_masks` rule the server uses, restricted to the
   mask it trained in, and uploads the delta that turns the broadcast model
   into its pruned model: `m * delta + (1 - m) * broadcast`. The broadcast
@@ -40,7 +41,7 @@ import numpy as np
 from fedprune.federated.masking_modes import MaskingMode, masking_mode
 from fedprune.pruning import mask_aggregation, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
-from fedprune.pruning.schedules import ScheduleTable, table_lookup
+from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
 from fedprune.pruning.wrappers import PruningLayout
 
 
@@ -148,7 +149,7 @@ def build_pruning_client_work(
             end_masks = _prune_kernels(
                 final,
                 mask_spec,
-                table_lookup(table.sparsity, this_round),
+                kernel_sparsity(table, this_round),
                 table_lookup(started, this_round),
             )
             end_masks = [e * m for e, m in zip(end_masks, start_masks, strict=True)]

@@ -34,8 +34,8 @@ from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
 from fedprune.federated.step_pruning import build_step_client_work
+from fedprune.pruning import layer_budgets, step_schedule, structured, unit_layout, wrappers
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
-from fedprune.pruning import step_schedule, structured, unit_layout, wrappers
 from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
 from fedprune.pruning.schedules import RoundSchedule, ScheduleTable
 
@@ -67,7 +67,8 @@ class PruningProcess:
       layout: positions of pruned kernels and masks in `ModelWeights`; for a
         mode that does not wrap the model (`none`), the kernels a pruned run
         would prune (mask indices unused).
-      table: the schedule evaluated at rounds 0..num_rounds.
+      table: the schedule evaluated at rounds 0..num_rounds (with
+        `layer_sparsity` per pruned kernel for `--sparsity_distribution=erk`).
       keras_model_fn: builds the Keras model the weights belong to (wrapped
         if `masking_mode.wraps_model`); for evaluation and export.
       units: for `--structure=neuron|filter`, the unit-pruned layers
@@ -102,6 +103,7 @@ def build_pruning_process(
     loss_fn: Callable | None = None,
     metrics_fn: Callable | None = None,
     step_mapping: step_schedule.StepMapping | None = None,
+    sparsity_distribution: str = "uniform",
 ) -> PruningProcess:
     """Builds the federated pruning process.
 
@@ -128,6 +130,10 @@ def build_pruning_process(
         by it, the server's table is the step schedule per round, and the
         server's global step after round r is `r * step_mapping.steps_per_round`.
         None prunes at round granularity.
+      sparsity_distribution: how each round's global sparsity is split among
+        the pruned kernels (`layer_budgets.DISTRIBUTIONS`): `uniform`, every
+        kernel at the schedule's level; `erk`, Erdős–Rényi-kernel budgets at
+        each round's level (`table.layer_sparsity`).
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
@@ -142,6 +148,11 @@ def build_pruning_process(
     masking_modes.check_mask_aggregation(mode, mask_aggregation)
     if mask_spec.is_unit_structure:
         masking_modes.check_unit_structure(mode, mask_spec.structure)
+    layer_budgets.check_distribution(
+        sparsity_distribution, masking=mode.name, prunes=mode.wraps_model,
+        mask_criterion=mask_spec.mask_criterion,
+        mask_scope=mask_spec.mask_scope, structure=mask_spec.structure,
+        prune_granularity="round" if step_mapping is None else "step")
 
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -186,6 +197,8 @@ def build_pruning_process(
         # sparsity; wrapping keeps the trainable order, so their indices hold.
         layout = wrappers.pruning_layout(
             wrappers.wrap_for_pruning(initial_model, prune_output_layer=prune_output_layer))
+    table = layer_budgets.with_layer_budgets(table, [k.shape for k in layout.kernels],
+                                             sparsity_distribution)
     units = None
     if mask_spec.is_unit_structure:
         units = _unit_layout(initial_model, layout, mask_spec.structure)

@@ -52,7 +52,7 @@ import numpy as np
 
 from fedprune.pruning import mask_aggregation, masking, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
-from fedprune.pruning.schedules import ScheduleTable, table_lookup
+from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
 from fedprune.pruning.wrappers import PruningLayout
 
 
@@ -122,7 +122,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
     trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
     kernels = [trainable[k.trainable_index] for k in layout.kernels]
     old_masks = [non_trainable[k.mask_index] for k in layout.kernels]
-    sparsity = table_lookup(table.sparsity, round_num)
+    sparsity = kernel_sparsity(table, round_num)  # per kernel with layer budgets
     if mask_spec.is_unit_structure:
         def new_masks():
             return _unit_masks(kernels, old_masks, sparsity, layout=layout, units=units,

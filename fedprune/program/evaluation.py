@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedprune.data import datasets
+from fedprune.pruning import layer_budgets
 
 
 @dataclasses.dataclass
@@ -96,6 +97,14 @@ def step_section(pp) -> dict:
                 "source": "one tfmot step is one round (schedules.py)"}
     return {"prune_granularity": "step", **pp.step_mapping.to_dict(),
             "server_step_after_round": "round * steps_per_round"}
+
+
+def budget_section(config, pp) -> dict:
+    """config.json's `layer_budgets`: each pruned layer's sparsity per level (layer_budgets.py)."""
+    kernels = pp.layout.kernels if pp.layout is not None else ()
+    distribution = config.sparsity_distribution if pp.masking_mode.wraps_model else "uniform"
+    return layer_budgets.budget_section(pp.table, [k.name for k in kernels],
+                                        [k.shape for k in kernels], distribution)
 
 
 def all_finite(weights) -> bool:

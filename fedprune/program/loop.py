@@ -205,7 +205,8 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
             "num_train_clients": num_clients,
             "num_test_examples": int(len(data.test_y)),
             "privacy": privacy_report.config_section(config, num_clients),
-            "pruning_steps": evaluation.step_section(pp)},
+            "pruning_steps": evaluation.step_section(pp),
+            "layer_budgets": evaluation.budget_section(config, pp)},
                      data=data, provenance=provenance)
         run_files.write_partition(data, output_dir)
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)

@@ -71,10 +71,13 @@ class MaskCriterion(abc.ABC):
       for_units: whether `--structure=neuron|filter` accepts it: unit masks rank
         whole units by `--unit_norm` at the schedule's sparsity, and do not call
         the criterion.
+      per_layer_sparsity: whether `masks` also takes a vector of levels, one per
+        score tensor (`--sparsity_distribution=erk`, `layer_budgets.py`).
     """
 
     uses_sparsity: ClassVar[bool] = True
     for_units: ClassVar[bool] = False
+    per_layer_sparsity: ClassVar[bool] = False
 
     @abc.abstractmethod
     def masks(self, scores: list, sparsity) -> list:
@@ -82,7 +85,9 @@ class MaskCriterion(abc.ABC):
 
         Args:
           scores: float tensors >= 0: |w|, or pooled |w| of blocks.
-          sparsity: scalar tensor, the schedule's fraction of zeros in [0, 1).
+          sparsity: the schedule's fraction of zeros in [0, 1): a scalar tensor,
+            or, for a criterion with `per_layer_sparsity`, a vector with one
+            level per score tensor (per-layer budgets, `layer_budgets.py`).
         """
 
 
@@ -94,12 +99,19 @@ class Magnitude(MaskCriterion):
 
     mask_scope: str = "layer"
     for_units: ClassVar[bool] = True
+    per_layer_sparsity: ClassVar[bool] = True
 
     def masks(self, scores, sparsity):
         import tensorflow as tf
 
         if self.mask_scope == "layer":
+            sparsity = tf.convert_to_tensor(sparsity)
+            if sparsity.shape.rank == 1:  # one level per layer (layer_budgets.py)
+                return [keep_top_k(s, num_kept(tf.size(s), sparsity[i]))
+                        for i, s in enumerate(scores)]
             return [keep_top_k(s, num_kept(tf.size(s), sparsity)) for s in scores]
+        check(tf.convert_to_tensor(sparsity).shape.rank == 0, "mask_scope", self.mask_scope,
+              "layer with per-layer sparsities (--sparsity_distribution)")
         flat = tf.concat([tf.reshape(s, [-1]) for s in scores], axis=0)
         kept = keep_top_k(flat, num_kept(tf.size(flat), sparsity))
         sizes = [s.shape.num_elements() for s in scores]
@@ -299,8 +311,9 @@ def compute_masks(kernels: list, spec: MaskSpec, sparsity) -> list:
       kernels: float tensors (or arrays) of any static shape; rank 2 or 4 for
         `2:4`, and rank >= 2 for `block`.
       spec: the criterion, scope and structure.
-      sparsity: scalar target fraction of zeros in [0, 1), used by `magnitude`
-        (per layer, or over all kernels together with scope `global`).
+      sparsity: target fraction of zeros in [0, 1), used by `magnitude`: a
+        scalar (per layer, or over all kernels together with scope `global`),
+        or a vector of one level per kernel (scope `layer`; `layer_budgets.py`).
 
     Returns:
       A list of masks, each with its kernel's shape and dtype.

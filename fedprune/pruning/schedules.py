@@ -54,11 +54,15 @@ class ScheduleTable:
       target: float32; tfmot's sparsity value at step r (meaningful where `updates`).
       sparsity: float32; the sparsity of the mask in force after round r: the
         target of the last update at or before r, 0 before the first update.
+      layer_sparsity: None (every pruned kernel at `sparsity[r]`), or float32 of
+        shape [num_rounds + 1, pruned kernels]: each kernel's sparsity after
+        round r (`--sparsity_distribution=erk`, `layer_budgets.with_layer_budgets`).
     """
 
     updates: np.ndarray
     target: np.ndarray
     sparsity: np.ndarray
+    layer_sparsity: np.ndarray | None = None
 
     @property
     def num_rounds(self) -> int:
@@ -81,6 +85,18 @@ def table_lookup(values: np.ndarray, round_num):
 
     index = tf.minimum(tf.cast(round_num, tf.int32), len(values) - 1)
     return tf.gather(tf.constant(values), index)
+
+
+def kernel_sparsity(table: ScheduleTable, round_num):
+    """The sparsity the mask rule keeps after `round_num` (TF tensor).
+
+    A scalar (`table.sparsity`, every pruned kernel alike), or with per-layer
+    budgets a [pruned kernels] vector (`table.layer_sparsity`), which
+    `masking.compute_masks` takes in place of the scalar.
+    """
+    if table.layer_sparsity is None:
+        return table_lookup(table.sparsity, round_num)
+    return table_lookup(table.layer_sparsity, round_num)
 
 
 class RoundSchedule(abc.ABC):
