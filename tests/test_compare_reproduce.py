@@ -720,8 +720,8 @@ def test_table3_parts_flagfiles_and_expected_values_agree(parsed_flags, size, ru
     assert rows["mlp", "unstructured"]["params"] == 9610  # zeros are still stored
     assert rows["cnn", "filter"]["params"] == 84426
     assert rows["cnn", "unstructured"]["params"] == 188810
-    assert rows["cnn", "filter"]["flops"] == 301056
-    assert rows["cnn", "unstructured"]["flops"] == 1006592
+    assert rows["cnn", "filter"]["macs"] == 301056
+    assert rows["cnn", "unstructured"]["macs"] == 1006592
 
 
 @pytest.mark.slow
