@@ -143,6 +143,28 @@ def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]
     return invocations
 
 
+def grid_command(spec: TableSpec, part: str | None = None) -> str:
+    """The `compare_schedules` command that runs a table's grid (of one part) on its own.
+
+    Args:
+      spec: the table.
+      part: for a table of parts, the part's name (in `spec.parts`, or "P" for
+        the pattern RESULTS.md shows).
+    """
+    flagfiles = [_shown(spec.flagfiles("full")[0])]
+    folder = f"runs/table{spec.number}"
+    if part is not None:
+        flagfiles.append(f"experiments/configs/table{spec.number}_{part}.flags")
+        folder += f"-{part}"
+    return ("python -m experiments.compare_schedules "
+            + " ".join(f"--flagfile={f}" for f in flagfiles) + f" --output_dir={folder}")
+
+
+def grid_commands(spec: TableSpec) -> list[str]:
+    """Every command that runs a table's grid outside `reproduce` (one per part)."""
+    return [grid_command(spec, part) for part in spec.parts] or [grid_command(spec)]
+
+
 def render_section(spec: TableSpec, table: reporting.Table, results: list,
                    invocations: list[dict], root: Path) -> str:
     """The Markdown of a table's RESULTS.md section (without the markers).
@@ -158,7 +180,6 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
 
     commit = trained_commit(results, root)
 
-    flagfile = spec.flagfiles("full")[0]
     flag_lines = []
     for path in spec.all_flagfiles("full"):
         if len(spec.all_flagfiles("full")) > 1:
@@ -167,13 +188,10 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
                        if line.strip() and not line.lstrip().startswith("#")]
     files = [_shown(p) for p in spec.all_flagfiles("full")]
     if spec.parts:
-        same_grid = (f"each part P of {', '.join(spec.parts)} is a grid: `python -m "
-                     f"experiments.compare_schedules --flagfile={_shown(flagfile)} "
-                     f"--flagfile=experiments/configs/table{spec.number}_P.flags`")
+        same_grid = (f"each part P of {', '.join(spec.parts)} is a grid: "
+                     f"`{grid_command(spec, 'P')}`")
     else:
-        same_grid = (f"the same grid: `python -m experiments.compare_schedules "
-                     f"--flagfile={_shown(flagfile)} "
-                     f"--output_dir=runs/table{spec.number}`")
+        same_grid = f"the same grid: `{grid_command(spec)}`"
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
     loads = ", ".join(f"{i['load_average_1min']:.1f}" for i in invocations)
