@@ -260,12 +260,26 @@ def write_figures(results: Sequence[RunResult], root: Path) -> dict[str, Path]:
                                     ("series", "final_sparsity"),
                                     ["accuracy", "sparsity", "total_mib"])
         headline["accuracy_vs_sparsity"] = grid_plots.plot_tradeoff(
-            table, plot_dir / f"accuracy_vs_sparsity-{tag}.png", x="sparsity",
+            table, plot_dir / f"accuracy_vs_sparsity-{tag}.png", x="sparsity", series_by=["series"],
             xlabel="final global sparsity", ylabel="test accuracy")
         headline["accuracy_vs_bytes"] = grid_plots.plot_tradeoff(
-            table, plot_dir / f"accuracy_vs_bytes-{tag}.png", x="total_mib",
+            table, plot_dir / f"accuracy_vs_bytes-{tag}.png", x="total_mib", series_by=["series"],
             xlabel="total MiB sent (up + down, all rounds)", ylabel="test accuracy", log_x=True)
     return {name: copy_figure(source, root / f"{name}.png") for name, source in headline.items()}
+
+
+def publish_figures(root: Path, destination: Path, prefix: str) -> list[Path]:
+    """Copies every figure of root/plots/ to destination/<prefix>-<name>.{png,pdf}.
+
+    For a paper's figures folder (`reproduce --write_results`: docs/figures/).
+    The folder is created; files of other names in it are left alone.
+
+    Returns:
+      The PNGs written, sorted (each with its PDF beside it).
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    return [copy_figure(png, destination / f"{prefix}-{png.name}")
+            for png in sorted((root / "plots").glob("*.png"))]
 
 
 def copy_figure(png: Path, destination: Path) -> Path:

@@ -103,7 +103,8 @@ def test_plot_tradeoff(tmp_path, x, log_x):
                  "sparsity": 0.9, "total_mib": 1.0})  # fmt: skip
     table = reporting.aggregate(rows, ["series", "final_sparsity"],
                                 ["accuracy", "sparsity", "total_mib"])
-    path = grid_plots.plot_tradeoff(table, tmp_path / "t.png", x=x, log_x=log_x)
+    path = grid_plots.plot_tradeoff(table, tmp_path / "t.png", x=x, log_x=log_x,
+                                    series_by=["series"])
     assert_figure(path, (6.4, 4.5))
 
 
@@ -115,3 +116,6 @@ def test_plot_tradeoff_rejects_unknown_columns(tmp_path):
                                  y="test_accuracy")
     with pytest.raises(ValueError, match="neither"):
         grid_plots.plot_tradeoff(table, tmp_path / "x.png", x="sparsity")
+    with pytest.raises(ValueError, match="not grouping keys"):
+        grid_plots.plot_tradeoff(table, tmp_path / "x.png", x="final_sparsity",
+                                 series_by=["schedule"])

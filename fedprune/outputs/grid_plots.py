@@ -103,6 +103,7 @@ def plot_tradeoff(
     *,
     x: str,
     y: str = "accuracy",
+    series_by: Sequence[str] | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
     log_x: bool = False,
@@ -111,13 +112,14 @@ def plot_tradeoff(
     """Plots one column of a table against another: group means with CI error bars.
 
     Args:
-      table: from `reporting.aggregate`; its grouping keys other than `x` name
-        the series (their values joined by ", " are the legend labels, so
-        group by a `series_label` column for readable legends).
+      table: from `reporting.aggregate`.
       path: the PNG file to write (the PDF goes beside it).
       x: a metric (horizontal error bar) or a grouping key (e.g. the target
         'final_sparsity', no bar).
       y: a metric (e.g. 'accuracy').
+      series_by: the grouping keys whose values make a line, joined by ", " as
+        its legend label (group by a `series_label` column for readable
+        legends); default: every grouping key other than `x`.
       xlabel, ylabel: axis labels (default: the column names).
       log_x: a logarithmic x axis (e.g. bytes).
       title: the figure title.
@@ -133,7 +135,11 @@ def plot_tradeoff(
         raise ValueError(f"y={y!r} is not a metric of the table {table.metrics}")
     if x not in table.metrics and x not in table.group_by:
         raise ValueError(f"x={x!r} is neither a metric nor a grouping key of the table")
-    series_keys = [k for k in table.group_by if k != x]
+    series_keys = list(series_by) if series_by is not None else [
+        k for k in table.group_by if k != x]
+    unknown = [k for k in series_keys if k not in table.group_by]
+    if unknown:
+        raise ValueError(f"series_by={unknown!r} are not grouping keys {table.group_by}")
     points_by_label: dict[str, list[tuple[float, float, float, float]]] = {}
     for g in table.groups:
         config = dict(zip(table.group_by, g.key, strict=True))
