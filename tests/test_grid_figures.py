@@ -4,7 +4,7 @@ from synthetic runs (no training)."""
 
 import numpy as np
 import pytest
-from test_plots import assert_figure
+from figure_util import assert_figure
 
 from experiments import grid, grid_results
 from fedprune.config import ExperimentConfig
