@@ -43,7 +43,7 @@ def test_layer_table_counts_kept_weights_and_the_stored_bytes():
      "digits, mlp: oneshot, server; target 0.9, seed 2", (5, 5), 0.9),
     (dict(schedule="constant", begin_round=2, end_round=-1, rounds=12, power=2.0),
      "digits, mlp: constant, both; target 0.8, seed 0", (2, 12), 0.8),
-    (dict(schedule="none", masking="none"), "digits, mlp: none, none; target 0, seed 0",
+    (dict(schedule="none", masking="none", seed=4), "digits, mlp: dense; seed 4",
      None, None),
 ])
 def test_run_title_and_schedule_window(flags, title, window, target):

@@ -120,11 +120,12 @@ def schedule_window(config: ExperimentConfig) -> tuple[int, int] | None:
 
 
 def run_title(config: ExperimentConfig) -> str:
-    """A run's figure title: dataset, model, masking, schedule (power), target, seed."""
+    """A run's figure title: dataset, model, schedule (power), masking, target, seed."""
+    if schedule_window(config) is None:
+        return f"{config.dataset}, {config.model}: dense; seed {config.seed}"
     schedule = config.make_schedule()
-    label = grid_plots.series_label(
-        config.schedule, masking=config.masking,
-        power=getattr(schedule, "power", None) if not schedule.dense else None)
+    label = grid_plots.series_label(config.schedule, masking=config.masking,
+                                    power=getattr(schedule, "power", None))
     return (f"{config.dataset}, {config.model}: {label}; "
             f"target {schedule.final_sparsity_value:g}, seed {config.seed}")
 
