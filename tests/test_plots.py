@@ -25,10 +25,12 @@ def run_rows(seed, num_rounds=6):
     return rows
 
 
-@pytest.mark.parametrize("window, target", [((1, 4), 0.8), ((3, 3), 0.5), (None, None)])
-def test_plot_run_curves(tmp_path, window, target):
+@pytest.mark.parametrize("window, target, events", [
+    ((1, 4), 0.8, None), ((3, 3), 0.5, None), (None, None, None),
+    ((1, 3), 0.75, {"shrink after round 3": 3})])
+def test_plot_run_curves(tmp_path, window, target, events):
     path = plots.plot_run_curves(run_rows(0), tmp_path / "curves.png", title="digits, mlp",
-                                 window=window, target=target)
+                                 window=window, target=target, events=events)
     assert path == tmp_path / "curves.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.pdf", "curves.png"]
     assert_figure(path, (6.4, 3 * 2.6 + 0.5))

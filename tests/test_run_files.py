@@ -63,6 +63,19 @@ def test_partition_title(flags, title):
     assert run_files.partition_title(ExperimentConfig(**flags).validate()) == title
 
 
+@pytest.mark.parametrize("flags, events", [
+    ({}, {}),
+    (dict(structure="neuron", masking="server", prune_output_layer=False),
+     {"shrink after round 20": 20}),
+    (dict(structure="neuron", masking="server", prune_output_layer=False, shrink_at_round=25),
+     {"shrink after round 25": 25}),
+    (dict(structure="neuron", masking="server", prune_output_layer=False, shrink_at_round=0),
+     {}),
+])
+def test_curve_events_mark_the_shrink(flags, events):
+    assert run_files.curve_events(ExperimentConfig(**flags).validate()) == events
+
+
 def test_write_figures_from_metrics_rows(tmp_path):
     rows = [{"round": r, "test_accuracy": 0.5 + 0.01 * r, "train_accuracy": 0.5,
              "test_loss": 1 / r, "train_loss": 1 / r, "global_sparsity": min(0.04 * r, 0.8),

@@ -104,6 +104,7 @@ def plot_run_curves(
     title: str | None = None,
     window: tuple[int, int] | None = None,
     target: float | None = None,
+    events: Mapping[str, float] | None = None,
     round_key: str = "round",
 ) -> pathlib.Path:
     """Plots one run against the round: accuracy, loss, sparsity (3 panels, PNG and PDF).
@@ -118,6 +119,9 @@ def plot_run_curves(
       window: (first, last) round whose end updates the mask, shaded in every
         panel; None: no window (dense).
       target: the schedule's final sparsity, a dashed horizontal line.
+      events: {label: round} drawn as dotted vertical lines after that round
+        (e.g. {"shrink": 20}: from then on the model is smaller, its
+        global sparsity 0).
       round_key: the rounds column.
 
     Returns:
@@ -129,6 +133,8 @@ def plot_run_curves(
     fig, axes = new_figure(len(panels))
     for ax, (ylabel, keys) in zip(axes, panels, strict=True):
         _shade_window(ax, window)
+        for i, (label, round_num) in enumerate((events or {}).items()):
+            ax.axvline(round_num + 0.5, color=f"C{i + 3}", linestyle=":", label=label)
         for key, style in zip(keys, ("-", ":"), strict=True):
             rounds, values = series(metrics_rows, round_key, key)
             if len(rounds):

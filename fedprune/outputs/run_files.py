@@ -135,12 +135,22 @@ def schedule_target(config: ExperimentConfig) -> float | None:
     return None if schedule_window(config) is None else config.make_schedule().final_sparsity_value
 
 
+def curve_events(config: ExperimentConfig) -> dict[str, int]:
+    """{label: round} marked on a run's curves: the shrink of a structured run, if any."""
+    shrink = config.shrink_round()
+    return {f"shrink after round {shrink}": shrink} if shrink else {}
+
+
 def write_figures(config: ExperimentConfig, rows: list[dict], output_dir: Path) -> list[Path]:
-    """curves.{png,pdf} and bytes.{png,pdf} of a run's metrics rows; returns the PNGs."""
+    """curves.{png,pdf} and bytes.{png,pdf} of a run's metrics rows; returns the PNGs.
+
+    A structured run's shrink is marked on the curves (`curve_events`).
+    """
     title = run_title(config)
     return [
         plots.plot_run_curves(rows, output_dir / "curves.png", title=title,
-                              window=schedule_window(config), target=schedule_target(config)),
+                              window=schedule_window(config), target=schedule_target(config),
+                              events=curve_events(config)),
         plots.plot_bytes_per_round(rows, output_dir / "bytes.png", title=title),
     ]
 
