@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from experiments.grid import DENSE, DENSE_KEY, DP_KEY, GRANULARITY_KEY, KEYS, VARYING_KEYS, Cell
-from fedprune.outputs import atomic_files, plots, reporting
+from fedprune.outputs import atomic_files, grid_plots, plots, reporting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,9 @@ METRICS = {m.name: m for m in (
     # runs recorded before these were measured.
     Metric("params", lambda s: _number(s.get("params")),
            reporting.MetricFormat(spec=".0f", label="params")),
-    Metric("flops", lambda s: _number(s.get("flops_per_example")),
+    # Multiply-adds (not FLOPs, which would be twice as many); runs recorded before the
+    # rename call it flops_per_example.
+    Metric("macs", lambda s: _number(s.get("macs_per_example", s.get("flops_per_example"))),
            reporting.MetricFormat(spec=".0f", label="mult-adds/example")),
     Metric("round_seconds_final", lambda s: _number(s.get("median_round_seconds_after_pruning")),
            reporting.MetricFormat(spec=".3f", unit="s", label="round after pruning")),
@@ -196,25 +198,49 @@ def write_reports(results: Sequence[RunResult], root: Path,
     atomic_files.atomic_write_text(root / "comparison.tex",
                                 reporting.to_latex(table, formats(table.metrics)))
     reporting.to_csv(table, root / "comparison.csv")
-    _write_plots(results, root)
+    write_figures(results, root)
     return table
 
 
-def _series(result: RunResult) -> str:
-    """A plot series: the schedule, its granularity when the grid varies it and it is
-    not `round`, and the noise multiplier of a DP run."""
-    key = result.cell.key
-    granularity = key.get(GRANULARITY_KEY, DENSE_KEY[GRANULARITY_KEY])
-    return (result.cell.schedule
-            + (f" {granularity}" if granularity != DENSE_KEY[GRANULARITY_KEY] else "")
-            + (f" z={key[DP_KEY]:g}" if DP_KEY in key else ""))
+def series_label(result: RunResult) -> str:
+    """A run's legend label (`grid_plots.series_label`): schedule with its power, masking,
+    the granularity when the grid varies it, the noise multiplier of a DP run."""
+    if result.cell.schedule == DENSE:
+        return DENSE
+    config, key = result.cell.config, result.cell.key
+    return grid_plots.series_label(
+        config.schedule, masking=config.masking,
+        power=getattr(config.make_schedule(), "power", None),
+        granularity=key.get(GRANULARITY_KEY), noise_multiplier=key.get(DP_KEY))
 
 
-def _write_plots(results: Sequence[RunResult], root: Path) -> None:
+HEADLINE_FIGURES = ("accuracy_vs_round", "accuracy_vs_sparsity", "accuracy_vs_bytes")
+
+
+def _tradeoff_row(result: RunResult) -> dict:
+    s = result.summary
+    return {"series": series_label(result), "final_sparsity": result.cell.config.final_sparsity,
+            "accuracy": s["final_test_accuracy"], "sparsity": s["final_global_sparsity"],
+            # Everything the run sent, both directions, all rounds.
+            "total_mib": (s["total_bytes_down"] + s["total_bytes_up"]) / 2**20}
+
+
+def write_figures(results: Sequence[RunResult], root: Path) -> dict[str, Path]:
+    """The grid's figures in root/plots/ (PNG and PDF), one set per masking mode.
+
+    Per masking mode (dense runs drawn in each): `accuracy_vs_round-<masking>-s<sparsity>`
+    (mean and 95 % CI band over seeds per round), `accuracy_vs_sparsity-<masking>`
+    (accuracy against the measured final sparsity, CI error bars on both) and
+    `accuracy_vs_bytes-<masking>` (against the total bytes sent, log scale). The last
+    mode's figures are also copied to root/<name>.{png,pdf}.
+
+    Returns:
+      {name in `HEADLINE_FIGURES`: its PNG in root/} (the PDF is beside it).
+    """
     dense = [r for r in results if r.cell.schedule == DENSE]
     pruned = [r for r in results if r.cell.schedule != DENSE]
     plot_dir = root / "plots"
-    plot_dir.mkdir(exist_ok=True)
+    plot_dir.mkdir(parents=True, exist_ok=True)
     headline = {}
     for masking in list(dict.fromkeys(r.cell.config.masking for r in pruned)) or [None]:
         runs = dense + [r for r in pruned if r.cell.config.masking == masking]
@@ -225,19 +251,43 @@ def _write_plots(results: Sequence[RunResult], root: Path) -> None:
         for sparsity, group in by_sparsity.items():
             if sparsity == 0.0 and len(by_sparsity) > 1:
                 continue  # dense alone; it is drawn with every pruned sparsity
-            curves = [({"schedule": _series(r)}, r.metrics_rows)
+            curves = [(series_label(r), r.metrics_rows)
                       for r in (group if sparsity == 0.0 else dense + group)]
-            headline["accuracy_vs_round.png"] = (
-                plot_dir / f"accuracy_vs_round-{tag}-s{sparsity:g}.png")
-            plots.plot_curves_by_group(curves, "schedule", "test_accuracy",
-                                       headline["accuracy_vs_round.png"])
-        table = reporting.aggregate([{**r.row(["accuracy"]), "schedule": _series(r)}
-                                     for r in runs], ("schedule", "final_sparsity"), ["accuracy"])
-        headline["accuracy_vs_sparsity.png"] = plot_dir / f"accuracy_vs_sparsity-{tag}.png"
-        plots.plot_accuracy_vs_sparsity(table, headline["accuracy_vs_sparsity.png"],
-                                        x="final_sparsity", y="accuracy")
-    for name, source in headline.items():
-        atomic_files.atomic_write_bytes(root / name, source.read_bytes())
+            headline["accuracy_vs_round"] = grid_plots.plot_curves_by_group(
+                curves, "test_accuracy", plot_dir / f"accuracy_vs_round-{tag}-s{sparsity:g}.png",
+                title=f"final sparsity {sparsity:g}")
+        table = reporting.aggregate([_tradeoff_row(r) for r in runs],
+                                    ("series", "final_sparsity"),
+                                    ["accuracy", "sparsity", "total_mib"])
+        headline["accuracy_vs_sparsity"] = grid_plots.plot_tradeoff(
+            table, plot_dir / f"accuracy_vs_sparsity-{tag}.png", x="sparsity", series_by=["series"],
+            xlabel="final global sparsity", ylabel="test accuracy")
+        headline["accuracy_vs_bytes"] = grid_plots.plot_tradeoff(
+            table, plot_dir / f"accuracy_vs_bytes-{tag}.png", x="total_mib", series_by=["series"],
+            xlabel="total MiB sent (up + down, all rounds)", ylabel="test accuracy", log_x=True)
+    return {name: copy_figure(source, root / f"{name}.png") for name, source in headline.items()}
+
+
+def publish_figures(root: Path, destination: Path, prefix: str) -> list[Path]:
+    """Copies every figure of root/plots/ to destination/<prefix>-<name>.{png,pdf}.
+
+    For a paper's figures folder (`reproduce --write_results`: docs/figures/).
+    The folder is created; files of other names in it are left alone.
+
+    Returns:
+      The PNGs written, sorted (each with its PDF beside it).
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    return [copy_figure(png, destination / f"{prefix}-{png.name}")
+            for png in sorted((root / "plots").glob("*.png"))]
+
+
+def copy_figure(png: Path, destination: Path) -> Path:
+    """Copies a figure's PNG and its PDF to `destination` (.png) and beside it; returns it."""
+    for suffix in plots.FORMATS:
+        atomic_files.atomic_write_bytes(destination.with_suffix(f".{suffix}"),
+                                        png.with_suffix(f".{suffix}").read_bytes())
+    return destination
 
 
 def expected_values(table: reporting.Table, tolerances: Mapping[str, float],

@@ -25,6 +25,9 @@ size with --write_results trains runs only in a clean checkout (no
 uncommitted changes to tracked files) and writes only runs trained at one
 clean commit (reusing complete runs needs no clean checkout, so the tables
 can be written one after another once their runs are trained).
+--write_results also copies the table's figures (PNG and PDF,
+`grid_results.write_figures`) to docs/figures/table<N>-<figure> (the full
+size) or to --figures_dir.
 
 The tables are registered in `experiments/tables.py` (`TABLES`, one
 `TableSpec` each, which `--table` lists); adding a table is registering a
@@ -76,11 +79,16 @@ _RESULTS = flags.DEFINE_string("results", "", "The RESULTS.md that --write_resul
                                "for --size=full (default: the repository's RESULTS.md).")
 _WRITE_RESULTS = flags.DEFINE_bool("write_results", False, "Store the new values as expected "
                                    "and, for --size=full, rewrite the table in --results.")
+_FIGURES_DIR = flags.DEFINE_string("figures_dir", "", "Where --write_results copies the "
+                                   "table's figures, as table<N>[_ci]-<figure>.{png,pdf} "
+                                   "(default: docs/figures/ for --size=full; for --size=ci only "
+                                   "when given).")
 _ROUND_LOGS = flags.DEFINE_bool("round_logs", False, "Print every run's per-round lines.")
 common.define_experiment_flags()  # the flagfiles set these; only --verbose/--tff_workers here
 grid.define_grid_flags()
 usage.set_topic("table", _TABLE, _SIZE)
-usage.set_topic(usage.OUTPUTS, _OUTPUT_DIR, _EXPECTED, _RESULTS, _WRITE_RESULTS, _ROUND_LOGS)
+usage.set_topic(usage.OUTPUTS, _OUTPUT_DIR, _EXPECTED, _RESULTS, _WRITE_RESULTS, _FIGURES_DIR,
+                _ROUND_LOGS)
 usage.not_accepted([*(f.name for f in dataclasses.fields(ExperimentConfig)), *grid.GRID_FLAGS,
                     "flagfile"],
                    "the table's flagfiles in experiments/configs/ set them (python -m "
@@ -143,6 +151,36 @@ def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]
     return invocations
 
 
+def figures_dir(size: str) -> Path | None:
+    """Where --write_results copies the figures: --figures_dir, else docs/figures/ for the
+    full size; None: nowhere."""
+    if _FIGURES_DIR.value:
+        return Path(_FIGURES_DIR.value)
+    return REPO / "docs" / "figures" if size == "full" else None
+
+
+def grid_command(spec: TableSpec, part: str | None = None) -> str:
+    """The `compare_schedules` command that runs a table's grid (of one part) on its own.
+
+    Args:
+      spec: the table.
+      part: for a table of parts, the part's name (in `spec.parts`, or "P" for
+        the pattern RESULTS.md shows).
+    """
+    flagfiles = [_shown(spec.flagfiles("full")[0])]
+    folder = f"runs/table{spec.number}"
+    if part is not None:
+        flagfiles.append(f"experiments/configs/table{spec.number}_{part}.flags")
+        folder += f"-{part}"
+    return ("python -m experiments.compare_schedules "
+            + " ".join(f"--flagfile={f}" for f in flagfiles) + f" --output_dir={folder}")
+
+
+def grid_commands(spec: TableSpec) -> list[str]:
+    """Every command that runs a table's grid outside `reproduce` (one per part)."""
+    return [grid_command(spec, part) for part in spec.parts] or [grid_command(spec)]
+
+
 def render_section(spec: TableSpec, table: reporting.Table, results: list,
                    invocations: list[dict], root: Path) -> str:
     """The Markdown of a table's RESULTS.md section (without the markers).
@@ -158,7 +196,6 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
 
     commit = trained_commit(results, root)
 
-    flagfile = spec.flagfiles("full")[0]
     flag_lines = []
     for path in spec.all_flagfiles("full"):
         if len(spec.all_flagfiles("full")) > 1:
@@ -167,13 +204,10 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
                        if line.strip() and not line.lstrip().startswith("#")]
     files = [_shown(p) for p in spec.all_flagfiles("full")]
     if spec.parts:
-        same_grid = (f"each part P of {', '.join(spec.parts)} is a grid: `python -m "
-                     f"experiments.compare_schedules --flagfile={_shown(flagfile)} "
-                     f"--flagfile=experiments/configs/table{spec.number}_P.flags`")
+        same_grid = (f"each part P of {', '.join(spec.parts)} is a grid: "
+                     f"`{grid_command(spec, 'P')}`")
     else:
-        same_grid = (f"the same grid: `python -m experiments.compare_schedules "
-                     f"--flagfile={_shown(flagfile)} "
-                     f"--output_dir=runs/table{spec.number}`")
+        same_grid = f"the same grid: `{grid_command(spec)}`"
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
     loads = ", ".join(f"{i['load_average_1min']:.1f}" for i in invocations)
@@ -211,11 +245,12 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "",
         grid_results.markdown(table).rstrip(),
         "",
-        f"Plots in the run tree (`runs/table{spec.number}-full/`): "
-        "`plots/accuracy_vs_sparsity-<masking>.png` and "
-        "`plots/accuracy_vs_round-<masking>-s<sparsity>.png` (mean and 95 % CI band over "
-        "seeds, one series per schedule, and granularity or noise multiplier where the "
-        "table varies them).",
+        f"Figures (PNG and PDF) in the run tree (`runs/table{spec.number}-full/plots/`) and "
+        f"in `docs/figures/table{spec.number}-*`: `accuracy_vs_round-<masking>-s<sparsity>` "
+        "(mean and 95 % CI band over seeds), `accuracy_vs_sparsity-<masking>` and "
+        "`accuracy_vs_bytes-<masking>` (means with 95 % CI error bars), one series per "
+        "schedule and masking, with granularity or noise multiplier where the table varies "
+        "them.",
     ])
 
 
@@ -305,6 +340,8 @@ def main(argv):
         results_path = Path(_RESULTS.value or REPO / "RESULTS.md")
         check(not (_WRITE_RESULTS.value and size == "full") or results_path.parent.is_dir(),
               "results", str(results_path), "a file in an existing folder")
+        check(not _FIGURES_DIR.value or not Path(_FIGURES_DIR.value).is_file(), "figures_dir",
+              _FIGURES_DIR.value, "a folder (created when missing)")
         expected = None
         if expected_path.is_file():
             expected = atomic_files.read_json(expected_path)
@@ -345,6 +382,11 @@ def main(argv):
             {"table": spec.number, "size": size,
              "flagfiles": [_shown(p) for p in spec.all_flagfiles(size)]}))
         print(f"\nwrote {expected_path}")
+        destination = figures_dir(size)
+        if destination is not None:
+            prefix = f"table{spec.number}" + ("" if size == "full" else f"_{size}")
+            written = grid_results.publish_figures(root, destination, prefix)
+            print(f"wrote {len(written)} figure(s) (PNG and PDF) into {destination}")
         if size == "full":
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
             section = render_section(spec, table, results, invocations, root)

@@ -644,6 +644,28 @@ def test_reproduce_ci_fails_on_tampered_expected_values(ci_tree, tmp_path):
 
 
 @pytest.mark.slow
+def test_reproduce_write_results_copies_the_figures(ci_tree, tmp_path):
+    """--write_results with --figures_dir: the table's figures, PNG and PDF, from the reused
+    runs (no training, no TensorFlow), named table<N>_ci-<figure>."""
+    root, done = ci_tree
+    assert done.returncode == 0, done.stderr
+    figures = tmp_path / "docs" / "figures"
+    again = _run("reproduce", "--table=1", "--size=ci", f"--output_dir={root}",
+                 "--write_results", f"--expected={tmp_path / 'expected.json'}",
+                 f"--figures_dir={figures}", importtime=True)
+    cli_util.exit_lines(again, 0)
+    plots = sorted(p.name for p in (root / "plots").glob("*.png"))
+    # Per masking mode (client, server, both): a round curve per sparsity (0.75), two trade-offs.
+    assert len(plots) == 3 * 3
+    assert sorted(p.name for p in figures.glob("*.png")) == [f"table1_ci-{n}" for n in plots]
+    for name in plots:
+        png = figures / f"table1_ci-{name}"
+        assert png.read_bytes() == (root / "plots" / name).read_bytes()
+        assert png.with_suffix(".pdf").read_bytes()[:4] == b"%PDF"
+    assert f"wrote {len(plots)} figure(s) (PNG and PDF) into {figures}" in again.stdout
+
+
+@pytest.mark.slow
 def test_reproduce_table2_ci_matches_expected(tmp_path):
     done = _run("reproduce", "--table=2", "--size=ci", f"--output_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
@@ -720,8 +742,8 @@ def test_table3_parts_flagfiles_and_expected_values_agree(parsed_flags, size, ru
     assert rows["mlp", "unstructured"]["params"] == 9610  # zeros are still stored
     assert rows["cnn", "filter"]["params"] == 84426
     assert rows["cnn", "unstructured"]["params"] == 188810
-    assert rows["cnn", "filter"]["flops"] == 301056
-    assert rows["cnn", "unstructured"]["flops"] == 1006592
+    assert rows["cnn", "filter"]["macs"] == 301056
+    assert rows["cnn", "unstructured"]["macs"] == 1006592
 
 
 @pytest.mark.slow

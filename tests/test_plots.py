@@ -1,89 +1,101 @@
-"""Tests for fedprune.outputs.plots: every figure is an atomic PNG."""
-
-import os
+"""Tests for fedprune.outputs.plots and grid_plots: each figure is an atomic PNG of
+the stated size (inches x DPI) that is not blank, with a PDF beside it."""
 
 import numpy as np
 import pytest
+from figure_util import assert_figure
 
-from fedprune.outputs import plots, reporting
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def table():
-    rows = [{"schedule": "constant", "final_sparsity": 0.5, "accuracy": a, "bytes_up": 100}
-            for a in (0.90, 0.92)]
-    return reporting.aggregate(rows, ["schedule", "final_sparsity"], ["accuracy", "bytes_up"])
-
-
-def assert_png(path):
-    data = path.read_bytes()
-    assert len(data) > 1000
-    assert data.startswith(PNG_SIGNATURE)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+from fedprune.outputs import grid_plots, plots, reporting
 
 
 def run_rows(seed, num_rounds=6):
     rng = np.random.default_rng(seed)
     rows = []
-    for r in range(num_rounds):
-        rows.append(
-            {
-                "round": str(r),  # as read back from metrics.csv
-                # evaluated every other round: empty cells are skipped
-                "test_accuracy": "" if r % 2 else str(0.5 + 0.05 * r + 0.01 * rng.random()),
-                "global_sparsity": str(min(0.8, 0.2 * r)),
-            }
-        )
+    for r in range(1, num_rounds + 1):
+        rows.append({
+            "round": str(r),  # as read back from metrics.csv
+            # evaluated every other round: empty cells are skipped
+            "test_accuracy": "" if r % 2 else str(0.5 + 0.05 * r + 0.01 * rng.random()),
+            "train_accuracy": str(0.5 + 0.04 * r), "test_loss": "" if r % 2 else str(2 / r),
+            "train_loss": str(2.2 / r), "global_sparsity": str(min(0.8, 0.2 * r)),
+            "target_sparsity": str(min(0.8, 0.2 * r)),
+            "bytes_up": str(4000 - 300 * r), "bytes_down": str(5000 - 400 * r),
+            "dense_bytes_up": "4400", "dense_bytes_down": "5400",
+        })
     return rows
 
 
-def test_plot_run_curves(tmp_path):
-    path = plots.plot_run_curves(run_rows(0), tmp_path / "run.png", title="seed 0")
-    assert path == tmp_path / "run.png"
-    assert_png(path)
+@pytest.mark.parametrize("window, target, events", [
+    ((1, 4), 0.8, None), ((3, 3), 0.5, None), (None, None, None),
+    ((1, 3), 0.75, {"shrink after round 3": 3})])
+def test_plot_run_curves(tmp_path, window, target, events):
+    path = plots.plot_run_curves(run_rows(0), tmp_path / "curves.png", title="digits, mlp",
+                                 window=window, target=target, events=events)
+    assert path == tmp_path / "curves.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.pdf", "curves.png"]
+    assert_figure(path, (6.4, 3 * 2.6 + 0.5))
 
 
-def test_plot_curves_by_group(tmp_path):
-    runs = [
-        ({"schedule": "constant", "seed": 0}, run_rows(0)),
-        ({"schedule": "constant", "seed": 1}, run_rows(1)),
-        ({"schedule": "polynomial", "seed": 0}, run_rows(2, num_rounds=4)),  # one run: no band
-    ]
-    path = plots.plot_curves_by_group(runs, "schedule", "test_accuracy", tmp_path / "g.png")
-    assert_png(path)
+def test_plot_bytes_per_round(tmp_path):
+    path = plots.plot_bytes_per_round(run_rows(0), tmp_path / "bytes.png", title="t")
+    assert_figure(path, (6.4, 3.4 + 0.5))
 
 
-@pytest.mark.parametrize("x", ["final_sparsity", "measured_sparsity"])
-def test_plot_accuracy_vs_sparsity(tmp_path, x):
-    rows = [
-        {"schedule": s, "final_sparsity": fs, "accuracy": 0.9 - fs / 4 + 0.01 * seed,
-         "measured_sparsity": fs + 0.001 * seed}
-        for s in ("constant", "polynomial") for fs in (0.5, 0.8, 0.9) for seed in range(3)
-    ]  # fmt: skip
-    rows.append({"schedule": "oneshot", "final_sparsity": 0.9, "accuracy": 0.6,
-                 "measured_sparsity": 0.9})  # fmt: skip
-    table = reporting.aggregate(
-        rows, ["schedule", "final_sparsity"], ["accuracy", "measured_sparsity"]
-    )
-    path = plots.plot_accuracy_vs_sparsity(table, tmp_path / "avs.png", x=x)
-    assert_png(path)
-
-
-def test_plot_accuracy_vs_sparsity_rejects_unknown_columns(table, tmp_path):
-    with pytest.raises(ValueError, match="not a metric"):
-        plots.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", y="test_accuracy")
-    with pytest.raises(ValueError, match="neither"):
-        plots.plot_accuracy_vs_sparsity(table, tmp_path / "x.png", x="sparsity")
-
-
-def test_label_heatmap_is_an_atomic_png_without_a_global_backend_switch(tmp_path):
+@pytest.mark.parametrize("num_clients, num_classes", [(2, 3), (10, 10), (25, 10)])
+def test_label_heatmap_labels_every_tick(tmp_path, num_clients, num_classes):
     import matplotlib
 
     backend = matplotlib.get_backend()
-    counts = np.array([[3, 0, 1], [0, 5, 0]])  # 2 clients, 3 classes
-    path = plots.plot_label_heatmap(counts, tmp_path / "heat.png", title="iid")
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    assert os.listdir(tmp_path) == ["heat.png"]
-    assert matplotlib.get_backend() == backend
+    counts = np.random.default_rng(0).integers(0, 30, (num_clients, num_classes))
+    path = plots.plot_label_heatmap(counts, tmp_path / "heat.png", title="dirichlet (α = 0.5)")
+    assert_figure(path, (3.5 + 0.35 * num_classes, 1.6 + 0.22 * num_clients))
+    assert matplotlib.get_backend() == backend  # no global backend switch
+
+
+@pytest.mark.parametrize("args, label", [
+    (dict(schedule="polynomial", masking="both", power=3.0), "polynomial (p = 3), both"),
+    (dict(schedule="polynomial", masking="client", power=1.5, granularity="step"),
+     "polynomial (p = 1.5), client, step"),
+    (dict(schedule="oneshot", masking="server", noise_multiplier=1.0), "oneshot, server, z = 1"),
+    (dict(schedule="dense"), "dense"),
+])
+def test_series_label(args, label):
+    assert grid_plots.series_label(**args) == label
+
+
+def test_plot_curves_by_group_bands(tmp_path):
+    runs = [("constant, both", run_rows(0)), ("constant, both", run_rows(1)),
+            ("polynomial (p = 3), both", run_rows(2, num_rounds=4))]  # one run: no band
+    path = grid_plots.plot_curves_by_group(runs, "test_accuracy", tmp_path / "g.png", title="t")
+    assert_figure(path, (6.4, 4.5))
+
+
+@pytest.mark.parametrize("x, log_x", [("final_sparsity", False), ("sparsity", False),
+                                      ("total_mib", True)])
+def test_plot_tradeoff(tmp_path, x, log_x):
+    rows = [
+        {"series": s, "final_sparsity": fs, "accuracy": 0.9 - fs / 4 + 0.01 * seed,
+         "sparsity": fs + 0.001 * seed, "total_mib": 10 * (1 - fs) + 0.1 * seed}
+        for s in ("constant, both", "polynomial (p = 3), both") for fs in (0.5, 0.8, 0.9)
+        for seed in range(3)
+    ]  # fmt: skip
+    rows.append({"series": "oneshot, both", "final_sparsity": 0.9, "accuracy": 0.6,
+                 "sparsity": 0.9, "total_mib": 1.0})  # fmt: skip
+    table = reporting.aggregate(rows, ["series", "final_sparsity"],
+                                ["accuracy", "sparsity", "total_mib"])
+    path = grid_plots.plot_tradeoff(table, tmp_path / "t.png", x=x, log_x=log_x,
+                                    series_by=["series"])
+    assert_figure(path, (6.4, 4.5))
+
+
+def test_plot_tradeoff_rejects_unknown_columns(tmp_path):
+    table = reporting.aggregate([{"series": "a", "final_sparsity": 0.5, "accuracy": 0.9}],
+                                ["series", "final_sparsity"], ["accuracy"])
+    with pytest.raises(ValueError, match="not a metric"):
+        grid_plots.plot_tradeoff(table, tmp_path / "x.png", x="final_sparsity",
+                                 y="test_accuracy")
+    with pytest.raises(ValueError, match="neither"):
+        grid_plots.plot_tradeoff(table, tmp_path / "x.png", x="sparsity")
+    with pytest.raises(ValueError, match="not grouping keys"):
+        grid_plots.plot_tradeoff(table, tmp_path / "x.png", x="final_sparsity",
+                                 series_by=["schedule"])

@@ -37,6 +37,7 @@ from cli_util import (
     parse_flagfile,
     tree,
 )
+from figure_util import assert_figure
 
 from experiments import common, flagfile
 from fedprune.config import ExperimentConfig
@@ -386,10 +387,22 @@ def test_metrics_summary_tensorboard_and_plots(smoke_run):
     assert summary["total_bytes_down"] == sum(int(r["bytes_down"]) for r in rows)
     assert summary["total_bytes_up"] == sum(int(r["bytes_up"]) for r in rows)
     assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))
-    pngs = sorted(p.name for p in output_dir.glob("*.png"))
-    assert "curves.png" in pngs and "label_heatmap.png" in pngs
-    for name in pngs:
-        assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert sorted(p.name for p in output_dir.glob("*.png")) == [
+        "bytes.png", "curves.png", "label_heatmap.png"]
+    for png in output_dir.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png.name
+        assert png.with_suffix(".pdf").read_bytes()[:4] == b"%PDF", png.name
+    # Not blank, at inches x DPI: 3 panels of 6.4 x 2.6 in; 4 clients x 10 classes.
+    assert_figure(output_dir / "curves.png", (6.4, 3 * 2.6 + 0.5))
+    assert_figure(output_dir / "label_heatmap.png", (3.5 + 0.35 * 10, 1.6 + 0.22 * 4))
+    # The per-layer table: the exported MLP's 4 weight tensors, adding up to its size.
+    layers = summary["layers"]
+    assert [row["shape"] for row in layers] == [[64, 128], [128], [128, 10], [10]]
+    assert sum(row["parameters"] for row in layers) == summary["model_params"]
+    assert sum(row["kept"] for row in layers) == summary["final_nonzero_params"]
+    for row in layers:
+        assert row["sparsity"] == pytest.approx(1 - row["kept"] / row["parameters"])
+        assert row["bytes_stored"] <= row["bytes_dense"] == 4 * row["parameters"]
 
 
 @pytest.mark.slow

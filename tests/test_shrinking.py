@@ -210,14 +210,14 @@ def test_shrunk_process_continues_with_sliced_adam_state(client_data, trained):
     assert np.isfinite(float(after.metrics["client_work"]["train"]["loss"]))
 
 
-def test_model_size_of_a_model_flops_cannot_count():
+def test_model_size_of_a_model_macs_cannot_count():
     from fedprune.model import builders
 
     rnn = builders.rnn((5,), 7, embedding_dim=2, units=4)
     # Embedding 7x2, LSTM 4 * (2 + 4 + 1) * 4, Dense 4x7 + 7.
     params = 7 * 2 + 4 * 4 * (2 + 4 + 1) + 4 * 7 + 7
     assert shrinking.model_size(rnn) == {"params": params, "model_bytes": 4 * params,
-                                         "flops_per_example": ""}
+                                         "macs_per_example": ""}
 
 
 # --------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_run_shrinks_after_the_schedule_and_keeps_training(shrunk_run):
     before, after = 64 * 128 + 128 + 128 * 10 + 10, 64 * 64 + 64 + 64 * 10 + 10
     assert (before, after) == (9_610, 4_810)
     assert [int(r["params"]) for r in rows] == [before, before, after, after]
-    assert [int(r["flops_per_example"]) for r in rows] == [64 * 128 + 1280] * 2 + [
+    assert [int(r["macs_per_example"]) for r in rows] == [64 * 128 + 1280] * 2 + [
         64 * 64 + 640] * 2
     assert [int(r["model_bytes"]) for r in rows] == [4 * before] * 2 + [4 * after] * 2
     accuracy = [float(r["test_accuracy"]) for r in rows]
@@ -297,6 +297,6 @@ def test_resume_after_the_shrink_gives_the_uninterrupted_result(shrunk_run, tmp_
     loop.run_experiment(_config(), tmp_path, log=lambda line: None, stop_after_round=3)
     resumed = loop.run_experiment(_config(), tmp_path, resume=True, log=lambda line: None)
     for key in ("final_test_accuracy", "final_train_loss", "final_nonzero_params",
-                "total_bytes_down", "total_bytes_up", "params", "flops_per_example"):
+                "total_bytes_down", "total_bytes_up", "params", "macs_per_example"):
         assert resumed[key] == summary[key], key
     assert resumed["shrink"]["kept_units"] == summary["shrink"]["kept_units"]

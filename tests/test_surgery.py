@@ -36,16 +36,16 @@ CLOSED_FORMS = {
     "mlp": dict(
         params=(64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10,        # 2,778
                 64 * 16 + 16 + 16 * 8 + 8 + 8 * 10 + 10),           # 1,266
-        flops=(64 * 32 + 32 * 16 + 16 * 10,                           # 2,720
-               64 * 16 + 16 * 8 + 8 * 10),                            # 1,232
+        macs=(64 * 32 + 32 * 16 + 16 * 10,                           # 2,720
+              64 * 16 + 16 * 8 + 8 * 10),                            # 1,232
     ),
     # conv 5x5 (8 -> 4 filters) on 8x8, pool -> 4x4, conv 5x5 (16 -> 8) on 4x4,
     # pool -> 2x2, flatten 2*2*16 = 64 (-> 32), dense 32 (-> 16), output 10.
     "cnn": dict(
         params=(5 * 5 * 1 * 8 + 8 + 5 * 5 * 8 * 16 + 16 + 64 * 32 + 32 + 32 * 10 + 10,  # 5,834
                 5 * 5 * 1 * 4 + 4 + 5 * 5 * 4 * 8 + 8 + 32 * 16 + 16 + 16 * 10 + 10),  # 1,610
-        flops=(5 * 5 * 1 * 8 * 8 * 8 + 5 * 5 * 8 * 16 * 4 * 4 + 64 * 32 + 32 * 10,   # 66,368
-               5 * 5 * 1 * 4 * 8 * 8 + 5 * 5 * 4 * 8 * 4 * 4 + 32 * 16 + 16 * 10),   # 19,872
+        macs=(5 * 5 * 1 * 8 * 8 * 8 + 5 * 5 * 8 * 16 * 4 * 4 + 64 * 32 + 32 * 10,   # 66,368
+              5 * 5 * 1 * 4 * 8 * 8 + 5 * 5 * 4 * 8 * 4 * 4 + 32 * 16 + 16 * 10),   # 19,872
     ),
     # As "cnn" with 3x3 kernels, plus BatchNorm's 4 vectors (gamma, beta, moving
     # mean and variance) per channel; BatchNorm is not counted in multiply-adds.
@@ -54,12 +54,12 @@ CLOSED_FORMS = {
                 + 64 * 32 + 32 + 32 * 10 + 10,                                     # 3,754
                 3 * 3 * 1 * 4 + 4 + 4 * 4 + 3 * 3 * 4 * 8 + 8 + 4 * 8
                 + 32 * 16 + 16 + 16 * 10 + 10),                                    # 1,082
-        flops=(3 * 3 * 1 * 8 * 8 * 8 + 3 * 3 * 8 * 16 * 4 * 4 + 64 * 32 + 32 * 10,  # 25,408
-               3 * 3 * 1 * 4 * 8 * 8 + 3 * 3 * 4 * 8 * 4 * 4 + 32 * 16 + 16 * 10),  # 7,584
+        macs=(3 * 3 * 1 * 8 * 8 * 8 + 3 * 3 * 8 * 16 * 4 * 4 + 64 * 32 + 32 * 10,  # 25,408
+              3 * 3 * 1 * 4 * 8 * 8 + 3 * 3 * 4 * 8 * 4 * 4 + 32 * 16 + 16 * 10),  # 7,584
     ),
     "functional_mlp": dict(
         params=(2_778, 1_266),
-        flops=(2_720, 1_232),
+        macs=(2_720, 1_232),
     ),
 }
 
@@ -114,14 +114,14 @@ def test_shrunk_equals_masked(name, norm):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_params_bytes_and_flops_match_closed_forms(name):
+def test_params_bytes_and_macs_match_closed_forms(name):
     model, _, _, _ = _masked(name, "l2")
     small = surgery.shrink(model, surgery.kept_units_from_masks(model))
-    params, flops = CLOSED_FORMS[name]["params"], CLOSED_FORMS[name]["flops"]
+    params, macs = CLOSED_FORMS[name]["params"], CLOSED_FORMS[name]["macs"]
     assert (surgery.count_params(model), surgery.count_params(small)) == params
     assert (surgery.model_bytes(model), surgery.model_bytes(small)) == (4 * params[0],
                                                                        4 * params[1])
-    assert (surgery.flops_per_example(model), surgery.flops_per_example(small)) == flops
+    assert (surgery.macs_per_example(model), surgery.macs_per_example(small)) == macs
 
 
 @pytest.mark.parametrize(
@@ -244,9 +244,9 @@ def test_shrink_rejects_wrapped_models():
         surgery.shrink(wrapped, {})
 
 
-def test_flops_reject_layers_they_cannot_count():
+def test_macs_reject_layers_they_cannot_count():
     with pytest.raises(unit_layout.UnsupportedArchitecture, match="Embedding"):
-        surgery.flops_per_example(builders.rnn((5,), 7, units=4))
+        surgery.macs_per_example(builders.rnn((5,), 7, units=4))
 
 
 @pytest.mark.slow

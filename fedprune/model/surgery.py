@@ -206,7 +206,7 @@ def model_bytes(model) -> int:
     return 4 * count_params(model)
 
 
-def flops_per_example(model) -> int:
+def macs_per_example(model) -> int:
     """Multiply-adds of one example's forward pass through the Dense and Conv layers.
 
     Convention: one multiply-add per kernel weight per output position, i.e.
@@ -229,6 +229,6 @@ def flops_per_example(model) -> int:
             total += inner.kernel.shape.num_elements() * positions
         elif inner.weights and kind != "BatchNormalization":
             raise UnsupportedArchitecture(
-                f"flops_per_example counts Dense, Conv1D/2D/3D and BatchNormalization; "
+                f"macs_per_example counts Dense, Conv1D/2D/3D and BatchNormalization; "
                 f"layer {layer.name!r} is {kind}")
     return int(total)

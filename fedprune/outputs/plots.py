@@ -1,14 +1,17 @@
-"""Plots: PNG figures of runs, grids and partitions.
+"""Plots: a run's figures, in PNG (`DPI` dots per inch) and PDF.
 
-Drawn with matplotlib's Agg canvas on a bare `Figure` (no pyplot, no global
-backend switch) and written atomically (`fedprune.outputs.atomic_files`); matplotlib
-is imported inside the plotting functions so importing this module stays
-cheap.
+Drawn with matplotlib's object API: a bare `Figure` on the Agg canvas (no
+pyplot, no global backend switch), saved as `<name>.png` and `<name>.pdf`
+side by side, each written atomically (`fedprune.outputs.atomic_files`).
+matplotlib is imported inside the functions, so importing this module stays
+cheap. The grid figures are in `fedprune/outputs/grid_plots.py`, on the
+helpers here.
 
-* `plot_run_curves`: one run's test accuracy and global sparsity per round.
-* `plot_curves_by_group`: a metric per round, mean and band over the runs of a group.
-* `plot_accuracy_vs_sparsity`: a grid's accuracy against sparsity, a line per schedule.
-* `plot_label_heatmap`: examples per (client, class) of a partition.
+* `plot_run_curves`: accuracy, loss and sparsity per round; the schedule's
+  window shaded, its target drawn.
+* `plot_bytes_per_round`: bytes sent per round, up and down, beside dense.
+* `plot_label_heatmap`: examples per (client, class) of a partition, with the
+  clients' sizes beside it.
 
 Pure Python + numpy; no TensorFlow import.
 """
@@ -24,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from fedprune.outputs.atomic_files import PathLike, atomic_write_bytes
-from fedprune.outputs.reporting import Table, mean_ci
+
+DPI = 150  # dots per inch of every PNG: its pixel size is the figure's inches x DPI
+FORMATS = ("png", "pdf")
 
 
-def _agg_figure(figsize: tuple[float, float], **kwargs):
+def agg_figure(figsize: tuple[float, float], **kwargs):
     """A bare matplotlib `Figure` of `figsize` inches, drawn by the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -37,204 +42,186 @@ def _agg_figure(figsize: tuple[float, float], **kwargs):
     return fig
 
 
-def _new_figure(nrows: int = 1, *, height: float = 3.2):
-    """A bare figure of `nrows` stacked axes sharing the x axis, and those axes."""
-    fig = _agg_figure((6.0, height * nrows), layout="constrained")
+def new_figure(nrows: int = 1, *, height: float = 2.6, width: float = 6.4):
+    """A bare figure of `nrows` stacked axes sharing the x axis, and those axes.
+
+    Every axes keeps its own tick labels (matplotlib hides the upper ones of a
+    shared axis otherwise).
+    """
+    fig = agg_figure((width, height * nrows + 0.5), layout="constrained")
     axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
+    for ax in axes:
+        ax.tick_params(labelbottom=True)
     return fig, axes
 
 
-def _label_rounds(ax) -> None:
+def label_rounds(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
 
 
-def _save_png(fig, path: PathLike, *, dpi: int = 120) -> pathlib.Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(path, buffer.getvalue())
+def save_figure(fig, path: PathLike) -> pathlib.Path:
+    """Writes `fig` as `path` (.png, `DPI`) and beside it as .pdf, each atomically.
+
+    Returns:
+      The PNG's path; the PDF is `path.with_suffix(".pdf")`.
+    """
+    path = pathlib.Path(path).with_suffix(".png")
+    for fmt in FORMATS:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=DPI)
+        atomic_write_bytes(path.with_suffix(f".{fmt}"), buffer.getvalue())
+    return path
 
 
-def _number(value: Any) -> float:
+def number(value: Any) -> float:
     """A float from a metrics cell; empty cells (metric not computed that round) are NaN."""
     if value is None or value == "":
         return math.nan
     return float(value)
 
 
-def _series(rows: Iterable[Mapping[str, Any]], round_key: str, key: str):
+def series(rows: Iterable[Mapping[str, Any]], round_key: str, key: str):
     """(rounds, values) of one metric, rows where it is missing or NaN left out."""
-    points = [(_number(r[round_key]), _number(r.get(key))) for r in rows]
+    points = [(number(r[round_key]), number(r.get(key))) for r in rows]
     points = [(x, y) for x, y in points if not math.isnan(y)]
     return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def _shade_window(ax, window: tuple[float, float] | None) -> None:
+    if window is not None and window[1] >= window[0]:
+        # Half a round either side, so a one-round window (oneshot) is visible too.
+        ax.axvspan(window[0] - 0.5, window[1] + 0.5, color="0.85", zorder=0,
+                   label="schedule window")
 
 
 def plot_run_curves(
     metrics_rows: Sequence[Mapping[str, Any]],
     path: PathLike,
     *,
-    round_key: str = "round",
-    accuracy_key: str = "test_accuracy",
-    sparsity_key: str = "global_sparsity",
     title: str | None = None,
+    window: tuple[int, int] | None = None,
+    target: float | None = None,
+    events: Mapping[str, float] | None = None,
+    round_key: str = "round",
 ) -> pathlib.Path:
-    """Plots one run: test accuracy (top) and global sparsity (bottom) against the round.
+    """Plots one run against the round: accuracy, loss, sparsity (3 panels, PNG and PDF).
 
     Args:
       metrics_rows: the run's metrics, one mapping per round (e.g. read back
         from metrics.csv; numeric strings are fine, empty cells are skipped).
-      path: the PNG file to write (atomically).
-      round_key, accuracy_key, sparsity_key: the column names.
-      title: optional figure title.
+        Columns drawn where present: test_/train_accuracy, test_/train_loss,
+        global_sparsity, and the schedule's `target_sparsity` per round.
+      path: the PNG file to write (the PDF goes beside it).
+      title: the figure title (e.g. dataset, model, masking, schedule, target, seed).
+      window: (first, last) round whose end updates the mask, shaded in every
+        panel; None: no window (dense).
+      target: the schedule's final sparsity, a dashed horizontal line.
+      events: {label: round} drawn as dotted vertical lines after that round
+        (e.g. {"shrink": 20}: from then on the model is smaller, its
+        global sparsity 0).
+      round_key: the rounds column.
 
     Returns:
-      `path` as a `pathlib.Path`.
+      The PNG's path.
     """
-    fig, (acc_ax, sparsity_ax) = _new_figure(2)
-    for ax, key in ((acc_ax, accuracy_key), (sparsity_ax, sparsity_key)):
-        rounds, values = _series(metrics_rows, round_key, key)
-        ax.plot(rounds, values, marker="." if len(rounds) < 50 else None)
-        ax.set_ylabel(key.replace("_", " "))
-        _label_rounds(ax)
+    panels = (("accuracy", ("test_accuracy", "train_accuracy")),
+              ("loss", ("test_loss", "train_loss")),
+              ("sparsity", ("global_sparsity", "target_sparsity")))
+    fig, axes = new_figure(len(panels))
+    for ax, (ylabel, keys) in zip(axes, panels, strict=True):
+        _shade_window(ax, window)
+        for i, (label, round_num) in enumerate((events or {}).items()):
+            ax.axvline(round_num + 0.5, color=f"C{i + 3}", linestyle=":", label=label)
+        for key, style in zip(keys, ("-", ":"), strict=True):
+            rounds, values = series(metrics_rows, round_key, key)
+            if len(rounds):
+                ax.plot(rounds, values, style, marker="." if len(rounds) < 50 else None,
+                        label=key.replace("_", " "))
+        ax.set_ylabel(ylabel)
+        label_rounds(ax)
         ax.grid(alpha=0.3)
+    sparsity_ax = axes[-1]
     sparsity_ax.set_ylim(-0.02, 1.02)  # sparsity is a fraction
+    if target is not None:
+        sparsity_ax.axhline(target, color="k", linestyle="--", linewidth=1,
+                            label=f"target {target:g}")
+    for ax in axes:
+        ax.legend(fontsize="small", loc="best")
     if title:
         fig.suptitle(title)
-    return _save_png(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_curves_by_group(
-    runs: Iterable[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]],
-    key: str,
-    metric: str,
+def plot_bytes_per_round(
+    metrics_rows: Sequence[Mapping[str, Any]],
     path: PathLike,
     *,
+    title: str | None = None,
     round_key: str = "round",
-    confidence: float = 0.95,
 ) -> pathlib.Path:
-    """Plots `metric` against the round, one line per value of `key`, mean over runs.
+    """Plots the bytes one round sends (summed over its clients) in KiB, up and down.
 
-    Args:
-      runs: (config, metrics rows) per run; `config[key]` names the run's
-        group (e.g. key='schedule'), runs of one group being e.g. seeds.
-      key: the configuration key to group by; groups in order of first appearance.
-      metric: the metrics column to plot (e.g. 'test_accuracy').
-      path: the PNG file to write (atomically).
-      round_key: the rounds column.
-      confidence: the confidence of the shaded band (`mean_ci` per round;
-        no band at rounds with a single run).
+    Solid: `bytes_up`/`bytes_down` (the efficient encodings,
+    fedprune/federated/communication.py); dashed: `dense_bytes_up`/
+    `dense_bytes_down`, the same tensors sent dense.
 
     Returns:
-      `path` as a `pathlib.Path`.
+      The PNG's path (the PDF goes beside it).
     """
-    by_group: dict[Any, list[dict[float, float]]] = {}
-    for config, rows in runs:
-        rounds, values = _series(rows, round_key, metric)
-        by_group.setdefault(config[key], []).append(dict(zip(rounds, values, strict=True)))
-    fig, (ax,) = _new_figure(1, height=4.0)
-    for value, curves in by_group.items():
-        rounds = sorted(set().union(*curves))
-        stats = [mean_ci([c[r] for c in curves if r in c], confidence) for r in rounds]
-        mean = np.array([s[0] for s in stats])
-        half = np.array([s[1] for s in stats])
-        (line,) = ax.plot(rounds, mean, label=f"{key}={value} (n={len(curves)})")
-        ax.fill_between(
-            rounds,
-            mean - half,
-            mean + half,
-            where=np.isfinite(half),
-            alpha=0.2,
-            color=line.get_color(),
-            linewidth=0,
-        )
-    _label_rounds(ax)
-    ax.set_ylabel(metric.replace("_", " "))
+    fig, (ax,) = new_figure(1, height=3.4)
+    for direction, color in (("up", "C0"), ("down", "C1")):
+        for prefix, style in (("", "-"), ("dense_", "--")):
+            rounds, values = series(metrics_rows, round_key, f"{prefix}bytes_{direction}")
+            ax.plot(rounds, values / 1024, style, color=color,
+                    label=f"{direction}" + (" (dense)" if prefix else ""))
+    ax.set_ylabel("KiB per round")
+    ax.set_ylim(bottom=0)
+    label_rounds(ax)
     ax.grid(alpha=0.3)
-    ax.legend()
-    return _save_png(fig, path)
-
-
-def plot_accuracy_vs_sparsity(
-    table: Table,
-    path: PathLike,
-    *,
-    x: str = "final_sparsity",
-    y: str = "accuracy",
-) -> pathlib.Path:
-    """Plots final accuracy against sparsity with CI error bars, one series per configuration.
-
-    Args:
-      table: from `aggregate`.
-      path: the PNG file to write (atomically).
-      x: a grouping key (e.g. the target 'final_sparsity', no error bar) or a
-        metric (e.g. the measured sparsity, with a horizontal error bar).
-      y: a metric (e.g. 'accuracy').
-      The series are the values of the remaining grouping keys (e.g. the
-      schedule), points sorted by x; a group with n == 1 has no error bar.
-
-    Returns:
-      `path` as a `pathlib.Path`.
-
-    Raises:
-      ValueError: `x` or `y` is not in the table.
-    """
-    if y not in table.metrics:
-        raise ValueError(f"y={y!r} is not a metric of the table {table.metrics}")
-    if x not in table.metrics and x not in table.group_by:
-        raise ValueError(f"x={x!r} is neither a metric nor a grouping key of the table")
-    series_keys = [k for k in table.group_by if k != x]
-    series: dict[str, list[tuple[float, float, float, float]]] = {}
-    for g in table.groups:
-        config = dict(zip(table.group_by, g.key, strict=True))
-        if x in table.metrics:
-            x_mean, x_ci = g.mean[x], g.ci[x]
-        else:
-            x_mean, x_ci = float(config[x]), math.nan
-        label = ", ".join(f"{k}={config[k]}" for k in series_keys) or y
-        series.setdefault(label, []).append((x_mean, x_ci, g.mean[y], g.ci[y]))
-    fig, (ax,) = _new_figure(1, height=4.0)
-    for label, points in series.items():
-        xs, x_cis, ys, y_cis = np.array(sorted(points)).T
-        ax.errorbar(
-            xs,
-            ys,
-            xerr=np.nan_to_num(x_cis) if x in table.metrics else None,
-            yerr=np.nan_to_num(y_cis),  # NaN (n == 1): no bar
-            marker="o",
-            capsize=3,
-            label=label,
-        )
-    ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel(y.replace("_", " "))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save_png(fig, path)
+    ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
 
 
 def plot_label_heatmap(count_matrix: np.ndarray, path: PathLike, *,
                        title: str | None = None) -> pathlib.Path:
-    """Writes a PNG heat map of examples per (client, class), atomically.
+    """Writes a heat map of examples per (client, class), with each client's size beside it.
+
+    Every client and class tick is labelled; each client's total is a bar on
+    the right, with its number.
 
     Args:
       count_matrix: int [num_clients, num_classes], e.g.
         `partitions.partition_stats(...)["count_matrix"]`.
-      path: output file path (PNG).
-      title: optional figure title.
+      path: the PNG file to write (the PDF goes beside it).
+      title: the figure title (e.g. the partition and its Dirichlet α).
 
     Returns:
-      `path` as a `pathlib.Path`.
+      The PNG's path.
     """
     count_matrix = np.asarray(count_matrix)
     num_clients, num_classes = count_matrix.shape
-    fig = _agg_figure((min(2 + 0.3 * num_classes, 16), min(2 + 0.12 * num_clients, 12)))
-    ax = fig.subplots()
-    image = ax.imshow(count_matrix, aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_xlabel("class")
-    ax.set_ylabel("client")
+    sizes = count_matrix.sum(axis=1)
+    fig = agg_figure((min(3.5 + 0.35 * num_classes, 18), min(1.6 + 0.22 * num_clients, 40)),
+                     layout="constrained")
+    heat_ax, size_ax = fig.subplots(1, 2, sharey=True, width_ratios=(3, 1))
+    image = heat_ax.imshow(count_matrix, aspect="auto", interpolation="nearest",
+                           cmap="viridis")
+    heat_ax.set_xticks(range(num_classes), [str(c) for c in range(num_classes)])
+    heat_ax.set_yticks(range(num_clients), [str(c) for c in range(num_clients)])
+    heat_ax.set_xlabel("class")
+    heat_ax.set_ylabel("client")
+    fig.colorbar(image, ax=heat_ax, label="examples", location="bottom", shrink=0.8)
+    size_ax.barh(range(num_clients), sizes, color="0.5")
+    for client, size in enumerate(sizes):
+        size_ax.text(size, client, f" {size}", va="center", fontsize="small")
+    size_ax.set_xlim(0, sizes.max() * 1.3 if sizes.max() > 0 else 1)
+    size_ax.set_xlabel("examples")
+    size_ax.tick_params(labelleft=False)
     if title:
-        ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="examples")
-    fig.tight_layout()
-    return _save_png(fig, path, dpi=100)
+        fig.suptitle(title)
+    return save_figure(fig, path)

@@ -7,7 +7,8 @@ through `atomic_files`):
                        the numbers depend on beyond the settings (`provenance`)
   metrics.csv          one row per round (rewritten every round; `METRIC_COLUMNS`)
   summary.json         final numbers
-  partition.json, label_heatmap.png   client sizes and label skew
+  partition.json, label_heatmap.{png,pdf}   client sizes and label skew
+  curves.{png,pdf}, bytes.{png,pdf}   accuracy, loss, sparsity and bytes per round
   model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
 
 Importing this module is cheap: TensorFlow is imported by `export_model` only.
@@ -28,14 +29,14 @@ from fedprune import extensions
 from fedprune.config import ExperimentConfig
 from fedprune.data import datasets
 from fedprune.federated import communication
-from fedprune.outputs import atomic_files, plots
+from fedprune.outputs import atomic_files, grid_plots, plots
 from fedprune.outputs.provenance import cpu_model, git_commit, package_versions, uv_lock_sha256
 from fedprune.program.evaluation import Evaluator
 
 METRIC_COLUMNS = (
     "round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "global_sparsity",
     "target_sparsity", "client_sparsity", "nonzero_params", "params", "model_bytes",
-    "flops_per_example",
+    "macs_per_example",
     "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
     "dense_bytes_down", "dense_bytes_up",
     "tff_bytes_down", "tff_bytes_up", "clients", "epsilon", "epsilon_rdp", "epsilon_pld",
@@ -88,7 +89,17 @@ def write_config(config: ExperimentConfig, output_dir: Path, extra: dict | None 
     atomic_files.atomic_write_json(output_dir / "config.json", payload)
 
 
-def write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
+def partition_title(config: ExperimentConfig) -> str:
+    """The label heat map's title: dataset, clients, partition (with its α or shards)."""
+    detail = {"dirichlet": f" (α = {config.dirichlet_alpha:g})",
+              "shards": f" ({config.shards_per_client} shards per client)"}
+    return (f"{config.dataset}: {config.num_clients} clients, {config.partition}"
+            + detail.get(config.partition, ""))
+
+
+def write_partition(data: datasets.FederatedData, output_dir: Path,
+                    title: str | None = None) -> None:
+    """partition.json and, for labelled data, label_heatmap.{png,pdf} titled `title`."""
     sizes = [data.num_examples(c) for c in data.client_ids]
     info = {"num_clients": len(sizes), "examples_per_client": sizes,
             "min": int(min(sizes)), "max": int(max(sizes)), "mean": float(np.mean(sizes))}
@@ -96,12 +107,87 @@ def write_partition(data: datasets.FederatedData, output_dir: Path) -> None:
     if counts is not None:
         info["distinct_labels_per_client"] = [int((row > 0).sum()) for row in counts]
         info["label_counts"] = counts.tolist()
-        plots.plot_label_heatmap(counts, output_dir / "label_heatmap.png")
+        plots.plot_label_heatmap(counts, output_dir / "label_heatmap.png", title=title)
     atomic_files.atomic_write_json(output_dir / "partition.json", info)
 
 
+def schedule_window(config: ExperimentConfig) -> tuple[int, int] | None:
+    """(first, last) round whose end updates the mask, or None for a dense run."""
+    last = config.last_mask_update_round()
+    if config.masking == "none" or config.make_schedule().dense:
+        return None
+    return getattr(config.make_schedule(), "begin_round", 0), last
+
+
+def run_title(config: ExperimentConfig) -> str:
+    """A run's figure title: dataset, model, schedule (power), masking, target, seed."""
+    if schedule_window(config) is None:
+        return f"{config.dataset}, {config.model}: dense; seed {config.seed}"
+    schedule = config.make_schedule()
+    label = grid_plots.series_label(config.schedule, masking=config.masking,
+                                    power=getattr(schedule, "power", None))
+    return (f"{config.dataset}, {config.model}: {label}; "
+            f"target {schedule.final_sparsity_value:g}, seed {config.seed}")
+
+
+def schedule_target(config: ExperimentConfig) -> float | None:
+    """The schedule's final sparsity, or None for a dense run."""
+    return None if schedule_window(config) is None else config.make_schedule().final_sparsity_value
+
+
+def curve_events(config: ExperimentConfig) -> dict[str, int]:
+    """{label: round} marked on a run's curves: the shrink of a structured run, if any."""
+    shrink = config.shrink_round()
+    return {f"shrink after round {shrink}": shrink} if shrink else {}
+
+
+def write_figures(config: ExperimentConfig, rows: list[dict], output_dir: Path) -> list[Path]:
+    """curves.{png,pdf} and bytes.{png,pdf} of a run's metrics rows; returns the PNGs.
+
+    A structured run's shrink is marked on the curves (`curve_events`).
+    """
+    title = run_title(config)
+    return [
+        plots.plot_run_curves(rows, output_dir / "curves.png", title=title,
+                              window=schedule_window(config), target=schedule_target(config),
+                              events=curve_events(config)),
+        plots.plot_bytes_per_round(rows, output_dir / "bytes.png", title=title),
+    ]
+
+
+def layer_table(weights) -> list[dict]:
+    """summary.json's per-layer table: one row per weight tensor of the exported model.
+
+    Args:
+      weights: (name, array) per weight tensor, e.g. a Keras model's
+        `(w.name, w.numpy())`.
+
+    Returns:
+      Rows {name, shape, parameters, kept (nonzero entries), sparsity
+      (1 - kept / parameters), bytes_dense (float32), bytes_stored and encoding
+      (the smallest of `encodings.py`'s encodings that holds the tensor alone:
+      dense, bitmap + values, or coordinate list)}.
+    """
+    from fedprune.federated import encodings
+
+    rows = []
+    for name, array in weights:
+        array = np.asarray(array, np.float32)
+        kept = int(np.count_nonzero(array))
+        encoding, stored = encodings.smallest_encoding(array)
+        rows.append({"name": name, "shape": list(array.shape), "parameters": int(array.size),
+                     "kept": kept, "sparsity": 1.0 - kept / array.size if array.size else 0.0,
+                     "bytes_dense": 4 * int(array.size), "bytes_stored": int(stored),
+                     "encoding": encoding})
+    return rows
+
+
 def export_model(pp, weights, output_dir: Path) -> dict:
-    """Saves the stripped final model as HDF5 and a deflate zip; returns sizes in bytes."""
+    """Saves the stripped final model as HDF5 and a deflate zip.
+
+    Returns:
+      {model_bytes_h5, model_bytes_zipped, model_params, layers (`layer_table`)}.
+    """
     from fedprune.pruning import wrappers
 
     model_dir = output_dir / "model"
@@ -121,7 +207,8 @@ def export_model(pp, weights, output_dir: Path) -> dict:
             zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.write(h5, arcname="model.h5")
     return {"model_bytes_h5": h5.stat().st_size, "model_bytes_zipped": zipped.stat().st_size,
-            "model_params": int(sum(np.size(w) for w in model.get_weights()))}
+            "model_params": int(sum(np.size(w) for w in model.get_weights())),
+            "layers": layer_table((w.name, w.numpy()) for w in model.weights)}
 
 
 def size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) -> dict:
@@ -131,8 +218,8 @@ def size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) -
     pruned_by = config.last_mask_update_round()
     tail = [float(r["round_seconds"]) for r in rows if int(r["round"]) > pruned_by]
     summary = {"params": int(last["params"]), "model_bytes": int(last["model_bytes"]),
-               "flops_per_example": (int(last["flops_per_example"])
-                                     if last["flops_per_example"] != "" else None),
+               "macs_per_example": (int(last["macs_per_example"])
+                                     if last["macs_per_example"] != "" else None),
                # After the schedule's last mask update (and the shrink): the model's final cost.
                "median_round_seconds_after_pruning": float(np.median(tail or seconds)),
                "shrink": None}
@@ -192,7 +279,11 @@ def read_metrics(output_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for row in rows:  # a run written before the rename (resumed now)
+        if "flops_per_example" in row:
+            row["macs_per_example"] = row.pop("flops_per_example")
+    return rows
 
 
 def read_summary(output_dir) -> dict | None:

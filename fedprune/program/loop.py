@@ -10,8 +10,9 @@ evaluates (`evaluation`), checkpoints, and writes (`outputs`, `provenance`,
                        the numbers depend on beyond the settings (`provenance`)
   metrics.csv          one row per round (rewritten atomically every round)
   summary.json         final numbers (atomic)
-  partition.json, label_heatmap.png   client sizes and label skew
-  curves.png           test accuracy and global sparsity vs round
+  partition.json, label_heatmap.{png,pdf}   client sizes and label skew
+  curves.{png,pdf}     accuracy, loss and sparsity vs round (schedule window shaded)
+  bytes.{png,pdf}      bytes per round, up and down, beside dense
   tensorboard/         TensorBoard event files
   model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
                        (after a shrink: the smaller model, plain Keras layers)
@@ -54,7 +55,7 @@ import numpy as np
 
 from fedprune.config import ExperimentConfig
 from fedprune.federated import communication, privacy_accounting
-from fedprune.outputs import atomic_files, plots, privacy_report, run_files
+from fedprune.outputs import atomic_files, privacy_report, run_files
 from fedprune.program import assembly, checkpoint, evaluation, shrinking
 from fedprune.runtime import interrupts
 
@@ -208,7 +209,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
             "pruning_steps": evaluation.step_section(pp),
             "layer_budgets": evaluation.budget_section(config, pp)},
                      data=data, provenance=provenance)
-        run_files.write_partition(data, output_dir)
+        run_files.write_partition(data, output_dir, run_files.partition_title(config))
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
     writer = tf.summary.create_file_writer(str(output_dir / "tensorboard"))
@@ -305,8 +306,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     summary.update(run_files.size_summary(config, rows, output_dir))
     summary.update(run_files.export_model(pp, weights, output_dir))
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
-    plots.plot_run_curves(rows, output_dir / "curves.png",
-                              title=f"{config.dataset} {config.masking} {config.schedule}")
+    run_files.write_figures(config, rows, output_dir)
     eps_text = (f"epsilon {rows[-1]['epsilon']:.3g} (delta {config.dp_delta:g})  "
                 if dp else "")
     log(f"done: test_accuracy {summary['final_test_accuracy']:.4f}  "
@@ -362,8 +362,8 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
     }
     atomic_files.atomic_write_json(output_dir / "shrink.json", info)
     line = (f"shrunk after round {round_num}: params {before['params']:,} -> {after['params']:,}, "
-        f"multiply-adds/example {before['flops_per_example']:,} -> "
-        f"{after['flops_per_example']:,}, units " + ", ".join(
+        f"multiply-adds/example {before['macs_per_example']:,} -> "
+        f"{after['macs_per_example']:,}, units " + ", ".join(
             f"{info['layers'][i]} {len(k)}/{info['units_before'][i]}"
             for i, k in info["kept_units"].items())
         + f"; max |logit difference| {difference:.2g}")

@@ -20,7 +20,7 @@ Training then continues on a new TFF process built for the smaller model:
    are carried over too.
 
 Model size numbers (`model_size`): parameters of the plain (stripped) model,
-its bytes as float32, and multiply-adds per example (`surgery.flops_per_example`).
+its bytes as float32, and multiply-adds per example (`surgery.macs_per_example`).
 """
 
 from __future__ import annotations
@@ -88,17 +88,17 @@ def plain_model(pp, weights):
 
 
 def model_size(model) -> dict:
-    """{params, model_bytes, flops_per_example} of a plain Keras model (see `surgery`).
+    """{params, model_bytes, macs_per_example} of a plain Keras model (see `surgery`).
 
-    `flops_per_example` is "" (unknown) for layers `surgery.flops_per_example`
+    `macs_per_example` is "" (unknown) for layers `surgery.macs_per_example`
     cannot count (e.g. the LSTM of `builders.rnn`) rather than an undercount.
     """
     try:
-        flops = surgery.flops_per_example(model)
+        macs = surgery.macs_per_example(model)
     except unit_layout.UnsupportedArchitecture:
-        flops = ""
+        macs = ""
     return {"params": surgery.count_params(model), "model_bytes": surgery.model_bytes(model),
-            "flops_per_example": flops}
+            "macs_per_example": macs}
 
 
 def transfer_state(old_state, new_process, *, layout: structured.StructuredLayout,
