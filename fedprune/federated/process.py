@@ -35,7 +35,7 @@ from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
 from fedprune.federated.step_pruning import build_step_client_work
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
-from fedprune.pruning import step_schedule, structured, unit_layout, wrappers
+from fedprune.pruning import regrowth, step_schedule, structured, unit_layout, wrappers
 from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
 from fedprune.pruning.schedules import RoundSchedule, ScheduleTable
 
@@ -102,6 +102,7 @@ def build_pruning_process(
     loss_fn: Callable | None = None,
     metrics_fn: Callable | None = None,
     step_mapping: step_schedule.StepMapping | None = None,
+    regrow: regrowth.RegrowSpec | None = None,
 ) -> PruningProcess:
     """Builds the federated pruning process.
 
@@ -128,6 +129,9 @@ def build_pruning_process(
         by it, the server's table is the step schedule per round, and the
         server's global step after round r is `r * step_mapping.steps_per_round`.
         None prunes at round granularity.
+      regrow: prune and regrow at the server after its re-mask
+        (`regrowth.RegrowSpec`; a mode that re-masks, unstructured magnitude
+        masks, round granularity). None: no regrowth.
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
@@ -142,6 +146,13 @@ def build_pruning_process(
     masking_modes.check_mask_aggregation(mode, mask_aggregation)
     if mask_spec.is_unit_structure:
         masking_modes.check_unit_structure(mode, mask_spec.structure)
+    if regrow is not None:
+        masking_modes.check_regrowth(mode, regrow.rule)
+        if regrow.enabled:
+            check(mask_spec.structure == "unstructured" and step_mapping is None
+                  and mask_spec.mask_criterion == "magnitude", "regrow", regrow.rule,
+                  "none unless --structure=unstructured, --mask_criterion=magnitude and "
+                  "--prune_granularity=round")
 
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -241,6 +252,7 @@ def build_pruning_process(
         aggregation_rule=mask_aggregation,
         units=units,
         steps_per_round=steps_per_round,
+        regrow=regrow,
     )
     process = tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,
