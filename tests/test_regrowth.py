@@ -117,16 +117,20 @@ def test_regrowth_is_refused_where_it_makes_no_sense(changes, message):
     assert "\n" not in str(e.value)
 
 
-def test_the_library_refuses_regrowth_without_a_server_re_mask():
+@pytest.mark.parametrize("masking_mode, structure, message", [
+    ("client", "unstructured", "none with --masking=client"),
+    ("server", "block", "none unless --structure=unstructured"),
+])
+def test_the_library_refuses_what_the_config_refuses(masking_mode, structure, message):
     from fedprune.federated import process
     from fedprune.pruning import masking, schedules
 
-    with pytest.raises(InvalidArgument, match="^--regrow='random': expected none with "
-                       "--masking=client"):
+    with pytest.raises(InvalidArgument, match=f"^--regrow='random': expected {message}"):
         process.build_pruning_process(
-            model_builder=None, input_spec=None, masking="client",
-            schedule=schedules.make_schedule("oneshot"), mask_spec=masking.MaskSpec(),
-            num_rounds=3, client_optimizer=None, server_optimizer=None, seed=0,
+            model_builder=None, input_spec=None, masking=masking_mode,
+            schedule=schedules.make_schedule("oneshot"),
+            mask_spec=masking.MaskSpec(structure=structure), num_rounds=3,
+            client_optimizer=None, server_optimizer=None, seed=0,
             regrow=regrowth.RegrowSpec(rule="random", end_round=2))
 
 
