@@ -38,7 +38,14 @@ from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
 from fedprune.federated import masking_modes, privacy
 from fedprune.model import builders
-from fedprune.pruning import layer_budgets, mask_aggregation, masking, schedules, step_schedule
+from fedprune.pruning import (
+    layer_budgets,
+    mask_aggregation,
+    masking,
+    regrowth,
+    schedules,
+    step_schedule,
+)
 
 FLAGS = flags.FLAGS
 
@@ -161,6 +168,24 @@ _SPECS = {
                                        "client|both): average, nonzero (average over the "
                                        "clients that kept a weight), majority (a weight "
                                        "survives when at least half the clients keep it)."),
+    "regrow": _Spec(MASKING, "Prune and regrow (dynamic sparse training): none, or random "
+                             "(SET, Mocanu et al. 2018): after the schedule's re-mask the "
+                             "server drops the smallest kept weights of each layer and grows "
+                             "as many pruned ones, at zero, so the level stays the schedule's. "
+                             "--masking=server|both, --structure=unstructured, "
+                             "--mask_criterion=magnitude, --prune_granularity=round."),
+    "regrow_at": _Spec(MASKING, "--regrow: who adjusts the topology; server (after "
+                                "aggregation, in the server's masking step)."),
+    "regrow_fraction": _Spec(MASKING, "--regrow: fraction in (0, 1) of each layer's kept "
+                                      "weights dropped and regrown at the first adjustment "
+                                      "(RigL's alpha)."),
+    "regrow_decay": _Spec(MASKING, "--regrow: how the fraction decays over rounds: cosine "
+                                   "(fraction/2 * (1 + cos(pi r / --regrow_end_round)), RigL) "
+                                   "or constant."),
+    "regrow_end_round": _Spec(MASKING, "--regrow: no adjustment after rounds >= this round "
+                                       "(-1 = three quarters of --rounds)."),
+    "regrow_every": _Spec(MASKING, "--regrow: adjust the topology after every this many "
+                                   "rounds (RigL's delta T, in rounds)."),
     "dp": _Spec(PRIVACY, "Client-level differential privacy (DP-FedAvg): none, fixed (clip "
                          "every client update to --dp_clip) or adaptive (clip at the "
                          "--dp_target_quantile of update norms, starting at --dp_clip). Needs "
@@ -201,6 +226,9 @@ _ENUMS = {
     "block_pooling": masking.POOLINGS,
     "unit_norm": masking.UNIT_NORMS,
     "mask_aggregation": mask_aggregation.RULES,
+    "regrow": regrowth.RULES,
+    "regrow_at": regrowth.PLACES,
+    "regrow_decay": regrowth.DECAYS,
     "client_sampling": sampling.SAMPLING_MODES,
     "dp": privacy.DP_KINDS,
     "dp_accountant": privacy.ACCOUNTANTS,

@@ -24,7 +24,7 @@ from fedprune.errors import check
 from fedprune.federated import masking_modes, privacy
 from fedprune.federated.process import SERVER_OPTIMIZERS
 from fedprune.model import builders
-from fedprune.pruning import layer_budgets, masking, schedules, step_schedule
+from fedprune.pruning import layer_budgets, masking, regrowth, schedules, step_schedule
 
 # --shrink_at_round sentinels: shrink after the schedule's last mask update, or never.
 SHRINK_AT_SCHEDULE_END = -1
@@ -34,7 +34,8 @@ SHRINK_NEVER = 0
 _FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp",
                          "dp_noise_multiplier", "dp_clip", "dp_target_quantile", "dp_delta",
                          "dp_accountant", "prune_granularity", "steps_per_round",
-                         "prune_every_steps", "sparsity_distribution")
+                         "prune_every_steps", "sparsity_distribution", "regrow", "regrow_at",
+                         "regrow_fraction", "regrow_decay", "regrow_end_round", "regrow_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,13 @@ class ExperimentConfig:
     shrink_at_round: int = SHRINK_AT_SCHEDULE_END
     prune_output_layer: bool = True
     mask_aggregation: str = "average"
+    # Prune and regrow (fedprune/pruning/regrowth.py): SET at the server.
+    regrow: str = "none"
+    regrow_at: str = "server"
+    regrow_fraction: float = 0.3  # of each layer's kept weights, at the first adjustment
+    regrow_decay: str = "cosine"
+    regrow_end_round: int = regrowth.END_AT_THREE_QUARTERS  # no adjustment from this round on
+    regrow_every: int = 1  # rounds between adjustments
     # Client-level differential privacy (DP-FedAvg, see fedprune/federated/privacy.py).
     dp: str = "none"
     dp_noise_multiplier: float = 1.0
@@ -164,7 +172,20 @@ class ExperimentConfig:
             mask_criterion=self.mask_criterion,
             mask_scope=self.mask_scope, structure=self.structure,
             prune_granularity=self.prune_granularity)
+        regrowth.validate_args(
+            regrow=self.regrow, regrow_at=self.regrow_at, fraction=self.regrow_fraction,
+            decay=self.regrow_decay, end_round=self.regrow_end_round, every=self.regrow_every,
+            num_rounds=self.rounds, structure=self.structure,
+            prune_granularity=self.prune_granularity, mask_criterion=self.mask_criterion)
+        masking_modes.check_regrowth(mode, self.regrow)
         return self
+
+    def regrow_spec(self) -> regrowth.RegrowSpec:
+        """The prune-and-regrow spec (`--regrow*`), its end round resolved."""
+        return regrowth.RegrowSpec(
+            rule=self.regrow, fraction=self.regrow_fraction, decay=self.regrow_decay,
+            end_round=regrowth.resolve_end_round(self.regrow_end_round, self.rounds),
+            every=self.regrow_every, seed=self.seed)
 
     def _validate_unit_structure(self, spec: masking.MaskSpec) -> None:
         """The combinations `--structure=neuron|filter` and `--shrink_at_round` support."""

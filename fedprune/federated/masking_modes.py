@@ -158,6 +158,17 @@ def check_step_granularity(mode: MaskingMode) -> None:
           f"round unless --masking={allowed} (only pruning clients prune in steps)")
 
 
+def check_regrowth(mode: MaskingMode, regrow: str) -> None:
+    """Prune and regrow (`--regrow` other than `none`) at the server needs a re-masking mode.
+
+    The server adjusts the topology right after its re-mask (`server_masking.py`).
+    """
+    allowed = "|".join(names(lambda m: m.server_remasks))
+    check(regrow == "none" or mode.server_remasks, "regrow", regrow,
+          f"none with --masking={mode.name} (the server adjusts the topology when it "
+          f"re-masks: --masking={allowed})")
+
+
 def check_dp(mode: MaskingMode, dp: str) -> None:
     """Client-level DP (`--dp` other than `none`) needs a DP-compatible mode."""
     allowed = "|".join(names(lambda m: m.dp_compatible))

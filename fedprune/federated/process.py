@@ -34,7 +34,14 @@ from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
 from fedprune.federated.step_pruning import build_step_client_work
-from fedprune.pruning import layer_budgets, step_schedule, structured, unit_layout, wrappers
+from fedprune.pruning import (
+    layer_budgets,
+    regrowth,
+    step_schedule,
+    structured,
+    unit_layout,
+    wrappers,
+)
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
 from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
 from fedprune.pruning.schedules import RoundSchedule, ScheduleTable
@@ -104,6 +111,7 @@ def build_pruning_process(
     metrics_fn: Callable | None = None,
     step_mapping: step_schedule.StepMapping | None = None,
     sparsity_distribution: str = "uniform",
+    regrow: regrowth.RegrowSpec | None = None,
 ) -> PruningProcess:
     """Builds the federated pruning process.
 
@@ -134,6 +142,9 @@ def build_pruning_process(
         the pruned kernels (`layer_budgets.DISTRIBUTIONS`): `uniform`, every
         kernel at the schedule's level; `erk`, Erdős–Rényi-kernel budgets at
         each round's level (`table.layer_sparsity`).
+      regrow: prune and regrow at the server after its re-mask
+        (`regrowth.RegrowSpec`; a mode that re-masks, unstructured magnitude
+        masks, round granularity). None: no regrowth.
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
@@ -153,6 +164,13 @@ def build_pruning_process(
         mask_criterion=mask_spec.mask_criterion,
         mask_scope=mask_spec.mask_scope, structure=mask_spec.structure,
         prune_granularity="round" if step_mapping is None else "step")
+    if regrow is not None:
+        masking_modes.check_regrowth(mode, regrow.rule)
+        if regrow.enabled:
+            check(mask_spec.structure == "unstructured" and step_mapping is None
+                  and mask_spec.mask_criterion == "magnitude", "regrow", regrow.rule,
+                  "none unless --structure=unstructured, --mask_criterion=magnitude and "
+                  "--prune_granularity=round")
 
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -254,6 +272,7 @@ def build_pruning_process(
         aggregation_rule=mask_aggregation,
         units=units,
         steps_per_round=steps_per_round,
+        regrow=regrow,
     )
     process = tff.learning.templates.compose_learning_process(
         initial_model_weights_fn,

@@ -40,8 +40,17 @@ to `round * steps_per_round` after each round (`steps_per_round` = 1 unless
 `--prune_granularity=step`, see `fedprune/pruning/step_schedule.py`), and is
 broadcast with the model.
 
+With `--regrow` (prune and regrow, `fedprune/pruning/regrowth.py`) the
+server adjusts the topology right after the schedule's re-mask, at the rounds
+the regrowth spec names: it drops the smallest kept weights and grows as many
+pruned coordinates, at zero (`adjust_topology`), so each layer keeps exactly the
+schedule's number of mask entries.
+
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
-counting completed rounds.
+counting completed rounds; with regrowth also `regrow=OrderedDict(key=int64[2]
+(the RNG key, split every round), regrown=<per kernel: the 0/1 mask of the
+last adjustment's grown weights>, ever_active=<per kernel: 0/1, kept by some
+mask so far>)`, so `--resume` continues the same random stream.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ import collections
 
 import numpy as np
 
-from fedprune.pruning import mask_aggregation, masking, structured
+from fedprune.errors import check
+from fedprune.pruning import mask_aggregation, masking, regrowth, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
 from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
 from fedprune.pruning.wrappers import PruningLayout
@@ -143,6 +153,70 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
     return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
 
 
+def adjust_topology(old, weights, regrow_state, round_num, *, layout: PruningLayout,
+                    fractions: np.ndarray):
+    """Drop and grow after the schedule's re-mask (TF ops; see `regrowth.drop_and_grow`).
+
+    Args:
+      old: the broadcast `ModelWeights` of this round (their masks: the old topology).
+      weights: the re-masked `ModelWeights` after this round (`remask_weights`).
+      regrow_state: `OrderedDict(key, regrown, ever_active)` (module docstring).
+      round_num: int32 scalar, the round that has just completed.
+      layout: where kernels and masks are.
+      fractions: f_r per round (`RegrowSpec.fractions`); 0 means no adjustment
+        (k = 0 leaves the mask as it is).
+
+    Returns:
+      (weights, regrow_state, diagnostics): the adjusted weights (masks,
+      masked kernels, thresholds), the next state, and `OrderedDict(
+      mask_change=<fraction of pruned-kernel mask entries that differ from
+      the broadcast mask>, regrown_survival=<of the weights grown at the
+      previous adjustment, the fraction still kept after the drop of this
+      one; NaN in rounds without an adjustment or with nothing grown before>,
+      itop=<fraction of pruned-kernel weights kept by some mask so far: in-time
+      over-parameterization, Liu et al. 2021>)`.
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
+    kernels = [trainable[k.trainable_index] for k in layout.kernels]
+    masks = [non_trainable[k.mask_index] for k in layout.kernels]
+    old_masks = [old.non_trainable[k.mask_index] for k in layout.kernels]
+    fraction = table_lookup(fractions, round_num)
+    keys = tf.random.experimental.stateless_split(regrow_state["key"], num=2)
+    scores = regrowth.random_scores([kernel.shape for kernel in kernels], keys[1])
+    adjusted = [regrowth.drop_and_grow(kernel, mask, fraction, score)
+                for kernel, mask, score in zip(kernels, masks, scores, strict=True)]
+    survivors, grown = [a[0] for a in adjusted], [a[1] for a in adjusted]
+    new_masks = [s + g for s, g in zip(survivors, grown, strict=True)]
+    _set_masks(trainable, non_trainable, layout, new_masks)
+
+    def total(tensors):
+        return tf.add_n([tf.reduce_sum(t) for t in tensors])
+
+    size = float(sum(int(np.prod(kernel.shape)) for kernel in kernels))
+    adjusts = fraction > 0
+    previous = list(regrow_state["regrown"])
+    grown_before = total(previous)
+    survived = tf.math.divide_no_nan(
+        total([p * s for p, s in zip(previous, survivors, strict=True)]), grown_before)
+    ever = [tf.maximum(e, tf.maximum(o, n)) for e, o, n in
+            zip(regrow_state["ever_active"], old_masks, new_masks, strict=True)]
+    diagnostics = collections.OrderedDict(
+        mask_change=total([tf.abs(n - o) for n, o in zip(new_masks, old_masks, strict=True)])
+        / size,
+        regrown_survival=tf.where(tf.logical_and(adjusts, grown_before > 0), survived,
+                                  tf.constant(np.nan, tf.float32)),
+        itop=total(ever) / size)
+    new_state = collections.OrderedDict(
+        key=keys[0],
+        regrown=tuple(tf.where(adjusts, g, p) for g, p in zip(grown, previous, strict=True)),
+        ever_active=tuple(ever))
+    weights = tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
+    return weights, new_state, diagnostics
+
+
 def keep_client_support(weights, aggregate, round_num, *, layout: PruningLayout, rule: str,
                         steps_per_round: int = 1):
     """`--masking=client`: the global masks become the union of the clients' masks (TF ops).
@@ -177,6 +251,7 @@ def build_masking_finalizer(
     aggregation_rule: str = "average",
     units: structured.StructuredLayout | None = None,
     steps_per_round: int = 1,
+    regrow: regrowth.RegrowSpec | None = None,
 ):
     """Builds TFF's apply-optimizer finalizer followed by the server mask step.
 
@@ -198,6 +273,9 @@ def build_masking_finalizer(
         `remask_weights`), else None.
       steps_per_round: the global step after round r is `r * steps_per_round`
         (1: one step per round); written into every wrapper's `pruning_step`.
+      regrow: prune and regrow after the re-mask (`adjust_topology`); needs
+        `remask`. None or rule `none`: no adjustment, and the state and
+        measurements are those without regrowth.
 
     Without `remask` but with `aggregate_type` (`--masking=client`), the global
     masks become the union of the clients' masks (`keep_client_support`).
@@ -206,8 +284,10 @@ def build_masking_finalizer(
       A `tff.learning.templates.FinalizerProcess` with type signature
       `(<optimizer=S, round=int32>@SERVER, ModelWeights@SERVER, A@SERVER) ->
       (state@SERVER, ModelWeights@SERVER, <optimizer=<update_non_finite=int32>,
-      masks=<mask_drift, regrowth[, client_mask_jaccard, client_sparsity]>>@SERVER)`,
-      with A the trainable weights' type or `aggregate_type`.
+      masks=<mask_drift, regrowth[, client_mask_jaccard, client_sparsity]
+      [, mask_change, regrown_survival, itop]>>@SERVER)`, with A the trainable
+      weights' type or `aggregate_type`; with regrowth the state also has
+      `regrow` (module docstring).
     """
     import tensorflow_federated as tff
 
@@ -217,6 +297,21 @@ def build_masking_finalizer(
     round_type = tff.TensorType(np.int32)
     update_type = aggregate_type or model_weights_type.trainable
     kernel_idx = [k.trainable_index for k in layout.kernels]
+    regrowing = regrow is not None and regrow.enabled
+    if regrowing:
+        check(remask, "regrow", regrow.rule, "none unless the server re-masks")
+        fractions = regrow.fractions(len(table.sparsity) - 1)
+
+        @tff.tensorflow.computation
+        def initial_regrow_state():
+            import tensorflow as tf
+
+            zeros = tuple(tf.zeros(model_weights_type.trainable[i].shape, tf.float32)
+                          for i in kernel_idx)
+            return collections.OrderedDict(
+                key=tf.constant([regrow.seed, 0], tf.int64), regrown=zeros, ever_active=zeros)
+
+        regrow_type = initial_regrow_state.type_signature.result
 
     if aggregate_type is not None:
 
@@ -244,8 +339,7 @@ def build_masking_finalizer(
                 delta = structured.zero_consumer_inputs(delta, units, unit_masks)
             return tuple(delta)
 
-    @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type, round_type)
-    def mask_and_measure(old, stepped, aggregate, round_num):
+    def measure_and_mask(old, stepped, aggregate, round_num, regrow_state):
         old_kernels = [old.trainable[i] for i in kernel_idx]
         weights = stepped
         if aggregate_type is not None and aggregation_rule == "majority":
@@ -266,6 +360,9 @@ def build_masking_finalizer(
             weights = keep_client_support(weights, aggregate, round_num, layout=layout,
                                           rule=aggregation_rule,
                                           steps_per_round=steps_per_round)
+        if regrowing:
+            weights, regrow_state, adjusted = adjust_topology(
+                old, weights, regrow_state, round_num, layout=layout, fractions=fractions)
         diagnostics["mask_drift"] = mask_aggregation.mask_drift(
             old_kernels, [weights.trainable[i] for i in kernel_idx])
         if aggregate_type is not None:
@@ -273,7 +370,21 @@ def build_masking_finalizer(
                 aggregate["kept_count"], aggregate["num_clients"])
             diagnostics["client_sparsity"] = mask_aggregation.mean_client_sparsity(
                 aggregate["kept_count"], aggregate["num_clients"])
+        if regrowing:
+            diagnostics.update(adjusted)
+            return weights, diagnostics, regrow_state
         return weights, diagnostics
+
+    if regrowing:
+        @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type,
+                                    round_type, regrow_type)
+        def mask_measure_and_adjust(old, stepped, aggregate, round_num, regrow_state):
+            return measure_and_mask(old, stepped, aggregate, round_num, regrow_state)
+    else:
+        @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type,
+                                    round_type)
+        def mask_and_measure(old, stepped, aggregate, round_num):
+            return measure_and_mask(old, stepped, aggregate, round_num, None)
 
     @tff.tensorflow.computation(round_type)
     def increment(round_num):
@@ -281,11 +392,11 @@ def build_masking_finalizer(
 
     @tff.federated_computation
     def init_fn():
-        return tff.federated_zip(
-            collections.OrderedDict(
-                optimizer=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER)
-            )
-        )
+        state = collections.OrderedDict(
+            optimizer=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER))
+        if regrowing:
+            state["regrow"] = tff.federated_eval(initial_regrow_state, tff.SERVER)
+        return tff.federated_zip(state)
 
     @tff.federated_computation(
         init_fn.type_signature.result,
@@ -300,12 +411,15 @@ def build_masking_finalizer(
             delta = tff.federated_map(mask_aggregate, (weights, aggregate))
         inner_output = inner.next(state.optimizer, weights, delta)
         round_num = tff.federated_map(increment, state.round)
-        new_weights, diagnostics = tff.federated_map(
-            mask_and_measure, (weights, inner_output.result, aggregate, round_num)
-        )
-        new_state = tff.federated_zip(
-            collections.OrderedDict(optimizer=inner_output.state, round=round_num)
-        )
+        new_state = collections.OrderedDict(optimizer=inner_output.state, round=round_num)
+        if regrowing:
+            new_weights, diagnostics, new_state["regrow"] = tff.federated_map(
+                mask_measure_and_adjust,
+                (weights, inner_output.result, aggregate, round_num, state.regrow))
+        else:
+            new_weights, diagnostics = tff.federated_map(
+                mask_and_measure, (weights, inner_output.result, aggregate, round_num))
+        new_state = tff.federated_zip(new_state)
         measurements = tff.federated_zip(
             collections.OrderedDict(optimizer=inner_output.measurements, masks=diagnostics)
         )

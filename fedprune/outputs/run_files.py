@@ -5,7 +5,8 @@ through `atomic_files`):
 
   config.json          every setting, package versions, git commit, seeds, and what
                        the numbers depend on beyond the settings (`provenance`)
-  metrics.csv          one row per round (rewritten every round; `METRIC_COLUMNS`)
+  metrics.csv          one row per round (rewritten every round; `METRIC_COLUMNS`, with
+                       --regrow also `REGROW_COLUMNS`)
   summary.json         final numbers
   partition.json, label_heatmap.{png,pdf}   client sizes and label skew
   curves.{png,pdf}, bytes.{png,pdf}   accuracy, loss, sparsity and bytes per round
@@ -43,6 +44,10 @@ METRIC_COLUMNS = (
     "dp_clip", "round_seconds", "elapsed_seconds",
 )
 TIME_COLUMNS = ("round_seconds", "elapsed_seconds")
+# Runs with --regrow only (after METRIC_COLUMNS, so other runs' metrics.csv is unchanged):
+# the fraction of mask entries changed, the fraction of the previous adjustment's grown
+# weights kept by this one (blank without an adjustment), in-time over-parameterization.
+REGROW_COLUMNS = ("mask_change", "regrown_survival", "itop")
 
 _SAMPLING_DESCRIPTIONS = {
     "fixed": "uniform without replacement, exactly --clients_per_round clients, drawn "
@@ -270,8 +275,9 @@ def summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict:
 
 def write_metrics(output_dir: Path, rows: list[dict]) -> None:
     layer_columns = sorted({k for r in rows for k in r if k.startswith("sparsity/")})
+    regrow_columns = [k for k in REGROW_COLUMNS if any(k in r for r in rows)]
     atomic_files.atomic_write_csv(output_dir / "metrics.csv", rows,
-                               list(METRIC_COLUMNS) + layer_columns)
+                               list(METRIC_COLUMNS) + regrow_columns + layer_columns)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

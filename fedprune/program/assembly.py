@@ -108,6 +108,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
         mask_aggregation=config.mask_aggregation,
         step_mapping=None if dense else step_mapping(config, data),
         sparsity_distribution="uniform" if dense else config.sparsity_distribution,
+        regrow=None if dense else config.regrow_spec(),
     )
 
 

@@ -261,6 +261,10 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         row.update({k: float(diagnostics[k]) if k in diagnostics else ""
                     for k in ("mask_drift", "regrowth", "client_mask_jaccard",
                               "client_sparsity")})
+        for k in run_files.REGROW_COLUMNS:  # only with --regrow; NaN: no adjustment
+            if k in diagnostics:
+                value = float(diagnostics[k])
+                row[k] = value if math.isfinite(value) else ""
         row["target_sparsity"] = evaluation.target_sparsity(config, schedule_table, round_num)
         dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
         bytes_up = int(output.metrics["client_work"]["uplink_bytes"])

@@ -1,0 +1,285 @@
+"""Prune and regrow at the server (`--regrow`, fedprune/pruning/regrowth.py).
+
+The mask maths on small arrays (TF eager), the decay against its closed form,
+the refusals (no TF), and the real TFF process: the number of mask entries
+stays at the schedule's level after every round, grown weights are zero right
+after they are grown, the broadcast pays for the moved mask, a run is
+deterministic and resumes to the same bits, and `constant` with regrowth is
+no longer `oneshot`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from fedprune.config import ExperimentConfig
+from fedprune.errors import InvalidArgument
+from fedprune.pruning import regrowth
+
+# ----------------------------------------------------------------------------
+# The mask maths and the decay (no TFF).
+
+
+@pytest.mark.parametrize("fraction, expected_k", [(0.0, 0), (0.3, 1), (0.5, 2), (0.99, 3)])
+def test_drop_and_grow_moves_the_smallest_kept_to_the_best_scored_pruned(fraction, expected_k):
+    import tensorflow as tf
+
+    # 8 weights, 4 kept (|w| 4, 1, 3, 2 at positions 0, 2, 4, 6); 4 pruned (1, 3, 5, 7).
+    kernel = np.array([4.0, 0, -1.0, 0, 3.0, 0, -2.0, 0], np.float32).reshape(2, 4)
+    mask = (kernel != 0).astype(np.float32)
+    scores = np.array([9, 0.1, 9, 0.7, 9, 0.3, 9, 0.9], np.float32).reshape(2, 4)
+    survivors, grown = regrowth.drop_and_grow(tf.constant(kernel), tf.constant(mask),
+                                              tf.constant(fraction), tf.constant(scores))
+    survivors, grown = survivors.numpy().ravel(), grown.numpy().ravel()
+    # k = floor(fraction * 4) capped at the 4 pruned: drop the k smallest |w| (1, 2, 3: at
+    # positions 2, 6, 4), grow the k best scores among the pruned (0.9, 0.7, 0.3: 7, 3, 5).
+    dropped = [2, 6, 4][:expected_k]
+    grown_at = [7, 3, 5][:expected_k]
+    assert sorted(np.flatnonzero(mask.ravel() - survivors)) == sorted(dropped)
+    assert sorted(np.flatnonzero(grown)) == sorted(grown_at)
+    assert survivors.sum() + grown.sum() == mask.sum()  # the level stays
+    assert not np.any(grown * mask.ravel())  # only pruned coordinates grow
+
+
+def test_growth_is_capped_by_the_pruned_coordinates_and_skips_the_just_dropped():
+    import tensorflow as tf
+
+    # 6 kept, 2 pruned: fraction 0.9 asks for 5 but only 2 coordinates are pruned.
+    kernel = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0]], np.float32)
+    mask = (kernel != 0).astype(np.float32)
+    scores = np.array([[9, 9, 9, 9], [9, 9, 0.5, 0.2]], np.float32)  # the kept score highest
+    survivors, grown = regrowth.drop_and_grow(kernel, mask, tf.constant(0.9), scores)
+    assert survivors.numpy().tolist() == [[0, 0, 1, 1], [1, 1, 0, 0]]
+    assert grown.numpy().tolist() == [[0, 0, 0, 0], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("decay, every, end, num_rounds", [
+    ("cosine", 1, 8, 10), ("cosine", 2, 9, 10), ("constant", 3, 10, 12), ("cosine", 1, 4, 3)])
+def test_fractions_follow_the_closed_form(decay, every, end, num_rounds):
+    spec = regrowth.RegrowSpec(rule="random", fraction=0.3, decay=decay, end_round=end,
+                               every=every)
+    f = spec.fractions(num_rounds)
+    assert f.shape == (num_rounds + 1,) and f.dtype == np.float32
+    for r in range(num_rounds + 1):
+        adjusts = r >= 1 and r % every == 0 and r < end
+        closed = (0.15 * (1 + math.cos(math.pi * r / end)) if decay == "cosine" else 0.3)
+        assert f[r] == pytest.approx(closed if adjusts else 0.0, abs=1e-7), r
+    if decay == "cosine" and every == 1 and end == 8:  # RigL's alpha/2 (1 + cos(pi t/T))
+        assert f[4] == pytest.approx(0.15) and f[1] == pytest.approx(0.2886, abs=1e-4)
+
+
+def test_no_regrowth_has_no_adjustment_and_resolves_three_quarters():
+    assert not regrowth.RegrowSpec().fractions(5).any()
+    assert regrowth.resolve_end_round(-1, 30) == 22
+    assert regrowth.resolve_end_round(-1, 1) == 1
+    assert ExperimentConfig(regrow="random", masking="server").regrow_spec().end_round == 22
+
+
+# ----------------------------------------------------------------------------
+# Flags: refusals, and the default keeps every existing fingerprint.
+
+
+def test_new_fields_at_their_defaults_keep_the_fingerprint():
+    assert ExperimentConfig(regrow="none", regrow_at="server", regrow_fraction=0.3,
+                            regrow_decay="cosine", regrow_end_round=-1,
+                            regrow_every=1).fingerprint() == "cacb424d245d153f"
+    assert ExperimentConfig(regrow="random").fingerprint() != "cacb424d245d153f"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(regrow="gradient"), "--regrow='gradient': expected one of none|random"),
+    (dict(regrow="random", masking="client"),
+     "--regrow='random': expected none with --masking=client .* --masking=server|both"),
+    (dict(regrow="random", structure="2:4", final_sparsity=0.5),
+     "--regrow='random': expected none with --structure=2:4"),
+    (dict(regrow="random", structure="block"),
+     "--regrow='random': expected none with --structure=block"),
+    (dict(regrow="random", prune_granularity="step"),
+     "--regrow='random': expected none with --prune_granularity=step"),
+    (dict(regrow="random", mask_criterion="threshold", threshold=0.1),
+     "--regrow='random': expected none with --mask_criterion=threshold"),
+    (dict(regrow="random", regrow_at="client"), "--regrow_at='client': expected one of server"),
+    (dict(regrow="random", regrow_fraction=0.0), "--regrow_fraction=0.0: expected a fraction"),
+    (dict(regrow="random", regrow_decay="linear"), "--regrow_decay='linear'"),
+    (dict(regrow="random", regrow_every=0), "--regrow_every=0"),
+    (dict(regrow="random", regrow_end_round=31),
+     "--regrow_end_round=31: expected -1 .* --rounds=30]"),
+])
+def test_regrowth_is_refused_where_it_makes_no_sense(changes, message):
+    with pytest.raises(InvalidArgument, match="^" + message.replace("|", r"\|")
+                       .replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as e:
+        ExperimentConfig(**{"masking": "both", **changes}).validate()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("masking_mode, structure, message", [
+    ("client", "unstructured", "none with --masking=client"),
+    ("server", "block", "none unless --structure=unstructured"),
+])
+def test_the_library_refuses_what_the_config_refuses(masking_mode, structure, message):
+    from fedprune.federated import process
+    from fedprune.pruning import masking, schedules
+
+    with pytest.raises(InvalidArgument, match=f"^--regrow='random': expected {message}"):
+        process.build_pruning_process(
+            model_builder=None, input_spec=None, masking=masking_mode,
+            schedule=schedules.make_schedule("oneshot"),
+            mask_spec=masking.MaskSpec(structure=structure), num_rounds=3,
+            client_optimizer=None, server_optimizer=None, seed=0,
+            regrow=regrowth.RegrowSpec(rule="random", end_round=2))
+
+
+# ----------------------------------------------------------------------------
+# The real process, round by round.
+
+
+def _config(**changes) -> ExperimentConfig:
+    base = dict(num_clients=3, clients_per_round=3, rounds=5, max_examples_per_client=32,
+                masking="server", schedule="constant", begin_round=0, end_round=-1,
+                final_sparsity=0.8, regrow="random", regrow_fraction=0.3, regrow_end_round=4,
+                eval_every=5)
+    return ExperimentConfig(**{**base, **changes}).validate()
+
+
+def _encoded_downlink(trainable, masks) -> int:
+    """Bytes of the smallest actual encoding (`encodings.encode`) of each broadcast tensor."""
+    from fedprune.federated import encodings
+
+    total = 0
+    for values, mask in zip(trainable, masks, strict=True):
+        values = np.asarray(values, np.float32)
+        if mask is not None and not np.all(mask):  # the receiver learns the mask
+            sizes = [len(encodings.encode(values, e, mask=mask))
+                     for e in (encodings.BITMAP, encodings.COO)]
+        else:
+            sizes = [len(encodings.encode(values, e))
+                     for e in (encodings.DENSE, encodings.BITMAP, encodings.COO)]
+        total += min(sizes)
+    return total
+
+
+@pytest.mark.usefixtures("tff_local_context")
+@pytest.mark.parametrize("changes", [
+    dict(),  # constant from round 0: the schedule re-prunes every round, then the adjustment
+    dict(masking="both", schedule="polynomial", begin_round=1, end_round=3,
+         regrow_decay="constant"),  # a ramp; clients prune too
+    dict(schedule="oneshot", begin_round=0, regrow_every=2),  # only adjustments move the mask
+])
+def test_every_round_keeps_the_schedule_level_and_grows_at_zero(changes):
+    from fedprune.federated import communication
+    from fedprune.program import assembly, evaluation
+
+    config = _config(**changes)
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
+    fractions = config.regrow_spec().fractions(config.rounds)
+    state = pp.process.initialize()
+    weights = pp.process.get_model_weights(state)
+    sizes = [int(np.prod(k.shape)) for k in pp.layout.kernels]
+    adjusted_rounds = []
+    for r in range(1, config.rounds + 1):
+        old_masks = [np.asarray(weights.non_trainable[k.mask_index]) for k in pp.layout.kernels]
+        output = pp.process.next(state, assembly.round_inputs(config, data, r).datasets)
+        state, weights = output.state, pp.process.get_model_weights(output.state)
+        diagnostics = output.metrics["finalizer"]["masks"]
+        grown_all = [np.asarray(g) for g in state.finalizer["regrow"]["regrown"]]
+        level = pp.table.sparsity[r]
+        for n, k in enumerate(pp.layout.kernels):
+            mask = np.asarray(weights.non_trainable[k.mask_index])
+            kernel = np.asarray(weights.trainable[k.trainable_index])
+            kept = max(int(np.round(np.float32(sizes[n]) * (np.float32(1) - level))), 1)
+            assert mask.sum() == kept, (r, k)  # exactly the schedule's level, every round
+            assert not np.any(kernel[mask == 0])
+            if fractions[r] > 0:
+                grown = grown_all[n]
+                assert grown.sum() == min(math.floor(np.float32(fractions[r]) * kept),
+                                          sizes[n] - kept), (r, k)
+                assert np.all(mask[grown > 0] == 1)
+                assert not np.any(kernel[grown > 0])  # regrown weights start at zero
+        if fractions[r] > 0:
+            adjusted_rounds.append(r)
+        if config.schedule == "oneshot" and r >= 1:  # no schedule update: 2k moved entries
+            moved = sum(2 * g.sum() for g in grown_all) if fractions[r] > 0 else 0
+            assert float(diagnostics["mask_change"]) == pytest.approx(moved / sum(sizes))
+            if fractions[r] > 0:
+                assert not any(np.any(g * o) for g, o in zip(grown_all, old_masks, strict=True))
+        assert 0.0 < float(diagnostics["itop"]) <= 1.0
+        # The next broadcast pays for the moved mask: grown zeros are written as values.
+        masks = evaluation.kernel_masks(pp, weights)
+        down = communication.downlink_bytes(list(weights.trainable), masks, 1)
+        assert down.sent == _encoded_downlink(list(weights.trainable), masks)
+    assert adjusted_rounds == [r for r in range(1, 4) if r % config.regrow_every == 0]  # r < 4
+
+
+# ----------------------------------------------------------------------------
+# Whole runs: deterministic, resume-identical, and not oneshot.
+
+
+def _rows(path):
+    """metrics.csv without times and `sparsity/<layer>` (Keras numbers layer names per
+    process, so runs in one process name them differently; the final state compares masks)."""
+    with open(path / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items()
+                 if k not in ("round_seconds", "elapsed_seconds") and "/" not in k}
+                for row in csv.DictReader(f)]
+
+
+def _final_state(path, rounds):
+    with np.load(path / "checkpoints" / f"round_{rounds:06d}.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def regrow_run(tmp_path_factory):
+    from fedprune.program import loop
+
+    out = tmp_path_factory.mktemp("regrow")
+    loop.run_experiment(_config(), out, log=lambda line: None)
+    return out
+
+
+@pytest.mark.usefixtures("tff_local_context")
+def test_regrowth_columns_are_written(regrow_run):
+    rows = _rows(regrow_run)
+    assert list(rows[0])[-3:] == ["mask_change", "regrown_survival", "itop"]
+    survival = [row["regrown_survival"] for row in rows]
+    # Adjustments after rounds 1, 2, 3 (< --regrow_end_round=4): round 1 has nothing grown
+    # before it, rounds 4 and 5 no adjustment.
+    assert survival[0] == survival[3] == survival[4] == ""
+    assert all(0.0 <= float(s) <= 1.0 for s in survival[1:3])
+    itop = [float(row["itop"]) for row in rows]
+    assert itop == sorted(itop) and itop[-1] > 0.2  # more than the 20 % kept at once
+
+
+@pytest.mark.usefixtures("tff_local_context")
+def test_random_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path):
+    from fedprune.program import loop
+
+    again, resumed = tmp_path / "again", tmp_path / "resumed"
+    loop.run_experiment(_config(), again, log=lambda line: None)
+    loop.run_experiment(_config(), resumed, log=lambda line: None, stop_after_round=2)
+    loop.run_experiment(_config(), resumed, resume=True, log=lambda line: None)
+    expected = _final_state(regrow_run, 5)
+    for path in (again, resumed):
+        assert _rows(path) == _rows(regrow_run)
+        state = _final_state(path, 5)
+        assert state.keys() == expected.keys()
+        for key in expected:
+            assert np.array_equal(state[key], expected[key]), (path.name, key)
+
+
+@pytest.mark.usefixtures("tff_local_context")
+def test_constant_with_regrowth_is_not_oneshot(regrow_run, tmp_path):
+    from fedprune.program import loop
+
+    oneshot = dataclasses.replace(_config(), schedule="oneshot", regrow="none").validate()
+    loop.run_experiment(oneshot, tmp_path, log=lambda line: None)
+    ours, theirs = _rows(regrow_run), _rows(tmp_path)
+    assert [r["test_accuracy"] for r in ours] != [r["test_accuracy"] for r in theirs]
+    assert all(float(r["mask_drift"]) == 0.0 for r in theirs[1:])  # oneshot's mask is frozen
+    assert all(float(r["mask_change"]) > 0.0 for r in ours[:4])
