@@ -107,6 +107,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
         prune_output_layer=config.prune_output_layer,
         mask_aggregation=config.mask_aggregation,
         step_mapping=None if dense else step_mapping(config, data),
+        upload_quantization=config.upload_quantization,
     )
 
 
