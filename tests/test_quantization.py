@@ -355,3 +355,25 @@ def test_end_to_end_runs_count_their_payload_and_keep_accuracy(tmp_path):
     assert coding["entropy_bits_per_param"] == pytest.approx(0.7219, abs=2e-3)  # H(0.2)
     assert coding["entropy_bytes"] < coding["bitmap_bytes"] < coding["coo_index_bytes"]
     assert float(base_rows[0]["mask_entropy_bits"]) == 0.0  # round 1 starts dense
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("tff_local_context")
+def test_int8_run_resumes_to_the_uninterrupted_numbers(tmp_path):
+    """The rounding seeds' round counter lives in the checkpointed aggregator state."""
+    from fedprune.outputs import run_files
+    from fedprune.program import loop
+
+    config = ExperimentConfig(masking="server", rounds=4, end_round=3,
+                              upload_quantization=enc.INT8).validate()
+    loop.run_experiment(config, tmp_path / "whole", log=lambda line: None)
+    loop.run_experiment(config, tmp_path / "cut", log=lambda line: None, stop_after_round=2)
+    loop.run_experiment(config, tmp_path / "cut", resume=True, log=lambda line: None)
+    whole, cut = (run_files.read_metrics(tmp_path / name) for name in ("whole", "cut"))
+    assert len(whole) == len(cut) == 4
+    # Per-layer columns are left out: Keras numbers layer names per process.
+    columns = set(run_files.METRIC_COLUMNS) - set(run_files.TIME_COLUMNS)
+    for a, b in zip(whole, cut, strict=True):
+        for key in columns:
+            assert a[key] == b[key], (a["round"], key)
+    assert float(whole[-1]["mask_entropy_bits"]) > 0  # round 4 broadcasts round 3's masks
