@@ -36,7 +36,7 @@ from experiments.usage import (
 from fedprune import config as config_lib
 from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
-from fedprune.federated import masking_modes, privacy
+from fedprune.federated import encodings, masking_modes, privacy
 from fedprune.model import builders
 from fedprune.pruning import (
     layer_budgets,
@@ -201,6 +201,12 @@ _SPECS = {
                                "< 1/num_clients."),
     "dp_accountant": _Spec(PRIVACY, "Accountant of the headline epsilon: rdp, or pld (Poisson "
                                     "sampling only). metrics.csv has both where they apply."),
+    "upload_quantization": _Spec(TRAINING, "Wire format of the values clients upload: none "
+                                           "(float32), fp16 (half floats) or int8 (a float32 "
+                                           "scale max|x|/127 per tensor, stochastic rounding); "
+                                           "the server dequantizes before the mean. bytes_up "
+                                           "counts the values at that width. Needs "
+                                           "--masking=server|none and --dp=none."),
     "eval_every": _Spec(OUTPUTS, "Evaluate the global model on the test set every this many "
                                  "rounds (and at the last round); other rows of metrics.csv "
                                  "leave test_loss/test_accuracy blank."),
@@ -232,6 +238,7 @@ _ENUMS = {
     "client_sampling": sampling.SAMPLING_MODES,
     "dp": privacy.DP_KINDS,
     "dp_accountant": privacy.ACCOUNTANTS,
+    "upload_quantization": encodings.QUANTIZATIONS,
 }
 
 _OPTIONAL_FLOATS = ("threshold", "relative_rate")

@@ -35,7 +35,8 @@ _FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp"
                          "dp_noise_multiplier", "dp_clip", "dp_target_quantile", "dp_delta",
                          "dp_accountant", "prune_granularity", "steps_per_round",
                          "prune_every_steps", "sparsity_distribution", "regrow", "regrow_at",
-                         "regrow_fraction", "regrow_decay", "regrow_end_round", "regrow_every")
+                         "regrow_fraction", "regrow_decay", "regrow_end_round", "regrow_every",
+                         "upload_quantization")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,8 @@ class ExperimentConfig:
     dp_target_quantile: float = 0.5
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
+    # Wire format of the clients' uploaded values (fedprune/federated/quantization.py).
+    upload_quantization: str = "none"
     # Reproducibility and evaluation.
     seed: int = 0
     eval_every: int = 1
@@ -154,6 +157,10 @@ class ExperimentConfig:
             delta=self.dp_delta, num_clients=self.num_clients or None,
             client_sampling=self.client_sampling, accountant=self.dp_accountant,
             masking=self.masking)
+        masking_modes.check_upload_quantization(mode, self.upload_quantization)
+        check(self.upload_quantization == "none" or self.dp == "none", "upload_quantization",
+              self.upload_quantization, f"none with --dp={self.dp} (the DP accounting does not "
+              "cover quantization noise)")
         if self.prune_granularity == "step":  # the mode's rule first, as the builder checks it
             masking_modes.check_step_granularity(mode)
         step_schedule.validate_step_args(

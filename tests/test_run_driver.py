@@ -281,9 +281,10 @@ SMOKE_FLAGS = {"rounds": SMOKE_ROUNDS, "end_round": SMOKE_ROUNDS, "num_clients":
                "clients_per_round": 4, "seed": 3, "client_lr": 0.05, "dirichlet_alpha": 1.0,
                "power": 2.0, "mask_scope": "global"}
 METRIC_COLUMNS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                  "global_sparsity", "nonzero_params", "bytes_down", "bytes_up", "round_seconds")
+                  "global_sparsity", "nonzero_params", "bytes_down", "bytes_up",
+                  "mask_entropy_bits", "round_seconds")
 SUMMARY_KEYS = ("final_test_accuracy", "final_global_sparsity", "total_bytes_down",
-                "total_bytes_up", "wall_seconds")
+                "total_bytes_up", "mask_coding", "wall_seconds")
 
 
 @pytest.fixture(scope="module")

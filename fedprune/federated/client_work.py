@@ -38,6 +38,7 @@ import collections
 
 import numpy as np
 
+from fedprune.federated import encodings
 from fedprune.federated.masking_modes import MaskingMode, masking_mode
 from fedprune.pruning import mask_aggregation, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
@@ -45,30 +46,36 @@ from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_loo
 from fedprune.pruning.wrappers import PruningLayout
 
 
-def uplink_bytes(tensors, known_masks):
+def uplink_bytes(tensors, known_masks, quantization: str = encodings.NO_QUANTIZATION):
     """Bytes of the smallest encoding of each tensor, summed (TF ops; int64 scalar).
 
-    The closed forms of `encodings.py` (dense 4N, bitmap ceil(N/8) + 4 nnz,
-    coordinate list 8 nnz, and 4 |mask| for values inside a mask the receiver
-    knows, valid only when the tensor is zero outside that mask), evaluated on
-    the client's actual update; tests check them against the measured encodings.
+    The closed forms of `encodings.py` (dense b N, bitmap ceil(N/8) + b nnz,
+    coordinate list (4 + b) nnz, and b |mask| for values inside a mask the
+    receiver knows, valid only when the tensor is zero outside that mask; b = 4
+    bytes per float32 value, 2 for `fp16`, 1 for `int8`, which adds a 4-byte
+    scale per tensor), evaluated on the client's actual update before
+    quantization (its positions are what is written); tests check them against
+    the measured encodings.
 
     Args:
       tensors: float tensors (one client's update).
       known_masks: per tensor, the 0/1 mask the server broadcast, or None.
+      quantization: the values' wire format (`--upload_quantization`).
     """
     import tensorflow as tf
 
+    b = encodings.value_bytes(quantization)
+    side = encodings.scale_bytes(quantization)
     total = tf.constant(0, tf.int64)
     for tensor, mask in zip(tensors, known_masks, strict=True):
         n = tensor.shape.num_elements()
         nnz = tf.math.count_nonzero(tensor, dtype=tf.int64)
-        sizes = [tf.constant(4 * n, tf.int64), -(-n // 8) + 4 * nnz, 8 * nnz]
+        sizes = [tf.constant(b * n, tf.int64), -(-n // 8) + b * nnz, (4 + b) * nnz]
         if mask is not None:
             inside = tf.math.count_nonzero(mask, dtype=tf.int64)
             zero_outside = tf.equal(tf.math.count_nonzero(tensor * (1.0 - mask)), 0)
-            sizes.append(tf.where(zero_outside, 4 * inside, tf.constant(4 * n, tf.int64)))
-        total += tf.reduce_min(tf.stack(sizes))
+            sizes.append(tf.where(zero_outside, b * inside, tf.constant(b * n, tf.int64)))
+        total += side + tf.reduce_min(tf.stack(sizes))
     return total
 
 
@@ -92,6 +99,7 @@ def build_pruning_client_work(
     table: ScheduleTable,
     mask_spec: MaskSpec,
     units: structured.StructuredLayout | None = None,
+    upload_quantization: str = encodings.NO_QUANTIZATION,
 ):
     """Builds the client work for one masking mode.
 
@@ -106,6 +114,8 @@ def build_pruning_client_work(
       units: for `--structure=neuron|filter` (mode `server` only): the
         unit-pruned layers, whose biases and BatchNorm gamma/beta uploads are
         masked by the unit mask the broadcast kernel mask holds.
+      upload_quantization: the wire format of the uploaded values, for the
+        byte count (`quantization.py` does the quantizing, in the aggregator).
 
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
@@ -170,7 +180,7 @@ def build_pruning_client_work(
             known[i] = broadcast.non_trainable[j]
         for i, m in dependents:
             known[i] = m
-        sent = uplink_bytes(delta, known)
+        sent = uplink_bytes(delta, known, upload_quantization)
         if client_prunes:
             pruned = [f * m for f, m in zip(final, end_masks, strict=True)]
             update = mask_aggregation.client_payload(delta, pruned, end_masks)

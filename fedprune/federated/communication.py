@@ -120,7 +120,8 @@ def _aligned_masks(masks, arrays: Sequence, name: str) -> Sequence:
     return masks
 
 
-def payload_bytes(arrays: Sequence, *, known_masks=None, sent_masks=None) -> PayloadBytes:
+def payload_bytes(arrays: Sequence, *, known_masks=None, sent_masks=None,
+                  quantization: str = encodings.NO_QUANTIZATION) -> PayloadBytes:
     """Byte totals of a list of tensors, each taking its smallest valid encoding.
 
     Args:
@@ -129,6 +130,8 @@ def payload_bytes(arrays: Sequence, *, known_masks=None, sent_masks=None) -> Pay
         mask the receiver holds for tensor i (see `smallest_encoding`).
       sent_masks: optional list aligned with `arrays`; entry i (or None) is a
         mask the receiver must learn for tensor i.
+      quantization: the values' wire format (`encodings.QUANTIZATIONS`); the
+        `dense` reference stays float32.
 
     Returns:
       A `PayloadBytes`.
@@ -141,7 +144,7 @@ def payload_bytes(arrays: Sequence, *, known_masks=None, sent_masks=None) -> Pay
     sent = _aligned_masks(sent_masks, arrays, "sent_masks")
     total = PayloadBytes.empty()
     for array, known_mask, sent_mask in zip(arrays, known, sent, strict=True):
-        sizes = encodings.candidate_sizes(array, known_mask, sent_mask)
+        sizes = encodings.candidate_sizes(array, known_mask, sent_mask, quantization)
         name, nbytes = encodings.pick_smallest(sizes)
         total += PayloadBytes(
             dense=encodings.expected_size(np.size(array), 0, DENSE),
@@ -176,7 +179,8 @@ def downlink_bytes(
 
 
 def uplink_bytes(
-    client_updates: Sequence[Sequence], broadcast_masks: Sequence | None = None
+    client_updates: Sequence[Sequence], broadcast_masks: Sequence | None = None,
+    quantization: str = encodings.NO_QUANTIZATION,
 ) -> PayloadBytes:
     """Bytes the clients upload: each update tensor in its smallest valid encoding.
 
@@ -187,13 +191,14 @@ def uplink_bytes(
       broadcast_masks: optional list aligned with each update: the masks the
         server broadcast this round, known to it, so `masked_values` is
         allowed for updates that are zero off them.
+      quantization: the values' wire format (`--upload_quantization`).
 
     Returns:
       `PayloadBytes` totals over all clients (bytes).
     """
     total = PayloadBytes.empty()
     for update in client_updates:
-        total += payload_bytes(update, known_masks=broadcast_masks)
+        total += payload_bytes(update, known_masks=broadcast_masks, quantization=quantization)
     return total
 
 
@@ -236,6 +241,45 @@ def tff_simulation_bytes(
         down=num_clients * (trainable + nbytes(non_trainable_arrays)),
         up=num_clients * trainable,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskCoding:
+    """Sizes of one copy of a model's 0/1 masks under each mask coding.
+
+    Attributes:
+      params: entries of the masked tensors (N, summed).
+      kept: ones among them.
+      bitmap_bits: one bit per entry, each tensor padded to whole bytes.
+      coo_bits: a 32-bit index per kept entry.
+      entropy_bits: the entropy bound, sum over tensors of N H(p) with p the
+        tensor's density (`encodings.entropy_bits`); a bound, not a payload.
+    """
+
+    params: int
+    kept: int
+    bitmap_bits: int
+    coo_bits: int
+    entropy_bits: float
+
+
+def mask_coding(masks: Sequence) -> MaskCoding:
+    """`MaskCoding` of the masks given (None entries and all-ones masks cost nothing).
+
+    An all-ones mask is flagged dense (see `downlink_bytes`), and its entropy is 0 too.
+    """
+    params = kept = bitmap = coo = 0
+    entropy = 0.0
+    for mask in masks:
+        if mask is None:
+            continue
+        n, k = int(np.size(mask)), int(np.count_nonzero(mask))
+        params, kept = params + n, kept + k
+        entropy += encodings.entropy_bits(n, k)
+        if k < n:
+            bitmap += 8 * -(-n // 8)
+            coo += 32 * k
+    return MaskCoding(params, kept, bitmap, coo, entropy)
 
 
 def compression_ratio(dense_bytes: int, sent_bytes: int) -> float:

@@ -21,6 +21,23 @@ encoding           bytes                        layout (little-endian)
                                                 holds the mask
 =================  ===========================  ==================================
 
+**Quantized values** (`--upload_quantization`, `QUANTIZATIONS`): the same
+layouts with the written values at a narrower width b: ``fp16`` writes IEEE
+half floats (b = 2, a cast), ``int8`` writes signed bytes (b = 1) after one
+float32 per-tensor scale, max|x| / 127, at the front of the payload
+(`quantize_int8`). Every 4 above becomes b, plus 4 bytes for the scale:
+dense b N (+ 4), bitmap ceil(N / 8) + b nnz (+ 4), coo 4 nnz + b nnz (+ 4),
+masked values b |mask| (+ 4). The written positions are those of the
+unquantized tensor (a value that rounds to 0 is still written), so the
+receiver learns the same mask. `decode` returns the dequantized float32
+tensor.
+
+**Mask entropy** (`entropy_bits`): a 0/1 mask of N entries with empirical
+density p costs at least N H(p) bits, H the binary entropy, under any coding
+that treats its entries as independent draws: the bound a bitmap (N bits) or
+a coordinate list (32 bits per kept entry) can be compared with. It is a
+bound, not a payload, and is never added to the byte counts.
+
 So `bitmap` beats `dense` while the density nnz/N is below 31/32 and `coo`
 beats `bitmap` only below 1/32 (docs/design.md, "Communication bytes"). Ties
 go to the encoding listed first in `ENCODINGS` (the simpler one).
@@ -31,7 +48,7 @@ and transport framing. Zeros are numeric zeros: -0.0 is a zero (tfmot's
 `kernel * mask` produces it) and decodes as +0.0; every other value, NaN
 included, round-trips bit-exactly.
 
-Pure numpy; no TensorFlow import.
+Pure numpy; no TensorFlow import (the TF side of quantization is `quantization.py`).
 """
 
 from __future__ import annotations
@@ -47,14 +64,72 @@ MASKED_VALUES = "masked_values"
 # Also the tie-break order of `smallest_encoding`: simplest first.
 ENCODINGS = (DENSE, BITMAP, COO, MASKED_VALUES)
 
+NO_QUANTIZATION = "none"
+FP16 = "fp16"
+INT8 = "int8"
+QUANTIZATIONS = (NO_QUANTIZATION, FP16, INT8)
+
 _VALUE = np.dtype("<f4")
 _INDEX = np.dtype("<i4")
+_SCALE = np.dtype("<f4")
+# The wire dtype of the written values, per quantization.
+_WIRE = {NO_QUANTIZATION: _VALUE, FP16: np.dtype("<f2"), INT8: np.dtype("i1")}
+INT8_LEVELS = 127  # int8 values lie in [-127, 127]: symmetric around 0
 _MAX_COO_ENTRIES = np.iinfo(np.int32).max + 1  # flat indices must fit in int32
 
 
 def _check_encoding(encoding: str) -> None:
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+
+
+def _check_quantization(quantization: str) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"unknown quantization {quantization!r}; expected one of {QUANTIZATIONS}")
+
+
+def value_bytes(quantization: str = NO_QUANTIZATION) -> int:
+    """Bytes per written value: 4 (float32), 2 (`fp16`) or 1 (`int8`)."""
+    _check_quantization(quantization)
+    return _WIRE[quantization].itemsize
+
+
+def scale_bytes(quantization: str = NO_QUANTIZATION) -> int:
+    """Bytes of per-tensor side information: the float32 scale of `int8`, else 0."""
+    _check_quantization(quantization)
+    return _SCALE.itemsize if quantization == INT8 else 0
+
+
+def int8_scale(values) -> np.float32:
+    """The per-tensor int8 scale, max|x| / 127, in float32 (0 for an all-zero tensor)."""
+    values = np.asarray(values, np.float32)
+    peak = np.max(np.abs(values)) if values.size else np.float32(0)
+    return np.float32(peak) / np.float32(INT8_LEVELS)
+
+
+def quantize_int8(values, rng: np.random.Generator | None = None):
+    """Int8 codes and scale of a float32 tensor: x ~ codes * scale.
+
+    Args:
+      values: the tensor.
+      rng: draws the stochastic rounding: y = x / scale is rounded up with
+        probability y - floor(y), so E[codes * scale] = x (unbiased) and the
+        error is below one step (`scale`). None rounds to the nearest code
+        (error at most scale / 2, biased).
+
+    Returns:
+      (int8 array of the tensor's shape, float32 scale). Zeros stay exactly 0.
+    """
+    values = np.asarray(values, np.float32)
+    scale = int8_scale(values)
+    scaled = np.zeros_like(values) if scale == 0 else values / scale
+    if rng is None:
+        codes = np.rint(scaled)
+    else:
+        low = np.floor(scaled)
+        codes = low + (rng.random(values.shape, dtype=np.float32) < scaled - low)
+    return np.clip(codes, -INT8_LEVELS, INT8_LEVELS).astype(np.int8), scale
 
 
 def _as_mask(mask, shape: tuple[int, ...]) -> np.ndarray:
@@ -77,8 +152,9 @@ def _support(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return mask
 
 
-def encode(array, encoding: str, *, mask=None) -> bytes:
-    """Encodes a tensor as float32 bytes.
+def encode(array, encoding: str, *, mask=None, quantization: str = NO_QUANTIZATION,
+           rng: np.random.Generator | None = None) -> bytes:
+    """Encodes a tensor as bytes (float32 values unless quantized).
 
     Args:
       array: the tensor; cast to float32 (the wire format), so pass float32 for
@@ -89,10 +165,15 @@ def encode(array, encoding: str, *, mask=None) -> bytes:
         values at its positions are written). For `bitmap`/`coo` the mask's
         positions are written instead of the nonzeros', so the receiver learns
         the mask (zeros inside it included). `dense` only checks it.
+      quantization: the wire format of the values, one of `QUANTIZATIONS`:
+        `fp16` casts them to half floats; `int8` writes the float32 scale first,
+        then `quantize_int8` codes (positions are the unquantized tensor's).
+      rng: for `int8`, the generator of the stochastic rounding (None: round
+        to nearest); ignored otherwise.
 
     Returns:
       The payload; its length in bytes is `expected_size(array.size, nnz,
-      encoding)` with nnz the number of written positions.
+      encoding, quantization)` with nnz the number of written positions.
 
     Raises:
       ValueError: unknown encoding; `masked_values` without a mask; a mask of
@@ -100,6 +181,7 @@ def encode(array, encoding: str, *, mask=None) -> bytes:
         entries (int32 indices).
     """
     _check_encoding(encoding)
+    _check_quantization(quantization)
     values = np.asarray(array, dtype=np.float32)
     if mask is not None:
         mask = _as_mask(mask, values.shape)
@@ -107,16 +189,22 @@ def encode(array, encoding: str, *, mask=None) -> bytes:
         raise ValueError("masked_values needs the mask the receiver holds")
     flat = values.ravel()
     support = _support(values, mask).ravel()
+    header = b""
+    wire = flat
+    if quantization == INT8:
+        wire, scale = quantize_int8(flat, rng)
+        header = np.asarray(scale, _SCALE).tobytes()
+    wire = wire.astype(_WIRE[quantization])
     if encoding == DENSE:
-        return flat.astype(_VALUE).tobytes()
-    written = flat[support].astype(_VALUE).tobytes()
+        return header + wire.tobytes()
+    written = wire[support].tobytes()
     if encoding == MASKED_VALUES:
-        return written
+        return header + written
     if encoding == BITMAP:
-        return np.packbits(support).tobytes() + written
+        return header + np.packbits(support).tobytes() + written
     if flat.size > _MAX_COO_ENTRIES:
         raise ValueError(f"coo uses int32 indices; a tensor of {flat.size} entries is too large")
-    return np.flatnonzero(support).astype(_INDEX).tobytes() + written
+    return header + np.flatnonzero(support).astype(_INDEX).tobytes() + written
 
 
 def _as_shape(shape) -> tuple[int, ...]:
@@ -124,8 +212,13 @@ def _as_shape(shape) -> tuple[int, ...]:
     return tuple(int(d) for d in np.atleast_1d(np.asarray(shape, dtype=np.int64)))
 
 
-def _split_sparse(payload: bytes, encoding: str, n: int) -> tuple[np.ndarray, bytes]:
-    """(written positions as a flat bool array, value bytes) of a bitmap or coo payload."""
+def _split_sparse(payload: bytes, encoding: str, n: int,
+                  width: int = 4) -> tuple[np.ndarray, bytes]:
+    """(written positions as a flat bool array, value bytes) of a bitmap or coo payload.
+
+    `width` is the bytes per written value (`value_bytes`); a coo entry is a
+    4-byte index and one value.
+    """
     if encoding == BITMAP:
         num_bitmap_bytes = -(-n // 8)
         if len(payload) < num_bitmap_bytes:
@@ -134,9 +227,10 @@ def _split_sparse(payload: bytes, encoding: str, n: int) -> tuple[np.ndarray, by
         if bits[n:].any():
             raise ValueError("bitmap payload has padding bits set")
         return bits[:n].astype(bool), payload[num_bitmap_bytes:]
-    if len(payload) % 8:
-        raise ValueError(f"coo payload of {len(payload)} bytes is not a multiple of 8")
-    nnz = len(payload) // 8
+    entry = _INDEX.itemsize + width
+    if len(payload) % entry:
+        raise ValueError(f"coo payload of {len(payload)} bytes is not a multiple of {entry}")
+    nnz = len(payload) // entry
     indices = np.frombuffer(payload[: 4 * nnz], _INDEX)
     if nnz and (indices[0] < 0 or indices[-1] >= n or np.any(np.diff(indices) <= 0)):
         raise ValueError("coo indices are not strictly increasing within the tensor")
@@ -145,15 +239,18 @@ def _split_sparse(payload: bytes, encoding: str, n: int) -> tuple[np.ndarray, by
     return support, payload[4 * nnz :]
 
 
-def _values_from(value_bytes: bytes, count: int, encoding: str) -> np.ndarray:
-    if len(value_bytes) != 4 * count:
-        raise ValueError(
-            f"{encoding} payload carries {len(value_bytes)} value bytes; expected {4 * count}"
-        )
-    return np.frombuffer(value_bytes, _VALUE).astype(np.float32)
+def _values_from(value_bytes: bytes, count: int, encoding: str,
+                 quantization: str = NO_QUANTIZATION, scale: float = 1.0) -> np.ndarray:
+    wire = _WIRE[quantization]
+    if len(value_bytes) != wire.itemsize * count:
+        raise ValueError(f"{encoding} payload carries {len(value_bytes)} value bytes; "
+                         f"expected {wire.itemsize * count}")
+    values = np.frombuffer(value_bytes, wire).astype(np.float32)
+    return values * np.float32(scale) if quantization == INT8 else values
 
 
-def decode(payload: bytes, encoding: str, shape, *, mask=None) -> np.ndarray:
+def decode(payload: bytes, encoding: str, shape, *, mask=None,
+           quantization: str = NO_QUANTIZATION) -> np.ndarray:
     """Rebuilds the float32 tensor of `shape` from `encode`'s payload.
 
     Args:
@@ -162,27 +259,38 @@ def decode(payload: bytes, encoding: str, shape, *, mask=None) -> np.ndarray:
       shape: the tensor's shape (known to the receiver from the model).
       mask: required for `masked_values` (the mask it was encoded with);
         ignored otherwise.
+      quantization: the quantization it was encoded with.
 
     Returns:
-      A new float32 array equal to the encoded one (zeros come back as +0.0).
+      A new float32 array equal to the encoded one (zeros come back as +0.0);
+      quantized: the dequantized values (`fp16` widened, `int8` codes * scale).
 
     Raises:
       ValueError: the payload does not fit the shape or encoding.
     """
     _check_encoding(encoding)
+    _check_quantization(quantization)
     shape = _as_shape(shape)
     n = math.prod(shape)
+    scale = np.float32(1)
+    if quantization == INT8:
+        if len(payload) < _SCALE.itemsize:
+            raise ValueError(f"int8 payload of {len(payload)} bytes has no scale")
+        scale = np.frombuffer(payload[: _SCALE.itemsize], _SCALE)[0]
+        payload = payload[_SCALE.itemsize :]
     if encoding == DENSE:
-        return _values_from(payload, n, encoding).reshape(shape)
+        return _values_from(payload, n, encoding, quantization, scale).reshape(shape)
     if encoding == MASKED_VALUES:
         if mask is None:
             raise ValueError("masked_values needs the mask the receiver holds")
         support = _as_mask(mask, shape).ravel()
-        value_bytes = payload
+        value_payload = payload
     else:
-        support, value_bytes = _split_sparse(payload, encoding, n)
+        support, value_payload = _split_sparse(payload, encoding, n,
+                                               value_bytes(quantization))
     out = np.zeros(n, np.float32)
-    out[support] = _values_from(value_bytes, int(np.count_nonzero(support)), encoding)
+    out[support] = _values_from(value_payload, int(np.count_nonzero(support)), encoding,
+                                quantization, scale)
     return out.reshape(shape)
 
 
@@ -201,30 +309,53 @@ def decode_mask(payload: bytes, encoding: str, shape) -> np.ndarray:
     return _split_sparse(payload, encoding, math.prod(shape))[0].reshape(shape)
 
 
-def encoded_size(array, encoding: str, *, mask=None) -> int:
-    """Measured size in bytes: `len(encode(array, encoding, mask=mask))`."""
-    return len(encode(array, encoding, mask=mask))
+def encoded_size(array, encoding: str, *, mask=None,
+                 quantization: str = NO_QUANTIZATION) -> int:
+    """Measured size in bytes: `len(encode(array, encoding, mask=mask, quantization=...))`."""
+    return len(encode(array, encoding, mask=mask, quantization=quantization))
 
 
-def expected_size(n: int, nnz: int, encoding: str) -> int:
-    """Closed-form size in bytes of a float32 tensor of `n` entries, `nnz` of them written.
+def expected_size(n: int, nnz: int, encoding: str,
+                  quantization: str = NO_QUANTIZATION) -> int:
+    """Closed-form size in bytes of a tensor of `n` entries, `nnz` of them written.
 
-    For `masked_values`, `nnz` is the mask's number of ones.
+    For `masked_values`, `nnz` is the mask's number of ones. Values take
+    `value_bytes(quantization)` each, plus `scale_bytes(quantization)` per tensor.
     """
     _check_encoding(encoding)
     if not 0 <= nnz <= n:
         raise ValueError(f"need 0 <= nnz <= n, got nnz={nnz}, n={n}")
+    b = value_bytes(quantization)
+    side = scale_bytes(quantization)
     if encoding == DENSE:
-        return 4 * n
+        return side + b * n
     if encoding == BITMAP:
-        return -(-n // 8) + 4 * nnz
+        return side + -(-n // 8) + b * nnz
     if encoding == COO:
-        return 8 * nnz
-    return 4 * nnz
+        return side + (_INDEX.itemsize + b) * nnz
+    return side + b * nnz
 
 
-def candidate_sizes(array, known_mask=None, sent_mask=None) -> dict[str, int]:
+def binary_entropy(p: float) -> float:
+    """H(p) = -p log2 p - (1 - p) log2(1 - p) in bits, with H(0) = H(1) = 0."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"need a probability in [0, 1], got {p}")
+    if p in (0.0, 1.0):
+        return 0.0
+    return -p * math.log2(p) - (1.0 - p) * math.log2(1.0 - p)
+
+
+def entropy_bits(n: int, kept: int) -> float:
+    """Entropy bound in bits of a 0/1 mask of `n` entries with `kept` ones: n H(kept / n)."""
+    if not 0 <= kept <= n:
+        raise ValueError(f"need 0 <= kept <= n, got kept={kept}, n={n}")
+    return n * binary_entropy(kept / n) if n else 0.0
+
+
+def candidate_sizes(array, known_mask=None, sent_mask=None,
+                    quantization: str = NO_QUANTIZATION) -> dict[str, int]:
     """Measured bytes of every valid encoding of one tensor, in `ENCODINGS` order."""
+    q = quantization
     if known_mask is not None and sent_mask is not None:
         raise ValueError("a mask is either known to the receiver or sent to it, not both")
     values = np.asarray(array, dtype=np.float32)
@@ -232,13 +363,15 @@ def candidate_sizes(array, known_mask=None, sent_mask=None) -> dict[str, int]:
         sent_mask = _as_mask(sent_mask, values.shape)
         if not sent_mask.all():
             # The mask must reach the client, so only encodings that write positions qualify.
-            return {e: encoded_size(values, e, mask=sent_mask) for e in (BITMAP, COO)}
+            return {e: encoded_size(values, e, mask=sent_mask, quantization=q)
+                    for e in (BITMAP, COO)}
         # All ones: flag a dense layer, no mask bits; fall through to the plain encodings.
-    sizes = {e: encoded_size(values, e) for e in (DENSE, BITMAP, COO)}
+    sizes = {e: encoded_size(values, e, quantization=q) for e in (DENSE, BITMAP, COO)}
     if known_mask is not None:
         known_mask = _as_mask(known_mask, values.shape)
         if not np.any((values != 0) & ~known_mask):
-            sizes[MASKED_VALUES] = encoded_size(values, MASKED_VALUES, mask=known_mask)
+            sizes[MASKED_VALUES] = encoded_size(values, MASKED_VALUES, mask=known_mask,
+                                                quantization=q)
     return sizes
 
 
@@ -248,7 +381,8 @@ def pick_smallest(sizes: dict[str, int]) -> tuple[str, int]:
     return min(sizes.items(), key=lambda item: item[1])
 
 
-def smallest_encoding(array, *, known_mask=None, sent_mask=None) -> tuple[str, int]:
+def smallest_encoding(array, *, known_mask=None, sent_mask=None,
+                      quantization: str = NO_QUANTIZATION) -> tuple[str, int]:
     """The smallest valid encoding of one tensor and its measured size in bytes.
 
     Args:
@@ -259,6 +393,7 @@ def smallest_encoding(array, *, known_mask=None, sent_mask=None) -> tuple[str, i
       sent_mask: a mask the receiver must learn (downlink to stateless
         clients): unless it is all ones, only `bitmap`/`coo` written at the
         mask's positions qualify.
+      quantization: the values' wire format (`QUANTIZATIONS`).
 
     Returns:
       (encoding name, bytes); ties go to the earlier name in `ENCODINGS`.
@@ -267,4 +402,4 @@ def smallest_encoding(array, *, known_mask=None, sent_mask=None) -> tuple[str, i
       ValueError: both masks given, a mask of the wrong shape, or nonzeros
         outside `sent_mask`.
     """
-    return pick_smallest(candidate_sizes(array, known_mask, sent_mask))
+    return pick_smallest(candidate_sizes(array, known_mask, sent_mask, quantization))

@@ -34,6 +34,7 @@ import dataclasses
 from collections.abc import Callable
 
 from fedprune.errors import InvalidArgument, check
+from fedprune.federated import encodings
 from fedprune.pruning import mask_aggregation, schedules
 
 FLAG = "masking"
@@ -175,3 +176,17 @@ def check_dp(mode: MaskingMode, dp: str) -> None:
     check(dp == "none" or mode.dp_compatible, "dp", dp,
           f"none with --masking={mode.name} (client-computed masks are aggregated without "
           f"noise, so the DP guarantee would not hold); use --masking={allowed}")
+
+
+def check_upload_quantization(mode: MaskingMode, quantization: str) -> None:
+    """`--upload_quantization` is known, and other than `none` only for plain-delta uploads.
+
+    Pruning clients upload a mask payload (`mask_aggregation.client_payload`)
+    that the quantized mean does not cover.
+    """
+    check(quantization in encodings.QUANTIZATIONS, "upload_quantization", quantization,
+          "one of " + "|".join(encodings.QUANTIZATIONS))
+    allowed = "|".join(names(lambda m: not m.client_prunes))
+    check(quantization == "none" or not mode.client_prunes, "upload_quantization",
+          quantization, f"none with --masking={mode.name} (pruning clients upload masks and "
+          f"kept values, which are not quantized); use --masking={allowed}")

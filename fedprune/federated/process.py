@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedprune.errors import check
-from fedprune.federated import masking_modes
+from fedprune.federated import masking_modes, quantization
 from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
@@ -112,6 +112,7 @@ def build_pruning_process(
     step_mapping: step_schedule.StepMapping | None = None,
     sparsity_distribution: str = "uniform",
     regrow: regrowth.RegrowSpec | None = None,
+    upload_quantization: str = "none",
 ) -> PruningProcess:
     """Builds the federated pruning process.
 
@@ -145,6 +146,11 @@ def build_pruning_process(
       regrow: prune and regrow at the server after its re-mask
         (`regrowth.RegrowSpec`; a mode that re-masks, unstructured magnitude
         masks, round granularity). None: no regrowth.
+      upload_quantization: `none`, `fp16` or `int8` (`--upload_quantization`):
+        clients' deltas are quantized before the weighted mean
+        (`quantization.build_quantized_mean_factory` around `model_aggregator`)
+        and `uplink_bytes` counts the values at that width. Modes whose
+        clients prune upload a mask payload and are refused.
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
@@ -171,6 +177,7 @@ def build_pruning_process(
                   and mask_spec.mask_criterion == "magnitude", "regrow", regrow.rule,
                   "none unless --structure=unstructured, --mask_criterion=magnitude and "
                   "--prune_granularity=round")
+    masking_modes.check_upload_quantization(mode, upload_quantization)
 
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -252,6 +259,7 @@ def build_pruning_process(
             table=table,
             mask_spec=mask_spec,
             units=units,
+            upload_quantization=upload_quantization,
         )
     update_type = client_work.next.type_signature.result.result.member.update
     client_prunes = mode.client_prunes
@@ -259,6 +267,9 @@ def build_pruning_process(
         factory = mask_aggregation_lib.build_mask_aggregator()
     else:
         factory = model_aggregator or tff.aggregators.MeanFactory()
+        if upload_quantization != "none":
+            factory = quantization.build_quantized_mean_factory(
+                upload_quantization, seed=seed, inner=factory)
     aggregator = factory.create(update_type, tff.TensorType(np.float32))
     finalizer = build_masking_finalizer(
         server_optimizer=server_optimizer,

@@ -39,7 +39,7 @@ METRIC_COLUMNS = (
     "target_sparsity", "client_sparsity", "nonzero_params", "params", "model_bytes",
     "macs_per_example",
     "mask_drift", "regrowth", "client_mask_jaccard", "bytes_down", "bytes_up",
-    "dense_bytes_down", "dense_bytes_up",
+    "dense_bytes_down", "dense_bytes_up", "mask_entropy_bits",
     "tff_bytes_down", "tff_bytes_up", "clients", "epsilon", "epsilon_rdp", "epsilon_pld",
     "dp_clip", "round_seconds", "elapsed_seconds",
 )
@@ -241,6 +241,21 @@ def size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) -
             "median_round_seconds_after": float(np.median(after)) if after else None,
         }
     return summary
+
+
+def mask_coding_summary(masks) -> dict:
+    """summary.json's `mask_coding`: one copy of the final model's masks under each coding.
+
+    `bitmap_bytes` and `coo_index_bytes` are what the downlink's mask part costs
+    as a bitmap or as int32 coordinates; `entropy_bytes` is the entropy bound
+    (`communication.mask_coding`), a bound that no payload count includes.
+    """
+    coding = communication.mask_coding(masks)
+    return {"params": coding.params, "kept": coding.kept,
+            "bitmap_bytes": coding.bitmap_bits / 8, "coo_index_bytes": coding.coo_bits / 8,
+            "entropy_bytes": coding.entropy_bits / 8,
+            "entropy_bits_per_param": (coding.entropy_bits / coding.params
+                                       if coding.params else 0.0)}
 
 
 def summarize(config: ExperimentConfig, rows: list[dict], start: float) -> dict:

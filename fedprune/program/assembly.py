@@ -109,6 +109,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
         step_mapping=None if dense else step_mapping(config, data),
         sparsity_distribution="uniform" if dense else config.sparsity_distribution,
         regrow=None if dense else config.regrow_spec(),
+        upload_quantization=config.upload_quantization,
     )
 
 

@@ -223,8 +223,9 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         t0 = time.time()
         inputs = assembly.round_inputs(config, data, round_num)
         clients = inputs.clients
-        down = communication.downlink_bytes(
-            list(weights.trainable), evaluation.kernel_masks(pp, weights), len(clients))
+        masks = evaluation.kernel_masks(pp, weights)
+        down = communication.downlink_bytes(list(weights.trainable), masks, len(clients))
+        mask_entropy_bits = communication.mask_coding(masks).entropy_bits
         tff_bytes = communication.tff_simulation_bytes(
             list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
         with interrupts.interruptible():  # most of a round: waiting on the worker
@@ -270,6 +271,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         bytes_up = int(output.metrics["client_work"]["uplink_bytes"])
         row.update(clients=len(clients), bytes_down=down.sent, bytes_up=bytes_up,
                    dense_bytes_down=down.dense, dense_bytes_up=dense_up,
+                   mask_entropy_bits=mask_entropy_bits,
                    tff_bytes_down=tff_bytes.down, tff_bytes_up=tff_bytes.up,
                    round_seconds=round_seconds,
                    elapsed_seconds=elapsed_before + time.time() - loop_start)
@@ -308,6 +310,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     if dp:
         summary.update(privacy_report.summary_fields(config, accounting))
     summary.update(run_files.size_summary(config, rows, output_dir))
+    summary["mask_coding"] = run_files.mask_coding_summary(evaluation.kernel_masks(pp, weights))
     summary.update(run_files.export_model(pp, weights, output_dir))
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
     run_files.write_figures(config, rows, output_dir)
