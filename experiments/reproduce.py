@@ -45,6 +45,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from absl import flags
@@ -182,7 +183,7 @@ def grid_commands(spec: TableSpec) -> list[str]:
 
 
 def render_section(spec: TableSpec, table: reporting.Table, results: list,
-                   invocations: list[dict], root: Path) -> str:
+                   invocations: list[dict], root: Path, figures: Sequence[Path] = ()) -> str:
     """The Markdown of a table's RESULTS.md section (without the markers).
 
     Args:
@@ -191,6 +192,9 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
       results: the runs (`grid_results.load_results`), found under `root`.
       invocations: from `record_invocation`, for the time it took.
       root: the run tree; the runs' config.json name the commit they were trained at.
+      figures: the table's published PNGs (`grid_results.publish_figures`); those
+        of accuracy against sparsity and against bytes are embedded, linked
+        relative to the repository root (where RESULTS.md is).
     """
     from fedprune.outputs import provenance
 
@@ -245,6 +249,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "",
         grid_results.markdown(table).rstrip(),
         "",
+        *_embedded_figures(figures),
         f"Figures (PNG and PDF) in the run tree (`runs/table{spec.number}-full/plots/`) and "
         f"in `docs/figures/table{spec.number}-*`: `accuracy_vs_round-<masking>-s<sparsity>` "
         "(mean and 95 % CI band over seeds), `accuracy_vs_sparsity-<masking>` and "
@@ -252,6 +257,21 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "schedule and masking, with granularity or noise multiplier where the table varies "
         "them.",
     ])
+
+
+# The figures a table's RESULTS.md section shows (the others are listed by name).
+_EMBEDDED_FIGURES = ("accuracy_vs_sparsity", "accuracy_vs_bytes")
+
+
+def _embedded_figures(figures: Sequence[Path]) -> list[str]:
+    """Markdown image lines for the embedded figures, then a blank line (none: no lines)."""
+    lines = []
+    for png in figures:
+        kind, _, tag = png.stem.partition("-")[2].partition("-")
+        if kind in _EMBEDDED_FIGURES:
+            caption = f"{kind.replace('_', ' ')}, {tag}"
+            lines.append(f"![{caption}]({_shown(png)})")
+    return [*lines, ""] if lines else []
 
 
 def trained_commit(results: list, root: Path) -> str:
@@ -382,14 +402,14 @@ def main(argv):
             {"table": spec.number, "size": size,
              "flagfiles": [_shown(p) for p in spec.all_flagfiles(size)]}))
         print(f"\nwrote {expected_path}")
-        destination = figures_dir(size)
+        destination, written = figures_dir(size), []
         if destination is not None:
             prefix = f"table{spec.number}" + ("" if size == "full" else f"_{size}")
             written = grid_results.publish_figures(root, destination, prefix)
             print(f"wrote {len(written)} figure(s) (PNG and PDF) into {destination}")
         if size == "full":
             old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
-            section = render_section(spec, table, results, invocations, root)
+            section = render_section(spec, table, results, invocations, root, written)
             atomic_files.atomic_write_text(results_path,
                                         grid_results.replace_section(old, f"table{spec.number}",
                                                              section))

@@ -665,6 +665,20 @@ def test_reproduce_write_results_copies_the_figures(ci_tree, tmp_path):
     assert f"wrote {len(plots)} figure(s) (PNG and PDF) into {figures}" in again.stdout
 
 
+def test_results_section_embeds_the_trade_off_figures():
+    from experiments import reproduce
+
+    figures = [reproduce.REPO / "docs" / "figures" / f"table1-{name}.png" for name in (
+        "accuracy_vs_bytes-both", "accuracy_vs_round-both-s0.5", "accuracy_vs_sparsity-both",
+        "accuracy_vs_sparsity-client")]
+    assert reproduce._embedded_figures(figures) == [
+        "![accuracy vs bytes, both](docs/figures/table1-accuracy_vs_bytes-both.png)",
+        "![accuracy vs sparsity, both](docs/figures/table1-accuracy_vs_sparsity-both.png)",
+        "![accuracy vs sparsity, client](docs/figures/table1-accuracy_vs_sparsity-client.png)",
+        ""]
+    assert reproduce._embedded_figures(figures[1:2]) == []  # round curves are only listed
+
+
 @pytest.mark.slow
 def test_reproduce_table2_ci_matches_expected(tmp_path):
     done = _run("reproduce", "--table=2", "--size=ci", f"--output_dir={tmp_path}")
