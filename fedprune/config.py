@@ -96,7 +96,7 @@ class ExperimentConfig:
     shrink_at_round: int = SHRINK_AT_SCHEDULE_END
     prune_output_layer: bool = True
     mask_aggregation: str = "average"
-    # Prune and regrow (fedprune/pruning/regrowth.py): SET at the server.
+    # Prune and regrow (fedprune/pruning/regrowth.py): SET or RigL at the server.
     regrow: str = "none"
     regrow_at: str = "server"
     regrow_fraction: float = 0.3  # of each layer's kept weights, at the first adjustment
@@ -185,6 +185,9 @@ class ExperimentConfig:
             num_rounds=self.rounds, structure=self.structure,
             prune_granularity=self.prune_granularity, mask_criterion=self.mask_criterion)
         masking_modes.check_regrowth(mode, self.regrow)
+        check(self.regrow != "gradient" or self.dp == "none", "regrow", self.regrow,
+              f"none or random with --dp={self.dp} (the clients' gradient upload for "
+              "regrowth is not privatized)")
         return self
 
     def regrow_spec(self) -> regrowth.RegrowSpec:

@@ -5,7 +5,10 @@ the refusals (no TF), and the real TFF process: the number of mask entries
 stays at the schedule's level after every round, grown weights are zero right
 after they are grown, the broadcast pays for the moved mask, a run is
 deterministic and resumes to the same bits, and `constant` with regrowth is
-no longer `oneshot`.
+no longer `oneshot`. `gradient` (RigL): growth follows the largest aggregate
+|gradient|, the aggregate is the example-weighted mean of the clients' top-k
+sparse gradients computed directly in TF, and `bytes_up` counts exactly the
+encoded (index, value) pairs in adjustment rounds and nothing in others.
 """
 
 from __future__ import annotations
@@ -58,6 +61,57 @@ def test_growth_is_capped_by_the_pruned_coordinates_and_skips_the_just_dropped()
     assert grown.numpy().tolist() == [[0, 0, 0, 0], [0, 0, 1, 1]]
 
 
+def test_gradient_growth_picks_the_largest_aggregate_gradient_among_the_pruned():
+    import tensorflow as tf
+
+    from fedprune.federated import regrow_gradients
+
+    # 8 weights, 4 kept (positions 0, 2, 4, 6); the pruned 1, 3, 5, 7 have aggregate
+    # gradients -0.5, 0.2, 0.5, NaN: |g| ranks 1 and 5 first (a tie: both grow), then 3;
+    # NaN scores 0. The kept coordinates' larger gradients are not candidates.
+    kernel = np.array([4.0, 0, -1.0, 0, 3.0, 0, -2.0, 0], np.float32).reshape(2, 4)
+    mask = (kernel != 0).astype(np.float32)
+    gradient = np.array([9, -0.5, -9, 0.2, 9, 0.5, 9, np.nan], np.float32).reshape(2, 4)
+    [scores] = regrow_gradients.gradient_scores([tf.constant(gradient)])
+    for fraction, grown_at in [(0.5, [1, 5]), (0.75, [1, 3, 5]), (1.0, [1, 3, 5, 7])]:
+        _, grown = regrowth.drop_and_grow(tf.constant(kernel), tf.constant(mask),
+                                          tf.constant(fraction), scores)
+        assert np.flatnonzero(grown.numpy().ravel()).tolist() == grown_at, fraction
+    # A tie at the cut goes to the lower index: |g| = 0.5 at 1 and 5, k = 1.
+    _, grown = regrowth.drop_and_grow(tf.constant(kernel), tf.constant(mask),
+                                      tf.constant(0.25), scores)
+    assert np.flatnonzero(grown.numpy().ravel()).tolist() == [1]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 5])
+def test_client_top_k_is_the_encoded_payload(k):
+    import tensorflow as tf
+
+    from fedprune.federated import encodings
+
+    rng = np.random.default_rng(k)
+    gradient = rng.normal(size=(3, 4)).astype(np.float32)
+    gradient[2, 3] = -gradient[0, 1]  # an |g| tie between two pruned coordinates
+    mask = np.zeros((3, 4), np.float32)
+    mask[[0, 1, 2], [0, 2, 1]] = 1.0  # 3 kept, 9 pruned
+    indices, values = regrowth.top_k_pruned(tf.constant(gradient), tf.constant(mask),
+                                            tf.constant(k))
+    payload = encodings.encode_top_k(gradient, mask, k)
+    assert len(payload) == encodings.TOP_K_ENTRY_BYTES * k == 8 * k
+    assert indices.numpy().tolist() == encodings.top_k_order(gradient, mask, k).tolist()
+    assert payload == (indices.numpy().astype("<i4").tobytes()
+                       + values.numpy().astype("<f4").tobytes())
+    dense = regrowth.scatter_dense(indices, values, (3, 4)).numpy()
+    assert np.array_equal(encodings.decode_top_k(payload, (3, 4)), dense)
+    chosen = np.flatnonzero(dense.ravel())
+    assert not np.any(mask.ravel()[chosen])  # only pruned coordinates are sent
+    others = np.setdiff1d(np.flatnonzero(mask.ravel() == 0), chosen)
+    if k and others.size:
+        assert np.abs(dense.ravel()[chosen]).min() >= np.abs(gradient.ravel()[others]).max()
+    assert int(regrowth.grow_count(tf.constant(mask), tf.constant(0.99))) == 2  # floor(2.97)
+    assert int(regrowth.grow_count(tf.constant(1.0 - mask), tf.constant(0.5))) == 3  # 9 kept
+
+
 @pytest.mark.parametrize("decay, every, end, num_rounds", [
     ("cosine", 1, 8, 10), ("cosine", 2, 9, 10), ("constant", 3, 10, 12), ("cosine", 1, 4, 3)])
 def test_fractions_follow_the_closed_form(decay, every, end, num_rounds):
@@ -92,7 +146,9 @@ def test_new_fields_at_their_defaults_keep_the_fingerprint():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(regrow="gradient"), "--regrow='gradient': expected one of none|random"),
+    (dict(regrow="rigl"), "--regrow='rigl': expected one of none|random|gradient"),
+    (dict(regrow="gradient", masking="server", dp="fixed"),
+     "--regrow='gradient': expected none or random with --dp=fixed"),
     (dict(regrow="random", masking="client"),
      "--regrow='random': expected none with --masking=client .* --masking=server|both"),
     (dict(regrow="random", structure="2:4", final_sparsity=0.5),
@@ -169,6 +225,9 @@ def _encoded_downlink(trainable, masks) -> int:
     dict(masking="both", schedule="polynomial", begin_round=1, end_round=3,
          regrow_decay="constant"),  # a ramp; clients prune too
     dict(schedule="oneshot", begin_round=0, regrow_every=2),  # only adjustments move the mask
+    dict(regrow="gradient"),  # RigL: clients upload top-k gradients
+    dict(regrow="gradient", masking="both", schedule="polynomial", begin_round=1, end_round=3,
+         regrow_decay="constant"),  # RigL on a ramp; clients prune (the mask aggregator)
 ])
 def test_every_round_keeps_the_schedule_level_and_grows_at_zero(changes):
     from fedprune.federated import communication
@@ -216,6 +275,81 @@ def test_every_round_keeps_the_schedule_level_and_grows_at_zero(changes):
     assert adjusted_rounds == [r for r in range(1, 4) if r % config.regrow_every == 0]  # r < 4
 
 
+def _direct_client_gradients(pp, weights, dataset):
+    """A client's dense kernel gradients of its mean loss at `weights`, in eager TF, and
+    its number of examples (the batch gradients weighted by batch size)."""
+    import tensorflow as tf
+
+    model = pp.keras_model_fn()
+    weights.assign_weights_to(model)
+    kernels = [model.trainable_weights[k.trainable_index] for k in pp.layout.kernels]
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    sums, count = [np.zeros(k.shape, np.float64) for k in kernels], 0
+    for batch in dataset:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(batch["y"], model(batch["x"], training=True))
+        n = int(batch["y"].shape[0])
+        sums = [s + n * g.numpy() for s, g in zip(sums, tape.gradient(loss, kernels),
+                                                   strict=True)]
+        count += n
+    return [(s / count).astype(np.float32) for s in sums], count
+
+
+@pytest.mark.usefixtures("tff_local_context")
+def test_gradient_growth_uses_the_weighted_sum_of_the_clients_top_k_and_pays_for_it():
+    from fedprune.federated import encodings
+    from fedprune.program import assembly
+
+    # Two clients; oneshot from round 0, so only adjustments move the mask; an adjustment
+    # after round 2 only (--regrow_every=2, --regrow_end_round=3).
+    config = _config(num_clients=2, clients_per_round=2, rounds=3, schedule="oneshot",
+                     regrow="gradient", regrow_every=2, regrow_end_round=3)
+    random = dataclasses.replace(config, regrow="random").validate()
+    data = assembly.load_data(config)
+    pps = {c.regrow: assembly.build_process(c, data) for c in (config, random)}
+    states = {rule: pp.process.initialize() for rule, pp in pps.items()}
+    pp = pps["gradient"]
+    for r in (1, 2):
+        inputs = assembly.round_inputs(config, data, r)
+        broadcast = pp.process.get_model_weights(states["gradient"])
+        up = {}
+        for rule, p in pps.items():
+            output = p.process.next(states[rule], inputs.datasets)
+            states[rule] = output.state
+            up[rule] = int(output.metrics["client_work"]["uplink_bytes"])
+        if r == 1:  # no adjustment: nothing extra is sent, and the runs are identical
+            assert up["gradient"] == up["random"]
+            continue
+        fraction = np.float32(config.regrow_spec().fractions(config.rounds)[r])
+        assert fraction > 0
+        masks = [np.asarray(broadcast.non_trainable[k.mask_index]) for k in pp.layout.kernels]
+        payload, weighted, total = 0, [np.zeros(m.shape, np.float64) for m in masks], 0
+        for dataset in inputs.datasets:
+            gradients, n = _direct_client_gradients(pp, broadcast, dataset)
+            for j, (g, m) in enumerate(zip(gradients, masks, strict=True)):
+                kept = int(m.sum())
+                k = min(math.floor(fraction * np.float32(kept)), m.size - kept)
+                encoded = encodings.encode_top_k(g, m, k)
+                payload += len(encoded)
+                weighted[j] += n * encodings.decode_top_k(encoded, m.shape)
+            total += n
+        # bytes_up counts exactly the encoded (index, value) pairs on top of the delta.
+        assert up["gradient"] - up["random"] == payload > 0
+        grown_all = [np.asarray(g) for g in states["gradient"].finalizer["regrow"]["regrown"]]
+        for m, agg, grown in zip(masks, weighted, grown_all, strict=True):
+            scores = np.abs(agg / total).ravel()
+            candidates = m.ravel() == 0  # oneshot: the broadcast mask is the re-masked one
+            chosen = grown.ravel() > 0
+            kept = int(m.sum())
+            assert chosen.sum() == min(math.floor(fraction * np.float32(kept)), m.size - kept)
+            assert not np.any(chosen & ~candidates)
+            # The grown are the candidates of largest aggregate |gradient| (up to float noise
+            # between this eager computation and the clients' graphs).
+            rest = scores[candidates & ~chosen]
+            assert scores[chosen].min() >= rest.max() - 1e-6 * scores.max()
+            assert scores[chosen].min() > 0  # every grown coordinate had a gradient
+
+
 # ----------------------------------------------------------------------------
 # Whole runs: deterministic, resume-identical, and not oneshot.
 
@@ -257,16 +391,22 @@ def test_regrowth_columns_are_written(regrow_run):
 
 
 @pytest.mark.usefixtures("tff_local_context")
-def test_random_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path):
+@pytest.mark.parametrize("rule", ["random", "gradient"])
+def test_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path, rule):
     from fedprune.program import loop
 
+    config = _config(regrow=rule)
+    reference = regrow_run
+    if rule != "random":
+        reference = tmp_path / "reference"
+        loop.run_experiment(config, reference, log=lambda line: None)
     again, resumed = tmp_path / "again", tmp_path / "resumed"
-    loop.run_experiment(_config(), again, log=lambda line: None)
-    loop.run_experiment(_config(), resumed, log=lambda line: None, stop_after_round=2)
-    loop.run_experiment(_config(), resumed, resume=True, log=lambda line: None)
-    expected = _final_state(regrow_run, 5)
+    loop.run_experiment(config, again, log=lambda line: None)
+    loop.run_experiment(config, resumed, log=lambda line: None, stop_after_round=2)
+    loop.run_experiment(config, resumed, resume=True, log=lambda line: None)
+    expected = _final_state(reference, 5)
     for path in (again, resumed):
-        assert _rows(path) == _rows(regrow_run)
+        assert _rows(path) == _rows(reference)
         state = _final_state(path, 5)
         assert state.keys() == expected.keys()
         for key in expected:

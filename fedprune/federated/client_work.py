@@ -28,6 +28,12 @@ computations around it, selected by the masking mode (`masking_modes.py`):
 Every mode also measures what an efficient upload would cost (`uplink_bytes`,
 summed over the round's clients) on the actual client updates.
 
+With `--regrow=gradient` (modes `server`, `both`) clients also upload, in
+rounds that end with a topology adjustment, their top-k gradients at the
+broadcast model for the server's growth (`regrow_gradients.py`); the update
+becomes `OrderedDict(model=<the update above>, regrow_gradient=...)` and
+`uplink_bytes` includes the k (index, value) pairs.
+
 State: `OrderedDict(hparams=<TFF client optimizer hparams>, round=int32)`,
 where `round` counts completed rounds (round r trains with `round == r - 1`).
 """
@@ -38,7 +44,7 @@ import collections
 
 import numpy as np
 
-from fedprune.federated import encodings
+from fedprune.federated import encodings, regrow_gradients
 from fedprune.federated.masking_modes import MaskingMode, masking_mode
 from fedprune.pruning import mask_aggregation, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
@@ -100,6 +106,7 @@ def build_pruning_client_work(
     mask_spec: MaskSpec,
     units: structured.StructuredLayout | None = None,
     upload_quantization: str = encodings.NO_QUANTIZATION,
+    regrow_fractions: np.ndarray | None = None,
 ):
     """Builds the client work for one masking mode.
 
@@ -123,7 +130,9 @@ def build_pruning_client_work(
       (state@SERVER, ClientResult(update=U, update_weight=float32)@CLIENTS,
       <train=metrics, uplink_bytes=int64>@SERVER)`, where U is the trainable
       weights' delta, or for `client`/`both` `mask_aggregation.client_payload`
-      (delta, kernel masks, pruned kernels) so the server can combine masks.
+      (delta, kernel masks, pruned kernels) so the server can combine masks;
+      with `regrow_fractions`, U is `OrderedDict(model=<that>,
+      regrow_gradient=<float32 per pruned kernel>)`.
     """
     mode = masking_mode(masking)
     import tensorflow_federated as tff
@@ -193,6 +202,23 @@ def build_pruning_client_work(
         )
         return client_result, sent
 
+    gradients = None
+    if regrow_fractions is not None:
+        gradients = regrow_gradients.build_client_gradients(
+            model_fn=model_fn, weights_type=weights_type,
+            data_type=inner.next.type_signature.parameter[2].member, layout=layout,
+            fractions=regrow_fractions)
+        result_type = finish_update.type_signature.result[0]
+        gradient_type, bytes_type = gradients.type_signature.result
+
+        @tff.tensorflow.computation(result_type, bytes_type, gradient_type, bytes_type)
+        def attach_gradients(result, sent, gradient, gradient_bytes):
+            update = collections.OrderedDict([(regrow_gradients.MODEL_KEY, result.update),
+                                              (regrow_gradients.GRADIENT_KEY, gradient)])
+            client_result = tff.learning.templates.ClientResult(
+                update=update, update_weight=result.update_weight)
+            return client_result, sent + gradient_bytes
+
     @tff.federated_computation
     def init_fn():
         return tff.federated_zip(
@@ -218,6 +244,11 @@ def build_pruning_client_work(
         result, upload_bytes = tff.federated_map(
             finish_update, (inner_output.result, weights, round_at_clients)
         )
+        if gradients is not None:
+            gradient, gradient_bytes = tff.federated_map(
+                gradients, (weights, client_data, round_at_clients))
+            result, upload_bytes = tff.federated_map(
+                attach_gradients, (result, upload_bytes, gradient, gradient_bytes))
         new_state = tff.federated_zip(
             collections.OrderedDict(
                 hparams=inner_output.state, round=tff.federated_map(increment, state.round)

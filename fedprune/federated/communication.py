@@ -12,7 +12,11 @@ Uplink vs downlink:
   server knows the mask it sent. An update with mass off that mask (e.g. TFF's
   stock client work, whose last optimizer step is not re-masked) cannot use
   `masked_values` and is counted with its own nonzeros instead, so the numbers
-  stay honest rather than the mass being dropped.
+  stay honest rather than the mass being dropped. With `--regrow=gradient`,
+  in rounds that end with a topology adjustment, each client also sends its
+  top-k pruned gradient entries per kernel as (int32 index, float32 value)
+  pairs (`encodings.encode_top_k`, 8 bytes each; counted on the clients in
+  `client_work.py`, see `regrow_gradients.py`).
 * **Downlink** (`downlink_bytes`): clients are stateless, so each sampled
   client must learn the mask with the weights. A pruned tensor is sent as
   `bitmap` or `coo` whose written positions are the *mask's* (zeros inside the
@@ -230,7 +234,9 @@ def tff_simulation_bytes(
 
     Returns:
       `TffSimulationBytes` for one round, totals over clients. Client weights
-      and metrics that TFF also uploads are not counted.
+      and metrics that TFF also uploads are not counted, nor the payload
+      fields beside the delta (the masks of modes `client`/`both`, the dense
+      `regrow_gradient` tensors of `--regrow=gradient`).
     """
 
     def nbytes(arrays: Sequence) -> int:

@@ -32,6 +32,11 @@ unquantized tensor (a value that rounds to 0 is still written), so the
 receiver learns the same mask. `decode` returns the dequantized float32
 tensor.
 
+**Top-k gradient** (`encode_top_k`, `--regrow=gradient`): the k pruned
+coordinates of a kernel with the largest |gradient|, as k int32 flat indices
+(in decreasing |gradient|, ties to the lower index) followed by their k
+float32 values: 8 k bytes (`TOP_K_ENTRY_BYTES` per entry).
+
 **Mask entropy** (`entropy_bits`): a 0/1 mask of N entries with empirical
 density p costs at least N H(p) bits, H the binary entropy, under any coding
 that treats its entries as independent draws: the bound a bitmap (N bits) or
@@ -334,6 +339,56 @@ def expected_size(n: int, nnz: int, encoding: str,
     if encoding == COO:
         return side + (_INDEX.itemsize + b) * nnz
     return side + b * nnz
+
+
+TOP_K_ENTRY_BYTES = _INDEX.itemsize + _VALUE.itemsize  # one (int32 index, float32 value)
+
+
+def top_k_order(gradient, mask, k: int) -> np.ndarray:
+    """Flat indices of the k entries off `mask` with the largest |gradient|.
+
+    Ordered by decreasing |gradient|, ties to the lower index (the order of
+    `regrowth.top_k_pruned`, which computes the same in TF on the client).
+
+    Raises:
+      ValueError: k is negative or larger than the number of entries off the mask.
+    """
+    flat = np.asarray(gradient, np.float32).ravel()
+    pruned = np.flatnonzero(np.asarray(mask).ravel() == 0)
+    if not 0 <= k <= pruned.size:
+        raise ValueError(f"need 0 <= k <= {pruned.size} pruned entries, got k={k}")
+    order = np.argsort(-np.abs(flat[pruned]), kind="stable")  # stable: ties by index
+    return pruned[order[:k]]
+
+
+def encode_top_k(gradient, mask, k: int) -> bytes:
+    """A client's `--regrow=gradient` upload for one kernel: `TOP_K_ENTRY_BYTES` * k bytes.
+
+    Args:
+      gradient: the kernel's dense gradient.
+      mask: the broadcast 0/1 mask (the candidates are its zeros).
+      k: how many entries to send (`regrowth.grow_count` of the mask).
+
+    Returns:
+      k int32 flat indices (`top_k_order`), then the k float32 gradient values there.
+    """
+    indices = top_k_order(gradient, mask, k)
+    values = np.asarray(gradient, np.float32).ravel()[indices]
+    return indices.astype(_INDEX).tobytes() + values.astype(_VALUE).tobytes()
+
+
+def decode_top_k(payload: bytes, shape) -> np.ndarray:
+    """The dense float32 tensor of `shape` an `encode_top_k` payload holds (zeros elsewhere)."""
+    shape = _as_shape(shape)
+    if len(payload) % TOP_K_ENTRY_BYTES:
+        raise ValueError(f"a top-k payload is a multiple of {TOP_K_ENTRY_BYTES} bytes, "
+                         f"not {len(payload)}")
+    k = len(payload) // TOP_K_ENTRY_BYTES
+    indices = np.frombuffer(payload[:_INDEX.itemsize * k], _INDEX)
+    values = np.frombuffer(payload[_INDEX.itemsize * k:], _VALUE)
+    dense = np.zeros(math.prod(shape), np.float32)
+    dense[indices] = values
+    return dense.reshape(shape)
 
 
 def binary_entropy(p: float) -> float:

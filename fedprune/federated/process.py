@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedprune.errors import check
-from fedprune.federated import masking_modes, quantization
+from fedprune.federated import masking_modes, quantization, regrow_gradients
 from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
@@ -145,7 +145,9 @@ def build_pruning_process(
         each round's level (`table.layer_sparsity`).
       regrow: prune and regrow at the server after its re-mask
         (`regrowth.RegrowSpec`; a mode that re-masks, unstructured magnitude
-        masks, round granularity). None: no regrowth.
+        masks, round granularity). None: no regrowth. Rule `gradient`: clients
+        also upload top-k gradients in adjustment rounds
+        (`regrow_gradients.py`), aggregated beside the model update.
       upload_quantization: `none`, `fp16` or `int8` (`--upload_quantization`):
         clients' deltas are quantized before the weighted mean
         (`quantization.build_quantized_mean_factory` around `model_aggregator`)
@@ -183,6 +185,7 @@ def build_pruning_process(
     import tensorflow_federated as tff
 
     wrapped = mode.wraps_model
+    by_gradient = regrow is not None and regrow.rule == "gradient"
 
     def keras_model_fn():
         model = model_builder()
@@ -260,6 +263,7 @@ def build_pruning_process(
             mask_spec=mask_spec,
             units=units,
             upload_quantization=upload_quantization,
+            regrow_fractions=regrow.fractions(num_rounds) if by_gradient else None,
         )
     update_type = client_work.next.type_signature.result.result.member.update
     client_prunes = mode.client_prunes
@@ -270,7 +274,12 @@ def build_pruning_process(
         if upload_quantization != "none":
             factory = quantization.build_quantized_mean_factory(
                 upload_quantization, seed=seed, inner=factory)
+    if by_gradient:
+        factory = regrow_gradients.build_gradient_aggregator(factory)
     aggregator = factory.create(update_type, tff.TensorType(np.float32))
+    aggregate_type = aggregator.next.type_signature.result.result.member
+    if by_gradient:
+        aggregate_type = getattr(aggregate_type, regrow_gradients.MODEL_KEY)
     finalizer = build_masking_finalizer(
         server_optimizer=server_optimizer,
         model_weights_type=weights_type,
@@ -278,8 +287,7 @@ def build_pruning_process(
         table=table,
         mask_spec=mask_spec,
         remask=remask,
-        aggregate_type=aggregator.next.type_signature.result.result.member if client_prunes
-        else None,
+        aggregate_type=aggregate_type if client_prunes else None,
         aggregation_rule=mask_aggregation,
         units=units,
         steps_per_round=steps_per_round,

@@ -44,7 +44,11 @@ With `--regrow` (prune and regrow, `fedprune/pruning/regrowth.py`) the
 server adjusts the topology right after the schedule's re-mask, at the rounds
 the regrowth spec names: it drops the smallest kept weights and grows as many
 pruned coordinates, at zero (`adjust_topology`), so each layer keeps exactly the
-schedule's number of mask entries.
+schedule's number of mask entries. With `--regrow=gradient` the aggregate is
+`OrderedDict(model=<the aggregate above>, regrow_gradient=<per pruned kernel,
+the example-weighted mean of the clients' top-k gradients>)`
+(`fedprune/federated/regrow_gradients.py`) and growth picks the largest
+|regrow_gradient| among the candidates.
 
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
 counting completed rounds; with regrowth also `regrow=OrderedDict(key=int64[2]
@@ -60,6 +64,7 @@ import collections
 import numpy as np
 
 from fedprune.errors import check
+from fedprune.federated import regrow_gradients
 from fedprune.pruning import mask_aggregation, masking, regrowth, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
 from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
@@ -154,7 +159,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
 
 
 def adjust_topology(old, weights, regrow_state, round_num, *, layout: PruningLayout,
-                    fractions: np.ndarray):
+                    fractions: np.ndarray, grow_scores=None):
     """Drop and grow after the schedule's re-mask (TF ops; see `regrowth.drop_and_grow`).
 
     Args:
@@ -165,6 +170,9 @@ def adjust_topology(old, weights, regrow_state, round_num, *, layout: PruningLay
       layout: where kernels and masks are.
       fractions: f_r per round (`RegrowSpec.fractions`); 0 means no adjustment
         (k = 0 leaves the mask as it is).
+      grow_scores: per pruned kernel, the scores growth ranks candidates by
+        (`--regrow=gradient`: |aggregate gradient|); None: uniform draws from
+        the state's RNG key (`random`). The key is split every round either way.
 
     Returns:
       (weights, regrow_state, diagnostics): the adjusted weights (masks,
@@ -185,7 +193,10 @@ def adjust_topology(old, weights, regrow_state, round_num, *, layout: PruningLay
     old_masks = [old.non_trainable[k.mask_index] for k in layout.kernels]
     fraction = table_lookup(fractions, round_num)
     keys = tf.random.experimental.stateless_split(regrow_state["key"], num=2)
-    scores = regrowth.random_scores([kernel.shape for kernel in kernels], keys[1])
+    if grow_scores is None:
+        scores = regrowth.random_scores([kernel.shape for kernel in kernels], keys[1])
+    else:
+        scores = list(grow_scores)
     adjusted = [regrowth.drop_and_grow(kernel, mask, fraction, score)
                 for kernel, mask, score in zip(kernels, masks, scores, strict=True)]
     survivors, grown = [a[0] for a in adjusted], [a[1] for a in adjusted]
@@ -275,7 +286,9 @@ def build_masking_finalizer(
         (1: one step per round); written into every wrapper's `pruning_step`.
       regrow: prune and regrow after the re-mask (`adjust_topology`); needs
         `remask`. None or rule `none`: no adjustment, and the state and
-        measurements are those without regrowth.
+        measurements are those without regrowth. Rule `gradient`: the
+        aggregate is `OrderedDict(model=A, regrow_gradient=<float32 per
+        pruned kernel>)` (`regrow_gradients.build_gradient_aggregator`).
 
     Without `remask` but with `aggregate_type` (`--masking=client`), the global
     masks become the union of the clients' masks (`keep_client_support`).
@@ -298,6 +311,16 @@ def build_masking_finalizer(
     update_type = aggregate_type or model_weights_type.trainable
     kernel_idx = [k.trainable_index for k in layout.kernels]
     regrowing = regrow is not None and regrow.enabled
+    by_gradient = regrowing and regrow.rule == "gradient"
+    if by_gradient:
+        gradient_type = tff.StructWithPythonType(
+            [tff.TensorType(np.float32, model_weights_type.trainable[i].shape)
+             for i in kernel_idx], tuple)
+        upload_type = tff.StructWithPythonType(
+            [(regrow_gradients.MODEL_KEY, update_type),
+             (regrow_gradients.GRADIENT_KEY, gradient_type)], collections.OrderedDict)
+    else:
+        upload_type = update_type
     if regrowing:
         check(remask, "regrow", regrow.rule, "none unless the server re-masks")
         fractions = regrow.fractions(len(table.sparsity) - 1)
@@ -339,7 +362,7 @@ def build_masking_finalizer(
                 delta = structured.zero_consumer_inputs(delta, units, unit_masks)
             return tuple(delta)
 
-    def measure_and_mask(old, stepped, aggregate, round_num, regrow_state):
+    def measure_and_mask(old, stepped, aggregate, round_num, regrow_state, gradient=None):
         old_kernels = [old.trainable[i] for i in kernel_idx]
         weights = stepped
         if aggregate_type is not None and aggregation_rule == "majority":
@@ -362,7 +385,9 @@ def build_masking_finalizer(
                                           steps_per_round=steps_per_round)
         if regrowing:
             weights, regrow_state, adjusted = adjust_topology(
-                old, weights, regrow_state, round_num, layout=layout, fractions=fractions)
+                old, weights, regrow_state, round_num, layout=layout, fractions=fractions,
+                grow_scores=None if gradient is None
+                else regrow_gradients.gradient_scores(gradient))
         diagnostics["mask_drift"] = mask_aggregation.mask_drift(
             old_kernels, [weights.trainable[i] for i in kernel_idx])
         if aggregate_type is not None:
@@ -375,7 +400,12 @@ def build_masking_finalizer(
             return weights, diagnostics, regrow_state
         return weights, diagnostics
 
-    if regrowing:
+    if by_gradient:
+        @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type,
+                                    round_type, regrow_type, gradient_type)
+        def mask_measure_and_grow(old, stepped, aggregate, round_num, regrow_state, gradient):
+            return measure_and_mask(old, stepped, aggregate, round_num, regrow_state, gradient)
+    elif regrowing:
         @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type,
                                     round_type, regrow_type)
         def mask_measure_and_adjust(old, stepped, aggregate, round_num, regrow_state):
@@ -401,9 +431,12 @@ def build_masking_finalizer(
     @tff.federated_computation(
         init_fn.type_signature.result,
         tff.FederatedType(model_weights_type, tff.SERVER),
-        tff.FederatedType(update_type, tff.SERVER),
+        tff.FederatedType(upload_type, tff.SERVER),
     )
     def next_fn(state, weights, aggregate):
+        if by_gradient:
+            gradient = getattr(aggregate, regrow_gradients.GRADIENT_KEY)
+            aggregate = getattr(aggregate, regrow_gradients.MODEL_KEY)
         delta = aggregate
         if aggregate_type is not None:
             delta = tff.federated_map(to_delta, (weights, aggregate))
@@ -412,7 +445,11 @@ def build_masking_finalizer(
         inner_output = inner.next(state.optimizer, weights, delta)
         round_num = tff.federated_map(increment, state.round)
         new_state = collections.OrderedDict(optimizer=inner_output.state, round=round_num)
-        if regrowing:
+        if by_gradient:
+            new_weights, diagnostics, new_state["regrow"] = tff.federated_map(
+                mask_measure_and_grow,
+                (weights, inner_output.result, aggregate, round_num, state.regrow, gradient))
+        elif regrowing:
             new_weights, diagnostics, new_state["regrow"] = tff.federated_map(
                 mask_measure_and_adjust,
                 (weights, inner_output.result, aggregate, round_num, state.regrow))

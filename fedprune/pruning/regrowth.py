@@ -21,6 +21,16 @@ Rules (`--regrow`):
           random among the candidates, from a stateless TF RNG whose key is
           part of the server state (split once per round), so a resumed run
           draws exactly what an uninterrupted one does.
+  gradient  RigL (Evci et al. 2020): the k grown coordinates are the candidates
+          where the magnitude of the round's aggregate dense gradient is
+          largest (ties: lower index). In an adjustment round every client
+          computes the gradient of its mean loss over its data at the broadcast
+          model, and uploads, per pruned kernel, its k' largest |gradient|
+          among the coordinates pruned in the broadcast mask as (int32 index,
+          float32 value) pairs, k' = `client_grow_count` (>= the server's k
+          whenever the level does not fall); the server scores candidates by
+          |example-weighted mean of the clients' sparse gradients|
+          (`fedprune/federated/regrow_gradients.py`).
 
 Adjustments happen after rounds r = every, 2 every, ... < end_round (RigL's
 ΔT in rounds, and its T_end: no adjustment from `end_round` on, so the last
@@ -44,7 +54,7 @@ import numpy as np
 
 from fedprune.errors import check
 
-RULES = ("none", "random")
+RULES = ("none", "random", "gradient")
 DECAYS = ("cosine", "constant")
 # Where the topology is adjusted: by the server after aggregation. (FedDST's
 # clients-adjust-then-vote form would be another value of this flag.)
@@ -140,7 +150,8 @@ def drop_and_grow(kernel, mask, fraction, grow_scores):
       mask: its 0/1 mask, same shape and dtype.
       fraction: f_r, a float scalar tensor.
       grow_scores: same shape; growth picks the k largest among the candidates
-        (`random`: uniform draws).
+        (`random`: uniform draws; `gradient`: |aggregate gradient|), ties to
+        the lower index.
 
     Returns:
       (survivors, grown): 0/1 masks of the kept weights that were not dropped,
@@ -152,9 +163,7 @@ def drop_and_grow(kernel, mask, fraction, grow_scores):
     from fedprune.pruning.masking import keep_top_k
 
     kept = tf.cast(tf.reduce_sum(mask), tf.int32)
-    size = tf.size(mask)
-    k = tf.minimum(tf.cast(tf.math.floor(fraction * tf.cast(kept, tf.float32)), tf.int32),
-                   size - kept)
+    k = grow_count(mask, fraction)
     minus_inf = tf.fill(tf.shape(kernel), tf.constant(-np.inf, kernel.dtype))
     # The kept - k largest |w| among kept weights survive (ties: lower index).
     survivors = keep_top_k(tf.where(mask > 0, tf.abs(kernel), minus_inf), kept - k)
@@ -174,3 +183,43 @@ def random_scores(shapes, key):
     keys = tf.random.experimental.stateless_split(key, num=max(len(shapes), 1))
     return [tf.random.stateless_uniform(shape, seed=keys[i], dtype=tf.float32)
             for i, shape in enumerate(shapes)]
+
+
+def grow_count(mask, fraction):
+    """k = min(floor(fraction * |mask|), N - |mask|) for one 0/1 mask (TF ops; int32)."""
+    import tensorflow as tf
+
+    kept = tf.cast(tf.reduce_sum(mask), tf.int32)
+    return tf.minimum(tf.cast(tf.math.floor(fraction * tf.cast(kept, tf.float32)), tf.int32),
+                      tf.size(mask) - kept)
+
+
+def top_k_pruned(gradient, mask, k):
+    """The k pruned coordinates (mask == 0) of largest |gradient| (TF ops).
+
+    Args:
+      gradient: a kernel's dense gradient.
+      mask: its 0/1 mask, same shape.
+      k: int32 scalar, at most the number of pruned coordinates.
+
+    Returns:
+      (indices, values): int32 [k] flat (row-major) indices, ordered by
+      decreasing |gradient| and then increasing index, and float32 [k] the
+      gradient there.
+    """
+    import tensorflow as tf
+
+    flat = tf.reshape(tf.cast(gradient, tf.float32), [-1])
+    pruned = tf.reshape(mask, [-1]) <= 0
+    scores = tf.where(pruned, tf.abs(flat), tf.fill(tf.shape(flat), -np.inf))
+    _, indices = tf.math.top_k(scores, k=k, sorted=True)
+    return indices, tf.gather(flat, indices)
+
+
+def scatter_dense(indices, values, shape):
+    """The dense tensor of `shape` holding `values` at flat `indices`, zero elsewhere (TF)."""
+    import tensorflow as tf
+
+    size = int(np.prod(shape))
+    flat = tf.scatter_nd(tf.reshape(indices, [-1, 1]), values, [size])
+    return tf.reshape(flat, shape)
