@@ -12,6 +12,7 @@ return fast.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import shutil
@@ -343,6 +344,8 @@ def run(main) -> None:
     from fedprune.runtime import interrupts
 
     interrupts.install_worker_cleanup()  # the interrupt handlers; cheap, no TensorFlow
+    # Runs before the worker cleanup (atexit is last in, first out).
+    atexit.register(_report_interrupt_at_exit)
     try:
         usage.define_command_line_flags()
         try:  # before parsing: their names are --help's and the flags' choices too
@@ -356,6 +359,31 @@ def run(main) -> None:
     except interrupts.Terminated as e:
         _exit_interrupted(e.signum)
     sys.exit(code)
+
+
+def _interrupted_message(signum: int) -> str:
+    return (f"interrupted ({signal.Signals(signum).name}); completed rounds are kept: rerun "
+            "with --resume to continue")
+
+
+def _report_interrupt_at_exit() -> None:
+    """At the interpreter's exit: the interrupt line, if a recorded SIGTERM skipped `run`.
+
+    `Terminated` is a `SystemExit`. Native code that reports a pending Python
+    error with `PyErr_Print` (a C/C++ extension calling back into Python, e.g.
+    while TensorFlow is imported) exits the interpreter at once on a
+    `SystemExit`, with its status (143) but without unwinding to `run`'s
+    handler: seen once in the random-signal tests, status 143 and an empty
+    stderr. The atexit hooks still run, so the line is printed here (and
+    `workers.stop_workers`, registered earlier, runs after this hook). After
+    `_exit_interrupted` the process leaves with `os._exit`, which skips atexit.
+    """
+    from fedprune.runtime import interrupts
+
+    signum = interrupts.interrupt_signal()
+    if signum is not None and not interrupts.shutting_down():
+        interrupts.begin_shutdown()
+        print(_interrupted_message(signum), file=sys.stderr, flush=True)
 
 
 def _exit_interrupted(signum: int) -> None:
@@ -373,8 +401,7 @@ def _exit_interrupted(signum: int) -> None:
     from fedprune.runtime import interrupts, workers
 
     interrupts.begin_shutdown()  # first: no worker restarts, further signals ignored
-    print(f"interrupted ({signal.Signals(signum).name}); completed rounds are kept: rerun "
-          "with --resume to continue", file=sys.stderr)
+    print(_interrupted_message(signum), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())

@@ -602,6 +602,47 @@ def test_interrupt_swallowed_by_a_finalizer_is_raised_again(tmp_path, handlers, 
     assert ("Exception ignored" in result.stderr) is reported, result.stderr
 
 
+_NATIVE_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, os, signal, sys
+    from experiments import common
+    from fedprune.runtime import interrupts
+
+
+    def main(argv):
+        with interrupts.deferred_interrupts():  # recorded, raised at the block's end
+            os.kill(os.getpid(), signal.SIGTERM)
+            if PATH == "native":
+                # Native code running Python that raises the interrupt, and reporting it
+                # with PyErr_Print (PyRun_SimpleString does): on a SystemExit the
+                # interpreter exits at once, status 143, without unwinding to `run`.
+                ctypes.pythonapi.PyRun_SimpleString(
+                    b"from fedprune.runtime import interrupts; interrupts.raise_if_interrupted()")
+                print("not reached", flush=True)
+        return 0
+
+
+    PATH = sys.argv.pop(1)
+    common.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize("path", ["native", "python"])
+def test_sigterm_that_skips_the_driver_handler_still_reports_one_line(tmp_path, path):
+    """Status 143 and the one interrupt line, whether the interrupt unwinds to `common.run`
+    (python) or native code ends the interpreter on it (native: before the fix, status 143
+    and an empty stderr, seen once in tests/test_interrupts_random.py)."""
+    script = tmp_path / "native_exit.py"
+    script.write_text(_NATIVE_EXIT_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), path], capture_output=True,
+                            text=True, env=_child_env(), timeout=CHILD_TIMEOUT_S)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "interrupted (SIGTERM); completed rounds are kept: rerun with --resume to continue"]
+
+
 def _new_worker(before: set[int]) -> psutil.Process:
     (worker,) = [p for p in workers.worker_descendants() if p.pid not in before]
     return worker
