@@ -202,13 +202,27 @@ def write_reports(results: Sequence[RunResult], root: Path,
     return table
 
 
-def series_label(result: RunResult) -> str:
+# Config fields that tell apart the parts of a table with parts (Table 3): runs that
+# differ in them are never averaged into one series.
+PART_FIELDS = ("model", "structure")
+
+
+def varying_part_fields(results: Sequence[RunResult]) -> tuple[str, ...]:
+    """The `PART_FIELDS` whose values differ between `results` (none for a one-part grid)."""
+    return tuple(f for f in PART_FIELDS
+                 if len({getattr(r.cell.config, f) for r in results}) > 1)
+
+
+def series_label(result: RunResult, parts: Sequence[str] = ()) -> str:
     """A run's legend label (`grid_plots.series_label`): schedule with its power, masking,
-    the granularity when the grid varies it, the noise multiplier of a DP run."""
-    if result.cell.schedule == DENSE:
-        return DENSE
+    the granularity when the grid varies it, the noise multiplier of a DP run; prefixed by
+    the values of the config fields `parts` (e.g. "mlp, neuron: ...")."""
     config, key = result.cell.config, result.cell.key
-    return grid_plots.series_label(
+    prefix = ", ".join(str(getattr(config, f)) for f in parts)
+    prefix = f"{prefix}: " if prefix else ""
+    if result.cell.schedule == DENSE:
+        return prefix + DENSE
+    return prefix + grid_plots.series_label(
         config.schedule, masking=config.masking,
         power=getattr(config.make_schedule(), "power", None),
         granularity=key.get(GRANULARITY_KEY), noise_multiplier=key.get(DP_KEY))
@@ -217,9 +231,10 @@ def series_label(result: RunResult) -> str:
 HEADLINE_FIGURES = ("accuracy_vs_round", "accuracy_vs_sparsity", "accuracy_vs_bytes")
 
 
-def _tradeoff_row(result: RunResult) -> dict:
+def _tradeoff_row(result: RunResult, parts: Sequence[str]) -> dict:
     s = result.summary
-    return {"series": series_label(result), "final_sparsity": result.cell.config.final_sparsity,
+    return {"series": series_label(result, parts),
+            "final_sparsity": result.cell.config.final_sparsity,
             "accuracy": s["final_test_accuracy"], "sparsity": s["final_global_sparsity"],
             # Everything the run sent, both directions, all rounds.
             "total_mib": (s["total_bytes_down"] + s["total_bytes_up"]) / 2**20}
@@ -237,6 +252,7 @@ def write_figures(results: Sequence[RunResult], root: Path) -> dict[str, Path]:
     Returns:
       {name in `HEADLINE_FIGURES`: its PNG in root/} (the PDF is beside it).
     """
+    parts = varying_part_fields(results)  # Table 3: one series per model and structure
     dense = [r for r in results if r.cell.schedule == DENSE]
     pruned = [r for r in results if r.cell.schedule != DENSE]
     plot_dir = root / "plots"
@@ -251,12 +267,12 @@ def write_figures(results: Sequence[RunResult], root: Path) -> dict[str, Path]:
         for sparsity, group in by_sparsity.items():
             if sparsity == 0.0 and len(by_sparsity) > 1:
                 continue  # dense alone; it is drawn with every pruned sparsity
-            curves = [(series_label(r), r.metrics_rows)
+            curves = [(series_label(r, parts), r.metrics_rows)
                       for r in (group if sparsity == 0.0 else dense + group)]
             headline["accuracy_vs_round"] = grid_plots.plot_curves_by_group(
                 curves, "test_accuracy", plot_dir / f"accuracy_vs_round-{tag}-s{sparsity:g}.png",
                 title=f"final sparsity {sparsity:g}")
-        table = reporting.aggregate([_tradeoff_row(r) for r in runs],
+        table = reporting.aggregate([_tradeoff_row(r, parts) for r in runs],
                                     ("series", "final_sparsity"),
                                     ["accuracy", "sparsity", "total_mib"])
         headline["accuracy_vs_sparsity"] = grid_plots.plot_tradeoff(

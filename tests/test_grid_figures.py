@@ -37,6 +37,25 @@ def test_series_label_of_a_run(args, label):
     assert grid_results.series_label(fake_result(*args)) == label
 
 
+def test_runs_of_different_models_or_structures_are_never_one_series():
+    # Table 3's parts: the dense MLP and the dense CNN are two series, not one average.
+    import dataclasses
+
+    mlp = fake_result("none", "none", 0.0, 0)
+    cnn = dataclasses.replace(mlp, cell=dataclasses.replace(
+        mlp.cell, config=dataclasses.replace(mlp.cell.config, model="cnn")))
+    neuron = fake_result("polynomial", "server", 0.75, 0)
+    neuron = dataclasses.replace(neuron, cell=dataclasses.replace(
+        neuron.cell, config=dataclasses.replace(neuron.cell.config, structure="neuron")))
+    assert grid_results.varying_part_fields([mlp, neuron]) == ("structure",)
+    assert grid_results.varying_part_fields([mlp, cnn, neuron]) == ("model", "structure")
+    assert grid_results.varying_part_fields([mlp, mlp]) == ()
+    parts = grid_results.varying_part_fields([mlp, cnn, neuron])
+    assert [grid_results.series_label(r, parts) for r in (mlp, cnn, neuron)] == [
+        "mlp, unstructured: dense", "cnn, unstructured: dense",
+        "mlp, neuron: polynomial (p = 3), server"]
+
+
 def test_write_and_publish_figures(tmp_path):
     results = [fake_result("none", "none", 0.0, s) for s in range(3)]
     results += [fake_result(schedule, masking, sparsity, s)
