@@ -389,14 +389,6 @@ def test_poly90_flagfile(parsed_flags, monkeypatch):
     assert config == ExperimentConfig(final_sparsity=0.9)
 
 
-# Until `reproduce --table=1 --size=full --write_results` regenerates it (at a clean
-# commit, on an idle machine), table1_expected.json holds the values of the earlier
-# grid, as RESULTS.md's Table 1 does; strict, so the mark must go with that commit.
-_OLD_FULL_EXPECTED = pytest.mark.xfail(
-    strict=True, reason="table1_expected.json is of the earlier Table 1 grid until the full "
-                        "table is regenerated; remove this mark then")
-
-
 def _table1_cells(size: str) -> tuple[grid.GridSpec, list[grid.Cell], list[Path]]:
     files = [CONFIGS / "table1.flags"] + ([CONFIGS / "table1_ci.flags"] if size == "ci" else [])
     grid.parse_flagfiles(files)
@@ -419,7 +411,7 @@ def test_table1_grid_has_no_rows_equal_by_construction(parsed_flags, size, runs,
     assert len(keys) == rows and keys[0] == ("dense", 0.0, "none", "round")
 
 
-@pytest.mark.parametrize("size", [pytest.param("full", marks=_OLD_FULL_EXPECTED), "ci"])
+@pytest.mark.parametrize("size", ["full", "ci"])
 def test_table1_flagfiles_and_expected_values_agree(parsed_flags, size):
     spec, cells, files = _table1_cells(size)
     expected = _expected_file(1, size)
@@ -434,7 +426,7 @@ def test_table1_flagfiles_and_expected_values_agree(parsed_flags, size):
     assert expected["rows"][0]["delta_accuracy"] == 0.0  # dense against itself
 
 
-@pytest.mark.parametrize("size", [pytest.param("full", marks=_OLD_FULL_EXPECTED), "ci"])
+@pytest.mark.parametrize("size", ["full", "ci"])
 def test_table1_rows_differ_beyond_the_tolerances(size):
     # The check can tell every two rows apart: if a change made one mode or granularity
     # compute what another does, some checked value would move beyond its tolerance.

@@ -132,5 +132,14 @@ def test_image_links_parser():
 @pytest.mark.parametrize("doc", ["RESULTS.md", "README.md"])
 def test_every_linked_figure_exists(doc):
     path = REPO_ROOT / doc
-    missing = [t for t in image_links(path.read_text()) if not (path.parent / t).is_file()]
-    assert not missing
+    links = image_links(path.read_text())
+    missing = [t for t in links if not (path.parent / t).is_file()]
+    assert links and not missing
+
+
+def test_every_results_table_embeds_its_figures():
+    text = (REPO_ROOT / "RESULTS.md").read_text()
+    for number in re.findall(r"<!-- table(\d+):start -->", text):
+        section = text.split(f"<!-- table{number}:start -->")[1]
+        section = section.split(f"<!-- table{number}:end -->")[0]
+        assert [t for t in image_links(section) if f"figures/table{number}-" in t], number
