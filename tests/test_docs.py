@@ -72,14 +72,32 @@ def _needs_workers(command: str) -> bool:
     return "--tff_workers=" in command  # checks that the addresses answer
 
 
+@pytest.fixture(scope="module")
+def checkout_without_runs(tmp_path_factory):
+    """The repository as the commands see it, without its `runs/` folder.
+
+    Every top-level entry is a symlink into the repository except `runs/`, so
+    repository-relative paths (flagfiles) resolve, while a default output folder
+    is new: a user's `make run` before `make test` (which fills
+    runs/<default run>) cannot turn the quoted `python -m experiments.run` into
+    "holds a run already".
+    """
+    root = tmp_path_factory.mktemp("checkout")
+    for entry in REPO_ROOT.iterdir():
+        if entry.name != "runs":
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
 @pytest.mark.parametrize("command, status", [
     pytest.param(c, s, marks=pytest.mark.skip(reason="needs running TFF workers"))
     if _needs_workers(c) else (c, s) for c, s in quoted_commands()])
-def test_quoted_command_passes_only_check_args(command, status):
+def test_quoted_command_passes_only_check_args(command, status, checkout_without_runs):
     args = shlex.split(command)
     assert args[:2] == ["python", "-m"]
-    done = subprocess.run([sys.executable, *args[1:], "--only_check_args"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = subprocess.run([sys.executable, *args[1:], "--only_check_args"],
+                          cwd=checkout_without_runs, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
     assert done.returncode == status, done.stderr[-2000:]
 
 
