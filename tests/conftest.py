@@ -1,8 +1,21 @@
 """Shared pytest configuration for fedprune."""
 
 import os
+import signal
 
 import pytest
+
+# The interrupt tests send SIGINT to the CLIs and scripts this suite starts and
+# expect Python's default handling (KeyboardInterrupt). A shell that runs the
+# suite as a background job without job control (`make test &` in a script, a
+# CI step under `nohup ... &`) starts it with SIGINT ignored, and an ignored
+# signal stays ignored across exec in every child, where fedprune rightly keeps
+# it ignored (`fedprune/runtime/interrupts.py`). A handler, unlike SIG_IGN, is
+# reset to the default by exec: setting Python's own one here, in the pytest
+# process and in each xdist worker before it starts children, gives every child
+# the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_xdist_auto_num_workers(config):
