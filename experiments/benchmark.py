@@ -56,6 +56,10 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          large client): a per-round leak of the round machinery (TFF calls,
          masks, state) grows there too, while memory kept after large clients
          does not.
+grid     The wall time of one reduced grid trained three ways: a process built
+         per cell (the old path), one trace per grid, and one trace per grid with
+         --parallel_cells at the usable cores; each a fresh compare_schedules
+         command; the metrics must agree to 1e-6 (`benchmark_grid.py`).
 quality  Final test accuracy of `loop.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
          `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI.
@@ -84,12 +88,19 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import benchmark_quality, benchmark_scale, benchmark_speed, common, usage
+from experiments import (
+    benchmark_grid,
+    benchmark_quality,
+    benchmark_scale,
+    benchmark_speed,
+    common,
+    usage,
+)
 from fedprune import config as config_lib
 from fedprune.errors import InvalidArgument, check
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("speed", "scale", "quality")
+SECTIONS = ("speed", "scale", "quality", "grid")
 SCALE_DATASETS = ("synthetic", "digits")
 # Fixed per variant, so giving them on the command line would be silently ignored.
 FIXED_FLAGS = ("masking", "schedule")
@@ -128,6 +139,10 @@ _SCALE_CHILD = flags.DEFINE_integer("scale_child", 0, "Internal: run one scale s
 _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75", "0.9", "0.95"],
                                         "quality: final sparsities (0 = dense training).")
 _QUALITY_SEEDS = flags.DEFINE_list("quality_seeds", ["0", "1", "2"], "quality: seeds.")
+_GRID_SPARSITIES = flags.DEFINE_list("grid_final_sparsities", ["0.5", "0.9"],
+                                     "grid: the reduced grid's --final_sparsities.")
+_GRID_SEEDS = flags.DEFINE_list("grid_seeds", ["0", "1"], "grid: the reduced grid's --seeds.")
+usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_SEEDS)
 usage.set_topic("sections", _SECTIONS)
 usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
@@ -154,6 +169,8 @@ class Plan:
       scale_runs: (clients per round, worker malloc mode, control?) per scale
         child, in table order.
       quality: (target sparsity, seed, config) per quality run.
+      grid_base, grid_sparsities, grid_seeds: the grid section's base experiment
+        and its `--grid_final_sparsities` and `--grid_seeds`.
       warmup_rounds, timed_rounds, program_round: the speed section's
         `--warmup_rounds`, `--timed_rounds`, `--program_round`.
       scale_clients, scale_rounds, scale_baseline: the scale section's
@@ -166,6 +183,9 @@ class Plan:
     scale: dict[int, config_lib.ExperimentConfig]
     scale_runs: tuple[tuple[int, str, bool], ...]
     quality: tuple[tuple[float, int, config_lib.ExperimentConfig], ...]
+    grid_base: config_lib.ExperimentConfig | None = None
+    grid_sparsities: tuple[float, ...] = ()
+    grid_seeds: tuple[int, ...] = ()
     warmup_rounds: int = 0
     timed_rounds: int = 2
     program_round: bool = True
@@ -249,7 +269,10 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                     eval_every=base.rounds)
                 pruned_q, dense_q = pruned_and_dense(config, config.rounds)
                 quality.append((sparsity, seed, dense_q if sparsity == 0 else pruned_q))
+    grid_sparsities = tuple(_float_list("grid_final_sparsities", _GRID_SPARSITIES.value))
+    grid_seeds = tuple(_int_list("grid_seeds", _GRID_SEEDS.value, 0))
     return Plan(sections, pruned, dense, scale, tuple(scale_runs), tuple(quality),
+                grid_base=base, grid_sparsities=grid_sparsities, grid_seeds=grid_seeds,
                 warmup_rounds=_WARMUP_ROUNDS.value, timed_rounds=_TIMED_ROUNDS.value,
                 program_round=_PROGRAM_ROUND.value, scale_clients=_SCALE_CLIENTS.value,
                 scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value)
@@ -348,6 +371,8 @@ def main(argv):
         "speed": ("Round time: fedprune vs TFF FedAvg vs Keras", benchmark_speed.run_speed),
         "scale": ("Scale: 1,000 clients, round time and memory", benchmark_scale.run_scale),
         "quality": ("Quality: test accuracy vs sparsity", benchmark_quality.run_quality),
+        "grid": ("Grids: one trace per grid and parallel cells vs a build per cell",
+                 benchmark_grid.run_grid_section),
     }
     bodies = {}
     for name in plan.sections:

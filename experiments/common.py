@@ -361,7 +361,7 @@ def run(main) -> None:
     sys.exit(code)
 
 
-def _interrupted_message(signum: int) -> str:
+def interrupted_message(signum: int) -> str:
     return (f"interrupted ({signal.Signals(signum).name}); completed rounds are kept: rerun "
             "with --resume to continue")
 
@@ -383,7 +383,7 @@ def _report_interrupt_at_exit() -> None:
     signum = interrupts.interrupt_signal()
     if signum is not None and not interrupts.shutting_down():
         interrupts.begin_shutdown()
-        print(_interrupted_message(signum), file=sys.stderr, flush=True)
+        print(interrupted_message(signum), file=sys.stderr, flush=True)
 
 
 def _exit_interrupted(signum: int) -> None:
@@ -401,7 +401,7 @@ def _exit_interrupted(signum: int) -> None:
     from fedprune.runtime import interrupts, workers
 
     interrupts.begin_shutdown()  # first: no worker restarts, further signals ignored
-    print(_interrupted_message(signum), file=sys.stderr)
+    print(interrupted_message(signum), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())

@@ -1,4 +1,4 @@
-r"""Compares sparsity schedules × final sparsities × masking modes × seeds in one process.
+r"""Compares sparsity schedules × final sparsities × masking modes × seeds.
 
     python -m experiments.compare_schedules --output_dir=runs/compare
     python -m experiments.compare_schedules --schedules=none,polynomial --powers=1,3 \
@@ -17,6 +17,10 @@ whose clients prune (client, both).
 Every cell trains into
 `<output_dir>/<schedule>[-p<power>]-s<sparsity>-<masking>[-step]-seed<seed>`
 (dense: `dense-seed<seed>`) with the same outputs as `experiments.run`.
+Cells that differ only in schedule values, final sparsity or seed share one
+traced TFF process (`assembly.build_process`); --parallel_cells trains shares of
+the cells in child processes at once (default: the usable cores, see
+`grid.auto_parallel_cells`; 1: all here).
 Complete cells (summary.json of the same configuration) are skipped and
 incomplete ones resumed, so an interrupted grid continues where it stopped.
 Then writes into --output_dir: comparison.md, comparison.tex, comparison.csv
@@ -61,6 +65,9 @@ def main(argv):
         root = Path(_OUTPUT_DIR.value)
         statuses = grid.statuses(cells, root)
         common.check_tff_workers(FLAGS.tff_workers)
+        parallel = grid.check_parallel_cells(FLAGS.parallel_cells, tff_workers=FLAGS.tff_workers)
+        if FLAGS.cell_shard:
+            grid.parse_shard(FLAGS.cell_shard)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
     if FLAGS.only_check_args:
@@ -70,7 +77,10 @@ def main(argv):
             print(f"{status.value:6}  {cell.name}  {cell.config.fingerprint()}")
         return 0
     failed = grid.run_grid(cells, root, verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers,
-                           round_logs=_ROUND_LOGS.value)
+                           round_logs=_ROUND_LOGS.value, parallel_cells=parallel,
+                           shard=FLAGS.cell_shard)
+    if FLAGS.cell_shard:  # a child of --parallel_cells: the parent writes the tables
+        return 1 if failed else 0
     results = grid_results.load_results(cells, root)
     if results:
         table = grid_results.write_reports(results, root)

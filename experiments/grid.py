@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -73,6 +74,13 @@ DENSE_KEY = {"schedule": DENSE, "final_sparsity": 0.0, "masking": "none",
              GRANULARITY_KEY: DEFAULT_GRANULARITY}
 # Also row keys, in front, when they differ between a table's runs (Table 3 mixes them).
 VARYING_KEYS = ("model", "structure")
+# --parallel_cells=0 starts at most one child per this much available memory (a child
+# with its TFF worker peaks at about 1.5 GiB on the default models).
+CHILD_MEMORY_GIB = 2
+# FEDPRUNE_REBUILD_PROCESSES=1: build every cell's process afresh, as before one trace per
+# grid (`assembly.build_process` reuses them); for measuring what the reuse saves.
+REBUILD_ENV = "FEDPRUNE_REBUILD_PROCESSES"
+MIN_CELLS_PER_CHILD = 4
 
 
 # --------------------------------------------------------------------------
@@ -102,6 +110,14 @@ def define_grid_flags() -> None:
                       "--dp=fixed|adaptive); empty: --dp_noise_multiplier for every cell.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; tables show mean ± 95% CI over them.")
     usage.set_topic(GRID_TOPIC, *GRID_FLAGS)
+    flags.DEFINE_integer("parallel_cells", 0, "Cells trained at a time, each share of the cells "
+                         "in a child process with its own TFF worker; 0 = the usable cores, "
+                         f"at most one per {CHILD_MEMORY_GIB} GiB of available memory and per "
+                         f"{MIN_CELLS_PER_CHILD} cells to train; 1 = one after another in this "
+                         "process (always with --tff_workers).")
+    flags.DEFINE_string("cell_shard", "", "Internal (--parallel_cells): i/n, train only share "
+                        "i of n of the cells to train, then exit.")
+    usage.set_topic(usage.RUNTIME, "parallel_cells", "cell_shard")
 
 
 def parse_flagfiles(paths: Sequence[Path | str]) -> None:
@@ -415,12 +431,16 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
         log(f"skipped {skipped} complete cell(s) of {len(cells)} in {root}")
     if not todo:
         return []
-    from fedprune.program import checkpoint, loop
+    from fedprune.program import assembly, checkpoint, loop
 
+    # The benchmark's reference path (`experiments/benchmark_grid.py`): a process per cell.
+    rebuild = os.environ.get(REBUILD_ENV) == "1"
     failed = []
     start = time.time()
     for i, (cell, status) in enumerate(todo, 1):
         prefix = f"[{i}/{len(todo)}] {cell.name}"
+        if rebuild:
+            assembly.clear_process_cache()
 
         def cell_log(line, prefix=prefix):
             if round_logs or not line.startswith("round "):
@@ -444,14 +464,102 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
 
 
 def run_grid(cells: Sequence[Cell], root: Path, *, verbose: bool, tff_workers: Sequence[str],
-             log: Callable[[str], None] = print, round_logs: bool = False) -> list[str]:
-    """Starts the TFF runtime only if some cell has to run, then `run_cells`.
+             log: Callable[[str], None] = print, round_logs: bool = False,
+             parallel_cells: int = 1, shard: str = "") -> list[str]:
+    """Trains the cells that are not complete: here, or in `parallel_cells` children.
+
+    Starts the TFF runtime only if some cell has to run here. With
+    `parallel_cells` > 1 the cells to train are split into that many shares
+    (`shares`: a share keeps cells that share a traced process together) and
+    each share trains in a child process, this driver's own command with
+    `--cell_shard=i/n --parallel_cells=1`; their lines are passed on as they
+    come. A child's failed cells are found from the run tree afterwards.
+
+    Args:
+      parallel_cells: children to train in (`check_parallel_cells`); 0: as many as
+        `auto_parallel_cells`; 1: here.
+      shard: `--cell_shard` (a child): train only that share of the cells.
 
     Returns:
       The names of failed cells.
     """
-    if all(s is Status.DONE for s in statuses(cells, root)):
+    todo = [c for c, s in zip(cells, statuses(cells, root), strict=True) if s is not Status.DONE]
+    if not todo:
         log(f"skipped all {len(cells)} cell(s): complete in {root}; nothing to train")
         return []
+    if shard:
+        index, count = parse_shard(shard)
+        cells = shares(todo, count)[index]
+        if not cells:
+            return []
+    else:
+        children = min(parallel_cells or auto_parallel_cells(len(todo)), len(todo))
+        if children > 1:
+            from experiments import grid_children
+
+            log(f"training {len(todo)} cell(s) in {children} child processes (--parallel_cells)")
+            try:
+                grid_children.run_children(children, log=log)
+            except RuntimeError as e:
+                common.fail(str(e), code=1)
+            return [c.name for c, s in zip(todo, statuses(todo, root), strict=True)
+                    if s is not Status.DONE]
     common.start_runtime(verbose=verbose, tff_workers=list(tff_workers))
     return run_cells(cells, root, log=log, round_logs=round_logs, tff_workers=tff_workers)
+
+
+def check_parallel_cells(value: int, *, tff_workers: Sequence[str]) -> int:
+    """`--parallel_cells`, checked; 1 with --tff_workers (the remote workers serve one process).
+
+    Raises:
+      InvalidArgument: a negative value, or > 1 with --tff_workers.
+    """
+    check(value >= 0, "parallel_cells", value, "a whole number >= 0 (0 = the usable cores)")
+    if tff_workers:
+        check(value <= 1, "parallel_cells", value,
+              "0 or 1 with --tff_workers (the remote workers serve one process)")
+        return 1
+    return value
+
+
+def auto_parallel_cells(todo: int) -> int:
+    """`--parallel_cells=0` for `todo` cells to train: the usable cores, at most one child
+    per `CHILD_MEMORY_GIB` GiB of available memory and per `MIN_CELLS_PER_CHILD` cells (a
+    child pays its own TensorFlow import and tracing, ~10 s)."""
+    import os
+
+    import psutil
+
+    memory = psutil.virtual_memory().available // (CHILD_MEMORY_GIB * 2**30)
+    return max(1, min(len(os.sched_getaffinity(0)), memory, todo // MIN_CELLS_PER_CHILD))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--cell_shard=i/n` -> (i, n), 0 <= i < n.
+
+    Raises:
+      InvalidArgument: another form.
+    """
+    index, _, count = text.partition("/")
+    ok = index.isdigit() and count.isdigit() and int(index) < int(count)
+    check(ok, "cell_shard", text, "i/n with whole numbers 0 <= i < n (set by --parallel_cells)")
+    return int(index), int(count)
+
+
+def shares(cells: Sequence[Cell], count: int) -> list[list[Cell]]:
+    """`cells` split into `count` shares of sizes differing by at most one.
+
+    Cells are ordered by `assembly.process_group` first (stably), so cells that
+    share a traced process (`assembly.build_process`) sit next to each other
+    and mostly in one share: each share traces about its groups once.
+    """
+    from fedprune.program import assembly
+
+    ordered = sorted(cells, key=lambda c: assembly.process_group(c.config))
+    size, extra = divmod(len(ordered), count)
+    out, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        out.append(ordered[start:end])
+        start = end
+    return out

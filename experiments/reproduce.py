@@ -372,6 +372,9 @@ def main(argv):
                 and any(s is not grid.Status.DONE for s in statuses)):
             _check_clean_checkout()  # runs to train: they record the commit RESULTS.md names
         common.check_tff_workers(FLAGS.tff_workers)
+        parallel = grid.check_parallel_cells(FLAGS.parallel_cells, tff_workers=FLAGS.tff_workers)
+        if FLAGS.cell_shard:
+            grid.parse_shard(FLAGS.cell_shard)
     except (InvalidArgument, FileNotFoundError) as e:
         common.fail(str(e))
     if FLAGS.only_check_args:
@@ -379,7 +382,10 @@ def main(argv):
     start = time.time()
     trained = sum(s is not grid.Status.DONE for s in statuses)
     failed = grid.run_grid(cells, root, verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers,
-                           round_logs=_ROUND_LOGS.value)
+                           round_logs=_ROUND_LOGS.value, parallel_cells=parallel,
+                           shard=FLAGS.cell_shard)
+    if FLAGS.cell_shard:  # a child of --parallel_cells: the parent records and reports
+        return 1 if failed else 0
     invocations = record_invocation(root, trained=trained, seconds=time.time() - start)
     if failed:
         common.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", code=1)

@@ -43,14 +43,16 @@ WORKER_EXIT_TIMEOUT_S = 30  # workers.STOP_GRACE_S is 3 s; the kernel's pdeathsi
 
 
 class Cli:
-    """One `python -m experiments.run` child: its output, exit, and `worker_binary` pids.
+    """One `python -m experiments.run` (or another `module`) child: its output, exit, and
+    every `worker_binary` pid under it.
 
     Threads read stdout and stderr to EOF (so a pipe kept open by a leaked
     worker shows up as a missing EOF rather than a hang) and poll the child's
     descendants every 20 ms, recording every `worker_binary` they ever see.
     """
 
-    def __init__(self, *args: str, phase_log: Path | None = None):
+    def __init__(self, *args: str, phase_log: Path | None = None,
+                 module: str = "experiments.run"):
         self.args = args
         self.returncode: int | None = None  # set by `run_cli`
         self.survivors: list[int] | None = None  # set by `wait`
@@ -62,7 +64,7 @@ class Cli:
         # Its own process group, as a shell gives a foreground job: `send` can
         # signal the group, as a terminal's Ctrl-C does.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.run", *args], cwd=REPO_ROOT, env=env,
+            [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             process_group=0)
         self.stdout_lines: list[str] = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -577,6 +578,69 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
     after = json.loads(summary.read_text())
     for key in ("final_test_accuracy", "final_nonzero_params", "total_bytes_up"):
         assert after[key] == before[key], key
+
+
+def _metric_values(run_dir: Path) -> list[dict]:
+    """metrics.csv as numbers (blank: None), without the wall-clock columns."""
+    from fedprune.outputs.run_files import TIME_COLUMNS
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) if v else None for k, v in row.items() if k not in TIME_COLUMNS}
+                for row in csv.DictReader(f)]
+
+
+PARALLEL = ("--schedules=none,oneshot,constant", "--final_sparsities=0.5", "--maskings=server",
+            "--seeds=0", "--rounds=2", "--num_clients=4", "--clients_per_round=4",
+            "--end_round=2")
+PARALLEL_CELLS = ("dense-seed0", "oneshot-s0.5-server-seed0", "constant-s0.5-server-seed0")
+
+
+@pytest.mark.slow
+def test_parallel_cells_train_shares_in_children_with_the_same_results(tmp_path):
+    """Two children (one per share), then the tables; the runs equal sequential ones to 1e-6."""
+    parallel = _run("compare_schedules", *PARALLEL, f"--output_dir={tmp_path / 'parallel'}",
+                    "--parallel_cells=2")
+    assert parallel.returncode == 0, parallel.stderr
+    assert "training 3 cell(s) in 2 child processes (--parallel_cells)" in parallel.stdout
+    done = sorted(line.split(": done:")[0].split("] ")[1]
+                  for line in parallel.stdout.splitlines() if ": done: " in line)
+    assert done == sorted(PARALLEL_CELLS)
+    assert "| constant | 0.5 | server | 1 |" in parallel.stdout  # the parent's table
+    sequential = _run("compare_schedules", *PARALLEL, f"--output_dir={tmp_path / 'sequential'}",
+                      "--parallel_cells=1")
+    assert sequential.returncode == 0, sequential.stderr
+    assert "child processes" not in sequential.stdout
+    for cell in PARALLEL_CELLS:
+        ours = _metric_values(tmp_path / "parallel" / cell)
+        theirs = _metric_values(tmp_path / "sequential" / cell)
+        assert len(ours) == 2
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.keys() == b.keys()
+            for key, value in b.items():
+                assert a[key] == (value if value is None else pytest.approx(value, abs=1e-6)), key
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_child_and_reports_once(tmp_path):
+    """SIGTERM to the parent after a child's first cell: status 143, one line, no worker."""
+    from cli_runs import Cli
+
+    root = tmp_path / "grid"
+    cli = Cli(*PARALLEL, "--seeds=0,1", f"--output_dir={root}", "--parallel_cells=2",
+              module="experiments.compare_schedules")
+    try:
+        cli.wait_for_line(": done: ")
+        cli.send(signal.SIGTERM, group=False)
+        returncode = cli.wait()
+    finally:
+        cli.stop()
+    assert returncode == 128 + signal.SIGTERM, cli.stderr_lines[-5:]
+    assert cli.stderr_lines == [
+        "interrupted (SIGTERM); completed rounds are kept: rerun with --resume to continue"]
+    assert len(cli.workers) == 2  # one per child, both seen, none left
+    assert cli.survivors == []
+    done = [p.parent.name for p in root.glob("*/summary.json")]
+    assert 1 <= len(done) < 6 and not (root / "comparison.md").exists()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """SIGINT and SIGTERM at random moments of every phase of `python -m experiments.run`.
 
-20 seeded signals, aimed at the phases the CLI enters (`FEDPRUNE_PHASE_LOG`)
-with a random delay, sent to CLIs of the small run of `tests/cli_runs.py`,
-two at a time; two of the interrupted runs are then resumed to the end. Each
+12 seeded signals (a SIGINT and a SIGTERM per aimed phase), aimed at the
+phases the CLI enters (`FEDPRUNE_PHASE_LOG`) with a random delay, sent to CLIs
+of the small run of `tests/cli_runs.py`, two at a time; two of the interrupted
+runs are then resumed to the end. Each
 must exit with 130/143 and one stderr line, leave no worker and no half-written
 file, and keep the outputs of its last completed round.
 """
@@ -27,7 +28,7 @@ from cli_runs import (
 
 from fedprune.program import checkpoint
 
-NUM_INTERRUPTS = 20
+NUM_INTERRUPTS = 2 * 6  # both signals at each of the 6 aims
 INTERRUPTED_ROUNDS = 20  # aims stop at round 3: 17 rounds (> 1.5 s) of margin before the end
 # Where signals are aimed: a phase the CLI enters (`loop.PHASES`, plus the
 # driver's `import`; per-round phases in rounds 1-3) and the longest random delay
@@ -58,7 +59,7 @@ class Interrupt:
 
 
 def _interrupt_plan(seed: int = 15) -> list[Interrupt]:
-    """20 signals, seeded: every aimed phase gets both SIGINT and SIGTERM."""
+    """12 signals, seeded: every aimed phase gets both SIGINT and SIGTERM."""
     rng = random.Random(seed)
     plan = []
     for index in range(NUM_INTERRUPTS):
@@ -97,7 +98,7 @@ def _interrupt(interrupt: Interrupt, root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def interrupted_runs(tmp_path_factory) -> list[Interrupt]:
-    """The 20 interrupted runs, two at a time; then 2 of them resumed to the end."""
+    """The 12 interrupted runs, two at a time; then 2 of them resumed to the end."""
     from concurrent.futures import ThreadPoolExecutor
 
     root = tmp_path_factory.mktemp("interrupted")

@@ -175,7 +175,7 @@ def test_regrowth_is_refused_where_it_makes_no_sense(changes, message):
 
 @pytest.mark.parametrize("masking_mode, structure, message", [
     ("client", "unstructured", "none with --masking=client"),
-    ("server", "block", "none unless --structure=unstructured"),
+    ("server", "block", "none with --structure=block"),
 ])
 def test_the_library_refuses_what_the_config_refuses(masking_mode, structure, message):
     from fedprune.federated import process

@@ -46,6 +46,7 @@ import numpy as np
 
 from fedprune.federated import encodings, regrow_gradients
 from fedprune.federated.masking_modes import MaskingMode, masking_mode
+from fedprune.federated.server_masking import build_initial_schedule
 from fedprune.pruning import mask_aggregation, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
 from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
@@ -116,7 +117,9 @@ def build_pruning_client_work(
       client_optimizer: a `tff.learning.optimizers.Optimizer` for local steps.
       masking: a `masking_modes.MaskingMode` or its name (`--masking`).
       layout: positions of pruned kernels and masks (None for `none`).
-      table: the schedule evaluated per round.
+      table: the schedule evaluated per round: the initial value of the
+        state's `schedule` in modes that `client_prunes` (a state of the same
+        shapes with another table runs that table; `schedules.schedule_data`).
       mask_spec: the mask rule clients use in modes that `client_prunes`.
       units: for `--structure=neuron|filter` (mode `server` only): the
         unit-pruned layers, whose biases and BatchNorm gamma/beta uploads are
@@ -126,13 +129,15 @@ def build_pruning_client_work(
 
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
-      `(<hparams=H, round=int32>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
+      `(<hparams=H, round=int32[, schedule=S]>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
       (state@SERVER, ClientResult(update=U, update_weight=float32)@CLIENTS,
       <train=metrics, uplink_bytes=int64>@SERVER)`, where U is the trainable
       weights' delta, or for `client`/`both` `mask_aggregation.client_payload`
       (delta, kernel masks, pruned kernels) so the server can combine masks;
       with `regrow_fractions`, U is `OrderedDict(model=<that>,
-      regrow_gradient=<float32 per pruned kernel>)`.
+      regrow_gradient=<float32 per pruned kernel>)`. `round` counts completed
+      rounds; `schedule` (modes that `client_prunes`) is `schedule_data(table)`,
+      of which the server broadcasts the row of the round being trained.
     """
     mode = masking_mode(masking)
     import tensorflow_federated as tff
@@ -153,24 +158,29 @@ def build_pruning_client_work(
     kernel_idx = [k.trainable_index for k in kernels]
     mask_idx = [k.mask_index for k in kernels]
     client_prunes = mode.client_prunes
-    started = table.started
+    initial_schedule = build_initial_schedule(table)
+    schedule_type = initial_schedule.type_signature.result
 
-    @tff.tensorflow.computation(update_type, weights_type, round_type)
-    def finish_update(result, broadcast, round_num):
+    @tff.tensorflow.computation(schedule_type, round_type)
+    def schedule_row(data, round_num):
+        """What clients need of the schedule in round `round_num + 1`."""
+        this_round = round_num + 1
+        return collections.OrderedDict(sparsity=kernel_sparsity(data, this_round),
+                                       started=table_lookup(data["started"], this_round))
+
+    # Clients that prune receive their round's row of the schedule; the others the round.
+    row_type = schedule_row.type_signature.result if client_prunes else round_type
+
+    @tff.tensorflow.computation(update_type, weights_type, row_type)
+    def finish_update(result, broadcast, row):
         delta = list(result.update)
         start_masks = [broadcast.non_trainable[j] for j in mask_idx]
         if client_prunes:
-            this_round = round_num + 1
             final = [
                 (broadcast.trainable[i] - delta[i]) * m
                 for i, m in zip(kernel_idx, start_masks, strict=True)
             ]
-            end_masks = _prune_kernels(
-                final,
-                mask_spec,
-                kernel_sparsity(table, this_round),
-                table_lookup(started, this_round),
-            )
+            end_masks = _prune_kernels(final, mask_spec, row["sparsity"], row["started"])
             end_masks = [e * m for e, m in zip(end_masks, start_masks, strict=True)]
         else:
             end_masks = start_masks
@@ -221,11 +231,11 @@ def build_pruning_client_work(
 
     @tff.federated_computation
     def init_fn():
-        return tff.federated_zip(
-            collections.OrderedDict(
-                hparams=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER)
-            )
-        )
+        state = collections.OrderedDict(
+            hparams=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER))
+        if client_prunes:
+            state["schedule"] = tff.federated_eval(initial_schedule, tff.SERVER)
+        return tff.federated_zip(state)
 
     state_type = init_fn.type_signature.result
 
@@ -240,20 +250,24 @@ def build_pruning_client_work(
     )
     def next_fn(state, weights, client_data):
         round_at_clients = tff.federated_broadcast(state.round)
+        row = round_at_clients
+        if client_prunes:
+            row = tff.federated_broadcast(
+                tff.federated_map(schedule_row, (state.schedule, state.round)))
         inner_output = inner.next(state.hparams, weights, client_data)
         result, upload_bytes = tff.federated_map(
-            finish_update, (inner_output.result, weights, round_at_clients)
+            finish_update, (inner_output.result, weights, row)
         )
         if gradients is not None:
             gradient, gradient_bytes = tff.federated_map(
                 gradients, (weights, client_data, round_at_clients))
             result, upload_bytes = tff.federated_map(
                 attach_gradients, (result, upload_bytes, gradient, gradient_bytes))
-        new_state = tff.federated_zip(
-            collections.OrderedDict(
-                hparams=inner_output.state, round=tff.federated_map(increment, state.round)
-            )
-        )
+        new_state = collections.OrderedDict(
+            hparams=inner_output.state, round=tff.federated_map(increment, state.round))
+        if client_prunes:
+            new_state["schedule"] = state.schedule
+        new_state = tff.federated_zip(new_state)
         measurements = tff.federated_zip(
             collections.OrderedDict(
                 train=inner_output.measurements.train,

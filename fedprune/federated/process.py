@@ -23,6 +23,7 @@ the clients' masks (denser than the schedule).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 
@@ -32,7 +33,11 @@ from fedprune.errors import check
 from fedprune.federated import masking_modes, quantization, regrow_gradients
 from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
-from fedprune.federated.server_masking import build_masking_finalizer, remask_weights
+from fedprune.federated.server_masking import (
+    build_initial_schedule,
+    build_masking_finalizer,
+    remask_weights,
+)
 from fedprune.federated.step_pruning import build_step_client_work
 from fedprune.pruning import (
     layer_budgets,
@@ -44,7 +49,7 @@ from fedprune.pruning import (
 )
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
 from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
-from fedprune.pruning.schedules import RoundSchedule, ScheduleTable
+from fedprune.pruning.schedules import RoundSchedule, ScheduleTable, schedule_data
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 
@@ -91,6 +96,34 @@ class PruningProcess:
     keras_model_fn: Callable
     units: structured.StructuredLayout | None = None
     step_mapping: step_schedule.StepMapping | None = None
+    _for_cell: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def for_cell(self, schedule: RoundSchedule, *, seed: int,
+                 regrow: regrowth.RegrowSpec | None = None) -> PruningProcess:
+        """This process for another schedule and seed, without building or tracing anything.
+
+        The schedule is data in the process's state (`schedules.schedule_data`),
+        so a grid's cells that differ only in schedule values, final sparsity or
+        seed share one traced process: the returned `process` is this one's,
+        except that `initialize` returns the cell's state (its schedule table,
+        the initial weights `seed` gives, re-masked at round 0 as the schedule
+        says, and `regrow`'s RNG key). Rounds run exactly as in a process built
+        for the cell (tested).
+
+        Args:
+          schedule: the cell's schedule, in rounds (validated against the
+            masking mode as in `build_pruning_process`).
+          seed: seeds the initial model weights.
+          regrow: the cell's regrowth spec (None: as built); it may differ from
+            the built one only in its seed.
+
+        Raises:
+          InvalidArgument: what would change the traced computations: another
+            schedule with `--prune_granularity=step` (the clients' tfmot wrappers
+            carry it), another seed with `--upload_quantization` (it seeds the
+            rounding), another regrowth spec than its seed.
+        """
+        return self._for_cell(schedule, seed, regrow)
 
 
 def build_pruning_process(
@@ -174,11 +207,9 @@ def build_pruning_process(
         prune_granularity="round" if step_mapping is None else "step")
     if regrow is not None:
         masking_modes.check_regrowth(mode, regrow.rule)
-        if regrow.enabled:
-            check(mask_spec.structure == "unstructured" and step_mapping is None
-                  and mask_spec.mask_criterion == "magnitude", "regrow", regrow.rule,
-                  "none unless --structure=unstructured, --mask_criterion=magnitude and "
-                  "--prune_granularity=round")
+        regrowth.check_combination(
+            regrow.rule, structure=mask_spec.structure, mask_criterion=mask_spec.mask_criterion,
+            prune_granularity="round" if step_mapping is None else "step")
     masking_modes.check_upload_quantization(mode, upload_quantization)
 
     import tensorflow as tf
@@ -213,20 +244,25 @@ def build_pruning_process(
             client_keras_model_fn(), loss=loss_fn(), input_spec=input_spec, metrics=metrics_fn()
         )
 
-    tf.keras.utils.set_random_seed(seed)
-    initial_model = keras_model_fn()
+    def initial_arrays(model_seed: int):
+        """(the initial model, its trainable and non-trainable weights) for a seed."""
+        tf.keras.utils.set_random_seed(model_seed)
+        model = keras_model_fn()
+        if wrapped:
+            return model, *wrappers.initial_weights(model, wrappers.pruning_layout(model))
+        return (model, [v.numpy() for v in model.trainable_weights],
+                [v.numpy() for v in model.non_trainable_weights])
+
+    initial_model, trainable, non_trainable = initial_arrays(seed)
     if wrapped:
         layout = wrappers.pruning_layout(initial_model)
-        trainable, non_trainable = wrappers.initial_weights(initial_model, layout)
     else:
-        trainable = [v.numpy() for v in initial_model.trainable_weights]
-        non_trainable = [v.numpy() for v in initial_model.non_trainable_weights]
         # The kernels a pruned run would prune, for measuring the dense model's
         # sparsity; wrapping keeps the trainable order, so their indices hold.
         layout = wrappers.pruning_layout(
             wrappers.wrap_for_pruning(initial_model, prune_output_layer=prune_output_layer))
-    table = layer_budgets.with_layer_budgets(table, [k.shape for k in layout.kernels],
-                                             sparsity_distribution)
+    kernel_shapes = [k.shape for k in layout.kernels]
+    table = layer_budgets.with_layer_budgets(table, kernel_shapes, sparsity_distribution)
     units = None
     if mask_spec.is_unit_structure:
         units = _unit_layout(initial_model, layout, mask_spec.structure)
@@ -244,8 +280,9 @@ def build_pruning_process(
             tuple(tf.constant(w) for w in trainable), tuple(tf.constant(w) for w in non_trainable)
         )
         if remask:  # the schedule may prune the initial model (begin_round == 0)
-            weights = remask_weights(weights, np.int32(0), layout=layout, table=table,
-                                     mask_spec=mask_spec, units=units)
+            weights = remask_weights(weights, np.int32(0), layout=layout,
+                                     schedule=schedule_data(table), mask_spec=mask_spec,
+                                     units=units)
         return weights
 
     weights_type = initial_model_weights_fn.type_signature.result
@@ -300,7 +337,91 @@ def build_pruning_process(
         aggregator,
         finalizer,
     )
-    return PruningProcess(process, mode, layout, table, keras_model_fn, units, step_mapping)
+    cell_state = _CellState(process=process, remask=remask,
+                            client_schedule=client_prunes and step_mapping is None,
+                            regrowing=regrow is not None and regrow.enabled)
+    if remask:
+        cell_state.initial_remask = tff.tensorflow.computation(
+            lambda weights, data: remask_weights(weights, np.int32(0), layout=layout,
+                                                 schedule=data, mask_spec=mask_spec,
+                                                 units=units),
+            weights_type, build_initial_schedule(table).type_signature.result)
+
+    def for_cell(cell_schedule: RoundSchedule, cell_seed: int,
+                 cell_regrow: regrowth.RegrowSpec | None) -> PruningProcess:
+        masking_modes.check_schedule(mode, cell_schedule)
+        if step_mapping is not None:
+            check(cell_schedule == schedule, "schedule", cell_schedule.name,
+                  f"{schedule} for this process: with --prune_granularity=step the clients' "
+                  "wrappers carry the schedule (build a process per schedule)")
+        if upload_quantization != "none":
+            check(cell_seed == seed, "seed", cell_seed,
+                  f"{seed} for this process: it seeds --upload_quantization's rounding")
+        cell_regrow = regrow if cell_regrow is None else cell_regrow
+        check(dataclasses.replace(cell_regrow, seed=0) == dataclasses.replace(
+            regrow or cell_regrow, seed=0), "regrow", cell_regrow.rule,
+            "the regrowth spec the process was built with (only its seed may differ)")
+        if step_mapping is not None:
+            cell_table = table
+        else:
+            cell_table = layer_budgets.with_layer_budgets(
+                cell_schedule.table(num_rounds), kernel_shapes, sparsity_distribution)
+        _, cell_trainable, cell_non_trainable = initial_arrays(cell_seed)
+        cell_process = _CellProcess(cell_state, schedule_data(cell_table),
+                                    cell_trainable, cell_non_trainable,
+                                    regrow_seed=cell_regrow.seed if cell_regrow else None)
+        return PruningProcess(cell_process, mode, layout, cell_table, keras_model_fn, units,
+                              step_mapping, for_cell)
+
+    return PruningProcess(process, mode, layout, table, keras_model_fn, units, step_mapping,
+                          for_cell)
+
+
+@dataclasses.dataclass
+class _CellState:
+    """What `PruningProcess.for_cell` needs of a built process to write a cell's state."""
+
+    process: object  # the built `LearningProcess`
+    remask: bool  # the finalizer's state holds `schedule`
+    client_schedule: bool  # the client work's state holds `schedule` (`client_work.py`)
+    regrowing: bool  # the finalizer's state holds `regrow`
+    initial_remask: object = None  # (ModelWeights, schedule) -> the round-0 re-mask
+
+
+class _CellProcess:
+    """A built learning process whose `initialize` returns one cell's state.
+
+    Everything else (`next`, `get_model_weights`, ...) is the built process's own.
+    """
+
+    def __init__(self, built: _CellState, schedule: dict, trainable, non_trainable, *,
+                 regrow_seed: int | None):
+        self._built, self._schedule = built, schedule
+        self._arrays = (tuple(trainable), tuple(non_trainable))
+        self._regrow_seed = regrow_seed
+
+    def __getattr__(self, name):
+        return getattr(self._built.process, name)
+
+    def initialize(self):
+        import tensorflow_federated as tff
+
+        built = self._built
+        state = built.process.initialize()
+        weights = tff.learning.models.ModelWeights(*self._arrays)
+        if built.remask:
+            weights = built.initial_remask(weights, self._schedule)
+        client_work, finalizer = state.client_work, state.finalizer
+        if built.client_schedule:
+            client_work = collections.OrderedDict(client_work, schedule=self._schedule)
+        if built.remask:
+            finalizer = collections.OrderedDict(finalizer, schedule=self._schedule)
+        if built.regrowing:
+            regrow_state = collections.OrderedDict(
+                finalizer["regrow"], key=np.array([self._regrow_seed, 0], np.int64))
+            finalizer = collections.OrderedDict(finalizer, regrow=regrow_state)
+        return state._replace(global_model_weights=weights, client_work=client_work,
+                              finalizer=finalizer)
 
 
 def _unit_layout(wrapped_model, layout: wrappers.PruningLayout,

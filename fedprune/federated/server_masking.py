@@ -50,11 +50,15 @@ the example-weighted mean of the clients' top-k gradients>)`
 (`fedprune/federated/regrow_gradients.py`) and growth picks the largest
 |regrow_gradient| among the candidates.
 
-State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32)`, `round`
-counting completed rounds; with regrowth also `regrow=OrderedDict(key=int64[2]
-(the RNG key, split every round), regrown=<per kernel: the 0/1 mask of the
-last adjustment's grown weights>, ever_active=<per kernel: 0/1, kept by some
-mask so far>)`, so `--resume` continues the same random stream.
+State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32[,
+schedule=<schedules.schedule_data>])`, `round` counting completed rounds and
+`schedule` (when the server re-masks) the table the re-mask reads: data, not
+constants traced into the computation, so the same process runs any schedule
+of the same number of rounds (`process.PruningProcess.for_cell`); with
+regrowth also `regrow=OrderedDict(key=int64[2] (the RNG key, split every
+round), regrown=<per kernel: the 0/1 mask of the last adjustment's grown
+weights>, ever_active=<per kernel: 0/1, kept by some mask so far>)`, so
+`--resume` continues the same random stream.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from fedprune.errors import check
 from fedprune.federated import regrow_gradients
 from fedprune.pruning import mask_aggregation, masking, regrowth, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
-from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
+from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, schedule_data, table_lookup
 from fedprune.pruning.wrappers import PruningLayout
 
 
@@ -82,6 +86,13 @@ def _unit_masks(kernels, old_masks, sparsity, *, layout: PruningLayout,
     for p, unit_mask in zip(units.layers, unit_masks, strict=True):
         masks[position[p.kernel_index]] = structured.expand_unit_mask(unit_mask, p.kernel_shape)
     return masks
+
+
+def _kernels_and_masks(weights, layout: PruningLayout) -> tuple[list, list, list, list]:
+    """(trainable, non_trainable, pruned kernels, their masks) of `weights`, as lists."""
+    trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
+    return (trainable, non_trainable, [trainable[k.trainable_index] for k in layout.kernels],
+            [non_trainable[k.mask_index] for k in layout.kernels])
 
 
 def _set_masks(trainable: list, non_trainable: list, layout: PruningLayout, masks) -> None:
@@ -106,7 +117,7 @@ def _set_steps(non_trainable: list, layout: PruningLayout, round_num, steps_per_
         non_trainable[i] = tf.cast(round_num, tf.int64) * steps_per_round
 
 
-def remask_weights(weights, round_num, *, layout: PruningLayout, table: ScheduleTable,
+def remask_weights(weights, round_num, *, layout: PruningLayout, schedule,
                    mask_spec: MaskSpec, units: structured.StructuredLayout | None = None,
                    steps_per_round: int = 1):
     """Applies the schedule's mask decision for `round_num` to model weights (TF ops).
@@ -115,7 +126,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
       weights: `ModelWeights`-like with `.trainable` and `.non_trainable` sequences.
       round_num: int32 scalar; the round that has just completed (0 = initial model).
       layout: where kernels, masks, thresholds and steps are.
-      table: the schedule per round.
+      schedule: the schedule per round, `schedules.schedule_data` (arrays or tensors).
       mask_spec: the mask rule.
       units: for `mask_spec.is_unit_structure`: the unit-pruned layers
         (`structured.restrict` of the wrapped model's `structured_layout`);
@@ -134,10 +145,8 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
-    kernels = [trainable[k.trainable_index] for k in layout.kernels]
-    old_masks = [non_trainable[k.mask_index] for k in layout.kernels]
-    sparsity = kernel_sparsity(table, round_num)  # per kernel with layer budgets
+    trainable, non_trainable, kernels, old_masks = _kernels_and_masks(weights, layout)
+    sparsity = kernel_sparsity(schedule, round_num)  # per kernel with layer budgets
     if mask_spec.is_unit_structure:
         def new_masks():
             return _unit_masks(kernels, old_masks, sparsity, layout=layout, units=units,
@@ -145,7 +154,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, table: Schedule
     else:
         def new_masks():
             return compute_masks(kernels, mask_spec, sparsity)
-    masks = tf.cond(table_lookup(table.updates, round_num), new_masks, lambda: old_masks)
+    masks = tf.cond(table_lookup(schedule["updates"], round_num), new_masks, lambda: old_masks)
     _set_masks(trainable, non_trainable, layout, masks)
     if mask_spec.is_unit_structure:
         position = {k.trainable_index: n for n, k in enumerate(layout.kernels)}
@@ -187,10 +196,8 @@ def adjust_topology(old, weights, regrow_state, round_num, *, layout: PruningLay
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    trainable, non_trainable = list(weights.trainable), list(weights.non_trainable)
-    kernels = [trainable[k.trainable_index] for k in layout.kernels]
-    masks = [non_trainable[k.mask_index] for k in layout.kernels]
-    old_masks = [old.non_trainable[k.mask_index] for k in layout.kernels]
+    trainable, non_trainable, kernels, masks = _kernels_and_masks(weights, layout)
+    old_masks = _kernels_and_masks(old, layout)[3]
     fraction = table_lookup(fractions, round_num)
     keys = tf.random.experimental.stateless_split(regrow_state["key"], num=2)
     if grow_scores is None:
@@ -250,6 +257,25 @@ def keep_client_support(weights, aggregate, round_num, *, layout: PruningLayout,
     return tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
 
 
+def build_initial_schedule(table: ScheduleTable):
+    """A no-argument `tff.tensorflow.computation` returning `schedule_data(table)`.
+
+    The initial value of a process state's `schedule` (here and in
+    `client_work.py`); its result type is the type of every table of the same
+    number of rounds and pruned kernels.
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    schedule = schedule_data(table)
+
+    @tff.tensorflow.computation
+    def initial_schedule():
+        return collections.OrderedDict((k, tf.constant(v)) for k, v in schedule.items())
+
+    return initial_schedule
+
+
 def build_masking_finalizer(
     *,
     server_optimizer,
@@ -270,7 +296,9 @@ def build_masking_finalizer(
       server_optimizer: a `tff.learning.optimizers.Optimizer`.
       model_weights_type: the `ModelWeights` TFF type of the global model.
       layout: positions of the pruned kernels (and, when `remask`, their masks).
-      table: the schedule per round.
+      table: the schedule per round: the initial value of the state's
+        `schedule` when `remask` (a state of the same shapes with another
+        table runs that table).
       mask_spec: the server's mask rule.
       remask: False for masking modes `none` and `client` (no schedule mask).
         True also multiplies a plain-delta aggregate by the broadcast mask
@@ -295,7 +323,8 @@ def build_masking_finalizer(
 
     Returns:
       A `tff.learning.templates.FinalizerProcess` with type signature
-      `(<optimizer=S, round=int32>@SERVER, ModelWeights@SERVER, A@SERVER) ->
+      `(<optimizer=S, round=int32[, schedule=<schedule_data>]>@SERVER,
+      ModelWeights@SERVER, A@SERVER) ->
       (state@SERVER, ModelWeights@SERVER, <optimizer=<update_non_finite=int32>,
       masks=<mask_drift, regrowth[, client_mask_jaccard, client_sparsity]
       [, mask_change, regrown_survival, itop]>>@SERVER)`, with A the trainable
@@ -336,6 +365,8 @@ def build_masking_finalizer(
 
         regrow_type = initial_regrow_state.type_signature.result
 
+    initial_schedule = build_initial_schedule(table)
+
     if aggregate_type is not None:
 
         @tff.tensorflow.computation(model_weights_type, update_type)
@@ -362,7 +393,20 @@ def build_masking_finalizer(
                 delta = structured.zero_consumer_inputs(delta, units, unit_masks)
             return tuple(delta)
 
-    def measure_and_mask(old, stepped, aggregate, round_num, regrow_state, gradient=None):
+    # What the mask step reads besides the weights and the aggregate.
+    extras_types = collections.OrderedDict(round=round_type)
+    if remask:
+        extras_types["schedule"] = initial_schedule.type_signature.result
+    if regrowing:
+        extras_types["regrow"] = regrow_type
+    if by_gradient:
+        extras_types["gradient"] = gradient_type
+
+    @tff.tensorflow.computation(
+        model_weights_type, model_weights_type, update_type,
+        tff.StructWithPythonType(list(extras_types.items()), collections.OrderedDict))
+    def mask_and_measure(old, stepped, aggregate, extras):
+        round_num = extras["round"]
         old_kernels = [old.trainable[i] for i in kernel_idx]
         weights = stepped
         if aggregate_type is not None and aggregation_rule == "majority":
@@ -376,18 +420,18 @@ def build_masking_finalizer(
             regrowth=mask_aggregation.regrowth(old_kernels,
                                                [weights.trainable[i] for i in kernel_idx]))
         if remask:
-            weights = remask_weights(weights, round_num, layout=layout, table=table,
-                                     mask_spec=mask_spec, units=units,
-                                     steps_per_round=steps_per_round)
+            weights = remask_weights(weights, round_num, layout=layout,
+                                     schedule=extras["schedule"], mask_spec=mask_spec,
+                                     units=units, steps_per_round=steps_per_round)
         elif aggregate_type is not None:
             weights = keep_client_support(weights, aggregate, round_num, layout=layout,
                                           rule=aggregation_rule,
                                           steps_per_round=steps_per_round)
         if regrowing:
             weights, regrow_state, adjusted = adjust_topology(
-                old, weights, regrow_state, round_num, layout=layout, fractions=fractions,
-                grow_scores=None if gradient is None
-                else regrow_gradients.gradient_scores(gradient))
+                old, weights, extras["regrow"], round_num, layout=layout, fractions=fractions,
+                grow_scores=regrow_gradients.gradient_scores(extras["gradient"])
+                if by_gradient else None)
         diagnostics["mask_drift"] = mask_aggregation.mask_drift(
             old_kernels, [weights.trainable[i] for i in kernel_idx])
         if aggregate_type is not None:
@@ -400,22 +444,6 @@ def build_masking_finalizer(
             return weights, diagnostics, regrow_state
         return weights, diagnostics
 
-    if by_gradient:
-        @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type,
-                                    round_type, regrow_type, gradient_type)
-        def mask_measure_and_grow(old, stepped, aggregate, round_num, regrow_state, gradient):
-            return measure_and_mask(old, stepped, aggregate, round_num, regrow_state, gradient)
-    elif regrowing:
-        @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type,
-                                    round_type, regrow_type)
-        def mask_measure_and_adjust(old, stepped, aggregate, round_num, regrow_state):
-            return measure_and_mask(old, stepped, aggregate, round_num, regrow_state)
-    else:
-        @tff.tensorflow.computation(model_weights_type, model_weights_type, update_type,
-                                    round_type)
-        def mask_and_measure(old, stepped, aggregate, round_num):
-            return measure_and_mask(old, stepped, aggregate, round_num, None)
-
     @tff.tensorflow.computation(round_type)
     def increment(round_num):
         return round_num + 1
@@ -424,6 +452,8 @@ def build_masking_finalizer(
     def init_fn():
         state = collections.OrderedDict(
             optimizer=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER))
+        if remask:
+            state["schedule"] = tff.federated_eval(initial_schedule, tff.SERVER)
         if regrowing:
             state["regrow"] = tff.federated_eval(initial_regrow_state, tff.SERVER)
         return tff.federated_zip(state)
@@ -445,17 +475,19 @@ def build_masking_finalizer(
         inner_output = inner.next(state.optimizer, weights, delta)
         round_num = tff.federated_map(increment, state.round)
         new_state = collections.OrderedDict(optimizer=inner_output.state, round=round_num)
+        extras = collections.OrderedDict(round=round_num)
+        if remask:
+            extras["schedule"] = new_state["schedule"] = state.schedule
+        if regrowing:
+            extras["regrow"] = state.regrow
         if by_gradient:
-            new_weights, diagnostics, new_state["regrow"] = tff.federated_map(
-                mask_measure_and_grow,
-                (weights, inner_output.result, aggregate, round_num, state.regrow, gradient))
-        elif regrowing:
-            new_weights, diagnostics, new_state["regrow"] = tff.federated_map(
-                mask_measure_and_adjust,
-                (weights, inner_output.result, aggregate, round_num, state.regrow))
+            extras["gradient"] = gradient
+        outputs = tff.federated_map(
+            mask_and_measure, (weights, inner_output.result, aggregate, tff.federated_zip(extras)))
+        if regrowing:
+            new_weights, diagnostics, new_state["regrow"] = outputs
         else:
-            new_weights, diagnostics = tff.federated_map(
-                mask_and_measure, (weights, inner_output.result, aggregate, round_num))
+            new_weights, diagnostics = outputs
         new_state = tff.federated_zip(new_state)
         measurements = tff.federated_zip(
             collections.OrderedDict(optimizer=inner_output.measurements, masks=diagnostics)

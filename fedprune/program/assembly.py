@@ -14,6 +14,7 @@ functions that need them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 from fedprune.config import ExperimentConfig
@@ -71,15 +72,81 @@ def step_mapping(config: ExperimentConfig, data: datasets.FederatedData):
                                       prune_every_steps=config.prune_every_steps, source=source)
 
 
+# Config fields a built process does not trace: the schedule's (data in its state,
+# `PruningProcess.for_cell`) and the seed (initial weights), except where noted in
+# `process_key`, and fields only the round loop or the data read.
+_SCHEDULE_FIELDS = ("schedule", "initial_sparsity", "final_sparsity", "begin_round",
+                    "end_round", "prune_every", "power")
+_UNTRACED_FIELDS = ("eval_every", "shrink_at_round", "dp_delta", "dp_accountant",
+                    "max_test_examples", "num_clients", "partition", "dirichlet_alpha",
+                    "shards_per_client", "synthetic_alpha", "synthetic_beta",
+                    "max_examples_per_client", "data_dir")
+# Built processes kept for reuse, newest last (`build_process`).
+_PROCESS_CACHE_SIZE = 4
+_processes: collections.OrderedDict = collections.OrderedDict()
+
+
+def process_key(config: ExperimentConfig, data: datasets.FederatedData) -> str:
+    """What the traced computations of `config`'s process depend on.
+
+    Two configs with the same key share one built process (`build_process`):
+    every field except the schedule's, the seed and the untraced ones, plus
+    the data's element spec. The schedule's fields stay in the key with
+    `--prune_granularity=step` (the clients' tfmot wrappers carry the schedule,
+    with the data's step mapping); the seed stays with `--upload_quantization`
+    (it seeds the rounding) and with `--dp` (TFF's noise ops take their seeds
+    from the global seed when they are traced).
+    """
+    mapping = step_mapping(config, data) if config.prune_granularity == "step" else None
+    return repr((process_group(config), repr(data.element_spec), mapping))
+
+
+def process_group(config: ExperimentConfig) -> str:
+    """The part of `process_key` a config alone gives (no data loaded, no TensorFlow)."""
+    neutral = set(_UNTRACED_FIELDS)
+    if config.prune_granularity != "step":
+        neutral.update(_SCHEDULE_FIELDS)
+    if config.upload_quantization == "none" and config.dp == "none":
+        neutral.add("seed")
+    return repr(sorted((k, v) for k, v in config.to_dict().items() if k not in neutral))
+
+
+def clear_process_cache() -> None:
+    """Forgets the built processes `build_process` keeps."""
+    _processes.clear()
+
+
 def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
                   shrunk_model=None):
     """The `PruningProcess` for a config and its data.
+
+    Reuses the process built for an earlier config with the same
+    `process_key` (one trace per grid: cells that differ only in schedule
+    values, final sparsity or seed), set to this config's schedule and seed
+    with `PruningProcess.for_cell`; rounds run exactly as in a process built
+    for it (tested to 1e-6). The last `_PROCESS_CACHE_SIZE` processes are kept.
 
     With `shrunk_model` (a plain Keras model from `surgery.shrink`): the
     process that continues a structured run after its shrink, for a model of
     that architecture, dense (masking `none`, no schedule), with the config's
     optimizers; its initial weights are replaced by `shrinking.transfer_state`.
+    It is built afresh.
     """
+    if shrunk_model is not None:
+        return _build_process(config, data, shrunk_model=shrunk_model)
+    key = process_key(config, data)
+    built = _processes.pop(key, None)
+    if built is None:
+        built = _build_process(config, data)
+    _processes[key] = built
+    while len(_processes) > _PROCESS_CACHE_SIZE:
+        _processes.popitem(last=False)
+    return built.for_cell(config.make_schedule(), seed=config.seed, regrow=config.regrow_spec())
+
+
+def _build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
+                   shrunk_model=None):
+    """Builds (and traces) the process of `build_process`."""
     from fedprune.federated import process as process_lib
     from fedprune.model import builders
     from fedprune.pruning import masking, schedules

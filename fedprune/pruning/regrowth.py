@@ -130,6 +130,19 @@ def validate_args(*, regrow: str, regrow_at: str, fraction: float, decay: str,
     check(end_round == END_AT_THREE_QUARTERS or 1 <= end_round <= num_rounds,
           "regrow_end_round", end_round,
           f"-1 (three quarters of --rounds) or a round in [1, --rounds={num_rounds}]")
+    check_combination(regrow, structure=structure, prune_granularity=prune_granularity,
+                      mask_criterion=mask_criterion)
+
+
+def check_combination(regrow: str, *, structure: str, prune_granularity: str,
+                      mask_criterion: str) -> None:
+    """What a regrowth rule other than `none` needs of the mask rule and granularity.
+
+    Shared by `validate_args` (flags) and `process.build_pruning_process` (library).
+
+    Raises:
+      InvalidArgument: naming `--regrow` and what it needs.
+    """
     if regrow == "none":
         return
     check(structure == "unstructured", "regrow", regrow,

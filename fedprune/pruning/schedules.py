@@ -34,6 +34,7 @@ imports.
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 from typing import ClassVar
 
@@ -74,29 +75,52 @@ class ScheduleTable:
         return np.logical_or.accumulate(self.updates)
 
 
-def table_lookup(values: np.ndarray, round_num):
+def schedule_data(table: ScheduleTable) -> collections.OrderedDict:
+    """A table as data for the process's state (numpy arrays, R = num_rounds).
+
+    The processes of `fedprune/federated/` read the schedule from their state,
+    not from constants traced into their computations, so one built process
+    serves every schedule, final sparsity and seed of a grid
+    (`process.PruningProcess.for_cell`).
+
+    Returns:
+      `OrderedDict(updates=bool[R + 1], started=bool[R + 1], sparsity=float32
+      [R + 1] or, with per-layer budgets, [R + 1, pruned kernels])`: the
+      fields of `ScheduleTable` (`sparsity` is `layer_sparsity` when set).
+    """
+    sparsity = table.sparsity if table.layer_sparsity is None else table.layer_sparsity
+    return collections.OrderedDict(updates=np.asarray(table.updates, bool),
+                                   started=np.asarray(table.started, bool),
+                                   sparsity=np.asarray(sparsity, np.float32))
+
+
+def table_lookup(values, round_num):
     """`values[min(round_num, len - 1)]` as a TF tensor: rounds past a table repeat its end.
 
     Args:
-      values: a 1-D array indexed by round (a `ScheduleTable` field).
+      values: an array or tensor indexed by round along its first axis (a
+        `ScheduleTable` field or a `schedule_data` entry).
       round_num: an integer scalar tensor.
     """
     import tensorflow as tf
 
-    index = tf.minimum(tf.cast(round_num, tf.int32), len(values) - 1)
-    return tf.gather(tf.constant(values), index)
+    values = tf.convert_to_tensor(values)
+    index = tf.minimum(tf.cast(round_num, tf.int32), tf.shape(values)[0] - 1)
+    return tf.gather(values, index)
 
 
-def kernel_sparsity(table: ScheduleTable, round_num):
+def kernel_sparsity(schedule, round_num):
     """The sparsity the mask rule keeps after `round_num` (TF tensor).
 
-    A scalar (`table.sparsity`, every pruned kernel alike), or with per-layer
-    budgets a [pruned kernels] vector (`table.layer_sparsity`), which
-    `masking.compute_masks` takes in place of the scalar.
+    Args:
+      schedule: `schedule_data` (arrays or the state's tensors).
+
+    Returns:
+      A scalar (every pruned kernel alike), or with per-layer budgets a
+      [pruned kernels] vector, which `masking.compute_masks` takes in place of
+      the scalar.
     """
-    if table.layer_sparsity is None:
-        return table_lookup(table.sparsity, round_num)
-    return table_lookup(table.layer_sparsity, round_num)
+    return table_lookup(schedule["sparsity"], round_num)
 
 
 class RoundSchedule(abc.ABC):

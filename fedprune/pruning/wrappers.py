@@ -143,6 +143,32 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=N
     return wrapped
 
 
+def _stable_names(layers) -> list[str]:
+    """Layer names that do not depend on how many models this process has built.
+
+    Keras numbers automatic names process-wide (`dense`, `dense_1`, ... then
+    `dense_160` in the 80th model), so per-layer metric columns would differ
+    between a grid's cells. A layer with an automatic name gets the name it has
+    in the first model of a fresh process (its class in snake case, then `_1`,
+    `_2`, ... per class, in layer order); a name given explicitly is kept.
+    """
+    import re
+
+    from keras.src.utils.generic_utils import to_snake_case  # keras' own naming rule
+
+    counts: dict[str, int] = {}
+    names = []
+    for layer in layers:
+        base = to_snake_case(type(layer).__name__)
+        if re.fullmatch(re.escape(base) + r"(_\d+)?", layer.name):
+            n = counts.get(base, 0)
+            counts[base] = n + 1
+            names.append(base if n == 0 else f"{base}_{n}")
+        else:
+            names.append(layer.name)
+    return names
+
+
 def pruning_layout(wrapped_model) -> PruningLayout:
     """Reads the positions of kernels, masks, thresholds and steps of a wrapped model."""
     from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
@@ -150,14 +176,16 @@ def pruning_layout(wrapped_model) -> PruningLayout:
     trainable = {v.ref(): i for i, v in enumerate(wrapped_model.trainable_weights)}
     non_trainable = {v.ref(): i for i, v in enumerate(wrapped_model.non_trainable_weights)}
     kernels, steps = [], []
-    for layer in wrapped_model.layers:
+    names = _stable_names([layer.layer if isinstance(layer, pruning_wrapper.PruneLowMagnitude)
+                           else layer for layer in wrapped_model.layers])
+    for layer, name in zip(wrapped_model.layers, names, strict=True):
         if not isinstance(layer, pruning_wrapper.PruneLowMagnitude):
             continue
         steps.append(non_trainable[layer.pruning_step.ref()])
         for weight, mask, threshold in layer.pruning_vars:
             kernels.append(
                 PrunedKernel(
-                    name=layer.layer.name,
+                    name=name,
                     shape=tuple(weight.shape.as_list()),
                     trainable_index=trainable[weight.ref()],
                     mask_index=non_trainable[mask.ref()],

@@ -1,0 +1,142 @@
+"""The benchmark's grid section: one trace per grid and --parallel_cells, against a build per cell.
+
+Trains one reduced grid (--schedules=none,constant,polynomial ×
+--grid_final_sparsities × --maskings=server,both × --grid_seeds, on the
+benchmark's experiment flags) three times, each as a fresh `python -m
+experiments.compare_schedules` child into its own temporary run tree:
+
+    build per cell      FEDPRUNE_REBUILD_PROCESSES=1 --parallel_cells=1: every
+                        cell builds and traces its own process, one after
+                        another (the code path before one trace per grid);
+    one trace per grid  --parallel_cells=1: cells that differ only in schedule
+                        values, sparsity or seed share one built process;
+    + parallel cells    --parallel_cells=<usable cores>: the same, the cells
+                        split into that many child processes.
+
+Each wall time is the whole command's (imports, tracing, training, tables), so
+the ratios are what a user waits. Every run's metrics.csv must agree across the
+three to 1e-6 (all columns but the wall-clock ones); the section fails otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from experiments.benchmark import Plan
+
+GRID_FLAGS = ("--schedules=none,constant,polynomial", "--maskings=server,both")
+TOLERANCE = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPath:
+    label: str
+    flags: tuple[str, ...]
+    rebuild: bool = False
+
+
+def paths(cores: int) -> tuple[GridPath, ...]:
+    return (GridPath("build per cell", ("--parallel_cells=1",), rebuild=True),
+            GridPath("one trace per grid", ("--parallel_cells=1",)),
+            GridPath(f"one trace per grid + {cores} parallel cells",
+                     (f"--parallel_cells={cores}",)))
+
+
+def base_flags(config) -> list[str]:
+    """The experiment flags of `config` that a grid does not set per cell."""
+    from experiments import flagfile, grid
+
+    per_cell = {f for f in grid.CELL_FIELDS if f not in grid.OPTIONAL_CELL_FIELDS}
+    return [line for line in flagfile.flagfile_text(config).splitlines()
+            if line.startswith("--") and line[2:].split("=", 1)[0].removeprefix("no")
+            not in per_cell]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    from fedprune.outputs.run_files import TIME_COLUMNS
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) if v else None for k, v in row.items() if k not in TIME_COLUMNS}
+                for row in csv.DictReader(f)]
+
+
+def max_difference(a_dir: Path, b_dir: Path) -> float:
+    """The largest |a - b| over two runs' metrics (inf if their rows or blanks differ)."""
+    a_rows, b_rows = _metrics(a_dir), _metrics(b_dir)
+    if len(a_rows) != len(b_rows):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(a_rows, b_rows, strict=True):
+        if a.keys() != b.keys():
+            return float("inf")
+        for key, value in a.items():
+            if (value is None) != (b[key] is None):
+                return float("inf")
+            if value is not None:
+                worst = max(worst, abs(value - b[key]))
+    return worst
+
+
+def run_grid_section(plan: Plan, log) -> tuple[str, str]:
+    """Trains the grid along each path; returns (table, notes)."""
+    cores = len(os.sched_getaffinity(0))
+    grid_args = [*GRID_FLAGS, "--final_sparsities=" + ",".join(map(str, plan.grid_sparsities)),
+                 "--seeds=" + ",".join(map(str, plan.grid_seeds))]
+    rows, trees = [], []
+    with tempfile.TemporaryDirectory(prefix="fedprune-grid-") as tmp:
+        flagfile_path = Path(tmp) / "base.flags"
+        flagfile_path.write_text("\n".join(base_flags(plan.grid_base)) + "\n")
+        for i, path in enumerate(paths(cores)):
+            root = Path(tmp) / f"path{i}"
+            env = dict(os.environ)
+            env.pop("FEDPRUNE_REBUILD_PROCESSES", None)
+            if path.rebuild:
+                env["FEDPRUNE_REBUILD_PROCESSES"] = "1"
+            command = [sys.executable, "-m", "experiments.compare_schedules",
+                       f"--flagfile={flagfile_path}", *grid_args, *path.flags,
+                       f"--output_dir={root}"]
+            start = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"grid section: {path.label} exited with status "
+                                   f"{done.returncode}: {done.stderr.strip()[-500:]}")
+            cells = sorted(p.parent.name for p in root.glob("*/summary.json"))
+            rows.append((path.label, len(cells), wall))
+            trees.append((root, cells))
+            log(f"grid: {path.label}: {len(cells)} cells in {wall:.1f} s")
+        reference_root, reference_cells = trees[0]
+        worst = 0.0
+        for root, cells in trees[1:]:
+            if cells != reference_cells:
+                raise RuntimeError(f"grid section: the paths trained different cells: "
+                                   f"{reference_cells} vs {cells}")
+            for cell in cells:
+                worst = max(worst, max_difference(reference_root / cell, root / cell))
+        if worst > TOLERANCE:
+            raise RuntimeError(f"grid section: metrics differ between paths by {worst:g} "
+                               f"(> {TOLERANCE:g})")
+    first_wall = rows[0][2]
+    lines = ["| path | cells | wall (s) | s per cell | speed-up vs build per cell |",
+             "| :-- | --: | --: | --: | --: |"]
+    lines += [f"| {label} | {cells} | {wall:.1f} | {wall / cells:.2f} | "
+              f"{first_wall / wall:.2f}× |" for label, cells, wall in rows]
+    config = plan.grid_base
+    notes = f"""Grid: {' '.join(grid_args)} on {config.dataset} ({config.num_clients} clients,
+{config.rounds} rounds of {config.clients_per_round}, model `{config.model}`), each path a
+fresh `python -m experiments.compare_schedules` (wall: the whole command, imports
+included). Build per cell sets FEDPRUNE_REBUILD_PROCESSES=1 (`experiments/grid.py`),
+the code path before one trace per grid. Every run's metrics agree across the paths:
+max |difference| {worst:.2g} over all metrics.csv values (tolerance {TOLERANCE:g}). The
+section's target: the last row at least 3× the first."""
+    return "\n".join(lines) + "\n", notes

@@ -1,0 +1,140 @@
+"""One trace per grid: a process built for one cell runs another cell exactly.
+
+`assembly.build_process` reuses a built process for every config with the same
+`assembly.process_key` (`PruningProcess.for_cell` writes the cell's schedule
+table, initial weights and regrowth key into the state). Each case builds cell
+A's process, runs cell B on it, and compares with B on a process built for B:
+every metrics.csv value and every final weight to 1e-6.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedprune.config import ExperimentConfig
+from fedprune.errors import InvalidArgument
+from fedprune.outputs.run_files import TIME_COLUMNS
+from fedprune.program import assembly
+
+BASE = ExperimentConfig(rounds=5, num_clients=3, clients_per_round=3,
+                        max_examples_per_client=32, begin_round=1, end_round=3, eval_every=5)
+
+
+def _config(**changes) -> ExperimentConfig:
+    return dataclasses.replace(BASE, **changes).validate()
+
+
+# (cell A, which builds the process; cell B, which runs on it)
+PAIRS = {
+    "both: schedule, sparsity, seed, pruned initial model": (
+        dict(masking="both"),
+        dict(masking="both", schedule="constant", final_sparsity=0.5, begin_round=0, seed=1)),
+    "client: polynomial power and sparsity, seed": (
+        dict(masking="client", power=1.0),
+        dict(masking="client", final_sparsity=0.9, power=3.0, seed=2)),
+    "server, erk budgets": (
+        dict(masking="server", sparsity_distribution="erk"),
+        dict(masking="server", sparsity_distribution="erk", final_sparsity=0.9,
+             schedule="oneshot", end_round=2, seed=1)),
+    "server, random regrowth: the rng key": (
+        dict(masking="server", regrow="random", regrow_end_round=4),
+        dict(masking="server", regrow="random", regrow_end_round=4, final_sparsity=0.9,
+             seed=3)),
+    "both at step granularity: seed only": (
+        dict(masking="both", prune_granularity="step"),
+        dict(masking="both", prune_granularity="step", seed=1)),
+    "dense: seed": (
+        dict(masking="none", schedule="none"),
+        dict(masking="none", schedule="none", seed=4)),
+}
+
+
+def _numbers(output_dir) -> list[dict]:
+    with open(output_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) if v else None for k, v in row.items() if k not in TIME_COLUMNS}
+                for row in csv.DictReader(f)]
+
+
+def _final_weights(output_dir) -> list[np.ndarray]:
+    from fedprune.program import checkpoint
+
+    path = checkpoint.list_checkpoints(output_dir / "checkpoints")[-1]
+    with np.load(path, allow_pickle=False) as data:
+        return [data[name] for name in sorted(data.files) if name.startswith("leaf_")]
+
+
+@pytest.mark.parametrize("pair", list(PAIRS), ids=list(PAIRS))
+def test_a_cell_on_another_cells_process_equals_its_own(tff_local_context, tmp_path, pair):
+    from fedprune.program import loop
+
+    first, second = (_config(**changes) for changes in PAIRS[pair])
+    data = assembly.load_data(first)
+    assert assembly.process_key(first, data) == assembly.process_key(second, data)
+    assembly.clear_process_cache()
+    built = assembly.build_process(first, data)
+    loop.run_experiment(second, tmp_path / "reused", log=lambda line: None)
+    reused = assembly.build_process(second, data)
+    assert reused.process.next is built.process.next  # one traced process served both
+    assert len(assembly._processes) == 1
+
+    assembly.clear_process_cache()
+    loop.run_experiment(second, tmp_path / "own", log=lambda line: None)
+    own, shared = _numbers(tmp_path / "own"), _numbers(tmp_path / "reused")
+    assert len(own) == second.rounds
+    for own_row, shared_row in zip(own, shared, strict=True):
+        assert own_row.keys() == shared_row.keys()
+        for key, value in own_row.items():
+            if value is None:
+                assert shared_row[key] is None, key
+            else:
+                assert shared_row[key] == pytest.approx(value, abs=1e-6), (own_row["round"], key)
+    for a, b in zip(_final_weights(tmp_path / "own"), _final_weights(tmp_path / "reused"),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("changes, shares", [
+    (dict(final_sparsity=0.5), True),
+    (dict(schedule="constant", begin_round=0, end_round=-1), True),
+    (dict(seed=7), True),
+    (dict(eval_every=1, num_clients=4, dirichlet_alpha=0.1), True),
+    (dict(masking="server"), False),
+    (dict(rounds=6), False),
+    (dict(model="cnn"), False),
+    (dict(client_lr=0.05), False),
+    # The seed is traced with quantized uploads and with DP; the schedule with steps.
+    (dict(upload_quantization="int8", masking="server"), False),
+    (dict(prune_granularity="step"), False),
+])
+def test_process_key_shares_exactly_what_is_not_traced(changes, shares):
+    data = assembly.load_data(BASE)
+    base_changes = {k: v for k, v in changes.items() if k in ("upload_quantization",)}
+    if "masking" in changes and "upload_quantization" in changes:
+        base_changes["masking"] = changes["masking"]
+    first = _config(**base_changes)
+    second = _config(**changes)
+    if "upload_quantization" in changes:
+        second = dataclasses.replace(second, seed=1)
+    assert (assembly.process_key(first, data) == assembly.process_key(second, data)) is shares
+
+
+@pytest.mark.parametrize("changes, flag", [
+    (dict(prune_granularity="step"), "--schedule='constant'"),
+    (dict(upload_quantization="fp16", masking="server"), "--seed=1"),
+])
+def test_for_cell_refuses_what_the_traced_process_fixes(tff_local_context, changes, flag):
+    config = _config(**changes)
+    data = assembly.load_data(config)
+    assembly.clear_process_cache()
+    built = assembly.build_process(config, data)
+    other = dataclasses.replace(config, schedule="constant", seed=1, begin_round=0,
+                                end_round=-1).validate()
+    with pytest.raises(InvalidArgument, match="^" + flag.replace("'", "'?")):
+        if config.prune_granularity == "step":
+            built.for_cell(other.make_schedule(), seed=config.seed)
+        else:
+            built.for_cell(config.make_schedule(), seed=1)
