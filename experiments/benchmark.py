@@ -94,6 +94,7 @@ from experiments import (
     benchmark_scale,
     benchmark_speed,
     common,
+    process_stats,
     usage,
 )
 from fedprune import config as config_lib
@@ -141,8 +142,10 @@ _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75
 _QUALITY_SEEDS = flags.DEFINE_list("quality_seeds", ["0", "1", "2"], "quality: seeds.")
 _GRID_SPARSITIES = flags.DEFINE_list("grid_final_sparsities", ["0.5", "0.9"],
                                      "grid: the reduced grid's --final_sparsities.")
+_GRID_MASKINGS = flags.DEFINE_list("grid_maskings", ["server", "both"],
+                                   "grid: the reduced grid's --maskings.")
 _GRID_SEEDS = flags.DEFINE_list("grid_seeds", ["0", "1"], "grid: the reduced grid's --seeds.")
-usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_SEEDS)
+usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS)
 usage.set_topic("sections", _SECTIONS)
 usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
@@ -169,8 +172,9 @@ class Plan:
       scale_runs: (clients per round, worker malloc mode, control?) per scale
         child, in table order.
       quality: (target sparsity, seed, config) per quality run.
-      grid_base, grid_sparsities, grid_seeds: the grid section's base experiment
-        and its `--grid_final_sparsities` and `--grid_seeds`.
+      grid_base, grid_sparsities, grid_maskings, grid_seeds: the grid section's
+        base experiment and its `--grid_final_sparsities`, `--grid_maskings` and
+        `--grid_seeds`.
       warmup_rounds, timed_rounds, program_round: the speed section's
         `--warmup_rounds`, `--timed_rounds`, `--program_round`.
       scale_clients, scale_rounds, scale_baseline: the scale section's
@@ -185,6 +189,7 @@ class Plan:
     quality: tuple[tuple[float, int, config_lib.ExperimentConfig], ...]
     grid_base: config_lib.ExperimentConfig | None = None
     grid_sparsities: tuple[float, ...] = ()
+    grid_maskings: tuple[str, ...] = ()
     grid_seeds: tuple[int, ...] = ()
     warmup_rounds: int = 0
     timed_rounds: int = 2
@@ -271,8 +276,15 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                 quality.append((sparsity, seed, dense_q if sparsity == 0 else pruned_q))
     grid_sparsities = tuple(_float_list("grid_final_sparsities", _GRID_SPARSITIES.value))
     grid_seeds = tuple(_int_list("grid_seeds", _GRID_SEEDS.value, 0))
+    from experiments import grid as grid_lib
+
+    grid_maskings = tuple(_GRID_MASKINGS.value)
+    check(bool(grid_maskings) and set(grid_maskings) <= set(grid_lib.GRID_MASKINGS),
+          "grid_maskings", ",".join(grid_maskings),
+          "one or more of " + ",".join(grid_lib.GRID_MASKINGS))
     return Plan(sections, pruned, dense, scale, tuple(scale_runs), tuple(quality),
-                grid_base=base, grid_sparsities=grid_sparsities, grid_seeds=grid_seeds,
+                grid_base=base, grid_sparsities=grid_sparsities, grid_maskings=grid_maskings,
+                grid_seeds=grid_seeds,
                 warmup_rounds=_WARMUP_ROUNDS.value, timed_rounds=_TIMED_ROUNDS.value,
                 program_round=_PROGRAM_ROUND.value, scale_clients=_SCALE_CLIENTS.value,
                 scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value)
@@ -329,14 +341,19 @@ def _load() -> str:
 
 
 def section_body(title: str, table: str, notes: str, *, load_before: str,
-                 seconds: float) -> str:
-    """One BENCHMARKS.md section: title, command, machine, load, table, notes."""
+                 seconds: float, mean_load: float | None = None) -> str:
+    """One BENCHMARKS.md section: title, command, machine, load, table, notes.
+
+    `mean_load`: the mean 1-minute load average while the section ran
+    (`process_stats.LoadSampler`).
+    """
+    during = f", mean 1-min {mean_load:.2f} during it" if mean_load is not None else ""
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return (f"## {title}\n\n"
             f"Command: `{command_line(sys.argv)}`\n\n"
             f"Machine: {machine_description()}.\n\n"
             f"Run {date}, {seconds / 60:.1f} min; load average (1/5/15 min) "
-            f"{load_before} before, {_load()} after, on {os.cpu_count()} cores.\n\n"
+            f"{load_before} before, {_load()} after{during}, on {os.cpu_count()} cores.\n\n"
             f"{table}\n{' '.join(notes.split())}\n")
 
 
@@ -378,12 +395,14 @@ def main(argv):
     for name in plan.sections:
         title, runner = runners[name]
         load_before, start = _load(), time.perf_counter()
+        sampler = process_stats.LoadSampler().start()
         table, notes = runner(plan, log)
+        mean_load = sampler.stop()
         if name == "scale":
             title = f"Scale: {_SCALE_CLIENTS.value:,} clients, round time and memory"
         print(f"\n## {title}\n\n{table}", flush=True)
         bodies[name] = section_body(title, table, notes, load_before=load_before,
-                                    seconds=time.perf_counter() - start)
+                                    seconds=time.perf_counter() - start, mean_load=mean_load)
     if _WRITE.value:
         from fedprune.outputs import atomic_files
 

@@ -1,7 +1,7 @@
 """The benchmark's grid section: one trace per grid and --parallel_cells, against a build per cell.
 
 Trains one reduced grid (--schedules=none,constant,polynomial ×
---grid_final_sparsities × --maskings=server,both × --grid_seeds, on the
+--grid_final_sparsities × --grid_maskings × --grid_seeds, on the
 benchmark's experiment flags) three times, each as a fresh `python -m
 experiments.compare_schedules` child into its own temporary run tree:
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from experiments.benchmark import Plan
 
-GRID_FLAGS = ("--schedules=none,constant,polynomial", "--maskings=server,both")
+SCHEDULES = "--schedules=none,constant,polynomial"
 TOLERANCE = 1e-6
 
 
@@ -89,7 +89,8 @@ def max_difference(a_dir: Path, b_dir: Path) -> float:
 def run_grid_section(plan: Plan, log) -> tuple[str, str]:
     """Trains the grid along each path; returns (table, notes)."""
     cores = len(os.sched_getaffinity(0))
-    grid_args = [*GRID_FLAGS, "--final_sparsities=" + ",".join(map(str, plan.grid_sparsities)),
+    grid_args = [SCHEDULES, "--maskings=" + ",".join(plan.grid_maskings),
+                 "--final_sparsities=" + ",".join(map(str, plan.grid_sparsities)),
                  "--seeds=" + ",".join(map(str, plan.grid_seeds))]
     rows, trees = [], []
     with tempfile.TemporaryDirectory(prefix="fedprune-grid-") as tmp:

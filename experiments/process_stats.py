@@ -72,3 +72,42 @@ def median_range(values: Sequence[float]) -> tuple[float, float, float]:
 
 def format_seconds(x: float) -> str:
     return f"{x:.3f}"
+
+
+class LoadSampler:
+    """The machine's mean 1-minute load average over a stretch of time.
+
+    Samples `os.getloadavg()[0]` at `start`, every `interval_s` seconds from a
+    daemon thread, and at `stop`: the load during a long run, not only at its
+    end (a benchmark section, a `reproduce` invocation).
+    """
+
+    def __init__(self, interval_s: float = 5.0):
+        import threading
+
+        self._interval_s = interval_s
+        self._samples: list[float] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import os
+
+        while not self._stopped.wait(self._interval_s):
+            self._samples.append(os.getloadavg()[0])
+
+    def start(self) -> LoadSampler:
+        import os
+
+        self._samples.append(os.getloadavg()[0])
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        """Stops sampling; returns the mean of the samples."""
+        import os
+
+        self._stopped.set()
+        self._thread.join()
+        self._samples.append(os.getloadavg()[0])
+        return statistics.fmean(self._samples)

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import common, grid, grid_results, registry_flags, usage
+from experiments import common, grid, grid_results, process_stats, registry_flags, usage
 from experiments.tables import CONFIGS, REPO, SIZES, TABLES, TableSpec, register_table
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
@@ -137,8 +137,13 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]:
+def record_invocation(root: Path, *, trained: int, seconds: float,
+                      mean_load: float | None = None) -> list[dict]:
     """Appends an invocation that trained runs to `<root>/invocations.json`; returns all.
+
+    Each records its wall seconds, the 1-minute load average at its end and,
+    with `mean_load`, the mean 1-minute load average over it
+    (`process_stats.LoadSampler`).
 
     RESULTS.md reports the time of the invocations that trained the runs, also
     when a later invocation (e.g. with --write_results) only reuses them.
@@ -146,8 +151,11 @@ def record_invocation(root: Path, *, trained: int, seconds: float) -> list[dict]
     path = root / "invocations.json"
     invocations = (atomic_files.read_json(path) or {}).get("invocations", [])
     if trained:
-        invocations.append({"date": time.strftime("%Y-%m-%d %H:%M"), "runs_trained": trained,
-                            "seconds": seconds, "load_average_1min": os.getloadavg()[0]})
+        invocation = {"date": time.strftime("%Y-%m-%d %H:%M"), "runs_trained": trained,
+                      "seconds": seconds, "load_average_1min": os.getloadavg()[0]}
+        if mean_load is not None:
+            invocation["mean_load_average_1min"] = mean_load
+        invocations.append(invocation)
         atomic_files.atomic_write_json(path, {"invocations": invocations})
     return invocations
 
@@ -214,7 +222,9 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         same_grid = f"the same grid: `{grid_command(spec)}`"
     train_seconds = sum(r.summary["wall_seconds"] for r in results)
     took = sum(i["seconds"] for i in invocations)
-    loads = ", ".join(f"{i['load_average_1min']:.1f}" for i in invocations)
+    loads = ", ".join(f"{i['mean_load_average_1min']:.1f} (mean over it)"
+                      if "mean_load_average_1min" in i
+                      else f"{i['load_average_1min']:.1f} (at its end)" for i in invocations)
     return "\n".join([
         f"## {spec.title}",
         "",
@@ -238,7 +248,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         "",
         f"- Hardware: {provenance.environment_description()}.",
         f"- Time: {_minutes(took)} for the command above ({len(invocations)} invocation(s) "
-        f"that trained runs; 1-minute load average at their end: {loads}); "
+        f"that trained runs; 1-minute load average: {loads}); "
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "
         f"({_minutes(train_seconds)} in total; the rest is start-up and tables).",
         f"- Code: the {len(results)} runs trained at git commit `{commit}` (a clean "
@@ -380,13 +390,15 @@ def main(argv):
     if FLAGS.only_check_args:
         return 0
     start = time.time()
+    load = process_stats.LoadSampler().start()
     trained = sum(s is not grid.Status.DONE for s in statuses)
     failed = grid.run_grid(cells, root, verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers,
                            round_logs=_ROUND_LOGS.value, parallel_cells=parallel,
                            shard=FLAGS.cell_shard)
     if FLAGS.cell_shard:  # a child of --parallel_cells: the parent records and reports
         return 1 if failed else 0
-    invocations = record_invocation(root, trained=trained, seconds=time.time() - start)
+    invocations = record_invocation(root, trained=trained, seconds=time.time() - start,
+                                    mean_load=load.stop())
     if failed:
         common.fail(f"{len(failed)} run(s) failed: {', '.join(failed)}", code=1)
     results = grid_results.load_results(cells, root)

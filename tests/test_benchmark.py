@@ -9,6 +9,7 @@ ratios, section replacement) and flag validation, without TensorFlow.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -120,13 +121,40 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
     assert "<!-- benchmark:speed -->" in text and "<!-- /benchmark:speed -->" in text
     assert "Command: `python -m experiments.benchmark --timed_rounds=2" in text
     assert re.search(r"Machine: .+ usable cores .+ GiB RAM.+TensorFlow 2\.14", text)
-    assert "load average" in text
+    assert re.search(r"load average \(1/5/15 min\) [0-9./]+ before, [0-9./]+ after, "
+                     r"mean 1-min [0-9.]+ during it", text)
     assert "(a) fedprune, masking both, polynomial |" in text
+
+
+@pytest.mark.slow
+def test_grid_section_trains_the_grid_three_ways_with_equal_metrics(tmp_path):
+    output = tmp_path / "BENCH.md"
+    result, workers = _run("--sections=grid", "--grid_final_sparsities=0.5",
+                           "--grid_maskings=server", "--grid_seeds=0", "--rounds=2",
+                           "--end_round=2", "--num_clients=4", "--clients_per_round=4",
+                           "--write", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_gone(workers)
+    rows = _table_rows(result.stdout)
+    assert rows["path"] == ["cells", "wall (s)", "s per cell", "speed-up vs build per cell"]
+    labels = ["build per cell", "one trace per grid",
+              f"one trace per grid + {len(os.sched_getaffinity(0))} parallel cells"]
+    for label in labels:
+        cells, wall, per_cell, speedup = rows[label]
+        assert cells == "3"  # dense, constant, polynomial
+        assert float(per_cell) == pytest.approx(float(wall) / 3, abs=0.01)
+        assert float(speedup.rstrip("×")) > 0
+    assert rows[labels[0]][3] == "1.00×"
+    text = output.read_text()
+    difference = re.search(r"max \|difference\| ([0-9.e+-]+) over all", text)
+    assert float(difference.group(1)) <= 1e-6
+    assert "<!-- benchmark:grid -->" in text
 
 
 def test_bad_flags_fail_fast_without_tensorflow():
     for flag, words in (("--masking=none", "sets it per variant"),
-                        ("--sections=speed,fast", "one or more of speed,scale,quality"),
+                        ("--sections=speed,fast", "one or more of speed,scale,quality,grid"),
+                        ("--grid_maskings=none", "one or more of client,server,both"),
                         ("--timed_rounds=1", ">= 2"),
                         ("--scale_baseline_round=100", "--scale_rounds=100"),
                         ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc")):
@@ -189,7 +217,8 @@ def test_replace_sections_replaces_in_place_and_keeps_everything_else():
     assert "Notes by hand." in second and "## Another tool's section" in second
     assert "old" not in second and "new" in second and "## Q" in second
     # A new section goes between its neighbours of SECTIONS.
-    positions = [second.index(f"<!-- benchmark:{name} -->") for name in benchmark.SECTIONS]
+    positions = [second.index(f"<!-- benchmark:{name} -->") for name in benchmark.SECTIONS
+                 if name != "grid"]  # not written here
     assert positions == sorted(positions)
     assert second.index("<!-- /benchmark:quality -->") < second.index("<!-- scaleout -->")
     assert benchmark.replace_sections(second, {}) == second

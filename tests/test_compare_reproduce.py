@@ -540,6 +540,24 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
     assert [line.split(": done:")[0] for line in first.stdout.splitlines()
             if ": done: " in line] == [f"[{i}/2] {cell}" for i, cell in enumerate(TINY_CELLS, 1)]
     _assert_runs_learned(root, 2)
+
+    # --parallel_cells=2: a child per cell, the parent's tables; the same numbers (1e-6).
+    parallel_root = tmp_path / "parallel"
+    parallel = _run("compare_schedules", *TINY, f"--output_dir={parallel_root}",
+                    "--parallel_cells=2")
+    assert parallel.returncode == 0, parallel.stderr
+    assert "training 2 cell(s) in 2 child processes (--parallel_cells)" in parallel.stdout
+    assert sorted(line.split(": done:")[0] for line in parallel.stdout.splitlines()
+                  if ": done: " in line) == sorted(f"[1/1] {cell}" for cell in TINY_CELLS)
+    assert "| oneshot | 0.5 | server | 1 |" in parallel.stdout  # the parent's table
+    for cell in TINY_CELLS:
+        ours, theirs = _metric_values(parallel_root / cell), _metric_values(root / cell)
+        assert len(ours) == 2
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.keys() == b.keys()
+            for key, value in b.items():
+                assert a[key] == (value if value is None else pytest.approx(value, abs=1e-6)), key
+
     with open(root / "comparison.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -590,34 +608,8 @@ def _metric_values(run_dir: Path) -> list[dict]:
 
 
 PARALLEL = ("--schedules=none,oneshot,constant", "--final_sparsities=0.5", "--maskings=server",
-            "--seeds=0", "--rounds=2", "--num_clients=4", "--clients_per_round=4",
+            "--seeds=0,1", "--rounds=2", "--num_clients=4", "--clients_per_round=4",
             "--end_round=2")
-PARALLEL_CELLS = ("dense-seed0", "oneshot-s0.5-server-seed0", "constant-s0.5-server-seed0")
-
-
-@pytest.mark.slow
-def test_parallel_cells_train_shares_in_children_with_the_same_results(tmp_path):
-    """Two children (one per share), then the tables; the runs equal sequential ones to 1e-6."""
-    parallel = _run("compare_schedules", *PARALLEL, f"--output_dir={tmp_path / 'parallel'}",
-                    "--parallel_cells=2")
-    assert parallel.returncode == 0, parallel.stderr
-    assert "training 3 cell(s) in 2 child processes (--parallel_cells)" in parallel.stdout
-    done = sorted(line.split(": done:")[0].split("] ")[1]
-                  for line in parallel.stdout.splitlines() if ": done: " in line)
-    assert done == sorted(PARALLEL_CELLS)
-    assert "| constant | 0.5 | server | 1 |" in parallel.stdout  # the parent's table
-    sequential = _run("compare_schedules", *PARALLEL, f"--output_dir={tmp_path / 'sequential'}",
-                      "--parallel_cells=1")
-    assert sequential.returncode == 0, sequential.stderr
-    assert "child processes" not in sequential.stdout
-    for cell in PARALLEL_CELLS:
-        ours = _metric_values(tmp_path / "parallel" / cell)
-        theirs = _metric_values(tmp_path / "sequential" / cell)
-        assert len(ours) == 2
-        for a, b in zip(ours, theirs, strict=True):
-            assert a.keys() == b.keys()
-            for key, value in b.items():
-                assert a[key] == (value if value is None else pytest.approx(value, abs=1e-6)), key
 
 
 @pytest.mark.slow
@@ -626,7 +618,7 @@ def test_sigterm_stops_every_child_and_reports_once(tmp_path):
     from cli_runs import Cli
 
     root = tmp_path / "grid"
-    cli = Cli(*PARALLEL, "--seeds=0,1", f"--output_dir={root}", "--parallel_cells=2",
+    cli = Cli(*PARALLEL, f"--output_dir={root}", "--parallel_cells=2",
               module="experiments.compare_schedules")
     try:
         cli.wait_for_line(": done: ")
@@ -660,6 +652,8 @@ def test_reproduce_ci_prints_table_and_matches_expected(ci_tree):
     assert "| polynomial-p3 | 0.75 | both | step | 2 |" in done.stdout
     assert "all 36 values of 6 rows within tolerance" in done.stdout
     assert (root / "comparison.md").is_file() and (root / "invocations.json").is_file()
+    (invocation,) = json.loads((root / "invocations.json").read_text())["invocations"]
+    assert invocation["runs_trained"] == 12 and invocation["mean_load_average_1min"] >= 0
     _assert_runs_learned(root, 12)
     # The paired column, in every format: per seed, the run's accuracy minus dense's.
     header = next(line for line in done.stdout.splitlines() if line.startswith("| schedule |"))

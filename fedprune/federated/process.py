@@ -386,6 +386,7 @@ class _CellState:
     client_schedule: bool  # the client work's state holds `schedule` (`client_work.py`)
     regrowing: bool  # the finalizer's state holds `regrow`
     initial_remask: object = None  # (ModelWeights, schedule) -> the round-0 re-mask
+    initial_state: object = None  # the built process's `initialize()`, once computed
 
 
 class _CellProcess:
@@ -407,9 +408,13 @@ class _CellProcess:
         import tensorflow_federated as tff
 
         built = self._built
-        state = built.process.initialize()
+        if built.initial_state is None:  # the same for every cell but what is replaced here
+            built.initial_state = built.process.initialize()
+        state = built.initial_state
         weights = tff.learning.models.ModelWeights(*self._arrays)
-        if built.remask:
+        # Without a mask update at round 0 the re-mask leaves initial weights as they are
+        # (all-ones masks, zero thresholds and steps).
+        if built.remask and self._schedule["updates"][0]:
             weights = built.initial_remask(weights, self._schedule)
         client_work, finalizer = state.client_work, state.finalizer
         if built.client_schedule:

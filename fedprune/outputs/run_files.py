@@ -213,7 +213,19 @@ def export_model(pp, weights, output_dir: Path) -> dict:
         z.write(h5, arcname="model.h5")
     return {"model_bytes_h5": h5.stat().st_size, "model_bytes_zipped": zipped.stat().st_size,
             "model_params": int(sum(np.size(w) for w in model.get_weights())),
-            "layers": layer_table((w.name, w.numpy()) for w in model.weights)}
+            "layers": layer_table(_stable_weight_names(model))}
+
+
+def _stable_weight_names(model) -> list[tuple[str, np.ndarray]]:
+    """(name, array) per weight of `model`, named `<layer>/<weight>` with the layer's
+    `wrappers.stable_names` (Keras' own names count models process-wide)."""
+    from fedprune.pruning import wrappers
+
+    names = {}
+    for layer, name in zip(model.layers, wrappers.stable_names(model.layers), strict=True):
+        for w in layer.weights:
+            names[w.ref()] = f"{name}/{w.name.split('/')[-1]}"
+    return [(names.get(w.ref(), w.name), w.numpy()) for w in model.weights]
 
 
 def size_summary(config: ExperimentConfig, rows: list[dict], output_dir: Path) -> dict:

@@ -143,7 +143,7 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=N
     return wrapped
 
 
-def _stable_names(layers) -> list[str]:
+def stable_names(layers) -> list[str]:
     """Layer names that do not depend on how many models this process has built.
 
     Keras numbers automatic names process-wide (`dense`, `dense_1`, ... then
@@ -176,7 +176,7 @@ def pruning_layout(wrapped_model) -> PruningLayout:
     trainable = {v.ref(): i for i, v in enumerate(wrapped_model.trainable_weights)}
     non_trainable = {v.ref(): i for i, v in enumerate(wrapped_model.non_trainable_weights)}
     kernels, steps = [], []
-    names = _stable_names([layer.layer if isinstance(layer, pruning_wrapper.PruneLowMagnitude)
+    names = stable_names([layer.layer if isinstance(layer, pruning_wrapper.PruneLowMagnitude)
                            else layer for layer in wrapped_model.layers])
     for layer, name in zip(wrapped_model.layers, names, strict=True):
         if not isinstance(layer, pruning_wrapper.PruneLowMagnitude):
