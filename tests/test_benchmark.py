@@ -142,7 +142,7 @@ def test_grid_section_trains_the_grid_three_ways_with_equal_metrics(tmp_path):
     for label in labels:
         cells, wall, per_cell, speedup = rows[label]
         assert cells == "3"  # dense, constant, polynomial
-        assert float(per_cell) == pytest.approx(float(wall) / 3, abs=0.01)
+        assert float(per_cell) == pytest.approx(float(wall) / 3, abs=0.03)  # both rounded
         assert float(speedup.rstrip("×")) > 0
     assert rows[labels[0]][3] == "1.00×"
     text = output.read_text()
