@@ -20,7 +20,6 @@ three to 1e-6 (all columns but the wall-clock ones); the section fails otherwise
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import subprocess
@@ -61,17 +60,11 @@ def base_flags(config) -> list[str]:
             not in per_cell]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    from fedprune.outputs.run_files import TIME_COLUMNS
-
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items() if k not in TIME_COLUMNS}
-                for row in csv.DictReader(f)]
-
-
 def max_difference(a_dir: Path, b_dir: Path) -> float:
     """The largest |a - b| over two runs' metrics (inf if their rows or blanks differ)."""
-    a_rows, b_rows = _metrics(a_dir), _metrics(b_dir)
+    from fedprune.outputs.run_files import metric_values
+
+    a_rows, b_rows = metric_values(a_dir), metric_values(b_dir)
     if len(a_rows) != len(b_rows):
         return float("inf")
     worst = 0.0

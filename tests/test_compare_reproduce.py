@@ -32,7 +32,7 @@ from absl import flags
 from experiments import common, grid, grid_results
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
-from fedprune.outputs import reporting
+from fedprune.outputs import reporting, run_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "experiments" / "configs"
@@ -551,7 +551,8 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
                   if ": done: " in line) == sorted(f"[1/1] {cell}" for cell in TINY_CELLS)
     assert "| oneshot | 0.5 | server | 1 |" in parallel.stdout  # the parent's table
     for cell in TINY_CELLS:
-        ours, theirs = _metric_values(parallel_root / cell), _metric_values(root / cell)
+        ours = run_files.metric_values(parallel_root / cell)
+        theirs = run_files.metric_values(root / cell)
         assert len(ours) == 2
         for a, b in zip(ours, theirs, strict=True):
             assert a.keys() == b.keys()
@@ -596,15 +597,6 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
     after = json.loads(summary.read_text())
     for key in ("final_test_accuracy", "final_nonzero_params", "total_bytes_up"):
         assert after[key] == before[key], key
-
-
-def _metric_values(run_dir: Path) -> list[dict]:
-    """metrics.csv as numbers (blank: None), without the wall-clock columns."""
-    from fedprune.outputs.run_files import TIME_COLUMNS
-
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items() if k not in TIME_COLUMNS}
-                for row in csv.DictReader(f)]
 
 
 PARALLEL = ("--schedules=none,oneshot,constant", "--final_sparsities=0.5", "--maskings=server",

@@ -9,15 +9,15 @@ every metrics.csv value and every final weight to 1e-6.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 
 import numpy as np
 import pytest
+from cli_runs import checkpoint_arrays
 
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
-from fedprune.outputs.run_files import TIME_COLUMNS
+from fedprune.outputs import run_files
 from fedprune.program import assembly
 
 BASE = ExperimentConfig(rounds=5, num_clients=3, clients_per_round=3,
@@ -53,20 +53,6 @@ PAIRS = {
 }
 
 
-def _numbers(output_dir) -> list[dict]:
-    with open(output_dir / "metrics.csv", newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items() if k not in TIME_COLUMNS}
-                for row in csv.DictReader(f)]
-
-
-def _final_weights(output_dir) -> list[np.ndarray]:
-    from fedprune.program import checkpoint
-
-    path = checkpoint.list_checkpoints(output_dir / "checkpoints")[-1]
-    with np.load(path, allow_pickle=False) as data:
-        return [data[name] for name in sorted(data.files) if name.startswith("leaf_")]
-
-
 @pytest.mark.parametrize("pair", list(PAIRS), ids=list(PAIRS))
 def test_a_cell_on_another_cells_process_equals_its_own(tff_local_context, tmp_path, pair):
     from fedprune.program import loop
@@ -83,7 +69,8 @@ def test_a_cell_on_another_cells_process_equals_its_own(tff_local_context, tmp_p
 
     assembly.clear_process_cache()
     loop.run_experiment(second, tmp_path / "own", log=lambda line: None)
-    own, shared = _numbers(tmp_path / "own"), _numbers(tmp_path / "reused")
+    own = run_files.metric_values(tmp_path / "own")
+    shared = run_files.metric_values(tmp_path / "reused")
     assert len(own) == second.rounds
     for own_row, shared_row in zip(own, shared, strict=True):
         assert own_row.keys() == shared_row.keys()
@@ -92,8 +79,8 @@ def test_a_cell_on_another_cells_process_equals_its_own(tff_local_context, tmp_p
                 assert shared_row[key] is None, key
             else:
                 assert shared_row[key] == pytest.approx(value, abs=1e-6), (own_row["round"], key)
-    for a, b in zip(_final_weights(tmp_path / "own"), _final_weights(tmp_path / "reused"),
-                    strict=True):
+    for a, b in zip(checkpoint_arrays(tmp_path / "own")[1],
+                    checkpoint_arrays(tmp_path / "reused")[1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 

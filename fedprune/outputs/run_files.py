@@ -319,6 +319,13 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return rows
 
 
+def metric_values(output_dir: Path) -> list[dict]:
+    """metrics.csv rows as numbers (a blank cell: None), without `TIME_COLUMNS`: what two
+    runs of the same configuration must agree on."""
+    return [{k: float(v) if v else None for k, v in row.items() if k not in TIME_COLUMNS}
+            for row in read_metrics(Path(output_dir))]
+
+
 def read_summary(output_dir) -> dict | None:
     """summary.json of a completed run, or None."""
     path = Path(output_dir) / "summary.json"
