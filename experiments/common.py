@@ -39,6 +39,7 @@ from fedprune.data import datasets, partitions, sampling
 from fedprune.errors import InvalidArgument
 from fedprune.federated import encodings, masking_modes, privacy
 from fedprune.model import builders
+from fedprune.outputs import deployment
 from fedprune.pruning import (
     layer_budgets,
     mask_aggregation,
@@ -217,6 +218,13 @@ _SPECS = {
     "eval_every": _Spec(OUTPUTS, "Evaluate the global model on the test set every this many "
                                  "rounds (and at the last round); other rows of metrics.csv "
                                  "leave test_loss/test_accuracy blank."),
+    "deploy": _Spec(OUTPUTS, "latency: after training, write model/model.tflite (the final "
+                             "model as a TFLite flatbuffer, shrunk when structured) and "
+                             "summary.json's deployment section: flatbuffer sizes, raw and "
+                             "zipped, of the dense initial, pruned and (structured) shrunk "
+                             "models and their TFLite interpreter latency at batch 1 and 64 (one "
+                             "thread, median of 50 runs); size: the same without latency; none: "
+                             "neither. Changes no result and not the fingerprint."),
 }
 
 # Flags whose values are registry entries: their help is the _SPECS text followed by
@@ -246,6 +254,7 @@ _ENUMS = {
     "dp": privacy.DP_KINDS,
     "dp_accountant": privacy.ACCOUNTANTS,
     "upload_quantization": encodings.QUANTIZATIONS,
+    "deploy": deployment.DEPLOY_MODES,
 }
 
 _OPTIONAL_FLOATS = ("threshold", "relative_rate")

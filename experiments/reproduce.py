@@ -52,7 +52,7 @@ from absl import flags
 
 from experiments import common, grid, grid_results, process_stats, registry_flags, usage
 from experiments.tables import CONFIGS, REPO, SIZES, TABLES, TableSpec, register_table
-from fedprune.config import ExperimentConfig
+from fedprune.config import OUTPUT_ONLY_FIELDS, ExperimentConfig
 from fedprune.errors import InvalidArgument, check
 from fedprune.outputs import atomic_files, reporting
 
@@ -86,12 +86,14 @@ _FIGURES_DIR = flags.DEFINE_string("figures_dir", "", "Where --write_results cop
                                    "when given).")
 _ROUND_LOGS = flags.DEFINE_bool("round_logs", False, "Print every run's per-round lines.")
 common.define_experiment_flags()  # the flagfiles set these; only --verbose/--tff_workers here
+# Experiment flags the tables' flagfiles set: all but the output-only ones (--deploy).
+_TABLE_FIELDS = [f.name for f in dataclasses.fields(ExperimentConfig)
+                 if f.name not in OUTPUT_ONLY_FIELDS]
 grid.define_grid_flags()
 usage.set_topic("table", _TABLE, _SIZE)
 usage.set_topic(usage.OUTPUTS, _OUTPUT_DIR, _EXPECTED, _RESULTS, _WRITE_RESULTS, _FIGURES_DIR,
                 _ROUND_LOGS)
-usage.not_accepted([*(f.name for f in dataclasses.fields(ExperimentConfig)), *grid.GRID_FLAGS,
-                    "flagfile"],
+usage.not_accepted([*_TABLE_FIELDS, *grid.GRID_FLAGS, "flagfile"],
                    "the table's flagfiles in experiments/configs/ set them (python -m "
                    "experiments.compare_schedules runs a grid of your own)",
                    shown_as="--flagfile, the experiment flags (python -m experiments.run --help) "
@@ -324,7 +326,7 @@ def _check_clean_checkout() -> None:
 
 def _check_command_line() -> None:
     """Rejects experiment and grid flags given to reproduce: the flagfiles set them."""
-    names = [f.name for f in dataclasses.fields(ExperimentConfig)] + list(grid.GRID_FLAGS)
+    names = _TABLE_FIELDS + list(grid.GRID_FLAGS)
     for name in [*names, "flagfile"]:
         if name in FLAGS and FLAGS[name].present:
             raise InvalidArgument(name, FLAGS[name].value,
@@ -335,7 +337,7 @@ def _check_command_line() -> None:
 
 def _reset_table_flags() -> None:
     """Experiment and grid flags back to their defaults (before the next part's flagfiles)."""
-    names = [f.name for f in dataclasses.fields(ExperimentConfig)] + list(grid.GRID_FLAGS)
+    names = _TABLE_FIELDS + list(grid.GRID_FLAGS)
     for name in names:
         FLAGS[name].unparse()
 

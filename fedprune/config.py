@@ -24,11 +24,15 @@ from fedprune.errors import check
 from fedprune.federated import masking_modes, privacy
 from fedprune.federated.process import SERVER_OPTIMIZERS
 from fedprune.model import builders
+from fedprune.outputs import deployment
 from fedprune.pruning import layer_budgets, masking, regrowth, schedules, step_schedule
 
 # --shrink_at_round sentinels: shrink after the schedule's last mask update, or never.
 SHRINK_AT_SCHEDULE_END = -1
 SHRINK_NEVER = 0
+# Fields that change what is written after training, never a result: not in the
+# fingerprint, and accepted by drivers whose other experiment flags are fixed.
+OUTPUT_ONLY_FIELDS = ("deploy",)
 # Fields added after runs were recorded; `fingerprint` leaves them out at their
 # defaults, so earlier runs (e.g. of Table 1) keep their fingerprints.
 _FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp",
@@ -115,6 +119,9 @@ class ExperimentConfig:
     # Reproducibility and evaluation.
     seed: int = 0
     eval_every: int = 1
+    # Outputs only (never in the fingerprint): the TFLite export and its latency
+    # (fedprune/outputs/deployment.py): latency, size (no timing) or none.
+    deploy: str = "latency"
 
     def validate(self) -> ExperimentConfig:
         """Checks every field and combination; returns self.
@@ -133,6 +140,8 @@ class ExperimentConfig:
         check(1 <= self.clients_per_round <= (self.num_clients or float("inf")),
               "clients_per_round", self.clients_per_round,
               f"a whole number in [1, --num_clients={self.num_clients}]")
+        check(self.deploy in deployment.DEPLOY_MODES, "deploy", self.deploy,
+              "one of " + "|".join(deployment.DEPLOY_MODES))
         for name in ("rounds", "local_epochs", "batch_size", "eval_every"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "a whole number >= 1")
         for name in ("max_examples_per_client", "max_test_examples"):
@@ -284,9 +293,11 @@ class ExperimentConfig:
         return cls(**kwargs)
 
     def fingerprint(self) -> str:
-        """A short hash of every field except `data_dir` (a path, not a setting)."""
+        """A short hash of every field except `data_dir` (a path, not a setting) and
+        `deploy` (what is written after training, not what is trained)."""
         d = self.to_dict()
-        d.pop("data_dir")
+        for name in ("data_dir", *OUTPUT_ONLY_FIELDS):
+            d.pop(name)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in _FINGERPRINT_OPTIONAL:
             if d[name] == defaults[name]:

@@ -232,3 +232,34 @@ def macs_per_example(model) -> int:
                 f"macs_per_example counts Dense, Conv1D/2D/3D and BatchNormalization; "
                 f"layer {layer.name!r} is {kind}")
     return int(total)
+
+
+def unshrink(full_model, small_model, kept_units: dict) -> None:
+    """Loads a shrunk model's weights into the full architecture, zeros at dropped units.
+
+    The inverse of `slice_weights` on its image: every weight of `small_model`
+    goes where `slice_weights` took it from, every other entry of `full_model`
+    (dropped units' kernel columns, biases, BatchNorm entries, and the next
+    layer's input rows for them) becomes 0, so `full_model` is exactly
+    unit-sparse and computes what `small_model` does.
+
+    Args:
+      full_model: a plain Keras model of the unshrunk architecture (changed in place).
+      small_model: `shrink(model of that architecture, kept_units)` or a model of
+        its architecture.
+      kept_units: {pruned layer name of `full_model`: kept unit indices}.
+    """
+    layout = structured_layout(full_model)
+    sources = []
+    for variables in (full_model.trainable_weights, full_model.non_trainable_weights):
+        sources.append([np.arange(v.shape.num_elements()).reshape(v.shape.as_list())
+                        for v in variables])
+    trainable, non_trainable = slice_weights(layout, kept_units, *sources)
+    for variables, indices, values in (
+            (full_model.trainable_weights, trainable, small_model.trainable_weights),
+            (full_model.non_trainable_weights, non_trainable,
+             small_model.non_trainable_weights)):
+        for variable, where, value in zip(variables, indices, values, strict=True):
+            full = np.zeros(variable.shape.num_elements(), variable.dtype.as_numpy_dtype)
+            full[np.asarray(where).ravel()] = value.numpy().ravel()
+            variable.assign(full.reshape(variable.shape.as_list()))

@@ -61,7 +61,7 @@ from fedprune.runtime import interrupts
 
 # What `run_experiment` passes to `on_phase`, in order; the per-round ones as
 # `round N train`, `round N evaluate` (rounds that evaluate), `round N checkpoint`.
-PHASES = ("build", "initialize", "train", "evaluate", "checkpoint", "export")
+PHASES = ("build", "initialize", "train", "evaluate", "checkpoint", "export", "deploy")
 
 
 class NonFiniteError(RuntimeError):
@@ -163,6 +163,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     phase("build")
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
+    full_pp = pp  # the initial architecture's process (a shrink replaces `pp`)
     evaluator = evaluation.Evaluator.create(pp.keras_model_fn, data)
     schedule_table = pp.table  # the schedule's levels (a shrunk process has none)
     fingerprint = config.fingerprint()
@@ -312,6 +313,9 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     summary.update(run_files.size_summary(config, rows, output_dir))
     summary["mask_coding"] = run_files.mask_coding_summary(evaluation.kernel_masks(pp, weights))
     summary.update(run_files.export_model(pp, weights, output_dir))
+    if config.deploy != "none":
+        phase("deploy")
+        summary["deployment"] = _deployment(config, data, full_pp, pp, weights, output_dir)
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
     run_files.write_figures(config, rows, output_dir)
     eps_text = (f"epsilon {rows[-1]['epsilon']:.3g} (delta {config.dp_delta:g})  "
@@ -375,6 +379,37 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
             for i, k in info["kept_units"].items())
         + f"; max |logit difference| {difference:.2g}")
     return new_pp, new_evaluator, new_state, new_weights, line
+
+
+def _deployment(config: ExperimentConfig, data, full_pp, pp, weights, output_dir: Path) -> dict:
+    """summary.json's `deployment` (`outputs/deployment.py`); writes model/model.tflite.
+
+    Models: `dense`, the initial architecture freshly initialized; `pruned`, the
+    final weights in the initial architecture (after a shrink: put back at the
+    kept units of shrink.json, zeros elsewhere); `shrunk`, the final model of a
+    structured run after its shrink. Latency inputs and the interpreter-vs-Keras
+    check use the first 64 test examples.
+    """
+    from fedprune.model import surgery
+    from fedprune.outputs import deployment
+    from fedprune.pruning import unit_layout, wrappers
+
+    def initial_architecture():
+        model = full_pp.keras_model_fn()
+        return wrappers.strip(model) if full_pp.masking_mode.wraps_model else model
+
+    final = shrinking.plain_model(pp, weights)
+    models = {"dense": initial_architecture(), "pruned": final}
+    if pp is not full_pp:  # shrunk: the pruned model is the final one at full size
+        info = atomic_files.read_json(output_dir / "shrink.json")
+        pruned = initial_architecture()
+        kept = shrinking.by_name(unit_layout.structured_layout(pruned), {
+            int(i): np.asarray(k, np.int64) for i, k in info["kept_units"].items()})
+        surgery.unshrink(pruned, final, kept)
+        models = {"dense": models["dense"], "pruned": pruned, "shrunk": final}
+    examples = np.asarray(data.test_x[:max(deployment.BATCH_SIZES)])
+    return deployment.deployment_section(models, "shrunk" if "shrunk" in models else "pruned",
+                                         examples, output_dir, mode=config.deploy)
 
 
 def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):

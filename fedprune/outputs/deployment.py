@@ -1,0 +1,232 @@
+"""A deployable model: TFLite flatbuffers, their sizes, and interpreter latency.
+
+What a run's `summary.json` `deployment` section holds (`deployment_section`),
+for up to three plain Keras models of the run:
+
+  dense    the initial architecture with Keras' own fresh initialization (dense
+           by construction; its weights are not the run's, so its zipped size
+           varies by a few bytes between runs)
+  pruned   the final weights in the initial architecture (after a structured
+           run's shrink: the shrunk weights put back at the kept units, zeros
+           elsewhere, `surgery.unshrink`)
+  shrunk   structured runs after their shrink: the final, smaller model
+
+Each model is converted with `tf.lite.TFLiteConverter.from_keras_model`
+(float32, no quantization) and its flatbuffer's size is given raw and deflated
+(`zipped_size`); the pruned model is also converted with
+`tf.lite.Optimize.EXPERIMENTAL_SPARSITY`, which stores weight tensors with
+enough zeros in TFLite's sparse format and adds a DENSIFY op before their use.
+The final model's flatbuffer (shrunk when structured) is written next to
+`model.h5` as `model/model.tflite`.
+
+Latency (`measure_latency`): `tf.lite.Interpreter` with `num_threads=1` (one
+core, so numbers do not depend on the machine's load from other threads) and
+TF's default op resolver, which applies the XNNPACK delegate; input resized to
+batch 1 and batch 64, `WARMUP_RUNS` untimed `invoke()` calls, then
+`TIMED_RUNS` timed ones (`time.perf_counter` around `invoke` alone, inputs set
+once); reported as the median and interquartile range in milliseconds.
+
+tfmot's `PruneForLatencyOnXNNPack` policy (`xnnpack_policy`) prunes only 1x1
+convolutions of a MobileNet-like subgraph (from a 3x3 stride-2 `VALID` Conv2D
+on 3 channels after a `ZeroPadding2D` of 1, to a `GlobalAveragePooling2D`),
+the subgraph XNNPACK's sparse inference runs; on other models its
+`ensure_model_supports_pruning` raises, and the section records its reason.
+
+TensorFlow is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fedprune.outputs import atomic_files
+
+# --deploy: measure latency too, only convert and size, or skip deployment.
+DEPLOY_MODES = ("latency", "size", "none")
+BATCH_SIZES = (1, 64)
+WARMUP_RUNS = 10
+TIMED_RUNS = 50
+NUM_THREADS = 1
+TFLITE_NAME = "model.tflite"
+
+
+def to_tflite(model, *, sparse: bool = False) -> bytes:
+    """The float32 TFLite flatbuffer of a plain Keras model.
+
+    Args:
+      model: a plain (unwrapped) Keras model.
+      sparse: convert with `tf.lite.Optimize.EXPERIMENTAL_SPARSITY` (sparse weight
+        tensors followed by DENSIFY ops).
+    """
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if sparse:
+        converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    return converter.convert()
+
+
+def zipped_size(data: bytes, arcname: str = TFLITE_NAME) -> int:
+    """Bytes of a deflate zip holding `data` alone (fixed timestamp: deterministic)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        info = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        z.writestr(info, data)
+    return len(buffer.getvalue())
+
+
+def _interpreter(data: bytes, batch: int, example_shape):
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_content=data, num_threads=NUM_THREADS)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, [batch, *example_shape])
+    interpreter.allocate_tensors()
+    return interpreter, index
+
+
+def predict(data: bytes, x: np.ndarray) -> np.ndarray:
+    """The flatbuffer's outputs for the batch `x` ([n, *input shape]), one invoke."""
+    interpreter, index = _interpreter(data, len(x), x.shape[1:])
+    interpreter.set_tensor(index, np.ascontiguousarray(x))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+
+
+def _batch(examples: np.ndarray, size: int) -> np.ndarray:
+    """`size` examples: the first ones of `examples`, cycled when there are fewer."""
+    return np.ascontiguousarray(examples[np.arange(size) % len(examples)])
+
+
+def measure_latency(data: bytes, examples: np.ndarray, *, batch_sizes=BATCH_SIZES,
+                    warmup: int = WARMUP_RUNS, runs: int = TIMED_RUNS) -> dict:
+    """Interpreter latency of one `invoke()` per batch size, in milliseconds.
+
+    Args:
+      data: a TFLite flatbuffer with one input.
+      examples: [n, *input shape] inputs (n >= 1); a batch of b takes the first
+        b, cycled.
+      batch_sizes: batch sizes to time.
+      warmup: untimed invokes first.
+      runs: timed invokes.
+
+    Returns:
+      {str(batch): {median_ms, iqr_ms (75th - 25th percentile), runs}}.
+    """
+    result = {}
+    for batch in batch_sizes:
+        interpreter, index = _interpreter(data, batch, examples.shape[1:])
+        interpreter.set_tensor(index, _batch(examples, batch))
+        for _ in range(warmup):
+            interpreter.invoke()
+        times = np.empty(runs)
+        for i in range(runs):
+            start = time.perf_counter()
+            interpreter.invoke()
+            times[i] = time.perf_counter() - start
+        q25, q50, q75 = np.percentile(times * 1e3, (25, 50, 75))
+        result[str(batch)] = {"median_ms": float(q50), "iqr_ms": float(q75 - q25),
+                              "runs": int(runs)}
+    return result
+
+
+def xnnpack_policy(model) -> dict:
+    """Whether tfmot's `PruneForLatencyOnXNNPack` accepts `model` (a plain Keras model).
+
+    Returns:
+      {applies, prunable_layers (the 1x1 Conv2D layers it would prune), reason
+      (its refusal, one line; None when it applies)}.
+    """
+    import tensorflow_model_optimization as tfmot
+
+    policy = tfmot.sparsity.keras.PruneForLatencyOnXNNPack()
+    prunable = [layer.name for layer in model.layers if policy.allow_pruning(layer)]
+    try:
+        policy.ensure_model_supports_pruning(model)
+    except ValueError as e:
+        return {"applies": False, "prunable_layers": prunable, "reason": str(e).splitlines()[0]}
+    return {"applies": True, "prunable_layers": prunable, "reason": None}
+
+
+def _nonzero(model) -> int:
+    return int(sum(np.count_nonzero(w) for w in model.get_weights()))
+
+
+def model_entry(model, examples: np.ndarray, *, latency: bool, sparse_variant: bool,
+                data: bytes | None = None) -> tuple[dict, bytes]:
+    """One model's numbers and its flatbuffer.
+
+    Returns:
+      ({params, nonzero_params, tflite_bytes, tflite_bytes_zipped, latency_ms
+      (None without `latency`), and with `sparse_variant` `sparsity_format`: the
+      same for the EXPERIMENTAL_SPARSITY conversion}, flatbuffer).
+    """
+    data = to_tflite(model) if data is None else data
+    entry = {"params": int(sum(np.size(w) for w in model.get_weights())),
+             "nonzero_params": _nonzero(model),
+             "tflite_bytes": len(data), "tflite_bytes_zipped": zipped_size(data),
+             "latency_ms": measure_latency(data, examples) if latency else None}
+    if sparse_variant:
+        sparse = to_tflite(model, sparse=True)
+        entry["sparsity_format"] = {
+            "tflite_bytes": len(sparse), "tflite_bytes_zipped": zipped_size(sparse),
+            "latency_ms": measure_latency(sparse, examples) if latency else None}
+    return entry, data
+
+
+def deployment_section(models: dict, final: str, examples: np.ndarray, output_dir: Path, *,
+                       mode: str = "latency") -> dict:
+    """Writes `model/model.tflite` of `models[final]`; returns summary.json's `deployment`.
+
+    Args:
+      models: {name: plain Keras model}, e.g. {"dense", "pruned"[, "shrunk"]}; the
+        `pruned` one is also converted with EXPERIMENTAL_SPARSITY.
+      final: the name of the run's final model (written as model.tflite).
+      examples: [n, *input shape] test inputs: latency inputs, and the final
+        flatbuffer's outputs are compared with Keras' on them.
+      output_dir: the run folder (model.tflite goes into its `model/`).
+      mode: `latency` (sizes and latency) or `size` (sizes only).
+
+    Returns:
+      {mode, num_threads, warmup_runs, timed_runs, batch_sizes, file, file_bytes,
+      file_bytes_zipped, max_abs_difference (interpreter vs Keras outputs of the
+      final model on `examples`), models: {name: `model_entry`}, xnnpack_policy
+      (`xnnpack_policy` of the first model), conversion_seconds, latency_seconds}.
+    """
+    if mode not in DEPLOY_MODES[:2]:
+        raise ValueError(f"mode must be one of {DEPLOY_MODES[:2]}, got {mode!r}")
+    latency = mode == "latency"
+    start = time.time()
+    flatbuffers = {name: to_tflite(model) for name, model in models.items()}
+    converted = time.time()
+    entries = {}
+    for name, model in models.items():
+        entries[name], _ = model_entry(model, examples, latency=latency,
+                                       sparse_variant=name == "pruned",
+                                       data=flatbuffers[name])
+    measured = time.time()
+    model_dir = output_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / TFLITE_NAME
+    atomic_files.atomic_write_bytes(path, flatbuffers[final])
+    x = np.asarray(examples)
+    difference = float(np.max(np.abs(predict(flatbuffers[final], x)
+                                     - models[final](x, training=False).numpy())))
+    return {
+        "mode": mode, "num_threads": NUM_THREADS, "warmup_runs": WARMUP_RUNS,
+        "timed_runs": TIMED_RUNS, "batch_sizes": list(BATCH_SIZES),
+        "file": f"model/{TFLITE_NAME}", "final_model": final,
+        "file_bytes": path.stat().st_size, "file_bytes_zipped": zipped_size(flatbuffers[final]),
+        "max_abs_difference": difference,
+        "models": entries,
+        "xnnpack_policy": xnnpack_policy(next(iter(models.values()))),
+        # The sparse conversion of `pruned` is timed within latency_seconds.
+        "conversion_seconds": converted - start,
+        "latency_seconds": measured - converted,
+    }
