@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cli_util import CHEAP_FLAGS
 
 from experiments import benchmark, benchmark_scale, benchmark_speed
 
@@ -40,7 +41,7 @@ def _run(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
     caller can check that none survives the CLI. Should it hang (HANG_GUARD_S),
     the CLI and its descendants are killed.
     """
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.benchmark", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.benchmark", *CHEAP_FLAGS, *args],
                             cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     workers: dict[int, psutil.Process] = {}

@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cli_util import EXPERIMENT_TOPICS, LAST_TOPICS, TIMEOUT_S, exit_lines, tree
+from cli_util import CHEAP_FLAGS, EXPERIMENT_TOPICS, LAST_TOPICS, TIMEOUT_S, exit_lines, tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVERS = ("run", "compare_schedules", "reproduce", "benchmark")
@@ -36,8 +36,8 @@ REFUSED = {"run": [], "compare_schedules": ["--schedule", "--seed"],
 
 def _driver(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-X", "importtime", "-m", f"experiments.{module}",
-                           *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+                           *CHEAP_FLAGS, *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("module", DRIVERS)

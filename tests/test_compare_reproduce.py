@@ -503,7 +503,7 @@ def test_unknown_flag_in_flagfile_is_one_line_error(parsed_flags, tmp_path):
 
 def _run(module: str, *args: str, importtime: bool = False) -> subprocess.CompletedProcess:
     command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m",
-               f"experiments.{module}", *args]
+               f"experiments.{module}", *cli_util.CHEAP_FLAGS, *args]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=TIMEOUT_S)
 

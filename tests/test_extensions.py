@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_util import TIMEOUT_S, exit_lines
+from cli_util import CHEAP_FLAGS, TIMEOUT_S, exit_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOY = Path(__file__).resolve().parent / "toy_extension.py"
@@ -33,7 +33,7 @@ TOY_RUN = ["--schedule=toy", "--mask_criterion=toy", "--masking=server", "--roun
 def _driver(module: str, *args: str, cwd: Path, env: dict | None = None,
             importtime: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *(["-X", "importtime"] if importtime else []),
-                           "-m", f"experiments.{module}", *args], cwd=cwd,
+                           "-m", f"experiments.{module}", *CHEAP_FLAGS, *args], cwd=cwd,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=TIMEOUT_S, env={**os.environ, **(env or {})})
 

@@ -21,7 +21,8 @@ from fedprune.outputs import run_files
 from fedprune.program import assembly
 
 BASE = ExperimentConfig(rounds=5, num_clients=3, clients_per_round=3,
-                        max_examples_per_client=32, begin_round=1, end_round=3, eval_every=5)
+                        max_examples_per_client=32, begin_round=1, end_round=3, eval_every=5,
+                        deploy="none")
 
 
 def _config(**changes) -> ExperimentConfig:

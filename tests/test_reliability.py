@@ -164,7 +164,7 @@ def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
     from fedprune.runtime import interrupts
 
     config = ExperimentConfig(rounds=ROUNDS, num_clients=4, clients_per_round=4,
-                              end_round=3).validate()
+                              end_round=3, deploy="none").validate()
     phases = []
 
     def on_phase(name: str) -> None:

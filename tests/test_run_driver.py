@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 from cli_util import (
+    CHEAP_FLAGS,
     EXPERIMENT_TOPICS,
     LAST_TOPICS,
     TIMEOUT_S,
@@ -50,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _cli(args, *, cwd: Path, importtime: bool = False) -> subprocess.CompletedProcess:
     """Runs the CLI in `cwd`."""
     command = [sys.executable, *(["-X", "importtime"] if importtime else []),
-               "-m", "experiments.run", *args]
+               "-m", "experiments.run", *CHEAP_FLAGS, *args]
     return subprocess.run(command, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=TIMEOUT_S)
 
