@@ -262,7 +262,7 @@ def test_size_mode_writes_sizes_without_latency(runs):
 def test_none_writes_no_flatbuffer_and_no_section(runs, tmp_path):
     from fedprune.program import loop
 
-    config = dataclasses.replace(runs["unstructured"][0], deploy="none", rounds=1)
+    config = dataclasses.replace(runs["unstructured"][0], deploy="none")
     summary = loop.run_experiment(config, tmp_path, log=lambda line: None)
     assert "deployment" not in summary
     assert not (tmp_path / "model" / "model.tflite").exists()

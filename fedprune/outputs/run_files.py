@@ -11,6 +11,7 @@ through `atomic_files`):
   partition.json, label_heatmap.{png,pdf}   client sizes and label skew
   curves.{png,pdf}, bytes.{png,pdf}   accuracy, loss, sparsity and bytes per round
   model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
+  model/model.tflite   with --deploy: written by `deployment.py` (called by the loop)
 
 Importing this module is cheap: TensorFlow is imported by `export_model` only.
 """

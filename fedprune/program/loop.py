@@ -16,6 +16,9 @@ evaluates (`evaluation`), checkpoints, and writes (`outputs`, `provenance`,
   tensorboard/         TensorBoard event files
   model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
                        (after a shrink: the smaller model, plain Keras layers)
+  model/model.tflite   --deploy=latency|size: the same model as a TFLite flatbuffer;
+                       summary.json's `deployment` has its size and latency beside the
+                       dense initial and pruned models' (`outputs/deployment.py`)
   shrink.json          `--structure=neuron|filter` runs: the shrink round, the kept
                        units, sizes before/after and the masked-vs-shrunk check
   checkpoints/         atomic per-round state for `--resume`
