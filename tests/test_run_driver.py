@@ -280,7 +280,7 @@ SMOKE_ROUNDS = 2
 # A few flags off their defaults, so that rerunning from flags.txt shows they were kept.
 SMOKE_FLAGS = {"rounds": SMOKE_ROUNDS, "end_round": SMOKE_ROUNDS, "num_clients": 4,
                "clients_per_round": 4, "seed": 3, "client_lr": 0.05, "dirichlet_alpha": 1.0,
-               "power": 2.0, "mask_scope": "global"}
+               "power": 2.0, "mask_scope": "global", "deploy": "none"}
 METRIC_COLUMNS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                   "global_sparsity", "nonzero_params", "bytes_down", "bytes_up",
                   "mask_entropy_bits", "round_seconds")
