@@ -7,10 +7,10 @@ import subprocess
 import time
 from pathlib import Path
 
-TIMEOUT_S = 600
+TIMEOUT_S = 600  # a hang guard only: a loaded 2-core box is slow, never this slow
 # Prepended to every driver the tests start: the TFLite export and its latency
 # (--deploy, ~2-4 s a run) only where tests/test_deployment.py asks for them.
-CHEAP_FLAGS = ("--deploy=none",)  # a hang guard only: a loaded 2-core box is slow, never this slow
+CHEAP_FLAGS = ("--deploy=none",)
 # Topic headers of --help: the experiment's, then (after a driver's own) the last three.
 EXPERIMENT_TOPICS = ["data:", "model:", "training and optimizers:", "schedule:",
                      "masking and criteria:", "structure:", "privacy:"]

@@ -288,3 +288,30 @@ def test_bad_deploy_value_is_refused_in_one_line(value):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"error: flag --deploy={value}: value should be one of <latency|size|none>"]
+
+
+_INTERPRETER_SCRIPT = """
+import sys
+from fedprune.runtime import tf_logging
+tf_logging.quiet_tensorflow_logging(verbose=sys.argv[1] == "verbose")
+import numpy as np
+from fedprune.model import builders
+from fedprune.outputs import deployment
+data = deployment.to_tflite(builders.build_model("mlp", (64,), 10, seed=0))
+print(deployment.predict(data, np.zeros((2, 64), np.float32)).shape)
+"""
+
+
+@pytest.mark.parametrize("verbosity, info_lines", [("quiet", 0), ("verbose", 1)])
+def test_tflite_delegate_info_line_follows_the_tf_log_level(verbosity, info_lines):
+    """Quiet (the CLI's default): no TFLite INFO line on stderr; --verbose keeps it."""
+    result = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, verbosity],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "(2, 10)"
+    delegate = [line for line in result.stderr.splitlines()
+                if line.startswith("INFO: Created TensorFlow Lite XNNPACK delegate")]
+    assert len(delegate) == info_lines, result.stderr[-2000:]
+    if verbosity == "quiet":
+        assert result.stderr == ""

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from fedprune.outputs import atomic_files
+from fedprune.runtime import tf_logging
 
 # --deploy: measure latency too, only convert and size, or skip deployment.
 DEPLOY_MODES = ("latency", "size", "none")
@@ -84,10 +85,11 @@ def zipped_size(data: bytes, arcname: str = TFLITE_NAME) -> int:
 def _interpreter(data: bytes, batch: int, example_shape):
     import tensorflow as tf
 
-    interpreter = tf.lite.Interpreter(model_content=data, num_threads=NUM_THREADS)
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(index, [batch, *example_shape])
-    interpreter.allocate_tensors()
+    with tf_logging.tflite_info_follows_tf_level():  # the XNNPACK delegate's INFO line
+        interpreter = tf.lite.Interpreter(model_content=data, num_threads=NUM_THREADS)
+        index = interpreter.get_input_details()[0]["index"]
+        interpreter.resize_tensor_input(index, [batch, *example_shape])
+        interpreter.allocate_tensors()
     return interpreter, index
 
 

@@ -1,11 +1,13 @@
 """How chatty TensorFlow, gRPC, absl and TFF's worker are.
 
 `quiet_tensorflow_logging` is called by the drivers before TensorFlow is
-imported. Importing this module is cheap (standard library only).
+imported; `tflite_info_follows_tf_level` extends its level to TFLite's native
+logger. Importing this module is cheap (standard library only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -53,3 +55,30 @@ def quiet_tensorflow_logging(verbose: bool = False) -> None:
     if not verbose:
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, module=_NOISY_PACKAGES)
+
+
+@contextlib.contextmanager
+def tflite_info_follows_tf_level():
+    """Drops TFLite's native INFO lines when `TF_CPP_MIN_LOG_LEVEL` drops INFO.
+
+    TFLite's C++ minimal logger ignores `TF_CPP_MIN_LOG_LEVEL` and prints
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to file
+    descriptor 2 when an interpreter first applies its default delegate. With
+    the level at 1 or more (`quiet_tensorflow_logging(verbose=False)` sets 3),
+    this points descriptor 2 at /dev/null for the body, so wrap only interpreter
+    construction and `allocate_tensors`, which report failures as Python
+    exceptions (raised after descriptor 2 is restored). At level 0 the body
+    runs untouched.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
