@@ -145,7 +145,12 @@ _GRID_SPARSITIES = flags.DEFINE_list("grid_final_sparsities", ["0.5", "0.9"],
 _GRID_MASKINGS = flags.DEFINE_list("grid_maskings", ["server", "both"],
                                    "grid: the reduced grid's --maskings.")
 _GRID_SEEDS = flags.DEFINE_list("grid_seeds", ["0", "1"], "grid: the reduced grid's --seeds.")
-usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS)
+_GRID_PATHS = flags.DEFINE_list(
+    "grid_paths", ["build", "trace", "parallel"],
+    "grid: the code paths to train the grid along, in this order (speed-ups are against the "
+    "first): build (a process per cell), trace (one trace per grid), parallel (one trace "
+    "per grid + --parallel_cells=<usable cores>).")
+usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS, _GRID_PATHS)
 usage.set_topic("sections", _SECTIONS)
 usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
@@ -172,9 +177,9 @@ class Plan:
       scale_runs: (clients per round, worker malloc mode, control?) per scale
         child, in table order.
       quality: (target sparsity, seed, config) per quality run.
-      grid_base, grid_sparsities, grid_maskings, grid_seeds: the grid section's
-        base experiment and its `--grid_final_sparsities`, `--grid_maskings` and
-        `--grid_seeds`.
+      grid_base, grid_sparsities, grid_maskings, grid_seeds, grid_paths: the grid
+        section's base experiment and its `--grid_final_sparsities`,
+        `--grid_maskings`, `--grid_seeds` and `--grid_paths`.
       warmup_rounds, timed_rounds, program_round: the speed section's
         `--warmup_rounds`, `--timed_rounds`, `--program_round`.
       scale_clients, scale_rounds, scale_baseline: the scale section's
@@ -191,6 +196,7 @@ class Plan:
     grid_sparsities: tuple[float, ...] = ()
     grid_maskings: tuple[str, ...] = ()
     grid_seeds: tuple[int, ...] = ()
+    grid_paths: tuple[str, ...] = ()
     warmup_rounds: int = 0
     timed_rounds: int = 2
     program_round: bool = True
@@ -282,9 +288,13 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
     check(bool(grid_maskings) and set(grid_maskings) <= set(grid_lib.GRID_MASKINGS),
           "grid_maskings", ",".join(grid_maskings),
           "one or more of " + ",".join(grid_lib.GRID_MASKINGS))
+    grid_paths = tuple(_GRID_PATHS.value)
+    check(bool(grid_paths) and set(grid_paths) <= set(benchmark_grid.PATH_NAMES)
+          and len(set(grid_paths)) == len(grid_paths), "grid_paths", ",".join(grid_paths),
+          "one or more of " + ",".join(benchmark_grid.PATH_NAMES) + ", each once")
     return Plan(sections, pruned, dense, scale, tuple(scale_runs), tuple(quality),
                 grid_base=base, grid_sparsities=grid_sparsities, grid_maskings=grid_maskings,
-                grid_seeds=grid_seeds,
+                grid_seeds=grid_seeds, grid_paths=grid_paths,
                 warmup_rounds=_WARMUP_ROUNDS.value, timed_rounds=_TIMED_ROUNDS.value,
                 program_round=_PROGRAM_ROUND.value, scale_clients=_SCALE_CLIENTS.value,
                 scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value)

@@ -2,7 +2,7 @@
 
 Trains one reduced grid (--schedules=none,constant,polynomial ×
 --grid_final_sparsities × --grid_maskings × --grid_seeds, on the
-benchmark's experiment flags) three times, each as a fresh `python -m
+benchmark's experiment flags) along up to three code paths, each as a fresh `python -m
 experiments.compare_schedules` child into its own temporary run tree:
 
     build per cell      FEDPRUNE_REBUILD_PROCESSES=1 --parallel_cells=1: every
@@ -15,7 +15,9 @@ experiments.compare_schedules` child into its own temporary run tree:
 
 Each wall time is the whole command's (imports, tracing, training, tables), so
 the ratios are what a user waits. Every run's metrics.csv must agree across the
-three to 1e-6 (all columns but the wall-clock ones); the section fails otherwise.
+paths to 1e-6 (all columns but the wall-clock ones); the section fails otherwise.
+`--grid_paths` picks and orders the paths (default all three); speed-ups are
+against the first.
 """
 
 from __future__ import annotations
@@ -43,11 +45,17 @@ class GridPath:
     rebuild: bool = False
 
 
-def paths(cores: int) -> tuple[GridPath, ...]:
-    return (GridPath("build per cell", ("--parallel_cells=1",), rebuild=True),
-            GridPath("one trace per grid", ("--parallel_cells=1",)),
-            GridPath(f"one trace per grid + {cores} parallel cells",
-                     (f"--parallel_cells={cores}",)))
+# --grid_paths values, in the default order.
+PATH_NAMES = ("build", "trace", "parallel")
+
+
+def paths(names, cores: int) -> tuple[GridPath, ...]:
+    """The `GridPath` of each of `names` (`PATH_NAMES` values), in that order."""
+    every = {"build": GridPath("build per cell", ("--parallel_cells=1",), rebuild=True),
+             "trace": GridPath("one trace per grid", ("--parallel_cells=1",)),
+             "parallel": GridPath(f"one trace per grid + {cores} parallel cells",
+                                  (f"--parallel_cells={cores}",))}
+    return tuple(every[name] for name in names)
 
 
 def base_flags(config) -> list[str]:
@@ -89,7 +97,7 @@ def run_grid_section(plan: Plan, log) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="fedprune-grid-") as tmp:
         flagfile_path = Path(tmp) / "base.flags"
         flagfile_path.write_text("\n".join(base_flags(plan.grid_base)) + "\n")
-        for i, path in enumerate(paths(cores)):
+        for i, path in enumerate(paths(plan.grid_paths, cores)):
             root = Path(tmp) / f"path{i}"
             env = dict(os.environ)
             env.pop("FEDPRUNE_REBUILD_PROCESSES", None)
@@ -120,8 +128,8 @@ def run_grid_section(plan: Plan, log) -> tuple[str, str]:
         if worst > TOLERANCE:
             raise RuntimeError(f"grid section: metrics differ between paths by {worst:g} "
                                f"(> {TOLERANCE:g})")
-    first_wall = rows[0][2]
-    lines = ["| path | cells | wall (s) | s per cell | speed-up vs build per cell |",
+    first_label, _, first_wall = rows[0]
+    lines = [f"| path | cells | wall (s) | s per cell | speed-up vs {first_label} |",
              "| :-- | --: | --: | --: | --: |"]
     lines += [f"| {label} | {cells} | {wall:.1f} | {wall / cells:.2f} | "
               f"{first_wall / wall:.2f}× |" for label, cells, wall in rows]

@@ -9,7 +9,6 @@ ratios, section replacement) and flag validation, without TensorFlow.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import psutil
 import pytest
 from cli_util import CHEAP_FLAGS
 
-from experiments import benchmark, benchmark_scale, benchmark_speed
+from experiments import benchmark, benchmark_grid, benchmark_scale, benchmark_speed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
@@ -128,18 +127,24 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_section_trains_the_grid_three_ways_with_equal_metrics(tmp_path):
+def test_grid_section_trains_the_grid_along_two_paths_with_equal_metrics(tmp_path):
+    """The old path and one trace per grid, as the section runs them (--grid_paths).
+
+    The third path is `compare_schedules --parallel_cells`, whose equality with a
+    sequential grid is tests/test_compare_reproduce.py's; here it would cost
+    three more TensorFlow imports.
+    """
     output = tmp_path / "BENCH.md"
     result, workers = _run("--sections=grid", "--grid_final_sparsities=0.5",
-                           "--grid_maskings=server", "--grid_seeds=0", "--rounds=2",
-                           "--end_round=2", "--num_clients=4", "--clients_per_round=4",
-                           "--write", f"--output={output}")
+                           "--grid_maskings=server", "--grid_seeds=0", "--grid_paths=build,trace",
+                           "--rounds=2", "--end_round=2", "--num_clients=4",
+                           "--clients_per_round=4", "--write", f"--output={output}")
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_gone(workers)
     rows = _table_rows(result.stdout)
     assert rows["path"] == ["cells", "wall (s)", "s per cell", "speed-up vs build per cell"]
-    labels = ["build per cell", "one trace per grid",
-              f"one trace per grid + {len(os.sched_getaffinity(0))} parallel cells"]
+    labels = ["build per cell", "one trace per grid"]
+    assert [label for label in rows if label != "path"] == labels
     for label in labels:
         cells, wall, per_cell, speedup = rows[label]
         assert cells == "3"  # dense, constant, polynomial
@@ -152,10 +157,25 @@ def test_grid_section_trains_the_grid_three_ways_with_equal_metrics(tmp_path):
     assert "<!-- benchmark:grid -->" in text
 
 
+@pytest.mark.parametrize("names, cores, labels", [
+    (benchmark_grid.PATH_NAMES, 2,
+     ["build per cell", "one trace per grid", "one trace per grid + 2 parallel cells"]),
+    (("parallel", "trace"), 4, ["one trace per grid + 4 parallel cells", "one trace per grid"]),
+])
+def test_grid_paths_in_the_order_asked(names, cores, labels):
+    chosen = benchmark_grid.paths(names, cores)
+    assert [p.label for p in chosen] == labels
+    assert [p.rebuild for p in chosen] == [name == "build" for name in names]
+    assert [p.flags for p in chosen] == [
+        (f"--parallel_cells={cores if name == 'parallel' else 1}",) for name in names]
+
+
 def test_bad_flags_fail_fast_without_tensorflow():
     for flag, words in (("--masking=none", "sets it per variant"),
                         ("--sections=speed,fast", "one or more of speed,scale,quality,grid"),
                         ("--grid_maskings=none", "one or more of client,server,both"),
+                        ("--grid_paths=build,build", "one or more of build,trace,parallel"),
+                        ("--grid_paths=fast", "one or more of build,trace,parallel"),
                         ("--timed_rounds=1", ">= 2"),
                         ("--scale_baseline_round=100", "--scale_rounds=100"),
                         ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc")):
