@@ -37,12 +37,20 @@ def _build(client_data, *, masking_mode, schedule, mask_spec=None, server="sgd",
 
 
 def _run(pp, client_data, rounds):
+    """The global weights after rounds 0..rounds; each read both ways, which must agree."""
     state = pp.process.initialize()
     history = [pp.process.get_model_weights(state)]
     for _ in range(rounds):
         state = pp.process.next(state, client_data).state
         history.append(pp.process.get_model_weights(state))
+        _assert_same_weights(pp.model_weights(state), history[-1])
     return history
+
+
+def _assert_same_weights(a, b):
+    for x, y in zip([*a.trainable, *a.non_trainable], [*b.trainable, *b.non_trainable],
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _kept(size, sparsity):

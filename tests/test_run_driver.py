@@ -27,6 +27,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from absl import flags
 from cli_util import (
@@ -374,6 +375,19 @@ def test_config_json_records_every_flag_versions_and_commit(smoke_run):
     assert len({digests["test"], *digests["clients"].values()}) == 5
 
 
+def _tensorboard_scalars(log_dir: Path) -> dict[tuple[int, str], np.float32]:
+    """(step, tag) -> value of every scalar in the event files under `log_dir`."""
+    import tensorflow as tf
+
+    values = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                values[(event.step, value.tag)] = np.float32(
+                    tf.make_ndarray(value.tensor))
+    return values
+
+
 @pytest.mark.slow
 def test_metrics_summary_tensorboard_and_plots(smoke_run):
     output_dir, _ = smoke_run
@@ -388,7 +402,12 @@ def test_metrics_summary_tensorboard_and_plots(smoke_run):
     assert summary["final_test_accuracy"] == float(rows[-1]["test_accuracy"])
     assert summary["total_bytes_down"] == sum(int(r["bytes_down"]) for r in rows)
     assert summary["total_bytes_up"] == sum(int(r["bytes_up"]) for r in rows)
-    assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard holds every non-blank metrics.csv value but the round, as float32.
+    logged = _tensorboard_scalars(output_dir / "tensorboard")
+    for row in rows:
+        step = int(row["round"])
+        want = {k: np.float32(v) for k, v in row.items() if k != "round" and v != ""}
+        assert {k: v for (s, k), v in logged.items() if s == step} == want, step
     assert sorted(p.name for p in output_dir.glob("*.png")) == [
         "bytes.png", "curves.png", "label_heatmap.png"]
     for png in output_dir.glob("*.png"):

@@ -58,7 +58,7 @@ import numpy as np
 
 from fedprune.config import ExperimentConfig
 from fedprune.federated import communication, privacy_accounting
-from fedprune.outputs import atomic_files, privacy_report, run_files
+from fedprune.outputs import atomic_files, privacy_report, run_files, scalars
 from fedprune.program import assembly, checkpoint, evaluation, shrinking
 from fedprune.runtime import interrupts
 
@@ -154,7 +154,6 @@ def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False
 def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
                     log: Callable[[str], None], on_phase: Callable[[str], None] | None,
                     stop_after_round: int | None, provenance: dict | None) -> dict:
-    import tensorflow as tf
 
     def phase(name: str) -> None:
         interrupts.raise_if_interrupted()
@@ -216,9 +215,9 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         run_files.write_partition(data, output_dir, run_files.partition_title(config))
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
-    writer = tf.summary.create_file_writer(str(output_dir / "tensorboard"))
+    writer = scalars.ScalarWriter(output_dir / "tensorboard")
     with interrupts.interruptible():
-        weights = pp.process.get_model_weights(state)
+        weights = pp.model_weights(state)
     size = shrinking.model_size(shrinking.plain_model(pp, weights))
     elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
     loop_start = time.time()
@@ -234,7 +233,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
             list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
         with interrupts.interruptible():  # most of a round: waiting on the worker
             output = pp.process.next(state, inputs.datasets)
-            new_weights = pp.process.get_model_weights(output.state)
+            new_weights = pp.model_weights(output.state)
         train = output.metrics["client_work"]["train"]
         # No client, no training loss (0/0): only the model is checked then.
         train_loss = float(train["loss"]) if clients else 0.0
@@ -289,10 +288,8 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         phase(f"round {round_num} checkpoint")
         run_files.write_metrics(output_dir, rows)
         checkpoint.save(ckpt_dir, round_num, state, fingerprint=fingerprint)
-        with writer.as_default(step=round_num):
-            for key, value in row.items():
-                if key != "round" and value != "":
-                    tf.summary.scalar(key, value)
+        writer.write(round_num, {key: value for key, value in row.items()
+                                 if key != "round" and value != ""})
         mean_round = (time.time() - loop_start) / (round_num - first_round + 1)
         test = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] != "" else "  -   "
         train_text = (f"train_loss {row['train_loss']:.4f}" if row["train_loss"] != ""
@@ -355,7 +352,7 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
     new_pp = assembly.build_process(config, data, shrunk_model=small)
     new_state = shrinking.transfer_state(state, new_pp.process, layout=layout, kept=kept,
                                          shrunk_model=small)
-    new_weights = new_pp.process.get_model_weights(new_state)
+    new_weights = new_pp.model_weights(new_state)
     new_evaluator = evaluation.Evaluator.create(new_pp.keras_model_fn, data)
     difference = float(np.max(np.abs(evaluation.logits(evaluator, weights)
                                      - evaluation.logits(new_evaluator, new_weights))))
