@@ -401,13 +401,18 @@ def test_regrowth_columns_are_written(regrow_run):
 
 
 @pytest.mark.usefixtures("tff_local_context")
-@pytest.mark.parametrize("rule", ["random", "gradient"])
-def test_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path, rule):
+@pytest.mark.parametrize("changes", [
+    dict(regrow="random"), dict(regrow="gradient"),
+    # FedDST: the clients' random draws come from the client work's key, the round and
+    # a fingerprint of each client's update.
+    dict(regrow="random", regrow_at="client", masking="both"),
+], ids=["server-random", "server-gradient", "client-random"])
+def test_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path, changes):
     from fedprune.program import loop
 
-    config = _config(regrow=rule)
+    config = _config(**changes)
     reference = regrow_run
-    if rule != "random":
+    if changes != dict(regrow="random"):
         reference = tmp_path / "reference"
         loop.run_experiment(config, reference, log=lambda line: None)
     again, resumed = tmp_path / "again", tmp_path / "resumed"

@@ -188,13 +188,14 @@ def build_pruning_client_work(
     if adjusting:
         client_fractions = client_regrow.fractions(len(table.sparsity) - 1)
 
-    @tff.tensorflow.computation
-    def initial_regrow_key():
-        return tf.constant([client_regrow.seed, 0], tf.int64)
-
     # What the server sends clients that prune, from its state.
     parts_types = [("schedule", initial_schedule.type_signature.result), ("round", round_type)]
     if by_random:
+
+        @tff.tensorflow.computation
+        def initial_regrow_key():
+            return tf.constant([client_regrow.seed, 0], tf.int64)
+
         parts_types.append(("regrow_key", initial_regrow_key.type_signature.result))
 
     @tff.tensorflow.computation(tff.StructWithPythonType(parts_types, collections.OrderedDict))
