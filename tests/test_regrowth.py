@@ -557,3 +557,51 @@ def test_clients_adjust_their_masks_at_the_level_and_the_server_remasks_to_it(ch
             # Nothing moves it without an adjustment (after --regrow_end_round), unless the
             # schedule's level does (re-pruning to the same level keeps the same mask).
             assert change == 0.0, r
+
+
+@pytest.mark.usefixtures("tff_local_context")
+def test_client_grow_scores_are_its_gradient_at_its_trained_model_or_seeded_draws():
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from fedprune.federated import client_regrowth
+    from fedprune.program import assembly
+
+    config = _config(masking="both", regrow="random", regrow_at="client", rounds=4,
+                     regrow_end_round=3)  # the process of the first client case above
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
+    broadcast = pp.process.get_model_weights(pp.process.initialize())
+    rng = np.random.default_rng(0)
+    update = [(0.05 * rng.normal(size=np.shape(w))).astype(np.float32)
+              for w in broadcast.trainable]
+    trained = tff.learning.models.ModelWeights(
+        tuple(np.asarray(w) - u for w, u in zip(broadcast.trainable, update, strict=True)),
+        tuple(broadcast.non_trainable))
+    dataset = assembly.round_inputs(config, data, 1).datasets[0]
+    kernels = [k.trainable_index for k in pp.layout.kernels]
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            pp.keras_model_fn(),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=data.element_spec, metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+
+    def scores(rule, fraction=0.3, key=(0, 1), tensors=update):
+        return [s.numpy() for s in client_regrowth.grow_scores(
+            rule, model_fn=model_fn, trained=trained, update=[tf.constant(t) for t in tensors],
+            data=dataset, key=tf.constant(key, tf.int64), fraction=tf.constant(fraction),
+            kernel_indices=kernels)]
+
+    # gradient: |the mean-loss gradient at the trained model|, as eager Keras computes it.
+    expected, _ = _direct_client_gradients(pp, trained, dataset)
+    for got, g in zip(scores("gradient"), expected, strict=True):
+        np.testing.assert_allclose(got, np.abs(g), rtol=1e-4, atol=1e-7)
+    assert not any(s.any() for s in scores("gradient", fraction=0.0))  # nothing computed
+    # random: a function of the key (seed, round) and of the client's update.
+    first = scores("random")
+    assert all(np.array_equal(a, b) for a, b in zip(first, scores("random"), strict=True))
+    for other in (scores("random", key=(0, 2)),
+                  scores("random", tensors=[u * 2.0 for u in update])):
+        assert not any(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert all(0.0 <= s.min() and s.max() < 1.0 for s in first)
