@@ -150,7 +150,8 @@ def build_pruning_client_work(
 
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
-      `(<hparams=H, round=int32[, schedule=S]>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
+      `(<hparams=H, round=int32[, schedule=S][, regrow_key=int64[2]]>@SERVER,
+      ModelWeights@CLIENTS, data@CLIENTS) ->
       (state@SERVER, ClientResult(update=U, update_weight=float32)@CLIENTS,
       <train=metrics, uplink_bytes=int64>@SERVER)`, where U is the trainable
       weights' delta, or for `client`/`both` `mask_aggregation.client_payload`
