@@ -183,7 +183,13 @@ _SPECS = {
                              "--masking=server|both, --structure=unstructured, "
                              "--mask_criterion=magnitude, --prune_granularity=round."),
     "regrow_at": _Spec(MASKING, "--regrow: who adjusts the topology; server (after "
-                                "aggregation, in the server's masking step)."),
+                                "aggregation, in the server's masking step) or client "
+                                "(FedDST, Bibikar et al. 2022, --masking=both: in adjustment "
+                                "rounds each client, after local training and pruning, drops "
+                                "its smallest kept weights and grows as many at zero, randomly "
+                                "or by its own dense gradient at its trained model, and uploads "
+                                "that mask; the server re-masks the aggregate to the level, "
+                                "zeros ranked by the clients' votes)."),
     "regrow_fraction": _Spec(MASKING, "--regrow: fraction in (0, 1) of each layer's kept "
                                       "weights dropped and regrown at the first adjustment "
                                       "(RigL's alpha)."),

@@ -100,7 +100,8 @@ class ExperimentConfig:
     shrink_at_round: int = SHRINK_AT_SCHEDULE_END
     prune_output_layer: bool = True
     mask_aggregation: str = "average"
-    # Prune and regrow (fedprune/pruning/regrowth.py): SET or RigL at the server.
+    # Prune and regrow (fedprune/pruning/regrowth.py): SET or RigL, at the server or
+    # at the clients (FedDST).
     regrow: str = "none"
     regrow_at: str = "server"
     regrow_fraction: float = 0.3  # of each layer's kept weights, at the first adjustment
@@ -193,7 +194,7 @@ class ExperimentConfig:
             decay=self.regrow_decay, end_round=self.regrow_end_round, every=self.regrow_every,
             num_rounds=self.rounds, structure=self.structure,
             prune_granularity=self.prune_granularity, mask_criterion=self.mask_criterion)
-        masking_modes.check_regrowth(mode, self.regrow)
+        masking_modes.check_regrowth(mode, self.regrow, self.regrow_at)
         check(self.regrow != "gradient" or self.dp == "none", "regrow", self.regrow,
               f"none or random with --dp={self.dp} (the clients' gradient upload for "
               "regrowth is not privatized)")
@@ -204,7 +205,7 @@ class ExperimentConfig:
         return regrowth.RegrowSpec(
             rule=self.regrow, fraction=self.regrow_fraction, decay=self.regrow_decay,
             end_round=regrowth.resolve_end_round(self.regrow_end_round, self.rounds),
-            every=self.regrow_every, seed=self.seed)
+            every=self.regrow_every, seed=self.seed, at=self.regrow_at)
 
     def _validate_unit_structure(self, spec: masking.MaskSpec) -> None:
         """The combinations `--structure=neuron|filter` and `--shrink_at_round` support."""

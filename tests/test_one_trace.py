@@ -45,6 +45,10 @@ PAIRS = {
         dict(masking="server", regrow="random", regrow_end_round=4),
         dict(masking="server", regrow="random", regrow_end_round=4, final_sparsity=0.9,
              seed=3)),
+    "both, client regrowth (FedDST): the clients' rng key": (
+        dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=4),
+        dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=4,
+             final_sparsity=0.9, seed=3)),
     "both at step granularity: seed only": (
         dict(masking="both", prune_granularity="step"),
         dict(masking="both", prune_granularity="step", seed=1)),

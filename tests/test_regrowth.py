@@ -159,7 +159,15 @@ def test_new_fields_at_their_defaults_keep_the_fingerprint():
      "--regrow='random': expected none with --prune_granularity=step"),
     (dict(regrow="random", mask_criterion="threshold", threshold=0.1),
      "--regrow='random': expected none with --mask_criterion=threshold"),
-    (dict(regrow="random", regrow_at="client"), "--regrow_at='client': expected one of server"),
+    (dict(regrow="random", regrow_at="edge"), "--regrow_at='edge': expected one of server|client"),
+    (dict(regrow="random", regrow_at="client", masking="server"),
+     "--regrow_at='client': expected server with --masking=server (clients adjust the masks "
+     "they prune and the server re-masks their aggregate: --masking=both)"),
+    (dict(regrow="gradient", regrow_at="client", masking="client"),
+     "--regrow_at='client': expected server with --masking=client .* --masking=both)"),
+    (dict(regrow="random", regrow_at="client", prune_granularity="step"),
+     "--regrow='random': expected none with --prune_granularity=step (clients adjust their "
+     "masks at the end of local training, not inside tfmot's)"),
     (dict(regrow="random", regrow_fraction=0.0), "--regrow_fraction=0.0: expected a fraction"),
     (dict(regrow="random", regrow_decay="linear"), "--regrow_decay='linear'"),
     (dict(regrow="random", regrow_every=0), "--regrow_every=0"),
@@ -173,21 +181,23 @@ def test_regrowth_is_refused_where_it_makes_no_sense(changes, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("masking_mode, structure, message", [
-    ("client", "unstructured", "none with --masking=client"),
-    ("server", "block", "none with --structure=block"),
+@pytest.mark.parametrize("masking_mode, structure, at, message", [
+    ("client", "unstructured", "server", "--regrow='random': expected none with --masking=client"),
+    ("server", "block", "server", "--regrow='random': expected none with --structure=block"),
+    ("server", "unstructured", "client",
+     "--regrow_at='client': expected server with --masking=server"),
 ])
-def test_the_library_refuses_what_the_config_refuses(masking_mode, structure, message):
+def test_the_library_refuses_what_the_config_refuses(masking_mode, structure, at, message):
     from fedprune.federated import process
     from fedprune.pruning import masking, schedules
 
-    with pytest.raises(InvalidArgument, match=f"^--regrow='random': expected {message}"):
+    with pytest.raises(InvalidArgument, match=f"^{message}"):
         process.build_pruning_process(
             model_builder=None, input_spec=None, masking=masking_mode,
             schedule=schedules.make_schedule("oneshot"),
             mask_spec=masking.MaskSpec(structure=structure), num_rounds=3,
             client_optimizer=None, server_optimizer=None, seed=0,
-            regrow=regrowth.RegrowSpec(rule="random", end_round=2))
+            regrow=regrowth.RegrowSpec(rule="random", end_round=2, at=at))
 
 
 # ----------------------------------------------------------------------------
@@ -391,13 +401,18 @@ def test_regrowth_columns_are_written(regrow_run):
 
 
 @pytest.mark.usefixtures("tff_local_context")
-@pytest.mark.parametrize("rule", ["random", "gradient"])
-def test_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path, rule):
+@pytest.mark.parametrize("changes", [
+    dict(regrow="random"), dict(regrow="gradient"),
+    # FedDST: the clients' random draws come from the client work's key, the round and
+    # a fingerprint of each client's update.
+    dict(regrow="random", regrow_at="client", masking="both"),
+], ids=["server-random", "server-gradient", "client-random"])
+def test_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path, changes):
     from fedprune.program import loop
 
-    config = _config(regrow=rule)
+    config = _config(**changes)
     reference = regrow_run
-    if rule != "random":
+    if changes != dict(regrow="random"):
         reference = tmp_path / "reference"
         loop.run_experiment(config, reference, log=lambda line: None)
     again, resumed = tmp_path / "again", tmp_path / "resumed"
@@ -423,3 +438,170 @@ def test_constant_with_regrowth_is_not_oneshot(regrow_run, tmp_path):
     assert [r["test_accuracy"] for r in ours] != [r["test_accuracy"] for r in theirs]
     assert all(float(r["mask_drift"]) == 0.0 for r in theirs[1:])  # oneshot's mask is frozen
     assert all(float(r["mask_change"]) > 0.0 for r in ours[:4])
+
+
+# ----------------------------------------------------------------------------
+# --regrow_at=client (FedDST): clients adjust their own masks, the server re-masks.
+
+
+def _kept(size: int, level) -> int:
+    """tfmot's count of kept entries (`masking.num_kept`) in numpy."""
+    return max(int(np.round(np.float32(size) * (np.float32(1) - np.float32(level)))), 1)
+
+
+def _client_payload_bytes(result, known) -> int:
+    """One pruning client's upload: each update tensor's smallest actual encoding
+    (`encodings.encode`) and its kernel masks as `np.packbits` bitmaps."""
+    from fedprune.federated import encodings
+
+    total = 0
+    for tensor, mask in zip([np.asarray(t) for t in result.update["delta"]], known, strict=True):
+        name, size = encodings.smallest_encoding(tensor, known_mask=mask)
+        payload = encodings.encode(tensor, name, mask=mask if name == encodings.MASKED_VALUES
+                                   else None)
+        assert len(payload) == size
+        total += len(payload)
+    return total + sum(len(np.packbits(np.asarray(m) > 0).tobytes())
+                       for m in result.update["kept"])
+
+
+@pytest.mark.usefixtures("tff_local_context")
+@pytest.mark.parametrize("changes", [
+    dict(regrow="random"),  # constant from round 0: the level never moves, only adjustments
+    dict(regrow="gradient", mask_aggregation="nonzero", schedule="polynomial", begin_round=1,
+         end_round=2, regrow_decay="constant"),  # FedDST's sparse average, on a ramp
+    dict(regrow="random", mask_aggregation="majority", regrow_every=2),
+])
+def test_clients_adjust_their_masks_at_the_level_and_the_server_remasks_to_it(changes):
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from fedprune.federated import client_work
+    from fedprune.federated import process as process_lib
+    from fedprune.program import assembly
+
+    config = _config(**{"masking": "both", "regrow_at": "client", "rounds": 4,
+                        "regrow_end_round": 3, **changes})
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
+    spec = config.regrow_spec()
+    fractions = spec.fractions(config.rounds)
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            pp.keras_model_fn(),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=data.element_spec, metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+
+    # The client work alone, on each round's broadcast: what every client uploads.
+    work = client_work.build_pruning_client_work(
+        model_fn=model_fn, client_optimizer=process_lib.make_optimizer("sgd", config.client_lr),
+        masking="both", layout=pp.layout, table=pp.table, mask_spec=config.mask_spec(),
+        client_regrow=spec)
+    work_state = work.initialize()
+    sizes = [int(np.prod(k.shape)) for k in pp.layout.kernels]
+    state = pp.process.initialize()
+    changes_seen, grown_per_round = [], []
+    for r in range(1, config.rounds + 1):
+        broadcast = pp.process.get_model_weights(state)
+        inputs = assembly.round_inputs(config, data, r).datasets
+        output = pp.process.next(state, inputs)
+        state, weights = output.state, pp.process.get_model_weights(output.state)
+        direct = work.next(work_state, [broadcast] * len(inputs), inputs)
+        work_state = direct.state
+        old_masks = [np.asarray(broadcast.non_trainable[k.mask_index]) for k in pp.layout.kernels]
+        level = pp.table.sparsity[r]
+        known = [None] * len(broadcast.trainable)
+        for k, m in zip(pp.layout.kernels, old_masks, strict=True):
+            known[k.trainable_index] = m
+        payload = 0
+        for result in direct.result:  # every client
+            for n, (mask, values, old) in enumerate(zip(result.update["kept"],
+                                                        result.update["kept_values"],
+                                                        old_masks, strict=True)):
+                mask, values = np.asarray(mask), np.asarray(values)
+                kept = _kept(sizes[n], level)
+                assert mask.sum() == kept, (r, n)  # exactly the schedule's level
+                assert not np.any(values[mask == 0])
+                grow = min(math.floor(np.float32(fractions[r]) * kept), sizes[n] - kept)
+                # The grown weights are zeros inside the mask (at least k of them).
+                assert np.count_nonzero((mask > 0) & (values == 0)) >= grow, (r, n)
+                if config.schedule == "constant":  # the level stays: grown = outside the old
+                    assert np.count_nonzero((mask > 0) & (old == 0)) == grow, (r, n)
+            payload += _client_payload_bytes(result, known)
+        # bytes_up: the clients' encoded updates and mask bitmaps, as the process counts.
+        assert int(direct.measurements["uplink_bytes"]) == payload
+        assert int(output.metrics["client_work"]["uplink_bytes"]) == payload
+        # The server's global mask holds exactly the level, kernels zero off it.
+        for n, k in enumerate(pp.layout.kernels):
+            mask = np.asarray(weights.non_trainable[k.mask_index])
+            assert mask.sum() == _kept(sizes[n], level), (r, n)
+            assert not np.any(np.asarray(weights.trainable[k.trainable_index])[mask == 0])
+        diagnostics = output.metrics["finalizer"]["masks"]
+        changes_seen.append(float(diagnostics["mask_change"]))
+        grown_per_round.append(sum(
+            min(math.floor(np.float32(fractions[r]) * _kept(n, level)), n - _kept(n, level))
+            for n in sizes))
+        survival = float(diagnostics["regrown_survival"])
+        # Blank without an adjustment, or with nothing grown at the one before.
+        assert math.isnan(survival) if fractions[r] == 0 or r == spec.every else (
+            math.isnan(survival) or 0.0 <= survival <= 1.0), r
+        assert 0.0 < float(diagnostics["itop"]) <= 1.0
+    adjusted = [r for r in range(1, config.rounds + 1) if fractions[r] > 0]
+    assert adjusted == [r for r in (1, 2) if r % spec.every == 0]  # before round 3
+    for r, (change, grown) in enumerate(zip(changes_seen, grown_per_round, strict=True),
+                                          start=1):
+        if grown:  # adjustment rounds once the level leaves weights to move
+            assert change > 0.0, r  # the clients' adjustments move the global mask
+        elif not pp.table.updates[r] or config.schedule == "constant":
+            # Nothing moves it without an adjustment (after --regrow_end_round), unless the
+            # schedule's level does (re-pruning to the same level keeps the same mask).
+            assert change == 0.0, r
+
+
+@pytest.mark.usefixtures("tff_local_context")
+def test_client_grow_scores_are_its_gradient_at_its_trained_model_or_seeded_draws():
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from fedprune.federated import client_regrowth
+    from fedprune.program import assembly
+
+    config = _config(masking="both", regrow="random", regrow_at="client", rounds=4,
+                     regrow_end_round=3)  # the process of the first client case above
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
+    broadcast = pp.process.get_model_weights(pp.process.initialize())
+    rng = np.random.default_rng(0)
+    update = [(0.05 * rng.normal(size=np.shape(w))).astype(np.float32)
+              for w in broadcast.trainable]
+    trained = tff.learning.models.ModelWeights(
+        tuple(np.asarray(w) - u for w, u in zip(broadcast.trainable, update, strict=True)),
+        tuple(broadcast.non_trainable))
+    dataset = assembly.round_inputs(config, data, 1).datasets[0]
+    kernels = [k.trainable_index for k in pp.layout.kernels]
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            pp.keras_model_fn(),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=data.element_spec, metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+
+    def scores(rule, fraction=0.3, key=(0, 1), tensors=update):
+        return [s.numpy() for s in client_regrowth.grow_scores(
+            rule, model_fn=model_fn, trained=trained, update=[tf.constant(t) for t in tensors],
+            data=dataset, key=tf.constant(key, tf.int64), fraction=tf.constant(fraction),
+            kernel_indices=kernels)]
+
+    # gradient: |the mean-loss gradient at the trained model|, as eager Keras computes it.
+    expected, _ = _direct_client_gradients(pp, trained, dataset)
+    for got, g in zip(scores("gradient"), expected, strict=True):
+        np.testing.assert_allclose(got, np.abs(g), rtol=1e-4, atol=1e-7)
+    assert not any(s.any() for s in scores("gradient", fraction=0.0))  # nothing computed
+    # random: a function of the key (seed, round) and of the client's update.
+    first = scores("random")
+    assert all(np.array_equal(a, b) for a, b in zip(first, scores("random"), strict=True))
+    for other in (scores("random", key=(0, 2)),
+                  scores("random", tensors=[u * 2.0 for u in update])):
+        assert not any(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert all(0.0 <= s.min() and s.max() < 1.0 for s in first)

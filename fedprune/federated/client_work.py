@@ -34,8 +34,15 @@ broadcast model for the server's growth (`regrow_gradients.py`); the update
 becomes `OrderedDict(model=<the update above>, regrow_gradient=...)` and
 `uplink_bytes` includes the k (index, value) pairs.
 
+With `--regrow_at=client` (FedDST, mode `both`) clients adjust their own
+masks after pruning in adjustment rounds (`client_regrowth.py`): they drop
+their smallest kept weights and grow as many, at 0, by random draws or their
+own gradient, and upload the adjusted masks in the usual payload.
+
 State: `OrderedDict(hparams=<TFF client optimizer hparams>, round=int32)`,
-where `round` counts completed rounds (round r trains with `round == r - 1`).
+where `round` counts completed rounds (round r trains with `round == r - 1`);
+plus `schedule` when clients prune, and `regrow_key` (int64 [2], `[seed, 0]`)
+with `--regrow_at=client --regrow=random`.
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ import collections
 
 import numpy as np
 
-from fedprune.federated import encodings, regrow_gradients
+from fedprune.errors import check
+from fedprune.federated import client_regrowth, encodings, regrow_gradients
 from fedprune.federated.masking_modes import MaskingMode, masking_mode
 from fedprune.federated.server_masking import build_initial_schedule
-from fedprune.pruning import mask_aggregation, structured
+from fedprune.pruning import mask_aggregation, regrowth, structured
 from fedprune.pruning.masking import MaskSpec, compute_masks
 from fedprune.pruning.schedules import ScheduleTable, kernel_sparsity, table_lookup
 from fedprune.pruning.wrappers import PruningLayout
@@ -86,15 +94,23 @@ def uplink_bytes(tensors, known_masks, quantization: str = encodings.NO_QUANTIZA
     return total
 
 
-def _prune_kernels(kernels, spec: MaskSpec, sparsity, started):
-    """Masks for `kernels` by `spec` at `sparsity`, or all-ones before pruning has started."""
+def _prune_kernels(kernels, spec: MaskSpec, sparsity, started, within=None):
+    """Masks for `kernels` by `spec` at `sparsity`, or all-ones before pruning has started.
+
+    With `within` (0/1 masks holding at least the level's count; magnitude,
+    unstructured) the largest |w| inside them are kept first, then exact zeros
+    inside them (`regrowth.vote_scores`), so a mask restricted to `within` keeps
+    exactly the level's count even when weights inside are 0 (grown at 0 and
+    never moved by training).
+    """
     import tensorflow as tf
 
-    return tf.cond(
-        started,
-        lambda: compute_masks(kernels, spec, sparsity),
-        lambda: [tf.ones_like(k) for k in kernels],
-    )
+    def prune():
+        if within is None:
+            return compute_masks(kernels, spec, sparsity)
+        return list(spec.criterion.masks(regrowth.vote_scores(kernels, within), sparsity))
+
+    return tf.cond(started, prune, lambda: [tf.ones_like(k) for k in kernels])
 
 
 def build_pruning_client_work(
@@ -108,6 +124,7 @@ def build_pruning_client_work(
     units: structured.StructuredLayout | None = None,
     upload_quantization: str = encodings.NO_QUANTIZATION,
     regrow_fractions: np.ndarray | None = None,
+    client_regrow: regrowth.RegrowSpec | None = None,
 ):
     """Builds the client work for one masking mode.
 
@@ -126,10 +143,15 @@ def build_pruning_client_work(
         masked by the unit mask the broadcast kernel mask holds.
       upload_quantization: the wire format of the uploaded values, for the
         byte count (`quantization.py` does the quantizing, in the aggregator).
+      regrow_fractions: f_r per round for `--regrow=gradient` at the server:
+        clients upload top-k gradients in adjustment rounds.
+      client_regrow: `--regrow_at=client` (a mode whose clients prune): each
+        client adjusts its own masks after pruning (`client_regrowth.py`).
 
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
-      `(<hparams=H, round=int32[, schedule=S]>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
+      `(<hparams=H, round=int32[, schedule=S][, regrow_key=int64[2]]>@SERVER,
+      ModelWeights@CLIENTS, data@CLIENTS) ->
       (state@SERVER, ClientResult(update=U, update_weight=float32)@CLIENTS,
       <train=metrics, uplink_bytes=int64>@SERVER)`, where U is the trainable
       weights' delta, or for `client`/`both` `mask_aggregation.client_payload`
@@ -140,6 +162,7 @@ def build_pruning_client_work(
       of which the server broadcasts the row of the round being trained.
     """
     mode = masking_mode(masking)
+    import tensorflow as tf
     import tensorflow_federated as tff
 
     # DATASET_ITERATOR (a Python-style loop over the dataset inside the graph)
@@ -159,20 +182,40 @@ def build_pruning_client_work(
     mask_idx = [k.mask_index for k in kernels]
     client_prunes = mode.client_prunes
     initial_schedule = build_initial_schedule(table)
-    schedule_type = initial_schedule.type_signature.result
+    adjusting = client_regrow is not None and client_regrow.enabled
+    check(not adjusting or client_prunes, "regrow_at", "client",
+          "server unless clients prune (client_regrowth.py)")
+    by_random = adjusting and client_regrow.rule == "random"
+    if adjusting:
+        client_fractions = client_regrow.fractions(len(table.sparsity) - 1)
 
-    @tff.tensorflow.computation(schedule_type, round_type)
-    def schedule_row(data, round_num):
-        """What clients need of the schedule in round `round_num + 1`."""
-        this_round = round_num + 1
-        return collections.OrderedDict(sparsity=kernel_sparsity(data, this_round),
-                                       started=table_lookup(data["started"], this_round))
+    # What the server sends clients that prune, from its state.
+    parts_types = [("schedule", initial_schedule.type_signature.result), ("round", round_type)]
+    if by_random:
+
+        @tff.tensorflow.computation
+        def initial_regrow_key():
+            return tf.constant([client_regrow.seed, 0], tf.int64)
+
+        parts_types.append(("regrow_key", initial_regrow_key.type_signature.result))
+
+    @tff.tensorflow.computation(tff.StructWithPythonType(parts_types, collections.OrderedDict))
+    def schedule_row(parts):
+        """What clients need of the schedule in round `round + 1`."""
+        data, this_round = parts["schedule"], parts["round"] + 1
+        row = collections.OrderedDict(sparsity=kernel_sparsity(data, this_round),
+                                      started=table_lookup(data["started"], this_round))
+        if adjusting:
+            row["fraction"] = table_lookup(client_fractions, this_round)
+        if by_random:
+            row["key"] = tf.random.experimental.stateless_fold_in(
+                parts["regrow_key"], tf.cast(this_round, tf.int64))
+        return row
 
     # Clients that prune receive their round's row of the schedule; the others the round.
     row_type = schedule_row.type_signature.result if client_prunes else round_type
 
-    @tff.tensorflow.computation(update_type, weights_type, row_type)
-    def finish_update(result, broadcast, row):
+    def finish_body(result, broadcast, row, scores=None):
         delta = list(result.update)
         start_masks = [broadcast.non_trainable[j] for j in mask_idx]
         if client_prunes:
@@ -180,17 +223,23 @@ def build_pruning_client_work(
                 (broadcast.trainable[i] - delta[i]) * m
                 for i, m in zip(kernel_idx, start_masks, strict=True)
             ]
-            end_masks = _prune_kernels(final, mask_spec, row["sparsity"], row["started"])
+            end_masks = _prune_kernels(final, mask_spec, row["sparsity"], row["started"],
+                                       within=start_masks if scores is not None else None)
             end_masks = [e * m for e, m in zip(end_masks, start_masks, strict=True)]
         else:
             end_masks = start_masks
+        kept_masks = end_masks  # where the client's model keeps its values
+        if scores is not None:  # --regrow_at=client: grown weights are 0, in the mask
+            kept_masks, end_masks = client_regrowth.adjust_masks(
+                [f * m for f, m in zip(final, end_masks, strict=True)], end_masks,
+                row["fraction"], list(scores))
         dependents = []  # (trainable index, its 0/1 mask) of unit-pruned biases, gamma, beta
         for p in units.layers if units is not None else ():
             unit_mask = structured.unit_mask_of(
                 broadcast.non_trainable[mask_idx[kernel_idx.index(p.kernel_index)]])
             dependents += [(i, structured.unit_index_mask(unit_mask, repeat))
                            for i, repeat in structured.dependent_weights(p)]
-        for i, m in [*zip(kernel_idx, end_masks, strict=True), *dependents]:
+        for i, m in [*zip(kernel_idx, kept_masks, strict=True), *dependents]:
             delta[i] = m * delta[i] + (1.0 - m) * broadcast.trainable[i]
         # The server knows the mask it broadcast: values inside it suffice when
         # the update is zero outside it.
@@ -201,7 +250,7 @@ def build_pruning_client_work(
             known[i] = m
         sent = uplink_bytes(delta, known, upload_quantization)
         if client_prunes:
-            pruned = [f * m for f, m in zip(final, end_masks, strict=True)]
+            pruned = [f * m for f, m in zip(final, kept_masks, strict=True)]
             update = mask_aggregation.client_payload(delta, pruned, end_masks)
             # The masks ride along as bitmaps (their values are implied by the delta).
             sent += sum(-(-int(np.prod(m.shape)) // 8) for m in end_masks)
@@ -212,11 +261,34 @@ def build_pruning_client_work(
         )
         return client_result, sent
 
+    data_type = inner.next.type_signature.parameter[2].member
+    if adjusting:
+        kernel_types = [weights_type.trainable[i] for i in kernel_idx]
+        scores_type = tff.StructWithPythonType(
+            [tff.TensorType(np.float32, t.shape) for t in kernel_types], tuple)
+        finish_update = tff.tensorflow.computation(
+            lambda result, broadcast, row, scores: finish_body(result, broadcast, row, scores),
+            update_type, weights_type, row_type, scores_type)
+
+        @tff.tensorflow.computation(update_type, weights_type, data_type, row_type)
+        def client_scores(result, broadcast, data, row):
+            """Growth scores of a client: `client_regrowth.grow_scores`."""
+            trained = tff.learning.models.ModelWeights(
+                tuple(b - d for b, d in zip(broadcast.trainable, result.update, strict=True)),
+                broadcast.non_trainable)
+            return tuple(client_regrowth.grow_scores(
+                client_regrow.rule, model_fn=model_fn, trained=trained,
+                update=list(result.update), data=data, key=row["key"] if by_random else None,
+                fraction=row["fraction"], kernel_indices=kernel_idx))
+    else:
+        finish_update = tff.tensorflow.computation(
+            lambda result, broadcast, row: finish_body(result, broadcast, row),
+            update_type, weights_type, row_type)
+
     gradients = None
     if regrow_fractions is not None:
         gradients = regrow_gradients.build_client_gradients(
-            model_fn=model_fn, weights_type=weights_type,
-            data_type=inner.next.type_signature.parameter[2].member, layout=layout,
+            model_fn=model_fn, weights_type=weights_type, data_type=data_type, layout=layout,
             fractions=regrow_fractions)
         result_type = finish_update.type_signature.result[0]
         gradient_type, bytes_type = gradients.type_signature.result
@@ -235,6 +307,8 @@ def build_pruning_client_work(
             hparams=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER))
         if client_prunes:
             state["schedule"] = tff.federated_eval(initial_schedule, tff.SERVER)
+        if by_random:
+            state["regrow_key"] = tff.federated_eval(initial_regrow_key, tff.SERVER)
         return tff.federated_zip(state)
 
     state_type = init_fn.type_signature.result
@@ -252,12 +326,20 @@ def build_pruning_client_work(
         round_at_clients = tff.federated_broadcast(state.round)
         row = round_at_clients
         if client_prunes:
+            parts = collections.OrderedDict(schedule=state.schedule, round=state.round)
+            if by_random:
+                parts["regrow_key"] = state.regrow_key
             row = tff.federated_broadcast(
-                tff.federated_map(schedule_row, (state.schedule, state.round)))
+                tff.federated_map(schedule_row, tff.federated_zip(parts)))
         inner_output = inner.next(state.hparams, weights, client_data)
-        result, upload_bytes = tff.federated_map(
-            finish_update, (inner_output.result, weights, row)
-        )
+        if adjusting:
+            scores = tff.federated_map(client_scores,
+                                       (inner_output.result, weights, client_data, row))
+            result, upload_bytes = tff.federated_map(
+                finish_update, (inner_output.result, weights, row, scores))
+        else:
+            result, upload_bytes = tff.federated_map(
+                finish_update, (inner_output.result, weights, row))
         if gradients is not None:
             gradient, gradient_bytes = tff.federated_map(
                 gradients, (weights, client_data, round_at_clients))
@@ -267,6 +349,8 @@ def build_pruning_client_work(
             hparams=inner_output.state, round=tff.federated_map(increment, state.round))
         if client_prunes:
             new_state["schedule"] = state.schedule
+        if by_random:
+            new_state["regrow_key"] = state.regrow_key
         new_state = tff.federated_zip(new_state)
         measurements = tff.federated_zip(
             collections.OrderedDict(

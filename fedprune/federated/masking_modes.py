@@ -159,15 +159,27 @@ def check_step_granularity(mode: MaskingMode) -> None:
           f"round unless --masking={allowed} (only pruning clients prune in steps)")
 
 
-def check_regrowth(mode: MaskingMode, regrow: str) -> None:
-    """Prune and regrow (`--regrow` other than `none`) at the server needs a re-masking mode.
+def check_regrowth(mode: MaskingMode, regrow: str, at: str = "server") -> None:
+    """Prune and regrow (`--regrow` other than `none`) needs a mode that fits `--regrow_at`.
 
-    The server adjusts the topology right after its re-mask (`server_masking.py`).
+    `server`: the server adjusts the topology right after its re-mask
+    (`server_masking.py`), so a re-masking mode. `client` (FedDST): clients
+    adjust their own masks after pruning (`client_regrowth.py`) and the server
+    re-masks their aggregate to the schedule's level, so a mode whose clients
+    prune and whose server re-masks.
     """
-    allowed = "|".join(names(lambda m: m.server_remasks))
-    check(regrow == "none" or mode.server_remasks, "regrow", regrow,
-          f"none with --masking={mode.name} (the server adjusts the topology when it "
-          f"re-masks: --masking={allowed})")
+    if regrow == "none":
+        return
+    if at == "server":
+        allowed = "|".join(names(lambda m: m.server_remasks))
+        check(mode.server_remasks, "regrow", regrow,
+              f"none with --masking={mode.name} (the server adjusts the topology when it "
+              f"re-masks: --masking={allowed})")
+        return
+    allowed = "|".join(names(lambda m: m.server_remasks and m.client_prunes))
+    check(mode.server_remasks and mode.client_prunes, "regrow_at", at,
+          f"server with --masking={mode.name} (clients adjust the masks they prune and the "
+          f"server re-masks their aggregate: --masking={allowed})")
 
 
 def check_dp(mode: MaskingMode, dp: str) -> None:

@@ -187,11 +187,13 @@ def build_pruning_process(
         the pruned kernels (`layer_budgets.DISTRIBUTIONS`): `uniform`, every
         kernel at the schedule's level; `erk`, Erdős–Rényi-kernel budgets at
         each round's level (`table.layer_sparsity`).
-      regrow: prune and regrow at the server after its re-mask
-        (`regrowth.RegrowSpec`; a mode that re-masks, unstructured magnitude
-        masks, round granularity). None: no regrowth. Rule `gradient`: clients
-        also upload top-k gradients in adjustment rounds
-        (`regrow_gradients.py`), aggregated beside the model update.
+      regrow: prune and regrow (`regrowth.RegrowSpec`; unstructured magnitude
+        masks, round granularity). None: no regrowth. At the server after its
+        re-mask (a mode that re-masks); rule `gradient`: clients also upload
+        top-k gradients in adjustment rounds (`regrow_gradients.py`),
+        aggregated beside the model update. At the clients (`at == "client"`,
+        FedDST, mode `both`): each client adjusts its own masks after pruning
+        (`client_regrowth.py`) and the server re-masks their aggregate.
       upload_quantization: `none`, `fp16` or `int8` (`--upload_quantization`):
         clients' deltas are quantized before the weighted mean
         (`quantization.build_quantized_mean_factory` around `model_aggregator`)
@@ -217,17 +219,19 @@ def build_pruning_process(
         mask_scope=mask_spec.mask_scope, structure=mask_spec.structure,
         prune_granularity="round" if step_mapping is None else "step")
     if regrow is not None:
-        masking_modes.check_regrowth(mode, regrow.rule)
         regrowth.check_combination(
             regrow.rule, structure=mask_spec.structure, mask_criterion=mask_spec.mask_criterion,
-            prune_granularity="round" if step_mapping is None else "step")
+            prune_granularity="round" if step_mapping is None else "step", at=regrow.at)
+        masking_modes.check_regrowth(mode, regrow.rule, regrow.at)
     masking_modes.check_upload_quantization(mode, upload_quantization)
 
     import tensorflow as tf
     import tensorflow_federated as tff
 
     wrapped = mode.wraps_model
-    by_gradient = regrow is not None and regrow.rule == "gradient"
+    regrowing = regrow is not None and regrow.enabled
+    at_clients = regrowing and regrow.at == "client"
+    by_gradient = regrowing and regrow.rule == "gradient" and not at_clients
 
     def keras_model_fn():
         model = model_builder()
@@ -312,6 +316,7 @@ def build_pruning_process(
             units=units,
             upload_quantization=upload_quantization,
             regrow_fractions=regrow.fractions(num_rounds) if by_gradient else None,
+            client_regrow=regrow if at_clients else None,
         )
     update_type = client_work.next.type_signature.result.result.member.update
     client_prunes = mode.client_prunes
@@ -348,9 +353,14 @@ def build_pruning_process(
         aggregator,
         finalizer,
     )
+    regrow_key = None  # which part's state holds `--regrow=random`'s key
+    if regrowing and regrow.at == "server":
+        regrow_key = "finalizer"
+    elif at_clients and regrow.rule == "random":
+        regrow_key = "client_work"
     cell_state = _CellState(process=process, remask=remask,
                             client_schedule=client_prunes and step_mapping is None,
-                            regrowing=regrow is not None and regrow.enabled)
+                            regrow_key=regrow_key)
     if remask:
         cell_state.initial_remask = tff.tensorflow.computation(
             lambda weights, data: remask_weights(weights, np.int32(0), layout=layout,
@@ -395,7 +405,9 @@ class _CellState:
     process: object  # the built `LearningProcess`
     remask: bool  # the finalizer's state holds `schedule`
     client_schedule: bool  # the client work's state holds `schedule` (`client_work.py`)
-    regrowing: bool  # the finalizer's state holds `regrow`
+    # "finalizer": `finalizer["regrow"]["key"]` (server regrowth); "client_work":
+    # `client_work["regrow_key"]` (random client regrowth); None: no key.
+    regrow_key: str | None
     initial_remask: object = None  # (ModelWeights, schedule) -> the round-0 re-mask
     initial_state: object = None  # the built process's `initialize()`, once computed
 
@@ -432,10 +444,13 @@ class _CellProcess:
             client_work = collections.OrderedDict(client_work, schedule=self._schedule)
         if built.remask:
             finalizer = collections.OrderedDict(finalizer, schedule=self._schedule)
-        if built.regrowing:
+        if built.regrow_key == "finalizer":
             regrow_state = collections.OrderedDict(
                 finalizer["regrow"], key=np.array([self._regrow_seed, 0], np.int64))
             finalizer = collections.OrderedDict(finalizer, regrow=regrow_state)
+        elif built.regrow_key == "client_work":
+            client_work = collections.OrderedDict(
+                client_work, regrow_key=np.array([self._regrow_seed, 0], np.int64))
         return state._replace(global_model_weights=weights, client_work=client_work,
                               finalizer=finalizer)
 

@@ -85,11 +85,22 @@ def client_seed(base_seed: int, round_num, tensors):
     """
     import tensorflow as tf
 
+    seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(round_num, tf.int64)])
+    return fold_in_fingerprint(seed, tensors)
+
+
+def fold_in_fingerprint(seed, tensors):
+    """`seed` (int64 [2]) folded with `tf.fingerprint` of float32 `tensors`' bytes (TF ops).
+
+    A client's stateless seed: TFF gives a computation placed at clients no
+    client index, and a client's update is a function of its data and the
+    broadcast model.
+    """
+    import tensorflow as tf
+
     flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
     digest = tf.fingerprint(tf.reshape(tf.bitcast(flat, tf.int32), [1, -1]))[0]
-    client = tf.bitcast(digest, tf.int64)
-    seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(round_num, tf.int64)])
-    return tf.random.experimental.stateless_fold_in(seed, client)
+    return tf.random.experimental.stateless_fold_in(seed, tf.bitcast(digest, tf.int64))
 
 
 def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None):

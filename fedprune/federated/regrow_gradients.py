@@ -87,23 +87,7 @@ def build_client_gradients(*, model_fn, weights_type, data_type, layout: Pruning
 
         @tf.function
         def dense_gradients():
-            weights = tff.learning.models.ModelWeights.from_model(model)
-            for variable, value in zip(weights.trainable, broadcast.trainable, strict=True):
-                variable.assign(value)
-            for variable, value in zip(weights.non_trainable, broadcast.non_trainable,
-                                       strict=True):
-                variable.assign(value)
-            kernels = [weights.trainable[i] for i in kernel_idx]
-            sums = tuple(tf.zeros(shape, tf.float32) for shape in shapes)
-            count = tf.constant(0.0)
-            for batch in data:
-                with tf.GradientTape() as tape:
-                    output = model.forward_pass(batch, training=True)
-                grads = tape.gradient(output.loss, kernels)
-                n = tf.cast(output.num_examples, tf.float32)
-                sums = tuple(s + n * g for s, g in zip(sums, grads, strict=True))
-                count += n
-            return tuple(s / tf.maximum(count, 1.0) for s in sums)
+            return mean_kernel_gradients(model, broadcast, data, kernel_idx)
 
         def no_gradients():
             return tuple(tf.zeros(shape, tf.float32) for shape in shapes)
@@ -118,6 +102,47 @@ def build_client_gradients(*, model_fn, weights_type, data_type, layout: Pruning
         return tuple(uploads), entries * encodings.TOP_K_ENTRY_BYTES
 
     return client_gradients
+
+
+def mean_kernel_gradients(model, weights, data, kernel_indices) -> tuple:
+    """The gradient of a client's mean loss over `data` at `weights`, per kernel (TF ops).
+
+    Assigns `weights` (`ModelWeights`) to `model`'s variables, so call it inside
+    a `tf.function` (see docs/design.md, "Variable assignments inside TFF
+    computations"). One pass over the batches, each batch's gradient weighted
+    by its size, the `forward_pass(training=True)` of local training. tfmot's
+    wrapper writes kernel * mask into the kernel variable and the layer reads
+    it, so this is the dense gradient at the masked weights, pruned
+    coordinates included.
+
+    Args:
+      model: the client's `tff.learning.models.VariableModel` (wrapped).
+      weights: `ModelWeights` values to evaluate the gradient at.
+      data: the client's dataset of batches.
+      kernel_indices: positions of the kernels among the trainable weights.
+
+    Returns:
+      float32 tensors, one per kernel (zeros for an empty dataset).
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    variables = tff.learning.models.ModelWeights.from_model(model)
+    for variable, value in zip(variables.trainable, weights.trainable, strict=True):
+        variable.assign(value)
+    for variable, value in zip(variables.non_trainable, weights.non_trainable, strict=True):
+        variable.assign(value)
+    kernels = [variables.trainable[i] for i in kernel_indices]
+    sums = tuple(tf.zeros(k.shape, tf.float32) for k in kernels)
+    count = tf.constant(0.0)
+    for batch in data:
+        with tf.GradientTape() as tape:
+            output = model.forward_pass(batch, training=True)
+        grads = tape.gradient(output.loss, kernels)
+        n = tf.cast(output.num_examples, tf.float32)
+        sums = tuple(s + n * g for s, g in zip(sums, grads, strict=True))
+        count += n
+    return tuple(s / tf.maximum(count, 1.0) for s in sums)
 
 
 def build_gradient_aggregator(inner):

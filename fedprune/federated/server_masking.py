@@ -48,7 +48,11 @@ schedule's number of mask entries. With `--regrow=gradient` the aggregate is
 `OrderedDict(model=<the aggregate above>, regrow_gradient=<per pruned kernel,
 the example-weighted mean of the clients' top-k gradients>)`
 (`fedprune/federated/regrow_gradients.py`) and growth picks the largest
-|regrow_gradient| among the candidates.
+|regrow_gradient| among the candidates. With `--regrow_at=client` (FedDST,
+`fedprune/federated/client_regrowth.py`) the clients adjusted their masks;
+the server re-masks the aggregate to the schedule's level in adjustment
+rounds too, ranking exact zeros by the clients' votes (`regrowth.vote_scores`),
+and measures the same exploration diagnostics (`exploration`).
 
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32[,
 schedule=<schedules.schedule_data>])`, `round` counting completed rounds and
@@ -58,7 +62,8 @@ of the same number of rounds (`process.PruningProcess.for_cell`); with
 regrowth also `regrow=OrderedDict(key=int64[2] (the RNG key, split every
 round), regrown=<per kernel: the 0/1 mask of the last adjustment's grown
 weights>, ever_active=<per kernel: 0/1, kept by some mask so far>)`, so
-`--resume` continues the same random stream.
+`--resume` continues the same random stream (with `--regrow_at=client`
+without `key`: the clients' key is in the client work's state).
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ def _set_steps(non_trainable: list, layout: PruningLayout, round_num, steps_per_
 
 def remask_weights(weights, round_num, *, layout: PruningLayout, schedule,
                    mask_spec: MaskSpec, units: structured.StructuredLayout | None = None,
-                   steps_per_round: int = 1):
+                   steps_per_round: int = 1, votes=None, adjusts=None):
     """Applies the schedule's mask decision for `round_num` to model weights (TF ops).
 
     Args:
@@ -135,6 +140,12 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, schedule,
       steps_per_round: 1 when one tfmot step is one round; with
         `--prune_granularity=step`, the client steps a round stands for
         (`step_schedule.StepMapping`).
+      votes: `--regrow_at=client`: per kernel, how many of the round's clients
+        keep each weight; the magnitude re-mask then ranks exact zeros by them
+        (`regrowth.vote_scores`). None: by |w| alone.
+      adjusts: `--regrow_at=client`: a bool scalar, the clients adjusted their
+        masks this round, so the masks are recomputed even without a schedule
+        update. None: only at the schedule's updates.
 
     Returns:
       `tff.learning.models.ModelWeights` with kernels masked, masks and
@@ -151,10 +162,16 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, schedule,
         def new_masks():
             return _unit_masks(kernels, old_masks, sparsity, layout=layout, units=units,
                                mask_spec=mask_spec)
+    elif votes is not None:
+        def new_masks():
+            return list(mask_spec.criterion.masks(regrowth.vote_scores(kernels, votes), sparsity))
     else:
         def new_masks():
             return compute_masks(kernels, mask_spec, sparsity)
-    masks = tf.cond(table_lookup(schedule["updates"], round_num), new_masks, lambda: old_masks)
+    updates = table_lookup(schedule["updates"], round_num)
+    if adjusts is not None:
+        updates = tf.logical_or(updates, adjusts)
+    masks = tf.cond(updates, new_masks, lambda: old_masks)
     _set_masks(trainable, non_trainable, layout, masks)
     if mask_spec.is_unit_structure:
         position = {k.trainable_index: n for n, k in enumerate(layout.kernels)}
@@ -209,16 +226,39 @@ def adjust_topology(old, weights, regrow_state, round_num, *, layout: PruningLay
     survivors, grown = [a[0] for a in adjusted], [a[1] for a in adjusted]
     new_masks = [s + g for s, g in zip(survivors, grown, strict=True)]
     _set_masks(trainable, non_trainable, layout, new_masks)
+    new_state, diagnostics = exploration(old_masks, new_masks, grown, survivors, regrow_state,
+                                         fraction > 0)
+    new_state = collections.OrderedDict(key=keys[0], **new_state)
+    weights = tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
+    return weights, new_state, diagnostics
+
+
+def exploration(old_masks, new_masks, grown, kept_after, regrow_state, adjusts):
+    """How a round moved the topology, and the exploration state after it (TF ops).
+
+    Args:
+      old_masks: the broadcast masks of the round, per pruned kernel.
+      new_masks: the masks after the round.
+      grown: 0/1 per kernel, the weights this round's adjustment grew.
+      kept_after: 0/1 per kernel, what of the old mask this adjustment kept
+        (the server's survivors of the drop; with `--regrow_at=client`, the new masks).
+      regrow_state: `OrderedDict(regrown, ever_active[, key])` before the round.
+      adjusts: bool scalar, the round ends with an adjustment (f_r > 0).
+
+    Returns:
+      (`OrderedDict(regrown, ever_active)` after the round, `OrderedDict(
+      mask_change, regrown_survival, itop)`; see `adjust_topology`).
+    """
+    import tensorflow as tf
 
     def total(tensors):
         return tf.add_n([tf.reduce_sum(t) for t in tensors])
 
-    size = float(sum(int(np.prod(kernel.shape)) for kernel in kernels))
-    adjusts = fraction > 0
+    size = float(sum(int(np.prod(m.shape)) for m in new_masks))
     previous = list(regrow_state["regrown"])
     grown_before = total(previous)
     survived = tf.math.divide_no_nan(
-        total([p * s for p, s in zip(previous, survivors, strict=True)]), grown_before)
+        total([p * s for p, s in zip(previous, kept_after, strict=True)]), grown_before)
     ever = [tf.maximum(e, tf.maximum(o, n)) for e, o, n in
             zip(regrow_state["ever_active"], old_masks, new_masks, strict=True)]
     diagnostics = collections.OrderedDict(
@@ -228,11 +268,9 @@ def adjust_topology(old, weights, regrow_state, round_num, *, layout: PruningLay
                                   tf.constant(np.nan, tf.float32)),
         itop=total(ever) / size)
     new_state = collections.OrderedDict(
-        key=keys[0],
         regrown=tuple(tf.where(adjusts, g, p) for g, p in zip(grown, previous, strict=True)),
         ever_active=tuple(ever))
-    weights = tff.learning.models.ModelWeights(tuple(trainable), tuple(non_trainable))
-    return weights, new_state, diagnostics
+    return new_state, diagnostics
 
 
 def keep_client_support(weights, aggregate, round_num, *, layout: PruningLayout, rule: str,
@@ -317,6 +355,9 @@ def build_masking_finalizer(
         measurements are those without regrowth. Rule `gradient`: the
         aggregate is `OrderedDict(model=A, regrow_gradient=<float32 per
         pruned kernel>)` (`regrow_gradients.build_gradient_aggregator`).
+        With `at == "client"` the clients adjusted their masks (`aggregate_type`
+        needed): the server re-masks in adjustment rounds too, ranking zeros by
+        the clients' votes, and only measures (`exploration`).
 
     Without `remask` but with `aggregate_type` (`--masking=client`), the global
     masks become the union of the clients' masks (`keep_client_support`).
@@ -340,7 +381,8 @@ def build_masking_finalizer(
     update_type = aggregate_type or model_weights_type.trainable
     kernel_idx = [k.trainable_index for k in layout.kernels]
     regrowing = regrow is not None and regrow.enabled
-    by_gradient = regrowing and regrow.rule == "gradient"
+    at_clients = regrowing and regrow.at == "client"
+    by_gradient = regrowing and regrow.rule == "gradient" and not at_clients
     if by_gradient:
         gradient_type = tff.StructWithPythonType(
             [tff.TensorType(np.float32, model_weights_type.trainable[i].shape)
@@ -352,6 +394,8 @@ def build_masking_finalizer(
         upload_type = update_type
     if regrowing:
         check(remask, "regrow", regrow.rule, "none unless the server re-masks")
+        check(not at_clients or aggregate_type is not None, "regrow_at", regrow.at,
+              "server unless clients prune")
         fractions = regrow.fractions(len(table.sparsity) - 1)
 
         @tff.tensorflow.computation
@@ -360,8 +404,10 @@ def build_masking_finalizer(
 
             zeros = tuple(tf.zeros(model_weights_type.trainable[i].shape, tf.float32)
                           for i in kernel_idx)
-            return collections.OrderedDict(
-                key=tf.constant([regrow.seed, 0], tf.int64), regrown=zeros, ever_active=zeros)
+            state = collections.OrderedDict(regrown=zeros, ever_active=zeros)
+            if at_clients:  # the clients' key is in the client work's state
+                return state
+            return collections.OrderedDict(key=tf.constant([regrow.seed, 0], tf.int64), **state)
 
         regrow_type = initial_regrow_state.type_signature.result
 
@@ -420,14 +466,23 @@ def build_masking_finalizer(
             regrowth=mask_aggregation.regrowth(old_kernels,
                                                [weights.trainable[i] for i in kernel_idx]))
         if remask:
-            weights = remask_weights(weights, round_num, layout=layout,
-                                     schedule=extras["schedule"], mask_spec=mask_spec,
-                                     units=units, steps_per_round=steps_per_round)
+            weights = remask_weights(
+                weights, round_num, layout=layout, schedule=extras["schedule"],
+                mask_spec=mask_spec, units=units, steps_per_round=steps_per_round,
+                votes=aggregate["kept_count"] if at_clients else None,
+                adjusts=table_lookup(fractions, round_num) > 0 if at_clients else None)
         elif aggregate_type is not None:
             weights = keep_client_support(weights, aggregate, round_num, layout=layout,
                                           rule=aggregation_rule,
                                           steps_per_round=steps_per_round)
-        if regrowing:
+        if at_clients:
+            old_masks = _kernels_and_masks(old, layout)[3]
+            new_masks = _kernels_and_masks(weights, layout)[3]
+            regrow_state, adjusted = exploration(
+                old_masks, new_masks,
+                [n * (1.0 - o) for n, o in zip(new_masks, old_masks, strict=True)], new_masks,
+                extras["regrow"], table_lookup(fractions, round_num) > 0)
+        elif regrowing:
             weights, regrow_state, adjusted = adjust_topology(
                 old, weights, extras["regrow"], round_num, layout=layout, fractions=fractions,
                 grow_scores=regrow_gradients.gradient_scores(extras["gradient"])

@@ -40,8 +40,18 @@ alpha) with `decay`:
   cosine    f_r = fraction / 2 * (1 + cos(pi * r / end_round))   (RigL)
   constant  f_r = fraction
 
-This module is the mask maths; where it runs in a round (the server, after
-the schedule's re-mask) is `fedprune/federated/server_masking.py`.
+Where (`--regrow_at`):
+
+  server  the server adjusts the global mask after its re-mask
+          (`fedprune/federated/server_masking.py`; FedTiny, jaxpruner).
+  client  FedDST (Bibikar et al. 2022): in adjustment rounds each client, after
+          local training and its own pruning to the schedule's level, drops
+          and grows inside its own mask (random: SET; gradient: its own dense
+          gradient), uploads that mask, and the server re-masks the aggregate
+          to the level, ranking by |w| and then by the clients' votes
+          (`vote_scores`; `fedprune/federated/client_regrowth.py`).
+
+This module is the mask maths.
 Importing it is cheap: TensorFlow is imported by the functions that need it.
 """
 
@@ -56,9 +66,9 @@ from fedprune.errors import check
 
 RULES = ("none", "random", "gradient")
 DECAYS = ("cosine", "constant")
-# Where the topology is adjusted: by the server after aggregation. (FedDST's
-# clients-adjust-then-vote form would be another value of this flag.)
-PLACES = ("server",)
+# Where the topology is adjusted: by the server after aggregation, or by each
+# client after local training (FedDST), the server re-masking their aggregate.
+PLACES = ("server", "client")
 # --regrow_end_round=-1: RigL's default T_end, three quarters of training.
 END_AT_THREE_QUARTERS = -1
 
@@ -74,7 +84,9 @@ class RegrowSpec:
       decay: one of `DECAYS`.
       end_round: no adjustment after rounds >= end_round (resolved, >= 1).
       every: adjust after every this many rounds (>= 1).
-      seed: seeds the server's RNG key for `random`.
+      seed: seeds the RNG key for `random` (the server's, or the clients' with `at`
+        `client`).
+      at: one of `PLACES`, who adjusts the topology.
     """
 
     rule: str = "none"
@@ -83,6 +95,7 @@ class RegrowSpec:
     end_round: int = 1
     every: int = 1
     seed: int = 0
+    at: str = "server"
 
     @property
     def enabled(self) -> bool:
@@ -122,8 +135,7 @@ def validate_args(*, regrow: str, regrow_at: str, fraction: float, decay: str,
       InvalidArgument: naming the first offending flag.
     """
     check(regrow in RULES, "regrow", regrow, "one of " + "|".join(RULES))
-    check(regrow_at in PLACES, "regrow_at", regrow_at,
-          "one of " + "|".join(PLACES) + " (the server adjusts the topology after aggregation)")
+    check(regrow_at in PLACES, "regrow_at", regrow_at, "one of " + "|".join(PLACES))
     check(decay in DECAYS, "regrow_decay", decay, "one of " + "|".join(DECAYS))
     check(0 < fraction < 1, "regrow_fraction", fraction, "a fraction in (0, 1)")
     check(every >= 1, "regrow_every", every, "a whole number of rounds >= 1")
@@ -131,11 +143,11 @@ def validate_args(*, regrow: str, regrow_at: str, fraction: float, decay: str,
           "regrow_end_round", end_round,
           f"-1 (three quarters of --rounds) or a round in [1, --rounds={num_rounds}]")
     check_combination(regrow, structure=structure, prune_granularity=prune_granularity,
-                      mask_criterion=mask_criterion)
+                      mask_criterion=mask_criterion, at=regrow_at)
 
 
 def check_combination(regrow: str, *, structure: str, prune_granularity: str,
-                      mask_criterion: str) -> None:
+                      mask_criterion: str, at: str = "server") -> None:
     """What a regrowth rule other than `none` needs of the mask rule and granularity.
 
     Shared by `validate_args` (flags) and `process.build_pruning_process` (library).
@@ -148,8 +160,10 @@ def check_combination(regrow: str, *, structure: str, prune_granularity: str,
     check(structure == "unstructured", "regrow", regrow,
           f"none with --structure={structure} (regrowth moves single weights: "
           "--structure=unstructured)")
+    who = ("the server adjusts masks once per round" if at == "server" else
+           "clients adjust their masks at the end of local training, not inside tfmot's")
     check(prune_granularity == "round", "regrow", regrow,
-          "none with --prune_granularity=step (the server adjusts masks once per round)")
+          f"none with --prune_granularity=step ({who})")
     check(mask_criterion == "magnitude", "regrow", regrow,
           f"none with --mask_criterion={mask_criterion} (the drop is by magnitude at the "
           "schedule's level: --mask_criterion=magnitude)")
@@ -182,6 +196,24 @@ def drop_and_grow(kernel, mask, fraction, grow_scores):
     survivors = keep_top_k(tf.where(mask > 0, tf.abs(kernel), minus_inf), kept - k)
     grown = keep_top_k(tf.where(mask > 0, minus_inf, tf.cast(grow_scores, kernel.dtype)), k)
     return survivors, grown
+
+
+def vote_scores(kernels, votes):
+    """Scores whose top k is the server's re-mask of clients' adjusted masks (TF ops).
+
+    |w| where w != 0; at exact zeros (weights grown at 0, or that nobody kept)
+    -1 / (1 + votes), in [-1, 0): so the largest |w| go first, then zeros by how
+    many of the round's clients keep them, then (`masking.keep_top_k`) the lower
+    index.
+
+    Args:
+      kernels: the aggregated kernels.
+      votes: per kernel, how many clients kept each weight (float, same shapes).
+    """
+    import tensorflow as tf
+
+    return [tf.where(tf.not_equal(k, 0.0), tf.abs(k), -1.0 / (1.0 + tf.cast(v, k.dtype)))
+            for k, v in zip(kernels, votes, strict=True)]
 
 
 def random_scores(shapes, key):
