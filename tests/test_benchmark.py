@@ -119,7 +119,8 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
     assert float(floor_diff.group(1)) < 1e-5
 
     assert "<!-- benchmark:speed -->" in text and "<!-- /benchmark:speed -->" in text
-    assert "Command: `python -m experiments.benchmark --timed_rounds=2" in text
+    command = " ".join(("python -m experiments.benchmark", *CHEAP_FLAGS, "--timed_rounds=2"))
+    assert f"Command: `{command}" in text
     assert re.search(r"Machine: .+ usable cores .+ GiB RAM.+TensorFlow 2\.14", text)
     assert re.search(r"load average \(1/5/15 min\) [0-9./]+ before, [0-9./]+ after, "
                      r"mean 1-min [0-9.]+ during it", text)
