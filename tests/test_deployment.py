@@ -315,3 +315,19 @@ def test_tflite_delegate_info_line_follows_the_tf_log_level(verbosity, info_line
     assert len(delegate) == info_lines, result.stderr[-2000:]
     if verbosity == "quiet":
         assert result.stderr == ""
+
+
+def test_a_model_the_converter_refuses_is_recorded_without_a_file(tmp_path):
+    """The LSTM of --model=rnn needs TF ops TFLite's builtins lack: the run keeps going."""
+    from fedprune.model import builders
+
+    model = builders.build_model("rnn", (12,), 20, seed=0, units=8)
+    examples = np.zeros((64, 12), np.int32)
+    section = deployment.deployment_section({"dense": model, "pruned": model}, "pruned",
+                                            examples, tmp_path, mode="latency")
+    assert section["converted"] is False
+    # The converter's own line, e.g. "'tf.TensorListReserve' op requires element_shape ...".
+    assert "tensorlist" in section["reason"].lower().replace(" ", "")
+    assert "\n" not in section["reason"]
+    assert section["xnnpack_policy"]["applies"] is False
+    assert not (tmp_path / "model" / deployment.TFLITE_NAME).exists()

@@ -72,6 +72,13 @@ def to_tflite(model, *, sparse: bool = False) -> bytes:
     return converter.convert()
 
 
+def converter_reason(error: Exception) -> str:
+    """The converter's own error line (after `error: `), or the message's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line.split("error: ", 1)[1] for line in lines if "error: " in line]
+    return (errors or lines or [type(error).__name__])[0]
+
+
 def zipped_size(data: bytes, arcname: str = TFLITE_NAME) -> int:
     """Bytes of a deflate zip holding `data` alone (fixed timestamp: deterministic)."""
     buffer = io.BytesIO()
@@ -196,16 +203,27 @@ def deployment_section(models: dict, final: str, examples: np.ndarray, output_di
       mode: `latency` (sizes and latency) or `size` (sizes only).
 
     Returns:
-      {mode, num_threads, warmup_runs, timed_runs, batch_sizes, file, file_bytes,
+      {mode, converted: True, num_threads, warmup_runs, timed_runs, batch_sizes, file, file_bytes,
       file_bytes_zipped, max_abs_difference (interpreter vs Keras outputs of the
       final model on `examples`), models: {name: `model_entry`}, xnnpack_policy
-      (`xnnpack_policy` of the first model), conversion_seconds, latency_seconds}.
+      (`xnnpack_policy` of the first model), conversion_seconds, latency_seconds};
+      when TFLite's converter refuses a model (e.g. the LSTM of `--model=rnn`
+      with builtin ops only): {mode, converted: False, reason
+      (`converter_reason`), xnnpack_policy, conversion_seconds}, and no file is
+      written, so the run's other outputs are kept.
     """
     if mode not in DEPLOY_MODES[:2]:
         raise ValueError(f"mode must be one of {DEPLOY_MODES[:2]}, got {mode!r}")
+    from tensorflow.lite.python.convert_phase import ConverterError  # not in tf.lite's API
+
     latency = mode == "latency"
     start = time.time()
-    flatbuffers = {name: to_tflite(model) for name, model in models.items()}
+    try:
+        flatbuffers = {name: to_tflite(model) for name, model in models.items()}
+    except ConverterError as error:  # e.g. the LSTM of --model=rnn (TFLite's builtin ops)
+        return {"mode": mode, "converted": False, "reason": converter_reason(error),
+                "xnnpack_policy": xnnpack_policy(next(iter(models.values()))),
+                "conversion_seconds": time.time() - start}
     converted = time.time()
     entries = {}
     for name, model in models.items():
@@ -221,7 +239,7 @@ def deployment_section(models: dict, final: str, examples: np.ndarray, output_di
     difference = float(np.max(np.abs(predict(flatbuffers[final], x)
                                      - models[final](x, training=False).numpy())))
     return {
-        "mode": mode, "num_threads": NUM_THREADS, "warmup_runs": WARMUP_RUNS,
+        "mode": mode, "converted": True, "num_threads": NUM_THREADS, "warmup_runs": WARMUP_RUNS,
         "timed_runs": TIMED_RUNS, "batch_sizes": list(BATCH_SIZES),
         "file": f"model/{TFLITE_NAME}", "final_model": final,
         "file_bytes": path.stat().st_size, "file_bytes_zipped": zipped_size(flatbuffers[final]),

@@ -316,6 +316,9 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     if config.deploy != "none":
         phase("deploy")
         summary["deployment"] = _deployment(config, data, full_pp, pp, weights, output_dir)
+        if not summary["deployment"]["converted"]:
+            log(f"deploy: no model.tflite, TFLite's converter refused the model: "
+                f"{summary['deployment']['reason']}")
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
     run_files.write_figures(config, rows, output_dir)
     eps_text = (f"epsilon {rows[-1]['epsilon']:.3g} (delta {config.dp_delta:g})  "
