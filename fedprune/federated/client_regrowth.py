@@ -56,21 +56,11 @@ def grow_scores(rule: str, *, model_fn, trained, update, data, key, fraction,
       fraction: f_r; `gradient` computes nothing when it is 0.
       kernel_indices: positions of the pruned kernels among the trainable weights.
     """
-    import tensorflow as tf
-
-    shapes = [trained.trainable[i].shape for i in kernel_indices]
     if rule == "random":
+        shapes = [trained.trainable[i].shape for i in kernel_indices]
         return regrowth.random_scores(shapes, quantization.fold_in_fingerprint(key, update))
-    model = model_fn()
-
-    @tf.function
-    def dense_gradients():
-        return regrow_gradients.mean_kernel_gradients(model, trained, data, kernel_indices)
-
-    def no_gradients():
-        return tuple(tf.zeros(shape, tf.float32) for shape in shapes)
-
-    return regrow_gradients.gradient_scores(tf.cond(fraction > 0, dense_gradients, no_gradients))
+    return regrow_gradients.gradient_scores(regrow_gradients.kernel_gradients_if(
+        fraction > 0, model_fn(), trained, data, kernel_indices))
 
 
 def adjust_masks(kernels, masks, fraction, scores) -> tuple[list, list]:

@@ -85,14 +85,7 @@ def build_client_gradients(*, model_fn, weights_type, data_type, layout: Pruning
         masks = [broadcast.non_trainable[j] for j in mask_idx]
         fraction = table_lookup(fractions, round_num + 1)
 
-        @tf.function
-        def dense_gradients():
-            return mean_kernel_gradients(model, broadcast, data, kernel_idx)
-
-        def no_gradients():
-            return tuple(tf.zeros(shape, tf.float32) for shape in shapes)
-
-        dense = tf.cond(fraction > 0, dense_gradients, no_gradients)
+        dense = kernel_gradients_if(fraction > 0, model, broadcast, data, kernel_idx)
         uploads, entries = [], tf.constant(0, tf.int64)
         for gradient, mask, shape in zip(dense, masks, shapes, strict=True):
             k = regrowth.grow_count(mask, fraction)  # 0 without an adjustment
@@ -102,6 +95,24 @@ def build_client_gradients(*, model_fn, weights_type, data_type, layout: Pruning
         return tuple(uploads), entries * encodings.TOP_K_ENTRY_BYTES
 
     return client_gradients
+
+
+def kernel_gradients_if(needed, model, weights, data, kernel_indices) -> tuple:
+    """`mean_kernel_gradients` when the bool tensor `needed` holds, else zeros (TF ops).
+
+    The pass over the client's data runs only in rounds that use it (an
+    adjustment round); the assignments run inside their own `tf.function`.
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def dense_gradients():
+        return mean_kernel_gradients(model, weights, data, kernel_indices)
+
+    def no_gradients():
+        return tuple(tf.zeros(weights.trainable[i].shape, tf.float32) for i in kernel_indices)
+
+    return tf.cond(needed, dense_gradients, no_gradients)
 
 
 def mean_kernel_gradients(model, weights, data, kernel_indices) -> tuple:

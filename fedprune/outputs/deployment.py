@@ -167,16 +167,15 @@ def _nonzero(model) -> int:
     return int(sum(np.count_nonzero(w) for w in model.get_weights()))
 
 
-def model_entry(model, examples: np.ndarray, *, latency: bool, sparse_variant: bool,
-                data: bytes | None = None) -> tuple[dict, bytes]:
-    """One model's numbers and its flatbuffer.
+def model_entry(model, data: bytes, examples: np.ndarray, *, latency: bool,
+                sparse_variant: bool) -> dict:
+    """One model's numbers, given its flatbuffer `data` (`to_tflite(model)`).
 
     Returns:
-      ({params, nonzero_params, tflite_bytes, tflite_bytes_zipped, latency_ms
+      {params, nonzero_params, tflite_bytes, tflite_bytes_zipped, latency_ms
       (None without `latency`), and with `sparse_variant` `sparsity_format`: the
-      same for the EXPERIMENTAL_SPARSITY conversion}, flatbuffer).
+      same for the EXPERIMENTAL_SPARSITY conversion}.
     """
-    data = to_tflite(model) if data is None else data
     entry = {"params": int(sum(np.size(w) for w in model.get_weights())),
              "nonzero_params": _nonzero(model),
              "tflite_bytes": len(data), "tflite_bytes_zipped": zipped_size(data),
@@ -186,7 +185,7 @@ def model_entry(model, examples: np.ndarray, *, latency: bool, sparse_variant: b
         entry["sparsity_format"] = {
             "tflite_bytes": len(sparse), "tflite_bytes_zipped": zipped_size(sparse),
             "latency_ms": measure_latency(sparse, examples) if latency else None}
-    return entry, data
+    return entry
 
 
 def deployment_section(models: dict, final: str, examples: np.ndarray, output_dir: Path, *,
@@ -225,11 +224,9 @@ def deployment_section(models: dict, final: str, examples: np.ndarray, output_di
                 "xnnpack_policy": xnnpack_policy(next(iter(models.values()))),
                 "conversion_seconds": time.time() - start}
     converted = time.time()
-    entries = {}
-    for name, model in models.items():
-        entries[name], _ = model_entry(model, examples, latency=latency,
-                                       sparse_variant=name == "pruned",
-                                       data=flatbuffers[name])
+    entries = {name: model_entry(model, flatbuffers[name], examples, latency=latency,
+                                 sparse_variant=name == "pruned")
+               for name, model in models.items()}
     measured = time.time()
     model_dir = output_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
