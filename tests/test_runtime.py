@@ -643,6 +643,56 @@ def test_sigterm_that_skips_the_driver_handler_still_reports_one_line(tmp_path, 
         "interrupted (SIGTERM); completed rounds are kept: rerun with --resume to continue"]
 
 
+_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import atexit, sys
+    from experiments import common
+
+
+    class Finalized:
+        def __del__(self):  # runs in the interpreter's teardown, which `common.run` skips
+            print("finalized", flush=True)
+
+
+    KEEP = Finalized()
+    atexit.register(lambda: print("atexit hook ran", flush=True))
+
+
+    def main(argv):
+        print("main ran", flush=True)
+        if HOW == "return":
+            return 3
+        if HOW == "fail":
+            common.fail("--x=1: expected y")
+        raise ValueError("boom")
+
+
+    HOW = sys.argv.pop(1)
+    common.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize(("how", "status", "stderr_tail"), [
+    ("return", 3, []),
+    ("fail", 2, ["error: --x=1: expected y"]),
+    ("raise", 1, ["ValueError: boom"]),
+])
+def test_driver_exits_with_its_status_after_atexit_without_teardown(tmp_path, how, status,
+                                                                    stderr_tail):
+    """`common.run` ends by `os._exit` after the atexit hooks: the status main gave, no
+    finalizers (the interpreter's teardown crashed with SIGSEGV once after a complete run)."""
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), how], capture_output=True,
+                            text=True, env=_child_env(), timeout=CHILD_TIMEOUT_S)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert result.stdout == "main ran\natexit hook ran\n"  # and no "finalized"
+    lines = result.stderr.splitlines()
+    assert lines[len(lines) - len(stderr_tail):] == stderr_tail
+    assert ("Traceback (most recent call last):" in result.stderr) is (how == "raise")
+
+
 def _new_worker(before: set[int]) -> psutil.Process:
     (worker,) = [p for p in workers.worker_descendants() if p.pid not in before]
     return worker
