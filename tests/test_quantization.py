@@ -197,6 +197,43 @@ def test_tf_int8_is_within_a_step_and_unbiased_over_seeds(density):
     np.testing.assert_array_equal(fp16, x.astype(np.float16).astype(np.float32))
 
 
+def test_quantize_update_rounds_the_float_fields_and_passes_the_masks():
+    """The seed scheme of module `quantization`: tensor i of the chosen fields (in field
+    order) uses fold_in(client_seed(seed, round, <those tensors>), i); masks pass as bits."""
+    import collections
+
+    import tensorflow as tf
+
+    from fedprune.federated import quantization
+
+    delta = (sparse_tensor((13, 11), 0.4, seed=1), sparse_tensor((11,), 1.0, seed=2))
+    mask = (delta[0] != 0).astype(np.float32)
+    payload = collections.OrderedDict(delta=delta, kept=(mask,), kept_values=(0.5 * delta[0],))
+    round_num = tf.constant(2, tf.int32)
+    ours = quantization.quantize_update(payload, enc.INT8, 3, round_num,
+                                        quantization.QUANTIZED_PAYLOAD_FIELDS)
+    assert list(ours) == ["delta", "kept", "kept_values"]
+    np.testing.assert_array_equal(ours["kept"][0], mask)  # bits, untouched
+    chosen = [*delta, payload["kept_values"][0]]
+    base = quantization.client_seed(3, round_num, [tf.constant(t) for t in chosen])
+    decoded = [*ours["delta"], *ours["kept_values"]]
+    for i, (x, y) in enumerate(zip(chosen, decoded, strict=True)):
+        expected = quantization.quantize_dequantize(
+            tf.constant(x), enc.INT8, tf.random.experimental.stateless_fold_in(base, i))
+        np.testing.assert_array_equal(y, expected)
+        assert not np.asarray(y)[x == 0].any()
+        assert np.abs(np.asarray(y) - x).max() < enc.int8_scale(x) * (1 + 1e-5)
+        assert not np.array_equal(y, x)
+    # A plain delta (no fields): every tensor, the seed fingerprinting all of them.
+    plain = quantization.quantize_update(delta, enc.INT8, 3, round_num)
+    base = quantization.client_seed(3, round_num, [tf.constant(t) for t in delta])
+    for i, (x, y) in enumerate(zip(delta, plain, strict=True)):
+        np.testing.assert_array_equal(y, quantization.quantize_dequantize(
+            tf.constant(x), enc.INT8, tf.random.experimental.stateless_fold_in(base, i)))
+    # The kept values' seed differs from the delta's: another fingerprint.
+    assert not np.array_equal(plain[0], ours["delta"][0])
+
+
 @pytest.mark.parametrize("quantization", [enc.NO_QUANTIZATION, *QUANTIZED])
 def test_tf_uplink_bytes_equal_the_encoded_payloads(quantization):
     import tensorflow as tf
