@@ -419,7 +419,9 @@ def test_int8_run_resumes_to_the_uninterrupted_numbers(tmp_path):
 # ----------------------------------------------------------------------------
 # Pruning clients (`--masking=client|both`): quantized payloads.
 
-PRUNING_CASES = [(m, q) for m in ("client", "both") for q in QUANTIZED]
+# Each pruning mode and each quantization once: the payload differs per mode, the
+# error bound per quantization; the quantizer is one function for all of them.
+PRUNING_CASES = [("client", "fp16"), ("both", "int8")]
 PRUNING_ROUNDS = 2
 
 
