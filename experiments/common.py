@@ -219,9 +219,9 @@ _SPECS = {
     "upload_quantization": _Spec(TRAINING, "Wire format of the values clients upload: none "
                                            "(float32), fp16 (half floats) or int8 (a float32 "
                                            "scale max|x|/127 per tensor, stochastic rounding); "
-                                           "the server dequantizes before the mean. bytes_up "
-                                           "counts the values at that width. Needs "
-                                           "--masking=server|none and --dp=none."),
+                                           "the server dequantizes before the mean. Pruning "
+                                           "clients' masks go as bits. bytes_up counts the "
+                                           "values at that width. Needs --dp=none."),
     "eval_every": _Spec(OUTPUTS, "Evaluate the global model on the test set every this many "
                                  "rounds (and at the last round); other rows of metrics.csv "
                                  "leave test_loss/test_accuracy blank."),

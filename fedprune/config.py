@@ -167,7 +167,7 @@ class ExperimentConfig:
             delta=self.dp_delta, num_clients=self.num_clients or None,
             client_sampling=self.client_sampling, accountant=self.dp_accountant,
             masking=self.masking)
-        masking_modes.check_upload_quantization(mode, self.upload_quantization)
+        masking_modes.check_upload_quantization(self.upload_quantization)
         check(self.upload_quantization == "none" or self.dp == "none", "upload_quantization",
               self.upload_quantization, f"none with --dp={self.dp} (the DP accounting does not "
               "cover quantization noise)")

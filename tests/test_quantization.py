@@ -142,26 +142,26 @@ def test_default_keeps_the_fingerprint_and_other_values_change_it():
 
 
 @pytest.mark.parametrize("quantization", QUANTIZED)
-def test_refused_with_dp_and_with_pruning_clients(quantization):
+def test_refused_with_dp_and_accepted_with_pruning_clients(quantization):
     with pytest.raises(InvalidArgument) as dp:
         ExperimentConfig(masking="server", dp="fixed",
                          upload_quantization=quantization).validate()
     assert str(dp.value) == (f"--upload_quantization={quantization!r}: expected none with "
                              "--dp=fixed (the DP accounting does not cover quantization noise)")
-    with pytest.raises(InvalidArgument, match="--upload_quantization.*--masking=none|server"):
-        ExperimentConfig(masking="both", upload_quantization=quantization).validate()
+    for changes in [dict(masking="client"), dict(masking="both"),
+                    dict(masking="both", regrow="random", regrow_at="client"),
+                    dict(masking="both", prune_granularity="step")]:
+        config = ExperimentConfig(upload_quantization=quantization, **changes).validate()
+        assert config.fingerprint() != ExperimentConfig(**changes).validate().fingerprint()
 
 
-@pytest.mark.parametrize(("args", "accepted"), [
-    (["--masking=server", "--dp=fixed", "--upload_quantization=int8"],
-     "none with --dp=fixed (the DP accounting does not cover quantization noise)"),
-    (["--masking=client", "--upload_quantization=fp16"], "none with --masking=client"),
-])
-def test_command_line_refuses_with_one_line(args, accepted, tmp_path):
+def test_command_line_refuses_dp_with_one_line():
     import subprocess
     import sys
     from pathlib import Path
 
+    args = ["--masking=server", "--dp=fixed", "--upload_quantization=int8"]
+    accepted = "none with --dp=fixed (the DP accounting does not cover quantization noise)"
     result = subprocess.run([sys.executable, "-m", "experiments.run", "--only_check_args", *args],
                             cwd=Path(__file__).resolve().parents[1], capture_output=True,
                             text=True, stdin=subprocess.DEVNULL, timeout=120)
@@ -195,6 +195,43 @@ def test_tf_int8_is_within_a_step_and_unbiased_over_seeds(density):
     assert np.all(np.abs(decoded.mean(axis=0, dtype=np.float64) - x) <= 4.5 * stderr + 1e-9)
     fp16 = quantization.quantize_dequantize(tf.constant(x), enc.FP16).numpy()
     np.testing.assert_array_equal(fp16, x.astype(np.float16).astype(np.float32))
+
+
+def test_quantize_update_rounds_the_float_fields_and_passes_the_masks():
+    """The seed scheme of module `quantization`: tensor i of the chosen fields (in field
+    order) uses fold_in(client_seed(seed, round, <those tensors>), i); masks pass as bits."""
+    import collections
+
+    import tensorflow as tf
+
+    from fedprune.federated import quantization
+
+    delta = (sparse_tensor((13, 11), 0.4, seed=1), sparse_tensor((11,), 1.0, seed=2))
+    mask = (delta[0] != 0).astype(np.float32)
+    payload = collections.OrderedDict(delta=delta, kept=(mask,), kept_values=(0.5 * delta[0],))
+    round_num = tf.constant(2, tf.int32)
+    ours = quantization.quantize_update(payload, enc.INT8, 3, round_num,
+                                        quantization.QUANTIZED_PAYLOAD_FIELDS)
+    assert list(ours) == ["delta", "kept", "kept_values"]
+    np.testing.assert_array_equal(ours["kept"][0], mask)  # bits, untouched
+    chosen = [*delta, payload["kept_values"][0]]
+    base = quantization.client_seed(3, round_num, [tf.constant(t) for t in chosen])
+    decoded = [*ours["delta"], *ours["kept_values"]]
+    for i, (x, y) in enumerate(zip(chosen, decoded, strict=True)):
+        expected = quantization.quantize_dequantize(
+            tf.constant(x), enc.INT8, tf.random.experimental.stateless_fold_in(base, i))
+        np.testing.assert_array_equal(y, expected)
+        assert not np.asarray(y)[x == 0].any()
+        assert np.abs(np.asarray(y) - x).max() < enc.int8_scale(x) * (1 + 1e-5)
+        assert not np.array_equal(y, x)
+    # A plain delta (no fields): every tensor, the seed fingerprinting all of them.
+    plain = quantization.quantize_update(delta, enc.INT8, 3, round_num)
+    base = quantization.client_seed(3, round_num, [tf.constant(t) for t in delta])
+    for i, (x, y) in enumerate(zip(delta, plain, strict=True)):
+        np.testing.assert_array_equal(y, quantization.quantize_dequantize(
+            tf.constant(x), enc.INT8, tf.random.experimental.stateless_fold_in(base, i)))
+    # The kept values' seed differs from the delta's: another fingerprint.
+    assert not np.array_equal(plain[0], ours["delta"][0])
 
 
 @pytest.mark.parametrize("quantization", [enc.NO_QUANTIZATION, *QUANTIZED])
@@ -377,3 +414,209 @@ def test_int8_run_resumes_to_the_uninterrupted_numbers(tmp_path):
         for key in columns:
             assert a[key] == b[key], (a["round"], key)
     assert float(whole[-1]["mask_entropy_bits"]) > 0  # round 4 broadcasts round 3's masks
+
+
+# ----------------------------------------------------------------------------
+# Pruning clients (`--masking=client|both`): quantized payloads.
+
+# Each pruning mode and each quantization once: the payload differs per mode, the
+# error bound per quantization; the quantizer is one function for all of them.
+PRUNING_CASES = [("client", "fp16"), ("both", "int8")]
+PRUNING_ROUNDS = 2
+
+
+def _pruning_process(client_data, masking_mode, quantization):
+    from fedprune.federated import process as fp_process
+    from fedprune.model import builders
+    from fedprune.pruning import masking, schedules
+
+    return fp_process.build_pruning_process(
+        model_builder=lambda: builders.mlp((64,), 10, hidden=(50,)), num_rounds=3,
+        input_spec=client_data[0].element_spec, masking=masking_mode,
+        schedule=schedules.PolynomialDecay(0.5, 0.8, begin_round=1, end_round=2, power=3),
+        mask_spec=masking.MaskSpec(), client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+        server_optimizer=fp_process.make_optimizer("sgd", 1.0), seed=0,
+        upload_quantization=quantization)
+
+
+def _kept(size, sparsity):
+    # tfmot's count of kept weights: max(round(N * (1 - s)), 1), in float32.
+    return max(int(np.round(np.float32(size) * (np.float32(1) - np.float32(sparsity)))), 1)
+
+
+def _encoded_payload_bytes(payload, known, quantization):
+    """One pruning client's upload, encoded: each delta tensor in its smallest
+    quantized encoding (`encodings.encode`) plus its kernel masks as bitmaps."""
+    total = 0
+    for tensor, mask in zip([np.asarray(t) for t in payload["delta"]], known, strict=True):
+        name, size = enc.smallest_encoding(tensor, known_mask=mask, quantization=quantization)
+        encoded = enc.encode(tensor, name, mask=mask if name == enc.MASKED_VALUES else None,
+                             quantization=quantization)
+        assert len(encoded) == size
+        total += len(encoded)
+    return total + sum(len(np.packbits(np.asarray(m) > 0).tobytes()) for m in payload["kept"])
+
+
+@pytest.mark.usefixtures("tff_local_context")
+@pytest.mark.parametrize(("masking_mode", "quantization"), PRUNING_CASES)
+def test_pruning_clients_upload_quantized_values_and_bit_masks(client_data, masking_mode,
+                                                               quantization):
+    """bytes_up is the encoded payload, the masks are exact, the run deterministic, and the
+    aggregate within the quantization error of the unquantized one."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from fedprune.federated import process as fp_process
+    from fedprune.federated import quantization as quantization_lib
+    from fedprune.federated.client_work import build_pruning_client_work
+    from fedprune.pruning import mask_aggregation, masking
+
+    pp = _pruning_process(client_data, masking_mode, quantization)
+    sizes = [k.size for k in pp.layout.kernels]
+    runs = []
+    for _ in range(2):
+        state = pp.process.initialize()
+        history, sent = [pp.process.get_model_weights(state)], []
+        for _ in range(PRUNING_ROUNDS):
+            output = pp.process.next(state, client_data)
+            state = output.state
+            history.append(pp.process.get_model_weights(state))
+            sent.append(int(output.metrics["client_work"]["uplink_bytes"]))
+            diagnostics = output.metrics["finalizer"]["masks"]
+            level = pp.table.sparsity[len(history) - 1]
+            # Every client keeps exactly the level's count: the masks are bits, not quantized.
+            kept = sum(_kept(n, level) for n in sizes)
+            assert float(diagnostics["client_sparsity"]) == pytest.approx(
+                1 - kept / sum(sizes), abs=1e-6)
+        runs.append((history, sent))
+    (history, sent), (again, sent_again) = runs
+    assert sent == sent_again  # (d) the same seed, the same run
+    for a, b in zip(history, again, strict=True):
+        for x, y in zip([*a.trainable, *a.non_trainable], [*b.trainable, *b.non_trainable],
+                        strict=True):
+            np.testing.assert_array_equal(x, y)
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            pp.keras_model_fn(),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=client_data[0].element_spec,
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+
+    work = build_pruning_client_work(
+        model_fn=model_fn, client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+        masking=masking_mode, layout=pp.layout, table=pp.table, mask_spec=masking.MaskSpec(),
+        upload_quantization=quantization)
+    work_state = work.initialize()
+    for r in range(1, PRUNING_ROUNDS + 1):
+        broadcast, server = history[r - 1], history[r]
+        direct = work.next(work_state, [broadcast] * NUM_CLIENTS, client_data)
+        work_state = direct.state
+        known = [None] * len(broadcast.trainable)
+        for k in pp.layout.kernels:
+            known[k.trainable_index] = np.asarray(broadcast.non_trainable[k.mask_index])
+        # (a) bytes_up: the clients' encoded quantized payloads and mask bitmaps.
+        payload = sum(_encoded_payload_bytes(c.update, known, quantization)
+                      for c in direct.result)
+        assert int(direct.measurements["uplink_bytes"]) == payload == sent[r - 1], r
+        # (b) the server's model: zero off its mask; in `both` the mask holds the
+        # schedule's level exactly, in `client` the union of the clients' masks.
+        level = pp.table.sparsity[r]
+        for j, k in enumerate(pp.layout.kernels):
+            mask = np.asarray(server.non_trainable[k.mask_index])
+            kernel = np.asarray(server.trainable[k.trainable_index])
+            assert np.count_nonzero(kernel) == mask.sum(), (r, k.name)
+            if masking_mode == "both":
+                assert mask.sum() == _kept(k.size, level), (r, k.name)
+            else:
+                union = np.any([np.asarray(c.update["kept"][j]) > 0 for c in direct.result], 0)
+                np.testing.assert_array_equal(mask, union.astype(np.float32))
+                assert _kept(k.size, level) < mask.sum() < k.size
+
+    # (c) The aggregate of round 2's payloads: quantized vs not.
+    payloads = [c.update for c in direct.result]
+    weights = [float(c.update_weight) for c in direct.result]
+    value_type = work.next.type_signature.result.result.member.update
+    weight_type = tff.TensorType(np.float32)
+    plain = mask_aggregation.build_mask_aggregator().create(value_type, weight_type)
+    quantized = quantization_lib.build_quantized_mean_factory(
+        quantization, seed=0, inner=mask_aggregation.build_mask_aggregator(),
+        fields=quantization_lib.QUANTIZED_PAYLOAD_FIELDS).create(value_type, weight_type)
+    exact = plain.next(plain.initialize(), payloads, weights).result
+    ours = quantized.next(quantized.initialize(), payloads, weights).result
+    assert float(ours["num_clients"]) == float(exact["num_clients"]) == NUM_CLIENTS
+    for a, b in zip(ours["kept_count"], exact["kept_count"], strict=True):
+        np.testing.assert_array_equal(a, b)  # keep counts: unchanged
+    for a, b in zip(ours["mean"]["kept"], exact["mean"]["kept"], strict=True):
+        np.testing.assert_array_equal(a, b)  # the masks are not quantized
+    differ = 0
+    for field in quantization_lib.QUANTIZED_PAYLOAD_FIELDS:
+        for i, (a, b) in enumerate(zip(ours["mean"][field], exact["mean"][field], strict=True)):
+            a, b = np.asarray(a), np.asarray(b)
+            peak = max(np.abs(np.asarray(p[field][i])).max() for p in payloads)
+            # A weighted mean is off by at most its clients' largest error: int8
+            # below one step max|x| / 127 of the client's tensor; fp16 a relative
+            # 2^-11 (2^-25 absolute for half subnormals); plus float32 sums.
+            bound = peak / 127 if quantization == enc.INT8 else peak * 2.0**-11 + 2.0**-25
+            assert np.abs(a - b).max() <= bound * (1 + 1e-3) + 1e-9, (field, i)
+            everyone_zero = np.all([np.asarray(p[field][i]) == 0 for p in payloads], 0)
+            assert not a[everyone_zero].any()  # zeros stay zeros
+            differ += int(np.count_nonzero(a != b))
+    assert differ > 0
+
+
+@pytest.mark.usefixtures("tff_local_context")
+@pytest.mark.parametrize("variant", ["regrow_at_client", "step"])
+def test_quantized_pruning_uploads_compose_with_client_regrowth_and_step_pruning(client_data,
+                                                                                 variant):
+    """`--regrow_at=client` (FedDST) and `--prune_granularity=step` clients upload the same
+    payload: int8 runs are deterministic, exactly at the level, and count 1 byte per value."""
+    from fedprune.federated import process as fp_process
+    from fedprune.model import builders
+    from fedprune.pruning import masking, regrowth, schedules, step_schedule
+
+    schedule = schedules.PolynomialDecay(0.5, 0.8, begin_round=1, end_round=2, power=3)
+    extra = {}
+    if variant == "step":  # 160 examples per client in batches of 16: 10 steps per round
+        extra["step_mapping"] = step_schedule.step_mapping(schedule, steps_per_round=10,
+                                                           prune_every_steps=5)
+    else:
+        extra["regrow"] = regrowth.RegrowSpec(rule="random", end_round=3, at="client")
+    pp = fp_process.build_pruning_process(
+        model_builder=lambda: builders.mlp((64,), 10, hidden=(50,)), num_rounds=3,
+        input_spec=client_data[0].element_spec, masking="both", schedule=schedule,
+        mask_spec=masking.MaskSpec(), client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+        server_optimizer=fp_process.make_optimizer("sgd", 1.0), seed=0,
+        upload_quantization=enc.INT8, **extra)
+    runs = []
+    for _ in range(2):
+        state = pp.process.initialize()
+        weights, sent = [pp.process.get_model_weights(state)], []
+        for _ in range(PRUNING_ROUNDS):
+            output = pp.process.next(state, client_data)
+            state = output.state
+            weights.append(pp.process.get_model_weights(state))
+            sent.append(int(output.metrics["client_work"]["uplink_bytes"]))
+        runs.append((weights, sent))
+    (weights, sent), (again, sent_again) = runs
+    assert sent == sent_again
+    for a, b in zip(weights, again, strict=True):
+        for x, y in zip(a.trainable, b.trainable, strict=True):
+            np.testing.assert_array_equal(x, y)
+    for r in range(1, PRUNING_ROUNDS + 1):
+        for k in pp.layout.kernels:
+            mask = np.asarray(weights[r].non_trainable[k.mask_index])
+            kernel = np.asarray(weights[r].trainable[k.trainable_index])
+            assert mask.sum() == _kept(k.size, pp.table.sparsity[r]), (r, k.name)
+            assert np.count_nonzero(kernel) == mask.sum(), (r, k.name)
+        # A client's payload at most: every tensor as its 4-byte scale and one byte
+        # per value inside the broadcast mask (dense for the biases), and the masks'
+        # bitmaps; at float32 each value would take 4 bytes.
+        broadcast = weights[r - 1]
+        masks = {k.trainable_index: np.asarray(broadcast.non_trainable[k.mask_index])
+                 for k in pp.layout.kernels}
+        values = sum(int(masks[i].sum()) if i in masks else int(np.size(t))
+                     for i, t in enumerate(broadcast.trainable))
+        bitmaps = sum(-(-k.size // 8) for k in pp.layout.kernels)
+        most = 4 * len(broadcast.trainable) + values + bitmaps
+        assert most * 0.9 < sent[r - 1] / NUM_CLIENTS <= most, (r, sent[r - 1], most)

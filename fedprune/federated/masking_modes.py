@@ -190,15 +190,13 @@ def check_dp(mode: MaskingMode, dp: str) -> None:
           f"noise, so the DP guarantee would not hold); use --masking={allowed}")
 
 
-def check_upload_quantization(mode: MaskingMode, quantization: str) -> None:
-    """`--upload_quantization` is known, and other than `none` only for plain-delta uploads.
+def check_upload_quantization(quantization: str) -> None:
+    """`--upload_quantization` is one of `encodings.QUANTIZATIONS`; every `--masking` takes each.
 
-    Pruning clients upload a mask payload (`mask_aggregation.client_payload`)
-    that the quantized mean does not cover.
+    Plain deltas are quantized tensor by tensor, pruning clients' payloads
+    (`mask_aggregation.client_payload`) in their float fields, the masks
+    passing as bits (`quantization.py`). `--dp` is refused separately
+    (`ExperimentConfig.validate`).
     """
     check(quantization in encodings.QUANTIZATIONS, "upload_quantization", quantization,
           "one of " + "|".join(encodings.QUANTIZATIONS))
-    allowed = "|".join(names(lambda m: not m.client_prunes))
-    check(quantization == "none" or not mode.client_prunes, "upload_quantization",
-          quantization, f"none with --masking={mode.name} (pruning clients upload masks and "
-          f"kept values, which are not quantized); use --masking={allowed}")

@@ -197,8 +197,9 @@ def build_pruning_process(
       upload_quantization: `none`, `fp16` or `int8` (`--upload_quantization`):
         clients' deltas are quantized before the weighted mean
         (`quantization.build_quantized_mean_factory` around `model_aggregator`)
-        and `uplink_bytes` counts the values at that width. Modes whose
-        clients prune upload a mask payload and are refused.
+        and `uplink_bytes` counts the values at that width. In modes whose
+        clients prune, the payload's delta and kept values are quantized and
+        its masks pass as bits (around the mask aggregator).
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
@@ -223,7 +224,7 @@ def build_pruning_process(
             regrow.rule, structure=mask_spec.structure, mask_criterion=mask_spec.mask_criterion,
             prune_granularity="round" if step_mapping is None else "step", at=regrow.at)
         masking_modes.check_regrowth(mode, regrow.rule, regrow.at)
-    masking_modes.check_upload_quantization(mode, upload_quantization)
+    masking_modes.check_upload_quantization(upload_quantization)
 
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -304,7 +305,8 @@ def build_pruning_process(
     if step_mapping is not None:
         client_work = build_step_client_work(model_fn=model_fn,
                                              client_optimizer=client_optimizer,
-                                             masking=mode, layout=layout)
+                                             masking=mode, layout=layout,
+                                             upload_quantization=upload_quantization)
     else:
         client_work = build_pruning_client_work(
             model_fn=model_fn,
@@ -322,11 +324,13 @@ def build_pruning_process(
     client_prunes = mode.client_prunes
     if client_prunes:
         factory = mask_aggregation_lib.build_mask_aggregator()
+        fields = quantization.QUANTIZED_PAYLOAD_FIELDS  # the masks go as bits
     else:
         factory = model_aggregator or tff.aggregators.MeanFactory()
-        if upload_quantization != "none":
-            factory = quantization.build_quantized_mean_factory(
-                upload_quantization, seed=seed, inner=factory)
+        fields = None  # a plain delta: every tensor
+    if upload_quantization != "none":
+        factory = quantization.build_quantized_mean_factory(
+            upload_quantization, seed=seed, inner=factory, fields=fields)
     if by_gradient:
         factory = regrow_gradients.build_gradient_aggregator(factory)
     aggregator = factory.create(update_type, tff.TensorType(np.float32))

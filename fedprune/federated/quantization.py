@@ -29,6 +29,19 @@ function of the client's data and the broadcast model, so f tells the
 round's clients apart and is reproducible. Two clients with bit-identical
 updates would draw the same rounding noise.
 
+**Pruning clients** (`--masking=client|both`) upload
+`mask_aggregation.client_payload`, `OrderedDict(delta, kept, kept_values)`:
+the same factory, with `fields=QUANTIZED_PAYLOAD_FIELDS`, quantizes the float
+fields (`delta`, `kept_values`; the seed's fingerprint covers them, in that
+order, and i counts their tensors) and passes the 0/1 masks (`kept`) through
+as bits, around `mask_aggregation.build_mask_aggregator`. Zeros stay zeros,
+so the keep counts and the pruned positions are those of the unquantized
+payload. Per kernel the server reads one of the two float fields (the delta
+for `--mask_aggregation=average|majority`, the kept values for `nonzero`),
+so the wire carries one float tensor per kernel (`client_work.py` counts the
+delta's encoding, which bounds the kept values': those lie inside the
+client's mask, inside the broadcast one).
+
 The numpy codec (`encodings.quantize_int8`) implements the same rule with a
 numpy generator; tests check both against each other's bounds.
 """
@@ -40,6 +53,10 @@ import collections
 import numpy as np
 
 from fedprune.federated.encodings import FP16, INT8, INT8_LEVELS, NO_QUANTIZATION, QUANTIZATIONS
+
+# The fields of `mask_aggregation.client_payload` that hold float values (the
+# third, `kept`, holds the 0/1 masks, which are sent as bits).
+QUANTIZED_PAYLOAD_FIELDS = ("delta", "kept_values")
 
 
 def quantize_dequantize(tensor, quantization: str, seed=None):
@@ -103,7 +120,48 @@ def fold_in_fingerprint(seed, tensors):
     return tf.random.experimental.stateless_fold_in(seed, tf.bitcast(digest, tf.int64))
 
 
-def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None):
+def quantize_update(value, quantization: str, seed: int, round_num, fields=None):
+    """One client's update as the server decodes it (TF ops; the body of the client-side map).
+
+    Args:
+      value: the update: a sequence of float32 tensors, or with `fields` a
+        mapping of named fields (`mask_aggregation.client_payload`).
+      quantization: `fp16` or `int8`.
+      seed: the run's seed.
+      round_num: int32 scalar tensor, the aggregator's round counter.
+      fields: None (every tensor of `value` is quantized) or the names of
+        the fields whose tensors are; the other fields pass through unchanged.
+
+    Returns:
+      A tuple of the dequantized tensors (`fields=None`), else an
+      `OrderedDict` of `value`'s fields in order, the chosen ones dequantized.
+      Tensor i of the quantized ones (in field order) is rounded with seed
+      `stateless_fold_in(client_seed(seed, round_num, <those tensors>), i)`.
+    """
+    import tensorflow as tf
+
+    if fields is None:
+        chosen = list(value)
+    else:
+        chosen = [t for name in fields for t in tf.nest.flatten(value[name])]
+    base = client_seed(seed, round_num, chosen)
+    decoded = [quantize_dequantize(t, quantization,
+                                   tf.random.experimental.stateless_fold_in(base, i))
+               for i, t in enumerate(chosen)]
+    if fields is None:
+        return tuple(decoded)
+    out = collections.OrderedDict()
+    for name in value:
+        if name in fields:
+            count = len(tf.nest.flatten(value[name]))
+            out[name] = tf.nest.pack_sequence_as(value[name], decoded[:count])
+            decoded = decoded[count:]
+        else:
+            out[name] = value[name]
+    return out
+
+
+def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None, fields=None):
     """A weighted aggregation factory that quantizes each client's update first.
 
     Args:
@@ -112,13 +170,16 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None):
         client's update fingerprint it seeds `int8`'s rounding (module docstring).
       inner: the weighted factory of the dequantized updates (default:
         `tff.aggregators.MeanFactory()`).
+      fields: None for a plain delta (a tuple of tensors, all quantized), or
+        the names of the fields of a structured update to quantize, e.g.
+        `QUANTIZED_PAYLOAD_FIELDS` for pruning clients' payloads around
+        `mask_aggregation.build_mask_aggregator()`.
 
     Returns:
       A `tff.aggregators.WeightedAggregationFactory`. Its process's state is
       `OrderedDict(inner=<inner state>, round=int32)@SERVER` and its result
       and measurements are the inner process's.
     """
-    import tensorflow as tf
     import tensorflow_federated as tff
 
     if quantization not in (FP16, INT8):
@@ -134,12 +195,7 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None):
 
             @tff.tensorflow.computation(value_type, round_type)
             def quantize_fn(value, round_num):
-                tensors = list(value)
-                base = client_seed(seed, round_num, tensors)
-                out = [quantize_dequantize(t, quantization,
-                                           tf.random.experimental.stateless_fold_in(base, i))
-                       for i, t in enumerate(tensors)]
-                return tuple(out)
+                return quantize_update(value, quantization, seed, round_num, fields)
 
             @tff.tensorflow.computation(round_type)
             def increment(round_num):

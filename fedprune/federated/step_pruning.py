@@ -39,7 +39,7 @@ import collections
 
 import numpy as np
 
-from fedprune.federated import masking_modes
+from fedprune.federated import encodings, masking_modes
 from fedprune.federated.client_work import uplink_bytes
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.pruning import mask_aggregation
@@ -47,7 +47,8 @@ from fedprune.pruning.wrappers import PruningLayout
 
 
 def build_step_client_work(*, model_fn, client_optimizer, masking: str | MaskingMode,
-                           layout: PruningLayout):
+                           layout: PruningLayout,
+                           upload_quantization: str = encodings.NO_QUANTIZATION):
     """Builds the client work of pruning clients with tfmot's step schedule.
 
     Args:
@@ -56,6 +57,8 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
       client_optimizer: a `tff.learning.optimizers.Optimizer` for local steps.
       masking: a mode whose clients prune (`client`, `both`), or its name.
       layout: positions of pruned kernels, masks and steps.
+      upload_quantization: the wire format of the uploaded values, for the
+        byte count (`quantization.py` does the quantizing, in the aggregator).
 
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
@@ -118,7 +121,7 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
         known = [None] * len(delta)
         for i, j in zip(kernel_idx, mask_idx, strict=True):
             known[i] = broadcast.non_trainable[j]
-        sent = uplink_bytes(delta, known)
+        sent = uplink_bytes(delta, known, upload_quantization)
         sent += sum(-(-int(np.prod(m.shape)) // 8) for m in masks)  # the masks as bitmaps
         kept_values = [trained[i] * m for i, m in zip(kernel_idx, masks, strict=True)]
         payload = mask_aggregation.client_payload(delta, kept_values, masks)
