@@ -24,6 +24,7 @@ the exported model's weights compared with `np.array_equal`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -47,6 +48,7 @@ from cli_runs import (
     snapshot,
 )
 
+from experiments import flagfile
 from fedprune.program import checkpoint
 
 # ----------------------------------------------------------------------------
@@ -106,7 +108,9 @@ def test_same_seed_gives_identical_results_beside_another_run(reference, tmp_pat
 
     Identical to the reference, time columns aside: so runs are deterministic,
     and two concurrent runs (own folders, own workers) do not interfere. The
-    seed-1 run differs (the seed matters).
+    seed-1 run differs (the seed matters). The second run is started from the
+    reference's `flags.txt` alone: a run's flagfile
+    reproduces it (the same flagfile, fingerprint and provenance).
 
     Nothing had to be switched on for this: every random choice is a pure
     function of (--seed, round[, client]) -- the partition, the initial weights
@@ -122,7 +126,8 @@ def test_same_seed_gives_identical_results_beside_another_run(reference, tmp_pat
     """
     reference_dir, _ = reference
     dir_a, dir_b = tmp_path / "a", tmp_path / "b"
-    runs = [Cli(*FLAGS, f"--output_dir={dir_a}"), Cli(*FLAGS, "--seed=1", f"--output_dir={dir_b}")]
+    runs = [Cli(f"--flagfile={reference_dir / flagfile.FLAGFILE_NAME}", f"--output_dir={dir_a}"),
+            Cli(*FLAGS, "--seed=1", f"--output_dir={dir_b}")]
     try:
         for cli in runs:
             assert cli.wait() == 0, cli.stderr_lines
@@ -133,6 +138,11 @@ def test_same_seed_gives_identical_results_beside_another_run(reference, tmp_pat
     assert not set(runs[0].workers) & set(runs[1].workers)
     assert_same_results(dir_a, reference_dir)
     assert metrics_without_time(dir_a) != metrics_without_time(dir_b)  # the seed matters
+    assert ((dir_a / flagfile.FLAGFILE_NAME).read_text()
+            == (reference_dir / flagfile.FLAGFILE_NAME).read_text())
+    first, second = (json.loads((d / "config.json").read_text()) for d in (reference_dir, dir_a))
+    assert second["fingerprint"] == first["fingerprint"]
+    assert second["provenance"] == first["provenance"]
 
 
 # ----------------------------------------------------------------------------
