@@ -454,14 +454,17 @@ def test_exported_model_loads_with_plain_keras_at_the_reported_sparsity(smoke_ru
 
 
 @pytest.mark.slow
-def test_step_run_records_its_round_to_step_mapping(tmp_path):
+def test_step_run_records_its_round_to_step_mapping(tmp_path, tff_local_context):
+    """In-process (`loop.run_experiment`, what the CLI calls after its flags)."""
+    from fedprune.program import loop
+
     # 4 clients of 172, 384, 500 and 381 digits (Dirichlet 0.5, seed 0): 11, 24, 32
     # and 24 steps of 16, mean 22.75 -> 23 steps per round (tests/test_step_pruning.py).
     output_dir = tmp_path / "run"
-    result = _cli(["--prune_granularity=step", "--masking=client", "--rounds=2",
-                   "--end_round=2", "--num_clients=4", "--clients_per_round=4",
-                   f"--output_dir={output_dir}"], cwd=REPO_ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = ExperimentConfig(prune_granularity="step", masking="client", rounds=2,
+                              end_round=2, num_clients=4, clients_per_round=4,
+                              deploy="none").validate()
+    loop.run_experiment(config, output_dir, log=lambda line: None)
     saved = json.loads((output_dir / "config.json").read_text())
     assert saved["config"]["prune_granularity"] == "step"
     assert saved["config"]["steps_per_round"] == 0  # the flag; the resolved value:
