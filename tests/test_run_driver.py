@@ -6,7 +6,7 @@ stderr, so one subprocess shows the exit status, the error line (the stderr
 lines that are not import-time lines), that no `tensorflow*` module was
 imported, and that nothing was written. No case waits on the clock: what
 keeps these fast is that TensorFlow is not imported (`import
-tensorflow_federated` alone takes ~10 s), and that is what is checked; the
+tensorflow_federated` alone takes ~6 s), and that is what is checked; the
 subprocess timeouts only guard against hangs.
 
 The smoke run (2 rounds, 4 clients, a few non-default flags; `slow`: it
