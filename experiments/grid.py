@@ -6,6 +6,8 @@ grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
 
     --schedules × (--powers for polynomial) × --final_sparsities × --maskings
       [× --prune_granularities for modes whose clients prune]
+      × --sparsity_distributions
+      × (--regrows [× --regrow_ats for regrow other than none], for modes that fit)
       [× --dp_noise_multipliers] × --seeds
 
 Dense training (`none` in --schedules, any schedule that never prunes) is one
@@ -13,7 +15,21 @@ cell per seed with `masking=none`, not one per sparsity and masking. Schedules
 that read `--power` (polynomial) get one variant per `--powers` value. Only
 modes whose clients prune (`MaskingMode.client_prunes`) have a choice of when
 they prune, so only their cells are crossed with --prune_granularities; the
-other modes' cells are at `round` granularity, once. Each cell trains into its
+other modes' cells are at `round` granularity, once. Dense cells have no layer
+budgets and no topology to adjust: they are at `uniform` and `--regrow=none`,
+whatever --sparsity_distributions and --regrows list. Pruned cells are crossed
+with every --sparsity_distributions value (`erk`: per-layer budgets,
+`fedprune/pruning/layer_budgets.py`) and every --regrows value (dynamic sparse
+training, `fedprune/pruning/regrowth.py`: `random` is SET, `gradient` RigL);
+only cells that regrow are crossed with --regrow_ats, and a (masking, regrow_at)
+pair that `masking_modes.check_regrowth` refuses is left out of the grid, as
+granularity is for modes whose clients do not prune: `--maskings=server,both
+--regrows=none,random,gradient --regrow_ats=server,client` is the static
+server and both cells, both modes' SET and RigL at the server and the both
+mode's at the clients (FedDST), without naming invalid cells one by one. A
+grid whose listed regrowth fits none of its --maskings (e.g. only
+`--maskings=client` with --regrows=random, or --regrow_ats=client without
+`both`) is refused with one line naming --regrows or --regrow_ats. Each cell trains into its
 own folder `<root>/<cell name>` with `loop.run_experiment`, beside its
 flags.txt (`experiments.run --flagfile=<cell>/flags.txt` reruns it); a cell whose
 `summary.json` is present with the cell's config fingerprint is complete and is
@@ -42,7 +58,7 @@ from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
 from fedprune.federated import masking_modes
 from fedprune.outputs import atomic_files
-from fedprune.pruning import step_schedule
+from fedprune.pruning import layer_budgets, regrowth, step_schedule
 from fedprune.pruning.schedules import SCHEDULES
 
 FLAGS = flags.FLAGS
@@ -56,7 +72,9 @@ _PRUNING_CLIENT_MASKINGS = masking_modes.names(lambda mode: mode.client_prunes)
 # would be silently overridden, so it is rejected.
 CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "final_sparsities",
                "masking": "maskings", "prune_granularity": "prune_granularities",
-               "dp_noise_multiplier": "dp_noise_multipliers", "seed": "seeds"}
+               "sparsity_distribution": "sparsity_distributions", "regrow": "regrows",
+               "regrow_at": "regrow_ats", "dp_noise_multiplier": "dp_noise_multipliers",
+               "seed": "seeds"}
 # Flags that only --prune_granularity=step reads (and round refuses at other values).
 _STEP_ONLY_FIELDS = ("steps_per_round", "prune_every_steps")
 # Dimensions a grid may leave out (an empty grid flag): the base flag then applies.
@@ -68,10 +86,24 @@ KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without 
 GRANULARITY_KEY = "granularity"
 DEFAULT_GRANULARITY = ExperimentConfig.prune_granularity  # round
 DP_KEY = "dp_noise_multiplier"  # added to the row keys of DP grids
+# Dynamic-sparse-training row keys (after the granularity, in this order): each is a key of
+# the grids that list a value other than its default (`GridSpec.shown_keys`).
+DISTRIBUTION_KEY = "sparsity_distribution"
+REGROW_KEY = "regrow"
+REGROW_AT_KEY = "regrow_at"
+DEFAULT_DISTRIBUTION = ExperimentConfig.sparsity_distribution  # uniform
+DEFAULT_REGROW = ExperimentConfig.regrow  # none
+DEFAULT_REGROW_AT = ExperimentConfig.regrow_at  # server
+# Row keys a grid shows only when it lists a value other than the default, in key order:
+# key -> (config field, default).
+OPTIONAL_KEYS = {GRANULARITY_KEY: ("prune_granularity", DEFAULT_GRANULARITY),
+                 DISTRIBUTION_KEY: ("sparsity_distribution", DEFAULT_DISTRIBUTION),
+                 REGROW_KEY: ("regrow", DEFAULT_REGROW),
+                 REGROW_AT_KEY: ("regrow_at", DEFAULT_REGROW_AT)}
 # The row of the dense cells: the baseline of paired differences (`grid_results`). Keys a
 # table does not have (e.g. granularity) are ignored.
 DENSE_KEY = {"schedule": DENSE, "final_sparsity": 0.0, "masking": "none",
-             GRANULARITY_KEY: DEFAULT_GRANULARITY}
+             **{key: default for key, (_, default) in OPTIONAL_KEYS.items()}}
 # Also row keys, in front, when they differ between a table's runs (Table 3 mixes them).
 VARYING_KEYS = ("model", "structure")
 # --parallel_cells=0 starts at most one child per this much available memory (a child
@@ -106,6 +138,19 @@ def define_grid_flags() -> None:
                       + "|".join(_PRUNING_CLIENT_MASKINGS) + "); the other modes' cells are at "
                       f"{DEFAULT_GRANULARITY} granularity, once. --steps_per_round and "
                       "--prune_every_steps apply to the step cells.")
+    flags.DEFINE_list("sparsity_distributions", [DEFAULT_DISTRIBUTION],
+                      "Per-layer sparsity budgets of the pruned cells ("
+                      + "|".join(layer_budgets.DISTRIBUTIONS) + "), one cell each; dense cells "
+                      f"are at {DEFAULT_DISTRIBUTION}, once.")
+    flags.DEFINE_list("regrows", [DEFAULT_REGROW],
+                      "Prune and regrow of the pruned cells (" + "|".join(regrowth.RULES)
+                      + "; random = SET, gradient = RigL), one cell each for the --maskings "
+                      "that fit (the others are left out); dense cells do not regrow.")
+    flags.DEFINE_list("regrow_ats", [DEFAULT_REGROW_AT],
+                      "Who adjusts the topology of the regrowing cells ("
+                      + "|".join(regrowth.PLACES) + "), one cell each for the --maskings that "
+                      f"fit (client: both); cells with --regrows={DEFAULT_REGROW} are at "
+                      f"{DEFAULT_REGROW_AT}, once.")
     flags.DEFINE_list("dp_noise_multipliers", [], "DP noise multipliers, one cell each (with "
                       "--dp=fixed|adaptive); empty: --dp_noise_multiplier for every cell.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; tables show mean ± 95% CI over them.")
@@ -166,24 +211,26 @@ class Cell:
       schedule: the schedule label in tables: `dense`, `oneshot`, `constant`,
         `polynomial-p<power>`.
       config: the run's validated configuration.
-      shows_granularity: the cell's grid lists a granularity other than the
-        default, so its row key names the cell's (`GRANULARITY_KEY`).
+      shown_keys: the `OPTIONAL_KEYS` of the cell's row key (granularity,
+        sparsity_distribution, regrow, regrow_at): those for which its grid lists
+        a value other than the default (`GridSpec.shown_keys`).
     """
 
     name: str
     schedule: str
     config: ExperimentConfig
-    shows_granularity: bool = False
+    shown_keys: tuple[str, ...] = ()
 
     @property
     def key(self) -> dict:
         """The table row this cell belongs to: {schedule, final_sparsity, masking[,
-        granularity][, dp_noise_multiplier]} (granularity when its grid lists one
-        other than `round`, the last for DP runs)."""
+        granularity][, sparsity_distribution][, regrow][, regrow_at][,
+        dp_noise_multiplier]} (the optional keys when its grid lists a value other
+        than the default, the last for DP runs)."""
         key = {"schedule": self.schedule, "final_sparsity": self.config.final_sparsity,
                "masking": self.config.masking}
-        if self.shows_granularity:
-            key[GRANULARITY_KEY] = self.config.prune_granularity
+        for name in self.shown_keys:
+            key[name] = getattr(self.config, OPTIONAL_KEYS[name][0])
         if self.config.dp != "none":
             key[DP_KEY] = self.config.dp_noise_multiplier
         return key
@@ -223,6 +270,12 @@ class GridSpec:
       prune_granularities: `--prune_granularity` values, one cell each for the
         masking modes whose clients prune (`MaskingMode.client_prunes`); the
         other modes' cells are at the default granularity (`round`), once.
+      sparsity_distributions: `--sparsity_distribution` values, one cell each of
+        the pruned cells; dense cells are at `uniform`.
+      regrows: `--regrow` values, one cell each of the pruned cells whose masking
+        mode fits (`masking_modes.check_regrowth`); dense cells are at `none`.
+      regrow_ats: `--regrow_at` values, one cell each of the cells whose regrow is
+        not `none` and whose masking mode fits; the others are at `server`.
     """
 
     schedules: tuple[str, ...]
@@ -232,6 +285,9 @@ class GridSpec:
     seeds: tuple[int, ...]
     dp_noise_multipliers: tuple[float, ...] = ()
     prune_granularities: tuple[str, ...] = (DEFAULT_GRANULARITY,)
+    sparsity_distributions: tuple[str, ...] = (DEFAULT_DISTRIBUTION,)
+    regrows: tuple[str, ...] = (DEFAULT_REGROW,)
+    regrow_ats: tuple[str, ...] = (DEFAULT_REGROW_AT,)
 
     def __post_init__(self):
         check(bool(self.schedules), "schedules", "", "one or more of " + "|".join(SCHEDULES))
@@ -266,6 +322,56 @@ class GridSpec:
                   "prune_granularities", ",".join(self.prune_granularities),
                   f"{DEFAULT_GRANULARITY} unless --maskings lists a mode whose clients prune "
                   f"({pruning}); the others have no granularity to vary")
+        for name, values, accepted in (
+                ("sparsity_distributions", self.sparsity_distributions,
+                 layer_budgets.DISTRIBUTIONS),
+                ("regrows", self.regrows, regrowth.RULES),
+                ("regrow_ats", self.regrow_ats, regrowth.PLACES)):
+            text = "one or more of " + "|".join(accepted)
+            check(bool(values), name, "", text)
+            for value in values:
+                check(value in accepted, name, value, text)
+        if any(s != "none" for s in self.schedules):
+            self._check_regrowth_fits()
+
+    def _check_regrowth_fits(self) -> None:
+        """Every listed regrow_at has cells: a mode of --maskings regrows there.
+
+        Raises:
+          InvalidArgument: naming --regrows when the grid lists only the default
+            place (`server`), else --regrow_ats.
+        """
+        if all(r == DEFAULT_REGROW for r in self.regrows):
+            return
+        for at in self.regrow_ats:
+            allowed = masking_modes.names(lambda m, at=at: _regrowth_fits(m.name, at))
+            if self.regrow_ats == (DEFAULT_REGROW_AT,):
+                check(any(m in allowed for m in self.maskings), "regrows", ",".join(self.regrows),
+                      f"{DEFAULT_REGROW} unless --maskings lists a mode whose server re-masks "
+                      f"({'|'.join(allowed)}); the others have no topology to adjust")
+            check(any(m in allowed for m in self.maskings), "regrow_ats",
+                  ",".join(self.regrow_ats), f"places where a mode of --maskings regrows "
+                  f"({at} needs --maskings to list {'|'.join(allowed)})")
+
+    def shown_keys(self) -> tuple[str, ...]:
+        """The `OPTIONAL_KEYS` of this grid's row keys: those it lists a non-default value of."""
+        listed = {GRANULARITY_KEY: self.prune_granularities,
+                  DISTRIBUTION_KEY: self.sparsity_distributions, REGROW_KEY: self.regrows,
+                  REGROW_AT_KEY: self.regrow_ats if any(r != "none" for r in self.regrows)
+                  else (DEFAULT_REGROW_AT,)}
+        return tuple(key for key, (_, default) in OPTIONAL_KEYS.items()
+                     if listed[key] != (default,))
+
+    def regrowths(self, masking: str) -> list[tuple[str, str]]:
+        """The (regrow, regrow_at) pairs of a masking mode's cells: `none` at `server` if
+        listed, then each listed rule at each listed place the mode fits, in list order."""
+        pairs = []
+        for regrow in self.regrows:
+            if regrow == DEFAULT_REGROW:
+                pairs.append((regrow, DEFAULT_REGROW_AT))
+            else:
+                pairs += [(regrow, at) for at in self.regrow_ats if _regrowth_fits(masking, at)]
+        return pairs
 
     @property
     def varies_granularity(self) -> bool:
@@ -280,8 +386,9 @@ class GridSpec:
 
     @classmethod
     def from_strings(cls, *, schedules, powers, final_sparsities, maskings, seeds,
-                     dp_noise_multipliers=(), prune_granularities=(DEFAULT_GRANULARITY,)
-                     ) -> GridSpec:
+                     dp_noise_multipliers=(), prune_granularities=(DEFAULT_GRANULARITY,),
+                     sparsity_distributions=(DEFAULT_DISTRIBUTION,),
+                     regrows=(DEFAULT_REGROW,), regrow_ats=(DEFAULT_REGROW_AT,)) -> GridSpec:
         """Parses the comma-separated grid flags (lists of strings).
 
         Raises:
@@ -298,55 +405,84 @@ class GridSpec:
                                              _finite_float, "noise multipliers, e.g. 0,0.5,1"),
             prune_granularities=_parse_list("prune_granularities", prune_granularities, str,
                                             "|".join(step_schedule.GRANULARITIES)),
+            sparsity_distributions=_parse_list("sparsity_distributions", sparsity_distributions,
+                                               str, "|".join(layer_budgets.DISTRIBUTIONS)),
+            regrows=_parse_list("regrows", regrows, str, "|".join(regrowth.RULES)),
+            regrow_ats=_parse_list("regrow_ats", regrow_ats, str, "|".join(regrowth.PLACES)),
         )
 
     def cells(self, base: ExperimentConfig) -> list[Cell]:
         """Every cell of the grid over `base`, each config validated.
 
         Order: schedules as listed (dense first if listed first), then power,
-        sparsity, masking, granularity, noise multiplier and seed; tables keep
-        this order. Cells at a granularity other than `round` have it in their
-        name (`...-client-step-seed0`); the others keep the names (and
-        configs, so fingerprints) of a grid without --prune_granularities.
+        sparsity, masking, granularity, sparsity distribution, regrow, regrow_at,
+        noise multiplier and seed; tables keep this order. A cell's name carries
+        the values other than the defaults, in that order:
+        `...-both-step-erk-gradient-client-seed0` (granularity `step`,
+        distribution `erk`, regrow `gradient`, regrow_at `client`); a cell at
+        every default keeps the name (and config, so fingerprint) of a grid
+        without these flags.
 
         Raises:
           InvalidArgument: a cell's config is invalid; the message names the cell.
         """
         noise = [(f"-z{z:g}", {"dp_noise_multiplier": z}) for z in self.dp_noise_multipliers]
         noise = noise or [("", {})]
-        shows = self.varies_granularity
+        shown = self.shown_keys()
         # The step-only flags of the base apply to the step cells; the others keep the
         # defaults, which is all --prune_granularity=round accepts.
-        round_args = {f: getattr(ExperimentConfig, f) for f in _STEP_ONLY_FIELDS} if shows else {}
+        round_args = ({f: getattr(ExperimentConfig, f) for f in _STEP_ONLY_FIELDS}
+                      if GRANULARITY_KEY in shown else {})
+        # Dense cells neither budget layers nor regrow.
+        static = {"sparsity_distribution": DEFAULT_DISTRIBUTION, "regrow": DEFAULT_REGROW,
+                  "regrow_at": DEFAULT_REGROW_AT}
         cells = []
         for schedule in self.schedules:
             if SCHEDULES[schedule].dense:
                 for tag, dp in noise:
                     for seed in self.seeds:
-                        cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}", shows,
+                        cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}", shown,
                                            schedule=schedule, masking="none",
                                            final_sparsity=0.0, seed=seed,
                                            prune_granularity=DEFAULT_GRANULARITY,
-                                           **round_args, **dp))
+                                           **round_args, **static, **dp))
                 continue
             variants = ([(f"{schedule}-p{p:g}", p) for p in self.powers]
                         if _reads_power(schedule) else [(schedule, base.power)])
             for label, power in variants:
                 for sparsity in self.final_sparsities:
                     for masking in self.maskings:
-                        for granularity in self.granularities(masking):
-                            tagged = granularity != DEFAULT_GRANULARITY
-                            g_tag = f"-{granularity}" if tagged else ""
-                            g_args = {"prune_granularity": granularity,
-                                      **({} if tagged else round_args)}
+                        for granularity, distribution, regrow, at in self._dst_variants(masking):
+                            args = {"prune_granularity": granularity,
+                                    "sparsity_distribution": distribution, "regrow": regrow,
+                                    "regrow_at": at,
+                                    **({} if granularity != DEFAULT_GRANULARITY else round_args)}
+                            suffix = "".join(f"-{value}" for value, default in (
+                                (granularity, DEFAULT_GRANULARITY),
+                                (distribution, DEFAULT_DISTRIBUTION), (regrow, DEFAULT_REGROW),
+                                (at, DEFAULT_REGROW_AT)) if value != default)
                             for tag, dp in noise:
                                 for seed in self.seeds:
                                     cells.append(_cell(
                                         base, label,
-                                        f"{label}-s{sparsity:g}-{masking}{g_tag}{tag}-seed{seed}",
-                                        shows, schedule=schedule, power=power, masking=masking,
-                                        final_sparsity=sparsity, seed=seed, **g_args, **dp))
+                                        f"{label}-s{sparsity:g}-{masking}{suffix}{tag}-seed{seed}",
+                                        shown, schedule=schedule, power=power, masking=masking,
+                                        final_sparsity=sparsity, seed=seed, **args, **dp))
         return cells
+
+    def _dst_variants(self, masking: str) -> list[tuple[str, str, str, str]]:
+        """(granularity, sparsity_distribution, regrow, regrow_at) of a mode's pruned cells."""
+        return [(g, d, r, at) for g in self.granularities(masking)
+                for d in self.sparsity_distributions for r, at in self.regrowths(masking)]
+
+
+def _regrowth_fits(masking: str, at: str) -> bool:
+    """Whether `--masking=masking` regrows at `--regrow_at=at` (`masking_modes.check_regrowth`)."""
+    try:
+        masking_modes.check_regrowth(masking_modes.masking_mode(masking), "random", at)
+    except InvalidArgument:
+        return False
+    return True
 
 
 def _reads_power(schedule: str) -> bool:
@@ -354,14 +490,14 @@ def _reads_power(schedule: str) -> bool:
     return "power" in SCHEDULES.entry(schedule).params
 
 
-def _cell(base: ExperimentConfig, label: str, name: str, shows_granularity: bool,
+def _cell(base: ExperimentConfig, label: str, name: str, shown_keys: tuple[str, ...],
           **overrides) -> Cell:
     config = dataclasses.replace(base, **overrides)
     try:
         config.validate()
     except InvalidArgument as e:
         raise InvalidArgument(e.name, e.value, f"{e.accepted} (in grid cell {name})") from None
-    return Cell(name=name, schedule=label, config=config, shows_granularity=shows_granularity)
+    return Cell(name=name, schedule=label, config=config, shown_keys=shown_keys)
 
 
 # --------------------------------------------------------------------------

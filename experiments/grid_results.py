@@ -17,7 +17,19 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from experiments.grid import DENSE, DENSE_KEY, DP_KEY, GRANULARITY_KEY, KEYS, VARYING_KEYS, Cell
+from experiments.grid import (
+    DENSE,
+    DENSE_KEY,
+    DISTRIBUTION_KEY,
+    DP_KEY,
+    GRANULARITY_KEY,
+    KEYS,
+    OPTIONAL_KEYS,
+    REGROW_AT_KEY,
+    REGROW_KEY,
+    VARYING_KEYS,
+    Cell,
+)
 from fedprune.outputs import atomic_files, grid_plots, plots, reporting
 
 
@@ -106,14 +118,14 @@ def load_results(cells: Sequence[Cell], root: Path) -> list[RunResult]:
 
 def row_keys(results: Sequence[RunResult]) -> tuple[str, ...]:
     """KEYS, preceded by the `VARYING_KEYS` whose values differ between the runs, and
-    followed by the granularity (`GRANULARITY_KEY`) when the grid varies it and the
+    followed by the `OPTIONAL_KEYS` (granularity, sparsity_distribution, regrow,
+    regrow_at) the grid shows (it lists a value other than the default) and the
     noise multiplier (`DP_KEY`) when the runs are DP runs."""
     varying = tuple(k for k in VARYING_KEYS
                     if len({getattr(r.cell.config, k) for r in results}) > 1)
-    granularity = ((GRANULARITY_KEY,) if any(GRANULARITY_KEY in r.cell.key for r in results)
-                   else ())
+    optional = tuple(k for k in OPTIONAL_KEYS if any(k in r.cell.key for r in results))
     dp = (DP_KEY,) if any(DP_KEY in r.cell.key for r in results) else ()
-    return varying + KEYS + granularity + dp
+    return varying + KEYS + optional + dp
 
 
 PAIRED_PREFIX = "delta_"
@@ -216,14 +228,22 @@ def varying_part_fields(results: Sequence[RunResult]) -> tuple[str, ...]:
 def series_label(result: RunResult, parts: Sequence[str] = ()) -> str:
     """A run's legend label (`grid_plots.series_label`): schedule with its power, masking,
     the granularity when the grid varies it, the noise multiplier of a DP run; prefixed by
-    the values of the config fields `parts` (e.g. "mlp, neuron: ...")."""
+    the values of the config fields `parts` (e.g. "mlp, neuron: ..."). The masking is
+    followed by the sparsity distribution, regrow and regrow_at where the grid shows them
+    (`grid.OPTIONAL_KEYS`; regrow and regrow_at only of cells that regrow), e.g.
+    "oneshot, both, erk, gradient, client"."""
     config, key = result.cell.config, result.cell.key
     prefix = ", ".join(str(getattr(config, f)) for f in parts)
     prefix = f"{prefix}: " if prefix else ""
     if result.cell.schedule == DENSE:
         return prefix + DENSE
+    regrows = key.get(REGROW_KEY) not in (None, "none")  # static cells: no regrow_at
+    masking = ", ".join(str(v) for v in (
+        config.masking, key.get(DISTRIBUTION_KEY), *((key.get(REGROW_KEY),
+                                                      key.get(REGROW_AT_KEY)) if regrows else ()))
+        if v)
     return prefix + grid_plots.series_label(
-        config.schedule, masking=config.masking,
+        config.schedule, masking=masking,
         power=getattr(config.make_schedule(), "power", None),
         granularity=key.get(GRANULARITY_KEY), noise_multiplier=key.get(DP_KEY))
 

@@ -96,6 +96,12 @@ def test_grid_has_dense_once_per_seed_and_every_pruned_combination():
     ("prune_granularities", ["epoch"]),
     ("prune_granularities", []),
     ("prune_granularities", ["step", "step"]),
+    ("sparsity_distributions", ["global"]),
+    ("sparsity_distributions", []),
+    ("regrows", ["rigl"]),
+    ("regrows", ["random", "random"]),
+    ("regrow_ats", ["clients"]),
+    ("regrow_ats", []),
 ])
 def test_bad_grid_values_name_their_flag(name, values):
     with pytest.raises(InvalidArgument) as e:
@@ -171,6 +177,131 @@ def test_dp_grid_has_a_cell_per_noise_multiplier_and_keys_it():
                                       maskings=["both"], seeds=["0"], dp_noise_multipliers=["1"])
     with pytest.raises(InvalidArgument, match="--dp='fixed'.*in grid cell oneshot-s0.5-both-z1"):
         both.cells(ExperimentConfig(dp="fixed", num_clients=100, clients_per_round=20))
+
+
+# A grid of the shape of issue #17's Table 4: static vs SET (random) vs RigL (gradient),
+# at the server and at the clients, uniform and ERK budgets.
+DST_GRID = dict(schedules=["none", "oneshot"], powers=[], final_sparsities=["0.9"],
+                maskings=["server", "both"], seeds=["0", "1"],
+                sparsity_distributions=["uniform", "erk"], regrows=["none", "random", "gradient"],
+                regrow_ats=["server", "client"])
+
+
+def test_dst_grid_leaves_out_dense_variants_and_modes_that_do_not_regrow_there():
+    cells = grid.GridSpec.from_strings(**DST_GRID).cells(ExperimentConfig())
+    # Per distribution: server (static, SET, RigL at the server) + both (static, SET and
+    # RigL at the server and at the clients); server × client is refused by the config.
+    pruned = ["", "-random", "-gradient"]
+    both = ["", "-random", "-random-client", "-gradient", "-gradient-client"]
+    assert [c.name for c in cells] == [f"dense-seed{s}" for s in (0, 1)] + [
+        f"oneshot-s0.9-{m}{d}{r}-seed{s}" for m, variants in (("server", pruned), ("both", both))
+        for d in ("", "-erk") for r in variants for s in (0, 1)]
+    assert len(cells) == 2 + (3 + 5) * 2 * 2 == 34
+    by_name = {c.name: c.config for c in cells}
+    config = by_name["oneshot-s0.9-both-erk-gradient-client-seed1"]
+    assert (config.masking, config.sparsity_distribution, config.regrow, config.regrow_at,
+            config.seed) == ("both", "erk", "gradient", "client", 1)
+    assert {(c.sparsity_distribution, c.regrow, c.regrow_at)
+            for n, c in by_name.items() if n.startswith("dense")} == {("uniform", "none",
+                                                                       "server")}
+    # Rows: every optional key the grid lists a non-default value of, in key order; the
+    # dense row is DENSE_KEY (paired differences find it).
+    keys = list(dict.fromkeys(tuple(c.key.items()) for c in cells))
+    assert len(keys) == 17 and dict(keys[0]) == {
+        k: v for k, v in grid.DENSE_KEY.items() if k != grid.GRANULARITY_KEY}
+    assert [tuple(dict(k).values())[2:] for k in keys[1:4]] == [
+        ("server", "uniform", "none", "server"), ("server", "uniform", "random", "server"),
+        ("server", "uniform", "gradient", "server")]
+    assert list(dict(keys[-1])) == [*grid.KEYS, grid.DISTRIBUTION_KEY, grid.REGROW_KEY,
+                                    grid.REGROW_AT_KEY]
+
+
+@pytest.mark.parametrize("overrides, shown, names", [
+    # One non-default axis at a time: only its key is shown, only its cells are renamed.
+    (dict(sparsity_distributions=["erk"]), (grid.DISTRIBUTION_KEY,),
+     ["dense-seed0", "oneshot-s0.9-server-erk-seed0", "oneshot-s0.9-both-erk-seed0"]),
+    (dict(regrows=["random"]), (grid.REGROW_KEY,),
+     ["dense-seed0", "oneshot-s0.9-server-random-seed0", "oneshot-s0.9-both-random-seed0"]),
+    # regrow_at only crosses the cells that regrow; with only `none` it shows nothing.
+    (dict(regrows=["none", "gradient"], regrow_ats=["client"]),
+     (grid.REGROW_KEY, grid.REGROW_AT_KEY),
+     ["dense-seed0", "oneshot-s0.9-server-seed0", "oneshot-s0.9-both-seed0",
+      "oneshot-s0.9-both-gradient-client-seed0"]),
+    (dict(regrow_ats=["server", "client"]), (),
+     ["dense-seed0", "oneshot-s0.9-server-seed0", "oneshot-s0.9-both-seed0"]),
+    (dict(regrows=["none"], sparsity_distributions=["uniform"], regrow_ats=["server"]), (),
+     ["dense-seed0", "oneshot-s0.9-server-seed0", "oneshot-s0.9-both-seed0"]),
+])
+def test_dst_axes_show_and_name_only_non_defaults(overrides, shown, names):
+    spec = grid.GridSpec.from_strings(schedules=["none", "oneshot"], powers=[],
+                                      final_sparsities=["0.9"], maskings=["server", "both"],
+                                      seeds=["0"], **overrides)
+    cells = spec.cells(ExperimentConfig())
+    assert spec.shown_keys() == shown
+    assert [c.name for c in cells] == names
+    assert all(tuple(c.key)[3:] == shown for c in cells)
+
+
+# Cell names and config fingerprints of the checked-in grids, as before the regrowth and
+# distribution axes: sha256 of "<name> <fingerprint>" lines, first 16 hex digits.
+GRID_DIGESTS = {(1, "full"): (205, "43c9af8a701bd2ea"), (1, "ci"): (12, "6ddd8d7b95948b6d"),
+                (2, "full"): (27, "86c626f4934ed29a"), (2, "ci"): (4, "ddac0059e908c3f4"),
+                (3, "full"): (18, "810873a4b82b5a23"), (3, "ci"): (4, "af050e2f15856cfb")}
+
+
+@pytest.mark.parametrize("table, size", sorted(GRID_DIGESTS))
+def test_checked_in_grids_keep_their_cell_names_and_fingerprints(parsed_flags, table, size):
+    from experiments import reproduce
+
+    reproduce._reset_table_flags()
+    cells = reproduce.table_cells(reproduce.TABLES[table], size)
+    text = "\n".join(f"{c.name} {c.config.fingerprint()}" for c in cells)
+    assert (len(cells), hashlib.sha256(text.encode()).hexdigest()[:16]) == GRID_DIGESTS[
+        table, size]
+    assert all(not set(c.key) & {grid.DISTRIBUTION_KEY, grid.REGROW_KEY, grid.REGROW_AT_KEY}
+               for c in cells)
+
+
+def test_default_grid_keeps_its_cell_names_and_fingerprints():
+    cells = grid.GridSpec.from_strings(**FULL_GRID).cells(ExperimentConfig())
+    text = "\n".join(f"{c.name} {c.config.fingerprint()}" for c in cells)
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "999623c62bd976b3"
+
+
+@pytest.mark.parametrize("overrides, flag, accepted", [
+    # No mode of --maskings re-masks at the server: nothing to regrow there.
+    (dict(maskings=["client"], regrows=["random"]), "regrow_ats",
+     "server needs --maskings to list server|both"),
+    # Clients adjust the masks only in `both`.
+    (dict(maskings=["server"], regrows=["gradient"], regrow_ats=["server", "client"]),
+     "regrow_ats", "client needs --maskings to list both"),
+    # Only the default place listed: the regrowth is what does not fit.
+    (dict(maskings=["client"], regrows=["random"], regrow_ats=["server"]), "regrows",
+     "none unless --maskings lists a mode whose server re-masks (server|both)"),
+])
+def test_regrowth_no_masking_fits_is_refused_naming_the_flag(overrides, flag, accepted):
+    with pytest.raises(InvalidArgument) as e:
+        grid.GridSpec.from_strings(**{**DST_GRID, **overrides})
+    assert e.value.name == flag and accepted in str(e.value)
+    assert str(e.value).startswith(f"--{flag}=") and "\n" not in str(e.value)
+
+
+def test_dst_cells_the_config_refuses_name_the_cell():
+    # RigL's gradient upload is not privatized: refused by the cell's config.
+    spec = grid.GridSpec.from_strings(schedules=["oneshot"], powers=[], final_sparsities=["0.5"],
+                                      maskings=["server"], seeds=["0"], regrows=["gradient"],
+                                      dp_noise_multipliers=["1"])
+    with pytest.raises(InvalidArgument, match=r"^--regrow='gradient'.*in grid cell "
+                                              r"oneshot-s0.5-server-gradient-z1-seed0\)$"):
+        spec.cells(ExperimentConfig(dp="fixed", num_clients=100, clients_per_round=20))
+
+
+@pytest.mark.parametrize("field", ["regrow", "regrow_at", "sparsity_distribution"])
+def test_dst_base_flags_are_refused_in_grids(parsed_flags, field):
+    parsed_flags[field].parse(parsed_flags[field].value)  # present, at its default
+    with pytest.raises(InvalidArgument, match=f"^--{field}=.*each cell sets it from "
+                                              f"--{grid.CELL_FIELDS[field]}$"):
+        grid.check_no_cell_flags()
 
 
 def test_dense_only_grid_needs_no_sparsities_or_maskings():

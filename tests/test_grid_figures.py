@@ -16,7 +16,7 @@ def fake_result(schedule, masking, sparsity, seed, power=3.0, granularity=None):
         rounds=6, end_round=4, **({"prune_granularity": granularity} if granularity else {}))
     label = grid.DENSE if schedule == "none" else schedule
     cell = grid.Cell(f"{label}-s{sparsity}-{masking}-seed{seed}", label, config,
-                     shows_granularity=granularity is not None)
+                     shown_keys=(grid.GRANULARITY_KEY,) if granularity else ())
     rng = np.random.default_rng(seed)
     rows = [{"round": str(r), "test_accuracy": str(0.5 + 0.05 * r + 0.02 * rng.random())}
             for r in range(1, 7)]
