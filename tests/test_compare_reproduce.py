@@ -472,6 +472,41 @@ def test_unmatched_seed_is_an_error_naming_the_row(drop, seeds):
                                    "granularity=") and seeds in str(e.value)
 
 
+def test_dst_grid_pairs_every_row_with_the_dense_row():
+    # Fake accuracies of the Table-4-shaped grid: dense 0.90 + seed/100; a pruned cell
+    # that plus an offset per (distribution, regrow, regrow_at), minus 0.01 for `both`.
+    offset = {"uniform": 0.0, "erk": 0.01, "none": 0.0, "random": 0.02, "gradient": 0.03,
+              "server": 0.0, "client": 0.005}
+    results = []
+    for cell in grid.GridSpec.from_strings(**DST_GRID).cells(ExperimentConfig()):
+        c = cell.config
+        accuracy = 0.90 + c.seed / 100
+        if cell.schedule != grid.DENSE:
+            accuracy += (sum(offset[v] for v in (c.sparsity_distribution, c.regrow,
+                                                 c.regrow_at)) - 0.01 * (c.masking == "both"))
+        results.append(grid_results.RunResult(cell, {"final_test_accuracy": accuracy}, []))
+    table = grid_results.aggregate(results, ["accuracy"], paired=["accuracy"])
+    assert table.group_by == (*grid.KEYS, grid.DISTRIBUTION_KEY, grid.REGROW_KEY,
+                              grid.REGROW_AT_KEY)
+    groups = {g.key[2:]: g for g in table.groups}
+    assert len(groups) == 17 and all(g.n == 2 for g in table.groups)
+    expected = {("none", "uniform", "none", "server"): 0.0,
+                ("server", "erk", "random", "server"): 0.03,
+                ("both", "uniform", "gradient", "client"): 0.025,
+                ("both", "erk", "random", "client"): 0.025,
+                ("server", "uniform", "none", "server"): 0.0}
+    for key, delta in expected.items():
+        # Per-seed differences are equal: the mean is the offset, the interval 0.
+        assert groups[key].mean["delta_accuracy"] == pytest.approx(delta, abs=1e-12), key
+        assert groups[key].ci["delta_accuracy"] == pytest.approx(0.0, abs=1e-9), key
+    labels = {grid_results.series_label(r) for r in results}
+    # The distribution of every pruned cell; regrow and regrow_at only of cells that regrow.
+    assert {"dense", "oneshot, server, uniform", "oneshot, both, erk",
+            "oneshot, both, uniform, gradient, client",
+            "oneshot, server, erk, random, server"} <= labels
+    assert len(labels) == 17
+
+
 def test_write_results_names_one_clean_commit(tmp_path):
     from experiments import reproduce
 
