@@ -29,7 +29,8 @@ TOPICS = {
                                       "quality section:"] + LAST_TOPICS,
 }
 # Flags each driver defines but refuses on the command line: --help names them as such.
-REFUSED = {"run": [], "compare_schedules": ["--schedule", "--seed"],
+REFUSED = {"run": [], "compare_schedules": ["--schedule", "--seed", "--regrow",
+                                            "--sparsity_distribution"],
            "reproduce": ["--flagfile", "the experiment flags"],
            "benchmark": ["--masking", "--schedule"]}
 
@@ -77,6 +78,16 @@ def test_help_exits_0_with_the_drivers_topics_and_no_tensorflow(module, tmp_path
         assert text in refused[1] and f"  {text}=" not in refused[0]
 
 
+def test_compare_schedules_help_lists_the_grid_flags_in_order(tmp_path):
+    lines = _driver("compare_schedules", "--help", cwd=tmp_path).stdout.splitlines()
+    topic = lines[lines.index("grid (one cell per combination):") + 1:]
+    topic = topic[:topic.index("")]
+    assert [line.split("=")[0].strip() for line in topic if line.startswith("  --")] == [
+        "--schedules", "--powers", "--final_sparsities", "--maskings", "--prune_granularities",
+        "--sparsity_distributions", "--regrows", "--regrow_ats", "--dp_noise_multipliers",
+        "--seeds"]
+
+
 def _valid_args(module: str, tmp_path: Path) -> list[str]:
     return {
         "run": [f"--output_dir={tmp_path}/run"],
@@ -108,6 +119,9 @@ BAD = [
     ("compare_schedules", ["--seed=3", "--output_dir={tmp}/grid"], "seed"),
     ("compare_schedules", ["--final_sparsities=0.5,1.5", "--output_dir={tmp}/grid"],
      "final_sparsities"),
+    ("compare_schedules", ["--maskings=server", "--regrows=random", "--regrow_ats=client",
+                           "--output_dir={tmp}/grid"], "regrow_ats"),
+    ("compare_schedules", ["--regrow=random", "--output_dir={tmp}/grid"], "regrow"),
     ("reproduce", ["--table=1", "--rounds=5"], "rounds"),
     ("reproduce", ["--table=4"], "table"),
     ("benchmark", ["--sections=speed,bogus"], "sections"),
