@@ -498,7 +498,9 @@ def test_clients_adjust_their_masks_at_the_level_and_the_server_remasks_to_it(ch
     from fedprune.federated import process as process_lib
     from fedprune.program import assembly
 
-    config = _config(**{"masking": "both", "regrow_at": "client", "rounds": 4,
+    # Three rounds: adjustments after rounds 1 and 2 (< --regrow_end_round=3), then
+    # round 3 without one (after the ramp's end in the polynomial case).
+    config = _config(**{"masking": "both", "regrow_at": "client", "rounds": 3,
                         "regrow_end_round": 3, **changes})
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
@@ -585,7 +587,7 @@ def test_client_grow_scores_are_its_gradient_at_its_trained_model_or_seeded_draw
     from fedprune.federated import client_regrowth
     from fedprune.program import assembly
 
-    config = _config(masking="both", regrow="random", regrow_at="client", rounds=4,
+    config = _config(masking="both", regrow="random", regrow_at="client", rounds=3,
                      regrow_end_round=3)  # the process of the first client case above
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
