@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from fedprune.federated import process as fp_process
 from fedprune.model import builders
-from fedprune.pruning import masking, schedules, step_schedule
+from fedprune.pruning import masking, regrowth, schedules, step_schedule
 
 pytestmark = pytest.mark.usefixtures("tff_local_context")
 
@@ -32,6 +32,24 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def clients(digits_clients):
     return [ds.take(n) for ds, n in zip(digits_clients(4, 640), CLIENT_BATCHES, strict=True)]
+
+
+_PROCESSES = {}
+
+
+def _process(clients, masking_mode, schedule=POLY, granularity="round"):
+    """The process for these arguments, traced once per masking mode at round granularity.
+
+    At round granularity the schedule is data in the state: the process built for
+    POLY runs any other schedule as `PruningProcess.for_cell` (what every grid does,
+    and tested equal to a process built for that schedule in tests/test_one_trace.py).
+    At step granularity the clients' tfmot wrappers carry the schedule: one build each.
+    """
+    key = (masking_mode, granularity, schedule if granularity == "step" else None)
+    if key not in _PROCESSES:
+        _PROCESSES[key] = _build(clients, masking_mode, schedule, granularity)
+    # (A process built without a regrowth spec needs the explicit "none" one here.)
+    return _PROCESSES[key].for_cell(schedule, seed=0, regrow=regrowth.RegrowSpec())
 
 
 def _build(clients, masking_mode, schedule=POLY, granularity="round"):
@@ -53,7 +71,7 @@ def _run(clients, masking_mode, schedule=POLY, granularity="round"):
     """(pp, global weights after rounds 0..ROUNDS, finalizer diagnostics of rounds 1..)."""
     key = (masking_mode, schedule, granularity)
     if key not in _RUNS:
-        pp = _build(clients, masking_mode, schedule, granularity)
+        pp = _process(clients, masking_mode, schedule, granularity)
         state = pp.process.initialize()
         weights, diagnostics = [pp.process.get_model_weights(state)], []
         for _ in range(ROUNDS):
@@ -131,7 +149,7 @@ def test_step_clients_with_more_batches_advance_further(clients):
     # Round 2 from the same state, each client alone: client c runs steps 7 ... 6 + n_c
     # and prunes at each, so its last mask is at tfmot's level for step 6 + n_c;
     # the server's step after the round is 12 whoever trained.
-    pp = _build(clients, "client", granularity="step")
+    pp = _process(clients, "client", granularity="step")
     state = pp.process.next(pp.process.initialize(), clients).state
     levels = []
     for client, n in zip(clients, CLIENT_BATCHES, strict=True):

@@ -20,8 +20,11 @@ from fedprune.errors import InvalidArgument
 from fedprune.outputs import run_files
 from fedprune.program import assembly
 
-BASE = ExperimentConfig(rounds=5, num_clients=3, clients_per_round=3,
-                        max_examples_per_client=32, begin_round=1, end_round=3, eval_every=5,
+# Three rounds: the ramps (rounds 1-3, or to 2) run to their end, and regrowth adjusts
+# after rounds 1 and 2 (< --regrow_end_round=3); every metric row and the final weights
+# of the two runs are compared.
+BASE = ExperimentConfig(rounds=3, num_clients=3, clients_per_round=3,
+                        max_examples_per_client=32, begin_round=1, end_round=3, eval_every=3,
                         deploy="none")
 
 
@@ -42,12 +45,12 @@ PAIRS = {
         dict(masking="server", sparsity_distribution="erk", final_sparsity=0.9,
              schedule="oneshot", end_round=2, seed=1)),
     "server, random regrowth: the rng key": (
-        dict(masking="server", regrow="random", regrow_end_round=4),
-        dict(masking="server", regrow="random", regrow_end_round=4, final_sparsity=0.9,
+        dict(masking="server", regrow="random", regrow_end_round=3),
+        dict(masking="server", regrow="random", regrow_end_round=3, final_sparsity=0.9,
              seed=3)),
     "both, client regrowth (FedDST): the clients' rng key": (
-        dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=4),
-        dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=4,
+        dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=3),
+        dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=3,
              final_sparsity=0.9, seed=3)),
     "both at step granularity: seed only": (
         dict(masking="both", prune_granularity="step"),

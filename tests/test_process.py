@@ -21,19 +21,34 @@ def client_data(digits_clients):
     return digits_clients(NUM_CLIENTS, 640)
 
 
+# Built processes, one per set of `_build` arguments: tests that need the same
+# process share its trace (seconds each); a round is a pure function of state and
+# data, and `client_data` is the module's one list of datasets. Emptied after the module.
+_BUILT = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_built_processes():
+    yield
+    _BUILT.clear()
+
+
 def _build(client_data, *, masking_mode, schedule, mask_spec=None, server="sgd",
-           num_rounds=5, hidden=HIDDEN):
-    return fp_process.build_pruning_process(
-        model_builder=lambda: builders.mlp((64,), 10, hidden=hidden),
-        input_spec=client_data[0].element_spec,
-        masking=masking_mode,
-        schedule=schedule,
-        mask_spec=mask_spec or masking.MaskSpec(),
-        num_rounds=num_rounds,
-        client_optimizer=fp_process.make_optimizer("sgd", 0.1),
-        server_optimizer=fp_process.make_optimizer(server, 1.0 if server == "sgd" else 0.01),
-        seed=0,
-    )
+           num_rounds=5, hidden=HIDDEN, mask_aggregation="average"):
+    key = (masking_mode, schedule, mask_spec, server, num_rounds, hidden, mask_aggregation)
+    if key not in _BUILT:
+        _BUILT[key] = fp_process.build_pruning_process(
+            model_builder=lambda: builders.mlp((64,), 10, hidden=hidden),
+            input_spec=client_data[0].element_spec,
+            masking=masking_mode,
+            schedule=schedule,
+            mask_spec=mask_spec or masking.MaskSpec(),
+            num_rounds=num_rounds,
+            client_optimizer=fp_process.make_optimizer("sgd", 0.1),
+            server_optimizer=fp_process.make_optimizer(server, 1.0 if server == "sgd" else 0.01),
+            seed=0, mask_aggregation=mask_aggregation,
+        )
+    return _BUILT[key]
 
 
 def _run(pp, client_data, rounds):
@@ -214,12 +229,10 @@ def test_every_pair_of_choices_builds_and_runs_a_round(client_data, masking_mode
 @pytest.mark.parametrize("rule", ["average", "nonzero", "majority"])
 @pytest.mark.parametrize("masking_mode", ["client", "both"])
 def test_mask_aggregation_rules_run_and_report_diagnostics(client_data, masking_mode, rule):
-    pp = fp_process.build_pruning_process(
-        model_builder=lambda: builders.mlp((64,), 10, hidden=HIDDEN),
-        input_spec=client_data[0].element_spec, masking=masking_mode, schedule=POLY,
-        mask_spec=masking.MaskSpec(), num_rounds=2,
-        client_optimizer=fp_process.make_optimizer("sgd", 0.1),
-        server_optimizer=fp_process.make_optimizer("sgd", 1.0), seed=0, mask_aggregation=rule)
+    # Two of the five rounds the shared processes are built for (POLY's levels after
+    # rounds 1 and 2 do not depend on the number of rounds): `average` is the default
+    # rule, so its processes are the ones the tests above use.
+    pp = _build(client_data, masking_mode=masking_mode, schedule=POLY, mask_aggregation=rule)
     state = pp.process.initialize()
     for _ in range(2):
         output = pp.process.next(state, client_data)

@@ -204,6 +204,23 @@ def test_the_library_refuses_what_the_config_refuses(masking_mode, structure, at
 # The real process, round by round.
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _keep_every_built_process():
+    """Keeps every process this module builds for reuse (`assembly.build_process`).
+
+    Several tests run the same configs (e.g. `_config()` round by round and as the
+    whole run `regrow_run`); the module's dozen distinct processes would otherwise
+    evict each other from the cache of 4 and be traced again.
+    """
+    from fedprune.program import assembly
+
+    size = assembly._PROCESS_CACHE_SIZE
+    assembly._PROCESS_CACHE_SIZE = 32
+    yield
+    assembly._PROCESS_CACHE_SIZE = size
+    assembly.clear_process_cache()
+
+
 def _config(**changes) -> ExperimentConfig:
     base = dict(num_clients=3, clients_per_round=3, rounds=5, max_examples_per_client=32,
                 masking="server", schedule="constant", begin_round=0, end_round=-1,
@@ -310,10 +327,10 @@ def test_gradient_growth_uses_the_weighted_sum_of_the_clients_top_k_and_pays_for
     from fedprune.federated import encodings
     from fedprune.program import assembly
 
-    # Two clients; oneshot from round 0, so only adjustments move the mask; an adjustment
-    # after round 2 only (--regrow_every=2, --regrow_end_round=3).
-    config = _config(num_clients=2, clients_per_round=2, rounds=3, schedule="oneshot",
-                     regrow="gradient", regrow_every=2, regrow_end_round=3)
+    # Oneshot from round 0, so only adjustments move the mask; of the two rounds run, an
+    # adjustment after round 2 only (--regrow_every=2). The random twin is the oneshot
+    # case of `test_every_round_keeps_the_schedule_level_and_grows_at_zero` (one trace).
+    config = _config(schedule="oneshot", regrow="gradient", regrow_every=2)
     random = dataclasses.replace(config, regrow="random").validate()
     data = assembly.load_data(config)
     pps = {c.regrow: assembly.build_process(c, data) for c in (config, random)}
@@ -415,17 +432,18 @@ def test_regrowth_is_deterministic_and_resumes_identically(regrow_run, tmp_path,
     if changes != dict(regrow="random"):
         reference = tmp_path / "reference"
         loop.run_experiment(config, reference, log=lambda line: None)
-    again, resumed = tmp_path / "again", tmp_path / "resumed"
-    loop.run_experiment(config, again, log=lambda line: None)
+    # The interrupted run is a second, independent execution of every round (1-2 before
+    # the stop, 3-5 after the resume, on the process the reference left in the cache):
+    # equal bits show the run deterministic and the resume identical at once.
+    resumed = tmp_path / "resumed"
     loop.run_experiment(config, resumed, log=lambda line: None, stop_after_round=2)
     loop.run_experiment(config, resumed, resume=True, log=lambda line: None)
-    expected = _final_state(reference, 5)
-    for path in (again, resumed):
-        assert _rows(path) == _rows(reference)
-        state = _final_state(path, 5)
-        assert state.keys() == expected.keys()
-        for key in expected:
-            assert np.array_equal(state[key], expected[key]), (path.name, key)
+    assert len(_rows(resumed)) == 5
+    assert _rows(resumed) == _rows(reference)
+    expected, state = _final_state(reference, 5), _final_state(resumed, 5)
+    assert state.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(state[key], expected[key]), key
 
 
 @pytest.mark.usefixtures("tff_local_context")
@@ -480,7 +498,9 @@ def test_clients_adjust_their_masks_at_the_level_and_the_server_remasks_to_it(ch
     from fedprune.federated import process as process_lib
     from fedprune.program import assembly
 
-    config = _config(**{"masking": "both", "regrow_at": "client", "rounds": 4,
+    # Three rounds: adjustments after rounds 1 and 2 (< --regrow_end_round=3), then
+    # round 3 without one (after the ramp's end in the polynomial case).
+    config = _config(**{"masking": "both", "regrow_at": "client", "rounds": 3,
                         "regrow_end_round": 3, **changes})
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
@@ -567,7 +587,7 @@ def test_client_grow_scores_are_its_gradient_at_its_trained_model_or_seeded_draw
     from fedprune.federated import client_regrowth
     from fedprune.program import assembly
 
-    config = _config(masking="both", regrow="random", regrow_at="client", rounds=4,
+    config = _config(masking="both", regrow="random", regrow_at="client", rounds=3,
                      regrow_end_round=3)  # the process of the first client case above
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
