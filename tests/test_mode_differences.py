@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedprune.errors import InvalidArgument
 from fedprune.federated import process as fp_process
 from fedprune.model import builders
 from fedprune.pruning import masking, regrowth, schedules, step_schedule
@@ -48,8 +49,7 @@ def _process(clients, masking_mode, schedule=POLY, granularity="round"):
     key = (masking_mode, granularity, schedule if granularity == "step" else None)
     if key not in _PROCESSES:
         _PROCESSES[key] = _build(clients, masking_mode, schedule, granularity)
-    # (A process built without a regrowth spec needs the explicit "none" one here.)
-    return _PROCESSES[key].for_cell(schedule, seed=0, regrow=regrowth.RegrowSpec())
+    return _PROCESSES[key].for_cell(schedule, seed=0)
 
 
 def _build(clients, masking_mode, schedule=POLY, granularity="round"):
@@ -194,3 +194,13 @@ def test_constant_and_oneshot_differ_at_step_granularity(clients):
     _, b, _ = _run(clients, "client", oneshot, "step")
     assert max(np.max(np.abs(x - y)) for x, y in zip(_kernels(pp, a[-1]), _kernels(pp, b[-1]),
                                                      strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize("rule", ["random", "gradient"])
+def test_a_process_traced_without_regrowth_refuses_a_regrowing_cell(clients, rule):
+    """`for_cell` of a process built without a regrowth spec runs cells without one (or
+    with rule none) and refuses one that regrows, which its trace cannot do."""
+    built = _process(clients, "server")  # traced without regrowth
+    assert built.for_cell(POLY, seed=1, regrow=regrowth.RegrowSpec(end_round=3)) is not None
+    with pytest.raises(InvalidArgument, match=f"^--regrow='?{rule}'?: expected none, the "):
+        built.for_cell(POLY, seed=0, regrow=regrowth.RegrowSpec(rule=rule, end_round=3))

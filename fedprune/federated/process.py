@@ -69,6 +69,14 @@ def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.0):
     return tff.learning.optimizers.build_sgdm(learning_rate, momentum=momentum or None)
 
 
+def _traced_regrowth(spec: regrowth.RegrowSpec | None) -> regrowth.RegrowSpec | None:
+    """What of a regrowth spec a traced process fixes: all of it but the seed, and
+    nothing when it does not regrow (None, or rule `none`: no regrowth is traced)."""
+    if spec is None or not spec.enabled:
+        return None
+    return dataclasses.replace(spec, seed=0)
+
+
 @dataclasses.dataclass
 class PruningProcess:
     """A composed learning process and what is needed to read its state.
@@ -383,9 +391,10 @@ def build_pruning_process(
             check(cell_seed == seed, "seed", cell_seed,
                   f"{seed} for this process: it seeds --upload_quantization's rounding")
         cell_regrow = regrow if cell_regrow is None else cell_regrow
-        check(dataclasses.replace(cell_regrow, seed=0) == dataclasses.replace(
-            regrow or cell_regrow, seed=0), "regrow", cell_regrow.rule,
-            "the regrowth spec the process was built with (only its seed may differ)")
+        check(_traced_regrowth(cell_regrow) == _traced_regrowth(regrow), "regrow",
+              cell_regrow.rule if cell_regrow else "none",
+              f"{regrow.rule if regrow else 'none'}, the regrowth the process was built with "
+              "(only its seed may differ)")
         if step_mapping is not None:
             cell_table = table
         else:
