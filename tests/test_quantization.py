@@ -337,27 +337,13 @@ def test_none_is_bit_identical_and_quantized_runs_are_deterministic(client_data,
 @pytest.mark.parametrize("quantization", QUANTIZED)
 def test_client_work_bytes_equal_the_encoded_client_updates(client_data, quantization):
     """The uplink count of a TFF round is the sum of the clients' encoded payload lengths."""
-    import tensorflow as tf
     import tensorflow_federated as tff
 
-    from fedprune.federated import process as fp_process
-    from fedprune.federated.client_work import build_pruning_client_work
-    from fedprune.pruning import masking
 
     pp = _server_process(client_data, quantization)
     weights, _ = _weights_after(pp, client_data, 2)  # masks at sparsity 0.7625
 
-    def model_fn():
-        return tff.learning.models.from_keras_model(
-            pp.keras_model_fn(),
-            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            input_spec=client_data[0].element_spec,
-            metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
-
-    work = build_pruning_client_work(
-        model_fn=model_fn, client_optimizer=fp_process.make_optimizer("sgd", 0.1),
-        masking="server", layout=pp.layout, table=pp.table, mask_spec=masking.MaskSpec(),
-        upload_quantization=quantization)
+    work = _client_work(pp, client_data, "server", quantization)
     model_weights = tff.learning.models.ModelWeights(tuple(weights.trainable),
                                                      tuple(weights.non_trainable))
     output = work.next(work.initialize(), [model_weights] * NUM_CLIENTS, client_data)
@@ -479,44 +465,14 @@ def _encoded_payload_bytes(payload, known, quantization):
     return total + sum(len(np.packbits(np.asarray(m) > 0).tobytes()) for m in payload["kept"])
 
 
-@pytest.mark.usefixtures("tff_local_context")
-@pytest.mark.parametrize(("masking_mode", "quantization"), PRUNING_CASES)
-def test_pruning_clients_upload_quantized_values_and_bit_masks(client_data, masking_mode,
-                                                               quantization):
-    """bytes_up is the encoded payload, the masks are exact, the run deterministic, and the
-    aggregate within the quantization error of the unquantized one."""
+def _client_work(pp, client_data, masking_mode, quantization):
+    """The client work of `pp`'s process, alone: its clients' payloads and byte counts."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
     from fedprune.federated import process as fp_process
-    from fedprune.federated import quantization as quantization_lib
     from fedprune.federated.client_work import build_pruning_client_work
-    from fedprune.pruning import mask_aggregation, masking
-
-    pp = _pruning_process(client_data, masking_mode, quantization)
-    sizes = [k.size for k in pp.layout.kernels]
-    runs = []
-    for _ in range(2):
-        state = pp.process.initialize()
-        history, sent = [pp.process.get_model_weights(state)], []
-        for _ in range(PRUNING_ROUNDS):
-            output = pp.process.next(state, client_data)
-            state = output.state
-            history.append(pp.process.get_model_weights(state))
-            sent.append(int(output.metrics["client_work"]["uplink_bytes"]))
-            diagnostics = output.metrics["finalizer"]["masks"]
-            level = pp.table.sparsity[len(history) - 1]
-            # Every client keeps exactly the level's count: the masks are bits, not quantized.
-            kept = sum(_kept(n, level) for n in sizes)
-            assert float(diagnostics["client_sparsity"]) == pytest.approx(
-                1 - kept / sum(sizes), abs=1e-6)
-        runs.append((history, sent))
-    (history, sent), (again, sent_again) = runs
-    assert sent == sent_again  # (d) the same seed, the same run
-    for a, b in zip(history, again, strict=True):
-        for x, y in zip([*a.trainable, *a.non_trainable], [*b.trainable, *b.non_trainable],
-                        strict=True):
-            np.testing.assert_array_equal(x, y)
+    from fedprune.pruning import masking
 
     def model_fn():
         return tff.learning.models.from_keras_model(
@@ -525,10 +481,61 @@ def test_pruning_clients_upload_quantized_values_and_bit_masks(client_data, mask
             input_spec=client_data[0].element_spec,
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
 
-    work = build_pruning_client_work(
+    return build_pruning_client_work(
         model_fn=model_fn, client_optimizer=fp_process.make_optimizer("sgd", 0.1),
         masking=masking_mode, layout=pp.layout, table=pp.table, mask_spec=masking.MaskSpec(),
         upload_quantization=quantization)
+
+
+def _two_identical_runs(pp, client_data):
+    """Runs `pp` twice for PRUNING_ROUNDS rounds and asserts the runs are bit-identical
+    (weights and masks every round, uplink bytes): the same seed, the same run.
+
+    Returns:
+      (global ModelWeights after rounds 0..PRUNING_ROUNDS, uplink bytes of rounds
+      1..PRUNING_ROUNDS, the process's metrics of rounds 1..PRUNING_ROUNDS).
+    """
+    runs = []
+    for _ in range(2):
+        state = pp.process.initialize()
+        weights, sent, metrics = [pp.process.get_model_weights(state)], [], []
+        for _ in range(PRUNING_ROUNDS):
+            output = pp.process.next(state, client_data)
+            state = output.state
+            weights.append(pp.process.get_model_weights(state))
+            sent.append(int(output.metrics["client_work"]["uplink_bytes"]))
+            metrics.append(output.metrics)
+        runs.append((weights, sent, metrics))
+    (weights, sent, metrics), (again, sent_again, _) = runs
+    assert sent == sent_again
+    for a, b in zip(weights, again, strict=True):
+        for x, y in zip([*a.trainable, *a.non_trainable], [*b.trainable, *b.non_trainable],
+                        strict=True):
+            np.testing.assert_array_equal(x, y)
+    return weights, sent, metrics
+
+
+@pytest.mark.usefixtures("tff_local_context")
+@pytest.mark.parametrize(("masking_mode", "quantization"), PRUNING_CASES)
+def test_pruning_clients_upload_quantized_values_and_bit_masks(client_data, masking_mode,
+                                                               quantization):
+    """bytes_up is the encoded payload, the masks are exact, the run deterministic, and the
+    aggregate within the quantization error of the unquantized one."""
+    import tensorflow_federated as tff
+
+    from fedprune.federated import quantization as quantization_lib
+    from fedprune.pruning import mask_aggregation
+
+    pp = _pruning_process(client_data, masking_mode, quantization)
+    sizes = [k.size for k in pp.layout.kernels]
+    history, sent, metrics = _two_identical_runs(pp, client_data)  # (d)
+    for r, round_metrics in enumerate(metrics, 1):
+        # Every client keeps exactly the level's count: the masks are bits, not quantized.
+        kept = sum(_kept(n, pp.table.sparsity[r]) for n in sizes)
+        assert float(round_metrics["finalizer"]["masks"]["client_sparsity"]) == pytest.approx(
+            1 - kept / sum(sizes), abs=1e-6)
+
+    work = _client_work(pp, client_data, masking_mode, quantization)
     work_state = work.initialize()
     for r in range(1, PRUNING_ROUNDS + 1):
         broadcast, server = history[r - 1], history[r]
@@ -610,21 +617,7 @@ def test_quantized_pruning_uploads_compose_with_client_regrowth_and_step_pruning
         mask_spec=masking.MaskSpec(), client_optimizer=fp_process.make_optimizer("sgd", 0.1),
         server_optimizer=fp_process.make_optimizer("sgd", 1.0), seed=0,
         upload_quantization=enc.INT8, **extra)
-    runs = []
-    for _ in range(2):
-        state = pp.process.initialize()
-        weights, sent = [pp.process.get_model_weights(state)], []
-        for _ in range(PRUNING_ROUNDS):
-            output = pp.process.next(state, client_data)
-            state = output.state
-            weights.append(pp.process.get_model_weights(state))
-            sent.append(int(output.metrics["client_work"]["uplink_bytes"]))
-        runs.append((weights, sent))
-    (weights, sent), (again, sent_again) = runs
-    assert sent == sent_again
-    for a, b in zip(weights, again, strict=True):
-        for x, y in zip(a.trainable, b.trainable, strict=True):
-            np.testing.assert_array_equal(x, y)
+    weights, sent, _ = _two_identical_runs(pp, client_data)
     for r in range(1, PRUNING_ROUNDS + 1):
         for k in pp.layout.kernels:
             mask = np.asarray(weights[r].non_trainable[k.mask_index])
