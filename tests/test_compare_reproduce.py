@@ -667,6 +667,12 @@ def test_unknown_flag_in_flagfile_is_one_line_error(parsed_flags, tmp_path):
 # The drivers, in subprocesses.
 
 
+# The tables' cells one after another in the driver's process: under the suite's
+# two test workers the cores are busy, and child processes would only add their
+# TensorFlow imports (parallel cells are tested by the compare_schedules cases).
+SEQUENTIAL = ("--parallel_cells=1",)
+
+
 def _run(module: str, *args: str, importtime: bool = False) -> subprocess.CompletedProcess:
     command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m",
                f"experiments.{module}", *cli_util.CHEAP_FLAGS, *args]
@@ -797,7 +803,8 @@ def test_sigterm_stops_every_child_and_reports_once(tmp_path):
 def ci_tree(tmp_path_factory):
     """`reproduce --table=1 --size=ci` once: (run root, completed process)."""
     root = tmp_path_factory.mktemp("table1-ci")
-    return root, _run("reproduce", "--table=1", "--size=ci", f"--output_dir={root}")
+    return root, _run("reproduce", "--table=1", "--size=ci", f"--output_dir={root}",
+                      *SEQUENTIAL)
 
 
 @pytest.mark.slow
@@ -889,7 +896,7 @@ def test_results_section_embeds_the_trade_off_figures():
 
 @pytest.mark.slow
 def test_reproduce_table2_ci_matches_expected(tmp_path):
-    done = _run("reproduce", "--table=2", "--size=ci", f"--output_dir={tmp_path}")
+    done = _run("reproduce", "--table=2", "--size=ci", f"--output_dir={tmp_path}", *SEQUENTIAL)
     assert done.returncode == 0, done.stderr
     assert "| schedule | final_sparsity | masking | dp_noise_multiplier | n |" in done.stdout
     assert "| dense | 0.0 | none | 0.0 | 1 |" in done.stdout
@@ -970,7 +977,7 @@ def test_table3_parts_flagfiles_and_expected_values_agree(parsed_flags, size, ru
 
 @pytest.mark.slow
 def test_reproduce_table3_ci_shrinks_and_matches_expected(tmp_path):
-    done = _run("reproduce", "--table=3", "--size=ci", f"--output_dir={tmp_path}")
+    done = _run("reproduce", "--table=3", "--size=ci", f"--output_dir={tmp_path}", *SEQUENTIAL)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all 24 values of 4 rows within tolerance" in done.stdout
     assert "| mlp | neuron | polynomial-p3 | 0.75 | server | 1 |" in done.stdout
