@@ -388,7 +388,7 @@ def _exit_without_teardown(code) -> None:
     The teardown finalizes TensorFlow's and gRPC's native threads and objects
     in no fixed order; after a complete run (its last line printed, every
     file written) it was seen to crash with SIGSEGV (status -11), once, in a
-    full run of the test suite. The atexit hooks (the workers''
+    full run of the test suite. The atexit hooks (the workers'
     cleanup, logging's flush) run as at a normal exit; every output file is
     already closed (written atomically), so nothing is lost. `code` is a
     `sys.exit` argument: None is 0, a message is printed and gives 1.
