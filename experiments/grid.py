@@ -344,7 +344,7 @@ class GridSpec:
         if all(r == DEFAULT_REGROW for r in self.regrows):
             return
         for at in self.regrow_ats:
-            allowed = masking_modes.names(lambda m, at=at: _regrowth_fits(m.name, at))
+            allowed = masking_modes.names(lambda m, at=at: masking_modes.regrows_at(m, at))
             if self.regrow_ats == (DEFAULT_REGROW_AT,):
                 check(any(m in allowed for m in self.maskings), "regrows", ",".join(self.regrows),
                       f"{DEFAULT_REGROW} unless --maskings lists a mode whose server re-masks "
@@ -357,7 +357,7 @@ class GridSpec:
         """The `OPTIONAL_KEYS` of this grid's row keys: those it lists a non-default value of."""
         listed = {GRANULARITY_KEY: self.prune_granularities,
                   DISTRIBUTION_KEY: self.sparsity_distributions, REGROW_KEY: self.regrows,
-                  REGROW_AT_KEY: self.regrow_ats if any(r != "none" for r in self.regrows)
+                  REGROW_AT_KEY: self.regrow_ats if any(r != DEFAULT_REGROW for r in self.regrows)
                   else (DEFAULT_REGROW_AT,)}
         return tuple(key for key, (_, default) in OPTIONAL_KEYS.items()
                      if listed[key] != (default,))
@@ -433,9 +433,9 @@ class GridSpec:
         # defaults, which is all --prune_granularity=round accepts.
         round_args = ({f: getattr(ExperimentConfig, f) for f in _STEP_ONLY_FIELDS}
                       if GRANULARITY_KEY in shown else {})
-        # Dense cells neither budget layers nor regrow.
-        static = {"sparsity_distribution": DEFAULT_DISTRIBUTION, "regrow": DEFAULT_REGROW,
-                  "regrow_at": DEFAULT_REGROW_AT}
+        # Dense cells prune nowhere, budget no layers, regrow nothing: every optional field
+        # at its default.
+        static = dict(OPTIONAL_KEYS.values())
         cells = []
         for schedule in self.schedules:
             if SCHEDULES[schedule].dense:
@@ -444,7 +444,6 @@ class GridSpec:
                         cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}", shown,
                                            schedule=schedule, masking="none",
                                            final_sparsity=0.0, seed=seed,
-                                           prune_granularity=DEFAULT_GRANULARITY,
                                            **round_args, **static, **dp))
                 continue
             variants = ([(f"{schedule}-p{p:g}", p) for p in self.powers]
@@ -452,15 +451,12 @@ class GridSpec:
             for label, power in variants:
                 for sparsity in self.final_sparsities:
                     for masking in self.maskings:
-                        for granularity, distribution, regrow, at in self._dst_variants(masking):
-                            args = {"prune_granularity": granularity,
-                                    "sparsity_distribution": distribution, "regrow": regrow,
-                                    "regrow_at": at,
-                                    **({} if granularity != DEFAULT_GRANULARITY else round_args)}
-                            suffix = "".join(f"-{value}" for value, default in (
-                                (granularity, DEFAULT_GRANULARITY),
-                                (distribution, DEFAULT_DISTRIBUTION), (regrow, DEFAULT_REGROW),
-                                (at, DEFAULT_REGROW_AT)) if value != default)
+                        for variant in self._dst_variants(masking):
+                            step = variant["prune_granularity"] != DEFAULT_GRANULARITY
+                            args = {**variant, **({} if step else round_args)}
+                            suffix = "".join(f"-{variant[field]}"
+                                             for field, default in OPTIONAL_KEYS.values()
+                                             if variant[field] != default)
                             for tag, dp in noise:
                                 for seed in self.seeds:
                                     cells.append(_cell(
@@ -470,19 +466,18 @@ class GridSpec:
                                         final_sparsity=sparsity, seed=seed, **args, **dp))
         return cells
 
-    def _dst_variants(self, masking: str) -> list[tuple[str, str, str, str]]:
-        """(granularity, sparsity_distribution, regrow, regrow_at) of a mode's pruned cells."""
-        return [(g, d, r, at) for g in self.granularities(masking)
-                for d in self.sparsity_distributions for r, at in self.regrowths(masking)]
+    def _dst_variants(self, masking: str) -> list[dict[str, str]]:
+        """The optional fields (`OPTIONAL_KEYS`: prune_granularity, sparsity_distribution,
+        regrow, regrow_at) of a mode's pruned cells, one dict per cell."""
+        fields = [field for field, _ in OPTIONAL_KEYS.values()]
+        return [dict(zip(fields, (g, d, r, at), strict=True))
+                for g in self.granularities(masking) for d in self.sparsity_distributions
+                for r, at in self.regrowths(masking)]
 
 
 def _regrowth_fits(masking: str, at: str) -> bool:
-    """Whether `--masking=masking` regrows at `--regrow_at=at` (`masking_modes.check_regrowth`)."""
-    try:
-        masking_modes.check_regrowth(masking_modes.masking_mode(masking), "random", at)
-    except InvalidArgument:
-        return False
-    return True
+    """Whether `--masking=masking` regrows at `--regrow_at=at` (`masking_modes.regrows_at`)."""
+    return masking_modes.regrows_at(masking_modes.masking_mode(masking), at)
 
 
 def _reads_power(schedule: str) -> bool:

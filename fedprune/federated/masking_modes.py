@@ -159,6 +159,13 @@ def check_step_granularity(mode: MaskingMode) -> None:
           f"round unless --masking={allowed} (only pruning clients prune in steps)")
 
 
+def regrows_at(mode: MaskingMode, at: str) -> bool:
+    """Whether `mode` can prune and regrow with `--regrow_at=at` (`check_regrowth`)."""
+    if at == "server":
+        return mode.server_remasks
+    return mode.server_remasks and mode.client_prunes
+
+
 def check_regrowth(mode: MaskingMode, regrow: str, at: str = "server") -> None:
     """Prune and regrow (`--regrow` other than `none`) needs a mode that fits `--regrow_at`.
 
@@ -166,18 +173,17 @@ def check_regrowth(mode: MaskingMode, regrow: str, at: str = "server") -> None:
     (`server_masking.py`), so a re-masking mode. `client` (FedDST): clients
     adjust their own masks after pruning (`client_regrowth.py`) and the server
     re-masks their aggregate to the schedule's level, so a mode whose clients
-    prune and whose server re-masks.
+    prune and whose server re-masks (`regrows_at`).
     """
     if regrow == "none":
         return
+    allowed = "|".join(names(lambda m: regrows_at(m, at)))
     if at == "server":
-        allowed = "|".join(names(lambda m: m.server_remasks))
-        check(mode.server_remasks, "regrow", regrow,
+        check(regrows_at(mode, at), "regrow", regrow,
               f"none with --masking={mode.name} (the server adjusts the topology when it "
               f"re-masks: --masking={allowed})")
         return
-    allowed = "|".join(names(lambda m: m.server_remasks and m.client_prunes))
-    check(mode.server_remasks and mode.client_prunes, "regrow_at", at,
+    check(regrows_at(mode, at), "regrow_at", at,
           f"server with --masking={mode.name} (clients adjust the masks they prune and the "
           f"server re-masks their aggregate: --masking={allowed})")
 
