@@ -9,19 +9,21 @@ r"""Compares sparsity schedules × final sparsities × masking modes × seeds.
 The ordinary experiment flags set the base configuration (as for
 `experiments.run`); the grid flags (--schedules, --powers, --final_sparsities,
 --maskings, --prune_granularities, --sparsity_distributions, --regrows,
---regrow_ats, --dp_noise_multipliers, --seeds) set, per cell, the flags
---schedule, --power, --final_sparsity, --masking, --prune_granularity,
---sparsity_distribution, --regrow, --regrow_at, --dp_noise_multiplier and
---seed, which are therefore not accepted here (--dp_noise_multiplier only with
---dp_noise_multipliers). `none` in --schedules is dense training, run once per
-seed; --prune_granularities crosses only the modes whose clients prune
-(client, both); --regrows and --regrow_ats cross only the modes that regrow
-there (server: server, both; client: both), --regrow_ats only the cells that
-regrow (grid.py's docstring).
+--regrow_ats, --dp_noise_multipliers, --upload_quantizations, --seeds) set, per
+cell, the flags --schedule, --power, --final_sparsity, --masking,
+--prune_granularity, --sparsity_distribution, --regrow, --regrow_at,
+--dp_noise_multiplier, --upload_quantization and --seed, which are therefore
+not accepted here (--dp_noise_multiplier only with --dp_noise_multipliers,
+--upload_quantization only with --upload_quantizations). `none` in --schedules
+is dense training, run once per seed (and noise multiplier and upload
+quantization); --prune_granularities crosses only the modes whose clients
+prune (client, both); --regrows and --regrow_ats cross only the modes that
+regrow there (server: server, both; client: both), --regrow_ats only the cells
+that regrow (grid.py's docstring).
 
 Every cell trains into
-`<output_dir>/<schedule>[-p<power>]-s<sparsity>-<masking>[-step][-erk][-<regrow>[-client]][-z<noise>]-seed<seed>`
-(dense: `dense-seed<seed>`) with the same outputs as `experiments.run`.
+`<output_dir>/<schedule>[-p<power>]-s<sparsity>-<masking>[-step][-erk][-<regrow>[-client]][-z<noise>][-fp16|-int8]-seed<seed>`
+(dense: `dense[-z<noise>][-fp16|-int8]-seed<seed>`) with the same outputs as `experiments.run`.
 Cells that differ only in schedule values, final sparsity or seed share one
 traced TFF process (`assembly.build_process`); --parallel_cells trains shares of
 the cells in child processes at once (default: the usable cores, see

@@ -8,7 +8,7 @@ grids of RESULTS.md, from flagfiles). A grid is a base `ExperimentConfig`
       [× --prune_granularities for modes whose clients prune]
       × --sparsity_distributions
       × (--regrows [× --regrow_ats for regrow other than none], for modes that fit)
-      [× --dp_noise_multipliers] × --seeds
+      [× --dp_noise_multipliers] [× --upload_quantizations] × --seeds
 
 Dense training (`none` in --schedules, any schedule that never prunes) is one
 cell per seed with `masking=none`, not one per sparsity and masking. Schedules
@@ -23,7 +23,10 @@ with every --sparsity_distributions value (`erk`: per-layer budgets,
 training, `fedprune/pruning/regrowth.py`: `random` is SET, `gradient` RigL);
 only cells that regrow are crossed with --regrow_ats, and a (masking, regrow_at)
 pair that `masking_modes.check_regrowth` refuses is left out of the grid, as
-granularity is for modes whose clients do not prune: `--maskings=server,both
+granularity is for modes whose clients do not prune. --upload_quantizations
+(`none|fp16|int8`, the clients' wire format, `fedprune/federated/quantization.py`)
+crosses every cell, dense ones included, like --dp_noise_multipliers; left
+empty, --upload_quantization applies to every cell. So `--maskings=server,both
 --regrows=none,random,gradient --regrow_ats=server,client` is the static
 server and both cells, both modes' SET and RigL at the server and the both
 mode's at the clients (FedDST), without naming invalid cells one by one. A
@@ -56,7 +59,7 @@ from absl import flags
 from experiments import common, flagfile, usage
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument, check
-from fedprune.federated import masking_modes
+from fedprune.federated import encodings, masking_modes
 from fedprune.outputs import atomic_files
 from fedprune.pruning import layer_budgets, regrowth, step_schedule
 from fedprune.pruning.schedules import SCHEDULES
@@ -74,11 +77,11 @@ CELL_FIELDS = {"schedule": "schedules", "power": "powers", "final_sparsity": "fi
                "masking": "maskings", "prune_granularity": "prune_granularities",
                "sparsity_distribution": "sparsity_distributions", "regrow": "regrows",
                "regrow_at": "regrow_ats", "dp_noise_multiplier": "dp_noise_multipliers",
-               "seed": "seeds"}
+               "upload_quantization": "upload_quantizations", "seed": "seeds"}
 # Flags that only --prune_granularity=step reads (and round refuses at other values).
 _STEP_ONLY_FIELDS = ("steps_per_round", "prune_every_steps")
 # Dimensions a grid may leave out (an empty grid flag): the base flag then applies.
-OPTIONAL_CELL_FIELDS = ("dp_noise_multiplier",)
+OPTIONAL_CELL_FIELDS = ("dp_noise_multiplier", "upload_quantization")
 GRID_FLAGS = tuple(CELL_FIELDS.values())
 GRID_TOPIC = "grid (one cell per combination)"  # of the grid flags in --help
 KEYS = ("schedule", "final_sparsity", "masking")  # a table row: a cell without its seed
@@ -104,8 +107,9 @@ OPTIONAL_KEYS = {GRANULARITY_KEY: ("prune_granularity", DEFAULT_GRANULARITY),
 # table does not have (e.g. granularity) are ignored.
 DENSE_KEY = {"schedule": DENSE, "final_sparsity": 0.0, "masking": "none",
              **{key: default for key, (_, default) in OPTIONAL_KEYS.items()}}
-# Also row keys, in front, when they differ between a table's runs (Table 3 mixes them).
-VARYING_KEYS = ("model", "structure")
+# Also row keys, in front, when they differ between a table's runs (Table 3 mixes models
+# and structures, Table 5 upload quantizations).
+VARYING_KEYS = ("model", "structure", "upload_quantization")
 # --parallel_cells=0 starts at most one child per this much available memory (a child
 # with its TFF worker peaks at about 1.5 GiB on the default models).
 CHILD_MEMORY_GIB = 2
@@ -153,6 +157,9 @@ def define_grid_flags() -> None:
                       f"{DEFAULT_REGROW_AT}, once.")
     flags.DEFINE_list("dp_noise_multipliers", [], "DP noise multipliers, one cell each (with "
                       "--dp=fixed|adaptive); empty: --dp_noise_multiplier for every cell.")
+    flags.DEFINE_list("upload_quantizations", [], "Wire formats of the clients' uploads ("
+                      + "|".join(encodings.QUANTIZATIONS) + "), one cell each, dense cells "
+                      "included; empty: --upload_quantization for every cell.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; tables show mean ± 95% CI over them.")
     usage.set_topic(GRID_TOPIC, *GRID_FLAGS)
     flags.DEFINE_integer("parallel_cells", 0, "Cells trained at a time, each share of the cells "
@@ -276,6 +283,8 @@ class GridSpec:
         mode fits (`masking_modes.check_regrowth`); dense cells are at `none`.
       regrow_ats: `--regrow_at` values, one cell each of the cells whose regrow is
         not `none` and whose masking mode fits; the others are at `server`.
+      upload_quantizations: `--upload_quantization` values (`none|fp16|int8`), one
+        cell each of every cell, dense ones included; empty: the base config's.
     """
 
     schedules: tuple[str, ...]
@@ -288,6 +297,7 @@ class GridSpec:
     sparsity_distributions: tuple[str, ...] = (DEFAULT_DISTRIBUTION,)
     regrows: tuple[str, ...] = (DEFAULT_REGROW,)
     regrow_ats: tuple[str, ...] = (DEFAULT_REGROW_AT,)
+    upload_quantizations: tuple[str, ...] = ()
 
     def __post_init__(self):
         check(bool(self.schedules), "schedules", "", "one or more of " + "|".join(SCHEDULES))
@@ -312,6 +322,9 @@ class GridSpec:
             check(s >= 0, "seeds", s, "whole numbers >= 0")
         for z in self.dp_noise_multipliers:
             check(z >= 0, "dp_noise_multipliers", z, "noise multipliers >= 0")
+        for q in self.upload_quantizations:
+            check(q in encodings.QUANTIZATIONS, "upload_quantizations", q,
+                  "one or more of " + "|".join(encodings.QUANTIZATIONS))
         accepted = "one or more of " + "|".join(step_schedule.GRANULARITIES)
         check(bool(self.prune_granularities), "prune_granularities", "", accepted)
         for g in self.prune_granularities:
@@ -388,7 +401,8 @@ class GridSpec:
     def from_strings(cls, *, schedules, powers, final_sparsities, maskings, seeds,
                      dp_noise_multipliers=(), prune_granularities=(DEFAULT_GRANULARITY,),
                      sparsity_distributions=(DEFAULT_DISTRIBUTION,),
-                     regrows=(DEFAULT_REGROW,), regrow_ats=(DEFAULT_REGROW_AT,)) -> GridSpec:
+                     regrows=(DEFAULT_REGROW,), regrow_ats=(DEFAULT_REGROW_AT,),
+                     upload_quantizations=()) -> GridSpec:
         """Parses the comma-separated grid flags (lists of strings).
 
         Raises:
@@ -409,6 +423,8 @@ class GridSpec:
                                                str, "|".join(layer_budgets.DISTRIBUTIONS)),
             regrows=_parse_list("regrows", regrows, str, "|".join(regrowth.RULES)),
             regrow_ats=_parse_list("regrow_ats", regrow_ats, str, "|".join(regrowth.PLACES)),
+            upload_quantizations=_parse_list("upload_quantizations", upload_quantizations, str,
+                                             "|".join(encodings.QUANTIZATIONS)),
         )
 
     def cells(self, base: ExperimentConfig) -> list[Cell]:
@@ -416,18 +432,23 @@ class GridSpec:
 
         Order: schedules as listed (dense first if listed first), then power,
         sparsity, masking, granularity, sparsity distribution, regrow, regrow_at,
-        noise multiplier and seed; tables keep this order. A cell's name carries
-        the values other than the defaults, in that order:
-        `...-both-step-erk-gradient-client-seed0` (granularity `step`,
-        distribution `erk`, regrow `gradient`, regrow_at `client`); a cell at
-        every default keeps the name (and config, so fingerprint) of a grid
-        without these flags.
+        noise multiplier, upload quantization and seed; tables keep this order.
+        A cell's name carries the values other than the defaults, in that order:
+        `...-both-step-erk-gradient-client-z1-int8-seed0` (granularity `step`,
+        distribution `erk`, regrow `gradient`, regrow_at `client`, noise
+        multiplier 1, uploads in int8); a cell at every default keeps the name
+        (and config, so fingerprint) of a grid without these flags.
 
         Raises:
           InvalidArgument: a cell's config is invalid; the message names the cell.
         """
         noise = [(f"-z{z:g}", {"dp_noise_multiplier": z}) for z in self.dp_noise_multipliers]
-        noise = noise or [("", {})]
+        quantized = [("" if q == encodings.NO_QUANTIZATION else f"-{q}",
+                      {"upload_quantization": q}) for q in self.upload_quantizations]
+        # (name tag, overrides) per cell of one row and seed: a noise multiplier and an
+        # upload quantization.
+        crossed = [(z_tag + q_tag, {**z, **q})
+                 for z_tag, z in noise or [("", {})] for q_tag, q in quantized or [("", {})]]
         shown = self.shown_keys()
         # The step-only flags of the base apply to the step cells; the others keep the
         # defaults, which is all --prune_granularity=round accepts.
@@ -439,12 +460,12 @@ class GridSpec:
         cells = []
         for schedule in self.schedules:
             if SCHEDULES[schedule].dense:
-                for tag, dp in noise:
+                for tag, extra in crossed:
                     for seed in self.seeds:
                         cells.append(_cell(base, DENSE, f"{DENSE}{tag}-seed{seed}", shown,
                                            schedule=schedule, masking="none",
                                            final_sparsity=0.0, seed=seed,
-                                           **round_args, **static, **dp))
+                                           **round_args, **static, **extra))
                 continue
             variants = ([(f"{schedule}-p{p:g}", p) for p in self.powers]
                         if _reads_power(schedule) else [(schedule, base.power)])
@@ -457,13 +478,13 @@ class GridSpec:
                             suffix = "".join(f"-{variant[field]}"
                                              for field, default in OPTIONAL_KEYS.values()
                                              if variant[field] != default)
-                            for tag, dp in noise:
+                            for tag, extra in crossed:
                                 for seed in self.seeds:
                                     cells.append(_cell(
                                         base, label,
                                         f"{label}-s{sparsity:g}-{masking}{suffix}{tag}-seed{seed}",
                                         shown, schedule=schedule, power=power, masking=masking,
-                                        final_sparsity=sparsity, seed=seed, **args, **dp))
+                                        final_sparsity=sparsity, seed=seed, **args, **extra))
         return cells
 
     def _dst_variants(self, masking: str) -> list[dict[str, str]]:

@@ -57,6 +57,24 @@ def _per_round(key: str) -> Callable[[Mapping], float]:
     return lambda s: s[key] / s["rounds_completed"]
 
 
+def _deployed(value: Callable[[Mapping], float]) -> Callable[[Mapping], float]:
+    """A value of summary.json's `deployment` section (`fedprune/outputs/deployment.py`);
+    NaN for runs without one (`--deploy=none`, or a model TFLite cannot convert)."""
+    def read(summary: Mapping) -> float:
+        section = summary.get("deployment") or {}
+        return value(section) if section.get("converted") else math.nan
+    return read
+
+
+def _latency_us(batch: int) -> Callable[[Mapping], float]:
+    """Median interpreter latency of the run's final model (shrunk when structured) at a
+    batch size, in microseconds; NaN when deployed with `--deploy=size`."""
+    def read(section: Mapping) -> float:
+        latency = section["models"][section["final_model"]]["latency_ms"]
+        return math.nan if latency is None else latency[str(batch)]["median_ms"] * 1e3
+    return _deployed(read)
+
+
 METRICS = {m.name: m for m in (
     Metric("accuracy", lambda s: s["final_test_accuracy"],
            reporting.MetricFormat(spec=".3f", label="test accuracy")),
@@ -84,6 +102,24 @@ METRICS = {m.name: m for m in (
            reporting.MetricFormat(spec=".0f", label="mult-adds/example")),
     Metric("round_seconds_final", lambda s: _number(s.get("median_round_seconds_after_pruning")),
            reporting.MetricFormat(spec=".3f", unit="s", label="round after pruning")),
+    # What a float32 dense upload would be, over what was sent (all rounds).
+    Metric("compression_up", lambda s: s["total_dense_bytes_up"] / s["total_bytes_up"],
+           reporting.MetricFormat(spec=".2f", unit="×", label="up compression")),
+    # The final model as deployed (`--deploy`): model/model.tflite (shrunk when
+    # structured), its deflate-zipped size, the pruned model at full size in TFLite's
+    # sparse format (EXPERIMENTAL_SPARSITY), and the final model's interpreter latency.
+    Metric("tflite_bytes", _deployed(lambda d: d["file_bytes"]),
+           reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="TFLite")),
+    Metric("tflite_zipped", _deployed(lambda d: d["file_bytes_zipped"]),
+           reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB", label="TFLite zipped")),
+    Metric("tflite_sparse", _deployed(
+        lambda d: d["models"]["pruned"]["sparsity_format"]["tflite_bytes"]),
+           reporting.MetricFormat(spec=".1f", scale=1024, unit="KiB",
+                                  label="TFLite sparse format")),
+    Metric("latency_1", _latency_us(1),
+           reporting.MetricFormat(spec=".2f", unit="µs", label="latency batch 1")),
+    Metric("latency_64", _latency_us(64),
+           reporting.MetricFormat(spec=".1f", unit="µs", label="latency batch 64")),
 )}
 
 
@@ -214,26 +250,24 @@ def write_reports(results: Sequence[RunResult], root: Path,
     return table
 
 
-# Config fields that tell apart the parts of a table with parts (Table 3): runs that
-# differ in them are never averaged into one series.
-PART_FIELDS = ("model", "structure")
-
-
 def varying_part_fields(results: Sequence[RunResult]) -> tuple[str, ...]:
-    """The `PART_FIELDS` whose values differ between `results` (none for a one-part grid)."""
-    return tuple(f for f in PART_FIELDS
+    """The `VARYING_KEYS` (model, structure, upload quantization) whose values differ
+    between `results`: runs that differ in them are never averaged into one series (none
+    for a one-part grid of one wire format)."""
+    return tuple(f for f in VARYING_KEYS
                  if len({getattr(r.cell.config, f) for r in results}) > 1)
 
 
 def series_label(result: RunResult, parts: Sequence[str] = ()) -> str:
     """A run's legend label (`grid_plots.series_label`): schedule with its power, masking,
     the granularity when the grid varies it, the noise multiplier of a DP run; prefixed by
-    the values of the config fields `parts` (e.g. "mlp, neuron: ..."). The masking is
+    the values of the config fields `parts` (e.g. "mlp, neuron: ..."; an upload
+    quantization as "int8 up", none as "float32 up"). The masking is
     followed by the sparsity distribution, regrow and regrow_at where the grid shows them
     (`grid.OPTIONAL_KEYS`; regrow and regrow_at only of cells that regrow), e.g.
     "oneshot, both, erk, gradient, client"."""
     config, key = result.cell.config, result.cell.key
-    prefix = ", ".join(str(getattr(config, f)) for f in parts)
+    prefix = ", ".join(_part_label(f, getattr(config, f)) for f in parts)
     prefix = f"{prefix}: " if prefix else ""
     if result.cell.schedule == DENSE:
         return prefix + DENSE
@@ -246,6 +280,12 @@ def series_label(result: RunResult, parts: Sequence[str] = ()) -> str:
         config.schedule, masking=masking,
         power=getattr(config.make_schedule(), "power", None),
         granularity=key.get(GRANULARITY_KEY), noise_multiplier=key.get(DP_KEY))
+
+
+def _part_label(field: str, value) -> str:
+    if field == "upload_quantization":
+        return f"{'float32' if value == 'none' else value} up"
+    return str(value)
 
 
 HEADLINE_FIGURES = ("accuracy_vs_round", "accuracy_vs_sparsity", "accuracy_vs_bytes")
