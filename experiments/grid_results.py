@@ -39,12 +39,13 @@ class Metric:
 
     Attributes:
       name: the column (CSV: `<name>_mean`, `<name>_ci`).
-      value: summary dict -> the run's value.
+      value: summary dict -> the run's value; None for a metric of a run and its
+        dense run of the same seed (`DENSE_METRICS`), computed by `aggregate`.
       format: how Markdown and LaTeX print it.
     """
 
     name: str
-    value: Callable[[Mapping], float]
+    value: Callable[[Mapping], float] | None
     format: reporting.MetricFormat
 
 
@@ -120,7 +121,37 @@ METRICS = {m.name: m for m in (
            reporting.MetricFormat(spec=".2f", unit="µs", label="latency batch 1")),
     Metric("latency_64", _latency_us(64),
            reporting.MetricFormat(spec=".1f", unit="µs", label="latency batch 64")),
+    # Everything sent over the run, all rounds and clients.
+    Metric("total_bytes_down", lambda s: s["total_bytes_down"],
+           reporting.MetricFormat(spec=".2f", scale=2**20, unit="MiB", label="down total")),
+    Metric("total_bytes_up", lambda s: s["total_bytes_up"],
+           reporting.MetricFormat(spec=".2f", scale=2**20, unit="MiB", label="up total")),
+    # The first round whose test accuracy reaches TARGET_FRACTION of the final test
+    # accuracy of the dense run of the same seed (`rounds_to_target`); inf: never.
+    Metric("rounds_to_90", None,
+           reporting.MetricFormat(spec=".1f", label="rounds to 90 % of dense")),
 )}
+TARGET_FRACTION = 0.9  # of the dense run's final test accuracy (`rounds_to_target`)
+
+
+def rounds_to_target(run: RunResult, dense: RunResult,
+                     fraction: float = TARGET_FRACTION) -> float:
+    """The first round (1-based, as metrics.csv numbers them) whose test accuracy is at
+    least `fraction` of `dense`'s final test accuracy; inf if no evaluated round is.
+
+    Rounds without an evaluation (`--eval_every` > 1: a blank test_accuracy) are
+    skipped, so the result is the first evaluated round at the target.
+    """
+    target = fraction * dense.summary["final_test_accuracy"]
+    for row in run.metrics_rows:
+        if row["test_accuracy"] not in ("", None) and float(row["test_accuracy"]) >= target:
+            return float(row["round"])
+    return math.inf
+
+
+# Metrics of a run and the dense run of its seed: metric -> (run, dense run) -> value.
+DENSE_METRICS: dict[str, Callable[[RunResult, RunResult], float]] = {
+    "rounds_to_90": rounds_to_target}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +164,7 @@ class RunResult:
 
     def row(self, metrics: Sequence[str]) -> dict:
         """{schedule, final_sparsity, masking, seed, <metric>: value, ...}."""
-        values = {m: METRICS[m].value(self.summary) for m in metrics}
+        values = {m: METRICS[m].value(self.summary) for m in metrics if m not in DENSE_METRICS}
         varying = {k: getattr(self.cell.config, k) for k in VARYING_KEYS}
         return {**varying, **self.cell.key, "seed": self.cell.config.seed, **values}
 
@@ -183,7 +214,8 @@ def aggregate(results: Sequence[RunResult], metrics: Sequence[str],
     differences and the Student-t interval of those differences, not of the
     difference of two means. The dense row is `grid.DENSE_KEY` plus `baseline`
     (e.g. `{"structure": "unstructured"}`), with the row's own values of the
-    other keys (model, noise multiplier); its own difference is 0 ± 0.
+    other keys (model, noise multiplier); its own difference is 0 ± 0. The same
+    dense run of the seed gives the `DENSE_METRICS` (rounds to 90 % of its accuracy).
 
     Raises:
       reporting.UnpairedError: with `paired`, a row without a dense row or whose
@@ -191,11 +223,38 @@ def aggregate(results: Sequence[RunResult], metrics: Sequence[str],
         the row and the seeds.
     """
     rows = [r.row([*metrics, *(m for m in paired if m not in metrics)]) for r in results]
-    table = reporting.aggregate(rows, row_keys(results), metrics)
+    keys = row_keys(results)
+    if set(metrics) & set(DENSE_METRICS):
+        _add_dense_metrics(results, rows, keys, [m for m in metrics if m in DENSE_METRICS],
+                           {**DENSE_KEY, **(baseline or {})})
+    table = reporting.aggregate(rows, keys, metrics)
     if not paired:
         return table
     return reporting.add_paired(table, rows, paired, {**DENSE_KEY, **(baseline or {})},
                                 name=paired_name)
+
+
+def _add_dense_metrics(results: Sequence[RunResult], rows: Sequence[dict],
+                       keys: Sequence[str], metrics: Sequence[str], baseline: Mapping) -> None:
+    """Adds each `DENSE_METRICS` value to `rows` (one per result, in order), from the
+    run and the run of its dense row (`baseline`'s values in its keys, the row's own in
+    the others) with the same seed.
+
+    Raises:
+      reporting.UnpairedError: a run without such a dense run; names the row and seed.
+    """
+    fixed = {k: v for k, v in baseline.items() if k in keys}
+    runs = {(tuple(row[k] for k in keys), row["seed"]): r
+            for r, row in zip(results, rows, strict=True)}
+    for result, row in zip(results, rows, strict=True):
+        base = tuple({**row, **fixed}[k] for k in keys)
+        dense = runs.get((base, row["seed"]))
+        if dense is None:
+            where = " ".join(f"{k}={row[k]}" for k in keys)
+            raise reporting.UnpairedError(f"{where}: no dense run of seed {row['seed']} for "
+                                          f"{', '.join(metrics)}")
+        for m in metrics:
+            row[m] = DENSE_METRICS[m](result, dense)
 
 
 def formats(metrics: Sequence[str]) -> dict:
@@ -434,10 +493,12 @@ def compare(table: reporting.Table, expected: Mapping) -> list[str]:
     return problems
 
 
-def replace_section(text: str, name: str, section: str) -> str:
+def replace_section(text: str, name: str, section: str, order: Sequence[str] = ()) -> str:
     """`text` with the block between `<!-- name:start -->` and `<!-- name:end -->` replaced.
 
-    The markers stay; without them the block is appended at the end.
+    The markers stay; without them the block goes after the nearest earlier name of
+    `order` present (e.g. table5 after table3 when there is no table4), else at the end.
     """
     return reporting.replace_marked_sections(
-        text, {name: section}, lambda n: (f"<!-- {n}:start -->", f"<!-- {n}:end -->"))
+        text, {name: section}, lambda n: (f"<!-- {n}:start -->", f"<!-- {n}:end -->"),
+        order=order)

@@ -124,7 +124,8 @@ something: each size is chosen so the models learn (test accuracy 0.65-0.89 on
 10 classes, chance 0.1; each flagfile says how and what it costs: Table 1
 4 clients × 3 rounds, Table 2 ~24 of 30 clients a round × 8 rounds so that
 DP noise at z = 1 still lets the model learn, Table 3 4 clients × 5 rounds
-with the shrink after round 3), and the tests fail when an expected or a
+with the shrink after round 3, Table 5 4 clients × 3 rounds, float32 and int8
+under both masking and the neuron-shrunk MLP), and the tests fail when an expected or a
 rerun accuracy is not above 0.5, so a model broken down to chance cannot
 match its expected values.
 """
@@ -428,11 +429,13 @@ def main(argv):
             written = grid_results.publish_figures(root, destination, prefix)
             print(f"wrote {len(written)} figure(s) (PNG and PDF) into {destination}")
         if size == "full":
-            old = results_path.read_text() if results_path.exists() else _RESULTS_HEADER
+            old = results_path.read_text() if results_path.exists() else ""
+            # The header is this module's: rewritten with every table, the sections kept.
+            first = old.find("<!-- table")
+            old = _RESULTS_HEADER + ("\n" + old[first:] if first >= 0 else "")
             section = render_section(spec, table, results, invocations, root, written)
-            atomic_files.atomic_write_text(results_path,
-                                        grid_results.replace_section(old, f"table{spec.number}",
-                                                             section))
+            atomic_files.atomic_write_text(results_path, grid_results.replace_section(
+                old, f"table{spec.number}", section, order=[f"table{n}" for n in sorted(TABLES)]))
             print(f"wrote table {spec.number} into {results_path}")
         return 0
     if problems:

@@ -9,6 +9,7 @@ ratios, section replacement) and flag validation, without TensorFlow.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -129,22 +130,26 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
 
 @pytest.mark.slow
 def test_grid_section_trains_the_grid_along_two_paths_with_equal_metrics(tmp_path):
-    """The old path and one trace per grid, as the section runs them (--grid_paths).
+    """One trace per grid, sequential and in parallel children, as the section runs them
+    (--grid_paths): equal metrics (1e-6) between a sequential grid and the same grid's
+    cells trained in child processes (`compare_schedules --parallel_cells`).
 
-    The third path is `compare_schedules --parallel_cells`, whose equality with a
-    sequential grid is tests/test_compare_reproduce.py's; here it would cost
-    three more TensorFlow imports.
+    The third path, a process built per cell (`FEDPRUNE_REBUILD_PROCESSES=1`), would
+    cost one more TensorFlow import; that a reused process computes what a process
+    built for the cell does is tests/test_one_trace.py's.
     """
     output = tmp_path / "BENCH.md"
     result, workers = _run("--sections=grid", "--grid_final_sparsities=0.5",
-                           "--grid_maskings=server", "--grid_seeds=0", "--grid_paths=build,trace",
-                           "--rounds=2", "--end_round=2", "--num_clients=4",
-                           "--clients_per_round=4", "--write", f"--output={output}")
+                           "--grid_maskings=server", "--grid_seeds=0",
+                           "--grid_paths=trace,parallel", "--rounds=2", "--end_round=2",
+                           "--num_clients=4", "--clients_per_round=4", "--write",
+                           f"--output={output}")
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_gone(workers)
     rows = _table_rows(result.stdout)
-    assert rows["path"] == ["cells", "wall (s)", "s per cell", "speed-up vs build per cell"]
-    labels = ["build per cell", "one trace per grid"]
+    assert rows["path"] == ["cells", "wall (s)", "s per cell", "speed-up vs one trace per grid"]
+    cores = len(os.sched_getaffinity(0))
+    labels = ["one trace per grid", f"one trace per grid + {cores} parallel cells"]
     assert [label for label in rows if label != "path"] == labels
     for label in labels:
         cells, wall, per_cell, speedup = rows[label]

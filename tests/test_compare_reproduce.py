@@ -17,8 +17,10 @@ CI_ACCURACY_FLOOR, so a model broken down to chance cannot pass.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -32,7 +34,7 @@ from absl import flags
 from experiments import common, grid, grid_results
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
-from fedprune.outputs import reporting, run_files
+from fedprune.outputs import reporting
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "experiments" / "configs"
@@ -102,6 +104,8 @@ def test_grid_has_dense_once_per_seed_and_every_pruned_combination():
     ("regrows", ["random", "random"]),
     ("regrow_ats", ["clients"]),
     ("regrow_ats", []),
+    ("upload_quantizations", ["int4"]),
+    ("upload_quantizations", ["int8", "int8"]),
 ])
 def test_bad_grid_values_name_their_flag(name, values):
     with pytest.raises(InvalidArgument) as e:
@@ -179,6 +183,44 @@ def test_dp_grid_has_a_cell_per_noise_multiplier_and_keys_it():
         both.cells(ExperimentConfig(dp="fixed", num_clients=100, clients_per_round=20))
 
 
+@pytest.mark.parametrize("quantizations, tags", [
+    ([], [""]),  # not listed: the base config's, and no name tag
+    (["none", "fp16", "int8"], ["", "-fp16", "-int8"]),
+    (["int8"], ["-int8"]),
+])
+def test_quantization_grid_crosses_every_cell_dense_included(quantizations, tags):
+    spec = grid.GridSpec.from_strings(schedules=["none", "polynomial"], powers=["3"],
+                                      final_sparsities=["0.5", "0.9"], maskings=["server", "both"],
+                                      seeds=["0", "1"], upload_quantizations=quantizations)
+    cells = spec.cells(ExperimentConfig())
+    # (dense + 2 sparsities × 2 maskings) × quantizations × 2 seeds, each named once.
+    assert len(cells) == len({c.name for c in cells}) == 5 * len(tags) * 2
+    names = {c.name: c.config for c in cells}
+    for tag, q in zip(tags, quantizations or ["none"], strict=True):
+        assert names[f"dense{tag}-seed1"].upload_quantization == q
+        assert names[f"dense{tag}-seed1"].masking == "none"
+        assert names[f"polynomial-p3-s0.9-both{tag}-seed0"].upload_quantization == q
+    # Not a key of the cell (grids of one wire format keep their rows and names): a
+    # varying config field, shown by the tables whose runs differ in it.
+    assert all(set(c.key) == set(grid.KEYS) for c in cells)
+    assert "upload_quantization" in grid.VARYING_KEYS
+    # A cell at none is the cell of a grid without the flag (same name and fingerprint).
+    plain = grid.GridSpec.from_strings(schedules=["none", "polynomial"], powers=["3"],
+                                       final_sparsities=["0.5", "0.9"],
+                                       maskings=["server", "both"], seeds=["0", "1"])
+    for cell in plain.cells(ExperimentConfig()):
+        if "none" in quantizations or not quantizations:
+            assert names[cell.name].fingerprint() == cell.config.fingerprint()
+
+
+def test_quantization_grid_with_dp_is_refused_naming_the_cell():
+    spec = grid.GridSpec.from_strings(schedules=["none"], powers=[], final_sparsities=[],
+                                      maskings=[], seeds=["0"], upload_quantizations=["int8"])
+    with pytest.raises(InvalidArgument, match=r"--upload_quantization='int8'.*in grid cell "
+                                              r"dense-int8-seed0"):
+        spec.cells(ExperimentConfig(dp="fixed", num_clients=100, clients_per_round=20))
+
+
 # A grid of the shape of issue #17's Table 4: static vs SET (random) vs RigL (gradient),
 # at the server and at the clients, uniform and ERK budgets.
 DST_GRID = dict(schedules=["none", "oneshot"], powers=[], final_sparsities=["0.9"],
@@ -246,7 +288,9 @@ def test_dst_axes_show_and_name_only_non_defaults(overrides, shown, names):
 # distribution axes: sha256 of "<name> <fingerprint>" lines, first 16 hex digits.
 GRID_DIGESTS = {(1, "full"): (205, "43c9af8a701bd2ea"), (1, "ci"): (12, "6ddd8d7b95948b6d"),
                 (2, "full"): (27, "86c626f4934ed29a"), (2, "ci"): (4, "ddac0059e908c3f4"),
-                (3, "full"): (18, "810873a4b82b5a23"), (3, "ci"): (4, "af050e2f15856cfb")}
+                (3, "full"): (18, "810873a4b82b5a23"), (3, "ci"): (4, "af050e2f15856cfb"),
+                # Added with Table 5, after the quantization axis.
+                (5, "full"): (80, "e84052211c2d3303"), (5, "ci"): (10, "d2edaa1d16a6be49")}
 
 
 @pytest.mark.parametrize("table, size", sorted(GRID_DIGESTS))
@@ -461,6 +505,48 @@ def test_paired_column_is_the_per_seed_difference_to_dense():
         "delta_accuracy"]
 
 
+def _curve(*accuracies) -> list[dict]:
+    """metrics.csv rows: round r has accuracies[r - 1]; None: not evaluated (blank)."""
+    return [{"round": str(r), "test_accuracy": "" if a is None else repr(a)}
+            for r, a in enumerate(accuracies, start=1)]
+
+
+@pytest.mark.parametrize("curve, dense_final, rounds", [
+    ((0.5, 0.8, 0.85, 0.9), 0.94, 3.0),  # 0.85 >= 0.9 * 0.94 = 0.846
+    ((0.5, 0.84, 0.846, 0.9), 0.94, 3.0),  # exactly at the target counts
+    ((0.9, 0.95), 0.94, 1.0),
+    ((0.5, None, 0.9), 0.94, 3.0),  # an unevaluated round is skipped
+    ((0.5, 0.6, 0.7), 0.94, math.inf),  # never
+])
+def test_rounds_to_target_is_the_first_round_at_90_percent_of_dense(curve, dense_final,
+                                                                      rounds):
+    cells = grid.GridSpec.from_strings(**PAIRED_GRID).cells(ExperimentConfig())
+    run = grid_results.RunResult(cells[-1], {}, _curve(*curve))
+    dense = grid_results.RunResult(cells[0], {"final_test_accuracy": dense_final}, [])
+    assert grid_results.rounds_to_target(run, dense) == rounds
+
+
+def test_rounds_to_90_pairs_each_run_with_the_dense_run_of_its_seed():
+    results = []
+    for r in _fake_results():
+        if r.cell.schedule == grid.DENSE:  # dense: 0.5, then its final accuracy
+            curve = _curve(0.5, r.summary["final_test_accuracy"])
+        else:  # pruned: 0.845 in round 2, at the target of seeds 0 and 2, not of seed 1
+            curve = _curve(0.5, 0.845, 0.95)
+        results.append(dataclasses.replace(r, metrics_rows=curve))
+    table = grid_results.aggregate(results, ["accuracy", "rounds_to_90"])
+    by_key = {g.key: g for g in table.groups}
+    # Dense reaches 90 % of itself in round 2 for every seed.
+    assert by_key["dense", 0.0, "none", "round"].mean["rounds_to_90"] == 2.0
+    # Seeds 0, 1 (dense 0.93, 0.94: targets 0.837, 0.846): 2 and 3; seed 2 (0.828): 2.
+    assert by_key["polynomial-p3", 0.9, "server", "round"].mean["rounds_to_90"] == pytest.approx(
+        (2 + 3 + 2) / 3)
+    # A run whose dense run is missing cannot be paired: an error naming row and seed.
+    missing = [r for r in results if r.cell.name != "dense-seed1"]
+    with pytest.raises(reporting.UnpairedError, match="masking=client .*no dense run of seed 1"):
+        grid_results.aggregate(missing, ["rounds_to_90"])
+
+
 @pytest.mark.parametrize("drop, seeds", [
     ("polynomial-p3-s0.9-client-step-seed1", "none only in this row, [1] only in the baseline"),
     ("dense-seed2", "[2] only in this row, none only in the baseline"),
@@ -538,6 +624,11 @@ def test_replace_section_keeps_the_rest_and_appends_when_missing():
     assert again == both.replace("old table", "new table")
     assert again.endswith("<!-- table2:start -->\ntwo\n<!-- table2:end -->\n")
     assert "\nafter\n" in again
+    # With the tables' order, a new table goes after the nearest earlier one present.
+    order = ["table1", "table2", "table4", "table5"]
+    five = grid_results.replace_section(once + "\nafter\n", "table5", "five", order=order)
+    assert five == once.replace("<!-- table1:end -->", "<!-- table1:end -->\n\n"
+                                "<!-- table5:start -->\nfive\n<!-- table5:end -->") + "\nafter\n"
 
 
 # --------------------------------------------------------------------------
@@ -645,7 +736,7 @@ def test_every_table_has_ci_expected_values_and_no_other_exists():
         spec.expected_path("ci") for spec in reproduce.TABLES.values())
 
 
-@pytest.mark.parametrize("table", [1, 2, 3])
+@pytest.mark.parametrize("table", [1, 2, 3, 4, 5])
 def test_ci_expected_accuracies_are_far_above_chance(table):
     # The ci sizes exist to catch broken models: their expected values must say
     # the models learned (chance is 0.1), or matching them proves nothing.
@@ -713,23 +804,8 @@ def test_compare_schedules_tiny_grid_writes_tables_then_skips(tmp_path):
             if ": done: " in line] == [f"[{i}/2] {cell}" for i, cell in enumerate(TINY_CELLS, 1)]
     _assert_runs_learned(root, 2)
 
-    # --parallel_cells=2: a child per cell, the parent's tables; the same numbers (1e-6).
-    parallel_root = tmp_path / "parallel"
-    parallel = _run("compare_schedules", *TINY, f"--output_dir={parallel_root}",
-                    "--parallel_cells=2")
-    assert parallel.returncode == 0, parallel.stderr
-    assert "training 2 cell(s) in 2 child processes (--parallel_cells)" in parallel.stdout
-    assert sorted(line.split(": done:")[0] for line in parallel.stdout.splitlines()
-                  if ": done: " in line) == sorted(f"[1/1] {cell}" for cell in TINY_CELLS)
-    assert "| oneshot | 0.5 | server | 1 |" in parallel.stdout  # the parent's table
-    for cell in TINY_CELLS:
-        ours = run_files.metric_values(parallel_root / cell)
-        theirs = run_files.metric_values(root / cell)
-        assert len(ours) == 2
-        for a, b in zip(ours, theirs, strict=True):
-            assert a.keys() == b.keys()
-            for key, value in b.items():
-                assert a[key] == (value if value is None else pytest.approx(value, abs=1e-6)), key
+    # --parallel_cells (children train the cells, the parent writes the tables) gives the
+    # same numbers (1e-6): tests/test_benchmark.py's grid section trains a grid both ways.
 
     with open(root / "comparison.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -988,3 +1064,143 @@ def test_reproduce_table3_ci_shrinks_and_matches_expected(tmp_path):
     assert shrink["round"] == 3 and shrink["max_abs_logit_difference"] <= 1e-5
     assert (shrink["before"]["params"], shrink["after"]["params"]) == (188810, 84426)
     assert not (tmp_path / "mlp-polynomial-p3-s0.878906-server-seed0" / "shrink.json").exists()
+
+
+# --------------------------------------------------------------------------
+# Table 4: federated dynamic sparse training.
+
+
+@pytest.mark.parametrize("size, runs, rows, seeds", [("full", 245, 49, 5), ("ci", 12, 6, 2)])
+def test_table4_flagfiles_and_expected_values_agree(parsed_flags, size, runs, rows, seeds):
+    from experiments import reproduce
+
+    spec = reproduce.TABLES[4]
+    cells = reproduce.table_cells(spec, size)
+    assert len(cells) == len({c.name for c in cells}) == runs
+    assert {c.config.seed for c in cells} == set(range(seeds))
+    pruned = [c.config for c in cells if c.schedule != grid.DENSE]
+    assert {c.schedule for c in pruned} == {"oneshot"}
+    # FedDST (regrowth at the clients) only under both masking; static rows at server.
+    rules = ("random", "gradient") if size == "full" else ("gradient",)
+    assert {(c.masking, c.regrow, c.regrow_at) for c in pruned} == {
+        ("server", "none", "server"), ("both", "none", "server"),
+        *(("server", r, "server") for r in rules),
+        *(("both", r, at) for r in rules for at in ("server", "client"))}
+    assert {c.sparsity_distribution for c in pruned} == (
+        {"uniform", "erk"} if size == "full" else {"erk"})
+    # Every adjustment ends before the last rounds, which train the last topology.
+    assert all(c.regrow_spec().end_round < c.rounds for c in pruned)
+    expected = _expected_file(4, size)
+    keys = (*grid.KEYS, grid.DISTRIBUTION_KEY, grid.REGROW_KEY, grid.REGROW_AT_KEY)
+    assert [tuple(r[k] for k in keys) for r in expected["rows"]] == list(
+        dict.fromkeys(tuple(c.key.values()) for c in cells))
+    assert len(expected["rows"]) == rows
+    assert expected["flagfiles"] == [str(f.relative_to(REPO_ROOT))
+                                     for f in spec.all_flagfiles(size)]
+    by_key = {tuple(r[k] for k in keys): r for r in expected["rows"]}
+    dense = by_key["dense", 0.0, "none", "uniform", "none", "server"]
+    assert dense["rounds_to_90"] <= 30 and dense["delta_accuracy"] == 0
+    for key, r in by_key.items():
+        if key[0] != "dense":  # every row at its level: regrowth moves, never adds
+            assert r["sparsity"] == pytest.approx(key[1], abs=2e-3), key
+        # RigL at the server uploads gradient coordinates on top of the static row's.
+        if key[3:] == ("gradient", "server") and key[2] == "server":
+            static = by_key[(*key[:3], key[3], "none", "server")]
+            assert r["total_bytes_up"] > static["total_bytes_up"]
+
+
+@pytest.mark.slow
+def test_reproduce_table4_ci_regrows_and_matches_expected(tmp_path):
+    done = _run("reproduce", "--table=4", "--size=ci", f"--output_dir={tmp_path}", *SEQUENTIAL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all 42 values of 6 rows within tolerance" in done.stdout
+    assert ("| schedule | final_sparsity | masking | sparsity_distribution | regrow | regrow_at | "
+            "n |") in done.stdout
+    assert "| oneshot | 0.9 | both | erk | gradient | client | 2 |" in done.stdout
+    _assert_runs_learned(tmp_path, 12)
+    # The topology moved in the adjustment rounds (after rounds 1 and 2) and not after.
+    for name in ("oneshot-s0.9-server-erk-gradient-seed0",
+                 "oneshot-s0.9-both-erk-gradient-client-seed1"):
+        rows = list(csv.DictReader(open(tmp_path / name / "metrics.csv", newline="")))
+        regrown = [float(r["regrowth"]) for r in rows]
+        assert regrown[1] > 0 and regrown[2] > 0 and regrown[3] == 0, (name, regrown)
+
+
+# --------------------------------------------------------------------------
+# Table 5: quantized uploads × sparsity, and the deployed model.
+
+
+@pytest.mark.parametrize("size, runs, rows", [("full", 80, 16), ("ci", 10, 5)])
+def test_table5_parts_flagfiles_and_expected_values_agree(parsed_flags, size, runs, rows):
+    from experiments import reproduce
+
+    spec = reproduce.TABLES[5]
+    cells = reproduce.table_cells(spec, size)
+    assert len(cells) == len({c.name for c in cells}) == runs
+    seeds = {c.config.seed for c in cells}
+    assert seeds == ({0, 1, 2, 3, 4} if size == "full" else {0, 1})
+    quantized = {(c.config.structure, c.config.masking): set() for c in cells}
+    for c in cells:
+        quantized[c.config.structure, c.config.masking].add(c.config.upload_quantization)
+    # The unstructured part's ci file narrows it to both masking and none/int8 (a part's
+    # own ci flagfile, read last); the neuron part stays at server masking, float32.
+    every = {"none", "fp16", "int8"} if size == "full" else {"none", "int8"}
+    pruned = {("unstructured", "server"): every, ("unstructured", "both"): every}
+    if size == "ci":
+        del pruned["unstructured", "server"]
+    assert quantized == {("unstructured", "none"): every, **pruned,
+                         ("neuron", "server"): {"none"}}
+    neuron = [c.config for c in cells if c.config.structure == "neuron"]
+    assert all((n.prune_output_layer, n.shrink_at_round) == (False, -1) for n in neuron)
+    expected = _expected_file(5, size)
+    keys = ("structure", "upload_quantization", *grid.KEYS)
+    assert [tuple(r[k] for k in keys) for r in expected["rows"]] == list(dict.fromkeys(
+        (c.config.structure, c.config.upload_quantization, *c.key.values()) for c in cells))
+    assert len(expected["rows"]) == rows
+    assert expected["flagfiles"] == [str(f.relative_to(REPO_ROOT))
+                                     for f in spec.all_flagfiles(size)]
+    assert not {"latency_1", "latency_64"} & set(expected["tolerances"])  # machine-dependent
+    by_key = {(r["structure"], r["upload_quantization"], r["masking"], r["final_sparsity"]): r
+              for r in expected["rows"]}
+    for (structure, q, masking, sparsity), r in by_key.items():
+        plain = by_key[structure, "none", masking, sparsity]
+        # int8 sends a quarter of float32's value bytes; masks and scales do not shrink.
+        if q == "int8":
+            assert 2.5 < plain["bytes_up"] / r["bytes_up"] < 4
+        if q == "fp16":
+            assert 1.5 < plain["bytes_up"] / r["bytes_up"] < 2
+        # Uploads do not change what is deployed: float32, the same architecture.
+        assert abs(r["tflite_bytes"] - plain["tflite_bytes"]) <= 128
+    dense = by_key["unstructured", "none", "none", 0.0]
+    # A float32 flatbuffer keeps its zeros; deflate or the sparse format remove them.
+    for (structure, _, _, sparsity), r in by_key.items():
+        if structure == "unstructured" and sparsity > 0:
+            assert abs(r["tflite_bytes"] - dense["tflite_bytes"]) <= 128
+            assert r["tflite_zipped"] < (1 - sparsity / 2) * dense["tflite_zipped"]
+            assert r["tflite_sparse"] < dense["tflite_sparse"]
+    (shrunk,) = [r for r in expected["rows"] if r["structure"] == "neuron"]
+    assert shrunk["tflite_bytes"] < dense["tflite_bytes"] / 3  # 64-k-10, stored dense
+
+
+@pytest.mark.slow
+def test_reproduce_table5_ci_quantizes_deploys_and_matches_expected(tmp_path):
+    # --deploy=size: the sizes the table checks, without timing the interpreter.
+    done = _run("reproduce", "--table=5", "--size=ci", f"--output_dir={tmp_path}",
+                "--deploy=size", *SEQUENTIAL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all 40 values of 5 rows within tolerance" in done.stdout
+    assert ("| structure | upload_quantization | schedule | final_sparsity | masking | n |"
+            in done.stdout)
+    assert "| unstructured | int8 | polynomial-p3 | 0.75 | both | 2 |" in done.stdout
+    _assert_runs_learned(tmp_path, 10)
+    run = tmp_path / "unstructured-polynomial-p3-s0.75-both-int8-seed0"
+    summary = json.loads((run / "summary.json").read_text())
+    plain = json.loads((tmp_path / "unstructured-polynomial-p3-s0.75-both-seed0"
+                        / "summary.json").read_text())
+    assert 3 < plain["total_bytes_up"] / summary["total_bytes_up"] < 4
+    deployed = summary["deployment"]
+    assert deployed["converted"] and deployed["mode"] == "size"
+    assert (run / deployed["file"]).stat().st_size == deployed["file_bytes"]
+    shrunk = json.loads((tmp_path / "neuron-polynomial-p3-s0.75-server-seed0"
+                         / "summary.json").read_text())["deployment"]
+    assert shrunk["final_model"] == "shrunk" and shrunk["file_bytes"] < deployed["file_bytes"] / 3
