@@ -162,7 +162,8 @@ def run_deploy_section(plan: Plan, log) -> tuple[str, str]:
     rows = result["rows"]
     m = result["mobilenet"]
     channels = " → ".join(map(str, m["pointwise_channels"]))
-    notes = f"""`mobilenet_like`: `deployment.mobilenet_like` with a {m['input_size']}x{m['input_size']}x3
+    size = f"{m['input_size']}x{m['input_size']}x3"
+    notes = f"""`mobilenet_like`: `deployment.mobilenet_like` with a {size}
 input, `ZeroPadding2D(1)`, a 3x3 stride-2 VALID conv to {m['stem_channels']} channels,
 1x1 convs {channels}, `GlobalAveragePooling2D(keepdims=True)`, Dense 10 (random
 initial weights: latency does not depend on training). `PruneForLatencyOnXNNPack`
