@@ -86,7 +86,10 @@ def deploy_results(sparsities, *, runs: int, warmup: int, batch_sizes=(1, 64),
       speedup ({str(batch): dense median / this median})}], policy and
       mlp_policy (`deployment.xnnpack_policy`), pruned ({sparsity: the pruned
       MobileNet-like model}), mlp_pruned, max_abs_difference (largest |TFLite -
-      Keras| output over all flatbuffers, each checked <= ATOL), mobilenet}.
+      Keras| output over all flatbuffers, each checked <= ATOL), mobilenet,
+      without_xnnpack ([{model, sparsity, variant, latency_ms}] of the dense and
+      the sparsest sparse-format MobileNet-like flatbuffers at batch 1 with
+      TFLite's builtin kernels, no delegate)}.
     """
     from fedprune.model import builders
     from fedprune.outputs import deployment
@@ -119,7 +122,17 @@ def deploy_results(sparsities, *, runs: int, warmup: int, batch_sizes=(1, 64),
                 "latency_ms": latency[i],
                 "speedup": {b: reference[b]["median_ms"] / latency[i][b]["median_ms"]
                             for b in latency[i]}})
+    # Is the delegate in use at all? The same dense and sparsest sparse-format
+    # flatbuffers at batch 1 with TFLite's builtin kernels alone.
+    flatbuffers = groups[0][1][0]
+    sparsest = (("mobilenet_like", 0.0, "dense"),
+                ("mobilenet_like", max(sparsities), "pruned, sparse format"))
+    builtin = deployment.measure_latencies({key: flatbuffers[key] for key in sparsest}, images,
+                                           batch_sizes=(1,), warmup=warmup, runs=runs,
+                                           xnnpack=False)
     return {"rows": rows, "policy": policy, "mlp_policy": mlp_policy,
+            "without_xnnpack": [{"model": k[0], "sparsity": k[1], "variant": k[2],
+                                 "latency_ms": builtin[k]} for k in sparsest],
             "pruned": groups[0][1][1], "mlp_pruned": groups[1][1][1][MLP_SPARSITY],
             "max_abs_difference": difference, "mobilenet": mobilenet}
 
@@ -157,12 +170,29 @@ def verdict(rows, model: str) -> str:
 
 def run_deploy_section(plan: Plan, log) -> tuple[str, str]:
     """Runs `deploy_results` with the plan's settings; returns (table, notes)."""
-    result = deploy_results(plan.deploy_sparsities, runs=plan.deploy_runs,
-                            warmup=plan.deploy_warmup, log=log)
+    return deploy_section_text(plan, deploy_results(
+        plan.deploy_sparsities, runs=plan.deploy_runs, warmup=plan.deploy_warmup, log=log))
+
+
+def deploy_section_text(plan: Plan, result: dict) -> tuple[str, str]:
+    """The section's (table, notes) for `deploy_results`' `result` under `plan`."""
     rows = result["rows"]
     m = result["mobilenet"]
     channels = " → ".join(map(str, m["pointwise_channels"]))
     size = f"{m['input_size']}x{m['input_size']}x3"
+    with_delegate = {(r["model"], r["sparsity"], r["variant"]): r["latency_ms"]["1"]["median_ms"]
+                     for r in rows}
+    builtin = []
+    for r in result["without_xnnpack"]:
+        label = r["variant"] + (f" {100 * r['sparsity']:g} %" if r["sparsity"] else "")
+        with_ms = with_delegate[(r["model"], r["sparsity"], r["variant"])]
+        builtin.append(f"{label} {r['latency_ms']['1']['median_ms']:.3g} ms without it, "
+                       f"{with_ms:.3g} ms with it")
+    mobilenet_verdict = verdict(rows, "mobilenet_like")
+    sparse_path = ("The sparse-format flatbuffers (their 1x1 kernels reach the interpreter "
+                   "through DENSIFY ops) run no faster than dense, so this TensorFlow wheel's "
+                   "XNNPACK delegate takes no sparse path for them."
+                   if "no speed-up" in mobilenet_verdict else "")
     notes = f"""`mobilenet_like`: `deployment.mobilenet_like` with a {size}
 input, `ZeroPadding2D(1)`, a 3x3 stride-2 VALID conv to {m['stem_channels']} channels,
 1x1 convs {channels}, `GlobalAveragePooling2D(keepdims=True)`, Dense 10 (random
@@ -179,9 +209,10 @@ untimed then {plan.deploy_runs} timed `invoke()` per flatbuffer and batch size, 
 flatbuffers of a model alternating run by run (`deployment.measure_latencies`);
 median and IQR in ms; speed-up = dense median / row median. TFLite outputs equal
 Keras' within {result['max_abs_difference']:.1g} (checked ≤ {ATOL:g}). Measured:
-the MobileNet-like model shows {verdict(rows, 'mobilenet_like')}; the MLP shows
-{verdict(rows, 'mlp')}. XNNPACK's sparse inference (Elsen et al., "Fast Sparse
-ConvNets") needs the sparse-format weights and at least 2/3 zeros across the 1x1
-kernels, so below 67 % it cannot apply at all; the sparse format's flatbuffer is
-smaller whenever the kernels are sparse enough for the converter to store them so."""
+the MobileNet-like model shows {mobilenet_verdict}; the MLP shows
+{verdict(rows, 'mlp')}. Batch 1 of the MobileNet-like model with TFLite's builtin
+kernels alone instead of the XNNPACK delegate: {'; '.join(builtin)}. {sparse_path}
+XNNPACK's sparse inference (Elsen et al., "Fast Sparse ConvNets") needs the
+sparse-format weights and at least 2/3 zeros across the 1x1 kernels, so below
+67 % it cannot apply at all."""
     return deploy_markdown(rows), notes

@@ -101,6 +101,20 @@ def test_latency_has_median_and_iqr_of_at_least_50_runs_per_batch_size():
         assert entry["median_ms"] > 0 and entry["iqr_ms"] >= 0
 
 
+@pytest.mark.parametrize("xnnpack", [True, False])
+def test_latencies_of_several_flatbuffers_are_timed_alike(xnnpack):
+    flatbuffers = {"dense": deployment.to_tflite(_model("mlp")),
+                   "sparse": deployment.to_tflite(_magnitude_pruned(_model("mlp"), 0.9),
+                                                  sparse=True)}
+    latency = deployment.measure_latencies(flatbuffers, _digits(5), batch_sizes=(1, 8),
+                                           warmup=1, runs=7, xnnpack=xnnpack)
+    assert sorted(latency) == ["dense", "sparse"]
+    for entries in latency.values():
+        assert sorted(entries) == ["1", "8"]
+        for entry in entries.values():
+            assert entry["runs"] == 7 and entry["median_ms"] > 0 and entry["iqr_ms"] >= 0
+
+
 @pytest.mark.parametrize("name", ["mlp", "mlp2", "cnn"])
 def test_xnnpack_latency_policy_refuses_fedprunes_models(name):
     outcome = deployment.xnnpack_policy(_model(name))

@@ -89,11 +89,14 @@ def zipped_size(data: bytes, arcname: str = TFLITE_NAME) -> int:
     return len(buffer.getvalue())
 
 
-def _interpreter(data: bytes, batch: int, example_shape):
+def _interpreter(data: bytes, batch: int, example_shape, *, xnnpack: bool = True):
     import tensorflow as tf
 
+    resolver = tf.lite.experimental.OpResolverType
+    kind = resolver.AUTO if xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with tf_logging.tflite_info_follows_tf_level():  # the XNNPACK delegate's INFO line
-        interpreter = tf.lite.Interpreter(model_content=data, num_threads=NUM_THREADS)
+        interpreter = tf.lite.Interpreter(model_content=data, num_threads=NUM_THREADS,
+                                          experimental_op_resolver_type=kind)
         index = interpreter.get_input_details()[0]["index"]
         interpreter.resize_tensor_input(index, [batch, *example_shape])
         interpreter.allocate_tensors()
@@ -133,7 +136,8 @@ def measure_latency(data: bytes, examples: np.ndarray, *, batch_sizes=BATCH_SIZE
 
 
 def measure_latencies(flatbuffers: dict, examples: np.ndarray, *, batch_sizes=BATCH_SIZES,
-                      warmup: int = WARMUP_RUNS, runs: int = TIMED_RUNS) -> dict:
+                      warmup: int = WARMUP_RUNS, runs: int = TIMED_RUNS,
+                      xnnpack: bool = True) -> dict:
     """`measure_latency` of several flatbuffers, their invokes interleaved.
 
     Per batch size, every flatbuffer gets an interpreter and `warmup` untimed
@@ -144,6 +148,8 @@ def measure_latencies(flatbuffers: dict, examples: np.ndarray, *, batch_sizes=BA
     Args:
       flatbuffers: {name: TFLite flatbuffer with one input taking `examples`}.
       examples, batch_sizes, warmup, runs: as in `measure_latency`.
+      xnnpack: TF's default resolver, which applies the XNNPACK delegate; False:
+        TFLite's builtin kernels alone (`BUILTIN_WITHOUT_DEFAULT_DELEGATES`).
 
     Returns:
       {name: {str(batch): {median_ms, iqr_ms, runs}}}.
@@ -152,7 +158,7 @@ def measure_latencies(flatbuffers: dict, examples: np.ndarray, *, batch_sizes=BA
     for batch in batch_sizes:
         interpreters = {}
         for name, data in flatbuffers.items():
-            interpreter, index = _interpreter(data, batch, examples.shape[1:])
+            interpreter, index = _interpreter(data, batch, examples.shape[1:], xnnpack=xnnpack)
             interpreter.set_tensor(index, _batch(examples, batch))
             for _ in range(warmup):
                 interpreter.invoke()
