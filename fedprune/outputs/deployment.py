@@ -31,6 +31,10 @@ convolutions of a MobileNet-like subgraph (from a 3x3 stride-2 `VALID` Conv2D
 on 3 channels after a `ZeroPadding2D` of 1, to a `GlobalAveragePooling2D`),
 the subgraph XNNPACK's sparse inference runs; on other models its
 `ensure_model_supports_pruning` raises, and the section records its reason.
+`mobilenet_like` builds a model it applies to and `tfmot_pruned` prunes with
+it (or without it), for the benchmark's deploy section
+(`experiments/benchmark_deploy.py`), which times the flatbuffers interleaved
+(`measure_latencies`).
 
 TensorFlow is imported inside the functions only.
 """
