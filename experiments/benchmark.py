@@ -3,6 +3,7 @@ r"""Benchmarks fedprune's round time, memory at scale and accuracy (issue 8).
     python -m experiments.benchmark                                 # speed table only
     python -m experiments.benchmark --sections=speed,scale,quality --write
     python -m experiments.benchmark --sections=scale --scale_clients_per_round=10 --write
+    python -m experiments.benchmark --sections=deploy --write
 
 The ordinary experiment flags set the data/model setting (default: digits,
 the `mlp` model 64-128-10, 10 clients, all 10 per round, batch 16, 1 local
@@ -63,6 +64,15 @@ grid     The wall time of one reduced grid trained three ways: a process built
 quality  Final test accuracy of `loop.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
          `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI.
+deploy   tfmot's latency-oriented pruning (`PruneForLatencyOnXNNPack`) where it
+         applies: a MobileNet-like model (`deployment.mobilenet_like`) with its
+         1x1 convolutions pruned to each of `--deploy_sparsities`, converted to
+         TFLite plainly and with EXPERIMENTAL_SPARSITY, timed at batch 1 and 64
+         (one thread, `--deploy_runs` runs after `--deploy_warmup`, the
+         flatbuffers alternating run by run) against the dense model; plus
+         fedprune's `mlp` at 90 %, where the policy does not apply
+         (`benchmark_deploy.py`). Sizes raw and zipped, median (IQR) latency,
+         speed-up vs dense.
 
 Every section prints a Markdown table. With `--write`, the sections that ran
 replace theirs in `--output` (default BENCHMARKS.md, other sections are kept),
@@ -89,6 +99,7 @@ from pathlib import Path
 from absl import flags
 
 from experiments import (
+    benchmark_deploy,
     benchmark_grid,
     benchmark_quality,
     benchmark_scale,
@@ -101,7 +112,7 @@ from fedprune import config as config_lib
 from fedprune.errors import InvalidArgument, check
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("speed", "scale", "quality", "grid")
+SECTIONS = ("speed", "scale", "quality", "grid", "deploy")
 SCALE_DATASETS = ("synthetic", "digits")
 # Fixed per variant, so giving them on the command line would be silently ignored.
 FIXED_FLAGS = ("masking", "schedule")
@@ -150,6 +161,14 @@ _GRID_PATHS = flags.DEFINE_list(
     "grid: the code paths to train the grid along, in this order (speed-ups are against the "
     "first): build (a process per cell), trace (one trace per grid), parallel (one trace "
     "per grid + --parallel_cells=<usable cores>).")
+_DEPLOY_SPARSITIES = flags.DEFINE_list(
+    "deploy_sparsities", ["0.5", "0.75", "0.9"],
+    "deploy: sparsities the 1x1 convolutions of the MobileNet-like model are pruned to.")
+_DEPLOY_RUNS = flags.DEFINE_integer("deploy_runs", 50, "deploy: timed invokes per flatbuffer "
+                                    "and batch size (>= 3).")
+_DEPLOY_WARMUP = flags.DEFINE_integer("deploy_warmup", 10, "deploy: untimed invokes first "
+                                      "(>= 0).")
+usage.set_topic("deploy section", _DEPLOY_SPARSITIES, _DEPLOY_RUNS, _DEPLOY_WARMUP)
 usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS, _GRID_PATHS)
 usage.set_topic("sections", _SECTIONS)
 usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
@@ -184,6 +203,8 @@ class Plan:
         `--warmup_rounds`, `--timed_rounds`, `--program_round`.
       scale_clients, scale_rounds, scale_baseline: the scale section's
         `--scale_clients`, `--scale_rounds`, `--scale_baseline_round`.
+      deploy_sparsities, deploy_runs, deploy_warmup: the deploy section's
+        `--deploy_sparsities`, `--deploy_runs`, `--deploy_warmup`.
     """
 
     sections: tuple[str, ...]
@@ -203,6 +224,9 @@ class Plan:
     scale_clients: int = 0
     scale_rounds: int = 2
     scale_baseline: int = 1
+    deploy_sparsities: tuple[float, ...] = ()
+    deploy_runs: int = 50
+    deploy_warmup: int = 10
 
 
 def _int_list(name: str, values: Sequence[str], minimum: int) -> list[int]:
@@ -215,13 +239,15 @@ def _int_list(name: str, values: Sequence[str], minimum: int) -> list[int]:
     return ints
 
 
-def _float_list(name: str, values: Sequence[str]) -> list[float]:
+def _float_list(name: str, values: Sequence[str], *, zero: bool = True) -> list[float]:
+    """Sparsities in [0, 1), or in (0, 1) without `zero`."""
     try:
         floats = [float(v) for v in values]
     except ValueError:
         raise InvalidArgument(name, ",".join(values), "comma-separated fractions") from None
-    check(bool(floats) and all(0 <= f < 1 for f in floats), name, ",".join(values),
-          "one or more sparsities in [0, 1)")
+    check(bool(floats) and all((0 <= f if zero else 0 < f) and f < 1 for f in floats),
+          name, ",".join(values),
+          f"one or more sparsities in {'[' if zero else '('}0, 1)")
     return floats
 
 
@@ -280,6 +306,11 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                     eval_every=base.rounds)
                 pruned_q, dense_q = pruned_and_dense(config, config.rounds)
                 quality.append((sparsity, seed, dense_q if sparsity == 0 else pruned_q))
+    deploy_sparsities = tuple(_float_list("deploy_sparsities", _DEPLOY_SPARSITIES.value,
+                                          zero=False))
+    check(_DEPLOY_RUNS.value >= 3, "deploy_runs", _DEPLOY_RUNS.value, "a whole number >= 3")
+    check(_DEPLOY_WARMUP.value >= 0, "deploy_warmup", _DEPLOY_WARMUP.value,
+          "a whole number >= 0")
     grid_sparsities = tuple(_float_list("grid_final_sparsities", _GRID_SPARSITIES.value))
     grid_seeds = tuple(_int_list("grid_seeds", _GRID_SEEDS.value, 0))
     from experiments import grid as grid_lib
@@ -297,7 +328,9 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                 grid_seeds=grid_seeds, grid_paths=grid_paths,
                 warmup_rounds=_WARMUP_ROUNDS.value, timed_rounds=_TIMED_ROUNDS.value,
                 program_round=_PROGRAM_ROUND.value, scale_clients=_SCALE_CLIENTS.value,
-                scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value)
+                scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value,
+                deploy_sparsities=deploy_sparsities, deploy_runs=_DEPLOY_RUNS.value,
+                deploy_warmup=_DEPLOY_WARMUP.value)
 
 
 # --------------------------------------------------------------------------
@@ -400,6 +433,8 @@ def main(argv):
         "quality": ("Quality: test accuracy vs sparsity", benchmark_quality.run_quality),
         "grid": ("Grids: one trace per grid and parallel cells vs a build per cell",
                  benchmark_grid.run_grid_section),
+        "deploy": ("Deployment: tfmot's PruneForLatencyOnXNNPack, TFLite latency",
+                   benchmark_deploy.run_deploy_section),
     }
     bodies = {}
     for name in plan.sections:

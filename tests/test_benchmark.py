@@ -17,11 +17,18 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from cli_util import CHEAP_FLAGS
 
-from experiments import benchmark, benchmark_grid, benchmark_scale, benchmark_speed
+from experiments import (
+    benchmark,
+    benchmark_deploy,
+    benchmark_grid,
+    benchmark_scale,
+    benchmark_speed,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
@@ -178,7 +185,11 @@ def test_grid_paths_in_the_order_asked(names, cores, labels):
 
 def test_bad_flags_fail_fast_without_tensorflow():
     for flag, words in (("--masking=none", "sets it per variant"),
-                        ("--sections=speed,fast", "one or more of speed,scale,quality,grid"),
+                        ("--sections=speed,fast",
+                         "one or more of speed,scale,quality,grid,deploy"),
+                        ("--deploy_sparsities=0,0.5", "one or more sparsities in (0, 1)"),
+                        ("--deploy_sparsities=0.5,x", "comma-separated fractions"),
+                        ("--deploy_runs=2", ">= 3"),
                         ("--grid_maskings=none", "one or more of client,server,both"),
                         ("--grid_paths=build,build", "one or more of build,trace,parallel"),
                         ("--grid_paths=fast", "one or more of build,trace,parallel"),
@@ -245,7 +256,7 @@ def test_replace_sections_replaces_in_place_and_keeps_everything_else():
     assert "old" not in second and "new" in second and "## Q" in second
     # A new section goes between its neighbours of SECTIONS.
     positions = [second.index(f"<!-- benchmark:{name} -->") for name in benchmark.SECTIONS
-                 if name != "grid"]  # not written here
+                 if name not in ("grid", "deploy")]  # not written here
     assert positions == sorted(positions)
     assert second.index("<!-- /benchmark:quality -->") < second.index("<!-- scaleout -->")
     assert benchmark.replace_sections(second, {}) == second
@@ -259,3 +270,107 @@ def test_command_line_drops_internal_flags_and_quotes():
     argv = ["/x/benchmark.py", "--sections=scale", "--scale_child=10", "--output=a b.md"]
     assert (benchmark.command_line(argv)
             == "python -m experiments.benchmark --sections=scale '--output=a b.md'")
+
+
+# --------------------------------------------------------------------------
+# The deploy section, in process (small models, few runs: its numbers, not its timings).
+
+_DEPLOY_SPARSITIES = (0.5, 0.9)
+
+
+@pytest.fixture(scope="module")
+def deploy_section():
+    """(plan, table, notes, results) of a small deploy section: 16x16 inputs, 3 runs.
+
+    `run_deploy_section` is `deploy_section_text` of `deploy_results` at the
+    default model size (`benchmark_deploy.MOBILENET`); here the model is smaller.
+    """
+    plan = benchmark.Plan(("deploy",), None, None, {}, (), (),
+                          deploy_sparsities=_DEPLOY_SPARSITIES, deploy_runs=3, deploy_warmup=1)
+    small = dict(input_size=16, stem_channels=8, pointwise_channels=(16, 24))
+    lines = []
+    results = benchmark_deploy.deploy_results(plan.deploy_sparsities, runs=3, warmup=1,
+                                              mobilenet=small, log=lines.append)
+    assert lines[-1] == "deploy: timing 3 mlp flatbuffers, 3 runs each"
+    table, notes = benchmark_deploy.deploy_section_text(plan, results)
+    return plan, table, notes, results
+
+
+@pytest.mark.parametrize("sparsity", _DEPLOY_SPARSITIES)
+def test_deploy_prunes_exactly_the_1x1_kernels_to_the_sparsity(deploy_section, sparsity):
+    results = deploy_section[-1]
+    pruned = results["pruned"][sparsity]
+    kernels = benchmark_deploy.pointwise_kernels(pruned)
+    assert list(kernels) == results["policy"]["prunable_layers"]
+    assert [k.shape for k in kernels.values()] == [(1, 1, 8, 16), (1, 1, 16, 24)]
+    for kernel in kernels.values():
+        # tfmot keeps the round(size * (1 - sparsity)) largest magnitudes.
+        assert kernel.size - np.count_nonzero(kernel) == kernel.size - round(
+            kernel.size * (1 - sparsity))
+    # The policy wraps nothing else: the 3x3 stem and the classifier stay dense.
+    others = [layer for layer in pruned.layers if layer.weights
+              and layer.name not in kernels]
+    assert [type(layer).__name__ for layer in others] == ["Conv2D", "Dense"]
+    for layer in others:
+        assert np.count_nonzero(layer.get_weights()[0]) == layer.get_weights()[0].size
+
+
+def test_deploy_mlp_is_pruned_without_the_policy_which_refuses_it(deploy_section):
+    results = deploy_section[-1]
+    assert results["policy"]["applies"] and results["policy"]["reason"] is None
+    assert results["mlp_policy"]["applies"] is False
+    assert results["mlp_policy"]["reason"].startswith("Could not find `Conv2D 3x3` layer")
+    for weights in results["mlp_pruned"].get_weights():
+        if weights.ndim == 2:  # every Dense kernel at 90 %
+            assert weights.size - np.count_nonzero(weights) == weights.size - round(
+                weights.size * 0.1)
+
+
+def test_deploy_table_has_every_flatbuffer_with_positive_latency(deploy_section):
+    _, table, notes, results = deploy_section
+    rows = results["rows"]
+    expected = [("mobilenet_like", 0.0, "dense")] + [
+        ("mobilenet_like", s, v) for s in _DEPLOY_SPARSITIES
+        for v in ("pruned", "pruned, sparse format")] + [
+        ("mlp", 0.0, "dense"), ("mlp", 0.9, "pruned"), ("mlp", 0.9, "pruned, sparse format")]
+    assert [(r["model"], r["sparsity"], r["variant"]) for r in rows] == expected
+    for row in rows:
+        assert sorted(row["latency_ms"]) == ["1", "64"]
+        for entry in row["latency_ms"].values():
+            assert entry["median_ms"] > 0 and entry["iqr_ms"] >= 0 and entry["runs"] == 3
+        assert row["tflite_bytes_zipped"] < row["tflite_bytes"]
+    for dense in (rows[0], rows[5]):
+        assert dense["speedup"] == {"1": 1.0, "64": 1.0}
+    by_key = {(r["model"], r["sparsity"], r["variant"]): r for r in rows}
+    for model, sparsity in (("mobilenet_like", 0.9), ("mlp", 0.9)):
+        plain = by_key[(model, sparsity, "pruned")]
+        # Same float32 tensors, zeros included: the plain flatbuffer is dense-sized.
+        assert plain["tflite_bytes"] == by_key[(model, 0.0, "dense")]["tflite_bytes"]
+        assert by_key[(model, sparsity, "pruned, sparse format")]["tflite_bytes"] < plain[
+            "tflite_bytes"]
+    assert 0 <= results["max_abs_difference"] <= benchmark_deploy.ATOL
+    builtin = results["without_xnnpack"]
+    assert [(r["variant"], r["sparsity"]) for r in builtin] == [
+        ("dense", 0.0), ("pruned, sparse format", 0.9)]
+    assert all(list(r["latency_ms"]) == ["1"] and r["latency_ms"]["1"]["median_ms"] > 0
+               for r in builtin)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(expected)
+    cells = _table_rows(table)["mlp"]
+    assert cells[:2] == ["90 %", "pruned, sparse format"]  # the last mlp row wins the key
+    speedup = rows[-1]["speedup"]["64"]
+    assert cells[-1] == f"{speedup:.2f}×"
+    assert "1x1 convs 16 → 24" in notes and "3 timed `invoke()`" in notes.replace("\n", " ")
+    assert notes.count("speed-up") >= 2  # a verdict for each model
+
+
+@pytest.mark.parametrize("ratios, words", [
+    ((1.02, 0.97), "**no speed-up** (speed-ups 0.97–1.02×"),
+    ((1.3, 0.9), "a speed-up of up to 1.30× (batch 64, pruned, 90 %; speed-ups 0.90–1.30×"),
+])
+def test_deploy_verdict_states_what_was_measured(ratios, words):
+    rows = [{"model": "m", "sparsity": 0.0, "variant": "dense",
+             "speedup": {"1": 1.0, "64": 1.0}},
+            {"model": "m", "sparsity": 0.9, "variant": "pruned",
+             "speedup": {"1": ratios[1], "64": ratios[0]}}]
+    assert benchmark_deploy.verdict(rows, "m").startswith(words)

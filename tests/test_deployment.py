@@ -53,23 +53,6 @@ def _magnitude_pruned(model, sparsity: float):
     return pruned
 
 
-def _mobilenet_like(channels: int = 32):
-    """The subgraph `PruneForLatencyOnXNNPack` accepts: ZeroPadding2D(1), a 3x3 stride-2
-    VALID Conv2D on 3 channels, 1x1 convolutions, GlobalAveragePooling2D(keepdims)."""
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(0)
-    layers = tf.keras.layers
-    inputs = tf.keras.Input((32, 32, 3))
-    x = layers.ZeroPadding2D(1)(inputs)
-    x = layers.Conv2D(channels, 3, strides=2, padding="valid", activation="relu")(x)
-    x = layers.Conv2D(2 * channels, 1, activation="relu")(x)
-    x = layers.Conv2D(2 * channels, 1, activation="relu")(x)
-    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
-    outputs = layers.Dense(10)(layers.Flatten()(x))
-    return tf.keras.Model(inputs, outputs)
-
-
 # --------------------------------------------------------------------------
 # The library on small models.
 
@@ -118,6 +101,20 @@ def test_latency_has_median_and_iqr_of_at_least_50_runs_per_batch_size():
         assert entry["median_ms"] > 0 and entry["iqr_ms"] >= 0
 
 
+@pytest.mark.parametrize("xnnpack", [True, False])
+def test_latencies_of_several_flatbuffers_are_timed_alike(xnnpack):
+    flatbuffers = {"dense": deployment.to_tflite(_model("mlp")),
+                   "sparse": deployment.to_tflite(_magnitude_pruned(_model("mlp"), 0.9),
+                                                  sparse=True)}
+    latency = deployment.measure_latencies(flatbuffers, _digits(5), batch_sizes=(1, 8),
+                                           warmup=1, runs=7, xnnpack=xnnpack)
+    assert sorted(latency) == ["dense", "sparse"]
+    for entries in latency.values():
+        assert sorted(entries) == ["1", "8"]
+        for entry in entries.values():
+            assert entry["runs"] == 7 and entry["median_ms"] > 0 and entry["iqr_ms"] >= 0
+
+
 @pytest.mark.parametrize("name", ["mlp", "mlp2", "cnn"])
 def test_xnnpack_latency_policy_refuses_fedprunes_models(name):
     outcome = deployment.xnnpack_policy(_model(name))
@@ -129,10 +126,13 @@ def test_xnnpack_latency_policy_refuses_fedprunes_models(name):
 def test_xnnpack_latency_policy_where_it_applies_prunes_the_1x1_convolutions():
     import tensorflow_model_optimization as tfmot
 
-    model = _mobilenet_like()
+    model = deployment.mobilenet_like(input_size=32, stem_channels=32,
+                                      pointwise_channels=(64, 64))
     outcome = deployment.xnnpack_policy(model)
     assert outcome["applies"] and outcome["reason"] is None
+    # Input, ZeroPadding2D, the 3x3 Conv2D, then the two 1x1 Conv2D layers.
     assert outcome["prunable_layers"] == [layer.name for layer in model.layers[3:5]]
+    assert [layer.kernel_size for layer in model.layers[3:5]] == [(1, 1), (1, 1)]
     wrapped = tfmot.sparsity.keras.prune_low_magnitude(
         model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.8, 0),
         pruning_policy=tfmot.sparsity.keras.PruneForLatencyOnXNNPack())

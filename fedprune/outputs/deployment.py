@@ -31,6 +31,10 @@ convolutions of a MobileNet-like subgraph (from a 3x3 stride-2 `VALID` Conv2D
 on 3 channels after a `ZeroPadding2D` of 1, to a `GlobalAveragePooling2D`),
 the subgraph XNNPACK's sparse inference runs; on other models its
 `ensure_model_supports_pruning` raises, and the section records its reason.
+`mobilenet_like` builds a model it applies to and `tfmot_pruned` prunes with
+it (or without it), for the benchmark's deploy section
+(`experiments/benchmark_deploy.py`), which times the flatbuffers interleaved
+(`measure_latencies`).
 
 TensorFlow is imported inside the functions only.
 """
@@ -89,11 +93,14 @@ def zipped_size(data: bytes, arcname: str = TFLITE_NAME) -> int:
     return len(buffer.getvalue())
 
 
-def _interpreter(data: bytes, batch: int, example_shape):
+def _interpreter(data: bytes, batch: int, example_shape, *, xnnpack: bool = True):
     import tensorflow as tf
 
+    resolver = tf.lite.experimental.OpResolverType
+    kind = resolver.AUTO if xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with tf_logging.tflite_info_follows_tf_level():  # the XNNPACK delegate's INFO line
-        interpreter = tf.lite.Interpreter(model_content=data, num_threads=NUM_THREADS)
+        interpreter = tf.lite.Interpreter(model_content=data, num_threads=NUM_THREADS,
+                                          experimental_op_resolver_type=kind)
         index = interpreter.get_input_details()[0]["index"]
         interpreter.resize_tensor_input(index, [batch, *example_shape])
         interpreter.allocate_tensors()
@@ -128,21 +135,118 @@ def measure_latency(data: bytes, examples: np.ndarray, *, batch_sizes=BATCH_SIZE
     Returns:
       {str(batch): {median_ms, iqr_ms (75th - 25th percentile), runs}}.
     """
-    result = {}
+    return measure_latencies({"model": data}, examples, batch_sizes=batch_sizes,
+                             warmup=warmup, runs=runs)["model"]
+
+
+def measure_latencies(flatbuffers: dict, examples: np.ndarray, *, batch_sizes=BATCH_SIZES,
+                      warmup: int = WARMUP_RUNS, runs: int = TIMED_RUNS,
+                      xnnpack: bool = True) -> dict:
+    """`measure_latency` of several flatbuffers, their invokes interleaved.
+
+    Per batch size, every flatbuffer gets an interpreter and `warmup` untimed
+    invokes; then the timed invokes alternate between them (run i of each
+    before run i + 1 of any), so that load from other processes hits all of
+    them alike.
+
+    Args:
+      flatbuffers: {name: TFLite flatbuffer with one input taking `examples`}.
+      examples, batch_sizes, warmup, runs: as in `measure_latency`.
+      xnnpack: TF's default resolver, which applies the XNNPACK delegate; False:
+        TFLite's builtin kernels alone (`BUILTIN_WITHOUT_DEFAULT_DELEGATES`).
+
+    Returns:
+      {name: {str(batch): {median_ms, iqr_ms, runs}}}.
+    """
+    result = {name: {} for name in flatbuffers}
     for batch in batch_sizes:
-        interpreter, index = _interpreter(data, batch, examples.shape[1:])
-        interpreter.set_tensor(index, _batch(examples, batch))
-        for _ in range(warmup):
-            interpreter.invoke()
-        times = np.empty(runs)
+        interpreters = {}
+        for name, data in flatbuffers.items():
+            interpreter, index = _interpreter(data, batch, examples.shape[1:], xnnpack=xnnpack)
+            interpreter.set_tensor(index, _batch(examples, batch))
+            for _ in range(warmup):
+                interpreter.invoke()
+            interpreters[name] = interpreter
+        times = {name: np.empty(runs) for name in flatbuffers}
         for i in range(runs):
-            start = time.perf_counter()
-            interpreter.invoke()
-            times[i] = time.perf_counter() - start
-        q25, q50, q75 = np.percentile(times * 1e3, (25, 50, 75))
-        result[str(batch)] = {"median_ms": float(q50), "iqr_ms": float(q75 - q25),
-                              "runs": int(runs)}
+            for name, interpreter in interpreters.items():
+                start = time.perf_counter()
+                interpreter.invoke()
+                times[name][i] = time.perf_counter() - start
+        for name, seconds in times.items():
+            q25, q50, q75 = np.percentile(seconds * 1e3, (25, 50, 75))
+            result[name][str(batch)] = {"median_ms": float(q50), "iqr_ms": float(q75 - q25),
+                                        "runs": int(runs)}
     return result
+
+
+def mobilenet_like(*, input_size: int = 32, stem_channels: int = 32,
+                   pointwise_channels=(64, 64), classes: int = 10, seed: int = 0):
+    """A Keras model with the subgraph `PruneForLatencyOnXNNPack` accepts.
+
+    `ZeroPadding2D(1)`, a 3x3 stride-2 `VALID` Conv2D (ReLU) on the 3 input
+    channels, one 1x1 Conv2D (ReLU) per `pointwise_channels` entry (the layers
+    the policy prunes), `GlobalAveragePooling2D(keepdims=True)`, then a Dense
+    classifier on the flattened [1, 1, C] map.
+
+    Args:
+      input_size: height and width of the [input_size, input_size, 3] input; the
+        1x1 convolutions run on an (input_size / 2)^2 map.
+      stem_channels: output channels of the 3x3 convolution.
+      pointwise_channels: output channels of each 1x1 convolution, in order.
+      classes: logits of the Dense output.
+      seed: Keras' initialization seed.
+    """
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(seed)
+    layers = tf.keras.layers
+    inputs = tf.keras.Input((input_size, input_size, 3))
+    x = layers.ZeroPadding2D(1)(inputs)
+    x = layers.Conv2D(stem_channels, 3, strides=2, padding="valid", activation="relu")(x)
+    for channels in pointwise_channels:
+        x = layers.Conv2D(channels, 1, activation="relu")(x)
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    outputs = layers.Dense(classes)(layers.Flatten()(x))
+    return tf.keras.Model(inputs, outputs)
+
+
+def tfmot_pruned(model, sparsity: float, examples: np.ndarray, *, xnnpack: bool):
+    """A plain copy of `model` pruned by tfmot's `prune_low_magnitude` to `sparsity`.
+
+    The wrapped model (`ConstantSparsity(sparsity, begin_step=0, frequency=1)`; with
+    `xnnpack`, `pruning_policy=PruneForLatencyOnXNNPack()`, which wraps only the
+    1x1 Conv2D layers) takes one training step on `examples` with
+    `UpdatePruningStep` and SGD at learning rate 0: the step computes each
+    wrapped kernel's magnitude mask and multiplies the kernel by it, and the
+    weights are otherwise left as they are (the wrapper counts that step as
+    pruning step 1 before it checks the schedule, so the default frequency of
+    100 would leave the masks all ones); `strip_pruning` then returns the
+    plain model. Each wrapped kernel keeps its round(size * (1 - sparsity))
+    largest magnitudes (tfmot's `Pruning`), the other weights are kept.
+
+    Args:
+      model: a plain Keras model (not modified).
+      sparsity: fraction of each prunable kernel set to zero, in [0, 1).
+      examples: [n, *input shape] inputs for the step (labels are zeros).
+      xnnpack: use the latency policy (raises ValueError where it does not apply).
+    """
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    sparsity_api = tfmot.sparsity.keras
+    copy = tf.keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    policy = {"pruning_policy": sparsity_api.PruneForLatencyOnXNNPack()} if xnnpack else {}
+    wrapped = sparsity_api.prune_low_magnitude(
+        copy, pruning_schedule=sparsity_api.ConstantSparsity(sparsity, begin_step=0, frequency=1),
+        **policy)
+    wrapped.compile(optimizer=tf.keras.optimizers.SGD(learning_rate=0.0),
+                    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.asarray(examples, np.float32)
+    wrapped.fit(x, np.zeros(len(x), np.int64), batch_size=len(x), epochs=1, verbose=0,
+                callbacks=[sparsity_api.UpdatePruningStep()])
+    return sparsity_api.strip_pruning(wrapped)
 
 
 def xnnpack_policy(model) -> dict:
