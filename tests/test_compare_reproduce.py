@@ -1101,8 +1101,13 @@ def test_table4_flagfiles_and_expected_values_agree(parsed_flags, size, runs, ro
     dense = by_key["dense", 0.0, "none", "uniform", "none", "server"]
     assert dense["rounds_to_90"] <= 30 and dense["delta_accuracy"] == 0
     for key, r in by_key.items():
-        if key[0] != "dense":  # every row at its level: regrowth moves, never adds
-            assert r["sparsity"] == pytest.approx(key[1], abs=2e-3), key
+        # The mask holds exactly the level's count; the static rows' kernels are that
+        # sparse, the regrowing ones never denser (a weight grown at zero stays zero
+        # while its hidden unit is inactive: RESULTS.md's Table 4 description).
+        if key[0] != "dense" and key[4] == "none":
+            assert r["sparsity"] == pytest.approx(key[1], abs=1e-4), key
+        if key[0] != "dense":
+            assert key[1] - 1e-4 <= r["sparsity"] < key[1] + 0.02, key
         # RigL at the server uploads gradient coordinates on top of the static row's.
         if key[3:] == ("gradient", "server") and key[2] == "server":
             static = by_key[(*key[:3], key[3], "none", "server")]
@@ -1116,14 +1121,15 @@ def test_reproduce_table4_ci_regrows_and_matches_expected(tmp_path):
     assert "all 42 values of 6 rows within tolerance" in done.stdout
     assert ("| schedule | final_sparsity | masking | sparsity_distribution | regrow | regrow_at | "
             "n |") in done.stdout
-    assert "| oneshot | 0.9 | both | erk | gradient | client | 2 |" in done.stdout
+    assert "| oneshot | 0.8 | both | erk | gradient | client | 2 |" in done.stdout
     _assert_runs_learned(tmp_path, 12)
-    # The topology moved in the adjustment rounds (after rounds 1 and 2) and not after.
-    for name in ("oneshot-s0.9-server-erk-gradient-seed0",
-                 "oneshot-s0.9-both-erk-gradient-client-seed1"):
+    # The topology moves in the adjustment rounds, after rounds 1 (with the one-shot
+    # pruning: 80 % of the weights leave the mask) and 2, and not after round 3.
+    for name in ("oneshot-s0.8-server-erk-gradient-seed0",
+                 "oneshot-s0.8-both-erk-gradient-client-seed1"):
         rows = list(csv.DictReader(open(tmp_path / name / "metrics.csv", newline="")))
-        regrown = [float(r["regrowth"]) for r in rows]
-        assert regrown[1] > 0 and regrown[2] > 0 and regrown[3] == 0, (name, regrown)
+        change = [float(r["mask_change"]) for r in rows]
+        assert change[0] >= 0.8 and change[1] > 0 and change[2:] == [0.0] * 3, (name, change)
 
 
 # --------------------------------------------------------------------------
