@@ -130,6 +130,10 @@ METRICS = {m.name: m for m in (
     # accuracy of the dense run of the same seed (`rounds_to_target`); inf: never.
     Metric("rounds_to_90", None,
            reporting.MetricFormat(spec=".1f", label="rounds to 90 % of dense")),
+    # 1 if the run reaches that target in some round, else 0: a row's mean is the fraction
+    # of its seeds that do (rounds_to_90 is inf as soon as one of them does not).
+    Metric("reached_90", None,
+           reporting.MetricFormat(spec=".1f", label="seeds reaching 90 % of dense")),
 )}
 TARGET_FRACTION = 0.9  # of the dense run's final test accuracy (`rounds_to_target`)
 
@@ -151,7 +155,8 @@ def rounds_to_target(run: RunResult, dense: RunResult,
 
 # Metrics of a run and the dense run of its seed: metric -> (run, dense run) -> value.
 DENSE_METRICS: dict[str, Callable[[RunResult, RunResult], float]] = {
-    "rounds_to_90": rounds_to_target}
+    "rounds_to_90": rounds_to_target,
+    "reached_90": lambda run, dense: float(math.isfinite(rounds_to_target(run, dense)))}
 
 
 @dataclasses.dataclass(frozen=True)

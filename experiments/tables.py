@@ -245,10 +245,12 @@ register_table(TableSpec(
 # Table 4: accuracy as Table 1's; sparsity, nonzeros and bytes as Table 1's (the both
 # rows' masks come from the clients' votes, exact on one machine); rounds to 90 % of
 # dense: a row's mean over 5 seeds moves by 0.2 for each seed whose run crosses the
-# target a round earlier or later on another CPU, so 1.0 accepts that for a few seeds.
+# target a round earlier or later on another CPU, so 1.0 accepts that for a few seeds;
+# the fraction of seeds reaching it, 0.2: one of the 5 runs crossing the target.
 # Round time depends on the machine and its load: shown, never checked.
 _TOLERANCES_4 = {"accuracy": 0.02, "delta_accuracy": 0.02, "sparsity": 1e-6, "nonzeros": 0.0,
-                 "total_bytes_down": 0.0, "total_bytes_up": 0.0, "rounds_to_90": 1.0}
+                 "total_bytes_down": 0.0, "total_bytes_up": 0.0, "rounds_to_90": 1.0,
+                 "reached_90": 0.2}
 register_table(TableSpec(
     number=4,
     title="Table 4: federated dynamic sparse training: static vs SET vs RigL, at the server "
@@ -287,14 +289,15 @@ register_table(TableSpec(
         "90 % of dense: the first round whose test accuracy reaches 0.9 × the final test "
         "accuracy of the dense run of the same seed (`experiments/grid_results.py`, "
         "`rounds_to_target`); `inf` when a seed's run never reaches it in the 30 rounds (a "
-        "row's mean is then inf: read its accuracy instead). Median round: the median wall seconds of a run's 30 rounds "
+        "row's mean is then inf). Seeds reaching 90 % of dense: the fraction of the row's "
+        "5 runs that reach it at all (1.0: all five; mean ± CI of their 0/1 values). Median round: the median wall seconds of a run's 30 rounds "
         "(the round's inputs, `process.next` and the evaluation; 21 of the 30 are "
         "adjustment rounds), so it holds the cost of the adjustments and of RigL's "
         "dense-gradient pass; "
         "measured while the grid trained two runs at a time on the 2 cores, so comparable "
         "between rows, machine- and load-dependent, and not checked."),
     metrics=("accuracy", "sparsity", "nonzeros", "total_bytes_down", "total_bytes_up",
-             "rounds_to_90", "round_seconds"),
+             "rounds_to_90", "reached_90", "round_seconds"),
     tolerances=_TOLERANCES_4,
     paired=("accuracy",),
 ))

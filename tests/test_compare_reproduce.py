@@ -534,13 +534,21 @@ def test_rounds_to_90_pairs_each_run_with_the_dense_run_of_its_seed():
         else:  # pruned: 0.845 in round 2, at the target of seeds 0 and 2, not of seed 1
             curve = _curve(0.5, 0.845, 0.95)
         results.append(dataclasses.replace(r, metrics_rows=curve))
-    table = grid_results.aggregate(results, ["accuracy", "rounds_to_90"])
+    table = grid_results.aggregate(results, ["accuracy", "rounds_to_90", "reached_90"])
     by_key = {g.key: g for g in table.groups}
     # Dense reaches 90 % of itself in round 2 for every seed.
     assert by_key["dense", 0.0, "none", "round"].mean["rounds_to_90"] == 2.0
+    assert all(g.mean["reached_90"] == 1.0 for g in table.groups)
     # Seeds 0, 1 (dense 0.93, 0.94: targets 0.837, 0.846): 2 and 3; seed 2 (0.828): 2.
     assert by_key["polynomial-p3", 0.9, "server", "round"].mean["rounds_to_90"] == pytest.approx(
         (2 + 3 + 2) / 3)
+    # A run that never reaches it: inf rounds for its row, and 2 of its 3 seeds reaching.
+    never = [dataclasses.replace(r, metrics_rows=_curve(0.5, 0.6))
+             if r.cell.name == "polynomial-p3-s0.9-server-seed1" else r for r in results]
+    server = grid_results.aggregate(never, ["rounds_to_90", "reached_90"]).groups[3]
+    assert server.key == ("polynomial-p3", 0.9, "server", "round")
+    assert server.mean["rounds_to_90"] == math.inf
+    assert server.mean["reached_90"] == pytest.approx(2 / 3)
     # A run whose dense run is missing cannot be paired: an error naming row and seed.
     missing = [r for r in results if r.cell.name != "dense-seed1"]
     with pytest.raises(reporting.UnpairedError, match="masking=client .*no dense run of seed 1"):
@@ -1100,6 +1108,9 @@ def test_table4_flagfiles_and_expected_values_agree(parsed_flags, size, runs, ro
     by_key = {tuple(r[k] for k in keys): r for r in expected["rows"]}
     dense = by_key["dense", 0.0, "none", "uniform", "none", "server"]
     assert dense["rounds_to_90"] <= 30 and dense["delta_accuracy"] == 0
+    assert dense["reached_90"] == 1.0
+    # inf rounds (stored as null) exactly where some seed never reaches the target.
+    assert all((r["rounds_to_90"] is None) == (r["reached_90"] < 1) for r in expected["rows"])
     for key, r in by_key.items():
         # The mask holds exactly the level's count; the static rows' kernels are that
         # sparse, the regrowing ones never denser (a weight grown at zero stays zero
@@ -1118,7 +1129,7 @@ def test_table4_flagfiles_and_expected_values_agree(parsed_flags, size, runs, ro
 def test_reproduce_table4_ci_regrows_and_matches_expected(tmp_path):
     done = _run("reproduce", "--table=4", "--size=ci", f"--output_dir={tmp_path}", *SEQUENTIAL)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "all 28 values of 4 rows within tolerance" in done.stdout
+    assert "all 32 values of 4 rows within tolerance" in done.stdout
     assert ("| schedule | final_sparsity | masking | sparsity_distribution | regrow | regrow_at | "
             "n |") in done.stdout
     assert "| oneshot | 0.8 | both | erk | gradient | client | 2 |" in done.stdout
