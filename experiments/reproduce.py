@@ -194,7 +194,8 @@ def grid_commands(spec: TableSpec) -> list[str]:
 
 
 def render_section(spec: TableSpec, table: reporting.Table, results: list,
-                   invocations: list[dict], root: Path, figures: Sequence[Path] = ()) -> str:
+                   invocations: list[dict], root: Path, figures: Sequence[Path] = (),
+                   written_at: str | None = None) -> str:
     """The Markdown of a table's RESULTS.md section (without the markers).
 
     Args:
@@ -206,6 +207,8 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
       figures: the table's published PNGs (`grid_results.publish_figures`); those
         of accuracy against sparsity and against bytes are embedded, linked
         relative to the repository root (where RESULTS.md is).
+      written_at: the checkout's commit before --write_results changed any file
+        (default: now, which its own writes of tracked files would mark dirty).
     """
     from fedprune.outputs import provenance
 
@@ -255,7 +258,7 @@ def render_section(spec: TableSpec, table: reporting.Table, results: list,
         f"{len(results)} runs of {train_seconds / len(results):.1f} s on average "
         f"({_minutes(train_seconds)} in total; the rest is start-up and tables).",
         f"- Code: the {len(results)} runs trained at git commit `{commit}` (a clean "
-        f"checkout); table written at `{provenance.git_commit()}`, "
+        f"checkout); table written at `{written_at or provenance.git_commit()}`, "
         f"{time.strftime('%Y-%m-%d')}.",
         f"- Expected values and tolerances: "
         f"`{_shown(spec.expected_path('full'))}`.",
@@ -418,6 +421,9 @@ def main(argv):
     for line in problems:
         print(f"differs: {line}", file=sys.stderr)
     if _WRITE_RESULTS.value:
+        from fedprune.outputs import provenance
+
+        written_at = provenance.git_commit()  # before this writes tracked files
         atomic_files.atomic_write_json(expected_path, grid_results.expected_values(
             table, spec.tolerances,
             {"table": spec.number, "size": size,
@@ -433,7 +439,8 @@ def main(argv):
             # The header is this module's: rewritten with every table, the sections kept.
             first = old.find("<!-- table")
             old = _RESULTS_HEADER + ("\n" + old[first:] if first >= 0 else "")
-            section = render_section(spec, table, results, invocations, root, written)
+            section = render_section(spec, table, results, invocations, root, written,
+                                     written_at=written_at)
             atomic_files.atomic_write_text(results_path, grid_results.replace_section(
                 old, f"table{spec.number}", section, order=[f"table{n}" for n in sorted(TABLES)]))
             print(f"wrote table {spec.number} into {results_path}")
