@@ -210,9 +210,15 @@ register_table(TableSpec(
     tolerances=_DP_TOLERANCES,
 ))
 
-# Table 3: rounds times depend on the machine and its load: shown, never checked.
-_TOLERANCES_3 = {"accuracy": 0.02, "nonzeros": 0.0, "params": 0.0, "macs": 0.0,
-                 "bytes_down": 0.0, "bytes_up": 0.0}
+# Table 3: rounds times depend on the machine and its load: shown, never checked. The
+# CNN's convolutions round differently on another CPU (oneDNN picks its kernels by the
+# instruction set), enough to move a few of its 84,426 weights to or off exactly zero: on
+# a second machine of this workplace the ci CNN rows differed by 1-2 nonzeros and by
+# 1,623-2,236 of ~1.85 MB of bytes up (a zero in a client's update is not sent). 4
+# nonzeros and 4 KiB up accept that; params, mult-adds and bytes down (set by the
+# server's masks) stay exact.
+_TOLERANCES_3 = {"accuracy": 0.02, "nonzeros": 4.0, "params": 0.0, "macs": 0.0,
+                 "bytes_down": 0.0, "bytes_up": 4096.0}
 register_table(TableSpec(
     number=3,
     title="Table 3: unstructured vs neuron/filter pruning at equal parameter budgets (digits)",

@@ -85,7 +85,7 @@ def test_compare_schedules_help_lists_the_grid_flags_in_order(tmp_path):
     assert [line.split("=")[0].strip() for line in topic if line.startswith("  --")] == [
         "--schedules", "--powers", "--final_sparsities", "--maskings", "--prune_granularities",
         "--sparsity_distributions", "--regrows", "--regrow_ats", "--dp_noise_multipliers",
-        "--seeds"]
+        "--upload_quantizations", "--seeds"]
 
 
 def _valid_args(module: str, tmp_path: Path) -> list[str]:
@@ -123,7 +123,7 @@ BAD = [
                            "--output_dir={tmp}/grid"], "regrow_ats"),
     ("compare_schedules", ["--regrow=random", "--output_dir={tmp}/grid"], "regrow"),
     ("reproduce", ["--table=1", "--rounds=5"], "rounds"),
-    ("reproduce", ["--table=4"], "table"),
+    ("reproduce", ["--table=9"], "table"),
     ("benchmark", ["--sections=speed,bogus"], "sections"),
     ("benchmark", ["--masking=none"], "masking"),
     ("benchmark", ["--write", "--output={tmp}/no/such/folder/B.md"], "output"),

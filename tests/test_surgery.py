@@ -93,6 +93,10 @@ def _masked(name, norm, sparsity=0.5):
     return model, x, layout, [m.numpy() for m in unit_masks]
 
 
+# Logits of a model and its shrunk copy (test_shrunk_equals_masked says why not 0).
+TOLERANCE = 1e-4
+
+
 def _max_difference(a, b, x):
     return float(np.abs(a(x, training=False).numpy() - b(x, training=False).numpy()).max())
 
@@ -105,8 +109,11 @@ def test_shrunk_equals_masked(name, norm):
     for mask, indices in zip(unit_masks, kept.values(), strict=True):
         np.testing.assert_array_equal(indices, np.flatnonzero(mask))
     small = surgery.shrink(model, kept)
-    # Measured: 0.0 for all four models and both norms (same sums, same order).
-    assert _max_difference(model, small, x) <= 1e-5
+    # Measured 0.0 for all four models and both norms on one machine; on another, up to
+    # 3.1e-5 for the CNN: oneDNN picks its convolution kernels by the CPU and the channel
+    # count, so the shrunk model's sums can be ordered differently. TOLERANCE accepts
+    # that; a wrong unit kept moves the logits by far more.
+    assert _max_difference(model, small, x) <= TOLERANCE
     assert type(small) is type(model)
     if name == "bn_cnn":  # in training mode BatchNorm uses batch statistics: still equal
         difference = np.abs(model(x, training=True).numpy() - small(x, training=True).numpy())
@@ -123,8 +130,8 @@ def test_unshrink_puts_the_shrunk_weights_back_at_full_size(name):
     surgery.unshrink(full, small, dict(zip(names, surgery.kept_units_from_masks(model).values(),
                                            strict=True)))
     # Measured: 0.0 (the same sums in the same order as the shrunk model's).
-    assert _max_difference(full, small, x) <= 1e-5
-    assert _max_difference(full, model, x) <= 1e-5
+    assert _max_difference(full, small, x) <= TOLERANCE
+    assert _max_difference(full, model, x) <= TOLERANCE
     kept = sum(int(np.count_nonzero(w)) for w in full.trainable_weights)
     assert kept == sum(int(np.count_nonzero(w)) for w in small.trainable_weights)
     assert surgery.count_params(full) == surgery.count_params(model)
