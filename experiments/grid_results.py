@@ -262,6 +262,21 @@ def _add_dense_metrics(results: Sequence[RunResult], rows: Sequence[dict],
             row[m] = DENSE_METRICS[m](result, dense)
 
 
+def default_metrics(results: Sequence[RunResult]) -> list[str]:
+    """Every metric of `METRICS` that `results` have: `epsilon` only for DP runs, the
+    `DENSE_METRICS` only when every run has the dense run of its seed (a grid without
+    `none` in --schedules has none)."""
+    dp = any(DP_KEY in r.cell.key for r in results)
+    rows = [r.row(()) for r in results]
+    try:
+        _add_dense_metrics(results, rows, row_keys(results), (), DENSE_KEY)
+        paired = True
+    except reporting.UnpairedError:
+        paired = False
+    return [m for m in METRICS
+            if (dp or m != "epsilon") and (paired or m not in DENSE_METRICS)]
+
+
 def formats(metrics: Sequence[str]) -> dict:
     """Metric name -> its `MetricFormat`, for `reporting.to_markdown`/`to_latex`.
 
@@ -289,8 +304,8 @@ def write_reports(results: Sequence[RunResult], root: Path,
                   baseline: Mapping | None = None) -> reporting.Table:
     """Writes comparison.{md,tex,csv} and the plots into `root`; returns the table.
 
-    `metrics` defaults to every metric of `METRICS`, `epsilon` only for DP runs;
-    `paired` and `baseline` add paired-difference columns (`aggregate`).
+    `metrics` defaults to `default_metrics(results)`; `paired` and `baseline` add
+    paired-difference columns (`aggregate`).
 
     Plots, per masking mode, dense included, one series per schedule (and
     granularity or noise multiplier, where the grid varies them; mean and 95%
@@ -302,8 +317,7 @@ def write_reports(results: Sequence[RunResult], root: Path,
     (at its last sparsity listed).
     """
     if metrics is None:
-        dp = any(DP_KEY in r.cell.key for r in results)
-        metrics = [m for m in METRICS if dp or m != "epsilon"]
+        metrics = default_metrics(results)
     table = aggregate(results, metrics, paired, baseline)
     root.mkdir(parents=True, exist_ok=True)
     atomic_files.atomic_write_text(root / "comparison.md", markdown(table))

@@ -555,6 +555,17 @@ def test_rounds_to_90_pairs_each_run_with_the_dense_run_of_its_seed():
         grid_results.aggregate(missing, ["rounds_to_90"])
 
 
+def test_default_metrics_leave_out_dense_metrics_without_a_dense_run_per_seed():
+    results = _fake_results()
+    every = grid_results.default_metrics(results)
+    assert {"rounds_to_90", "reached_90"} <= set(every) and "epsilon" not in every
+    # A grid without dense cells (or missing one of them) still gets its tables.
+    for runs in ([r for r in results if r.cell.schedule != grid.DENSE],
+                 [r for r in results if r.cell.name != "dense-seed2"]):
+        assert grid_results.default_metrics(runs) == [
+            m for m in every if m not in grid_results.DENSE_METRICS]
+
+
 @pytest.mark.parametrize("drop, seeds", [
     ("polynomial-p3-s0.9-client-step-seed1", "none only in this row, [1] only in the baseline"),
     ("dense-seed2", "[2] only in this row, none only in the baseline"),
