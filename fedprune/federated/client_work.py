@@ -1,10 +1,13 @@
 """Client work: TFF's own model-delta client update, plus what pruning needs.
 
-Local training is `tff.learning.templates.build_model_delta_client_work` on the
-tfmot-wrapped model, unchanged (a hand-written client loop measured 4x slower
-per round). Each wrapper multiplies its kernel by the broadcast mask before
-every batch, so clients train inside the mask. This module adds two cheap TF
-computations around it, selected by the masking mode (`masking_modes.py`):
+Local training is TFF's own model-delta update on the tfmot-wrapped model,
+unchanged: `build_model_delta_update_with_tff_optimizer`, the loop inside
+`tff.learning.templates.build_model_delta_client_work`, with `DATASET_ITERATOR`
+(a hand-written client loop measured 4x slower per round). Each wrapper
+multiplies its kernel by the broadcast mask before every batch, so clients
+train inside the mask. What this module adds runs in the same TF computation
+as the training, one call per client and round as in stock FedAvg
+(`LocalTraining`), selected by the masking mode (`masking_modes.py`):
 
 * `server`: the upload is masked by the broadcast mask (`delta * mask`). The
   last optimizer step moves pruned coordinates by one gradient step, which the
@@ -48,6 +51,8 @@ with `--regrow_at=client --regrow=random`.
 from __future__ import annotations
 
 import collections
+import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -92,6 +97,81 @@ def uplink_bytes(tensors, known_masks, quantization: str = encodings.NO_QUANTIZA
             sizes.append(tf.where(zero_outside, b * inside, tf.constant(b * n, tf.int64)))
         total += side + tf.reduce_min(tf.stack(sizes))
     return total
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTraining:
+    """TFF's model-delta local training, as `build_model_delta_client_work` sets it up.
+
+    For client computations that run TFF's own client loop (`DATASET_ITERATOR`)
+    and then their own TF ops in the same computation: one worker call per
+    client and round, as in stock FedAvg, instead of a second `federated_map`
+    per client (the speed section of BENCHMARKS.md compares fedprune `none`
+    with stock FedAvg on the same loop).
+
+    Attributes:
+      model_fn: no-arg callable returning a fresh `tff.learning.models.VariableModel`.
+      client_optimizer: the `tff.learning.optimizers.Optimizer` of local steps.
+      weights_type, data_type: TFF types of the broadcast `ModelWeights` and of
+        a client's dataset.
+      hparams: the optimizer's hyperparameters (the client work's state), and
+        `hparams_type` their TFF type.
+      aggregate_metrics: TFF's `sum_then_finalize` of the model's metrics (a
+        federated computation of the clients' unfinalized metrics).
+    """
+
+    model_fn: Callable
+    client_optimizer: object
+    weights_type: object
+    data_type: object
+    hparams: object
+    hparams_type: object
+    aggregate_metrics: Callable
+
+    def build(self):
+        """(TFF's client update `tf.function`, the model it trains); call inside a computation.
+
+        The update is `client_update(optimizer, broadcast_weights, dataset,
+        hparams) -> (ClientResult(update=broadcast - trained, update_weight=
+        number of examples), unfinalized metrics)`.
+        """
+        import tensorflow_federated as tff
+        from tensorflow_federated.python.learning.templates import model_delta_client_work
+
+        built = []
+
+        def keep_model():
+            built.append(self.model_fn())
+            return built[-1]
+
+        client_update = model_delta_client_work.build_model_delta_update_with_tff_optimizer(
+            model_fn=keep_model, weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
+            loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+        return client_update, built[0]
+
+
+def local_training(model_fn: Callable, client_optimizer) -> LocalTraining:
+    """Types, optimizer hyperparameters and metric aggregation of TFF's local training."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    with tf.Graph().as_default():  # as TFF's builder: no variables in the global context
+        model = model_fn()
+        aggregate_metrics = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
+    # As TFF's builder: the hyperparameters of an optimizer state for a whimsy spec.
+    hparams = client_optimizer.get_hparams(
+        client_optimizer.initialize(tf.TensorSpec(shape=(), dtype=tf.float32)))
+
+    @tff.federated_computation
+    def server_hparams():
+        return tff.federated_value(hparams, tff.SERVER)
+
+    return LocalTraining(
+        model_fn=model_fn, client_optimizer=client_optimizer,
+        weights_type=tff.learning.models.weights_type_from_model(model),
+        data_type=tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
+        hparams=hparams, hparams_type=server_hparams.type_signature.result.member,
+        aggregate_metrics=aggregate_metrics)
 
 
 def _prune_kernels(kernels, spec: MaskSpec, sparsity, started, within=None):
@@ -165,17 +245,8 @@ def build_pruning_client_work(
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    # DATASET_ITERATOR (a Python-style loop over the dataset inside the graph)
-    # measured ~3x faster per round than TFF's default DATASET_REDUCE on the
-    # digits MLP (BENCHMARKS.md), with bit-identical weights.
-    inner = tff.learning.templates.build_model_delta_client_work(
-        model_fn,
-        client_optimizer,
-        tff.learning.ClientWeighting.NUM_EXAMPLES,
-        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
-    )
-    weights_type = inner.next.type_signature.parameter[1].member
-    update_type = inner.next.type_signature.result.result.member
+    training = local_training(model_fn, client_optimizer)
+    weights_type, data_type = training.weights_type, training.data_type
     round_type = tff.TensorType(np.int32)
     kernels = layout.kernels if layout is not None else ()
     kernel_idx = [k.trainable_index for k in kernels]
@@ -211,9 +282,6 @@ def build_pruning_client_work(
             row["key"] = tf.random.experimental.stateless_fold_in(
                 parts["regrow_key"], tf.cast(this_round, tf.int64))
         return row
-
-    # Clients that prune receive their round's row of the schedule; the others the round.
-    row_type = schedule_row.type_signature.result if client_prunes else round_type
 
     def finish_body(result, broadcast, row, scores=None):
         delta = list(result.update)
@@ -261,36 +329,41 @@ def build_pruning_client_work(
         )
         return client_result, sent
 
-    data_type = inner.next.type_signature.parameter[2].member
-    if adjusting:
-        kernel_types = [weights_type.trainable[i] for i in kernel_idx]
-        scores_type = tff.StructWithPythonType(
-            [tff.TensorType(np.float32, t.shape) for t in kernel_types], tuple)
-        finish_update = tff.tensorflow.computation(
-            lambda result, broadcast, row, scores: finish_body(result, broadcast, row, scores),
-            update_type, weights_type, row_type, scores_type)
-
-        @tff.tensorflow.computation(update_type, weights_type, data_type, row_type)
-        def client_scores(result, broadcast, data, row):
-            """Growth scores of a client: `client_regrowth.grow_scores`."""
+    def client_body(optimizer_hparams, broadcast, dataset, row):
+        """One client's round: TFF's local training, then `finish_body`, in one computation."""
+        client_update, _ = training.build()
+        result, metrics = client_update(client_optimizer, broadcast, dataset, optimizer_hparams)
+        scores = None
+        if adjusting:  # growth scores of the client (`client_regrowth.grow_scores`)
             trained = tff.learning.models.ModelWeights(
                 tuple(b - d for b, d in zip(broadcast.trainable, result.update, strict=True)),
                 broadcast.non_trainable)
-            return tuple(client_regrowth.grow_scores(
+            scores = client_regrowth.grow_scores(
                 client_regrow.rule, model_fn=model_fn, trained=trained,
-                update=list(result.update), data=data, key=row["key"] if by_random else None,
-                fraction=row["fraction"], kernel_indices=kernel_idx))
+                update=list(result.update), data=dataset,
+                key=row["key"] if by_random else None, fraction=row["fraction"],
+                kernel_indices=kernel_idx)
+        client_result, sent = finish_body(result, broadcast, row, scores)
+        return client_result, metrics, sent
+
+    # One TF computation per client and round (as stock FedAvg's): clients that
+    # prune also receive their round's row of the schedule.
+    if client_prunes:
+        client_step = tff.tensorflow.computation(
+            client_body, training.hparams_type, weights_type, data_type,
+            schedule_row.type_signature.result)
     else:
-        finish_update = tff.tensorflow.computation(
-            lambda result, broadcast, row: finish_body(result, broadcast, row),
-            update_type, weights_type, row_type)
+        client_step = tff.tensorflow.computation(
+            lambda optimizer_hparams, broadcast, dataset: client_body(
+                optimizer_hparams, broadcast, dataset, None),
+            training.hparams_type, weights_type, data_type)
 
     gradients = None
     if regrow_fractions is not None:
         gradients = regrow_gradients.build_client_gradients(
             model_fn=model_fn, weights_type=weights_type, data_type=data_type, layout=layout,
             fractions=regrow_fractions)
-        result_type = finish_update.type_signature.result[0]
+        result_type = client_step.type_signature.result[0]
         gradient_type, bytes_type = gradients.type_signature.result
 
         @tff.tensorflow.computation(result_type, bytes_type, gradient_type, bytes_type)
@@ -304,7 +377,8 @@ def build_pruning_client_work(
     @tff.federated_computation
     def init_fn():
         state = collections.OrderedDict(
-            hparams=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER))
+            hparams=tff.federated_value(training.hparams, tff.SERVER),
+            round=tff.federated_value(np.int32(0), tff.SERVER))
         if client_prunes:
             state["schedule"] = tff.federated_eval(initial_schedule, tff.SERVER)
         if by_random:
@@ -320,33 +394,24 @@ def build_pruning_client_work(
     @tff.federated_computation(
         state_type,
         tff.FederatedType(weights_type, tff.CLIENTS),
-        inner.next.type_signature.parameter[2],
+        tff.FederatedType(data_type, tff.CLIENTS),
     )
     def next_fn(state, weights, client_data):
-        round_at_clients = tff.federated_broadcast(state.round)
-        row = round_at_clients
+        client_args = [tff.federated_broadcast(state.hparams), weights, client_data]
         if client_prunes:
             parts = collections.OrderedDict(schedule=state.schedule, round=state.round)
             if by_random:
                 parts["regrow_key"] = state.regrow_key
-            row = tff.federated_broadcast(
-                tff.federated_map(schedule_row, tff.federated_zip(parts)))
-        inner_output = inner.next(state.hparams, weights, client_data)
-        if adjusting:
-            scores = tff.federated_map(client_scores,
-                                       (inner_output.result, weights, client_data, row))
-            result, upload_bytes = tff.federated_map(
-                finish_update, (inner_output.result, weights, row, scores))
-        else:
-            result, upload_bytes = tff.federated_map(
-                finish_update, (inner_output.result, weights, row))
+            client_args.append(tff.federated_broadcast(
+                tff.federated_map(schedule_row, tff.federated_zip(parts))))
+        result, metrics, upload_bytes = tff.federated_map(client_step, tuple(client_args))
         if gradients is not None:
             gradient, gradient_bytes = tff.federated_map(
-                gradients, (weights, client_data, round_at_clients))
+                gradients, (weights, client_data, tff.federated_broadcast(state.round)))
             result, upload_bytes = tff.federated_map(
                 attach_gradients, (result, upload_bytes, gradient, gradient_bytes))
         new_state = collections.OrderedDict(
-            hparams=inner_output.state, round=tff.federated_map(increment, state.round))
+            hparams=state.hparams, round=tff.federated_map(increment, state.round))
         if client_prunes:
             new_state["schedule"] = state.schedule
         if by_random:
@@ -354,7 +419,7 @@ def build_pruning_client_work(
         new_state = tff.federated_zip(new_state)
         measurements = tff.federated_zip(
             collections.OrderedDict(
-                train=inner_output.measurements.train,
+                train=training.aggregate_metrics(metrics),
                 uplink_bytes=tff.federated_sum(upload_bytes),
             )
         )

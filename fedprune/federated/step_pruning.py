@@ -40,7 +40,7 @@ import collections
 import numpy as np
 
 from fedprune.federated import encodings, masking_modes
-from fedprune.federated.client_work import uplink_bytes
+from fedprune.federated.client_work import local_training, uplink_bytes
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.pruning import mask_aggregation
 from fedprune.pruning.wrappers import PruningLayout
@@ -68,40 +68,23 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
     """
     import tensorflow as tf
     import tensorflow_federated as tff
-    from tensorflow_federated.python.learning.templates import model_delta_client_work
 
     masking_modes.check_step_granularity(masking_modes.masking_mode(masking))
-    with tf.Graph().as_default():  # as TFF's builder: no variables in the global context
-        model = model_fn()
-        aggregate_metrics = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
-    data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
-    weights_type = tff.learning.models.weights_type_from_model(model)
-    # As TFF's builder: the hyperparameters of an optimizer state for a whimsy spec.
-    hparams = client_optimizer.get_hparams(
-        client_optimizer.initialize(tf.TensorSpec(shape=(), dtype=tf.float32)))
+    training = local_training(model_fn, client_optimizer)
+    weights_type, data_type = training.weights_type, training.data_type
 
     @tff.federated_computation
     def init_fn():
         return tff.federated_zip(collections.OrderedDict(
-            hparams=tff.federated_value(hparams, tff.SERVER),
+            hparams=tff.federated_value(training.hparams, tff.SERVER),
             round=tff.federated_value(np.int32(0), tff.SERVER)))
 
-    hparams_type = init_fn.type_signature.result.member.hparams
     kernel_idx = [k.trainable_index for k in layout.kernels]
     mask_idx = [k.mask_index for k in layout.kernels]
 
-    @tff.tensorflow.computation(hparams_type, weights_type, data_type)
+    @tff.tensorflow.computation(training.hparams_type, weights_type, data_type)
     def train_and_prune(optimizer_hparams, broadcast, dataset):
-        built = []
-
-        def keep_model():
-            built.append(model_fn())
-            return built[-1]
-
-        client_update = model_delta_client_work.build_model_delta_update_with_tff_optimizer(
-            model_fn=keep_model, weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
-            loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
-        (client_model,) = built
+        client_update, client_model = training.build()
 
         @tf.function
         def train(optimizer_hparams, broadcast, dataset):
@@ -143,7 +126,7 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
         new_state = tff.federated_zip(collections.OrderedDict(
             hparams=state.hparams, round=tff.federated_map(increment, state.round)))
         measurements = tff.federated_zip(collections.OrderedDict(
-            train=aggregate_metrics(metrics), uplink_bytes=tff.federated_sum(sent)))
+            train=training.aggregate_metrics(metrics), uplink_bytes=tff.federated_sum(sent)))
         return tff.templates.MeasuredProcessOutput(new_state, result, measurements)
 
     return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
