@@ -201,8 +201,6 @@ _SCALEOUT_WORKERS = flags.DEFINE_integer(
 _SCALEOUT_REPEATS = flags.DEFINE_integer(
     "scaleout_repeats", 2, "scaleout: runs of each mode (>= 1), alternating local and remote "
     "(local, remote, remote, local, ...).")
-usage.set_topic("scaleout section", _SCALEOUT_CLIENTS, _SCALEOUT_CPR, _SCALEOUT_ROUNDS,
-                _SCALEOUT_BASELINE, _SCALEOUT_PARTITION, _SCALEOUT_WORKERS, _SCALEOUT_REPEATS)
 usage.set_topic("deploy section", _DEPLOY_SPARSITIES, _DEPLOY_RUNS, _DEPLOY_WARMUP)
 usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS, _GRID_PATHS)
 usage.set_topic("sections", _SECTIONS)
@@ -210,6 +208,8 @@ usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
                 _SCALE_BASELINE, _SCALE_MALLOC, _SCALE_CONTROL, _SCALE_CHILD)
 usage.set_topic("quality section", _QUALITY_SPARSITIES, _QUALITY_SEEDS)
+usage.set_topic("scaleout section", _SCALEOUT_CLIENTS, _SCALEOUT_CPR, _SCALEOUT_ROUNDS,
+                _SCALEOUT_BASELINE, _SCALEOUT_PARTITION, _SCALEOUT_WORKERS, _SCALEOUT_REPEATS)
 usage.set_topic(usage.OUTPUTS, _WRITE, _OUTPUT)
 usage.not_accepted(FIXED_FLAGS, "the benchmark sets it per variant")
 FLAGS = flags.FLAGS

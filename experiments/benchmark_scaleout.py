@@ -185,8 +185,9 @@ on 127.0.0.1, started by the benchmark as `python -m fedprune.worker` starts the
 `round_seconds` (building the round's client datasets, `process.next`, accounting and
 outputs) of {timed} of every run of a mode.
 Metrics: every metrics.csv value but the wall-clock columns, compared with the first
-local run's (the section fails beyond {TOLERANCE:g}). The workers share this machine's
-cores with each other and with the driving process, so they cannot add compute here;
-what the remote rows show is the mergeable context's split, transfer and merge overhead.
-More workers pay off on more machines, each training its chunk of the round's clients."""
+local run's (the section fails beyond {TOLERANCE:g}). On loopback the workers share this
+machine's cores with each other and with the run's own process, so they add no compute:
+the difference between the rows is the mergeable context's split, transfer and merge, the
+workers' threads against one worker's, and the load of the machine. More workers pay off
+with more machines, each training its chunk of the round's clients."""
     return table, notes
