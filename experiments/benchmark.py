@@ -4,6 +4,7 @@ r"""Benchmarks fedprune's round time, memory at scale and accuracy (issue 8).
     python -m experiments.benchmark --sections=speed,scale,quality --write
     python -m experiments.benchmark --sections=scale --scale_clients_per_round=10 --write
     python -m experiments.benchmark --sections=deploy --write
+    python -m experiments.benchmark --sections=scaleout --scaleout_repeats=3 --write
 
 The ordinary experiment flags set the data/model setting (default: digits,
 the `mlp` model 64-128-10, 10 clients, all 10 per round, batch 16, 1 local
@@ -73,6 +74,16 @@ deploy   tfmot's latency-oriented pruning (`PruneForLatencyOnXNNPack`) where it
          fedprune's `mlp` at 90 %, where the policy does not apply
          (`benchmark_deploy.py`). Sizes raw and zipped, median (IQR) latency,
          speed-up vs dense.
+scaleout One experiment (`--scaleout_clients` clients, default 100, iid,
+         `--scaleout_clients_per_round` a round, default 100, for
+         `--scaleout_rounds` rounds, default 8) run as `python -m experiments.run`
+         with its own local worker and with `--tff_workers` set to
+         `--scaleout_workers` (default 2) loopback worker services that the
+         section starts and stops itself; `--scaleout_repeats` runs of each
+         mode (default 2), alternating: median and min-max round time of the
+         rounds after `--scaleout_baseline_round` (default 3), and the max
+         |difference| of every run's metrics from the first local run's, which
+         must be <= 1e-5 (`benchmark_scaleout.py`).
 
 Every section prints a Markdown table. With `--write`, the sections that ran
 replace theirs in `--output` (default BENCHMARKS.md, other sections are kept),
@@ -103,16 +114,21 @@ from experiments import (
     benchmark_grid,
     benchmark_quality,
     benchmark_scale,
+    benchmark_scaleout,
     benchmark_speed,
     common,
     process_stats,
     usage,
 )
 from fedprune import config as config_lib
+from fedprune.data import partitions
 from fedprune.errors import InvalidArgument, check
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("speed", "scale", "quality", "grid", "deploy")
+SECTIONS = ("speed", "scale", "quality", "grid", "deploy", "scaleout")
+# Sections that run everything in child processes: without others, this process
+# neither imports TensorFlow nor starts a TFF worker of its own.
+CHILD_SECTIONS = ("scaleout",)
 SCALE_DATASETS = ("synthetic", "digits")
 # Fixed per variant, so giving them on the command line would be silently ignored.
 FIXED_FLAGS = ("masking", "schedule")
@@ -168,6 +184,23 @@ _DEPLOY_RUNS = flags.DEFINE_integer("deploy_runs", 50, "deploy: timed invokes pe
                                     "and batch size (>= 3).")
 _DEPLOY_WARMUP = flags.DEFINE_integer("deploy_warmup", 10, "deploy: untimed invokes first "
                                       "(>= 0).")
+_SCALEOUT_CLIENTS = flags.DEFINE_integer("scaleout_clients", 100,
+                                         "scaleout: number of clients (--dataset's examples "
+                                         "split by --scaleout_partition).")
+_SCALEOUT_CPR = flags.DEFINE_integer("scaleout_clients_per_round", 100,
+                                     "scaleout: clients per round (<= --scaleout_clients).")
+_SCALEOUT_ROUNDS = flags.DEFINE_integer("scaleout_rounds", 8, "scaleout: rounds per run.")
+_SCALEOUT_BASELINE = flags.DEFINE_integer(
+    "scaleout_baseline_round", 3, "scaleout: rounds up to this one are not timed; the pruning "
+    "schedule ends at it (--end_round), so the timed rounds run at the final sparsity.")
+_SCALEOUT_PARTITION = flags.DEFINE_enum(
+    "scaleout_partition", "iid", partitions.PARTITIONERS,
+    "scaleout: how the examples are split among the clients.")
+_SCALEOUT_WORKERS = flags.DEFINE_integer(
+    "scaleout_workers", 2, "scaleout: loopback worker services of the remote mode (>= 1).")
+_SCALEOUT_REPEATS = flags.DEFINE_integer(
+    "scaleout_repeats", 2, "scaleout: runs of each mode (>= 1), alternating local and remote "
+    "(local, remote, remote, local, ...).")
 usage.set_topic("deploy section", _DEPLOY_SPARSITIES, _DEPLOY_RUNS, _DEPLOY_WARMUP)
 usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS, _GRID_PATHS)
 usage.set_topic("sections", _SECTIONS)
@@ -175,6 +208,8 @@ usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
                 _SCALE_BASELINE, _SCALE_MALLOC, _SCALE_CONTROL, _SCALE_CHILD)
 usage.set_topic("quality section", _QUALITY_SPARSITIES, _QUALITY_SEEDS)
+usage.set_topic("scaleout section", _SCALEOUT_CLIENTS, _SCALEOUT_CPR, _SCALEOUT_ROUNDS,
+                _SCALEOUT_BASELINE, _SCALEOUT_PARTITION, _SCALEOUT_WORKERS, _SCALEOUT_REPEATS)
 usage.set_topic(usage.OUTPUTS, _WRITE, _OUTPUT)
 usage.not_accepted(FIXED_FLAGS, "the benchmark sets it per variant")
 FLAGS = flags.FLAGS
@@ -205,6 +240,10 @@ class Plan:
         `--scale_clients`, `--scale_rounds`, `--scale_baseline_round`.
       deploy_sparsities, deploy_runs, deploy_warmup: the deploy section's
         `--deploy_sparsities`, `--deploy_runs`, `--deploy_warmup`.
+      scaleout: the scaleout section's experiment (`benchmark_scaleout.scaleout_config`),
+        or None when the section does not run.
+      scaleout_baseline, scaleout_workers, scaleout_repeats: its
+        `--scaleout_baseline_round`, `--scaleout_workers`, `--scaleout_repeats`.
     """
 
     sections: tuple[str, ...]
@@ -227,6 +266,10 @@ class Plan:
     deploy_sparsities: tuple[float, ...] = ()
     deploy_runs: int = 50
     deploy_warmup: int = 10
+    scaleout: config_lib.ExperimentConfig | None = None
+    scaleout_baseline: int = 1
+    scaleout_workers: int = 2
+    scaleout_repeats: int = 1
 
 
 def _int_list(name: str, values: Sequence[str], minimum: int) -> list[int]:
@@ -323,6 +366,30 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
     check(bool(grid_paths) and set(grid_paths) <= set(benchmark_grid.PATH_NAMES)
           and len(set(grid_paths)) == len(grid_paths), "grid_paths", ",".join(grid_paths),
           "one or more of " + ",".join(benchmark_grid.PATH_NAMES) + ", each once")
+    scaleout = None
+    if "scaleout" in sections:
+        check(not FLAGS.tff_workers, "tff_workers", ",".join(FLAGS.tff_workers),
+              "no value with --sections=scaleout: the section starts its own workers")
+        check(_SCALEOUT_CLIENTS.value >= 1, "scaleout_clients", _SCALEOUT_CLIENTS.value,
+              "a whole number >= 1")
+        check(1 <= _SCALEOUT_CPR.value <= _SCALEOUT_CLIENTS.value,
+              "scaleout_clients_per_round", _SCALEOUT_CPR.value,
+              f"a whole number in [1, --scaleout_clients={_SCALEOUT_CLIENTS.value}]")
+        check(_SCALEOUT_ROUNDS.value >= 2, "scaleout_rounds", _SCALEOUT_ROUNDS.value,
+              "a whole number >= 2")
+        # The pruning schedule ends at the baseline round, after --begin_round.
+        check(base.begin_round < _SCALEOUT_BASELINE.value < _SCALEOUT_ROUNDS.value,
+              "scaleout_baseline_round", _SCALEOUT_BASELINE.value,
+              f"a round in (--begin_round={base.begin_round}, "
+              f"--scaleout_rounds={_SCALEOUT_ROUNDS.value})")
+        check(_SCALEOUT_WORKERS.value >= 1, "scaleout_workers", _SCALEOUT_WORKERS.value,
+              "a whole number >= 1")
+        check(_SCALEOUT_REPEATS.value >= 1, "scaleout_repeats", _SCALEOUT_REPEATS.value,
+              "a whole number >= 1")
+        scaleout = benchmark_scaleout.scaleout_config(
+            base, clients=_SCALEOUT_CLIENTS.value, per_round=_SCALEOUT_CPR.value,
+            rounds=_SCALEOUT_ROUNDS.value, baseline_round=_SCALEOUT_BASELINE.value,
+            partition=_SCALEOUT_PARTITION.value)
     return Plan(sections, pruned, dense, scale, tuple(scale_runs), tuple(quality),
                 grid_base=base, grid_sparsities=grid_sparsities, grid_maskings=grid_maskings,
                 grid_seeds=grid_seeds, grid_paths=grid_paths,
@@ -330,7 +397,10 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                 program_round=_PROGRAM_ROUND.value, scale_clients=_SCALE_CLIENTS.value,
                 scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value,
                 deploy_sparsities=deploy_sparsities, deploy_runs=_DEPLOY_RUNS.value,
-                deploy_warmup=_DEPLOY_WARMUP.value)
+                deploy_warmup=_DEPLOY_WARMUP.value, scaleout=scaleout,
+                scaleout_baseline=_SCALEOUT_BASELINE.value,
+                scaleout_workers=_SCALEOUT_WORKERS.value,
+                scaleout_repeats=_SCALEOUT_REPEATS.value)
 
 
 # --------------------------------------------------------------------------
@@ -420,7 +490,8 @@ def main(argv):
     def log(line: str) -> None:
         print(line, flush=True)
 
-    common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
+    if _SCALE_CHILD.value or not set(plan.sections) <= set(CHILD_SECTIONS):
+        common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
     if _SCALE_CHILD.value:
         result = benchmark_scale.run_scale_child(plan.scale[_SCALE_CHILD.value],
                                                  rounds=_SCALE_ROUNDS.value,
@@ -435,6 +506,8 @@ def main(argv):
                  benchmark_grid.run_grid_section),
         "deploy": ("Deployment: tfmot's PruneForLatencyOnXNNPack, TFLite latency",
                    benchmark_deploy.run_deploy_section),
+        "scaleout": ("Scale-out: one local worker vs loopback workers",
+                     benchmark_scaleout.run_scaleout_section),
     }
     bodies = {}
     for name in plan.sections:
@@ -445,6 +518,9 @@ def main(argv):
         mean_load = sampler.stop()
         if name == "scale":
             title = f"Scale: {_SCALE_CLIENTS.value:,} clients, round time and memory"
+        if name == "scaleout":
+            title = ("Scale-out: one local worker vs "
+                     f"{benchmark_scaleout.mode_label('remote', plan.scaleout_workers)}")
         print(f"\n## {title}\n\n{table}", flush=True)
         bodies[name] = section_body(title, table, notes, load_before=load_before,
                                     seconds=time.perf_counter() - start, mean_load=mean_load)

@@ -3,7 +3,8 @@
 The benchmark is not a timed test. The slow case runs a tiny speed section in
 a subprocess (3 clients, 1 warm-up and 2 timed rounds) and checks that it
 prints the table with every variant row and the ratio columns, and writes the
-Markdown file when asked. The other cases check the pure helpers (tables,
+Markdown file when asked; another runs the scaleout section at 4 clients (one
+run per execution mode). The other cases check the pure helpers (tables,
 ratios, section replacement) and flag validation, without TensorFlow.
 """
 
@@ -27,6 +28,7 @@ from experiments import (
     benchmark_deploy,
     benchmark_grid,
     benchmark_scale,
+    benchmark_scaleout,
     benchmark_speed,
 )
 
@@ -170,6 +172,59 @@ def test_grid_section_trains_the_grid_along_two_paths_with_equal_metrics(tmp_pat
     assert "<!-- benchmark:grid -->" in text
 
 
+@pytest.mark.slow
+def test_scaleout_section_runs_both_modes_with_equal_metrics(tmp_path):
+    """The section end to end at 4 clients: its own two loopback workers and each run's
+    local worker all stop with it; remote and local metrics agree (1e-5)."""
+    output = tmp_path / "BENCH.md"
+    result, workers = _run("--sections=scaleout", "--scaleout_clients=4",
+                           "--scaleout_clients_per_round=4", "--scaleout_rounds=3",
+                           "--scaleout_baseline_round=2", "--scaleout_repeats=1", "--write",
+                           f"--output={output}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Two services plus the local run's own worker (the driver starts none: no TensorFlow).
+    assert len(workers) == 3, workers
+    _assert_gone(workers)
+    rows = _table_rows(result.stdout)
+    assert rows["execution"] == ["runs", "clients per round", "median round (s)", "min–max (s)",
+                                 "vs local", "max abs metric difference vs local"]
+    labels = ["1 local worker", "2 loopback workers (mergeable context)"]
+    assert [label for label in rows if label != "execution"] == labels
+    for label in labels:
+        runs, per_round, median, spread, ratio, _ = rows[label]
+        assert (runs, per_round) == ("1", "4")
+        assert spread == f"{median}–{median}"  # one timed round per run
+        assert float(median) > 0 and float(ratio.rstrip("×")) > 0
+    assert rows[labels[0]][4:] == ["1.00×", "reference"]
+    assert 0 <= float(rows[labels[1]][5]) <= benchmark_scaleout.TOLERANCE
+    text = output.read_text()
+    assert "<!-- benchmark:scaleout -->" in text and "<!-- /benchmark:scaleout -->" in text
+    assert "## Scale-out: one local worker vs 2 loopback workers" in text
+    assert "The 2 runs alternate (local, remote); round time is metrics.csv's" in text
+
+
+@pytest.mark.parametrize("repeats, order", [
+    (1, ["local", "remote"]),
+    (2, ["local", "remote", "remote", "local"]),
+    (3, ["local", "remote", "remote", "local", "local", "remote"]),
+])
+def test_scaleout_runs_alternate_the_modes(repeats, order):
+    assert benchmark_scaleout.run_order(repeats) == order
+
+
+@pytest.mark.parametrize("workers, remote_label", [
+    (1, "1 loopback worker (mergeable context)"),
+    (3, "3 loopback workers (mergeable context)"),
+])
+def test_scaleout_markdown_medians_ratio_and_differences(workers, remote_label):
+    results = {"local": {"runs": 2, "seconds": [4.0, 3.0, 5.0, 4.5], "difference": 0.0},
+               "remote": {"runs": 2, "seconds": [5.0, 4.0, 6.0, 5.0], "difference": 2.4e-7}}
+    rows = _table_rows(benchmark_scaleout.scaleout_markdown(
+        results, num_workers=workers, clients_per_round=100))
+    assert rows["1 local worker"] == ["2", "100", "4.250", "3.000–5.000", "1.00×", "0"]
+    assert rows[remote_label] == ["2", "100", "5.000", "4.000–6.000", "1.18×", "2.4e-07"]
+
+
 @pytest.mark.parametrize("names, cores, labels", [
     (benchmark_grid.PATH_NAMES, 2,
      ["build per cell", "one trace per grid", "one trace per grid + 2 parallel cells"]),
@@ -186,7 +241,7 @@ def test_grid_paths_in_the_order_asked(names, cores, labels):
 def test_bad_flags_fail_fast_without_tensorflow():
     for flag, words in (("--masking=none", "sets it per variant"),
                         ("--sections=speed,fast",
-                         "one or more of speed,scale,quality,grid,deploy"),
+                         "one or more of speed,scale,quality,grid,deploy,scaleout"),
                         ("--deploy_sparsities=0,0.5", "one or more sparsities in (0, 1)"),
                         ("--deploy_sparsities=0.5,x", "comma-separated fractions"),
                         ("--deploy_runs=2", ">= 3"),
@@ -195,8 +250,12 @@ def test_bad_flags_fail_fast_without_tensorflow():
                         ("--grid_paths=fast", "one or more of build,trace,parallel"),
                         ("--timed_rounds=1", ">= 2"),
                         ("--scale_baseline_round=100", "--scale_rounds=100"),
-                        ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc")):
-        result, workers = _run("--sections=speed,scale", flag)  # flag wins
+                        ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc"),
+                        ("--scaleout_clients_per_round=101", "[1, --scaleout_clients=100]"),
+                        ("--scaleout_baseline_round=1", "(--begin_round=1, --scaleout_rounds=8)"),
+                        ("--scaleout_repeats=0", ">= 1"),
+                        ("--tff_workers=127.0.0.1:1", "the section starts its own workers")):
+        result, workers = _run("--sections=speed,scale,scaleout", flag)  # flag wins
         assert result.returncode == 2, (flag, result.stderr)
         name = flag.split("=")[0]
         assert result.stderr.startswith(f"error: {name}") and words in result.stderr, \
@@ -256,7 +315,7 @@ def test_replace_sections_replaces_in_place_and_keeps_everything_else():
     assert "old" not in second and "new" in second and "## Q" in second
     # A new section goes between its neighbours of SECTIONS.
     positions = [second.index(f"<!-- benchmark:{name} -->") for name in benchmark.SECTIONS
-                 if name not in ("grid", "deploy")]  # not written here
+                 if name not in ("grid", "deploy", "scaleout")]  # not written here
     assert positions == sorted(positions)
     assert second.index("<!-- /benchmark:quality -->") < second.index("<!-- scaleout -->")
     assert benchmark.replace_sections(second, {}) == second
