@@ -2,7 +2,7 @@ r"""Benchmarks fedprune's round time, memory at scale and accuracy (issue 8).
 
     python -m experiments.benchmark                                 # speed table only
     python -m experiments.benchmark --sections=speed,scale,quality --write
-    python -m experiments.benchmark --sections=scale --scale_clients_per_round=10 --write
+    python -m experiments.benchmark --sections=scale --write     # ~10-12 min
     python -m experiments.benchmark --sections=deploy --write
     python -m experiments.benchmark --sections=scaleout --scaleout_repeats=3 --write
 
@@ -45,19 +45,22 @@ speed    Per-round wall time of, side by side on the same model, initial
          a/b <= 1.10, pruning's overhead over dense fedprune; a/c-iter <= 1.10;
          a+/c-iter <= 1.25, a whole experiment round over stock TFF).
 scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1)
-         clients) with each of `--scale_clients_per_round` (default 10 and 100)
-         for `--scale_rounds` rounds, each setting in a fresh child process:
-         round time, peak RSS of the Python process and of the `worker_binary`
-         child, and RSS growth from round `--scale_baseline_round` to the last
-         (a per-round leak shows as growth; the limit is 5 %), for the Python
-         process, the worker and both. Each setting runs with the worker's
-         allocator settings of each of `--scale_worker_malloc` (fedprune's
-         defaults, `runtime.workers.WORKER_MALLOC_DEFAULTS`, and glibc's own), and,
-         with `--scale_control`, once more with fedprune's defaults on digits
-         split iid over the same number of clients (1-2 examples each, no
-         large client): a per-round leak of the round machinery (TFF calls,
-         masks, state) grows there too, while memory kept after large clients
-         does not.
+         clients) with each of `--scale_clients_per_round` (default 10, a cheap
+         row, and 100, issue 18's setting) for `--scale_rounds` rounds
+         (default 300), each setting in a fresh child process: round time, peak
+         RSS (MiB) of the Python process and of the `worker_binary` child, and
+         the least-squares slope of each one's anonymous RSS (RssAnon, MiB per
+         round) over the last `--scale_slope_rounds` rounds (default 100);
+         issue 18's limit is a slope of at most 0.05 MiB per round for both
+         (`benchmark_scale.MAX_RSS_SLOPE`). The worker runs with fedprune's
+         allocator settings (`runtime.workers.WORKER_MALLOC_DEFAULTS`);
+         `--scale_worker_malloc=fedprune,glibc` adds rows with glibc's own.
+         With `--scale_control` (default on), each clients-per-round value
+         runs once more on digits split iid over the same number of clients
+         (1-2 examples each, no large client): a per-round leak of the round
+         machinery (TFF calls, masks, state) grows there too, while memory kept
+         after large clients does not. The default section runs ~10-12 minutes
+         on an idle 2-core machine.
 grid     The wall time of one reduced grid trained three ways: a process built
          per cell (the old path), one trace per grid, and one trace per grid with
          --parallel_cells at the usable cores; each a fresh compare_schedules
@@ -151,11 +154,14 @@ _SCALE_CLIENTS = flags.DEFINE_integer("scale_clients", 1000, "scale: number of c
 _SCALE_CPR = flags.DEFINE_list("scale_clients_per_round", ["10", "100"],
                                "scale: clients per round; one child process per value and "
                                "--scale_worker_malloc value, plus the control.")
-_SCALE_ROUNDS = flags.DEFINE_integer("scale_rounds", 100, "scale: rounds per setting.")
+_SCALE_ROUNDS = flags.DEFINE_integer("scale_rounds", 300, "scale: rounds per setting.")
 _SCALE_BASELINE = flags.DEFINE_integer(
-    "scale_baseline_round", 10, "scale: RSS growth is measured from this round to the last.")
+    "scale_baseline_round", 10, "scale: round times are medians over the rounds after this one.")
+_SCALE_SLOPE_ROUNDS = flags.DEFINE_integer(
+    "scale_slope_rounds", 100, "scale: the RSS slopes (MiB per round) are fitted over this many "
+    "last rounds (>= 10, at most --scale_rounds - --scale_baseline_round).")
 _SCALE_MALLOC = flags.DEFINE_list(
-    "scale_worker_malloc", ["fedprune", "glibc"],
+    "scale_worker_malloc", ["fedprune"],
     "scale: allocator settings of the worker, one child each per clients-per-round value: "
     "fedprune (fedprune's defaults) or glibc (FEDPRUNE_WORKER_MALLOC=glibc: glibc's own).")
 _SCALE_CONTROL = flags.DEFINE_bool(
@@ -206,7 +212,7 @@ usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS, _
 usage.set_topic("sections", _SECTIONS)
 usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
-                _SCALE_BASELINE, _SCALE_MALLOC, _SCALE_CONTROL, _SCALE_CHILD)
+                _SCALE_BASELINE, _SCALE_SLOPE_ROUNDS, _SCALE_MALLOC, _SCALE_CONTROL, _SCALE_CHILD)
 usage.set_topic("quality section", _QUALITY_SPARSITIES, _QUALITY_SEEDS)
 usage.set_topic("scaleout section", _SCALEOUT_CLIENTS, _SCALEOUT_CPR, _SCALEOUT_ROUNDS,
                 _SCALEOUT_BASELINE, _SCALEOUT_PARTITION, _SCALEOUT_WORKERS, _SCALEOUT_REPEATS)
@@ -236,8 +242,9 @@ class Plan:
         `--grid_maskings`, `--grid_seeds` and `--grid_paths`.
       warmup_rounds, timed_rounds, program_round: the speed section's
         `--warmup_rounds`, `--timed_rounds`, `--program_round`.
-      scale_clients, scale_rounds, scale_baseline: the scale section's
-        `--scale_clients`, `--scale_rounds`, `--scale_baseline_round`.
+      scale_clients, scale_rounds, scale_baseline, scale_slope_rounds: the scale
+        section's `--scale_clients`, `--scale_rounds`, `--scale_baseline_round`,
+        `--scale_slope_rounds`.
       deploy_sparsities, deploy_runs, deploy_warmup: the deploy section's
         `--deploy_sparsities`, `--deploy_runs`, `--deploy_warmup`.
       scaleout: the scaleout section's experiment (`benchmark_scaleout.scaleout_config`),
@@ -263,6 +270,7 @@ class Plan:
     scale_clients: int = 0
     scale_rounds: int = 2
     scale_baseline: int = 1
+    scale_slope_rounds: int = benchmark_scale.MIN_SLOPE_ROUNDS
     deploy_sparsities: tuple[float, ...] = ()
     deploy_runs: int = 50
     deploy_warmup: int = 10
@@ -327,6 +335,11 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
         check(_SCALE_ROUNDS.value >= 2, "scale_rounds", _SCALE_ROUNDS.value, "a whole number >= 2")
         check(1 <= _SCALE_BASELINE.value < _SCALE_ROUNDS.value, "scale_baseline_round",
               _SCALE_BASELINE.value, f"a round in [1, --scale_rounds={_SCALE_ROUNDS.value})")
+        most = _SCALE_ROUNDS.value - _SCALE_BASELINE.value
+        check(benchmark_scale.MIN_SLOPE_ROUNDS <= _SCALE_SLOPE_ROUNDS.value <= most,
+              "scale_slope_rounds", _SCALE_SLOPE_ROUNDS.value,
+              f"a whole number in [{benchmark_scale.MIN_SLOPE_ROUNDS}, {most}] (--scale_rounds - "
+              "--scale_baseline_round)")
         per_round = ([_SCALE_CHILD.value] if _SCALE_CHILD.value
                      else _int_list("scale_clients_per_round", _SCALE_CPR.value, 1))
         for cpr in per_round:
@@ -396,6 +409,7 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                 warmup_rounds=_WARMUP_ROUNDS.value, timed_rounds=_TIMED_ROUNDS.value,
                 program_round=_PROGRAM_ROUND.value, scale_clients=_SCALE_CLIENTS.value,
                 scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value,
+                scale_slope_rounds=_SCALE_SLOPE_ROUNDS.value,
                 deploy_sparsities=deploy_sparsities, deploy_runs=_DEPLOY_RUNS.value,
                 deploy_warmup=_DEPLOY_WARMUP.value, scaleout=scaleout,
                 scaleout_baseline=_SCALEOUT_BASELINE.value,
@@ -494,8 +508,9 @@ def main(argv):
         common.start_runtime(verbose=FLAGS.verbose, tff_workers=FLAGS.tff_workers)
     if _SCALE_CHILD.value:
         result = benchmark_scale.run_scale_child(plan.scale[_SCALE_CHILD.value],
-                                                 rounds=_SCALE_ROUNDS.value,
-                                 baseline_round=_SCALE_BASELINE.value, log=log)
+                                                 rounds=plan.scale_rounds,
+                                                 baseline_round=plan.scale_baseline,
+                                                 slope_rounds=plan.scale_slope_rounds, log=log)
         print(benchmark_scale.SCALE_RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     runners: dict[str, tuple[str, Callable]] = {

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from experiments.process_stats import (
+    anon_rss,
     arena_max,
     format_seconds,
     median_range,
     peak_rss,
     worker_processes,
 )
+from experiments.process_stats import rss as current_rss
 from fedprune.program.assembly import round_inputs
 
 if TYPE_CHECKING:
@@ -32,56 +34,74 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Allocator settings of the scale section's workers: fedprune's defaults, or glibc's own.
 WORKER_MALLOC_MODES = ("fedprune", "glibc")
-MAX_RSS_GROWTH = 0.05  # fraction; more from the baseline round to the last suggests a leak
+# MiB per round (issue 18): the most RSS may grow per round over the last rounds of a run,
+# for the Python process and for the worker alike; more suggests a per-round leak.
+MAX_RSS_SLOPE = 0.05
+MIN_SLOPE_ROUNDS = 10  # the fewest rounds a slope is fitted over
 SCALE_RESULT_PREFIX = "SCALE_RESULT "
 # The control's data: every client gets 1-2 of digits' 1,437 training examples.
 CONTROL_FLAGS = ("--scale_dataset=digits", "--partition=iid")
 
 
-def rss_slope(result: dict, key: str = "worker") -> float:
-    """Least-squares RSS slope in MiB per round over the second half of a scale run.
+def rss_slope(rss_bytes: Sequence[float], rounds: int) -> float:
+    """Least-squares slope, in MiB per round, of the last `rounds` RSS samples.
+
+    Args:
+      rss_bytes: RSS in bytes sampled after each round, one per round in order.
+      rounds: how many of the last samples to fit (>= 2, at most `len(rss_bytes)`).
 
     A per-round leak shows as a positive slope however the first rounds went;
-    a one-off rise (e.g. after the largest client so far) does not.
+    a one-off rise before the window (e.g. after the largest client so far) does not.
     """
-    rss = result["rss"]
-    first = len(rss) // 2
-    rounds = list(range(first + 1, len(rss) + 1))
-    mib = [r[key] / 2**20 for r in rss[first:]]
-    return statistics.linear_regression(rounds, mib).slope
+    if not 2 <= rounds <= len(rss_bytes):
+        raise ValueError(f"rounds={rounds}: expected 2..{len(rss_bytes)} (the samples given)")
+    first = len(rss_bytes) - rounds
+    return statistics.linear_regression(
+        range(first + 1, len(rss_bytes) + 1), [b / 2**20 for b in rss_bytes[first:]]).slope
+
+
+def _slope_cell(slope: float) -> str:
+    return f"{slope:+.3f} " + ("✓" if slope <= MAX_RSS_SLOPE else "✗")
 
 
 def scale_markdown(results: Sequence[dict]) -> str:
-    """The scale table, one row per child process (from `run_scale_child`)."""
+    """The scale table, one row per child process (from `run_scale_child`).
+
+    Slopes are of the anonymous RSS of the last `slope_rounds` rounds of each
+    result; ✓ marks a slope of at most `MAX_RSS_SLOPE` MiB per round, ✗ a larger one.
+    """
     mib = 1024**2
-    lines = ["| dataset | clients | per round | worker malloc | MALLOC_ARENA_MAX | rounds "
+    lines = ["| dataset | clients | per round | worker malloc (MALLOC_ARENA_MAX) | rounds "
              "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
-             "| RSS growth Python | RSS growth worker | RSS growth total "
-             "| worker RSS slope, 2nd half (MiB/round) | largest client so far (examples) |",
-             "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: "
-             "| --: | --: |"]
+             "| anon. RSS slope Python (MiB/round) | anon. RSS slope worker (MiB/round) "
+             "| slope rounds | largest client so far (examples) |",
+             "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
     for r in results:
         med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
-        growth = r["rss_growth"]
-        cells = [f"{100 * growth[k]:+.1f} %" + ("" if growth[k] < MAX_RSS_GROWTH else " ✗")
-                 for k in ("python", "worker", "total")]
-        largest = r["largest_client"]
+        window, largest = r["slope_rounds"], r["largest_client"]
+        first = r["rounds"] - window + 1
+        slopes = [_slope_cell(rss_slope([s[k] for s in r["rss"]], window))
+                  for k in ("python_anon", "worker_anon")]
         lines.append(
-            f"| {r.get('dataset', '')} | {r['num_clients']} | {r['clients_per_round']} "
-            f"| {r.get('worker_malloc', '')} | {r.get('malloc_arena_max', 'unset')} "
-            f"| {r['rounds']} "
+            f"| {r['dataset']} | {r['num_clients']} | {r['clients_per_round']} "
+            f"| {r['worker_malloc']} ({r['malloc_arena_max']}) | {r['rounds']} "
             f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
-            f"| {' | '.join(cells)} | {rss_slope(r):+.2f} "
-            f"| {largest[r['baseline_round'] - 1]:,} → {largest[-1]:,} |")
+            f"| {' | '.join(slopes)} | {first}–{r['rounds']} "
+            f"| {largest[first - 2] if first > 1 else 0:,} → {largest[-1]:,} |")
     return "\n".join(lines) + "\n"
 
 
-def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
+def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: int,
+                    log) -> dict:
     """Runs fedprune (a) for `rounds` rounds, sampling RSS after every round.
 
+    `baseline_round` and `slope_rounds` are only recorded, for `scale_markdown`.
+
     Returns:
-      A JSON-able dict: round seconds, RSS samples, peak RSS and growth.
+      A JSON-able dict: round seconds; RSS and anonymous RSS (bytes) of the
+      Python process and of the worker after every round; their peak RSS
+      (bytes); the size of the largest client trained so far after every round.
     """
     import psutil
 
@@ -101,23 +121,21 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, log) -> dict:
         # Memory that malloc keeps after the largest client so far is not a leak.
         largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))
         procs = worker_processes()
-        rss.append({"python": rss(me), "worker": sum(rss(w) for w in procs)})
+        rss.append({"python": current_rss(me), "worker": sum(current_rss(w) for w in procs),
+                    "python_anon": anon_rss(me), "worker_anon": sum(anon_rss(w) for w in procs)})
         if round_num % 10 == 0 or round_num == rounds:
             log(f"round {round_num}/{rounds}: {round_seconds[-1]:.3f} s, RSS python "
                 f"{rss[-1]['python'] / 2**20:.0f} MiB, worker {rss[-1]['worker'] / 2**20:.0f} MiB")
     procs = worker_processes()
     peak = {"python": peak_rss(me), "worker": sum(peak_rss(w) for w in procs)}
-    before, after = rss[baseline_round - 1], rss[-1]
-    growth = {k: after[k] / before[k] - 1 for k in ("python", "worker")}
-    growth["total"] = (after["python"] + after["worker"]) / (
-        before["python"] + before["worker"]) - 1
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
             "malloc_arena_max": arena_max(procs),
             "worker_malloc": os.environ.get(workers.WORKER_MALLOC_ENV) or "fedprune",
             "dataset": config.dataset + ("" if config.dataset == "synthetic"
                                          else f" {config.partition}"),
-            "rounds": rounds, "baseline_round": baseline_round, "round_seconds": round_seconds,
-            "rss": rss, "peak_rss": peak, "rss_growth": growth, "largest_client": largest}
+            "rounds": rounds, "baseline_round": baseline_round, "slope_rounds": slope_rounds,
+            "round_seconds": round_seconds, "rss": rss, "peak_rss": peak,
+            "largest_client": largest}
 
 
 def _child_env(malloc: str) -> dict[str, str]:
@@ -182,17 +200,22 @@ polynomial (power {config.power:g}) {config.initial_sparsity:g} →
 the machine's load allowed (the load averages above); the speed section interleaves its
 variants. Round time includes building the round's client datasets and
 `process.next`, medians over rounds {plan.scale_baseline + 1}–{plan.scale_rounds}. Peak
-RSS is the kernel's high-water mark (VmHWM) of each process. RSS growth compares the RSS
-sampled after round {plan.scale_baseline} with that after the last round; ✗ marks growth
-of {100 * MAX_RSS_GROWTH:.0f} % or more. The slope is a least-squares fit of the worker's RSS
-over the second half of the rounds: a per-round leak keeps it positive, while a one-off rise
-does not, such as malloc keeping the memory of the largest client trained so far (last
-column: its size at round {plan.scale_baseline} → at the end). "worker
+RSS is the kernel's high-water mark (VmHWM) of each process. The RSS slopes are
+least-squares fits of the anonymous RSS (RssAnon: RSS less file-backed pages such as
+TensorFlow's code, which the kernel drops and reloads at will, swinging the Python
+process's RSS by 100 MiB or more from round to round on a machine that reclaims cold
+pages) sampled after each of the last {plan.scale_slope_rounds}
+rounds (rounds {plan.scale_rounds - plan.scale_slope_rounds + 1}–{plan.scale_rounds}), of
+the Python process and of the worker: a per-round leak keeps them positive, while a one-off
+rise earlier does not, such as malloc keeping the memory of the largest client trained so
+far (last column: its size before the slope's rounds → at the end). The limit (issue 18) is
+a slope of at most {MAX_RSS_SLOPE:g} MiB per round for each process (✓ met, ✗ not). "worker
 malloc" is how the worker was started: `fedprune`, with fedprune's defaults
 (`runtime.workers.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
-(`FEDPRUNE_WORKER_MALLOC=glibc`); MALLOC_ARENA_MAX is read from the running worker's
-environment ("unset": glibc's default, up to 8 arenas per core); the Python process runs
-with glibc's defaults in every row. The `digits iid` rows are a control, not the workload:
+(`FEDPRUNE_WORKER_MALLOC=glibc`, rows only with `--scale_worker_malloc=fedprune,glibc`);
+in brackets, MALLOC_ARENA_MAX read from the running worker's environment ("unset":
+glibc's default, up to 8 arenas per core); the Python process runs with glibc's defaults
+in every row. The `digits iid` rows are a control, not the workload:
 the same rounds, model and worker on digits split iid over the same number of clients (1-2
 examples each), so no round brings a larger client than before; a per-round leak of the
 round machinery (TFF calls, masks, server state) would grow there too, while memory kept

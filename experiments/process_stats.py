@@ -54,15 +54,32 @@ def rss(proc) -> int:
         return 0
 
 
-def peak_rss(proc) -> int:
-    """Peak RSS in bytes (Linux VmHWM; elsewhere the current RSS)."""
+def _status_kib(proc, field: str) -> int | None:
+    """A `kB` field of Linux's /proc/PID/status in bytes, or None where there is none."""
     try:
         for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    return rss(proc)
+    return None
+
+
+def anon_rss(proc) -> int:
+    """Anonymous resident memory in bytes (Linux RssAnon; elsewhere the whole RSS).
+
+    RSS less the file-backed pages (shared libraries' code, memory-mapped files),
+    which the kernel may drop and reload at will; heap growth, a leak included,
+    is anonymous.
+    """
+    anon = _status_kib(proc, "RssAnon")
+    return rss(proc) if anon is None else anon
+
+
+def peak_rss(proc) -> int:
+    """Peak RSS in bytes (Linux VmHWM; elsewhere the current RSS)."""
+    peak = _status_kib(proc, "VmHWM")
+    return rss(proc) if peak is None else peak
 
 
 def median_range(values: Sequence[float]) -> tuple[float, float, float]:

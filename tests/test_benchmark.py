@@ -31,6 +31,7 @@ from experiments import (
     benchmark_scaleout,
     benchmark_speed,
 )
+from fedprune.runtime import workers as workers_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
@@ -249,8 +250,10 @@ def test_bad_flags_fail_fast_without_tensorflow():
                         ("--grid_paths=build,build", "one or more of build,trace,parallel"),
                         ("--grid_paths=fast", "one or more of build,trace,parallel"),
                         ("--timed_rounds=1", ">= 2"),
-                        ("--scale_baseline_round=100", "--scale_rounds=100"),
+                        ("--scale_baseline_round=300", "--scale_rounds=300"),
                         ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc"),
+                        ("--scale_slope_rounds=9", "a whole number in [10, 290]"),
+                        ("--scale_slope_rounds=291", "a whole number in [10, 290]"),
                         ("--scaleout_clients_per_round=101", "[1, --scaleout_clients=100]"),
                         ("--scaleout_baseline_round=1", "(--begin_round=1, --scaleout_rounds=8)"),
                         ("--scaleout_repeats=0", ">= 1"),
@@ -289,20 +292,66 @@ def test_speed_markdown_ratios_and_targets():
     assert benchmark_speed.speed_ratios({"a": 1.0, "c-iter": 2.0, "b": 2.0})["a/c-iter"] == 0.5
 
 
-def test_scale_markdown_marks_growth_of_five_percent():
+@pytest.mark.parametrize("slope, rounds", [(0.5, 100), (0.0, 10), (-0.25, 37), (0.04, 2)])
+def test_rss_slope_fits_the_last_rounds_only(slope, rounds):
+    # A jump of 900 MiB and noise in the rounds before the window do not count.
+    before = [(800 + 900 * (i % 2)) * 2**20 for i in range(50)]
+    window = [(1000 + slope * i) * 2**20 for i in range(rounds)]
+    assert benchmark_scale.rss_slope(before + window, rounds) == pytest.approx(slope, abs=1e-9)
+
+
+def test_rss_slope_least_squares_on_noisy_samples():
+    # MiB 10, 13, 11, 16 over rounds 2-5: slope = 8 / 5 = 1.6 MiB per round.
+    samples = [x * 2**20 for x in (500, 10, 13, 11, 16)]
+    assert benchmark_scale.rss_slope(samples, 4) == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="rounds=6: expected 2..5"):
+        benchmark_scale.rss_slope(samples, 6)
+
+
+def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
+    # Python RSS rises 0.04 MiB per round (within the limit), the worker's 2 MiB per round,
+    # over the last 3 rounds (3-5); the jumps before them do not count.
+    python = [600, 700, 700, 700.04, 700.08]
+    worker = [100, 200, 300, 302, 304]
     result = {"num_clients": 1000, "clients_per_round": 10, "malloc_arena_max": "2",
               "worker_malloc": "fedprune", "dataset": "synthetic",
-              "rounds": 4, "baseline_round": 2,
-              "round_seconds": [9.0, 9.0, 0.2, 0.4], "largest_client": [50, 60, 60, 900],
-              # worker RSS rises 2 MiB per round over the second half (rounds 3-4)
-              "rss": [{"python": 1, "worker": w * 2**20} for w in (100, 200, 300, 302)],
-              "peak_rss": {"python": 700 * 2**20, "worker": 300 * 2**20},
-              "rss_growth": {"python": 0.01, "worker": 0.05, "total": 0.049}}
+              "rounds": 5, "baseline_round": 2, "slope_rounds": 3,
+              "round_seconds": [9.0, 9.0, 0.2, 0.4, 0.3],
+              "largest_client": [50, 60, 60, 900, 900],
+              "rss": [{"python_anon": p * 2**20, "worker_anon": w * 2**20}
+                      for p, w in zip(python, worker, strict=True)],
+              "peak_rss": {"python": 700.4 * 2**20, "worker": 304 * 2**20}}
     rows = _table_rows(benchmark_scale.scale_markdown([result]))
-    (row,) = [cells for first, cells in rows.items() if first == "synthetic"]
-    # Rounds 1..baseline are left out of the round-time statistics.
-    assert row[:9] == ["1000", "10", "fedprune", "2", "4", "0.300", "0.200–0.400", "700", "300"]
-    assert row[9:] == ["+1.0 %", "+5.0 % ✗", "+4.9 %", "+2.00", "60 → 900"]
+    assert rows["dataset"] == ["clients", "per round", "worker malloc (MALLOC_ARENA_MAX)",
+                               "rounds", "median round (s)", "min–max (s)",
+                               "peak RSS Python (MiB)", "peak RSS worker (MiB)",
+                               "anon. RSS slope Python (MiB/round)",
+                               "anon. RSS slope worker (MiB/round)",
+                               "slope rounds", "largest client so far (examples)"]
+    # Rounds 1..baseline are left out of the round-time statistics; the largest client
+    # is shown before the slope's rounds (after round 2) and at the end.
+    assert rows["synthetic"] == ["1000", "10", "fedprune (2)", "5", "0.300", "0.200–0.400",
+                                 "700", "304", "+0.040 ✓", "+2.000 ✗", "3–5", "60 → 900"]
+
+
+@pytest.mark.slow
+def test_scale_smoke_reports_peaks_and_slopes_of_both_processes():
+    result, workers = _run("--sections=scale", "--scale_clients=20",
+                           "--scale_clients_per_round=4", "--scale_rounds=12",
+                           "--scale_baseline_round=2", "--scale_slope_rounds=10",
+                           "--noscale_control")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert workers, "no worker_binary was seen under the benchmark (watcher broken?)"
+    _assert_gone(workers)
+    rows = _table_rows(result.stdout)
+    (row,) = [cells for first, cells in rows.items() if first.startswith("synthetic")]
+    arenas = workers_lib.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
+    assert row[:4] == ["20", "4", f"fedprune ({arenas})", "12"]
+    assert float(row[6]) > 100 and float(row[7]) > 10  # peak RSS, MiB: TF alone is more
+    for cell in row[8:10]:
+        value, mark = cell.split()
+        assert mark == ("✓" if float(value) <= benchmark_scale.MAX_RSS_SLOPE else "✗")
+    assert row[10] == "3–12"
 
 
 def test_replace_sections_replaces_in_place_and_keeps_everything_else():
