@@ -1,6 +1,7 @@
 r"""Benchmarks fedprune's round time, memory at scale and accuracy (issue 8).
 
     python -m experiments.benchmark                                 # speed table only
+    python -m experiments.benchmark --sections=all --write            # BENCHMARKS.md
     python -m experiments.benchmark --sections=speed,scale,quality --write
     python -m experiments.benchmark --sections=scale --write     # ~10-12 min
     python -m experiments.benchmark --sections=deploy --write
@@ -13,6 +14,8 @@ epoch). Sections:
 speed    Per-round wall time of, side by side on the same model, initial
          weights, client batches and local epochs:
            (a)  fedprune, masking `both`, polynomial schedule (`process.next` only);
+           (s)  fedprune, masking `server`, (a)'s schedule: the server re-masks,
+                clients train inside the mask and do not prune;
            (b)  fedprune, masking `none` (dense; TFF's own parts);
            (c)  stock `tff.learning.algorithms.build_weighted_fed_avg`, same
                 initial weights (`set_model_weights`) and client optimizer;
@@ -35,7 +38,7 @@ speed    Per-round wall time of, side by side on the same model, initial
          Every variant first runs round 1 untimed (tracing, compilation and,
          for a+, the experiment's set-up), then `--warmup_rounds` untimed and
          `--timed_rounds` timed rounds, interleaved round by round
-         (a, b, c, c-iter, d, e, f, a+, a, ...) so that machine noise hits all of
+         (a, s, b, c, c-iter, d, e, f, a+, a, ...) so that machine noise hits all of
          them alike. All variants of a round train on the same `tf.data`
          datasets, built before the round (their construction time is
          reported on its own line). Reports median and min-max wall seconds,
@@ -43,7 +46,9 @@ speed    Per-round wall time of, side by side on the same model, initial
          relative to (c-iter) (stock TFF on fedprune's client loop) and (f)
          (the floor), and the ratios of `benchmark_speed.RATIOS` (targets:
          a/b <= 1.10, pruning's overhead over dense fedprune; a/c-iter <= 1.10;
-         a+/c-iter <= 1.25, a whole experiment round over stock TFF).
+         a+/c-iter <= 1.25, a whole experiment round over stock TFF). The notes
+         say where the time goes: (a) - (s), (s) - (b) and (b) - (c-iter), and
+         (a+)'s phases in loop.py (train, evaluate, checkpoint) per round.
 scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1)
          clients) with each of `--scale_clients_per_round` (default 10, a cheap
          row, and 100, issue 18's setting) for `--scale_rounds` rounds
@@ -137,7 +142,8 @@ SCALE_DATASETS = ("synthetic", "digits")
 FIXED_FLAGS = ("masking", "schedule")
 
 common.define_experiment_flags()
-_SECTIONS = flags.DEFINE_list("sections", ["speed"], f"Which of {','.join(SECTIONS)} to run.")
+_SECTIONS = flags.DEFINE_list("sections", ["speed"],
+                              f"Which of {','.join(SECTIONS)} to run; `all`: every one.")
 _WARMUP_ROUNDS = flags.DEFINE_integer(
     "warmup_rounds", 3, "speed: untimed rounds per variant after round 1 (which is always "
     "untimed: it traces and compiles).")
@@ -319,10 +325,11 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
     for name in FIXED_FLAGS:
         check(not FLAGS[name].present, name, FLAGS[name].value,
               "no value: the benchmark sets it per variant")
-    sections = tuple(s for s in SECTIONS if s in _SECTIONS.value)
-    unknown = sorted(set(_SECTIONS.value) - set(SECTIONS))
+    asked = SECTIONS if _SECTIONS.value == ["all"] else _SECTIONS.value
+    sections = tuple(s for s in SECTIONS if s in asked)
+    unknown = sorted(set(asked) - set(SECTIONS))
     check(bool(sections) and not unknown, "sections", ",".join(_SECTIONS.value),
-          f"one or more of {','.join(SECTIONS)}")
+          f"all, or one or more of {','.join(SECTIONS)}")
     check(_WARMUP_ROUNDS.value >= 0, "warmup_rounds", _WARMUP_ROUNDS.value, "a whole number >= 0")
     check(_TIMED_ROUNDS.value >= 2, "timed_rounds", _TIMED_ROUNDS.value, "a whole number >= 2")
     pruned, dense = pruned_and_dense(base, 1 + _WARMUP_ROUNDS.value + _TIMED_ROUNDS.value)

@@ -1,6 +1,6 @@
 """The benchmark's speed section: round time of fedprune vs TFF FedAvg vs Keras.
 
-Variants (a), (b), (c), (c-iter), (d), (e), (f) and (a+) as described in
+Variants (a), (s), (b), (c), (c-iter), (d), (e), (f) and (a+) as described in
 `experiments/benchmark.py`; each runs its round 1 in `prepare` and one round
 per `step`, interleaved round by round, all on the same `assembly.round_inputs`.
 """
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 TARGETS = {"a/b": 1.10, "a/c-iter": 1.10, "a+/c-iter": 1.25}
 
 # Headline ratios first; then what the references cost against each other.
-RATIOS = ("a/b", "a/c-iter", "a+/c-iter", "b/c-iter", "a+/a", "c/c-iter", "c-iter/f", "d/f")
+RATIOS = ("a/b", "a/c-iter", "a+/c-iter", "a/s", "s/b", "b/c-iter", "a+/a", "c/c-iter",
+          "c-iter/f", "d/f")
 # The columns "vs" each row: stock TFF on fedprune's client loop, and the compute floor.
 REFERENCES = ("c-iter", "f")
 
@@ -93,6 +94,40 @@ def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[flo
             f"≤ {target:g} ({'met' if value <= target else 'not met'})")
         lines.append(f"| {name} | {value:.2f} | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]]) -> str:
+    """Where the round time goes: differences of median round times, and (a+)'s phases.
+
+    Args:
+      medians: variant key -> median round seconds.
+      phases: per timed round of (a+), loop.py's phase ("train", "evaluate",
+        "checkpoint") -> seconds from its start to the next phase or the round's end.
+    """
+    def ms(seconds: float) -> str:
+        return f"{1000 * seconds:+.1f} ms" if seconds < 0 else f"{1000 * seconds:.1f} ms"
+
+    parts = []
+    if all(k in medians for k in ("a", "s", "b", "c-iter")):
+        a, s_, b, c = (medians[k] for k in ("a", "s", "b", "c-iter"))
+        parts.append(
+            f"(a) − (s) = {ms(a - s_)}: the clients' pruning and their larger upload (masks "
+            f"and kept values through the mask aggregator, `mask_aggregation.py`); (s) − (b) = "
+            f"{ms(s_ - b)}: tfmot's wrappers in local training, the masked upload and the "
+            f"server's re-mask; (b) − (c-iter) = {ms(b - c)}: what fedprune's dense process "
+            "adds to stock FedAvg on the same loop (round counters, the upload's byte count, "
+            "the finalizer's mask diagnostics).")
+    if phases:
+        med = {name: statistics.median(p.get(name, 0.0) for p in phases)
+               for name in ("train", "evaluate", "checkpoint")}
+        extra = f" ((a) alone: {ms(medians['a'])})" if "a" in medians else ""
+        parts.append(
+            f"(a+)'s phases in loop.py, medians per timed round: train {ms(med['train'])} "
+            f"(the round's client datasets, byte accounting and `process.next`{extra}), "
+            f"evaluate {ms(med['evaluate'])} (one compiled function on the cached test "
+            f"tensors), checkpoint {ms(med['checkpoint'])} (metrics.csv, the checkpoint, "
+            "TensorBoard scalars and the log line).")
+    return " ".join(parts)
 
 
 class TffVariant:
@@ -173,6 +208,9 @@ class ProgramVariant:
         self._context = tff.framework.get_context_stack().current
         self._go: queue.Queue[bool] = queue.Queue()
         self._done: queue.Queue[object] = queue.Queue()
+        # (phase, perf_counter) of the round being run: its phases, then "end" at its log line.
+        self._marks: list[tuple[str, float]] = []
+        self.phases: list[dict[str, float]] = []  # per round after round 1: phase -> seconds
         self._thread = threading.Thread(
             target=self._run, args=(config, output_dir, last_round), daemon=True)
 
@@ -184,13 +222,21 @@ class ProgramVariant:
         try:
             with tff.framework.get_context_stack().install(self._context):
                 loop.run_experiment(config, output_dir, log=self._on_log,
-                                       stop_after_round=last_round)
+                                    on_phase=self._on_phase, stop_after_round=last_round)
             self._done.put(None)
         except BaseException as e:  # handed to the main thread, which re-raises
             self._done.put(e)
 
+    def _on_phase(self, name: str) -> None:
+        if name.startswith("round "):  # "round N train|evaluate|checkpoint"
+            self._marks.append((name.split()[-1], time.perf_counter()))
+
     def _on_log(self, line: str) -> None:
         if line.startswith("round "):
+            marks = [*self._marks, ("end", time.perf_counter())]
+            self.phases.append({name: marks[i + 1][1] - t
+                                for i, (name, t) in enumerate(marks[:-1])})
+            self._marks = []
             self._done.put(line)
             self._go.get()
 
@@ -221,6 +267,7 @@ class ProgramVariant:
 
 VARIANT_LABELS = {
     "a": "(a) fedprune, masking both, polynomial",
+    "s": "(s) fedprune, masking server, (a)'s schedule (clients do not prune)",
     "b": "(b) fedprune, masking none",
     "c": "(c) TFF build_weighted_fed_avg",
     "c-iter": "(c-iter) the same, loop_implementation=DATASET_ITERATOR",
@@ -260,6 +307,9 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     log("building (a) fedprune masking both")
     pruned = assembly.build_process(plan.pruned, data)
     variants["a"] = TffVariant(pruned.process, pruned.process.initialize(), pruned)
+    log("building (s) fedprune masking server")
+    server = assembly.build_process(dataclasses.replace(plan.pruned, masking="server"), data)
+    variants["s"] = TffVariant(server.process, server.process.initialize(), server)
     log("building (b) fedprune masking none")
     dense = assembly.build_process(plan.dense, data)
     variants["b"] = TffVariant(dense.process, dense.process.initialize())
@@ -369,8 +419,10 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
                 input_seconds.append(built)
             log(f"round {round_num}/{last} ({'timed' if timed else 'warm-up'}): "
                 f"{', '.join(line)} s")
+        phases = []
         if "a+" in variants:
             variants["a+"].finish()
+            phases = variants["a+"].phases[-plan.timed_rounds:]
         # (b), (c) and (c-iter) saw the same weights and batches: they should agree;
         # (d) and (f) train centrally on the same batches: they should agree too.
         dense = [variants[k].weights() for k in ("b", "c", "c-iter")]
@@ -381,7 +433,9 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
             variants["d"].model.get_weights(), variants["f"].model.get_weights(), strict=True))
         sparsity = evaluation.sparsity_metrics(variants["a"].pruning_process,
                                             variants["a"].weights())["global_sparsity"]
-    table = speed_markdown([t for t in timings.values() if t.wall], input_seconds)
+    measured = [t for t in timings.values() if t.wall]
+    table = speed_markdown(measured, input_seconds)
+    profile = profile_notes({t.key: statistics.median(t.wall) for t in measured}, phases)
     config = plan.pruned
     notes = f"""Setting: {config.dataset} ({len(data.client_ids)} clients, {config.partition}
 partition), model `{config.model}`, {config.clients_per_round} clients per round, batch
@@ -396,5 +450,7 @@ executes the rounds. (b), (c) and (c-iter) end with weights equal to within {max
 (same initial weights, batches and optimizers); (d) and (f) within {floor_diff:.1e}.
 (a+) − (a) is what loop.py adds per
 round (client datasets, byte accounting, evaluation, CSV, TensorBoard, checkpoint). (e)
-maps one round to the {steps_per_round} steps of round 1 for tfmot's PolynomialDecay."""
+maps one round to the {steps_per_round} steps of round 1 for tfmot's PolynomialDecay.
+
+Where the time goes (differences of the medians above): {profile}"""
     return table, notes

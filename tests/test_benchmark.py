@@ -40,7 +40,7 @@ SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
 # limit only guards against a hang, far beyond the ~40 s the smoke run takes
 # alone, so a loaded machine cannot fail a test by being slow.
 HANG_GUARD_S = 900
-VARIANT_ROWS = ("(a) fedprune", "(b) fedprune", "(c) TFF", "(c-iter)", "(d) Keras",
+VARIANT_ROWS = ("(a) fedprune", "(s) fedprune", "(b) fedprune", "(c) TFF", "(c-iter)", "(d) Keras",
                 "(e) Keras", "(f) one compiled", "(a+) fedprune")
 
 
@@ -136,6 +136,31 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
     assert re.search(r"load average \(1/5/15 min\) [0-9./]+ before, [0-9./]+ after, "
                      r"mean 1-min [0-9.]+ during it", text)
     assert "(a) fedprune, masking both, polynomial |" in text
+    # The profile: differences of the medians and (a+)'s phases, as measured.
+    medians = {key: float(next(cells for first, cells in rows.items()
+                               if first.startswith(f"({key})"))[0])
+               for key in ("a", "s", "b", "c-iter")}
+    flat = text.replace("\n", " ")
+    found = re.search(r"\(a\) − \(s\) = (-?[0-9.+]+) ms", flat)
+    assert abs(float(found.group(1)) - 1000 * (medians["a"] - medians["s"])) <= 1.0
+    phases = re.search(r"train ([0-9.]+) ms .*evaluate ([0-9.]+) ms .*checkpoint ([0-9.]+) ms",
+                       flat)
+    assert all(float(x) > 0 for x in phases.groups())  # every round evaluates (eval_every 1)
+
+
+@pytest.mark.parametrize("phases, words", [
+    ([{"train": 0.1, "evaluate": 0.004, "checkpoint": 0.002}] * 3,
+     ["train 100.0 ms", "evaluate 4.0 ms", "checkpoint 2.0 ms", "(a) alone: 80.0 ms"]),
+    ([{"train": 0.1, "checkpoint": 0.002}, {"train": 0.3, "evaluate": 0.01, "checkpoint": 0.004},
+      {"train": 0.2, "checkpoint": 0.003}],
+     ["train 200.0 ms", "evaluate 0.0 ms", "checkpoint 3.0 ms"]),  # median: 0 where not evaluated
+])
+def test_profile_notes_differences_and_phases(phases, words):
+    medians = {"a": 0.08, "s": 0.07, "b": 0.065, "c-iter": 0.066}
+    text = benchmark_speed.profile_notes(medians, phases)
+    for w in ["(a) − (s) = 10.0 ms", "(s) − (b) = 5.0 ms", "(b) − (c-iter) = -1.0 ms", *words]:
+        assert w in text, (w, text)
+    assert benchmark_speed.profile_notes({"a": 0.08}, []) == ""
 
 
 @pytest.mark.slow
@@ -242,7 +267,7 @@ def test_grid_paths_in_the_order_asked(names, cores, labels):
 def test_bad_flags_fail_fast_without_tensorflow():
     for flag, words in (("--masking=none", "sets it per variant"),
                         ("--sections=speed,fast",
-                         "one or more of speed,scale,quality,grid,deploy,scaleout"),
+                         "all, or one or more of speed,scale,quality,grid,deploy,scaleout"),
                         ("--deploy_sparsities=0,0.5", "one or more sparsities in (0, 1)"),
                         ("--deploy_sparsities=0.5,x", "comma-separated fractions"),
                         ("--deploy_runs=2", ">= 3"),
