@@ -37,16 +37,16 @@ TIE_WEIGHTS = [1.0, 3.0]
 pytestmark = pytest.mark.usefixtures("tff_local_context")
 
 
-def _aggregate(finals, masks, weights):
-    """The mask aggregator's server output for hand-built client uploads."""
+def _aggregate(finals, masks, weights, rule="nonzero"):
+    """The mask aggregator's server output for hand-built client uploads (`rule`'s fields)."""
     current = np.ones(finals.shape[1], np.float32)
     payloads = [mask_aggregation.client_payload((current - f,), (f,), (m,))
                 for f, m in zip(finals, masks, strict=True)]
     kernel = (tff.TensorType(np.float32, [finals.shape[1]]),)
     value_type = tff.to_type(collections.OrderedDict(delta=kernel, kept=kernel,
                                                      kept_values=kernel))
-    process = mask_aggregation.build_mask_aggregator().create(value_type,
-                                                              tff.TensorType(np.float32))
+    process = mask_aggregation.build_mask_aggregator(rule).create(value_type,
+                                                                  tff.TensorType(np.float32))
     return process.next(process.initialize(), payloads, weights).result
 
 
@@ -77,6 +77,11 @@ def _combined(rule, aggregate):
 )
 def test_rules_on_three_clients(aggregate, rule, expected):
     np.testing.assert_allclose(_combined(rule, aggregate), expected, rtol=1e-6)
+    # The rule's own aggregator averages only the fields the rule reads, to the same result.
+    own = _aggregate(FINALS, MASKS, WEIGHTS, rule)
+    assert tuple(own["mean"]) == mask_aggregation.MEAN_FIELDS[rule]
+    np.testing.assert_array_equal(_combined(rule, own), _combined(rule, aggregate))
+    np.testing.assert_array_equal(own["kept_count"][0], aggregate["kept_count"][0])
 
 
 @pytest.mark.parametrize(

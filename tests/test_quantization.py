@@ -567,9 +567,9 @@ def test_pruning_clients_upload_quantized_values_and_bit_masks(client_data, mask
     weights = [float(c.update_weight) for c in direct.result]
     value_type = work.next.type_signature.result.result.member.update
     weight_type = tff.TensorType(np.float32)
-    plain = mask_aggregation.build_mask_aggregator().create(value_type, weight_type)
+    plain = mask_aggregation.build_mask_aggregator("nonzero").create(value_type, weight_type)
     quantized = quantization_lib.build_quantized_mean_factory(
-        quantization, seed=0, inner=mask_aggregation.build_mask_aggregator(),
+        quantization, seed=0, inner=mask_aggregation.build_mask_aggregator("nonzero"),
         fields=quantization_lib.QUANTIZED_PAYLOAD_FIELDS).create(value_type, weight_type)
     exact = plain.next(plain.initialize(), payloads, weights).result
     ours = quantized.next(quantized.initialize(), payloads, weights).result

@@ -331,7 +331,7 @@ def build_pruning_process(
     update_type = client_work.next.type_signature.result.result.member.update
     client_prunes = mode.client_prunes
     if client_prunes:
-        factory = mask_aggregation_lib.build_mask_aggregator()
+        factory = mask_aggregation_lib.build_mask_aggregator(mask_aggregation)
         fields = quantization.QUANTIZED_PAYLOAD_FIELDS  # the masks go as bits
     else:
         factory = model_aggregator or tff.aggregators.MeanFactory()

@@ -173,7 +173,7 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None, fi
       fields: None for a plain delta (a tuple of tensors, all quantized), or
         the names of the fields of a structured update to quantize, e.g.
         `QUANTIZED_PAYLOAD_FIELDS` for pruning clients' payloads around
-        `mask_aggregation.build_mask_aggregator()`.
+        `mask_aggregation.build_mask_aggregator(rule)`.
 
     Returns:
       A `tff.aggregators.WeightedAggregationFactory`. Its process's state is

@@ -59,21 +59,34 @@ def client_payload(delta, final_kernels, masks):
     )
 
 
-def build_mask_aggregator():
+# The payload fields whose weighted mean each rule reads (`pseudo_delta`); the
+# others are not averaged (`kept` is always summed into `kept_count`).
+MEAN_FIELDS = {"average": ("delta",), "majority": ("delta",),
+               "nonzero": ("delta", "kept", "kept_values")}
+
+
+def build_mask_aggregator(rule: str):
     """A weighted aggregation factory for `client_payload` values.
 
+    Args:
+      rule: one of RULES: which payload fields are averaged (`MEAN_FIELDS`).
+
     Returns a `tff.aggregators.WeightedAggregationFactory` whose process maps
-    client payloads and weights to `OrderedDict(mean=<weighted mean of every
-    field>, kept_count=<per-weight number of clients keeping it>,
+    client payloads and weights to `OrderedDict(mean=<weighted mean of the
+    rule's MEAN_FIELDS>, kept_count=<per-weight number of clients keeping it>,
     num_clients=float32)` at the server.
     """
     import tensorflow_federated as tff
 
+    fields = MEAN_FIELDS[rule]
+
     class MaskAggregationFactory(tff.aggregators.WeightedAggregationFactory):
-        """Weighted mean of the payload plus unweighted keep counts."""
+        """Weighted mean of the rule's payload fields plus unweighted keep counts."""
 
         def create(self, value_type, weight_type):
-            mean = tff.aggregators.MeanFactory().create(value_type, weight_type)
+            mean_type = tff.StructWithPythonType(
+                [(f, getattr(value_type, f)) for f in fields], collections.OrderedDict)
+            mean = tff.aggregators.MeanFactory().create(mean_type, weight_type)
 
             @tff.tensorflow.computation(value_type.kept)
             def one(kept):
@@ -86,7 +99,9 @@ def build_mask_aggregator():
                 tff.FederatedType(weight_type, tff.CLIENTS),
             )
             def next_fn(state, value, weight):
-                mean_output = mean.next(state, value, weight)
+                averaged = tff.federated_zip(
+                    collections.OrderedDict((f, getattr(value, f)) for f in fields))
+                mean_output = mean.next(state, averaged, weight)
                 result = tff.federated_zip(
                     collections.OrderedDict(
                         mean=mean_output.result,
