@@ -356,6 +356,66 @@ def test_thousand_clients_build_no_pipelines_until_asked(monkeypatch, load):
     assert calls == data.client_ids[:3]
 
 
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda: datasets.load_digits(num_clients=10, partition="dirichlet", seed=0),
+        lambda: datasets.load_synthetic(num_clients=10, alpha=1.0, beta=1.0, seed=0, dim=10),
+    ],
+    ids=["digits", "synthetic"],
+)
+@pytest.mark.parametrize("max_examples,epochs", [(None, 1), (None, 2), (7, 2)])
+def test_cached_examples_give_the_batches_of_a_fresh_pipeline(load, max_examples, epochs):
+    # `ArraySource.examples` builds a client's tensors once and reuses them, and
+    # the shuffle seed goes in as a numpy int64 (issue 18: both grew memory every
+    # round). The batches must be exactly those of the construction they
+    # replaced, call after call and seed after seed, a seed seen before and a
+    # seed above 2**31 (TensorFlow reduces op seeds modulo 2**31 - 1) included.
+    data = load()
+    source = data.source
+
+    def fresh(client, seed):
+        # The construction before issue 18's changes, spelled out: new tensors
+        # and a Python int seed every call.
+        idx = source.client_indices[client]
+        examples = tf.data.Dataset.from_tensor_slices(
+            collections.OrderedDict(x=source.x[idx], y=source.y[idx]))
+        if seed is not None:
+            examples = examples.shuffle(len(idx), seed=int(seed), reshuffle_each_iteration=False)
+        if max_examples is not None:
+            examples = examples.take(max_examples)
+        return examples.repeat(epochs).batch(4)
+
+    compared = 0
+    for client in data.client_ids[:3]:
+        for seed in [5, 2**62 + 3, None, 5]:
+            cached = data.client_dataset(client, batch_size=4, local_epochs=epochs,
+                                         shuffle_seed=seed, max_examples=max_examples)
+            got, want = list(cached), list(fresh(client, seed))
+            assert len(got) == len(want) > 0
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g["x"].numpy(), w["x"].numpy())
+                np.testing.assert_array_equal(g["y"].numpy(), w["y"].numpy())
+            compared += 1
+        assert source.examples(client) is source.examples(client)
+    assert compared == 12
+
+
+def test_shuffle_seed_reaches_tensorflow_as_a_numpy_int(digits, monkeypatch):
+    # A Python int seed would stay in TensorFlow's scalar cache for good (issue 18).
+    seeds = []
+    original = tf.data.Dataset.shuffle
+
+    def recording(self, buffer_size, seed=None, **kwargs):
+        seeds.append(seed)
+        return original(self, buffer_size, seed=seed, **kwargs)
+
+    monkeypatch.setattr(tf.data.Dataset, "shuffle", recording)
+    seed = datasets.client_shuffle_seed(0, 7, digits.client_ids[0])
+    digits.client_dataset(digits.client_ids[0], batch_size=8, local_epochs=1, shuffle_seed=seed)
+    assert len(seeds) == 1 and type(seeds[0]) is np.int64 and int(seeds[0]) == seed
+
+
 # --------------------------------------------------------------------------
 # TFF datasets from tiny SQLite files.
 # --------------------------------------------------------------------------
