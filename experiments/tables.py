@@ -309,8 +309,8 @@ register_table(TableSpec(
     paired=("accuracy",),
 ))
 
-# Table 5: bytes are exact given the masks (int8 rounding is seeded: a pure function of
-# the run's seed and round); the up compression is their ratio. A flatbuffer's raw size is
+# Table 5: bytes are set by the masks and the updates' zeros (int8 rounding is seeded: a
+# pure function of the run's seed and round); the up compression is their ratio. A flatbuffer's raw size is
 # set by the architecture and the names of its tensors, which carry Keras' layer names
 # (`dense_7` or `dense_116`, by how many models the process built before): 128 bytes
 # accept that (measured: 6 bytes between two runs). The zipped size also depends on the
@@ -318,8 +318,14 @@ register_table(TableSpec(
 # the dense MLP zipped) accept that and catch a model that lost its zeros (the 90 %
 # model zips to about a third). Latency depends on the machine and its load: shown,
 # never checked.
-_TOLERANCES_5 = {"accuracy": 0.02, "delta_accuracy": 0.02, "nonzeros": 0.0, "bytes_up": 0.0,
-                 "compression_up": 1e-6, "tflite_bytes": 128.0, "tflite_zipped": 512.0,
+# Bytes up count the nonzeros of each client's update (a zero is not sent), and another
+# CPU's float rounding moves a few coordinates to or off exactly zero (features that are
+# zero in a client's data leave their weights' updates exactly zero): on a third machine
+# of this workplace the ci int8 dense row's bytes up per round moved by 1 of 35,572 (its
+# compression by 1.2e-4). 64 bytes and 0.01 accept that and catch an upload that lost
+# its sparsity or its quantization (kilobytes; a factor of 2 or more).
+_TOLERANCES_5 = {"accuracy": 0.02, "delta_accuracy": 0.02, "nonzeros": 0.0, "bytes_up": 64.0,
+                 "compression_up": 0.01, "tflite_bytes": 128.0, "tflite_zipped": 512.0,
                  "tflite_sparse": 128.0}
 register_table(TableSpec(
     number=5,
