@@ -310,9 +310,10 @@ register_table(TableSpec(
 ))
 
 # Table 5: bytes are set by the masks and the updates' zeros (int8 rounding is seeded: a
-# pure function of the run's seed and round); the up compression is their ratio. A flatbuffer's raw size is
-# set by the architecture and the names of its tensors, which carry Keras' layer names
-# (`dense_7` or `dense_116`, by how many models the process built before): 128 bytes
+# pure function of the run's seed and round); the up compression is their ratio. A
+# flatbuffer's raw size is set by the architecture and the names of its tensors, which
+# carry Keras' layer names (`dense_7` or `dense_116`, by how many models the process
+# built before): 128 bytes
 # accept that (measured: 6 bytes between two runs). The zipped size also depends on the
 # final weights' bits, which another CPU's float rounding moves: 512 bytes (~1.4 % of
 # the dense MLP zipped) accept that and catch a model that lost its zeros (the 90 %

@@ -393,7 +393,7 @@ def test_cached_examples_give_the_batches_of_a_fresh_pipeline(load, max_examples
                                          shuffle_seed=seed, max_examples=max_examples)
             got, want = list(cached), list(fresh(client, seed))
             assert len(got) == len(want) > 0
-            for g, w in zip(got, want):
+            for g, w in zip(got, want, strict=True):
                 np.testing.assert_array_equal(g["x"].numpy(), w["x"].numpy())
                 np.testing.assert_array_equal(g["y"].numpy(), w["y"].numpy())
             compared += 1
