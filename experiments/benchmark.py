@@ -30,9 +30,13 @@ speed    Per-round wall time of, side by side on the same model, initial
                 same batches (forward, gradient, SGD update; no Keras `fit`
                 machinery), traced once;
            (a+) fedprune's whole experiment round (`loop.run_experiment`:
-                (a) plus building the client datasets, byte accounting,
-                test-set evaluation, metrics CSV, TensorBoard and checkpoint),
+                (a) plus byte accounting and test-set evaluation, with the
+                next round's client datasets, metrics CSV, TensorBoard and
+                checkpoint done by its background thread beside training),
                 stepped round by round from a thread (`--program_round`).
+                A round's background work is queued after its log line, where
+                the benchmark holds (a+), so it overlaps (a+)'s own next round
+                rather than the other variants' rounds.
          (a) deliberately excludes what (a+) adds, so that a/b and a/c-iter
          compare like with like; a+ - a is loop.py's per-round cost.
          Every variant first runs round 1 untimed (tracing, compilation and,

@@ -123,10 +123,12 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
         extra = f" ((a) alone: {ms(medians['a'])})" if "a" in medians else ""
         parts.append(
             f"(a+)'s phases in loop.py, medians per timed round: train {ms(med['train'])} "
-            f"(the round's client datasets, byte accounting and `process.next`{extra}), "
-            f"evaluate {ms(med['evaluate'])} (one compiled function on the cached test "
-            f"tensors), checkpoint {ms(med['checkpoint'])} (metrics.csv, the checkpoint, "
-            "TensorBoard scalars and the log line).")
+            f"(byte accounting and `process.next`{extra}; the round's client datasets "
+            f"were built beside the round before), evaluate {ms(med['evaluate'])} (one "
+            f"compiled function on the cached test tensors), checkpoint "
+            f"{ms(med['checkpoint'])} (the log line; metrics.csv, the checkpoint and "
+            "TensorBoard scalars are written beside the next round's training, "
+            "`fedprune/program/background.py`).")
     return " ".join(parts)
 
 
@@ -449,7 +451,8 @@ benchmark process (Keras runs there); worker CPU is TFF's `worker_binary`, where
 executes the rounds. (b), (c) and (c-iter) end with weights equal to within {max_diff:.1e}
 (same initial weights, batches and optimizers); (d) and (f) within {floor_diff:.1e}.
 (a+) − (a) is what loop.py adds per
-round (client datasets, byte accounting, evaluation, CSV, TensorBoard, checkpoint). (e)
+round (byte accounting, evaluation, and what its background thread does beside
+the next round: client datasets, CSV, TensorBoard, checkpoint). (e)
 maps one round to the {steps_per_round} steps of round 1 for tfmot's PolynomialDecay.
 
 Where the time goes (differences of the medians above): {profile}"""

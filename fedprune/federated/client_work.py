@@ -107,7 +107,10 @@ class LocalTraining:
     and then their own TF ops in the same computation: one worker call per
     client and round, as in stock FedAvg, instead of a second `federated_map`
     per client (the speed section of BENCHMARKS.md compares fedprune `none`
-    with stock FedAvg on the same loop).
+    with stock FedAvg on the same loop). `DATASET_ITERATOR` rather than TFF's
+    default `DATASET_REDUCE`: about 3x faster per round here, with bit-identical
+    weights (BUILD_NOTES.md, "Round-time profile"; BENCHMARKS.md, rows (c) and
+    (c-iter)).
 
     Attributes:
       model_fn: no-arg callable returning a fresh `tff.learning.models.VariableModel`.

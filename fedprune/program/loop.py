@@ -59,7 +59,7 @@ import numpy as np
 from fedprune.config import ExperimentConfig
 from fedprune.federated import communication, privacy_accounting
 from fedprune.outputs import atomic_files, privacy_report, run_files, scalars
-from fedprune.program import assembly, checkpoint, evaluation, shrinking
+from fedprune.program import assembly, background, checkpoint, evaluation, shrinking
 from fedprune.runtime import interrupts
 
 # What `run_experiment` passes to `on_phase`, in order; the per-round ones as
@@ -103,6 +103,101 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 
+
+
+def _train_round(config: ExperimentConfig, pp, evaluator, state, weights, inputs, round_num: int,
+                 *, phase, accounting, schedule_table, size: dict, t0: float,
+                 elapsed: Callable[[], float], ckpt_dir: Path):
+    """One round: `process.next`, evaluation and the round's metrics.csv row.
+
+    Returns:
+      (row, the new state, its global weights, the round's wall seconds).
+
+    Raises:
+      NonFiniteError: a NaN/Inf loss or weight (nothing of this round is kept).
+    """
+    clients = inputs.clients
+    masks = evaluation.kernel_masks(pp, weights)
+    down = communication.downlink_bytes(list(weights.trainable), masks, len(clients))
+    mask_entropy_bits = communication.mask_coding(masks).entropy_bits
+    tff_bytes = communication.tff_simulation_bytes(
+        list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
+    with interrupts.interruptible():  # most of a round: waiting on the worker
+        output = pp.process.next(state, inputs.datasets)
+        new_weights = pp.model_weights(output.state)
+    train = output.metrics["client_work"]["train"]
+    # No client, no training loss (0/0): only the model is checked then.
+    train_loss = float(train["loss"]) if clients else 0.0
+    test_loss = test_accuracy = ""
+    if (math.isfinite(train_loss) and evaluation.all_finite(new_weights)
+            and (round_num % config.eval_every == 0 or round_num == config.rounds)):
+        # Finite but huge weights can still give NaN logits: TFF drops
+        # clients' non-finite updates and then reports a training loss of 0.
+        phase(f"round {round_num} evaluate")
+        test_loss, test_accuracy = evaluator(new_weights)
+    if not (math.isfinite(train_loss) and evaluation.all_finite(new_weights)
+            and (test_loss == "" or math.isfinite(test_loss))):
+        raise NonFiniteError(
+            f"round {round_num}: the training loss ({train_loss}), the test loss "
+            f"({test_loss or 'not evaluated'}) or the global weights became NaN/Inf; kept "
+            f"the state after round {round_num - 1} in {ckpt_dir}. "
+            "Lower --client_lr or --server_lr.")
+    state, weights = output.state, new_weights
+    round_seconds = time.time() - t0
+    row = {"round": round_num, "train_loss": train_loss if clients else "",
+           "train_accuracy": float(train["sparse_categorical_accuracy"]) if clients else "",
+           "test_loss": test_loss, "test_accuracy": test_accuracy}
+    if config.dp != "none":
+        row.update(dict.fromkeys(privacy_report.NON_PRIVATE_COLUMNS, ""))
+        row.update(privacy_report.round_row(config, accounting, output, round_num))
+    row.update(evaluation.sparsity_metrics(pp, weights))
+    row.update(size)
+    diagnostics = output.metrics["finalizer"]["masks"]
+    row.update({k: float(diagnostics[k]) if k in diagnostics else ""
+                for k in ("mask_drift", "regrowth", "client_mask_jaccard",
+                          "client_sparsity")})
+    for k in run_files.REGROW_COLUMNS:  # only with --regrow; NaN: no adjustment
+        if k in diagnostics:
+            value = float(diagnostics[k])
+            row[k] = value if math.isfinite(value) else ""
+    row["target_sparsity"] = evaluation.target_sparsity(config, schedule_table, round_num)
+    dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
+    bytes_up = int(output.metrics["client_work"]["uplink_bytes"])
+    row.update(clients=len(clients), bytes_down=down.sent, bytes_up=bytes_up,
+               dense_bytes_down=down.dense, dense_bytes_up=dense_up,
+               mask_entropy_bits=mask_entropy_bits,
+               tff_bytes_down=tff_bytes.down, tff_bytes_up=tff_bytes.up,
+               round_seconds=round_seconds, elapsed_seconds=elapsed())
+    return row, state, weights, round_seconds
+
+
+def _round_line(config: ExperimentConfig, row: dict, round_seconds: float, mean_round: float,
+                *, dp: bool) -> str:
+    """The progress line of a round (`mean_round`: wall seconds per round so far, for the ETA)."""
+    round_num = row["round"]
+    test = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] != "" else "  -   "
+    train_text = (f"train_loss {row['train_loss']:.4f}" if row["train_loss"] != ""
+                  else "train_loss   -   ")
+    eps_text = f"  eps {row['epsilon']:.3g}" if dp else ""
+    return (f"round {round_num:>{len(str(config.rounds))}}/{config.rounds}  "
+            f"test_acc {test}  {train_text}  "
+            f"sparsity {row['global_sparsity']:.4f}{eps_text}  {round_seconds:.2f}s  "
+            f"elapsed {_fmt_seconds(row['elapsed_seconds'])}  "
+            f"ETA {_fmt_seconds(mean_round * (config.rounds - round_num))}")
+
+
+def _write_round(output_dir: Path, rows: list[dict], ckpt_dir: Path, state, *, fingerprint: str,
+                 writer: scalars.ScalarWriter) -> None:
+    """Writes the last of `rows`: metrics.csv, then the checkpoint, then TensorBoard.
+
+    Metrics first: a kill between the two writes leaves the round in the CSV
+    but not in a checkpoint, and `resume` redoes it (never a gap).
+    """
+    row = rows[-1]
+    run_files.write_metrics(output_dir, rows)
+    checkpoint.save(ckpt_dir, row["round"], state, fingerprint=fingerprint)
+    writer.write(row["round"], {key: value for key, value in row.items()
+                                if key != "round" and value != ""})
 
 
 def run_experiment(config: ExperimentConfig, output_dir, *, resume: bool = False,
@@ -221,90 +316,44 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     size = shrinking.model_size(shrinking.plain_model(pp, weights))
     elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
     loop_start = time.time()
-    for round_num in range(first_round, config.rounds + 1):
-        phase(f"round {round_num} train")
-        t0 = time.time()
-        inputs = assembly.round_inputs(config, data, round_num)
-        clients = inputs.clients
-        masks = evaluation.kernel_masks(pp, weights)
-        down = communication.downlink_bytes(list(weights.trainable), masks, len(clients))
-        mask_entropy_bits = communication.mask_coding(masks).entropy_bits
-        tff_bytes = communication.tff_simulation_bytes(
-            list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
-        with interrupts.interruptible():  # most of a round: waiting on the worker
-            output = pp.process.next(state, inputs.datasets)
-            new_weights = pp.model_weights(output.state)
-        train = output.metrics["client_work"]["train"]
-        # No client, no training loss (0/0): only the model is checked then.
-        train_loss = float(train["loss"]) if clients else 0.0
-        test_loss = test_accuracy = ""
-        if (math.isfinite(train_loss) and evaluation.all_finite(new_weights)
-                and (round_num % config.eval_every == 0 or round_num == config.rounds)):
-            # Finite but huge weights can still give NaN logits: TFF drops
-            # clients' non-finite updates and then reports a training loss of 0.
-            phase(f"round {round_num} evaluate")
-            test_loss, test_accuracy = evaluator(new_weights)
-        if not (math.isfinite(train_loss) and evaluation.all_finite(new_weights)
-                and (test_loss == "" or math.isfinite(test_loss))):
-            raise NonFiniteError(
-                f"round {round_num}: the training loss ({train_loss}), the test loss "
-                f"({test_loss or 'not evaluated'}) or the global weights became NaN/Inf; kept "
-                f"the state after round {round_num - 1} in {ckpt_dir}. "
-                "Lower --client_lr or --server_lr.")
-        state, weights = output.state, new_weights
-        round_seconds = time.time() - t0
-        row = {"round": round_num, "train_loss": train_loss if clients else "",
-               "train_accuracy": float(train["sparse_categorical_accuracy"]) if clients else "",
-               "test_loss": test_loss, "test_accuracy": test_accuracy}
-        if dp:
-            row.update(dict.fromkeys(privacy_report.NON_PRIVATE_COLUMNS, ""))
-            row.update(privacy_report.round_row(config, accounting, output, round_num))
-        row.update(evaluation.sparsity_metrics(pp, weights))
-        row.update(size)
-        diagnostics = output.metrics["finalizer"]["masks"]
-        row.update({k: float(diagnostics[k]) if k in diagnostics else ""
-                    for k in ("mask_drift", "regrowth", "client_mask_jaccard",
-                              "client_sparsity")})
-        for k in run_files.REGROW_COLUMNS:  # only with --regrow; NaN: no adjustment
-            if k in diagnostics:
-                value = float(diagnostics[k])
-                row[k] = value if math.isfinite(value) else ""
-        row["target_sparsity"] = evaluation.target_sparsity(config, schedule_table, round_num)
-        dense_up = 4 * sum(int(np.size(w)) for w in weights.trainable) * len(clients)
-        bytes_up = int(output.metrics["client_work"]["uplink_bytes"])
-        row.update(clients=len(clients), bytes_down=down.sent, bytes_up=bytes_up,
-                   dense_bytes_down=down.dense, dense_bytes_up=dense_up,
-                   mask_entropy_bits=mask_entropy_bits,
-                   tff_bytes_down=tff_bytes.down, tff_bytes_up=tff_bytes.up,
-                   round_seconds=round_seconds,
-                   elapsed_seconds=elapsed_before + time.time() - loop_start)
-        rows.append(row)
-        if round_num == shrink_round:
-            pp, evaluator, state, weights, shrink_line = _shrink(
-                config, data, pp, evaluator, state, weights, round_num, output_dir)
-            size = shrinking.model_size(shrinking.plain_model(pp, weights))
-        # Metrics first: a kill between the two writes leaves round_num in the
-        # CSV but not in a checkpoint, and `resume` redoes it (never a gap).
-        phase(f"round {round_num} checkpoint")
-        run_files.write_metrics(output_dir, rows)
-        checkpoint.save(ckpt_dir, round_num, state, fingerprint=fingerprint)
-        writer.write(round_num, {key: value for key, value in row.items()
-                                 if key != "round" and value != ""})
-        mean_round = (time.time() - loop_start) / (round_num - first_round + 1)
-        test = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] != "" else "  -   "
-        train_text = (f"train_loss {row['train_loss']:.4f}" if row["train_loss"] != ""
-                      else "train_loss   -   ")
-        eps_text = f"  eps {row['epsilon']:.3g}" if dp else ""
-        log(f"round {round_num:>{len(str(config.rounds))}}/{config.rounds}  "
-            f"test_acc {test}  {train_text}  "
-            f"sparsity {row['global_sparsity']:.4f}{eps_text}  {round_seconds:.2f}s  "
-            f"elapsed {_fmt_seconds(row['elapsed_seconds'])}  "
-            f"ETA {_fmt_seconds(mean_round * (config.rounds - round_num))}")
-        if round_num == shrink_round:
-            log(shrink_line)
-        if stop_after_round is not None and round_num >= stop_after_round:
-            writer.flush()
-            return {}
+    # Off the critical path (`background.py`): while the worker trains round r, the
+    # background thread writes round r - 1's outputs, then builds round r + 1's
+    # client datasets. Leaving this block waits for it, whatever the exit path.
+    with background.Background() as later:
+        if first_round <= config.rounds:
+            prefetched = later.submit(assembly.round_inputs, config, data, first_round)
+        for round_num in range(first_round, config.rounds + 1):
+            t0 = time.time()
+            # Built beside the last round, after its predecessor's writes: once this
+            # round's train phase starts, rounds up to round_num - 2 are on disk.
+            inputs = prefetched.result()
+            phase(f"round {round_num} train")
+            if round_num < config.rounds:
+                prefetched = later.submit(assembly.round_inputs, config, data, round_num + 1)
+            row, state, weights, round_seconds = _train_round(
+                config, pp, evaluator, state, weights, inputs, round_num, phase=phase,
+                accounting=accounting, schedule_table=schedule_table, size=size,
+                t0=t0, elapsed=lambda: elapsed_before + time.time() - loop_start,
+                ckpt_dir=ckpt_dir)
+            rows.append(row)
+            if round_num == shrink_round:
+                later.drain()  # the shrink reads nothing they write, but seeds Keras
+                pp, evaluator, state, weights, shrink_line = _shrink(
+                    config, data, pp, evaluator, state, weights, round_num, output_dir)
+                size = shrinking.model_size(shrinking.plain_model(pp, weights))
+            phase(f"round {round_num} checkpoint")
+            mean_round = (time.time() - loop_start) / (round_num - first_round + 1)
+            log(_round_line(config, row, round_seconds, mean_round, dp=dp))
+            if round_num == shrink_round:
+                log(shrink_line)
+            # Logged first, written beside the next round: the writes of a round a
+            # caller sees logged finish before the run returns or raises.
+            later.submit(_write_round, output_dir, list(rows), ckpt_dir, state,
+                         fingerprint=fingerprint, writer=writer)
+            if stop_after_round is not None and round_num >= stop_after_round:
+                later.drain()
+                writer.flush()
+                return {}
     writer.flush()
     phase("export")
     summary = run_files.summarize(config, rows, start)
