@@ -215,7 +215,9 @@ malloc" is how the worker was started: `fedprune`, with fedprune's defaults
 (`FEDPRUNE_WORKER_MALLOC=glibc`, rows only with `--scale_worker_malloc=fedprune,glibc`);
 in brackets, MALLOC_ARENA_MAX read from the running worker's environment ("unset":
 glibc's default, up to 8 arenas per core); the Python process runs with glibc's defaults
-in every row. The `digits iid` rows are a control, not the workload:
+in every row and hands its free heap pages back to the OS once a round, as every fedprune
+run does (`runtime.memory.release_free_heap`, from `assembly.round_inputs`; off with
+`FEDPRUNE_MALLOC_TRIM=0`). The `digits iid` rows are a control, not the workload:
 the same rounds, model and worker on digits split iid over the same number of clients (1-2
 examples each), so no round brings a larger client than before; a per-round leak of the
 round machinery (TFF calls, masks, server state) would grow there too, while memory kept

@@ -91,7 +91,8 @@ def _kill(identities) -> None:
 def test_importing_runtime_and_worker_is_cheap():
     code = (
         "import sys, fedprune.runtime.contexts, fedprune.runtime.interrupts, "
-        "fedprune.runtime.tf_logging, fedprune.runtime.workers, fedprune.worker; "
+        "fedprune.runtime.tf_logging, fedprune.runtime.workers, fedprune.runtime.memory, "
+        "fedprune.worker; "
         "heavy = [m for m in ('tensorflow', 'tensorflow_federated', 'grpc', 'psutil') "
         "if m in sys.modules]; "
         "assert not heavy, heavy"

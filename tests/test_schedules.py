@@ -120,3 +120,28 @@ def test_a_schedule_in_plain_python_needs_no_tfmot_schedule():
     table = Halves().table(3)
     np.testing.assert_array_equal(table.updates, [False, True, True, False])
     np.testing.assert_allclose(table.sparsity, [0, 0.4, 0.6, 0.6], atol=1e-7)
+
+
+def test_schedule_rounds_reach_tensorflow_as_numpy_ints(monkeypatch):
+    # TensorFlow 2.14 keeps every distinct Python int it turns into a tensor in a
+    # process-wide cache, never emptied (issue 18); a table per grid cell would add
+    # one entry per round each time.
+    import sys
+
+    import tensorflow as tf
+
+    given = []
+    original = tf.constant
+
+    def recording(value, *args, **kwargs):
+        given.append(type(value))
+        return original(value, *args, **kwargs)
+
+    monkeypatch.setattr(tf, "constant", recording)
+    schedule = schedules.PolynomialDecay(0.0, 0.8, 1, 7, power=1)
+    schedule.table(9)
+    assert given == [np.int64] * 10
+    round_num = int("123457")  # a fresh int object: the cache would hold a reference to it
+    before = sys.getrefcount(round_num)
+    assert schedule(round_num) == (False, pytest.approx(0.8))
+    assert sys.getrefcount(round_num) == before

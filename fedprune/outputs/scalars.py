@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 
 class ScalarWriter:
     """Writes {name: float} at a step to TensorBoard event files under `log_dir`."""
@@ -40,7 +42,9 @@ class ScalarWriter:
                         tf.summary.scalar(name, vector[i])
 
             self._functions[names] = function
-        function(tf.constant(step, tf.int64),
+        # The step as a numpy int, not a Python int: TensorFlow 2.14 caches every
+        # distinct Python int it converts to a tensor, for good (issue 18).
+        function(tf.constant(np.int64(step), tf.int64),
                  tf.constant([float(values[name]) for name in names], tf.float32))
 
     def flush(self) -> None:

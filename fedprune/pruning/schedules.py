@@ -162,7 +162,7 @@ class RoundSchedule(abc.ABC):
             return False, 0.0
         import tensorflow as tf
 
-        should_prune, sparsity = schedule(tf.constant(round_num, tf.int64))
+        should_prune, sparsity = schedule(tf.constant(np.int64(round_num), tf.int64))
         return bool(should_prune), float(sparsity)
 
     @property
@@ -198,8 +198,12 @@ class RoundSchedule(abc.ABC):
         if schedule is not None:
             import tensorflow as tf
 
+            # Steps go in as numpy ints: TensorFlow 2.14 keeps every distinct
+            # Python int it converts to a tensor in a process-wide cache (about
+            # 680 bytes each, never evicted; issue 18), and a grid builds a table
+            # per cell. The values, and so the schedule, are the same.
             for step in range(num_rounds + 1):
-                should_prune, sparsity = schedule(tf.constant(step, tf.int64))
+                should_prune, sparsity = schedule(tf.constant(np.int64(step), tf.int64))
                 updates[step] = bool(should_prune)
                 target[step] = float(sparsity)
         else:

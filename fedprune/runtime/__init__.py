@@ -7,6 +7,8 @@
   remote workers.
 * `channels`: gRPC channels to workers: options, readiness, a clean close.
 * `tf_logging`: how chatty TensorFlow, gRPC and the worker are.
+* `memory`: the Python process's free heap pages back to the OS once a round
+  (glibc's `malloc_trim`).
 
 Importing any of them is cheap (standard library only).
 """
