@@ -331,3 +331,25 @@ def test_a_model_the_converter_refuses_is_recorded_without_a_file(tmp_path):
     assert "\n" not in section["reason"]
     assert section["xnnpack_policy"]["applies"] is False
     assert not (tmp_path / "model" / deployment.TFLITE_NAME).exists()
+
+
+def test_a_flatbuffer_converted_before_is_not_converted_again(tmp_path, monkeypatch):
+    """`converted` carries the dense model's flatbuffer from one grid cell to the next."""
+    model = _model("mlp")
+    examples = _digits()
+    converted = {}
+    first = deployment.deployment_section({"dense": model, "pruned": model}, "pruned",
+                                          examples, tmp_path / "a", mode="size",
+                                          converted=converted)
+    assert set(converted) == {"dense", "pruned"}
+    dense = converted["dense"]
+    calls = []
+    real = deployment.to_tflite
+    monkeypatch.setattr(deployment, "to_tflite",
+                        lambda m, **kw: calls.append(kw) or real(m, **kw))
+    second = deployment.deployment_section({"dense": model, "pruned": model}, "pruned",
+                                           examples, tmp_path / "b", mode="size",
+                                           converted={"dense": dense})
+    assert calls == [{}, {"sparse": True}]  # the pruned model and its sparse format only
+    for key in ("file_bytes", "file_bytes_zipped", "models", "max_abs_difference"):
+        assert second[key] == first[key]

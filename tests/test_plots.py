@@ -99,3 +99,25 @@ def test_plot_tradeoff_rejects_unknown_columns(tmp_path):
     with pytest.raises(ValueError, match="not grouping keys"):
         grid_plots.plot_tradeoff(table, tmp_path / "x.png", x="final_sparsity",
                                  series_by=["schedule"])
+
+
+def test_label_heatmap_of_a_partition_drawn_before_is_written_from_memory(tmp_path, monkeypatch):
+    """A grid's cells of one seed share their partition: its heat map is drawn once, and
+    every cell's files are the bytes of that drawing."""
+    counts = np.random.default_rng(1).integers(0, 30, (4, 3))
+    for name in "abcd":
+        (tmp_path / name).mkdir()
+    first = plots.plot_label_heatmap(counts, tmp_path / "a" / "heat.png", title="t1")
+
+    def no_drawing(*args):
+        raise AssertionError("drawn again")
+
+    monkeypatch.setattr(plots, "_label_heatmap_figure", no_drawing)
+    second = plots.plot_label_heatmap(counts.copy(), tmp_path / "b" / "heat.png", title="t1")
+    for fmt in plots.FORMATS:
+        assert (second.with_suffix(f".{fmt}").read_bytes()
+                == first.with_suffix(f".{fmt}").read_bytes())
+    with pytest.raises(AssertionError, match="drawn again"):  # another title: drawn
+        plots.plot_label_heatmap(counts, tmp_path / "c" / "heat.png", title="t2")
+    with pytest.raises(AssertionError, match="drawn again"):  # other counts: drawn
+        plots.plot_label_heatmap(counts + 1, tmp_path / "d" / "heat.png", title="t1")

@@ -5,7 +5,8 @@ for up to three plain Keras models of the run:
 
   dense    the initial architecture with Keras' own fresh initialization (dense
            by construction; its weights are not the run's, so its zipped size
-           varies by a few bytes between runs)
+           varies by a few bytes between runs; the cells of a grid that share a
+           traced process share one, converted once: `loop._deployment`)
   pruned   the final weights in the initial architecture (after a structured
            run's shrink: the shrunk weights put back at the kept units, zeros
            elsewhere, `surgery.unshrink`)
@@ -293,7 +294,7 @@ def model_entry(model, data: bytes, examples: np.ndarray, *, latency: bool,
 
 
 def deployment_section(models: dict, final: str, examples: np.ndarray, output_dir: Path, *,
-                       mode: str = "latency") -> dict:
+                       mode: str = "latency", converted: dict | None = None) -> dict:
     """Writes `model/model.tflite` of `models[final]`; returns summary.json's `deployment`.
 
     Args:
@@ -304,6 +305,9 @@ def deployment_section(models: dict, final: str, examples: np.ndarray, output_di
         flatbuffer's outputs are compared with Keras' on them.
       output_dir: the run folder (model.tflite goes into its `model/`).
       mode: `latency` (sizes and latency) or `size` (sizes only).
+      converted: {name: flatbuffer} of models of `models` converted before (`to_tflite`),
+        not converted again; the others' are added to it. E.g. the dense model a grid's
+        cells share (`loop._deployment`): converted once per grid.
 
     Returns:
       {mode, converted: True, num_threads, warmup_runs, timed_runs, batch_sizes, file, file_bytes,
@@ -321,13 +325,16 @@ def deployment_section(models: dict, final: str, examples: np.ndarray, output_di
 
     latency = mode == "latency"
     start = time.time()
+    converted = {} if converted is None else converted
     try:
-        flatbuffers = {name: to_tflite(model) for name, model in models.items()}
+        flatbuffers = {name: converted.get(name) or to_tflite(model)
+                       for name, model in models.items()}
     except ConverterError as error:  # e.g. the LSTM of --model=rnn (TFLite's builtin ops)
         return {"mode": mode, "converted": False, "reason": converter_reason(error),
                 "xnnpack_policy": xnnpack_policy(next(iter(models.values()))),
                 "conversion_seconds": time.time() - start}
-    converted = time.time()
+    converted.update(flatbuffers)
+    converted_at = time.time()
     entries = {name: model_entry(model, flatbuffers[name], examples, latency=latency,
                                  sparse_variant=name == "pruned")
                for name, model in models.items()}
@@ -348,6 +355,6 @@ def deployment_section(models: dict, final: str, examples: np.ndarray, output_di
         "models": entries,
         "xnnpack_policy": xnnpack_policy(next(iter(models.values()))),
         # The sparse conversion of `pruned` is timed within latency_seconds.
-        "conversion_seconds": converted - start,
-        "latency_seconds": measured - converted,
+        "conversion_seconds": converted_at - start,
+        "latency_seconds": measured - converted_at,
     }

@@ -18,6 +18,7 @@ Pure Python + numpy; no TensorFlow import.
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import pathlib
@@ -62,18 +63,31 @@ def label_rounds(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
 
 
+def figure_bytes(fig) -> dict[str, bytes]:
+    """{format: the file's bytes} of `fig` in each of `FORMATS` (PNG at `DPI`)."""
+    out = {}
+    for fmt in FORMATS:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=DPI)
+        out[fmt] = buffer.getvalue()
+    return out
+
+
+def write_figure_bytes(files: Mapping[str, bytes], path: PathLike) -> pathlib.Path:
+    """Writes `figure_bytes` as `path` (.png) and beside it (.pdf), each atomically."""
+    path = pathlib.Path(path).with_suffix(".png")
+    for fmt in FORMATS:
+        atomic_write_bytes(path.with_suffix(f".{fmt}"), files[fmt])
+    return path
+
+
 def save_figure(fig, path: PathLike) -> pathlib.Path:
     """Writes `fig` as `path` (.png, `DPI`) and beside it as .pdf, each atomically.
 
     Returns:
       The PNG's path; the PDF is `path.with_suffix(".pdf")`.
     """
-    path = pathlib.Path(path).with_suffix(".png")
-    for fmt in FORMATS:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=fmt, dpi=DPI)
-        atomic_write_bytes(path.with_suffix(f".{fmt}"), buffer.getvalue())
-    return path
+    return write_figure_bytes(figure_bytes(fig), path)
 
 
 def number(value: Any) -> float:
@@ -187,12 +201,20 @@ def plot_bytes_per_round(
     return save_figure(fig, path)
 
 
+# (count matrix, title) -> `figure_bytes` of the last few label heat maps drawn: the cells
+# of a grid with one seed share their partition, so each draws it once per process.
+_HEATMAPS: collections.OrderedDict = collections.OrderedDict()
+_HEATMAP_CACHE_SIZE = 8
+
+
 def plot_label_heatmap(count_matrix: np.ndarray, path: PathLike, *,
                        title: str | None = None) -> pathlib.Path:
     """Writes a heat map of examples per (client, class), with each client's size beside it.
 
     Every client and class tick is labelled; each client's total is a bar on
-    the right, with its number.
+    the right, with its number. The files of a (count matrix, title) drawn
+    before in this process (the last `_HEATMAP_CACHE_SIZE`) are written again
+    from memory, not redrawn.
 
     Args:
       count_matrix: int [num_clients, num_classes], e.g.
@@ -204,6 +226,17 @@ def plot_label_heatmap(count_matrix: np.ndarray, path: PathLike, *,
       The PNG's path.
     """
     count_matrix = np.asarray(count_matrix)
+    key = (count_matrix.shape, str(count_matrix.dtype), count_matrix.tobytes(), title)
+    files = _HEATMAPS.pop(key, None)
+    if files is None:
+        files = figure_bytes(_label_heatmap_figure(count_matrix, title))
+    _HEATMAPS[key] = files
+    while len(_HEATMAPS) > _HEATMAP_CACHE_SIZE:
+        _HEATMAPS.popitem(last=False)
+    return write_figure_bytes(files, path)
+
+
+def _label_heatmap_figure(count_matrix: np.ndarray, title: str | None):
     num_clients, num_classes = count_matrix.shape
     sizes = count_matrix.sum(axis=1)
     fig = agg_figure((min(3.5 + 0.35 * num_classes, 18), min(1.6 + 0.22 * num_clients, 40)),
@@ -224,4 +257,4 @@ def plot_label_heatmap(count_matrix: np.ndarray, path: PathLike, *,
     size_ax.tick_params(labelleft=False)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig

@@ -49,6 +49,7 @@ DP noise is not seeded, so DP runs are not bit-reproducible.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -433,6 +434,13 @@ def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator,
     return new_pp, new_evaluator, new_state, new_weights, line
 
 
+# keras_model_fn of a process -> (its dense model for `_deployment`, {"dense": its flatbuffer}
+# once converted): Keras' fresh initialization of the initial architecture, made and
+# converted once for the cells that share a traced process (`assembly.build_process`).
+_DENSE_MODELS: collections.OrderedDict = collections.OrderedDict()
+_DENSE_CACHE_SIZE = 4
+
+
 def _deployment(config: ExperimentConfig, data, full_pp, pp, weights, output_dir: Path) -> dict:
     """summary.json's `deployment` (`outputs/deployment.py`); writes model/model.tflite.
 
@@ -451,7 +459,15 @@ def _deployment(config: ExperimentConfig, data, full_pp, pp, weights, output_dir
         return wrappers.strip(model) if full_pp.masking_mode.wraps_model else model
 
     final = shrinking.plain_model(pp, weights)
-    models = {"dense": initial_architecture(), "pruned": final}
+    # The cells of a grid that share a traced process share its dense model and flatbuffer.
+    dense = _DENSE_MODELS.pop(full_pp.keras_model_fn, None)
+    if dense is None:
+        dense = (initial_architecture(), {})
+    _DENSE_MODELS[full_pp.keras_model_fn] = dense
+    while len(_DENSE_MODELS) > _DENSE_CACHE_SIZE:
+        _DENSE_MODELS.popitem(last=False)
+    dense_model, dense_converted = dense
+    models = {"dense": dense_model, "pruned": final}
     if pp is not full_pp:  # shrunk: the pruned model is the final one at full size
         info = atomic_files.read_json(output_dir / "shrink.json")
         pruned = initial_architecture()
@@ -460,8 +476,13 @@ def _deployment(config: ExperimentConfig, data, full_pp, pp, weights, output_dir
         surgery.unshrink(pruned, final, kept)
         models = {"dense": models["dense"], "pruned": pruned, "shrunk": final}
     examples = np.asarray(data.test_x[:max(deployment.BATCH_SIZES)])
-    return deployment.deployment_section(models, "shrunk" if "shrunk" in models else "pruned",
-                                         examples, output_dir, mode=config.deploy)
+    converted = dict(dense_converted)
+    section = deployment.deployment_section(models, "shrunk" if "shrunk" in models else "pruned",
+                                            examples, output_dir, mode=config.deploy,
+                                            converted=converted)
+    if "dense" in converted:
+        dense_converted["dense"] = converted["dense"]
+    return section
 
 
 def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
