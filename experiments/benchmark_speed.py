@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from experiments.process_stats import cpu_seconds, format_seconds, median_range
+from experiments.process_stats import cpu_seconds, format_seconds, median_ci, median_range
 from fedprune.program.assembly import RoundInputs, round_inputs
 
 if TYPE_CHECKING:
@@ -69,8 +69,31 @@ class VariantTiming:
     worker_cpu: list[float] = dataclasses.field(default_factory=list)
 
 
+def paired_ratios(timings: Sequence[VariantTiming]) -> dict[str, tuple[float, float, float]]:
+    """Per `RATIOS` name: the per-round ratios' (median, 95 % CI low, high) (`median_ci`).
+
+    Variants are timed in the same rounds, interleaved, so round r of the
+    numerator and of the denominator ran under the same machine conditions;
+    the ratio of each such pair cancels drifts that move every variant.
+    """
+    walls = {t.key: t.wall for t in timings}
+    paired = {}
+    for name in RATIOS:
+        top, bottom = name.split("/")
+        if top in walls and bottom in walls:
+            paired[name] = median_ci([x / y for x, y in
+                                      zip(walls[top], walls[bottom], strict=True)])
+    return paired
+
+
 def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[float]) -> str:
-    """The speed tables: per-variant round time and CPU, then the tracked ratios."""
+    """The speed tables: per-variant round time and CPU, then the tracked ratios.
+
+    Each ratio is the ratio of median round times (the targets' measure), with
+    the median of the per-round paired ratios and its distribution-free 95 %
+    interval beside it (`paired_ratios`): a target whose interval straddles
+    it is not resolved by the run.
+    """
     medians = {t.key: statistics.median(t.wall) for t in timings}
     refs = [k for k in REFERENCES if k in medians]
     lines = ["| variant | median (s) | min–max (s) | "
@@ -87,12 +110,15 @@ def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[flo
     lines.append(f"| (input) build the round's client datasets, not in any row above "
                  f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} | "
                  + "| " * len(refs) + "| |")
-    lines += ["", "| ratio | median round time ratio | target |", "| :-- | --: | :-- |"]
+    paired = paired_ratios(timings)
+    lines += ["", "| ratio | median round time ratio | per-round ratio, median [95 % CI] "
+              "| target |", "| :-- | --: | --: | :-- |"]
     for name, value in speed_ratios(medians).items():
         target = TARGETS.get(name)
         verdict = "" if target is None else (
             f"≤ {target:g} ({'met' if value <= target else 'not met'})")
-        lines.append(f"| {name} | {value:.2f} | {verdict} |")
+        mid, low, high = paired[name]
+        lines.append(f"| {name} | {value:.2f} | {mid:.2f} [{low:.2f}, {high:.2f}] | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
