@@ -138,11 +138,13 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
         a, s_, b, c = (medians[k] for k in ("a", "s", "b", "c-iter"))
         parts.append(
             f"(a) − (s) = {ms(a - s_)}: the clients' pruning and their larger upload (masks "
-            f"and kept values through the mask aggregator, `mask_aggregation.py`); (s) − (b) = "
+            f"summed beside the mean, `mask_aggregation.py`); (s) − (b) = "
             f"{ms(s_ - b)}: tfmot's wrappers in local training, the masked upload and the "
             f"server's re-mask; (b) − (c-iter) = {ms(b - c)}: what fedprune's dense process "
             "adds to stock FedAvg on the same loop (round counters, the upload's byte count, "
-            "the finalizer's mask diagnostics).")
+            "the finalizer's mask diagnostics), less what its fewer passes over the clients "
+            "save (the weighted mean and the measurements each in one `federated_sum`, "
+            "`fused_mean.py`).")
     if phases:
         med = {name: statistics.median(p.get(name, 0.0) for p in phases)
                for name in ("train", "evaluate", "checkpoint")}

@@ -308,3 +308,53 @@ def test_average_exact_zero_on_hand_built_clients(aggregate):
     combined = current - np.asarray(delta[0])
     assert combined[3] == 0.0
     np.testing.assert_allclose(combined, [4.5, 1.0, 1.5, 0.0], rtol=1e-6)
+
+
+def _unfused_reference(rule, value_type, payloads, weights):
+    """The aggregator as separate intrinsics: MeanFactory, a sum of masks, a client count."""
+    fields = mask_aggregation.MEAN_FIELDS[rule]
+    mean_type = tff.StructWithPythonType(
+        [(f, getattr(value_type, f)) for f in fields], collections.OrderedDict)
+    mean = tff.aggregators.MeanFactory().create(mean_type, tff.TensorType(np.float32))
+
+    @tff.tensorflow.computation(value_type.kept)
+    def one(kept):
+        del kept
+        return np.float32(1.0)
+
+    @tff.federated_computation(tff.FederatedType(value_type, tff.CLIENTS),
+                               tff.FederatedType(tff.TensorType(np.float32), tff.CLIENTS))
+    def reference(value, weight):
+        averaged = tff.federated_zip(collections.OrderedDict((f, value[f]) for f in fields))
+        return (mean.next(mean.initialize(), averaged, weight).result,
+                tff.federated_sum(value.kept),
+                tff.federated_sum(tff.federated_map(one, value.kept)))
+
+    return reference(payloads, weights)
+
+
+@pytest.mark.parametrize("rule", mask_aggregation.RULES)
+def test_fused_aggregator_equals_separate_intrinsics(rule):
+    # Seven clients with uneven weights and random two-kernel payloads: the one
+    # fused sum gives bit for bit what MeanFactory and two more sums give.
+    rng = np.random.default_rng(7)
+    shapes = [(5, 3), (3, 2)]
+    kernels = tuple(tff.TensorType(np.float32, s) for s in shapes)
+    value_type = tff.to_type(collections.OrderedDict(
+        delta=kernels + (tff.TensorType(np.float32, [3]),), kept=kernels, kept_values=kernels))
+    payloads, weights = [], []
+    for c in range(7):
+        masks = tuple((rng.random(s) < 0.5).astype(np.float32) for s in shapes)
+        values = tuple(m * rng.normal(size=s).astype(np.float32)
+                       for m, s in zip(masks, shapes, strict=True))
+        delta = tuple(rng.normal(size=s).astype(np.float32) for s in shapes + [(3,)])
+        payloads.append(mask_aggregation.client_payload(delta, values, masks))
+        weights.append(float(3 * c + 1))
+    process = mask_aggregation.build_mask_aggregator(rule).create(value_type,
+                                                                  tff.TensorType(np.float32))
+    output = process.next(process.initialize(), payloads, weights)
+    mean, kept_count, num_clients = _unfused_reference(rule, value_type, payloads, weights)
+    assert num_clients == output.result["num_clients"] == 7.0
+    for got, want in zip(tf.nest.flatten((output.result["mean"], output.result["kept_count"])),
+                         tf.nest.flatten((mean, kept_count)), strict=True):
+        np.testing.assert_array_equal(got, want)

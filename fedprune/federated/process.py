@@ -2,12 +2,13 @@
 
     distributor (broadcast ModelWeights incl. masks)
       -> client work (TFF model-delta update on the tfmot-wrapped model + masking, client_work.py)
-      -> aggregator (example-weighted mean, `tff.aggregators.MeanFactory`)
+      -> aggregator (example-weighted mean: MeanFactory's, in one sum, fused_mean.py)
       -> finalizer (TFF apply-optimizer + server re-mask, server_masking.py)
 
 joined by `tff.learning.templates.compose_learning_process`. Nothing of FedAvg's
 body is forked: with masking `none` the parts are TFF's own and the process
-computes exactly `tff.learning.algorithms.build_weighted_fed_avg`.
+computes exactly `tff.learning.algorithms.build_weighted_fed_avg` (the
+aggregator's sums fused into one pass over the clients, bit for bit equal).
 
 The masking mode (`masking_modes.py`) selects the parts: with `wraps_model`
 the model carries tfmot wrappers; with `client_prunes` the client work prunes
@@ -30,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedprune.errors import check
-from fedprune.federated import masking_modes, quantization, regrow_gradients
+from fedprune.federated import fused_mean, masking_modes, quantization, regrow_gradients
 from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import (
@@ -183,7 +184,8 @@ def build_pruning_process(
         clients prune (`client`, `both`): one of `mask_aggregation.RULES` (see
         that module); `average` in the other modes.
       model_aggregator: a weighted `tff.aggregators` factory for plain deltas
-        (default: MeanFactory); modes whose clients prune use the mask aggregator.
+        (default: MeanFactory's mean in one federated_sum, `fused_mean.py`);
+        modes whose clients prune use the mask aggregator.
       loss_fn: no-arg callable returning a Keras loss (default: sparse CE from logits).
       metrics_fn: no-arg callable returning Keras metrics (default: sparse accuracy).
       step_mapping: prune in client steps (`--prune_granularity=step`, modes
@@ -334,7 +336,7 @@ def build_pruning_process(
         factory = mask_aggregation_lib.build_mask_aggregator(mask_aggregation)
         fields = quantization.QUANTIZED_PAYLOAD_FIELDS  # the masks go as bits
     else:
-        factory = model_aggregator or tff.aggregators.MeanFactory()
+        factory = model_aggregator or fused_mean.build_fused_mean_factory()
         fields = None  # a plain delta: every tensor
     if upload_quantization != "none":
         factory = quantization.build_quantized_mean_factory(

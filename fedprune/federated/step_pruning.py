@@ -125,8 +125,7 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
             train_and_prune, (hparams_at_clients, weights, client_data))
         new_state = tff.federated_zip(collections.OrderedDict(
             hparams=state.hparams, round=tff.federated_map(increment, state.round)))
-        measurements = tff.federated_zip(collections.OrderedDict(
-            train=training.aggregate_metrics(metrics), uplink_bytes=tff.federated_sum(sent)))
-        return tff.templates.MeasuredProcessOutput(new_state, result, measurements)
+        return tff.templates.MeasuredProcessOutput(
+            new_state, result, training.measurements(metrics, sent))
 
     return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

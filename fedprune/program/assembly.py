@@ -41,9 +41,10 @@ def model_aggregator(config: ExperimentConfig):
             config.dp, noise_multiplier=config.dp_noise_multiplier, clip=config.dp_clip,
             clients_per_round=config.clients_per_round,
             target_unclipped_quantile=config.dp_target_quantile, masking=config.masking)
-    import tensorflow_federated as tff
+    from fedprune.federated import fused_mean
 
-    return tff.aggregators.MeanFactory(no_nan_division=config.client_sampling == "poisson")
+    return fused_mean.build_fused_mean_factory(
+        no_nan_division=config.client_sampling == "poisson")
 
 
 def step_mapping(config: ExperimentConfig, data: datasets.FederatedData):

@@ -76,46 +76,12 @@ def build_mask_aggregator(rule: str):
     rule's MEAN_FIELDS>, kept_count=<per-weight number of clients keeping it>,
     num_clients=float32)` at the server.
     """
-    import tensorflow_federated as tff
+    from fedprune.federated import fused_mean
 
-    fields = MEAN_FIELDS[rule]
-
-    class MaskAggregationFactory(tff.aggregators.WeightedAggregationFactory):
-        """Weighted mean of the rule's payload fields plus unweighted keep counts."""
-
-        def create(self, value_type, weight_type):
-            mean_type = tff.StructWithPythonType(
-                [(f, getattr(value_type, f)) for f in fields], collections.OrderedDict)
-            mean = tff.aggregators.MeanFactory().create(mean_type, weight_type)
-
-            @tff.tensorflow.computation(value_type.kept)
-            def one(kept):
-                del kept
-                return np.float32(1.0)
-
-            @tff.federated_computation(
-                mean.initialize.type_signature.result,
-                tff.FederatedType(value_type, tff.CLIENTS),
-                tff.FederatedType(weight_type, tff.CLIENTS),
-            )
-            def next_fn(state, value, weight):
-                averaged = tff.federated_zip(
-                    collections.OrderedDict((f, getattr(value, f)) for f in fields))
-                mean_output = mean.next(state, averaged, weight)
-                result = tff.federated_zip(
-                    collections.OrderedDict(
-                        mean=mean_output.result,
-                        kept_count=tff.federated_sum(value.kept),
-                        num_clients=tff.federated_sum(tff.federated_map(one, value.kept)),
-                    )
-                )
-                return tff.templates.MeasuredProcessOutput(
-                    mean_output.state, result, mean_output.measurements
-                )
-
-            return tff.templates.AggregationProcess(mean.initialize, next_fn)
-
-    return MaskAggregationFactory()
+    # One client map, one federated_sum, one server map (`fused_mean.py`).
+    return fused_mean.build_fused_mean_factory(
+        mean_fields=MEAN_FIELDS[rule], sum_fields={"kept_count": "kept"},
+        count_name="num_clients")
 
 
 def pseudo_delta(rule: str, current, aggregate, kernel_indices):
