@@ -92,4 +92,3 @@ def test_one_sum_per_round():
 
     assert sums(fused_mean.build_fused_mean_factory()) == 1
     assert sums(tff.aggregators.MeanFactory()) == 2
-

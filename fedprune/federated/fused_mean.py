@@ -5,8 +5,8 @@ client-side map (w_c x_c) and two `federated_sum`s (the weighted values, the
 weights), and callers that also need unweighted sums (the masks' keep counts,
 the number of clients: `mask_aggregation.py`) add one more intrinsic per sum.
 TFF's C++ executor runs every CLIENTS-placed intrinsic as one TF call per
-client, so each extra intrinsic costs a pass over the round's clients (about
-0.4 ms per client here; `docs/design.md`, "One sum per round"). This factory
+client, so each extra intrinsic costs a pass over the round's clients
+(`docs/design.md`, "One sum per round"; timings in BUILD_NOTES.md). This factory
 sends one struct per client, (w_c x_c, w_c, the summed fields, 1), through one
 `federated_sum`, and divides at the server: the same operations in the same
 client order as MeanFactory, so its mean is bit for bit MeanFactory's
@@ -64,14 +64,14 @@ def build_fused_mean_factory(
         """MeanFactory's weighted mean, plus unweighted sums, through one federated_sum."""
 
         def create(self, value_type, weight_type):
-            if mean_fields is None:
-                mean_type = value_type
-            else:
-                mean_type = tff.StructWithPythonType(
-                    [(f, getattr(value_type, f)) for f in mean_fields], collections.OrderedDict)
-            # Only for its state and measurements (empty structs): the same types.
-            mean = tff.aggregators.MeanFactory(no_nan_division=no_nan_division).create(
-                mean_type, weight_type)
+            # MeanFactory's state and measurements: those of its two inner
+            # SumFactory processes, all empty (tests/test_fused_mean.py
+            # checks that the type signatures are MeanFactory's).
+            @tff.federated_computation
+            def init_fn():
+                return tff.federated_value(
+                    collections.OrderedDict(value_sum_process=(), weight_sum_process=()),
+                    tff.SERVER)
 
             @tff.tensorflow.computation(value_type, weight_type)
             def summands(value, weight):
@@ -101,7 +101,7 @@ def build_fused_mean_factory(
                 return result
 
             @tff.federated_computation(
-                mean.initialize.type_signature.result,
+                init_fn.type_signature.result,
                 tff.FederatedType(value_type, tff.CLIENTS),
                 tff.FederatedType(weight_type, tff.CLIENTS),
             )
@@ -112,6 +112,6 @@ def build_fused_mean_factory(
                 return tff.templates.MeasuredProcessOutput(
                     state, tff.federated_map(finish, total), measurements)
 
-            return tff.templates.AggregationProcess(mean.initialize, next_fn)
+            return tff.templates.AggregationProcess(init_fn, next_fn)
 
     return FusedMeanFactory()
