@@ -232,6 +232,11 @@ _SPECS = {
                              "models and their TFLite interpreter latency at batch 1 and 64 (one "
                              "thread, median of 50 runs); size: the same without latency; none: "
                              "neither. Changes no result and not the fingerprint."),
+    "figures": _Spec(OUTPUTS, "Write the run's figures: curves, bytes and label_heatmap, each "
+                              ".png and .pdf (about 2-4 s of matplotlib CPU a run); "
+                              "--nofigures skips them (e.g. the cells of a large grid, whose "
+                              "comparison figures are drawn anyway). Changes no result and not "
+                              "the fingerprint."),
 }
 
 # Flags whose values are registry entries: their help is the _SPECS text followed by

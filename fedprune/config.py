@@ -32,7 +32,7 @@ SHRINK_AT_SCHEDULE_END = -1
 SHRINK_NEVER = 0
 # Fields that change what is written after training, never a result: not in the
 # fingerprint, and accepted by drivers whose other experiment flags are fixed.
-OUTPUT_ONLY_FIELDS = ("deploy",)
+OUTPUT_ONLY_FIELDS = ("deploy", "figures")
 # Fields added after runs were recorded; `fingerprint` leaves them out at their
 # defaults, so earlier runs (e.g. of Table 1) keep their fingerprints.
 _FINGERPRINT_OPTIONAL = ("unit_norm", "shrink_at_round", "client_sampling", "dp",
@@ -123,6 +123,9 @@ class ExperimentConfig:
     # Outputs only (never in the fingerprint): the TFLite export and its latency
     # (fedprune/outputs/deployment.py): latency, size (no timing) or none.
     deploy: str = "latency"
+    # Outputs only: the run's figures (curves, bytes, label_heatmap; PNG and PDF,
+    # fedprune/outputs/plots.py); False skips them.
+    figures: bool = True
 
     def validate(self) -> ExperimentConfig:
         """Checks every field and combination; returns self.
@@ -295,7 +298,7 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         """A short hash of every field except `data_dir` (a path, not a setting) and
-        `deploy` (what is written after training, not what is trained)."""
+        `OUTPUT_ONLY_FIELDS` (what is written after training, not what is trained)."""
         d = self.to_dict()
         for name in ("data_dir", *OUTPUT_ONLY_FIELDS):
             d.pop(name)

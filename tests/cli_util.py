@@ -9,8 +9,10 @@ from pathlib import Path
 
 TIMEOUT_S = 600  # a hang guard only: a loaded 2-core box is slow, never this slow
 # Prepended to every driver the tests start: the TFLite export and its latency
-# (--deploy, ~2-4 s a run) only where tests/test_deployment.py asks for them.
-CHEAP_FLAGS = ("--deploy=none",)
+# (--deploy, ~2-4 s a run) only where tests/test_deployment.py asks for them, a run's
+# figures (--figures, ~2-4 s of matplotlib a run) only where a test reads them
+# (tests/test_run_driver.py's smoke run).
+CHEAP_FLAGS = ("--deploy=none", "--nofigures")
 # Topic headers of --help: the experiment's, then (after a driver's own) the last three.
 EXPERIMENT_TOPICS = ["data:", "model:", "training and optimizers:", "schedule:",
                      "masking and criteria:", "structure:", "privacy:"]

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from fedprune.config import ExperimentConfig, default_output_dir
+from fedprune.config import OUTPUT_ONLY_FIELDS, ExperimentConfig, default_output_dir
 from fedprune.errors import InvalidArgument
 
 
@@ -84,6 +84,13 @@ def test_tff_dataset_without_file_fails_fast(tmp_path):
     config = ExperimentConfig(dataset="emnist", model="cnn", data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="emnist_all.sqlite"):
         config.validate()
+
+
+@pytest.mark.parametrize("changes", [{"figures": False}, {"deploy": "none"},
+                                     {"deploy": "size", "figures": False}])
+def test_output_only_fields_keep_the_fingerprint(changes):
+    assert set(changes) <= set(OUTPUT_ONLY_FIELDS)
+    assert ExperimentConfig(**changes).validate().fingerprint() == "cacb424d245d153f"
 
 
 def test_fingerprint_ignores_data_dir_only():

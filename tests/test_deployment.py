@@ -166,7 +166,7 @@ def tf_clone_with_pruned_pointwise(model, sparsity: float):
 # Whole runs.
 
 _RUN = dict(num_clients=3, clients_per_round=3, rounds=3, begin_round=1, end_round=2,
-            max_examples_per_client=32, final_sparsity=0.8)
+            max_examples_per_client=32, final_sparsity=0.8, figures=False)
 _STRUCTURED = dict(structure="neuron", masking="server", prune_output_layer=False)
 
 

@@ -25,7 +25,7 @@ from fedprune.program import assembly
 # of the two runs are compared.
 BASE = ExperimentConfig(rounds=3, num_clients=3, clients_per_round=3,
                         max_examples_per_client=32, begin_round=1, end_round=3, eval_every=3,
-                        deploy="none")
+                        deploy="none", figures=False)
 
 
 def _config(**changes) -> ExperimentConfig:

@@ -225,7 +225,7 @@ def _config(**changes) -> ExperimentConfig:
     base = dict(num_clients=3, clients_per_round=3, rounds=5, max_examples_per_client=32,
                 masking="server", schedule="constant", begin_round=0, end_round=-1,
                 final_sparsity=0.8, regrow="random", regrow_fraction=0.3, regrow_end_round=4,
-                eval_every=5, deploy="none")
+                eval_every=5, deploy="none", figures=False)
     return ExperimentConfig(**{**base, **changes}).validate()
 
 

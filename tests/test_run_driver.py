@@ -281,7 +281,8 @@ SMOKE_ROUNDS = 2
 # A few flags off their defaults, so that rerunning from flags.txt shows they were kept.
 SMOKE_FLAGS = {"rounds": SMOKE_ROUNDS, "end_round": SMOKE_ROUNDS, "num_clients": 4,
                "clients_per_round": 4, "seed": 3, "client_lr": 0.05, "dirichlet_alpha": 1.0,
-               "power": 2.0, "mask_scope": "global", "deploy": "none"}
+               "power": 2.0, "mask_scope": "global", "deploy": "none",
+               "figures": True}  # after CHEAP_FLAGS' --nofigures: its figures are checked
 METRIC_COLUMNS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                   "global_sparsity", "nonzero_params", "bytes_down", "bytes_up",
                   "mask_entropy_bits", "round_seconds")
@@ -463,7 +464,7 @@ def test_step_run_records_its_round_to_step_mapping(tmp_path, tff_local_context)
     output_dir = tmp_path / "run"
     config = ExperimentConfig(prune_granularity="step", masking="client", rounds=2,
                               end_round=2, num_clients=4, clients_per_round=4,
-                              deploy="none").validate()
+                              deploy="none", figures=False).validate()
     loop.run_experiment(config, output_dir, log=lambda line: None)
     saved = json.loads((output_dir / "config.json").read_text())
     assert saved["config"]["prune_granularity"] == "step"
@@ -474,6 +475,10 @@ def test_step_run_records_its_round_to_step_mapping(tmp_path, tff_local_context)
         prune_granularity="step", steps_per_round=23, begin_step=23, end_step=46,
         frequency=1, schedule_class="PolynomialDecay")
     assert "mean over the training clients" in steps["source"]
+    # figures=False (--nofigures): partition.json and the rest, but no figure.
+    assert (output_dir / "partition.json").is_file()
+    assert (output_dir / "summary.json").is_file()
+    assert not sorted(output_dir.rglob("*.png")) + sorted(output_dir.rglob("*.pdf"))
     with open(output_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # 0 -> 0.8 over steps 23..46, cubic: 0 after round 1 (step 23), 0.8 after round 2.

@@ -227,7 +227,7 @@ def test_model_size_of_a_model_macs_cannot_count():
 def _config(**changes):
     base = dict(num_clients=3, clients_per_round=3, rounds=4, begin_round=1, end_round=2,
                 structure="neuron", model="mlp", masking="server", prune_output_layer=False,
-                final_sparsity=0.5, deploy="none")
+                final_sparsity=0.5, deploy="none", figures=False)
     return ExperimentConfig(**{**base, **changes}).validate()
 
 

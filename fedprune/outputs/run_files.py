@@ -10,6 +10,7 @@ through `atomic_files`):
   summary.json         final numbers
   partition.json, label_heatmap.{png,pdf}   client sizes and label skew
   curves.{png,pdf}, bytes.{png,pdf}   accuracy, loss, sparsity and bytes per round
+                       (the figures not with `figures=False`, --nofigures)
   model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
   model/model.tflite   with --deploy: written by `deployment.py` (called by the loop)
 
@@ -104,8 +105,9 @@ def partition_title(config: ExperimentConfig) -> str:
 
 
 def write_partition(data: datasets.FederatedData, output_dir: Path,
-                    title: str | None = None) -> None:
-    """partition.json and, for labelled data, label_heatmap.{png,pdf} titled `title`."""
+                    title: str | None = None, *, heatmap: bool = True) -> None:
+    """partition.json and, for labelled data with `heatmap`, label_heatmap.{png,pdf}
+    titled `title`."""
     sizes = [data.num_examples(c) for c in data.client_ids]
     info = {"num_clients": len(sizes), "examples_per_client": sizes,
             "min": int(min(sizes)), "max": int(max(sizes)), "mean": float(np.mean(sizes))}
@@ -113,7 +115,8 @@ def write_partition(data: datasets.FederatedData, output_dir: Path,
     if counts is not None:
         info["distinct_labels_per_client"] = [int((row > 0).sum()) for row in counts]
         info["label_counts"] = counts.tolist()
-        plots.plot_label_heatmap(counts, output_dir / "label_heatmap.png", title=title)
+        if heatmap:
+            plots.plot_label_heatmap(counts, output_dir / "label_heatmap.png", title=title)
     atomic_files.atomic_write_json(output_dir / "partition.json", info)
 
 

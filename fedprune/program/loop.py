@@ -13,6 +13,7 @@ evaluates (`evaluation`), checkpoints, and writes (`outputs`, `provenance`,
   partition.json, label_heatmap.{png,pdf}   client sizes and label skew
   curves.{png,pdf}     accuracy, loss and sparsity vs round (schedule window shaded)
   bytes.{png,pdf}      bytes per round, up and down, beside dense
+                       (the three figures not with `figures=False`, --nofigures)
   tensorboard/         TensorBoard event files
   model/model.h5, model/model.zip    the final model after tfmot `strip_pruning`
                        (after a shrink: the smaller model, plain Keras layers)
@@ -308,7 +309,8 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
             "pruning_steps": evaluation.step_section(pp),
             "layer_budgets": evaluation.budget_section(config, pp)},
                      data=data, provenance=provenance)
-        run_files.write_partition(data, output_dir, run_files.partition_title(config))
+        run_files.write_partition(data, output_dir, run_files.partition_title(config),
+                                  heatmap=config.figures)
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
     writer = scalars.ScalarWriter(output_dir / "tensorboard")
@@ -370,7 +372,8 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
             log(f"deploy: no model.tflite, TFLite's converter refused the model: "
                 f"{summary['deployment']['reason']}")
     atomic_files.atomic_write_json(output_dir / "summary.json", summary)
-    run_files.write_figures(config, rows, output_dir)
+    if config.figures:
+        run_files.write_figures(config, rows, output_dir)
     eps_text = (f"epsilon {rows[-1]['epsilon']:.3g} (delta {config.dp_delta:g})  "
                 if dp else "")
     log(f"done: test_accuracy {summary['final_test_accuracy']:.4f}  "
