@@ -33,10 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # 8 rounds: the SIGKILL case kills when round 3 starts, and the 5 rounds left
 # (~0.1-0.3 s each) are the margin by which the kill lands before the run ends.
 ROUNDS = 8
-# --deploy=none, --nofigures: the TFLite export and its latency (tests/test_deployment.py)
-# and the figures (tests/test_run_driver.py) cost ~2-4 s a run each.
 FLAGS = (f"--rounds={ROUNDS}", "--num_clients=4", "--clients_per_round=4", "--end_round=3",
-         "--deploy=none", "--nofigures")
+         *cli_util.CHEAP_FLAGS)
 RUN_TIMEOUT_S = 600  # a hang guard: a whole small run takes ~15 s alone
 WORKER_EXIT_TIMEOUT_S = 30  # workers.STOP_GRACE_S is 3 s; the kernel's pdeathsig is immediate
 

@@ -8,11 +8,15 @@ import time
 from pathlib import Path
 
 TIMEOUT_S = 600  # a hang guard only: a loaded 2-core box is slow, never this slow
-# Prepended to every driver the tests start: the TFLite export and its latency
-# (--deploy, ~2-4 s a run) only where tests/test_deployment.py asks for them, a run's
-# figures (--figures, ~2-4 s of matplotlib a run) only where a test reads them
-# (tests/test_run_driver.py's smoke run).
-CHEAP_FLAGS = ("--deploy=none", "--nofigures")
+# The outputs no test reads unless it asks: the TFLite export and its latency
+# (`deploy`, ~2-4 s a run) only where tests/test_deployment.py asks for them, a run's
+# figures (`figures`, ~2-4 s of matplotlib a run) only where a test reads them
+# (tests/test_run_driver.py's smoke run). Output-only fields: they change no number
+# and no fingerprint (tests/test_config.py). In-process configs take CHEAP_OUTPUTS;
+# every driver the tests start gets CHEAP_FLAGS, the same fields as flags.
+CHEAP_OUTPUTS = {"deploy": "none", "figures": False}
+CHEAP_FLAGS = tuple(f"--{'' if value else 'no'}{name}" if isinstance(value, bool)
+                    else f"--{name}={value}" for name, value in CHEAP_OUTPUTS.items())
 # Topic headers of --help: the experiment's, then (after a driver's own) the last three.
 EXPERIMENT_TOPICS = ["data:", "model:", "training and optimizers:", "schedule:",
                      "masking and criteria:", "structure:", "privacy:"]

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from cli_util import CHEAP_OUTPUTS
 
 from fedprune.program.background import Background
 
@@ -85,7 +86,7 @@ def test_round_loop_builds_inputs_and_writes_off_the_main_thread(tmp_path, monke
     monkeypatch.setattr(assembly, "round_inputs", recording_inputs)
     monkeypatch.setattr(loop, "_write_round", recording_write)
     config = ExperimentConfig(rounds=4, num_clients=4, clients_per_round=4, end_round=2,
-                              deploy="none", figures=False).validate()
+                              **CHEAP_OUTPUTS).validate()
     loop.run_experiment(config, tmp_path, log=lambda line: None)
     assert all(off_main for _, _, off_main in events)
     # Round r + 1's datasets are queued as round r starts, round r's writes as it

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+from cli_util import CHEAP_OUTPUTS
 
 from fedprune.config import ExperimentConfig
 from fedprune.data import sampling
@@ -142,7 +143,7 @@ def test_dp_run_reports_the_accountants_epsilon(tmp_path):
     base = ExperimentConfig(num_clients=6, clients_per_round=2, client_sampling="poisson",
                             rounds=3, end_round=2, max_examples_per_client=32,
                             masking="server", dp="fixed", dp_noise_multiplier=1.0, dp_clip=CLIP,
-                            dp_accountant="pld", eval_every=1, deploy="none", figures=False)
+                            dp_accountant="pld", eval_every=1, **CHEAP_OUTPUTS)
     data = assembly.load_data(base.validate())
     seed, sizes = _poisson_seed_with_empty_round(data.client_ids, 2 / 6, base.rounds)
     config = dataclasses.replace(base, seed=seed).validate()
@@ -180,7 +181,7 @@ def test_dp_run_reports_the_accountants_epsilon(tmp_path):
 def test_poisson_without_dp_survives_an_empty_round(tmp_path):
     base = ExperimentConfig(num_clients=6, clients_per_round=2, client_sampling="poisson",
                             rounds=3, end_round=2, max_examples_per_client=32,
-                            deploy="none", figures=False)
+                            **CHEAP_OUTPUTS)
     data = assembly.load_data(base.validate())
     seed, sizes = _poisson_seed_with_empty_round(data.client_ids, 2 / 6, base.rounds)
     loop.run_experiment(dataclasses.replace(base, seed=seed).validate(), tmp_path,

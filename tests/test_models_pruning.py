@@ -60,6 +60,34 @@ def test_only_dense_and_conv_kernels_are_pruned(name, input_shape, prune_output,
     assert all(trainable[k.trainable_index].shape.rank >= 2 for k in layout.kernels)
 
 
+COND_OPS = {"If", "StatelessIf"}
+
+
+@pytest.mark.parametrize("name, input_shape, wrapped_layers", [("mlp", (64,), 2),
+                                                                ("cnn", (8, 8, 1), 4)])
+def test_wrapping_inside_a_graph_builds_only_the_inference_branch(name, input_shape,
+                                                                  wrapped_layers):
+    """Under TFF's graph tracing, cloning builds no training cond; a training call still does."""
+    from keras.src import backend as keras_backend
+
+    with tf.Graph().as_default() as graph:
+        plain = builders.build_model(name, input_shape, 10, seed=0)
+        before = len(graph.get_operations())
+        wrapped = wrappers.wrap_for_pruning(plain)
+        added = graph.get_operations()[before:]
+        assert not {op.type for op in added} & COND_OPS
+        # The graph's learning phase is symbolic again (the scope left nothing behind).
+        assert tf.is_tensor(keras_backend.learning_phase())
+        layout = wrappers.pruning_layout(wrapped)
+        assert len(layout.kernels) == len(layout.step_indices) == wrapped_layers
+        # Training inside the graph builds each wrapper's step assertion and mask update.
+        before = len(graph.get_operations())
+        wrapped(tf.zeros((1, *input_shape)), training=True)
+        conds = sorted(op.name.rsplit("/", 1)[-1] for op in graph.get_operations()[before:]
+                       if op.type in COND_OPS)
+        assert conds == ["AssertGuard"] * wrapped_layers + ["cond"] * wrapped_layers
+
+
 def test_initial_weights_make_the_wrapper_valid_inside_tff():
     # tfmot starts pruning_step at -1 and asserts >= 1 after its own increment;
     # Keras' UpdatePruningStep callback would fix that, but TFF never runs callbacks.

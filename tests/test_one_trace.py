@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 from cli_runs import checkpoint_arrays
+from cli_util import CHEAP_OUTPUTS
 
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
@@ -25,7 +26,7 @@ from fedprune.program import assembly
 # of the two runs are compared.
 BASE = ExperimentConfig(rounds=3, num_clients=3, clients_per_round=3,
                         max_examples_per_client=32, begin_round=1, end_round=3, eval_every=3,
-                        deploy="none", figures=False)
+                        **CHEAP_OUTPUTS)
 
 
 def _config(**changes) -> ExperimentConfig:

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from cli_util import CHEAP_OUTPUTS
 
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
@@ -369,7 +370,7 @@ def test_client_work_bytes_equal_the_encoded_client_updates(client_data, quantiz
 
 def _run_config(**kwargs):
     return ExperimentConfig(masking="server", rounds=12, end_round=8, final_sparsity=0.8,
-                            deploy="none", figures=False, **kwargs).validate()
+                            **CHEAP_OUTPUTS, **kwargs).validate()
 
 
 @pytest.mark.slow
@@ -410,7 +411,7 @@ def test_int8_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     from fedprune.program import loop
 
     config = ExperimentConfig(masking="server", rounds=4, end_round=3,
-                              upload_quantization=enc.INT8, deploy="none", figures=False).validate()
+                              upload_quantization=enc.INT8, **CHEAP_OUTPUTS).validate()
     loop.run_experiment(config, tmp_path / "whole", log=lambda line: None)
     loop.run_experiment(config, tmp_path / "cut", log=lambda line: None, stop_after_round=2)
     loop.run_experiment(config, tmp_path / "cut", resume=True, log=lambda line: None)

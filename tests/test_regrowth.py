@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 import pytest
+from cli_util import CHEAP_OUTPUTS
 
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
@@ -225,7 +226,7 @@ def _config(**changes) -> ExperimentConfig:
     base = dict(num_clients=3, clients_per_round=3, rounds=5, max_examples_per_client=32,
                 masking="server", schedule="constant", begin_round=0, end_round=-1,
                 final_sparsity=0.8, regrow="random", regrow_fraction=0.3, regrow_end_round=4,
-                eval_every=5, deploy="none", figures=False)
+                eval_every=5, **CHEAP_OUTPUTS)
     return ExperimentConfig(**{**base, **changes}).validate()
 
 

@@ -176,7 +176,7 @@ def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
     from fedprune.runtime import interrupts
 
     config = ExperimentConfig(rounds=ROUNDS, num_clients=4, clients_per_round=4,
-                              end_round=3, deploy="none", figures=False).validate()
+                              end_round=3, **cli_util.CHEAP_OUTPUTS).validate()
     phases = []
 
     def on_phase(name: str) -> None:

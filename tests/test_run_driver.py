@@ -32,6 +32,7 @@ import pytest
 from absl import flags
 from cli_util import (
     CHEAP_FLAGS,
+    CHEAP_OUTPUTS,
     EXPERIMENT_TOPICS,
     LAST_TOPICS,
     TIMEOUT_S,
@@ -464,7 +465,7 @@ def test_step_run_records_its_round_to_step_mapping(tmp_path, tff_local_context)
     output_dir = tmp_path / "run"
     config = ExperimentConfig(prune_granularity="step", masking="client", rounds=2,
                               end_round=2, num_clients=4, clients_per_round=4,
-                              deploy="none", figures=False).validate()
+                              **CHEAP_OUTPUTS).validate()
     loop.run_experiment(config, output_dir, log=lambda line: None)
     saved = json.loads((output_dir / "config.json").read_text())
     assert saved["config"]["prune_granularity"] == "step"

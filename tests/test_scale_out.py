@@ -14,7 +14,7 @@ from fedprune.runtime import workers
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--rounds=4", "--end_round=3", "--num_clients=6", "--clients_per_round=6",
-         "--masking=both", "--final_sparsity=0.75", "--deploy=none", "--nofigures"]
+         "--masking=both", "--final_sparsity=0.75", *cli_util.CHEAP_FLAGS]
 TIME_COLUMNS = {"round_seconds", "elapsed_seconds"}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+from cli_util import CHEAP_OUTPUTS
 
 from fedprune.config import ExperimentConfig
 from fedprune.federated import client_work
@@ -227,7 +228,7 @@ def test_model_size_of_a_model_macs_cannot_count():
 def _config(**changes):
     base = dict(num_clients=3, clients_per_round=3, rounds=4, begin_round=1, end_round=2,
                 structure="neuron", model="mlp", masking="server", prune_output_layer=False,
-                final_sparsity=0.5, deploy="none", figures=False)
+                final_sparsity=0.5, **CHEAP_OUTPUTS)
     return ExperimentConfig(**{**base, **changes}).validate()
 
 

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli_util import TIMEOUT_S, exit_lines
+from cli_util import CHEAP_OUTPUTS, TIMEOUT_S, exit_lines
 
 from fedprune.config import ExperimentConfig
 from fedprune.errors import InvalidArgument
@@ -256,7 +256,7 @@ def test_erk_run_measures_the_erk_sparsities(masking_mode, tmp_path):
     config = ExperimentConfig(num_clients=4, clients_per_round=4, rounds=4, begin_round=1,
                               end_round=3, final_sparsity=0.8, max_examples_per_client=32,
                               masking=masking_mode, sparsity_distribution="erk",
-                              deploy="none", figures=False).validate()
+                              **CHEAP_OUTPUTS).validate()
     loop.run_experiment(config, tmp_path, log=lambda line: None)
     rows = _read_csv(tmp_path / "metrics.csv")
     section = json.loads((tmp_path / "config.json").read_text())["layer_budgets"]

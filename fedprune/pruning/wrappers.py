@@ -136,7 +136,18 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=N
             return tfmot.sparsity.keras.prune_low_magnitude(layer, **params)
         return layer
 
-    wrapped = tf.keras.models.clone_model(model, clone_function=clone_fn)
+    # Cloning calls each layer once on a symbolic input to build it. Inside TFF's
+    # graph tracing (Keras' v1 layers), that call sees the symbolic learning phase,
+    # so every tfmot wrapper would build both branches of its training conds: the
+    # step increment and the mask update, with cond_v2's intermediates. Those ops
+    # are dead (the training call passes `training` explicitly) yet cost ~0.7 s of
+    # tracing per model and go into the serialized computation. At learning phase
+    # 0 only the inference branch is built; the variables are the same
+    # (BUILD_NOTES.md, "Building the wrapped model at learning phase 0").
+    from keras.src import backend as keras_backend  # the scope without its warning
+
+    with keras_backend.deprecated_internal_learning_phase_scope(0):
+        wrapped = tf.keras.models.clone_model(model, clone_function=clone_fn)
     check(any(isinstance(layer, pruning_wrapper.PruneLowMagnitude)
               for layer in wrapped.layers),
           "prune_output_layer", prune_output_layer, "a model with at least one prunable layer")
