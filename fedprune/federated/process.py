@@ -51,6 +51,7 @@ from fedprune.pruning import (
 from fedprune.pruning import mask_aggregation as mask_aggregation_lib
 from fedprune.pruning.masking import UNIT_STRUCTURES, MaskSpec
 from fedprune.pruning.schedules import RoundSchedule, ScheduleTable, schedule_data
+from fedprune.runtime import autograph
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 
@@ -146,6 +147,7 @@ class PruningProcess:
         return state.global_model_weights
 
 
+@autograph.plain_modules()  # half the AutoGraph work of a first build, same ops
 def build_pruning_process(
     *,
     model_builder: Callable,

@@ -35,7 +35,7 @@ class ScalarWriter:
         if function is None:
             writer = self._writer
 
-            @tf.function
+            @tf.function(autograph=False)  # a Python loop over the names: nothing to convert
             def function(step, vector):
                 with writer.as_default(step=step):
                     for i, name in enumerate(names):

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedprune.data import datasets
 from fedprune.pruning import layer_budgets
+from fedprune.runtime import autograph
 
 
 @dataclasses.dataclass
@@ -42,9 +43,11 @@ class Evaluator:
 
     @classmethod
     def create(cls, keras_model_fn: Callable, data: datasets.FederatedData):
+        import tensorflow as tf
+
         model = keras_model_fn()
         test = data.test_dataset(batch_size=EVAL_BATCH_SIZE).map(
-            lambda b: (b["x"], b["y"])).cache()
+            tf.autograph.experimental.do_not_convert(lambda b: (b["x"], b["y"]))).cache()
         return cls(model, test)
 
     def load(self, weights) -> None:
@@ -92,6 +95,8 @@ def _compiled_sums(model, test) -> Callable:
             hits += tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float64))
         return loss_sum, hits, tf.constant(float(total), tf.float64)
 
+    with autograph.plain_modules():  # traced now, with the pruning wrappers left as written
+        sums.get_concrete_function()
     return sums
 
 

@@ -9,6 +9,7 @@
 * `tf_logging`: how chatty TensorFlow, gRPC and the worker are.
 * `memory`: the Python process's free heap pages back to the OS once a round
   (glibc's `malloc_trim`).
+* `autograph`: the modules AutoGraph leaves as written while fedprune traces.
 
 Importing any of them is cheap (standard library only).
 """
