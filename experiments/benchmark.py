@@ -76,7 +76,8 @@ grid     The wall time of one reduced grid trained three ways: a process built
          command; the metrics must agree to 1e-6 (`benchmark_grid.py`).
 quality  Final test accuracy of `loop.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
-         `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI.
+         `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI,
+         and each row's paired difference to dense (per seed, mean +- 95 % CI).
 deploy   tfmot's latency-oriented pruning (`PruneForLatencyOnXNNPack`) where it
          applies: a MobileNet-like model (`deployment.mobilenet_like`) with its
          1x1 convolutions pruned to each of `--deploy_sparsities`, converted to
@@ -182,7 +183,9 @@ _SCALE_CHILD = flags.DEFINE_integer("scale_child", 0, "Internal: run one scale s
                                     "this many clients per round and print its result.")
 _QUALITY_SPARSITIES = flags.DEFINE_list("quality_sparsities", ["0", "0.5", "0.75", "0.9", "0.95"],
                                         "quality: final sparsities (0 = dense training).")
-_QUALITY_SEEDS = flags.DEFINE_list("quality_seeds", ["0", "1", "2"], "quality: seeds.")
+_QUALITY_SEEDS = flags.DEFINE_list("quality_seeds", ["0", "1", "2", "3", "4"],
+                                   "quality: seeds (each row's runs are paired with dense's "
+                                   "by seed).")
 _GRID_SPARSITIES = flags.DEFINE_list("grid_final_sparsities", ["0.5", "0.9"],
                                      "grid: the reduced grid's --final_sparsities.")
 _GRID_MASKINGS = flags.DEFINE_list("grid_maskings", ["server", "both"],
@@ -367,10 +370,12 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
         seeds = _int_list("quality_seeds", _QUALITY_SEEDS.value, 0)
         for sparsity in _float_list("quality_sparsities", _QUALITY_SPARSITIES.value):
             for seed in seeds:
-                # Only the final evaluation matters here; skipping the others saves time.
+                # Only the final evaluation matters here, and the runs' folders are
+                # temporary: skipping the other evaluations, the TFLite export and the
+                # figures (output-only: the same results) saves time.
                 config = dataclasses.replace(
                     base, seed=seed, final_sparsity=sparsity or base.final_sparsity,
-                    eval_every=base.rounds)
+                    eval_every=base.rounds, deploy="none", figures=False)
                 pruned_q, dense_q = pruned_and_dense(config, config.rounds)
                 quality.append((sparsity, seed, dense_q if sparsity == 0 else pruned_q))
     deploy_sparsities = tuple(_float_list("deploy_sparsities", _DEPLOY_SPARSITIES.value,

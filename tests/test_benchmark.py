@@ -27,6 +27,7 @@ from experiments import (
     benchmark,
     benchmark_deploy,
     benchmark_grid,
+    benchmark_quality,
     benchmark_scale,
     benchmark_scaleout,
     benchmark_speed,
@@ -101,6 +102,39 @@ def _table_rows(text: str) -> dict[str, list[str]]:
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
     return rows
+
+
+def _quality_rows(dense, drops, seeds=range(5)):
+    """Quality rows: dense accuracies per seed, and a 50 % row `drops` below them."""
+    rows = [{"target sparsity": "0 %", "masking": "none", "seed": s, "final_test_accuracy": a,
+             "final_global_sparsity": 0.0} for s, a in zip(seeds, dense, strict=True)]
+    rows += [{"target sparsity": "50 %", "masking": "both", "seed": s,
+              "final_test_accuracy": a - d, "final_global_sparsity": 0.5}
+             for s, a, d in zip(seeds, dense, drops, strict=True)]
+    return rows
+
+
+def test_quality_table_pairs_every_row_with_dense_by_seed():
+    dense = [0.90, 0.96, 0.84, 0.91, 0.93]  # seeds spread the means far apart...
+    drops = [0.01, 0.02, 0.00, 0.03, 0.01]  # ...while each seed's drop is small
+    rows = _table_rows(benchmark_quality.quality_markdown(_quality_rows(dense, drops)))
+    assert rows["target sparsity"] == ["masking", "n", "test accuracy",
+                                       "Δ test accuracy vs dense", "measured sparsity (%)"]
+    assert rows["0 %"][:4] == ["none", "5", "0.908 ± 0.055", "0.000 ± 0.000"]
+    # Per-seed drops: mean 0.014, sd 0.0114, t(0.975, 4) 2.776 -> half width 0.0142,
+    # 3-4x narrower than the intervals of the two means (0.055 and 0.048).
+    assert rows["50 %"] == ["both", "5", "0.894 ± 0.048", "-0.014 ± 0.014", "50.0 ± 0.0"]
+
+
+def test_quality_table_without_dense_has_no_paired_column_and_refuses_unpaired_seeds():
+    rows = [r for r in _quality_rows([0.9] * 5, [0.0] * 5) if r["masking"] != "none"]
+    assert "Δ" not in benchmark_quality.quality_markdown(rows)
+    from fedprune.outputs import reporting
+
+    unpaired = _quality_rows([0.9] * 5, [0.0] * 5)[:-1]  # the 50 % row lacks seed 4
+    with pytest.raises(reporting.UnpairedError, match=r"target sparsity=50 % masking=both: "
+                                                      r"seeds do not match"):
+        benchmark_quality.quality_markdown(unpaired)
 
 
 @pytest.mark.slow
