@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Sequence
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
 
 # The dense row: target sparsity 0 trains without pruning (masking none).
 DENSE_ROW = {"target sparsity": "0 %", "masking": "none"}
+
+
+def _has_dense_row(rows: Sequence[dict]) -> bool:
+    return any(all(row[k] == v for k, v in DENSE_ROW.items()) for row in rows)
 
 
 def quality_markdown(rows: Sequence[dict]) -> str:
@@ -36,15 +41,16 @@ def quality_markdown(rows: Sequence[dict]) -> str:
 
     table = reporting.aggregate(rows, list(DENSE_ROW), ["final_test_accuracy",
                                                         "final_global_sparsity"])
+    accuracy = reporting.MetricFormat(spec=".3f", label="test accuracy")
     formats = {
-        "final_test_accuracy": reporting.MetricFormat(spec=".3f", label="test accuracy"),
+        "final_test_accuracy": accuracy,
         "final_global_sparsity": reporting.MetricFormat(spec=".1f", scale=0.01, unit="%",
                                                         label="measured sparsity"),
     }
-    if any(group.key == tuple(DENSE_ROW.values()) for group in table.groups):
+    if _has_dense_row(rows):
         table = reporting.add_paired(table, rows, ["final_test_accuracy"], DENSE_ROW)
-        formats["delta_final_test_accuracy"] = reporting.MetricFormat(
-            spec=".3f", label="Δ test accuracy vs dense")
+        formats["delta_final_test_accuracy"] = dataclasses.replace(
+            accuracy, label=f"Δ {accuracy.label} vs dense")
     return reporting.to_markdown(table, formats)
 
 
@@ -69,7 +75,7 @@ def run_quality(plan: Plan, log) -> tuple[str, str]:
     paired = """ Every row shares those seeds with the dense row, so Δ vs dense is
 paired: the mean ± 95 % t-interval of the per-seed differences (`reporting.paired_mean_ci`),
 narrower than the difference of two means when a seed's partition moves both runs alike."""
-    if not any(sparsity == 0 for sparsity, _, _ in plan.quality):
+    if not _has_dense_row(rows):
         paired = ""  # no dense row to pair with
     seeds = sorted({seed for _, seed, _ in plan.quality})
     notes = f"""Setting: {config.dataset} ({config.num_clients} clients, {config.partition}

@@ -32,6 +32,7 @@ from experiments import (
     benchmark_scaleout,
     benchmark_speed,
 )
+from fedprune.outputs import reporting
 from fedprune.runtime import workers as workers_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,8 +130,6 @@ def test_quality_table_pairs_every_row_with_dense_by_seed():
 def test_quality_table_without_dense_has_no_paired_column_and_refuses_unpaired_seeds():
     rows = [r for r in _quality_rows([0.9] * 5, [0.0] * 5) if r["masking"] != "none"]
     assert "Δ" not in benchmark_quality.quality_markdown(rows)
-    from fedprune.outputs import reporting
-
     unpaired = _quality_rows([0.9] * 5, [0.0] * 5)[:-1]  # the 50 % row lacks seed 4
     with pytest.raises(reporting.UnpairedError, match=r"target sparsity=50 % masking=both: "
                                                       r"seeds do not match"):
