@@ -42,10 +42,20 @@ def _ops(graph) -> collections.Counter:
 
 
 @pytest.mark.parametrize("name, input_shape", [("mlp", (64,)), ("cnn", (8, 8, 1))])
-def test_a_training_step_builds_the_same_ops_and_numbers_either_way(name, input_shape):
-    """tfmot's wrapper run as written vs converted by AutoGraph: same ops, same results."""
+@pytest.mark.parametrize("step_schedule", [False, True], ids=["round", "step"])
+def test_a_training_step_builds_the_same_ops_and_numbers_either_way(name, input_shape,
+                                                                    step_schedule):
+    """The wrappers run as written vs converted by AutoGraph: same ops, same results.
+
+    Round wrappers are fedprune's mask-only subclass; step wrappers are tfmot's own
+    `PruneLowMagnitude`, whose `call` and schedule `plain_modules` leaves as written.
+    """
+    import tensorflow_model_optimization as tfmot
+
     plain = builders.build_model(name, input_shape, 10, seed=0)
-    wrapped = wrappers.wrap_for_pruning(plain)
+    params = ({"pruning_schedule": tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, 0, 4)}
+              if step_schedule else None)
+    wrapped = wrappers.wrap_for_pruning(plain, pruning_params=params)
     layout = wrappers.pruning_layout(wrapped)
     trainable, non_trainable = wrappers.initial_weights(wrapped, layout)
     x = np.random.default_rng(0).normal(size=(4, *input_shape)).astype(np.float32)

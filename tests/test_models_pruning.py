@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_model_optimization as tfmot
 
 from fedprune.errors import InvalidArgument
 from fedprune.model import builders
@@ -61,48 +62,125 @@ def test_only_dense_and_conv_kernels_are_pruned(name, input_shape, prune_output,
 
 
 COND_OPS = {"If", "StatelessIf"}
+# tfmot's own wrapper with a real schedule in steps, as `--prune_granularity=step` clients have.
+STEP_PARAMS = {"pruning_schedule": tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, 0, 10,
+                                                                        frequency=2)}
 
 
 @pytest.mark.parametrize("name, input_shape, wrapped_layers", [("mlp", (64,), 2),
                                                                 ("cnn", (8, 8, 1), 4)])
+@pytest.mark.parametrize("params", [None, STEP_PARAMS], ids=["round", "step"])
 def test_wrapping_inside_a_graph_builds_only_the_inference_branch(name, input_shape,
-                                                                  wrapped_layers):
-    """Under TFF's graph tracing, cloning builds no training cond; a training call still does."""
+                                                                  wrapped_layers, params):
+    """Under TFF's graph tracing, cloning builds no training cond; a training call builds
+    tfmot's step assertion and mask update only in tfmot's own (step) wrapper."""
     from keras.src import backend as keras_backend
 
     with tf.Graph().as_default() as graph:
         plain = builders.build_model(name, input_shape, 10, seed=0)
         before = len(graph.get_operations())
-        wrapped = wrappers.wrap_for_pruning(plain)
+        wrapped = wrappers.wrap_for_pruning(plain, pruning_params=params)
         added = graph.get_operations()[before:]
         assert not {op.type for op in added} & COND_OPS
         # The graph's learning phase is symbolic again (the scope left nothing behind).
         assert tf.is_tensor(keras_backend.learning_phase())
         layout = wrappers.pruning_layout(wrapped)
         assert len(layout.kernels) == len(layout.step_indices) == wrapped_layers
-        # Training inside the graph builds each wrapper's step assertion and mask update.
         before = len(graph.get_operations())
         wrapped(tf.zeros((1, *input_shape)), training=True)
-        conds = sorted(op.name.rsplit("/", 1)[-1] for op in graph.get_operations()[before:]
-                       if op.type in COND_OPS)
-        assert conds == ["AssertGuard"] * wrapped_layers + ["cond"] * wrapped_layers
+        added = graph.get_operations()[before:]
+        conds = sorted(op.name.rsplit("/", 1)[-1] for op in added if op.type in COND_OPS)
+        step_ops = [op for op in added if "pruning_step" in op.name]
+        if params is None:  # the mask op alone: one kernel assignment per wrapper
+            assert conds == [] and step_ops == []
+            assert sum(op.type == "AssignVariableOp" for op in added) == wrapped_layers
+        else:
+            assert conds == ["AssertGuard"] * wrapped_layers + ["cond"] * wrapped_layers
 
 
-def test_initial_weights_make_the_wrapper_valid_inside_tff():
+@pytest.mark.parametrize("params, steps_after", [(None, [0, 0]), (STEP_PARAMS, [1, 1])],
+                         ids=["round", "step"])
+def test_initial_weights_make_the_wrapper_valid_inside_tff(params, steps_after):
     # tfmot starts pruning_step at -1 and asserts >= 1 after its own increment;
     # Keras' UpdatePruningStep callback would fix that, but TFF never runs callbacks.
-    wrapped = wrappers.wrap_for_pruning(builders.build_model("mlp", (64,), 10, seed=0))
+    # fedprune's round wrappers neither count nor assert (MaskOnlyPruneLowMagnitude).
+    wrapped = wrappers.wrap_for_pruning(builders.build_model("mlp", (64,), 10, seed=0),
+                                        pruning_params=params)
     layout = wrappers.pruning_layout(wrapped)
     steps = [wrapped.non_trainable_weights[i].numpy() for i in layout.step_indices]
     assert steps == [-1, -1]
-    with pytest.raises(tf.errors.InvalidArgumentError):
-        wrapped(np.zeros((1, 64), np.float32), training=True)
+    if params is not None:
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            wrapped(np.zeros((1, 64), np.float32), training=True)
     trainable, non_trainable = wrappers.initial_weights(wrapped, layout)
     assert [non_trainable[i] for i in layout.step_indices] == [0, 0]
     for var, value in zip(wrapped.non_trainable_weights, non_trainable, strict=True):
         var.assign(value)
     wrapped(np.zeros((1, 64), np.float32), training=True)  # valid now
-    assert [wrapped.non_trainable_weights[i].numpy() for i in layout.step_indices] == [1, 1]
+    assert [wrapped.non_trainable_weights[i].numpy() for i in layout.step_indices] == steps_after
+
+
+def _train_six_steps(name, input_shape, params, masks):
+    """Kernels and biases, and test outputs, of a wrapped model after 6 SGD steps.
+
+    `masks(layout)` gives the 0/1 mask of each pruned kernel (layout order).
+    """
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 8, *input_shape)).astype(np.float32)
+    y = rng.integers(0, 10, size=(6, 8))
+    wrapped = wrappers.wrap_for_pruning(builders.build_model(name, input_shape, 10, seed=0),
+                                        pruning_params=params)
+    kinds = {type(layer).__name__ for layer in wrapped.layers
+             if isinstance(layer, pruning_wrapper.PruneLowMagnitude)}
+    assert kinds == {"PruneLowMagnitude" if params else "MaskOnlyPruneLowMagnitude"}
+    layout = wrappers.pruning_layout(wrapped)
+    trainable, non_trainable = wrappers.initial_weights(wrapped, layout)
+    for k, mask in zip(layout.kernels, masks(layout), strict=True):
+        non_trainable[k.mask_index] = mask
+    for var, value in zip([*wrapped.trainable_weights, *wrapped.non_trainable_weights],
+                          [*trainable, *non_trainable], strict=True):
+        var.assign(value)
+    optimizer = tf.keras.optimizers.SGD(0.1)
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def train(x, y):
+        for i in tf.range(x.shape[0]):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y[i], wrapped(x[i], training=True))
+            gradients = tape.gradient(loss, wrapped.trainable_weights)
+            optimizer.apply_gradients(zip(gradients, wrapped.trainable_weights, strict=True))
+
+    train(tf.constant(x), tf.constant(y))
+    return [v.numpy() for v in wrapped.trainable_weights], wrapped(x[0], training=False).numpy()
+
+
+@pytest.mark.parametrize("name, input_shape", [("mlp", (64,)), ("cnn", (8, 8, 1))])
+def test_round_wrappers_train_exactly_as_tfmots_wrapper_with_never_prune(name, input_shape):
+    """MaskOnlyPruneLowMagnitude vs tfmot's PruneLowMagnitude, both with NeverPrune:
+    the same kernels, biases and outputs, bit for bit, after 6 SGD steps in a
+    tf.function inside a half-zero mask."""
+    rng = np.random.default_rng(1)
+    drawn = []
+
+    def masks(layout):
+        if not drawn:
+            drawn.extend((rng.random(k.shape) < 0.5).astype(np.float32) for k in layout.kernels)
+        return drawn
+
+    mine = _train_six_steps(name, input_shape, None, masks)
+    tfmots = _train_six_steps(name, input_shape,
+                              {"pruning_schedule": wrappers._never_prune_class()()}, masks)
+    assert 0.45 < np.mean([m.mean() for m in drawn]) < 0.55
+    for a, b in zip(mine[0], tfmots[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(mine[1], tfmots[1])
+    # The masks matter: training without them (all ones) gives other outputs.
+    assert not np.array_equal(mine[1], _train_six_steps(
+        name, input_shape, None, lambda layout: [np.ones(k.shape, np.float32)
+                                                 for k in layout.kernels])[1])
 
 
 def test_strip_keeps_masked_kernels():

@@ -1,14 +1,16 @@
 """Keras side of pruning: which layers get tfmot wrappers, and where their variables live.
 
 fedprune wraps prunable layers with tfmot's `PruneLowMagnitude`, whose
-`call(training=True)` advances `pruning_step` and multiplies the kernel by its
-`mask` before every forward pass: clients therefore train inside the mask they
-were sent. The wrappers carry `NeverPrune`, a schedule that never recomputes a
-mask, because masks are decided at round granularity by `masking.compute_masks`
-(on the server after aggregation, and on clients at the end of local training);
-see `client_work.py` and `server_masking.py`. Only `--prune_granularity=step`
-clients carry a real tfmot schedule, in client steps (`pruning_params`;
-`fedprune/pruning/step_schedule.py`).
+`call` multiplies the kernel by its `mask` before every forward pass: clients
+therefore train inside the mask they were sent. Masks are decided at round
+granularity by `masking.compute_masks` (on the server after aggregation, and on
+clients at the end of local training; see `client_work.py` and
+`server_masking.py`), so the wrappers carry `NeverPrune`, a schedule that never
+recomputes a mask, and are `MaskOnlyPruneLowMagnitude`: tfmot's wrapper without
+the per-batch work that `NeverPrune` makes void (the step count, its assertion
+and a mask update that never fires). Only `--prune_granularity=step` clients
+carry a real tfmot schedule, in client steps, in tfmot's own wrapper
+(`pruning_params`; `fedprune/pruning/step_schedule.py`).
 
 TFF sees the model as `ModelWeights(trainable, non_trainable)`: kernels and
 biases are trainable; each wrapper adds a float `mask` (kernel-shaped) and a
@@ -19,6 +21,8 @@ scalar `threshold` per kernel, and one int64 `pruning_step`, all non-trainable.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 
 # Layer classes whose kernel is pruned by default: Dense and convolutions.
 # Biases and normalization layers are never pruned.
@@ -47,6 +51,39 @@ def _never_prune_class():
             return {"class_name": "NeverPrune", "config": {}}
 
     return NeverPrune
+
+
+@functools.cache
+def mask_only_wrapper_class():
+    """`MaskOnlyPruneLowMagnitude`, tfmot's wrapper for masks decided per round (a class)."""
+    import tensorflow as tf
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+    class MaskOnlyPruneLowMagnitude(pruning_wrapper.PruneLowMagnitude):
+        """tfmot's `PruneLowMagnitude` whose `call` only applies the mask, then the layer.
+
+        tfmot's `call(training=True)` also adds, on every batch, the
+        `pruning_step` increment, an assertion that the step is >= 1 and
+        `conditional_mask_update`, a `tf.cond` on the schedule. Under `NeverPrune`
+        the cond never updates, and nothing reads a client's step in round
+        granularity (TFF returns only the trainable delta; the server sets every
+        broadcast step, `server_masking.py`), so these ops change no weight; they
+        cost ~0.1 ms per batch on the mlp (BUILD_NOTES.md, "Round-granularity
+        wrappers apply the mask only"). The variables, the mask op
+        (`weight_mask_op`, on every call as in tfmot, training or not), the
+        layer's call and `strip_pruning` are tfmot's.
+        """
+
+        @tf.autograph.experimental.do_not_convert  # plain Python over Python values
+        def call(self, inputs, training=None, **kwargs):
+            if training is None:
+                training = tf.keras.backend.learning_phase()
+            self.add_update(self.pruning_obj.weight_mask_op())
+            if "training" in inspect.getfullargspec(self.layer.call).args:
+                return self.layer.call(inputs, training=training, **kwargs)
+            return self.layer.call(inputs, **kwargs)
+
+    return MaskOnlyPruneLowMagnitude
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +150,9 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=N
       model: a plain Keras model.
       prune_output_layer: False leaves the last weighted layer unwrapped.
       pruning_params: `prune_low_magnitude` arguments (`pruning_schedule`,
-        `block_size`, ...); default: the `NeverPrune` schedule. Only
-        `--prune_granularity=step` clients pass a real schedule
+        `block_size`, ...) for tfmot's own wrapper. Default:
+        `MaskOnlyPruneLowMagnitude` wrappers with the `NeverPrune` schedule.
+        Only `--prune_granularity=step` clients pass a real schedule
         (`fedprune/federated/step_pruning.py`); the variables are the same.
 
     Raises:
@@ -126,14 +164,18 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=N
 
     from fedprune.errors import check
 
-    params = dict(pruning_params or {"pruning_schedule": _never_prune_class()()})
+    if pruning_params is None:
+        wrap = functools.partial(mask_only_wrapper_class(),
+                                 pruning_schedule=_never_prune_class()())
+    else:
+        wrap = functools.partial(tfmot.sparsity.keras.prune_low_magnitude, **pruning_params)
     weighted = [layer for layer in model.layers if layer.weights]
     output_layer = weighted[-1] if weighted else None
 
     def clone_fn(layer):
         if is_prunable(layer, is_output=layer is output_layer,
                        prune_output_layer=prune_output_layer):
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, **params)
+            return wrap(layer)
         return layer
 
     # Cloning calls each layer once on a symbolic input to build it. Inside TFF's
