@@ -68,27 +68,35 @@ def scale_markdown(results: Sequence[dict]) -> str:
     """The scale table, one row per child process (from `run_scale_child`).
 
     Slopes are of the anonymous RSS of the last `slope_rounds` rounds of each
-    result; ✓ marks a slope of at most `MAX_RSS_SLOPE` MiB per round, ✗ a larger one.
+    result, for the Python process also less its client-data cache (the
+    result's `client_cache` bytes); ✓ marks a slope of at most `MAX_RSS_SLOPE`
+    MiB per round, ✗ a larger one.
     """
     mib = 1024**2
     lines = ["| dataset | clients | per round | worker malloc (MALLOC_ARENA_MAX) | rounds "
              "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
-             "| anon. RSS slope Python (MiB/round) | anon. RSS slope worker (MiB/round) "
-             "| slope rounds | largest client so far (examples) |",
-             "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
+             "| anon. RSS slope Python (MiB/round) | the same less the client-data cache "
+             "| anon. RSS slope worker (MiB/round) | slope rounds "
+             "| client-data cache (MiB) | largest client so far (examples) |",
+             "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: "
+             "| --: | --: |"]
     for r in results:
         med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
         window, largest = r["slope_rounds"], r["largest_client"]
         first = r["rounds"] - window + 1
-        slopes = [_slope_cell(rss_slope([s[k] for s in r["rss"]], window))
-                  for k in ("python_anon", "worker_anon")]
+        cache = [s["client_cache"] for s in r["rss"]]
+        python, worker = ([s[k] for s in r["rss"]] for k in ("python_anon", "worker_anon"))
+        slopes = [_slope_cell(rss_slope(samples, window)) for samples in (
+            python, [p - c for p, c in zip(python, cache, strict=True)], worker)]
+        before = first - 2 if first > 1 else None  # the sample after round first - 1
         lines.append(
             f"| {r['dataset']} | {r['num_clients']} | {r['clients_per_round']} "
             f"| {r['worker_malloc']} ({r['malloc_arena_max']}) | {r['rounds']} "
             f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
             f"| {' | '.join(slopes)} | {first}–{r['rounds']} "
-            f"| {largest[first - 2] if first > 1 else 0:,} → {largest[-1]:,} |")
+            f"| {(cache[before] if before is not None else 0) / mib:.1f} → {cache[-1] / mib:.1f} "
+            f"| {largest[before] if before is not None else 0:,} → {largest[-1]:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,8 +108,10 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
 
     Returns:
       A JSON-able dict: round seconds; RSS and anonymous RSS (bytes) of the
-      Python process and of the worker after every round; their peak RSS
-      (bytes); the size of the largest client trained so far after every round.
+      Python process and of the worker, and the bytes of client data the Python
+      process keeps for later rounds (`FederatedData.cached_client_bytes`),
+      after every round; their peak RSS (bytes); the size of the largest client
+      trained so far after every round.
     """
     import psutil
 
@@ -122,7 +132,8 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
         largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))
         procs = worker_processes()
         rss.append({"python": current_rss(me), "worker": sum(current_rss(w) for w in procs),
-                    "python_anon": anon_rss(me), "worker_anon": sum(anon_rss(w) for w in procs)})
+                    "python_anon": anon_rss(me), "worker_anon": sum(anon_rss(w) for w in procs),
+                    "client_cache": data.cached_client_bytes()})
         if round_num % 10 == 0 or round_num == rounds:
             log(f"round {round_num}/{rounds}: {round_seconds[-1]:.3f} s, RSS python "
                 f"{rss[-1]['python'] / 2**20:.0f} MiB, worker {rss[-1]['worker'] / 2**20:.0f} MiB")
@@ -208,7 +219,13 @@ pages) sampled after each of the last {plan.scale_slope_rounds}
 rounds (rounds {plan.scale_rounds - plan.scale_slope_rounds + 1}–{plan.scale_rounds}), of
 the Python process and of the worker: a per-round leak keeps them positive, while a one-off
 rise earlier does not, such as malloc keeping the memory of the largest client trained so
-far (last column: its size before the slope's rounds → at the end). The limit (issue 18) is
+far (last column: its size before the slope's rounds → at the end). The Python process
+also keeps each client's rows once the client has been sampled, for its later rounds
+(`ArraySource.examples`, `fedprune/data/datasets/container.py`): that cache grows
+whenever a client is sampled for the first time, up to one copy of the training set, so it
+can still grow in the slope's rounds when few clients take part per round. "The same less
+the client-data cache" fits the Python process's anonymous RSS less the bytes in that
+cache ("client-data cache": before the slope's rounds → at the end). The limit (issue 18) is
 a slope of at most {MAX_RSS_SLOPE:g} MiB per round for each process (✓ met, ✗ not). "worker
 malloc" is how the worker was started: `fedprune`, with fedprune's defaults
 (`runtime.workers.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own

@@ -388,25 +388,30 @@ def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
     # over the last 3 rounds (3-5); the jumps before them do not count.
     python = [600, 700, 700, 700.04, 700.08]
     worker = [100, 200, 300, 302, 304]
+    # Of Python's rise, 0.03 MiB per round is newly cached client data: 0.01 is left.
+    cache = [1, 2, 3, 3.03, 3.06]
     result = {"num_clients": 1000, "clients_per_round": 10, "malloc_arena_max": "2",
               "worker_malloc": "fedprune", "dataset": "synthetic",
               "rounds": 5, "baseline_round": 2, "slope_rounds": 3,
               "round_seconds": [9.0, 9.0, 0.2, 0.4, 0.3],
               "largest_client": [50, 60, 60, 900, 900],
-              "rss": [{"python_anon": p * 2**20, "worker_anon": w * 2**20}
-                      for p, w in zip(python, worker, strict=True)],
+              "rss": [{"python_anon": p * 2**20, "worker_anon": w * 2**20,
+                       "client_cache": c * 2**20}
+                      for p, w, c in zip(python, worker, cache, strict=True)],
               "peak_rss": {"python": 700.4 * 2**20, "worker": 304 * 2**20}}
     rows = _table_rows(benchmark_scale.scale_markdown([result]))
     assert rows["dataset"] == ["clients", "per round", "worker malloc (MALLOC_ARENA_MAX)",
                                "rounds", "median round (s)", "min–max (s)",
                                "peak RSS Python (MiB)", "peak RSS worker (MiB)",
                                "anon. RSS slope Python (MiB/round)",
-                               "anon. RSS slope worker (MiB/round)",
-                               "slope rounds", "largest client so far (examples)"]
-    # Rounds 1..baseline are left out of the round-time statistics; the largest client
-    # is shown before the slope's rounds (after round 2) and at the end.
+                               "the same less the client-data cache",
+                               "anon. RSS slope worker (MiB/round)", "slope rounds",
+                               "client-data cache (MiB)", "largest client so far (examples)"]
+    # Rounds 1..baseline are left out of the round-time statistics; the cache and the
+    # largest client are shown before the slope's rounds (after round 2) and at the end.
     assert rows["synthetic"] == ["1000", "10", "fedprune (2)", "5", "0.300", "0.200–0.400",
-                                 "700", "304", "+0.040 ✓", "+2.000 ✗", "3–5", "60 → 900"]
+                                 "700", "304", "+0.040 ✓", "+0.010 ✓", "+2.000 ✗", "3–5",
+                                 "2.0 → 3.1", "60 → 900"]
 
 
 @pytest.mark.slow
@@ -423,10 +428,14 @@ def test_scale_smoke_reports_peaks_and_slopes_of_both_processes():
     arenas = workers_lib.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
     assert row[:4] == ["20", "4", f"fedprune ({arenas})", "12"]
     assert float(row[6]) > 100 and float(row[7]) > 10  # peak RSS, MiB: TF alone is more
-    for cell in row[8:10]:
+    for cell in row[8:11]:
         value, mark = cell.split()
         assert mark == ("✓" if float(value) <= benchmark_scale.MAX_RSS_SLOPE else "✗")
-    assert row[10] == "3–12"
+    assert row[11] == "3–12"
+    # 4 of 20 clients a round: the cache holds clients before the slope's rounds and never
+    # shrinks.
+    before, end = (float(v) for v in row[12].split(" → "))
+    assert 0 < before <= end
 
 
 def test_replace_sections_replaces_in_place_and_keeps_everything_else():

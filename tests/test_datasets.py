@@ -350,10 +350,16 @@ def test_thousand_clients_build_no_pipelines_until_asked(monkeypatch, load):
     # Loading builds no client's examples (the event that would make it slow at
     # scale; how fast loading is, is the benchmark's scale section's business).
     data = load()
-    assert len(data.client_ids) == 1000 and calls == []
+    assert len(data.client_ids) == 1000 and calls == [] and data.cached_client_bytes() == 0
     for client in data.client_ids[:3]:
         data.client_dataset(client, batch_size=2, local_epochs=1, shuffle_seed=0)
     assert calls == data.client_ids[:3]
+    # The cache counts each sampled client's rows once: float32 x and int32 y, 4 bytes a value.
+    row_bytes = 4 * (int(np.prod(data.input_shape)) + 1)
+    first_three = sum(data.num_examples(c) for c in data.client_ids[:3]) * row_bytes
+    assert data.cached_client_bytes() == first_three
+    data.client_dataset(data.client_ids[0], batch_size=5, local_epochs=2, shuffle_seed=1)
+    assert data.cached_client_bytes() == first_three
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,48 @@ def test_magnitude_ties_keep_exactly_k():
     np.testing.assert_array_equal(_mask(weights, 0.5), [1, 1, 1, 0, 0, 0])
 
 
+def _top_k_reference(scores, k):
+    """tf.math.top_k's choice: the k largest, the lower index first among equals."""
+    order = np.argsort(-scores, kind="stable")
+    mask = np.zeros_like(scores)
+    mask[order[:k]] = 1
+    return mask
+
+
+@pytest.mark.parametrize("scores, k", [
+    # Exactly k positive scores (the shortcut): ties, zeros and negatives below them.
+    ([0.0, 2.0, 0.0, 2.0, -1.0, 0.5], 3),
+    ([0.0, 0.0, -np.inf, 3.0], 1),
+    ([1.0, 1.0, 1.0, 1.0], 4),
+    # Not exactly k positive (top_k): ties at 0 and at the k-th largest.
+    ([0.0, 2.0, 0.0, 2.0, -1.0, 0.5], 4),
+    ([0.0, 2.0, 0.0, 2.0, -1.0, 0.5], 2),
+    ([1.0, 1.0, 1.0, 1.0, 0.5, 0.0], 3),
+    ([-3.0, -1.0, -2.0, -1.0], 2),
+])
+def test_keep_top_k_is_top_k_with_or_without_the_positive_shortcut(scores, k):
+    scores = np.asarray(scores, np.float32)
+    want = _top_k_reference(scores, k)
+    np.testing.assert_array_equal(masking.keep_top_k(tf.constant(scores), k).numpy(), want)
+    graph = tf.function(masking.keep_top_k)  # inside a graph, k as a tensor
+    np.testing.assert_array_equal(graph(tf.constant(scores), tf.constant(k)).numpy(), want)
+    with tf.Graph().as_default():  # TF1-style graphs as TFF traces them (`==` is identity)
+        mask = masking.keep_top_k(tf.constant(scores), tf.constant(k))
+        with tf.compat.v1.Session() as session:
+            np.testing.assert_array_equal(session.run(mask), want)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_kernel_trained_inside_its_mask_keeps_that_mask_at_the_same_level(seed):
+    # The shortcut's usual case: pruned to k, trained inside the mask, pruned to k again.
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=(64, 128)).astype(np.float32)
+    mask = _mask(kernel, 0.8)
+    trained = (kernel + rng.normal(scale=0.1, size=kernel.shape).astype(np.float32)) * mask
+    np.testing.assert_array_equal(_mask(trained, 0.8), mask)
+    assert _mask(trained, 0.9).sum() == masking.num_kept(kernel.size, 0.9).numpy()
+
+
 def test_global_scope_ranks_across_layers():
     small = np.full((2, 2), 0.1, np.float32)
     large = np.arange(1, 5, dtype=np.float32).reshape(2, 2)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedprune.model import builders
+from fedprune.pruning import wrappers
 from fedprune.pruning.structured import StructuredLayout
 from fedprune.pruning.unit_layout import (
     UNIT_LAYERS,
@@ -120,7 +121,7 @@ def shrink(model, kept_units: dict):
     import tensorflow as tf
 
     layers = chain_layers(model)
-    wrapped = [layer.name for layer in layers if type(layer).__name__ == "PruneLowMagnitude"]
+    wrapped = [layer.name for layer in layers if wrappers.is_pruning_wrapper(layer)]
     if wrapped:
         raise UnsupportedArchitecture(
             f"layers {wrapped} carry tfmot wrappers; shrink a plain model (wrappers.strip)")
@@ -222,7 +223,7 @@ def macs_per_example(model) -> int:
     """
     total = 0
     for layer in model.layers:
-        inner = layer.layer if type(layer).__name__ == "PruneLowMagnitude" else layer
+        inner = layer.layer if wrappers.is_pruning_wrapper(layer) else layer
         kind = type(inner).__name__
         if kind in UNIT_LAYERS:
             positions = int(np.prod(layer.output_shape[1:-1], dtype=np.int64))

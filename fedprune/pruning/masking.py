@@ -230,12 +230,27 @@ def num_kept(size, sparsity):
 
 
 def keep_top_k(scores, k):
-    """A 0/1 mask (scores' shape and dtype) keeping exactly the k largest scores."""
+    """A 0/1 mask (scores' shape and dtype) keeping exactly the k largest scores.
+
+    Among equal scores `tf.math.top_k` keeps the lower index. When exactly k
+    scores are positive, they are the k largest whatever the ties below them,
+    so the mask is `scores > 0` without the top-k: the same mask, and the usual
+    case once a schedule has reached its level (a kernel pruned to k weights
+    and trained inside that mask has k nonzero magnitudes).
+    """
     import tensorflow as tf
 
     flat = tf.reshape(scores, [-1])
-    _, indices = tf.math.top_k(flat, k=k, sorted=False)
-    kept = tf.scatter_nd(indices[:, None], tf.ones_like(indices, flat.dtype), tf.shape(flat))
+    positive = flat > 0
+
+    def by_top_k():
+        _, indices = tf.math.top_k(flat, k=k, sorted=False)
+        return tf.scatter_nd(indices[:, None], tf.ones_like(indices, flat.dtype), tf.shape(flat))
+
+    # tf.equal, not ==: in TFF's graphs `==` on tensors is Python's identity test.
+    exactly_k = tf.math.equal(tf.math.count_nonzero(positive, dtype=tf.int32),
+                              tf.cast(k, tf.int32))
+    kept = tf.cond(exactly_k, lambda: tf.cast(positive, flat.dtype), by_top_k)
     return tf.reshape(kept, tf.shape(scores))
 
 

@@ -22,6 +22,7 @@ Reads the Keras model eagerly.
 from __future__ import annotations
 
 from fedprune.errors import check
+from fedprune.pruning import wrappers
 from fedprune.pruning.structured import BatchNormSlots, PrunedUnits, StructuredLayout
 
 # Layers whose output units are pruned (and which consume pruned units).
@@ -47,7 +48,7 @@ class UnsupportedArchitecture(ValueError):
 
 def _inner(layer):
     # tfmot's PruneLowMagnitude wraps the real layer; its kernel is the same variable.
-    return layer.layer if type(layer).__name__ == "PruneLowMagnitude" else layer
+    return layer.layer if wrappers.is_pruning_wrapper(layer) else layer
 
 
 def _maps_zero_to_zero(fn) -> bool:

@@ -132,6 +132,11 @@ class PruningLayout:
         return sum(k.size for k in self.kernels)
 
 
+def is_pruning_wrapper(layer) -> bool:
+    """Whether `layer` is tfmot's `PruneLowMagnitude` or a subclass (without importing tfmot)."""
+    return any(cls.__name__ == "PruneLowMagnitude" for cls in type(layer).__mro__)
+
+
 def is_prunable(layer, *, is_output: bool, prune_output_layer: bool) -> bool:
     """Whether fedprune wraps `layer`: Dense/Conv kernels, optionally not the output layer."""
     if is_output and not prune_output_layer:

@@ -101,6 +101,8 @@ class ClientSource(Protocol):
 
     def examples(self, client_id: str) -> tf.data.Dataset: ...
 
+    def cached_bytes(self) -> int: ...
+
 
 class ArraySource:
     """Clients as index arrays into one in-memory training set.
@@ -123,6 +125,7 @@ class ArraySource:
         self.client_indices = client_indices
         self.row_ids = np.arange(len(x)) if row_ids is None else np.asarray(row_ids)
         self._examples: dict[str, tf.data.Dataset] = {}
+        self._cached_bytes = 0
 
     def num_examples(self, client_id: str) -> int:
         return len(self.client_indices[client_id])
@@ -143,11 +146,18 @@ class ArraySource:
         cached = self._examples.get(client_id)
         if cached is None:
             idx = self.client_indices[client_id]
-            cached = _tf().data.Dataset.from_tensor_slices(
-                collections.OrderedDict(x=self.x[idx], y=self.y[idx])
-            )
+            x, y = self.x[idx], self.y[idx]
+            cached = _tf().data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y))
             self._examples[client_id] = cached
+            self._cached_bytes += x.nbytes + y.nbytes
         return cached
+
+    def cached_bytes(self) -> int:
+        """Bytes of the client rows `examples` has copied so far (x and y; 0 to start).
+
+        It grows as clients are first sampled, up to the training set's size.
+        """
+        return self._cached_bytes
 
     def label_count_matrix(self, client_ids: Sequence[str], num_classes: int) -> np.ndarray:
         labels = self.y[:, 0]
@@ -187,6 +197,10 @@ class TffSource:
 
     def examples(self, client_id: str) -> tf.data.Dataset:
         return self.to_examples(self.client_data.create_tf_dataset_for_client(client_id))
+
+    def cached_bytes(self) -> int:
+        """0: TFF's client datasets read their files on demand; nothing is kept."""
+        return 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -228,6 +242,10 @@ class FederatedData:
     def num_examples(self, client_id: str) -> int:
         """Stored examples of `client_id` (Shakespeare: snippets, not sequences)."""
         return self.source.num_examples(client_id)
+
+    def cached_client_bytes(self) -> int:
+        """Bytes of client data kept for reuse across rounds (`ArraySource.examples`)."""
+        return self.source.cached_bytes()
 
     def client_dataset(
         self,
