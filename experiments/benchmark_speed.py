@@ -139,7 +139,7 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
         parts.append(
             f"(a) − (s) = {ms(a - s_)}: the clients' pruning and their larger upload (masks "
             f"summed beside the mean, `mask_aggregation.py`); (s) − (b) = "
-            f"{ms(s_ - b)}: tfmot's wrappers in local training, the masked upload and the "
+            f"{ms(s_ - b)}: the wrappers' mask in local training, the masked upload and the "
             f"server's re-mask; (b) − (c-iter) = {ms(b - c)}: what fedprune's dense process "
             "adds to stock FedAvg on the same loop (round counters, the upload's byte count, "
             "the finalizer's mask diagnostics), less what its fewer passes over the clients "
@@ -467,6 +467,9 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
     table = speed_markdown(measured, input_seconds)
     profile = profile_notes({t.key: statistics.median(t.wall) for t in measured}, phases)
     config = plan.pruned
+    first_timed = 2 + plan.warmup_rounds
+    steady = sum(r > config.end_round
+                 for r in range(first_timed, first_timed + plan.timed_rounds))
     notes = f"""Setting: {config.dataset} ({len(data.client_ids)} clients, {config.partition}
 partition), model `{config.model}`, {config.clients_per_round} clients per round, batch
 {config.batch_size}, {config.local_epochs} local epoch(s), client SGD lr {config.client_lr},
@@ -474,7 +477,10 @@ server {config.server_optimizer} lr {config.server_lr}; (a) prunes
 {config.initial_sparsity:g} → {config.final_sparsity:g} over rounds
 {config.begin_round}–{config.end_round} (global sparsity {sparsity:.3f} after the last
 timed round). Round 1 untimed, then {plan.warmup_rounds} warm-up and {plan.timed_rounds}
-timed rounds per variant, interleaved round by round. Python CPU counts all threads of the
+timed rounds per variant (rounds {first_timed}–{first_timed + plan.timed_rounds - 1}),
+interleaved round by round; {steady} of the timed rounds come after round
+{config.end_round}, where masks are recomputed at a level already reached, which
+`masking.keep_top_k` does without the top-k. Python CPU counts all threads of the
 benchmark process (Keras runs there); worker CPU is TFF's `worker_binary`, where TFF
 executes the rounds. (b), (c) and (c-iter) end with weights equal to within {max_diff:.1e}
 (same initial weights, batches and optimizers); (d) and (f) within {floor_diff:.1e}.
