@@ -88,15 +88,17 @@ def scale_markdown(results: Sequence[dict]) -> str:
         python, worker = ([s[k] for s in r["rss"]] for k in ("python_anon", "worker_anon"))
         slopes = [_slope_cell(rss_slope(samples, window)) for samples in (
             python, [p - c for p, c in zip(python, cache, strict=True)], worker)]
-        before = first - 2 if first > 1 else None  # the sample after round first - 1
+        # The samples after round first - 1, just before the slope's rounds.
+        cache_before, largest_before = ((cache[first - 2], largest[first - 2]) if first > 1
+                                        else (0, 0))
         lines.append(
             f"| {r['dataset']} | {r['num_clients']} | {r['clients_per_round']} "
             f"| {r['worker_malloc']} ({r['malloc_arena_max']}) | {r['rounds']} "
             f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
             f"| {' | '.join(slopes)} | {first}–{r['rounds']} "
-            f"| {(cache[before] if before is not None else 0) / mib:.1f} → {cache[-1] / mib:.1f} "
-            f"| {largest[before] if before is not None else 0:,} → {largest[-1]:,} |")
+            f"| {cache_before / mib:.1f} → {cache[-1] / mib:.1f} "
+            f"| {largest_before:,} → {largest[-1]:,} |")
     return "\n".join(lines) + "\n"
 
 

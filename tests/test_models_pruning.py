@@ -120,10 +120,15 @@ def test_initial_weights_make_the_wrapper_valid_inside_tff(params, steps_after):
     assert [wrapped.non_trainable_weights[i].numpy() for i in layout.step_indices] == steps_after
 
 
+def _kernel_shapes(name, input_shape):
+    wrapped = wrappers.wrap_for_pruning(builders.build_model(name, input_shape, 10, seed=0))
+    return [k.shape for k in wrappers.pruning_layout(wrapped).kernels]
+
+
 def _train_six_steps(name, input_shape, params, masks):
     """Kernels and biases, and test outputs, of a wrapped model after 6 SGD steps.
 
-    `masks(layout)` gives the 0/1 mask of each pruned kernel (layout order).
+    `masks`: the 0/1 mask of each pruned kernel (layout order).
     """
     from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
@@ -137,7 +142,7 @@ def _train_six_steps(name, input_shape, params, masks):
     assert kinds == {"PruneLowMagnitude" if params else "MaskOnlyPruneLowMagnitude"}
     layout = wrappers.pruning_layout(wrapped)
     trainable, non_trainable = wrappers.initial_weights(wrapped, layout)
-    for k, mask in zip(layout.kernels, masks(layout), strict=True):
+    for k, mask in zip(layout.kernels, masks, strict=True):
         non_trainable[k.mask_index] = mask
     for var, value in zip([*wrapped.trainable_weights, *wrapped.non_trainable_weights],
                           [*trainable, *non_trainable], strict=True):
@@ -163,24 +168,18 @@ def test_round_wrappers_train_exactly_as_tfmots_wrapper_with_never_prune(name, i
     the same kernels, biases and outputs, bit for bit, after 6 SGD steps in a
     tf.function inside a half-zero mask."""
     rng = np.random.default_rng(1)
-    drawn = []
-
-    def masks(layout):
-        if not drawn:
-            drawn.extend((rng.random(k.shape) < 0.5).astype(np.float32) for k in layout.kernels)
-        return drawn
-
+    shapes = _kernel_shapes(name, input_shape)
+    masks = [(rng.random(shape) < 0.5).astype(np.float32) for shape in shapes]
     mine = _train_six_steps(name, input_shape, None, masks)
     tfmots = _train_six_steps(name, input_shape,
                               {"pruning_schedule": wrappers._never_prune_class()()}, masks)
-    assert 0.45 < np.mean([m.mean() for m in drawn]) < 0.55
+    assert 0.45 < np.mean([m.mean() for m in masks]) < 0.55
     for a, b in zip(mine[0], tfmots[0], strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(mine[1], tfmots[1])
     # The masks matter: training without them (all ones) gives other outputs.
-    assert not np.array_equal(mine[1], _train_six_steps(
-        name, input_shape, None, lambda layout: [np.ones(k.shape, np.float32)
-                                                 for k in layout.kernels])[1])
+    ones = [np.ones(shape, np.float32) for shape in shapes]
+    assert not np.array_equal(mine[1], _train_six_steps(name, input_shape, None, ones)[1])
 
 
 def test_strip_keeps_masked_kernels():

@@ -68,7 +68,7 @@ def mask_only_wrapper_class():
         the cond never updates, and nothing reads a client's step in round
         granularity (TFF returns only the trainable delta; the server sets every
         broadcast step, `server_masking.py`), so these ops change no weight; they
-        cost ~0.1 ms per batch on the mlp (BUILD_NOTES.md, "Round-granularity
+        cost 25 µs per batch on the mlp, idle (BUILD_NOTES.md, "Round-granularity
         wrappers apply the mask only"). The variables, the mask op
         (`weight_mask_op`, on every call as in tfmot, training or not), the
         layer's call and `strip_pruning` are tfmot's.
@@ -165,7 +165,6 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=N
     """
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
-    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
     from fedprune.errors import check
 
@@ -195,8 +194,7 @@ def wrap_for_pruning(model, *, prune_output_layer: bool = True, pruning_params=N
 
     with keras_backend.deprecated_internal_learning_phase_scope(0):
         wrapped = tf.keras.models.clone_model(model, clone_function=clone_fn)
-    check(any(isinstance(layer, pruning_wrapper.PruneLowMagnitude)
-              for layer in wrapped.layers),
+    check(any(is_pruning_wrapper(layer) for layer in wrapped.layers),
           "prune_output_layer", prune_output_layer, "a model with at least one prunable layer")
     return wrapped
 
@@ -229,15 +227,13 @@ def stable_names(layers) -> list[str]:
 
 def pruning_layout(wrapped_model) -> PruningLayout:
     """Reads the positions of kernels, masks, thresholds and steps of a wrapped model."""
-    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
-
     trainable = {v.ref(): i for i, v in enumerate(wrapped_model.trainable_weights)}
     non_trainable = {v.ref(): i for i, v in enumerate(wrapped_model.non_trainable_weights)}
     kernels, steps = [], []
-    names = stable_names([layer.layer if isinstance(layer, pruning_wrapper.PruneLowMagnitude)
+    names = stable_names([layer.layer if is_pruning_wrapper(layer)
                            else layer for layer in wrapped_model.layers])
     for layer, name in zip(wrapped_model.layers, names, strict=True):
-        if not isinstance(layer, pruning_wrapper.PruneLowMagnitude):
+        if not is_pruning_wrapper(layer):
             continue
         steps.append(non_trainable[layer.pruning_step.ref()])
         for weight, mask, threshold in layer.pruning_vars:
