@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from experiments.process_stats import (
     anon_rss,
-    arena_max,
     format_seconds,
+    malloc_settings,
     median_range,
     peak_rss,
     worker_processes,
@@ -73,7 +73,7 @@ def scale_markdown(results: Sequence[dict]) -> str:
     MiB per round, ✗ a larger one.
     """
     mib = 1024**2
-    lines = ["| dataset | clients | per round | worker malloc (MALLOC_ARENA_MAX) | rounds "
+    lines = ["| dataset | clients | per round | worker malloc (its MALLOC_ variables) | rounds "
              "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
              "| anon. RSS slope Python (MiB/round) | the same less the client-data cache "
              "| anon. RSS slope worker (MiB/round) | slope rounds "
@@ -93,7 +93,7 @@ def scale_markdown(results: Sequence[dict]) -> str:
                                         else (0, 0))
         lines.append(
             f"| {r['dataset']} | {r['num_clients']} | {r['clients_per_round']} "
-            f"| {r['worker_malloc']} ({r['malloc_arena_max']}) | {r['rounds']} "
+            f"| {r['worker_malloc']} ({r['malloc_env']}) | {r['rounds']} "
             f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
             f"| {' | '.join(slopes)} | {first}–{r['rounds']} "
@@ -112,13 +112,14 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
       A JSON-able dict: round seconds; RSS and anonymous RSS (bytes) of the
       Python process and of the worker, and the bytes of client data the Python
       process keeps for later rounds (`FederatedData.cached_client_bytes`),
-      after every round; their peak RSS (bytes); the size of the largest client
-      trained so far after every round.
+      after every round (the Python process's once it has handed its free heap
+      pages back, `runtime.memory.release_free_heap`); their peak RSS (bytes);
+      the size of the largest client trained so far after every round.
     """
     import psutil
 
     from fedprune.program import assembly
-    from fedprune.runtime import workers
+    from fedprune.runtime import memory, workers
 
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
@@ -132,6 +133,9 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
         round_seconds.append(time.perf_counter() - start)
         # Memory that malloc keeps after the largest client so far is not a leak.
         largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))
+        # What the Python process keeps, not the round's freed heap pages that the
+        # next round's `round_inputs` would hand back first anyway (BUILD_NOTES.md).
+        memory.release_free_heap()
         procs = worker_processes()
         rss.append({"python": current_rss(me), "worker": sum(current_rss(w) for w in procs),
                     "python_anon": anon_rss(me), "worker_anon": sum(anon_rss(w) for w in procs),
@@ -142,7 +146,7 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
     procs = worker_processes()
     peak = {"python": peak_rss(me), "worker": sum(peak_rss(w) for w in procs)}
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
-            "malloc_arena_max": arena_max(procs),
+            "malloc_env": malloc_settings(procs),
             "worker_malloc": os.environ.get(workers.WORKER_MALLOC_ENV) or "fedprune",
             "dataset": config.dataset + ("" if config.dataset == "synthetic"
                                          else f" {config.partition}"),
@@ -219,7 +223,11 @@ TensorFlow's code, which the kernel drops and reloads at will, swinging the Pyth
 process's RSS by 100 MiB or more from round to round on a machine that reclaims cold
 pages) sampled after each of the last {plan.scale_slope_rounds}
 rounds (rounds {plan.scale_rounds - plan.scale_slope_rounds + 1}–{plan.scale_rounds}), of
-the Python process and of the worker: a per-round leak keeps them positive, while a one-off
+the Python process and of the worker; the Python process first hands its free heap pages
+back to the OS (`runtime.memory.release_free_heap`, which every round's
+`assembly.round_inputs` does first anyway), so its samples show what it keeps rather
+than how much of the round's freed memory is still resident (which scattered them by
+~15 MiB at 100 clients per round). A per-round leak keeps them positive, while a one-off
 rise earlier does not, such as malloc keeping the memory of the largest client trained so
 far (last column: its size before the slope's rounds → at the end). The Python process
 also keeps each client's rows once the client has been sampled, for its later rounds
@@ -232,10 +240,11 @@ a slope of at most {MAX_RSS_SLOPE:g} MiB per round for each process (✓ met, �
 malloc" is how the worker was started: `fedprune`, with fedprune's defaults
 (`runtime.workers.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
 (`FEDPRUNE_WORKER_MALLOC=glibc`, rows only with `--scale_worker_malloc=fedprune,glibc`);
-in brackets, MALLOC_ARENA_MAX read from the running worker's environment ("unset":
-glibc's default, up to 8 arenas per core); the Python process runs with glibc's defaults
-in every row and hands its free heap pages back to the OS once a round, as every fedprune
-run does (`runtime.memory.release_free_heap`, from `assembly.round_inputs`; off with
+in brackets, the glibc MALLOC_ variables read from the running worker's environment
+("none": glibc's defaults, up to 8 arenas per core and a sliding mmap threshold); the
+Python process runs with glibc's defaults in every row and hands its free heap pages
+back to the OS once a round, as every fedprune run does
+(`runtime.memory.release_free_heap`, from `assembly.round_inputs`; off with
 `FEDPRUNE_MALLOC_TRIM=0`). The `digits iid` rows are a control, not the workload:
 the same rounds, model and worker on digits split iid over the same number of clients (1-2
 examples each), so no round brings a larger client than before; a per-round leak of the

@@ -33,15 +33,21 @@ def cpu_seconds() -> tuple[float, float]:
     return own.user + own.system, worker
 
 
-def arena_max(workers) -> str:
-    """MALLOC_ARENA_MAX in the workers' environment ("unset": glibc's default)."""
+def malloc_settings(workers) -> str:
+    """The glibc `MALLOC_*` variables in the workers' environment, e.g. "MALLOC_ARENA_MAX=2".
+
+    Comma-separated in name order; "none" when there are none (glibc's defaults),
+    "unknown" when no worker's environment can be read.
+    """
     import psutil
 
     for proc in workers:
         try:
-            return proc.environ().get("MALLOC_ARENA_MAX", "unset")
+            environ = proc.environ()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+        return ", ".join(f"{k}={v}" for k, v in sorted(environ.items())
+                         if k.startswith("MALLOC_")) or "none"
     return "unknown"
 
 

@@ -10,8 +10,9 @@ binary (SIGKILL after a few seconds if that does not stop it); it then exits
 with status 0. If the binary dies by itself, this exits non-zero. On Linux the
 binary also dies if this process is SIGKILLed (see `runtime.workers.start_worker_process`).
 Like every worker fedprune starts, it runs with glibc's malloc arenas capped
-(`MALLOC_ARENA_MAX` = usable cores, at least 2, unless the environment sets
-it; `FEDPRUNE_WORKER_MALLOC=glibc` keeps glibc's defaults): see
+(`MALLOC_ARENA_MAX` = usable cores, at least 2) and blocks of 1 MiB or more
+mapped on their own (`MALLOC_MMAP_THRESHOLD_`), each unless the environment
+sets it (`FEDPRUNE_WORKER_MALLOC=glibc` keeps glibc's defaults): see
 `runtime.workers.worker_environment`.
 A port already in use is refused: gRPC's SO_REUSEPORT would otherwise let two
 workers share it and split the calls between them.

@@ -356,6 +356,30 @@ def test_speed_markdown_ratios_and_targets():
     assert benchmark_speed.speed_ratios({"a": 1.0, "c-iter": 2.0, "b": 2.0})["a/c-iter"] == 0.5
 
 
+class _FakeProcess:
+    def __init__(self, environ=None):
+        self._environ = environ
+
+    def environ(self):
+        if self._environ is None:
+            raise psutil.NoSuchProcess(1)
+        return self._environ
+
+
+@pytest.mark.parametrize("environs, expected", [
+    ([{"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_ARENA_MAX": "2"}],
+     "MALLOC_ARENA_MAX=2, MALLOC_MMAP_THRESHOLD_=1048576"),
+    ([None, {"MALLOC_ARENA_MAX": "4"}], "MALLOC_ARENA_MAX=4"),  # a worker that is gone
+    ([{"PATH": "/bin", "GLIBC_TUNABLES": "x"}], "none"),
+    ([None], "unknown"),
+    ([], "unknown"),
+])
+def test_malloc_settings_reads_the_workers_malloc_variables(environs, expected):
+    from experiments.process_stats import malloc_settings
+
+    assert malloc_settings([_FakeProcess(e) for e in environs]) == expected
+
+
 @pytest.mark.parametrize("n, k", [(5, 0), (6, 1), (10, 2), (20, 6), (30, 10), (100, 40)])
 def test_median_ci_takes_the_binomial_order_statistics(n, k):
     """95 % intervals of the median: the k-th smallest and largest of n (k = 0: the range)."""
@@ -390,7 +414,7 @@ def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
     worker = [100, 200, 300, 302, 304]
     # Of Python's rise, 0.03 MiB per round is newly cached client data: 0.01 is left.
     cache = [1, 2, 3, 3.03, 3.06]
-    result = {"num_clients": 1000, "clients_per_round": 10, "malloc_arena_max": "2",
+    result = {"num_clients": 1000, "clients_per_round": 10, "malloc_env": "MALLOC_ARENA_MAX=2",
               "worker_malloc": "fedprune", "dataset": "synthetic",
               "rounds": 5, "baseline_round": 2, "slope_rounds": 3,
               "round_seconds": [9.0, 9.0, 0.2, 0.4, 0.3],
@@ -400,7 +424,7 @@ def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
                       for p, w, c in zip(python, worker, cache, strict=True)],
               "peak_rss": {"python": 700.4 * 2**20, "worker": 304 * 2**20}}
     rows = _table_rows(benchmark_scale.scale_markdown([result]))
-    assert rows["dataset"] == ["clients", "per round", "worker malloc (MALLOC_ARENA_MAX)",
+    assert rows["dataset"] == ["clients", "per round", "worker malloc (its MALLOC_ variables)",
                                "rounds", "median round (s)", "min–max (s)",
                                "peak RSS Python (MiB)", "peak RSS worker (MiB)",
                                "anon. RSS slope Python (MiB/round)",
@@ -409,9 +433,9 @@ def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
                                "client-data cache (MiB)", "largest client so far (examples)"]
     # Rounds 1..baseline are left out of the round-time statistics; the cache and the
     # largest client are shown before the slope's rounds (after round 2) and at the end.
-    assert rows["synthetic"] == ["1000", "10", "fedprune (2)", "5", "0.300", "0.200–0.400",
-                                 "700", "304", "+0.040 ✓", "+0.010 ✓", "+2.000 ✗", "3–5",
-                                 "2.0 → 3.1", "60 → 900"]
+    assert rows["synthetic"] == ["1000", "10", "fedprune (MALLOC_ARENA_MAX=2)", "5", "0.300",
+                                 "0.200–0.400", "700", "304", "+0.040 ✓", "+0.010 ✓",
+                                 "+2.000 ✗", "3–5", "2.0 → 3.1", "60 → 900"]
 
 
 @pytest.mark.slow
@@ -425,8 +449,8 @@ def test_scale_smoke_reports_peaks_and_slopes_of_both_processes():
     _assert_gone(workers)
     rows = _table_rows(result.stdout)
     (row,) = [cells for first, cells in rows.items() if first.startswith("synthetic")]
-    arenas = workers_lib.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
-    assert row[:4] == ["20", "4", f"fedprune ({arenas})", "12"]
+    malloc = ", ".join(f"{k}={v}" for k, v in sorted(workers_lib.WORKER_MALLOC_DEFAULTS.items()))
+    assert row[:4] == ["20", "4", f"fedprune ({malloc})", "12"]
     assert float(row[6]) > 100 and float(row[7]) > 10  # peak RSS, MiB: TF alone is more
     for cell in row[8:11]:
         value, mark = cell.split()

@@ -149,11 +149,16 @@ def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, lev
             absl_logging.set_verbosity(saved_absl_verbosity)
 
 
-def test_worker_environment_caps_malloc_arenas_unless_told_otherwise():
+def test_worker_environment_sets_malloc_defaults_unless_told_otherwise():
     arenas = workers.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
     assert int(arenas) >= 2
-    assert workers.worker_environment({"A": "1"}) == {"A": "1", "MALLOC_ARENA_MAX": arenas}
-    assert workers.worker_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+    assert workers.worker_environment({"A": "1"}) == {
+        "A": "1", "MALLOC_ARENA_MAX": arenas, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    # A value the environment already has wins, one variable at a time.
+    assert workers.worker_environment({"MALLOC_ARENA_MAX": "8"}) == {
+        "MALLOC_ARENA_MAX": "8", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    assert workers.worker_environment({"MALLOC_MMAP_THRESHOLD_": "0"}) == {
+        "MALLOC_ARENA_MAX": arenas, "MALLOC_MMAP_THRESHOLD_": "0"}
     glibc = {workers.WORKER_MALLOC_ENV: "glibc"}
     assert workers.worker_environment(glibc) == glibc
     with pytest.raises(ValueError, match="FEDPRUNE_WORKER_MALLOC='jemalloc'"):
@@ -284,7 +289,9 @@ def test_worker_module_serves_and_stops_on_sigterm(tmp_path):
         found = _identities(workers.worker_descendants(service.pid))
         assert len(found) == 1
         environ = psutil.Process(found[0][0]).environ()
-        assert environ.get("MALLOC_ARENA_MAX") == workers.worker_environment()["MALLOC_ARENA_MAX"]
+        expected = workers.worker_environment()
+        for name in workers.WORKER_MALLOC_DEFAULTS:
+            assert environ.get(name) == expected[name], name
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
         service.send_signal(signal.SIGTERM)

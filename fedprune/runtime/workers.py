@@ -22,9 +22,10 @@ process survives it, on every exit path:
     when the thread that started it dies.
 
 Memory: every worker we start gets `MALLOC_ARENA_MAX` = the usable cores (at
-least 2) unless the environment sets it (`worker_environment`;
-`FEDPRUNE_WORKER_MALLOC=glibc` opts out), which keeps glibc's per-thread arenas
-from inflating its RSS; see BUILD_NOTES.md.
+least 2) and `MALLOC_MMAP_THRESHOLD_` = 1 MiB, each unless the environment sets
+it (`worker_environment`; `FEDPRUNE_WORKER_MALLOC=glibc` opts out), which keep
+glibc's per-thread arenas and large transient blocks from inflating its RSS;
+see BUILD_NOTES.md.
 
 Security: the worker speaks unauthenticated, unencrypted gRPC and `worker_binary`
 has no bind-address flag: it always listens on all interfaces (`[::]:PORT`),
@@ -68,15 +69,26 @@ def _usable_cores() -> int:
 
 
 # glibc malloc settings for every `worker_binary` fedprune starts (BUILD_NOTES.md,
-# "Worker memory"). glibc reads them once, at the worker's start-up. glibc's
-# default gives each thread that allocates concurrently its own arena, up to 8
-# per core, and the worker runs ~40 threads: its RSS then climbs for a long
-# while (+18 to +70 % from round 10 to 100 at 1,000 clients) although it does
-# not leak. One arena per usable core (at least 2; 2 on the 2-core machine it was
-# measured on) cut the worker's peak by about a quarter, its growth at 10
-# clients per round from +60 to +26 %, and kept Python + worker under +5 %. A
-# value already in the environment wins over these.
-WORKER_MALLOC_DEFAULTS = {"MALLOC_ARENA_MAX": str(max(2, _usable_cores()))}
+# "Worker memory"). glibc reads them once, at the worker's start-up; a value
+# already in the environment wins over these.
+# * MALLOC_ARENA_MAX: glibc's default gives each thread that allocates
+#   concurrently its own arena, up to 8 per core, and the worker runs ~40
+#   threads: its RSS then climbs for a long while (+18 to +70 % from round 10 to
+#   100 at 1,000 clients) although it does not leak. One arena per usable core
+#   (at least 2; 2 on the 2-core machine it was measured on) cut the worker's
+#   peak by about a quarter and its growth at 10 clients per round from +60 to
+#   +26 %.
+# * MALLOC_MMAP_THRESHOLD_: blocks of 1 MiB or more (a large client's data and
+#   the buffers that carry it) get their own mapping, unmapped when freed.
+#   glibc's default threshold slides up to the largest block freed so far, so
+#   after the first large client such blocks came from the arenas, and a round
+#   with more data than usual left them larger: at 1,000 clients, 100 per
+#   round, the worker's anonymous RSS stepped up ~30 MiB after such rounds and
+#   kept most of it (235 -> 270 MiB at round 200 of one run). With the fixed
+#   threshold it falls back to the same level after each of them (198-210 MiB
+#   from round 40 to 300 of one run), and rounds are no slower.
+WORKER_MALLOC_DEFAULTS = {"MALLOC_ARENA_MAX": str(max(2, _usable_cores())),
+                          "MALLOC_MMAP_THRESHOLD_": str(2**20)}
 # `FEDPRUNE_WORKER_MALLOC=glibc` starts workers with glibc's own defaults instead.
 WORKER_MALLOC_ENV = "FEDPRUNE_WORKER_MALLOC"
 
