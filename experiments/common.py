@@ -360,7 +360,9 @@ def run(main) -> None:
 
     SIGINT and SIGTERM, at any moment from here on (flag parsing, the TF import,
     tracing, a round, a checkpoint), end the driver through `_exit_interrupted`:
-    one line on stderr, no worker left, status 130 (by SIGINT) or 143.
+    one line on stderr, no worker left, status 130 (by SIGINT) or 143; also
+    when the error that reaches this function is another one (native code
+    converts exceptions), as long as a signal was recorded.
     """
     from fedprune.runtime import interrupts
 
@@ -382,6 +384,13 @@ def run(main) -> None:
     except SystemExit as e:  # `fail`, --help: their status
         code = e.code
     except Exception:  # noqa: BLE001 -- reported as the interpreter would, status 1
+        signum = interrupts.interrupt_signal()
+        if signum is not None:
+            # The interrupt, turned into another error by native code on its way
+            # here: pybind11 reports any exception raised while a module initializes
+            # as `ImportError: initialization failed` (seen when SIGTERM landed in
+            # `import tensorflow`, tests/test_interrupts_random.py).
+            _exit_interrupted(signum)
         traceback.print_exc()
         code = 1
     _exit_without_teardown(code)
