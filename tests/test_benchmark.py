@@ -449,8 +449,10 @@ def test_scale_smoke_reports_peaks_and_slopes_of_both_processes():
     _assert_gone(workers)
     rows = _table_rows(result.stdout)
     (row,) = [cells for first, cells in rows.items() if first.startswith("synthetic")]
-    malloc = ", ".join(f"{k}={v}" for k, v in sorted(workers_lib.WORKER_MALLOC_DEFAULTS.items()))
-    assert row[:4] == ["20", "4", f"fedprune ({malloc})", "12"]
+    arenas = workers_lib.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
+    assert row[:4] == ["20", "4",
+                       f"fedprune (MALLOC_ARENA_MAX={arenas}, MALLOC_MMAP_THRESHOLD_=1048576)",
+                       "12"]
     assert float(row[6]) > 100 and float(row[7]) > 10  # peak RSS, MiB: TF alone is more
     for cell in row[8:11]:
         value, mark = cell.split()
