@@ -14,7 +14,10 @@ experiments.compare_schedules` child into its own temporary run tree:
                         split into that many child processes.
 
 Each wall time is the whole command's (imports, tracing, training, tables), so
-the ratios are what a user waits. Every run's metrics.csv must agree across the
+the ratios are what a user waits. Its CPU time is user + system seconds of the
+command and of every process it waited for (the cell children and the TFF
+workers, which fedprune stops and reaps), from `RUSAGE_CHILDREN`; CPU / wall is
+how many cores the path kept busy. Every run's metrics.csv must agree across the
 paths to 1e-6 (all columns but the wall-clock ones); the section fails otherwise.
 `--grid_paths` picks and orders the paths (default all three); speed-ups are
 against the first.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -106,17 +110,19 @@ def run_grid_section(plan: Plan, log) -> tuple[str, str]:
             command = [sys.executable, "-m", "experiments.compare_schedules",
                        f"--flagfile={flagfile_path}", *grid_args, *path.flags,
                        f"--output_dir={root}"]
+            cpu_before = children_cpu_seconds()
             start = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True,
                                   stdin=subprocess.DEVNULL)
             wall = time.perf_counter() - start
+            cpu = children_cpu_seconds() - cpu_before
             if done.returncode != 0:
                 raise RuntimeError(f"grid section: {path.label} exited with status "
                                    f"{done.returncode}: {done.stderr.strip()[-500:]}")
             cells = sorted(p.parent.name for p in root.glob("*/summary.json"))
-            rows.append((path.label, len(cells), wall))
+            rows.append((path.label, len(cells), wall, cpu))
             trees.append((root, cells))
-            log(f"grid: {path.label}: {len(cells)} cells in {wall:.1f} s")
+            log(f"grid: {path.label}: {len(cells)} cells in {wall:.1f} s ({cpu:.1f} s CPU)")
         reference_root, reference_cells = trees[0]
         worst = 0.0
         for root, cells in trees[1:]:
@@ -128,17 +134,36 @@ def run_grid_section(plan: Plan, log) -> tuple[str, str]:
         if worst > TOLERANCE:
             raise RuntimeError(f"grid section: metrics differ between paths by {worst:g} "
                                f"(> {TOLERANCE:g})")
-    first_label, _, first_wall = rows[0]
-    lines = [f"| path | cells | wall (s) | s per cell | speed-up vs {first_label} |",
-             "| :-- | --: | --: | --: | --: |"]
-    lines += [f"| {label} | {cells} | {wall:.1f} | {wall / cells:.2f} | "
-              f"{first_wall / wall:.2f}× |" for label, cells, wall in rows]
+    return grid_table(rows), grid_notes(plan, grid_args, worst)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for descendants so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def grid_table(rows) -> str:
+    """The section's table; `rows`: (path label, cells, wall s, CPU s) per path, first = 1×."""
+    first_label, _, first_wall, _ = rows[0]
+    lines = [f"| path | cells | wall (s) | s per cell | CPU (s) | cores busy (CPU / wall) "
+             f"| speed-up vs {first_label} |",
+             "| :-- | --: | --: | --: | --: | --: | --: |"]
+    lines += [f"| {label} | {cells} | {wall:.1f} | {wall / cells:.2f} | {cpu:.1f} | "
+              f"{cpu / wall:.2f} | {first_wall / wall:.2f}× |"
+              for label, cells, wall, cpu in rows]
+    return "\n".join(lines) + "\n"
+
+
+def grid_notes(plan: Plan, grid_args, worst: float) -> str:
+    """The notes under the table: the grid, the paths, the metrics check, the target."""
     config = plan.grid_base
-    notes = f"""Grid: {' '.join(grid_args)} on {config.dataset} ({config.num_clients} clients,
+    return f"""Grid: {' '.join(grid_args)} on {config.dataset} ({config.num_clients} clients,
 {config.rounds} rounds of {config.clients_per_round}, model `{config.model}`), each path a
 fresh `python -m experiments.compare_schedules` (wall: the whole command, imports
 included). Build per cell sets FEDPRUNE_REBUILD_PROCESSES=1 (`experiments/grid.py`),
 the code path before one trace per grid. Every run's metrics agree across the paths:
 max |difference| {worst:.2g} over all metrics.csv values (tolerance {TOLERANCE:g}). The
-section's target: the last row at least 3× the first."""
-    return "\n".join(lines) + "\n", notes
+section's target: the last row at least 3× the first. CPU counts the command and every
+process it waited for (cell children, TFF workers); cores busy near the usable cores
+means the path is bound by CPU, not by waiting."""

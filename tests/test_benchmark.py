@@ -219,20 +219,45 @@ def test_grid_section_trains_the_grid_along_two_paths_with_equal_metrics(tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_gone(workers)
     rows = _table_rows(result.stdout)
-    assert rows["path"] == ["cells", "wall (s)", "s per cell", "speed-up vs one trace per grid"]
+    assert rows["path"] == ["cells", "wall (s)", "s per cell", "CPU (s)",
+                            "cores busy (CPU / wall)", "speed-up vs one trace per grid"]
     cores = len(os.sched_getaffinity(0))
     labels = ["one trace per grid", f"one trace per grid + {cores} parallel cells"]
     assert [label for label in rows if label != "path"] == labels
     for label in labels:
-        cells, wall, per_cell, speedup = rows[label]
+        cells, wall, per_cell, cpu, busy, speedup = rows[label]
         assert cells == "3"  # dense, constant, polynomial
         assert float(per_cell) == pytest.approx(float(wall) / 3, abs=0.03)  # both rounded
+        # A TensorFlow import and a trace alone take seconds of CPU.
+        assert float(cpu) > 3
+        assert float(busy) == pytest.approx(float(cpu) / float(wall), abs=0.02)
         assert float(speedup.rstrip("×")) > 0
-    assert rows[labels[0]][3] == "1.00×"
+    assert rows[labels[0]][5] == "1.00×"
     text = output.read_text()
     difference = re.search(r"max \|difference\| ([0-9.e+-]+) over all", text)
     assert float(difference.group(1)) <= 1e-6
     assert "<!-- benchmark:grid -->" in text
+
+
+@pytest.mark.parametrize("spinner", ["child", "grandchild"])
+def test_children_cpu_seconds_counts_waited_for_descendants(spinner):
+    """The grid section's CPU column: a child's CPU, and that of a process the child
+    started and waited for (as a cell child waits for its TFF worker)."""
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+    code = spin if spinner == "child" else (
+        f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {spin!r}], check=True)\n")
+    before = benchmark_grid.children_cpu_seconds()
+    subprocess.run([sys.executable, "-S", "-c", code], check=True)
+    assert benchmark_grid.children_cpu_seconds() - before >= 0.4
+
+
+def test_grid_table_reports_cpu_and_cores_busy():
+    table = benchmark_grid.grid_table([("build per cell", 18, 200.0, 190.0),
+                                       ("one trace per grid + 2 parallel cells", 18, 100.0,
+                                        180.0)])
+    assert table.splitlines()[2:] == [
+        "| build per cell | 18 | 200.0 | 11.11 | 190.0 | 0.95 | 1.00× |",
+        "| one trace per grid + 2 parallel cells | 18 | 100.0 | 5.56 | 180.0 | 1.80 | 2.00× |"]
 
 
 @pytest.mark.slow

@@ -121,3 +121,38 @@ def test_label_heatmap_of_a_partition_drawn_before_is_written_from_memory(tmp_pa
         plots.plot_label_heatmap(counts, tmp_path / "c" / "heat.png", title="t2")
     with pytest.raises(AssertionError, match="drawn again"):  # other counts: drawn
         plots.plot_label_heatmap(counts + 1, tmp_path / "d" / "heat.png", title="t1")
+
+
+@pytest.mark.parametrize("figure", ["stacked axes", "heat map with colorbar"])
+def test_figure_bytes_lays_out_once_and_keeps_that_layout(monkeypatch, figure):
+    import io
+
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    def draw():
+        if figure == "stacked axes":
+            fig, axes = plots.new_figure(3)
+            for i, ax in enumerate(axes):
+                ax.plot(range(10), np.arange(10) ** i, label=f"power {i}")
+                ax.set_ylabel(f"a long label {i}")
+                ax.legend()
+            fig.suptitle("title")
+            return fig
+        counts = np.random.default_rng(0).integers(0, 30, (6, 4))
+        return plots._label_heatmap_figure(counts, "title")
+
+    reference = draw()
+    reference.savefig(io.BytesIO(), format="png", dpi=plots.DPI)  # laid out once, by the PNG
+    layouts = []
+    execute = ConstrainedLayoutEngine.execute
+    monkeypatch.setattr(ConstrainedLayoutEngine, "execute",
+                        lambda self, fig: layouts.append(fig) or execute(self, fig))
+    fig = draw()
+    files = plots.figure_bytes(fig)
+    assert len(layouts) == 1  # one layout for both formats (each savefig redid it before)
+    assert files["png"].startswith(b"\x89PNG") and files["pdf"].startswith(b"%PDF")
+    # The PDF was drawn where the PNG's layout put every axes (colorbar included).
+    assert len(fig.axes) == len(reference.axes) >= 3
+    for ax, ref in zip(fig.axes, reference.axes, strict=True):
+        np.testing.assert_allclose(ax.get_position().bounds, ref.get_position().bounds,
+                                   atol=1e-12)

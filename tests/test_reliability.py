@@ -162,7 +162,6 @@ def test_normal_exit_leaves_no_worker(reference):
     cli.assert_workers_gone()
 
 
-
 def test_round_loop_stops_on_a_swallowed_interrupt(tmp_path, tff_local_context):
     """A SIGINT whose KeyboardInterrupt is swallowed still stops the run at the next phase.
 
@@ -278,5 +277,3 @@ def test_resume_with_other_flags_fails_clearly(reference, tmp_path):
     assert "different flags" in stderr_lines[0] and "--overwrite" in stderr_lines[0]
     assert result.stdout == ""
     assert snapshot(output_dir) == before
-
-

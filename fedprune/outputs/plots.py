@@ -64,12 +64,19 @@ def label_rounds(ax) -> None:
 
 
 def figure_bytes(fig) -> dict[str, bytes]:
-    """{format: the file's bytes} of `fig` in each of `FORMATS` (PNG at `DPI`)."""
+    """{format: the file's bytes} of `fig` in each of `FORMATS` (PNG at `DPI`).
+
+    The figure's layout engine (constrained layout) runs for the first format
+    only; the later ones keep the axes where it put them (each `savefig` with an
+    engine pays an extra draw to lay out: BUILD_NOTES.md, "Figures lay out
+    once"). Leaves `fig` without a layout engine.
+    """
     out = {}
     for fmt in FORMATS:
         buffer = io.BytesIO()
         fig.savefig(buffer, format=fmt, dpi=DPI)
         out[fmt] = buffer.getvalue()
+        fig.set_layout_engine("none")  # keeps the positions the first format's layout set
     return out
 
 

@@ -73,38 +73,10 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN or Inf loss or weight."""
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _fmt_seconds(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.0f}s"
     return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-
-
-
-
-
-
 
 
 def _train_round(config: ExperimentConfig, pp, evaluator, state, weights, inputs, round_num: int,
@@ -383,8 +355,6 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     return summary
 
 
-
-
 def _shrink(config: ExperimentConfig, data, pp, evaluator: evaluation.Evaluator, state, weights,
             round_num: int, output_dir: Path):
     """Cuts the removed units out of the global model.
@@ -506,13 +476,3 @@ def _shrunk_architecture(config: ExperimentConfig, data, pp, output_dir: Path):
     small = surgery.shrink(plain, kept)
     new_pp = assembly.build_process(config, data, shrunk_model=small)
     return new_pp, evaluation.Evaluator.create(new_pp.keras_model_fn, data)
-
-
-
-
-
-
-
-
-
-
