@@ -38,6 +38,8 @@ WORKER_MALLOC_MODES = ("fedprune", "glibc")
 # for the Python process and for the worker alike; more suggests a per-round leak.
 MAX_RSS_SLOPE = 0.05
 MIN_SLOPE_ROUNDS = 10  # the fewest rounds a slope is fitted over
+# Rounds per block of `minima_slope`: the slope of each block's minimum RSS.
+MINIMA_BLOCK_ROUNDS = 10
 SCALE_RESULT_PREFIX = "SCALE_RESULT "
 # The control's data: every client gets 1-2 of digits' 1,437 training examples.
 CONTROL_FLAGS = ("--scale_dataset=digits", "--partition=iid")
@@ -60,6 +62,34 @@ def rss_slope(rss_bytes: Sequence[float], rounds: int) -> float:
         range(first + 1, len(rss_bytes) + 1), [b / 2**20 for b in rss_bytes[first:]]).slope
 
 
+def minima_slope(rss_bytes: Sequence[float], rounds: int,
+                block: int = MINIMA_BLOCK_ROUNDS) -> float | None:
+    """Slope, in MiB per round, of the minima of blocks of the last `rounds` RSS samples.
+
+    The last `rounds` samples are cut into blocks of `block` rounds, aligned to
+    the last round (a remainder at the start of the window is left out); the
+    result is the least-squares slope of each block's minimum against the
+    block's middle round, or None if fewer than two blocks fit. A leak raises
+    every block's minimum; memory held for a few rounds after a large client
+    (a spike) does not, though it can move `rss_slope` by as much as a leak.
+    """
+    if not 2 <= rounds <= len(rss_bytes):
+        raise ValueError(f"rounds={rounds}: expected 2..{len(rss_bytes)} (the samples given)")
+    if block < 1:
+        raise ValueError(f"block={block}: expected a whole number >= 1")
+    blocks = rounds // block
+    if blocks < 2:
+        return None
+    ends = range(len(rss_bytes) - (blocks - 1) * block, len(rss_bytes) + 1, block)
+    middles = [end - (block - 1) / 2 for end in ends]  # rounds are numbered from 1
+    minima = [min(rss_bytes[end - block:end]) / 2**20 for end in ends]
+    return statistics.linear_regression(middles, minima).slope
+
+
+def _minima_cell(slope: float | None) -> str:
+    return "—" if slope is None else f"{slope:+.3f}"
+
+
 def _slope_cell(slope: float) -> str:
     return f"{slope:+.3f} " + ("✓" if slope <= MAX_RSS_SLOPE else "✗")
 
@@ -77,9 +107,11 @@ def scale_markdown(results: Sequence[dict]) -> str:
              "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
              "| anon. RSS slope Python (MiB/round) | the same less the client-data cache "
              "| anon. RSS slope worker (MiB/round) | slope rounds "
+             f"| slope of {MINIMA_BLOCK_ROUNDS}-round minima Python "
+             f"| slope of {MINIMA_BLOCK_ROUNDS}-round minima worker "
              "| client-data cache (MiB) | largest client so far (examples) |",
              "| :-- | --: | --: | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: "
-             "| --: | --: |"]
+             "| --: | --: | --: | --: |"]
     for r in results:
         med, lo, hi = median_range(r["round_seconds"][r["baseline_round"]:])
         window, largest = r["slope_rounds"], r["largest_client"]
@@ -88,6 +120,7 @@ def scale_markdown(results: Sequence[dict]) -> str:
         python, worker = ([s[k] for s in r["rss"]] for k in ("python_anon", "worker_anon"))
         slopes = [_slope_cell(rss_slope(samples, window)) for samples in (
             python, [p - c for p, c in zip(python, cache, strict=True)], worker)]
+        minima = [_minima_cell(minima_slope(samples, window)) for samples in (python, worker)]
         # The samples after round first - 1, just before the slope's rounds.
         cache_before, largest_before = ((cache[first - 2], largest[first - 2]) if first > 1
                                         else (0, 0))
@@ -96,7 +129,7 @@ def scale_markdown(results: Sequence[dict]) -> str:
             f"| {r['worker_malloc']} ({r['malloc_env']}) | {r['rounds']} "
             f"| {format_seconds(med)} | {format_seconds(lo)}–{format_seconds(hi)} "
             f"| {r['peak_rss']['python'] / mib:.0f} | {r['peak_rss']['worker'] / mib:.0f} "
-            f"| {' | '.join(slopes)} | {first}–{r['rounds']} "
+            f"| {' | '.join(slopes)} | {first}–{r['rounds']} | {' | '.join(minima)} "
             f"| {cache_before / mib:.1f} → {cache[-1] / mib:.1f} "
             f"| {largest_before:,} → {largest[-1]:,} |")
     return "\n".join(lines) + "\n"
@@ -229,7 +262,14 @@ back to the OS (`runtime.memory.release_free_heap`, which every round's
 than how much of the round's freed memory is still resident (which scattered them by
 ~15 MiB at 100 clients per round). A per-round leak keeps them positive, while a one-off
 rise earlier does not, such as malloc keeping the memory of the largest client trained so
-far (last column: its size before the slope's rounds → at the end). The Python process
+far (last column: its size before the slope's rounds → at the end). The slopes of minima
+fit the minimum of each block of {MINIMA_BLOCK_ROUNDS} of those rounds instead of every
+sample (`minima_slope`; "—" with fewer than {2 * MINIMA_BLOCK_ROUNDS} of them): a leak
+raises every block's minimum, while memory a process holds for a few rounds after a large
+client raises only the samples of those rounds, which can move the least-squares slope by
+±0.1 MiB per round at 100 clients per round depending on where such rounds fall
+(BUILD_NOTES.md, "Worker memory"); the limit applies to the least-squares slopes. The
+Python process
 also keeps each client's rows once the client has been sampled, for its later rounds
 (`ArraySource.examples`, `fedprune/data/datasets/container.py`): that cache grows
 whenever a client is sampled for the first time, up to one copy of the training set, so it

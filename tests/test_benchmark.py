@@ -432,6 +432,35 @@ def test_rss_slope_least_squares_on_noisy_samples():
         benchmark_scale.rss_slope(samples, 6)
 
 
+@pytest.mark.parametrize("rounds, block, fitted", [
+    (30, 10, True),  # blocks of rounds 1-10, 11-20, 21-30
+    (30, 15, True),  # 1-15, 16-30
+    (25, 10, True),  # the last 25 rounds: 6-10 are left out, so 11-20, 21-30
+    (19, 10, False),  # one whole block: no slope
+])
+def test_minima_slope_fits_block_minima_and_ignores_spikes(rounds, block, fitted):
+    # A floor rising 0.01 MiB per round with a +40 MiB spike in rounds 5, 12, 19 and 26:
+    # each block's minimum is its first round's, so the minima rise 0.01 MiB per round.
+    samples = [(100 + 0.01 * (i - 1) + (40 if i % 7 == 5 else 0)) * 2**20
+               for i in range(1, 31)]
+    slope = benchmark_scale.minima_slope(samples, rounds, block)
+    assert slope == (pytest.approx(0.01, abs=1e-9) if fitted else None)
+
+
+def test_minima_slope_is_flat_where_only_spikes_rise():
+    # A flat floor with spikes late in the window: every sample's fit rises, the floor's not.
+    samples = [(216 + (30 if i in (24, 27, 29) else 0)) * 2**20 for i in range(1, 31)]
+    assert benchmark_scale.rss_slope(samples, 30) > 0.4
+    assert benchmark_scale.minima_slope(samples, 30) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_minima_slope_rejects_a_bad_window():
+    with pytest.raises(ValueError, match="rounds=6: expected 2..5"):
+        benchmark_scale.minima_slope([2**20] * 5, 6)
+    with pytest.raises(ValueError, match="block=0"):
+        benchmark_scale.minima_slope([2**20] * 5, 5, block=0)
+
+
 def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
     # Python RSS rises 0.04 MiB per round (within the limit), the worker's 2 MiB per round,
     # over the last 3 rounds (3-5); the jumps before them do not count.
@@ -455,12 +484,14 @@ def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
                                "anon. RSS slope Python (MiB/round)",
                                "the same less the client-data cache",
                                "anon. RSS slope worker (MiB/round)", "slope rounds",
+                               "slope of 10-round minima Python",
+                               "slope of 10-round minima worker",
                                "client-data cache (MiB)", "largest client so far (examples)"]
     # Rounds 1..baseline are left out of the round-time statistics; the cache and the
     # largest client are shown before the slope's rounds (after round 2) and at the end.
     assert rows["synthetic"] == ["1000", "10", "fedprune (MALLOC_ARENA_MAX=2)", "5", "0.300",
                                  "0.200–0.400", "700", "304", "+0.040 ✓", "+0.010 ✓",
-                                 "+2.000 ✗", "3–5", "2.0 → 3.1", "60 → 900"]
+                                 "+2.000 ✗", "3–5", "—", "—", "2.0 → 3.1", "60 → 900"]
 
 
 @pytest.mark.slow
@@ -483,9 +514,10 @@ def test_scale_smoke_reports_peaks_and_slopes_of_both_processes():
         value, mark = cell.split()
         assert mark == ("✓" if float(value) <= benchmark_scale.MAX_RSS_SLOPE else "✗")
     assert row[11] == "3–12"
+    assert row[12:14] == ["—", "—"]  # 10 rounds: one block of 10, no minima slope
     # 4 of 20 clients a round: the cache holds clients before the slope's rounds and never
     # shrinks.
-    before, end = (float(v) for v in row[12].split(" → "))
+    before, end = (float(v) for v in row[14].split(" → "))
     assert 0 < before <= end
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import zlib
 from collections.abc import Callable, Sequence
@@ -77,19 +78,61 @@ def preprocess_client_dataset(
     check_positive_int(local_epochs, "local_epochs")
     if max_examples is not None:
         check_positive_int(max_examples, "max_examples")
+    # One call of a traced function, not the ~17 eager ops of building the
+    # pipeline op by op: TensorFlow 2.14 keeps 16 bytes for every eager op call
+    # and every argument it converts, 0.027 MiB a round at 100 clients a round
+    # (issue 18; BUILD_NOTES.md, "The Python process's +0.028 MiB a round"). The
+    # sizes and seeds go in as one numpy int64 vector: one conversion, never a
+    # Python int, which TensorFlow would keep in its scalar cache for good
+    # (BUILD_NOTES.md, "TensorFlow 2.14 keeps every Python int"), and a tensor
+    # in the trace, so a new seed does not retrace.
+    seed = seed2 = 0
     if shuffle_seed is not None:
-        # The seed goes in as a numpy int64, not a Python int: TensorFlow 2.14
-        # keeps every distinct Python int it converts to a tensor in a process-wide
-        # cache (about 680 bytes each, never evicted), and every (round, client)
-        # has its own seed, 0.07 MiB a round at 100 clients a round (issue 18).
-        # The value, and so the shuffle, is the same.
-        examples = examples.shuffle(
-            max(shuffle_buffer_size, 1), seed=np.int64(shuffle_seed),
-            reshuffle_each_iteration=False,
-        )
-    if max_examples is not None:
-        examples = examples.take(max_examples)
-    return examples.repeat(local_epochs).batch(batch_size)
+        # The shuffle's two kernel seeds exactly as `Dataset.shuffle(seed=...)`
+        # derives them at this call, from TensorFlow's global seed (which
+        # `tf.random.set_seed` changes) and the op seed: plain Python, no op.
+        from tensorflow.python.framework import random_seed
+
+        seed, seed2 = random_seed.get_seed(np.int64(shuffle_seed))
+    sizes = np.array([seed, seed2, max(shuffle_buffer_size, 1), max_examples or 0,
+                      local_epochs, batch_size], dtype=np.int64)
+    return _client_pipeline(shuffle=shuffle_seed is not None,
+                            take=max_examples is not None)(examples, sizes)
+
+
+@functools.cache
+def _client_pipeline(*, shuffle: bool, take: bool):
+    """The traced pipeline of `preprocess_client_dataset`, one per (shuffle?, cap?).
+
+    Its arguments: the unbatched examples, and an int64 vector of shape [6]:
+    the shuffle's two kernel seeds, its buffer (examples), the cap on distinct
+    examples (unused without `take`), the local epochs and the batch size.
+
+    The shuffle is the op `Dataset.shuffle(..., reshuffle_each_iteration=False)`
+    makes, given its two seeds: inside a trace, `Dataset.shuffle` would take the
+    global seed of the trace, not of the call, and cannot take a tensor seed
+    when that global seed is 0.
+    """
+    tf = _tf()
+
+    @tf.function(autograph=False)
+    def pipeline(examples, sizes):
+        seed, seed2, buffer_size, max_examples, local_epochs, batch_size = tf.unstack(sizes)
+        if shuffle:
+            specs = tf.nest.flatten(examples.element_spec)
+            shuffled = tf.raw_ops.ShuffleDatasetV3(
+                input_dataset=tf.data.experimental.to_variant(examples),
+                buffer_size=buffer_size, seed=seed, seed2=seed2,
+                seed_generator=tf.raw_ops.DummySeedGenerator(),
+                output_types=[spec.dtype for spec in specs],
+                output_shapes=[spec.shape for spec in specs],
+                reshuffle_each_iteration=False)
+            examples = tf.data.experimental.from_variant(shuffled, examples.element_spec)
+        if take:
+            examples = examples.take(max_examples)
+        return examples.repeat(local_epochs).batch(batch_size)
+
+    return pipeline
 
 
 class ClientSource(Protocol):
