@@ -61,8 +61,11 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          the least-squares slope of each one's anonymous RSS (RssAnon, MiB per
          round) over the last `--scale_slope_rounds` rounds (default 100);
          issue 18's limit is a slope of at most 0.05 MiB per round for both
-         (`benchmark_scale.MAX_RSS_SLOPE`). The worker runs with fedprune's
-         allocator settings (`runtime.workers.WORKER_MALLOC_DEFAULTS`);
+         (`benchmark_scale.MAX_RSS_SLOPE`). Beside them, the slope of each
+         one's 10-round minima (`benchmark_scale.minima_slope`), which a leak
+         raises and memory held for a few rounds after large clients does not.
+         The worker runs with fedprune's allocator settings
+         (`runtime.workers.WORKER_MALLOC_DEFAULTS`);
          `--scale_worker_malloc=fedprune,glibc` adds rows with glibc's own.
          With `--scale_control` (default on), each clients-per-round value
          runs once more on digits split iid over the same number of clients
