@@ -45,6 +45,11 @@ SCALE_RESULT_PREFIX = "SCALE_RESULT "
 CONTROL_FLAGS = ("--scale_dataset=digits", "--partition=iid")
 
 
+def _check_window(rss_bytes: Sequence[float], rounds: int) -> None:
+    if not 2 <= rounds <= len(rss_bytes):
+        raise ValueError(f"rounds={rounds}: expected 2..{len(rss_bytes)} (the samples given)")
+
+
 def rss_slope(rss_bytes: Sequence[float], rounds: int) -> float:
     """Least-squares slope, in MiB per round, of the last `rounds` RSS samples.
 
@@ -55,8 +60,7 @@ def rss_slope(rss_bytes: Sequence[float], rounds: int) -> float:
     A per-round leak shows as a positive slope however the first rounds went;
     a one-off rise before the window (e.g. after the largest client so far) does not.
     """
-    if not 2 <= rounds <= len(rss_bytes):
-        raise ValueError(f"rounds={rounds}: expected 2..{len(rss_bytes)} (the samples given)")
+    _check_window(rss_bytes, rounds)
     first = len(rss_bytes) - rounds
     return statistics.linear_regression(
         range(first + 1, len(rss_bytes) + 1), [b / 2**20 for b in rss_bytes[first:]]).slope
@@ -73,8 +77,7 @@ def minima_slope(rss_bytes: Sequence[float], rounds: int,
     every block's minimum; memory held for a few rounds after a large client
     (a spike) does not, though it can move `rss_slope` by as much as a leak.
     """
-    if not 2 <= rounds <= len(rss_bytes):
-        raise ValueError(f"rounds={rounds}: expected 2..{len(rss_bytes)} (the samples given)")
+    _check_window(rss_bytes, rounds)
     if block < 1:
         raise ValueError(f"block={block}: expected a whole number >= 1")
     blocks = rounds // block
@@ -268,9 +271,9 @@ sample (`minima_slope`; "—" with fewer than {2 * MINIMA_BLOCK_ROUNDS} of them)
 raises every block's minimum, while memory a process holds for a few rounds after a large
 client raises only the samples of those rounds, which can move the least-squares slope by
 ±0.1 MiB per round at 100 clients per round depending on where such rounds fall
-(BUILD_NOTES.md, "Worker memory"); the limit applies to the least-squares slopes. The
-Python process
-also keeps each client's rows once the client has been sampled, for its later rounds
+(BUILD_NOTES.md, "Worker memory"); the limit applies to the least-squares slopes.
+The Python process also keeps each client's rows once the client has been sampled,
+for its later rounds
 (`ArraySource.examples`, `fedprune/data/datasets/container.py`): that cache grows
 whenever a client is sampled for the first time, up to one copy of the training set, so it
 can still grow in the slope's rounds when few clients take part per round. "The same less
