@@ -106,7 +106,8 @@ def scale_markdown(results: Sequence[dict]) -> str:
     MiB per round, ✗ a larger one.
     """
     mib = 1024**2
-    lines = ["| dataset | clients | per round | worker malloc (its MALLOC_ variables) | rounds "
+    lines = ["| dataset | clients | per round | worker malloc (its MALLOC_ variables; heap trim) "
+             "| rounds "
              "| median round (s) | min–max (s) | peak RSS Python (MiB) | peak RSS worker (MiB) "
              "| anon. RSS slope Python (MiB/round) | the same less the client-data cache "
              "| anon. RSS slope worker (MiB/round) | slope rounds "
@@ -155,7 +156,7 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
     import psutil
 
     from fedprune.program import assembly
-    from fedprune.runtime import memory, workers
+    from fedprune.runtime import memory, worker_heap, workers
 
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
@@ -173,6 +174,9 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
         # next round's `round_inputs` would hand back first anyway (BUILD_NOTES.md).
         memory.release_free_heap()
         procs = worker_processes()
+        # The worker's too, as `loop.py` does after each round (`runtime.worker_heap`);
+        # here it waits for the trim to finish.
+        worker_heap.release_worker_heaps([w.pid for w in procs], wait_s=10.0)
         rss.append({"python": current_rss(me), "worker": sum(current_rss(w) for w in procs),
                     "python_anon": anon_rss(me), "worker_anon": sum(anon_rss(w) for w in procs),
                     "client_cache": data.cached_client_bytes()})
@@ -182,7 +186,9 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
     procs = worker_processes()
     peak = {"python": peak_rss(me), "worker": sum(peak_rss(w) for w in procs)}
     return {"num_clients": len(data.client_ids), "clients_per_round": config.clients_per_round,
-            "malloc_env": malloc_settings(procs),
+            "malloc_env": malloc_settings(procs) + (
+                "; heap trimmed after each round" if procs and all(
+                    worker_heap.trim_count(w.pid) is not None for w in procs) else ""),
             "worker_malloc": os.environ.get(workers.WORKER_MALLOC_ENV) or "fedprune",
             "dataset": config.dataset + ("" if config.dataset == "synthetic"
                                          else f" {config.partition}"),
@@ -259,18 +265,23 @@ TensorFlow's code, which the kernel drops and reloads at will, swinging the Pyth
 process's RSS by 100 MiB or more from round to round on a machine that reclaims cold
 pages) sampled after each of the last {plan.scale_slope_rounds}
 rounds (rounds {plan.scale_rounds - plan.scale_slope_rounds + 1}–{plan.scale_rounds}), of
-the Python process and of the worker; the Python process first hands its free heap pages
-back to the OS (`runtime.memory.release_free_heap`, which every round's
-`assembly.round_inputs` does first anyway), so its samples show what it keeps rather
-than how much of the round's freed memory is still resident (which scattered them by
-~15 MiB at 100 clients per round). A per-round leak keeps them positive, while a one-off
-rise earlier does not, such as malloc keeping the memory of the largest client trained so
-far (last column: its size before the slope's rounds → at the end). The slopes of minima
-fit the minimum of each block of {MINIMA_BLOCK_ROUNDS} of those rounds instead of every
-sample (`minima_slope`; "—" with fewer than {2 * MINIMA_BLOCK_ROUNDS} of them): a leak
-raises every block's minimum, while memory a process holds for a few rounds after a large
-client raises only the samples of those rounds, which can move the least-squares slope by
-±0.1 MiB per round at 100 clients per round depending on where such rounds fall
+the Python process and of the worker; each first hands its free heap pages back to the OS
+(the Python process with `runtime.memory.release_free_heap`, which every round's
+`assembly.round_inputs` does first anyway; the worker, where "heap trimmed after each
+round" says so, with `runtime.worker_heap.release_worker_heaps`, which `loop.py` does after
+every round, waiting here for it to finish), so the samples show what each process keeps
+rather than how much of the round's freed memory is still resident (which scattered the
+Python process's by ~15 MiB at 100 clients per round). The trimmed worker's samples still
+move by tens of MiB from round to round at 100 clients per round: memory still in use in
+the worker when it is sampled (BUILD_NOTES.md, "Worker memory"). A per-round leak keeps the
+slopes positive, while a one-off rise earlier does not, such as malloc keeping the memory
+of the largest client trained so far (last column: its size before the slope's rounds → at
+the end). The slopes of minima fit the minimum of each block of {MINIMA_BLOCK_ROUNDS} of
+those rounds instead of every sample (`minima_slope`; "—" with fewer than
+{2 * MINIMA_BLOCK_ROUNDS} of them): a leak raises every block's minimum, while memory a
+process holds for a few rounds after a large client raises only the samples of those
+rounds, which can move the least-squares slope by ±0.1 MiB per round at 100 clients per
+round depending on where such rounds fall
 (BUILD_NOTES.md, "Worker memory"); the limit applies to the least-squares slopes.
 The Python process also keeps each client's rows once the client has been sampled,
 for its later rounds
@@ -281,7 +292,8 @@ the client-data cache" fits the Python process's anonymous RSS less the bytes in
 cache ("client-data cache": before the slope's rounds → at the end). The limit (issue 18) is
 a slope of at most {MAX_RSS_SLOPE:g} MiB per round for each process (✓ met, ✗ not). "worker
 malloc" is how the worker was started: `fedprune`, with fedprune's defaults
-(`runtime.workers.WORKER_MALLOC_DEFAULTS`), or `glibc`, with glibc's own
+(`runtime.workers.WORKER_MALLOC_DEFAULTS`, and the heap-trim library preloaded,
+`runtime.worker_heap`), or `glibc`, with glibc's own
 (`FEDPRUNE_WORKER_MALLOC=glibc`, rows only with `--scale_worker_malloc=fedprune,glibc`);
 in brackets, the glibc MALLOC_ variables read from the running worker's environment
 ("none": glibc's defaults, up to 8 arenas per core and a sliding mmap threshold); the

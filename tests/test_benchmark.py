@@ -33,6 +33,7 @@ from experiments import (
     benchmark_speed,
 )
 from fedprune.outputs import reporting
+from fedprune.runtime import worker_heap
 from fedprune.runtime import workers as workers_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -478,7 +479,8 @@ def test_scale_markdown_slopes_over_the_last_rounds_against_the_limit():
                       for p, w, c in zip(python, worker, cache, strict=True)],
               "peak_rss": {"python": 700.4 * 2**20, "worker": 304 * 2**20}}
     rows = _table_rows(benchmark_scale.scale_markdown([result]))
-    assert rows["dataset"] == ["clients", "per round", "worker malloc (its MALLOC_ variables)",
+    assert rows["dataset"] == ["clients", "per round",
+                               "worker malloc (its MALLOC_ variables; heap trim)",
                                "rounds", "median round (s)", "min–max (s)",
                                "peak RSS Python (MiB)", "peak RSS worker (MiB)",
                                "anon. RSS slope Python (MiB/round)",
@@ -506,9 +508,10 @@ def test_scale_smoke_reports_peaks_and_slopes_of_both_processes():
     rows = _table_rows(result.stdout)
     (row,) = [cells for first, cells in rows.items() if first.startswith("synthetic")]
     arenas = workers_lib.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
+    trim = "; heap trimmed after each round" if worker_heap.trim_library() else ""
     assert row[:4] == ["20", "4",
-                       f"fedprune (MALLOC_ARENA_MAX={arenas}, MALLOC_MMAP_THRESHOLD_=1048576)",
-                       "12"]
+                       f"fedprune (MALLOC_ARENA_MAX={arenas}, MALLOC_MMAP_THRESHOLD_=1048576"
+                       f"{trim})", "12"]
     assert float(row[6]) > 100 and float(row[7]) > 10  # peak RSS, MiB: TF alone is more
     for cell in row[8:11]:
         value, mark = cell.split()

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from fedprune.errors import InvalidArgument
-from fedprune.runtime import contexts, interrupts, tf_logging, workers
+from fedprune.runtime import contexts, interrupts, tf_logging, worker_heap, workers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 120  # TFF import (~10 s, more on a loaded 2-core box) + one computation
@@ -152,13 +152,15 @@ def test_quiet_tensorflow_logging_sets_env_and_loggers(monkeypatch, verbose, lev
 def test_worker_environment_sets_malloc_defaults_unless_told_otherwise():
     arenas = workers.WORKER_MALLOC_DEFAULTS["MALLOC_ARENA_MAX"]
     assert int(arenas) >= 2
+    # The heap-trim library (`worker_heap`), where it can be built.
+    preload = worker_heap.worker_preload_environment({})
     assert workers.worker_environment({"A": "1"}) == {
-        "A": "1", "MALLOC_ARENA_MAX": arenas, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+        "A": "1", "MALLOC_ARENA_MAX": arenas, "MALLOC_MMAP_THRESHOLD_": "1048576", **preload}
     # A value the environment already has wins, one variable at a time.
     assert workers.worker_environment({"MALLOC_ARENA_MAX": "8"}) == {
-        "MALLOC_ARENA_MAX": "8", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+        "MALLOC_ARENA_MAX": "8", "MALLOC_MMAP_THRESHOLD_": "1048576", **preload}
     assert workers.worker_environment({"MALLOC_MMAP_THRESHOLD_": "0"}) == {
-        "MALLOC_ARENA_MAX": arenas, "MALLOC_MMAP_THRESHOLD_": "0"}
+        "MALLOC_ARENA_MAX": arenas, "MALLOC_MMAP_THRESHOLD_": "0", **preload}
     glibc = {workers.WORKER_MALLOC_ENV: "glibc"}
     assert workers.worker_environment(glibc) == glibc
     with pytest.raises(ValueError, match="FEDPRUNE_WORKER_MALLOC='jemalloc'"):

@@ -10,9 +10,10 @@ crept up by ~0.07 MiB a round at 1,000 Synthetic clients and 100 per round
 while the memory in use stayed flat (issue 18; BUILD_NOTES.md, "Python
 process memory"). `release_free_heap` (glibc's `malloc_trim(0)`: every
 arena's whole free pages are handed back with `madvise`, no block moves) runs
-once a round, from `assembly.round_inputs`.
+once a round, from `assembly.round_inputs`. The TFF worker, where no Python
+runs, gets the same from `runtime.worker_heap`.
 
-`FEDPRUNE_MALLOC_TRIM=0` turns it off (e.g. to measure without it); other C
+`FEDPRUNE_MALLOC_TRIM=0` turns off both (e.g. to measure without them); other C
 libraries (no `malloc_trim`) and other systems are left alone.
 
 Importing this module is cheap (standard library only).

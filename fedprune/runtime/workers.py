@@ -23,9 +23,10 @@ process survives it, on every exit path:
 
 Memory: every worker we start gets `MALLOC_ARENA_MAX` = the usable cores (at
 least 2) and `MALLOC_MMAP_THRESHOLD_` = 1 MiB, each unless the environment sets
-it (`worker_environment`; `FEDPRUNE_WORKER_MALLOC=glibc` opts out), which keep
-glibc's per-thread arenas and large transient blocks from inflating its RSS;
-see BUILD_NOTES.md.
+it, and the heap-trim library of `worker_heap` preloaded (`worker_environment`;
+`FEDPRUNE_WORKER_MALLOC=glibc` opts out of all three), which keep glibc's
+per-thread arenas, large transient blocks and the free pages between live
+blocks from inflating its RSS; see BUILD_NOTES.md.
 
 Security: the worker speaks unauthenticated, unencrypted gRPC and `worker_binary`
 has no bind-address flag: it always listens on all interfaces (`[::]:PORT`),
@@ -51,6 +52,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fedprune.errors import InvalidArgument
+from fedprune.runtime import worker_heap
 
 _log = logging.getLogger(__name__)
 
@@ -97,7 +99,10 @@ def worker_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
     """The environment a `worker_binary` is started with.
 
     `environ` (default: this process's environment) plus `WORKER_MALLOC_DEFAULTS`
-    for every variable it does not set, unless `FEDPRUNE_WORKER_MALLOC=glibc`.
+    for every variable it does not set and, in front of its `LD_PRELOAD`, the
+    library that lets `worker_heap.release_worker_heaps` trim the worker's heap
+    (`worker_heap.worker_preload_environment`), unless
+    `FEDPRUNE_WORKER_MALLOC=glibc`.
 
     Raises:
       ValueError: `FEDPRUNE_WORKER_MALLOC` is neither unset, empty, `fedprune`
@@ -112,6 +117,7 @@ def worker_environment(environ: Mapping[str, str] | None = None) -> dict[str, st
     if mode == "fedprune":
         for name, value in WORKER_MALLOC_DEFAULTS.items():
             env.setdefault(name, value)
+        env.update(worker_heap.worker_preload_environment(env))
     return env
 
 
@@ -337,6 +343,12 @@ def start_worker_process(
                 f"{_log_tail(log_path)}"
             )
         time.sleep(0.02)
+
+
+def started_worker_pids() -> list[int]:
+    """The pids of the workers `start_worker_process` started that are still running."""
+    with _started_lock:
+        return [p.pid for p in _started_workers if p.poll() is None]
 
 
 # ----------------------------------------------------------------------------
