@@ -118,6 +118,21 @@ def test_without_a_compiler_there_is_no_library_and_a_warning(monkeypatch, tmp_p
         worker_heap.trim_library.cache_clear()
 
 
+def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path):
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared.mkdir()
+    shared.chmod(0o777)
+    name = os.path.basename(worker_heap.trim_library())
+    (shared / name).write_bytes(b"planted by someone else")
+    monkeypatch.setattr(worker_heap, "_cache_dirs", lambda: [shared, own])
+    worker_heap.trim_library.cache_clear()
+    try:
+        assert worker_heap.trim_library() == str(own / name)  # built afresh, in `own`
+        assert (own.stat().st_mode & 0o777, (own / name).stat().st_mode & 0o777) == (0o700, 0o755)
+    finally:
+        worker_heap.trim_library.cache_clear()
+
+
 def test_the_library_is_built_once_per_source_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(worker_heap, "_cache_dirs", lambda: [tmp_path / "ro", tmp_path / "rw"])
     (tmp_path / "ro").write_text("a file where a directory should be")  # unwritable

@@ -60,6 +60,12 @@ def _cache_dirs() -> list[Path]:
     return dirs
 
 
+def _private(path: Path) -> bool:
+    """True if `path` is ours and no one else can write it (it will be loaded into the worker)."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 @functools.cache
 def trim_library() -> str | None:
     """The path of the compiled `worker_heap.c`, or None (not Linux, or no compiler).
@@ -68,7 +74,8 @@ def trim_library() -> str | None:
     (`$FEDPRUNE_CACHE_DIR`, `$XDG_CACHE_HOME/fedprune` or `~/.cache/fedprune`,
     then the temporary directory), named by the source's hash, so an edited
     source is rebuilt and concurrent builders do not clash (each renames its
-    own output into place).
+    own output into place). A directory or library that another user owns or
+    can write is skipped: its code would run in the worker.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -77,12 +84,16 @@ def trim_library() -> str | None:
     name = f"worker_heap-{hashlib.sha256(source).hexdigest()[:16]}.so"
     for directory in _cache_dirs():
         target = directory / name
-        if target.is_file():
-            return str(target)
-        if compiler is None:
-            continue
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            if target.is_file():
+                if _private(directory) and _private(target):
+                    return str(target)
+                continue
+            if compiler is None:
+                continue
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private(directory):
+                continue
             partial = directory / f".{name}.{os.getpid()}"
             build = subprocess.run(
                 [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE),
@@ -92,9 +103,10 @@ def trim_library() -> str | None:
                 _log.warning("could not compile %s (%s): %s; TFF workers keep their free heap "
                              "pages", SOURCE, compiler, build.stderr.strip()[-300:])
                 return None
+            os.chmod(partial, 0o755)  # whatever the umask: `_private` checks it
             os.replace(partial, target)
             return str(target)
-        except OSError:
+        except (OSError, subprocess.TimeoutExpired):
             continue
     if compiler is None:
         _log.warning("no C compiler (cc) to build %s; TFF workers keep their free heap pages "
