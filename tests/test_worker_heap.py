@@ -14,8 +14,10 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
+from experiments.process_stats import anon_rss
 from fedprune.runtime import contexts, memory, worker_heap, workers
 
 pytestmark = pytest.mark.skipif(worker_heap.trim_library() is None,
@@ -31,11 +33,7 @@ _FRAGMENT = textwrap.dedent("""
 
 
 def _anon_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no RssAnon for {pid}")
+    return anon_rss(psutil.Process(pid)) / 2**20
 
 
 @pytest.fixture

@@ -174,8 +174,7 @@ def release_worker_heaps(pids: Iterable[int], *, wait_s: float = 0.0) -> int:
     up to that many seconds for every trim asked for to finish.
 
     Returns:
-      The number of workers asked (whose trims had finished, with `wait_s`, unless
-      the wait ran out: that is logged).
+      The number of workers asked. A wait that runs out is logged, not raised.
     """
     asked = {}
     for pid in pids:
