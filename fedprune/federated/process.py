@@ -384,6 +384,17 @@ def build_pruning_process(
                                                  units=units),
             weights_type, build_initial_schedule(table).type_signature.result)
 
+    # seed -> the initial weights it gives (read-only arrays), for `for_cell`: the cells of
+    # a grid that share this process and a seed need one Keras model built, not one each.
+    initial_by_seed: collections.OrderedDict = collections.OrderedDict()
+
+    def cell_initial_arrays(cell_seed: int) -> tuple[list, list]:
+        if cell_seed not in initial_by_seed:
+            initial_by_seed[cell_seed] = _read_only(*initial_arrays(cell_seed)[1:])
+            while len(initial_by_seed) > _INITIAL_WEIGHTS_CACHE_SIZE:
+                initial_by_seed.popitem(last=False)
+        return initial_by_seed[cell_seed]
+
     def for_cell(cell_schedule: RoundSchedule, cell_seed: int,
                  cell_regrow: regrowth.RegrowSpec | None) -> PruningProcess:
         masking_modes.check_schedule(mode, cell_schedule)
@@ -404,7 +415,7 @@ def build_pruning_process(
         else:
             cell_table = layer_budgets.with_layer_budgets(
                 cell_schedule.table(num_rounds), kernel_shapes, sparsity_distribution)
-        _, cell_trainable, cell_non_trainable = initial_arrays(cell_seed)
+        cell_trainable, cell_non_trainable = cell_initial_arrays(cell_seed)
         cell_process = _CellProcess(cell_state, schedule_data(cell_table),
                                     cell_trainable, cell_non_trainable,
                                     regrow_seed=cell_regrow.seed if cell_regrow else None)
@@ -413,6 +424,19 @@ def build_pruning_process(
 
     return PruningProcess(process, mode, layout, table, keras_model_fn, units, step_mapping,
                           for_cell)
+
+
+_INITIAL_WEIGHTS_CACHE_SIZE = 16  # seeds whose initial weights a built process keeps
+
+
+def _read_only(trainable, non_trainable) -> tuple[list, list]:
+    """Copies of the arrays that refuse in-place writes (they are shared between cells)."""
+    def frozen(array):
+        array = np.array(array)
+        array.flags.writeable = False
+        return array
+
+    return [frozen(a) for a in trainable], [frozen(a) for a in non_trainable]
 
 
 @dataclasses.dataclass

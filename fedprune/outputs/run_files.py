@@ -191,8 +191,12 @@ def layer_table(weights) -> list[dict]:
     return rows
 
 
-def export_model(pp, weights, output_dir: Path) -> dict:
+def export_model(pp, weights, output_dir: Path, *, model=None) -> dict:
     """Saves the stripped final model as HDF5 and a deflate zip.
+
+    Args:
+      model: a Keras model of `pp`'s architecture to load `weights` into (e.g. the
+        run's evaluator's) instead of a new one from `pp.keras_model_fn`.
 
     Returns:
       {model_bytes_h5, model_bytes_zipped, model_params, layers (`layer_table`)}.
@@ -201,7 +205,7 @@ def export_model(pp, weights, output_dir: Path) -> dict:
 
     model_dir = output_dir / "model"
     model_dir.mkdir(exist_ok=True)
-    model = pp.keras_model_fn()
+    model = pp.keras_model_fn() if model is None else model
     evaluator = Evaluator(model, None)
     evaluator.load(weights)
     if pp.masking_mode.wraps_model:

@@ -12,6 +12,8 @@ need it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -50,6 +52,25 @@ class Evaluator:
             tf.autograph.experimental.do_not_convert(lambda b: (b["x"], b["y"]))).cache()
         return cls(model, test)
 
+    @classmethod
+    def shared(cls, keras_model_fn: Callable, data: datasets.FederatedData):
+        """`create`'s evaluator, reused by later calls with the same `keras_model_fn` and
+        the same test set (equal arrays, compared by digest).
+
+        The cells of a grid that share a traced process (`assembly.build_process`)
+        share its `keras_model_fn`, so they also share one Keras model and one
+        compiled function (~0.3 s of building and tracing per run otherwise).
+        Every call loads all the model's weights first, so a shared evaluator
+        returns what a fresh one does (tests/test_evaluation.py); calls must not
+        overlap (the round loop evaluates in its own thread only). Entries go
+        with their `keras_model_fn` (weak keys).
+        """
+        by_test = _SHARED.setdefault(keras_model_fn, {})
+        key = test_set_digest(data)
+        if key not in by_test:
+            by_test[key] = cls.create(keras_model_fn, data)
+        return by_test[key]
+
     def load(self, weights) -> None:
         for var, value in zip(self.model.trainable_weights, weights.trainable, strict=True):
             var.assign(value)
@@ -67,6 +88,18 @@ class Evaluator:
 
 
 EVAL_BATCH_SIZE = 512
+# keras_model_fn -> {test_set_digest: Evaluator} (`Evaluator.shared`).
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def test_set_digest(data: datasets.FederatedData) -> str:
+    """A digest of the test set's arrays: their dtypes, shapes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (data.test_x, data.test_y):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array)
+    return digest.hexdigest()
 
 
 def _compiled_sums(model, test) -> Callable:

@@ -238,7 +238,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
     full_pp = pp  # the initial architecture's process (a shrink replaces `pp`)
-    evaluator = evaluation.Evaluator.create(pp.keras_model_fn, data)
+    evaluator = evaluation.Evaluator.shared(pp.keras_model_fn, data)
     schedule_table = pp.table  # the schedule's levels (a shrunk process has none)
     fingerprint = config.fingerprint()
     ckpt_dir = output_dir / "checkpoints"
@@ -291,7 +291,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
     writer = scalars.ScalarWriter(output_dir / "tensorboard")
     with interrupts.interruptible():
         weights = pp.model_weights(state)
-    size = shrinking.model_size(shrinking.plain_model(pp, weights))
+    size = shrinking.process_model_size(pp)
     elapsed_before = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
     loop_start = time.time()
     # Off the critical path (`background.py`): while the worker trains round r, the
@@ -318,7 +318,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
                 later.drain()  # the shrink reads nothing they write, but seeds Keras
                 pp, evaluator, state, weights, shrink_line = _shrink(
                     config, data, pp, evaluator, state, weights, round_num, output_dir)
-                size = shrinking.model_size(shrinking.plain_model(pp, weights))
+                size = shrinking.process_model_size(pp)
             phase(f"round {round_num} checkpoint")
             mean_round = (time.time() - loop_start) / (round_num - first_round + 1)
             log(_round_line(config, row, round_seconds, mean_round, dp=dp))
@@ -339,7 +339,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         summary.update(privacy_report.summary_fields(config, accounting))
     summary.update(run_files.size_summary(config, rows, output_dir))
     summary["mask_coding"] = run_files.mask_coding_summary(evaluation.kernel_masks(pp, weights))
-    summary.update(run_files.export_model(pp, weights, output_dir))
+    summary.update(run_files.export_model(pp, weights, output_dir, model=evaluator.model))
     if config.deploy != "none":
         phase("deploy")
         summary["deployment"] = _deployment(config, data, full_pp, pp, weights, output_dir)

@@ -26,6 +26,7 @@ its bytes as float32, and multiply-adds per example (`surgery.macs_per_example`)
 from __future__ import annotations
 
 import collections
+import weakref
 
 import numpy as np
 
@@ -85,6 +86,24 @@ def plain_model(pp, weights):
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
     return wrappers.strip(model) if pp.masking_mode.wraps_model else model
+
+
+# keras_model_fn -> `model_size` of its plain model (`process_model_size`).
+_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def process_model_size(pp) -> dict:
+    """`model_size` of `pp`'s plain model: its architecture's, whatever the weights.
+
+    Computed once per `pp.keras_model_fn` (the cells of a grid that share a traced
+    process share it), so a run does not build a Keras model only to count it.
+    """
+    size = _SIZES.get(pp.keras_model_fn)
+    if size is None:
+        model = pp.keras_model_fn()
+        size = model_size(wrappers.strip(model) if pp.masking_mode.wraps_model else model)
+        _SIZES[pp.keras_model_fn] = size
+    return dict(size)
 
 
 def model_size(model) -> dict:
