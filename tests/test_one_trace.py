@@ -78,9 +78,34 @@ def test_a_cell_on_another_cells_process_equals_its_own(tff_local_context, tmp_p
 
     assembly.clear_process_cache()
     loop.run_experiment(second, tmp_path / "own", log=lambda line: None)
-    own = run_files.metric_values(tmp_path / "own")
-    shared = run_files.metric_values(tmp_path / "reused")
-    assert len(own) == second.rounds
+    _assert_same_run(tmp_path / "own", tmp_path / "reused", second.rounds)
+
+
+def test_kept_initial_weights_of_a_seed_train_as_on_its_own_process(tff_local_context,
+                                                                     tmp_path):
+    """A built process keeps each seed's initial weights (`for_cell`). A cell that reuses
+    them right after a cell of another seed (which set TensorFlow's global seed, read
+    by the clients' shuffles) trains exactly as on a process built for it."""
+    from fedprune.program import loop
+
+    first, other = _config(masking="server"), _config(masking="server", seed=1)
+    second = _config(masking="server", final_sparsity=0.5)  # seed 0, as `first`
+    data = assembly.load_data(first)
+    assembly.clear_process_cache()
+    assembly.build_process(first, data)
+    assembly.build_process(other, data)
+    loop.run_experiment(second, tmp_path / "reused", log=lambda line: None)
+    assert len(assembly._processes) == 1
+    assembly.clear_process_cache()
+    loop.run_experiment(second, tmp_path / "own", log=lambda line: None)
+    _assert_same_run(tmp_path / "own", tmp_path / "reused", second.rounds)
+
+
+def _assert_same_run(own_dir, reused_dir, rounds: int) -> None:
+    """Every metrics.csv value and every final weight of two runs equal to 1e-6."""
+    own = run_files.metric_values(own_dir)
+    shared = run_files.metric_values(reused_dir)
+    assert len(own) == rounds
     for own_row, shared_row in zip(own, shared, strict=True):
         assert own_row.keys() == shared_row.keys()
         for key, value in own_row.items():
@@ -88,8 +113,8 @@ def test_a_cell_on_another_cells_process_equals_its_own(tff_local_context, tmp_p
                 assert shared_row[key] is None, key
             else:
                 assert shared_row[key] == pytest.approx(value, abs=1e-6), (own_row["round"], key)
-    for a, b in zip(checkpoint_arrays(tmp_path / "own")[1],
-                    checkpoint_arrays(tmp_path / "reused")[1], strict=True):
+    for a, b in zip(checkpoint_arrays(own_dir)[1], checkpoint_arrays(reused_dir)[1],
+                    strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 

@@ -393,6 +393,10 @@ def build_pruning_process(
             initial_by_seed[cell_seed] = _read_only(*initial_arrays(cell_seed)[1:])
             while len(initial_by_seed) > _INITIAL_WEIGHTS_CACHE_SIZE:
                 initial_by_seed.popitem(last=False)
+        else:
+            # What building them leaves set: TensorFlow's global seed, which the clients'
+            # shuffles read (`datasets.preprocess_client_dataset`), is the cell's.
+            tf.keras.utils.set_random_seed(cell_seed)
         return initial_by_seed[cell_seed]
 
     def for_cell(cell_schedule: RoundSchedule, cell_seed: int,
