@@ -4,6 +4,7 @@ import os
 import signal
 
 import pytest
+import scheduling
 
 # The interrupt tests send SIGINT to the CLIs and scripts this suite starts and
 # expect Python's default handling (KeyboardInterrupt). A shell that runs the
@@ -16,6 +17,29 @@ import pytest
 # the default disposition.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--write-file-seconds", action="store_true",
+                     help="after the run, store each test file's seconds in "
+                          "tests/file_seconds.json (the order files are handed out in)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest test files first (`scheduling.py`); xdist keeps this order
+    (`--no-loadscope-reorder`, pyproject.toml)."""
+    del config
+    order = scheduling.longest_first([item.nodeid for item in items],
+                                     scheduling.read_file_seconds())
+    items[:] = [items[i] for i in order]
+
+
+_durations: list[tuple[str, float]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collects every phase's duration (in xdist's controller, from every worker)."""
+    _durations.append((report.nodeid, report.duration))
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -72,8 +96,15 @@ def pytest_sessionfinish(session, exitstatus):
     TFF's stock context, or a test that fails before stopping its workers, would
     otherwise leave a worker holding pytest's stdout open after the run, which
     hangs `pytest | tail` and CI steps. Runs on Ctrl-C too. Imports no TF.
+    With --write-file-seconds, then stores the files' seconds (`scheduling.py`).
     """
-    del session, exitstatus
+    del exitstatus
     from fedprune.runtime import workers
 
     workers.stop_workers()
+    config = session.config
+    if config.getoption("--write-file-seconds") and not hasattr(config, "workerinput"):
+        tests = scheduling.FILE_SECONDS.parent
+        existing = [f"tests/{p.name}" for p in tests.glob("test_*.py")]
+        scheduling.write_file_seconds(scheduling.merged_file_seconds(
+            scheduling.read_file_seconds(), _durations, existing))
