@@ -13,17 +13,16 @@ a stale or missing entry only costs balance, never a test.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from fedprune.outputs import atomic_files
 
 FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
 
 
-def test_file(nodeid: str) -> str:
+def file_of(nodeid: str) -> str:
     """The file part of a pytest node id (`tests/test_x.py::test_y[1]` -> `tests/test_x.py`)."""
     return nodeid.split("::", 1)[0]
 
@@ -38,15 +37,12 @@ def longest_first(nodeids: Iterable[str], seconds: Mapping[str, float]) -> list[
     nodeids = list(nodeids)
     default = statistics.fmean(seconds.values()) if seconds else 0.0
     return sorted(range(len(nodeids)),
-                  key=lambda i: -seconds.get(test_file(nodeids[i]), default))
+                  key=lambda i: -seconds.get(file_of(nodeids[i]), default))
 
 
 def read_file_seconds(path: Path = FILE_SECONDS) -> dict[str, float]:
-    """{test file: seconds}, or {} without the file."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
+    """{test file: seconds}, or {} without the file (or when it is unreadable)."""
+    return atomic_files.read_json(path) or {}
 
 
 def merged_file_seconds(old: Mapping[str, float], durations: Iterable[tuple[str, float]],
@@ -56,16 +52,12 @@ def merged_file_seconds(old: Mapping[str, float], durations: Iterable[tuple[str,
     entry, files no longer in `existing` (paths) are dropped. Rounded to 0.1 s, sorted."""
     ran: dict[str, float] = {}
     for nodeid, duration in durations:
-        ran[test_file(nodeid)] = ran.get(test_file(nodeid), 0.0) + duration
+        ran[file_of(nodeid)] = ran.get(file_of(nodeid), 0.0) + duration
     existing = set(existing)
     out = {name: value for name, value in {**old, **ran}.items() if name in existing}
     return {name: round(value, 1) for name, value in sorted(out.items())}
 
 
 def write_file_seconds(seconds: Mapping[str, float], path: Path = FILE_SECONDS) -> None:
-    """Writes `seconds` as JSON, atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(seconds), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes `seconds` as JSON, atomically (`atomic_files.atomic_write_json`)."""
+    atomic_files.atomic_write_json(path, dict(seconds))

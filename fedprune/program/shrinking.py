@@ -78,13 +78,15 @@ def by_name(layout: structured.StructuredLayout, kept: dict[int, np.ndarray]) ->
     return {p.name: kept[p.kernel_index] for p in layout.layers if p.kernel_index in kept}
 
 
-def plain_model(pp, weights):
-    """The global model as a plain Keras model (tfmot wrappers stripped) holding `weights`."""
+def plain_model(pp, weights=None):
+    """The global model as a plain Keras model (tfmot wrappers stripped) holding `weights`
+    (None: Keras' fresh initialization, e.g. to count the architecture)."""
     model = pp.keras_model_fn()
-    for variables, values in ((model.trainable_weights, weights.trainable),
-                              (model.non_trainable_weights, weights.non_trainable)):
-        for variable, value in zip(variables, values, strict=True):
-            variable.assign(value)
+    if weights is not None:
+        for variables, values in ((model.trainable_weights, weights.trainable),
+                                  (model.non_trainable_weights, weights.non_trainable)):
+            for variable, value in zip(variables, values, strict=True):
+                variable.assign(value)
     return wrappers.strip(model) if pp.masking_mode.wraps_model else model
 
 
@@ -100,9 +102,7 @@ def process_model_size(pp) -> dict:
     """
     size = _SIZES.get(pp.keras_model_fn)
     if size is None:
-        model = pp.keras_model_fn()
-        size = model_size(wrappers.strip(model) if pp.masking_mode.wraps_model else model)
-        _SIZES[pp.keras_model_fn] = size
+        size = _SIZES[pp.keras_model_fn] = model_size(plain_model(pp))
     return dict(size)
 
 
