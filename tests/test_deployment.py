@@ -68,6 +68,27 @@ def test_interpreter_outputs_equal_keras_outputs(name, sparse):
     np.testing.assert_allclose(got, model(x, training=False).numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_one_export_converts_to_the_bytes_of_from_keras_model(name):
+    """`to_tflite_variants` exports the model once for both conversions; each flatbuffer
+    is, byte for byte, what `TFLiteConverter.from_keras_model` gives (metadata included)."""
+    import tensorflow as tf
+
+    model = _magnitude_pruned(_model(name), 0.8)
+
+    def from_keras_model(sparse: bool) -> bytes:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        if sparse:
+            converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+        return converter.convert()
+
+    plain, sparse = deployment.to_tflite_variants(model, sparse=(False, True))
+    assert plain == from_keras_model(False)
+    assert sparse == from_keras_model(True)
+    assert len(sparse) < len(plain)
+    assert deployment.to_tflite(model) == plain
+
+
 def test_zipped_size_is_the_size_of_a_zip_file_holding_the_flatbuffer(tmp_path):
     flatbuffer = deployment.to_tflite(_model("mlp"))
     path = tmp_path / "model.zip"
@@ -344,12 +365,14 @@ def test_a_flatbuffer_converted_before_is_not_converted_again(tmp_path, monkeypa
     assert set(converted) == {"dense", "pruned"}
     dense = converted["dense"]
     calls = []
-    real = deployment.to_tflite
-    monkeypatch.setattr(deployment, "to_tflite",
-                        lambda m, **kw: calls.append(kw) or real(m, **kw))
+    for function in ("to_tflite", "to_tflite_variants"):
+        real = getattr(deployment, function)
+        monkeypatch.setattr(deployment, function, lambda m, real=real, function=function, **kw:
+                            calls.append((function, kw)) or real(m, **kw))
     second = deployment.deployment_section({"dense": model, "pruned": model}, "pruned",
                                            examples, tmp_path / "b", mode="size",
                                            converted={"dense": dense})
-    assert calls == [{}, {"sparse": True}]  # the pruned model and its sparse format only
+    # The pruned model and its sparse format only, from one export.
+    assert calls == [("to_tflite_variants", {"sparse": (False, True)})]
     for key in ("file_bytes", "file_bytes_zipped", "models", "max_abs_difference"):
         assert second[key] == first[key]

@@ -10,6 +10,7 @@ every metrics.csv value and every final weight to 1e-6.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -101,6 +102,37 @@ def test_kept_initial_weights_of_a_seed_train_as_on_its_own_process(tff_local_co
     _assert_same_run(tmp_path / "own", tmp_path / "reused", second.rounds)
 
 
+def test_a_shrunk_run_on_another_seeds_processes_equals_its_own(tff_local_context, tmp_path,
+                                                                 monkeypatch):
+    """The seeds of a structured cell shrink to the same architecture: the second seed
+    reuses the first one's full and shrunk processes (int8 uploads: the rounding's seed
+    too) and trains as on processes built for it, before and after its shrink."""
+    from fedprune.program import loop
+
+    structured = dict(rounds=4, end_round=2, structure="neuron", masking="server",
+                      prune_output_layer=False, final_sparsity=0.5, upload_quantization="int8")
+    first, second = _config(**structured), _config(**structured, seed=1)
+    builds = []
+    build = assembly._build_process
+    monkeypatch.setattr(assembly, "_build_process",
+                        lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    assembly.clear_process_cache()
+    loop.run_experiment(first, tmp_path / "first", log=lambda line: None)
+    assert len(builds) == 2  # the full model's process, then the shrunk model's
+    loop.run_experiment(second, tmp_path / "reused", log=lambda line: None)
+    assert len(builds) == 2
+    assembly.clear_process_cache()
+    loop.run_experiment(second, tmp_path / "own", log=lambda line: None)
+    assert len(builds) == 4
+    # The same shrink (Keras' layer names and the seconds aside).
+    own, reused = (json.loads((tmp_path / run / "shrink.json").read_text())
+                   for run in ("own", "reused"))
+    for info in (own, reused):
+        del info["layers"], info["shrink_seconds"]
+    assert own == reused and own["round"] == 2 and own["after"]["params"] == 4810
+    _assert_same_run(tmp_path / "own", tmp_path / "reused", second.rounds)
+
+
 def _assert_same_run(own_dir, reused_dir, rounds: int) -> None:
     """Every metrics.csv value and every final weight of two runs equal to 1e-6."""
     own = run_files.metric_values(own_dir)
@@ -118,34 +150,34 @@ def _assert_same_run(own_dir, reused_dir, rounds: int) -> None:
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("changes, shares", [
-    (dict(final_sparsity=0.5), True),
-    (dict(schedule="constant", begin_round=0, end_round=-1), True),
-    (dict(seed=7), True),
-    (dict(eval_every=1, num_clients=4, dirichlet_alpha=0.1), True),
-    (dict(masking="server"), False),
-    (dict(rounds=6), False),
-    (dict(model="cnn"), False),
-    (dict(client_lr=0.05), False),
-    # The seed is traced with quantized uploads and with DP; the schedule with steps.
-    (dict(upload_quantization="int8", masking="server"), False),
-    (dict(prune_granularity="step"), False),
+INT8 = dict(upload_quantization="int8", masking="server")
+DP = dict(dp="fixed", dp_noise_multiplier=1.0, masking="server")
+
+
+@pytest.mark.parametrize("base, changes, shares", [
+    ({}, dict(final_sparsity=0.5), True),
+    ({}, dict(schedule="constant", begin_round=0, end_round=-1), True),
+    ({}, dict(seed=7), True),
+    ({}, dict(eval_every=1, num_clients=4, dirichlet_alpha=0.1), True),
+    ({}, dict(masking="server"), False),
+    ({}, dict(rounds=6), False),
+    ({}, dict(model="cnn"), False),
+    ({}, dict(client_lr=0.05), False),
+    # The seed is data with quantized uploads (their rounding's seed) and traced with DP;
+    # the schedule is traced with steps.
+    (INT8, dict(INT8, seed=1), True),
+    (DP, dict(DP, seed=1), False),
+    ({}, dict(prune_granularity="step"), False),
 ])
-def test_process_key_shares_exactly_what_is_not_traced(changes, shares):
+def test_process_key_shares_exactly_what_is_not_traced(base, changes, shares):
     data = assembly.load_data(BASE)
-    base_changes = {k: v for k, v in changes.items() if k in ("upload_quantization",)}
-    if "masking" in changes and "upload_quantization" in changes:
-        base_changes["masking"] = changes["masking"]
-    first = _config(**base_changes)
-    second = _config(**changes)
-    if "upload_quantization" in changes:
-        second = dataclasses.replace(second, seed=1)
+    first, second = _config(**base), _config(**changes)
     assert (assembly.process_key(first, data) == assembly.process_key(second, data)) is shares
 
 
 @pytest.mark.parametrize("changes, flag", [
     (dict(prune_granularity="step"), "--schedule='constant'"),
-    (dict(upload_quantization="fp16", masking="server"), "--seed=1"),
+    (dict(masking="server", regrow="random", regrow_end_round=3), "--regrow='random'"),
 ])
 def test_for_cell_refuses_what_the_traced_process_fixes(tff_local_context, changes, flag):
     config = _config(**changes)
@@ -153,9 +185,9 @@ def test_for_cell_refuses_what_the_traced_process_fixes(tff_local_context, chang
     assembly.clear_process_cache()
     built = assembly.build_process(config, data)
     other = dataclasses.replace(config, schedule="constant", seed=1, begin_round=0,
-                                end_round=-1).validate()
+                                end_round=-1, regrow_end_round=2).validate()
     with pytest.raises(InvalidArgument, match="^" + flag.replace("'", "'?")):
         if config.prune_granularity == "step":
             built.for_cell(other.make_schedule(), seed=config.seed)
-        else:
-            built.for_cell(config.make_schedule(), seed=1)
+        else:  # another regrowth end: the traced fractions
+            built.for_cell(config.make_schedule(), seed=1, regrow=other.regrow_spec())

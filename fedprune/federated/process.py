@@ -117,21 +117,21 @@ class PruningProcess:
         seed share one traced process: the returned `process` is this one's,
         except that `initialize` returns the cell's state (its schedule table,
         the initial weights `seed` gives, re-masked at round 0 as the schedule
-        says, and `regrow`'s RNG key). Rounds run exactly as in a process built
-        for the cell (tested).
+        says, `regrow`'s RNG key, and with `--upload_quantization` the seed of
+        its rounding). Rounds run exactly as in a process built for the cell
+        (tested).
 
         Args:
           schedule: the cell's schedule, in rounds (validated against the
             masking mode as in `build_pruning_process`).
-          seed: seeds the initial model weights.
+          seed: seeds the initial model weights (and quantized uploads' rounding).
           regrow: the cell's regrowth spec (None: as built); it may differ from
             the built one only in its seed.
 
         Raises:
           InvalidArgument: what would change the traced computations: another
             schedule with `--prune_granularity=step` (the clients' tfmot wrappers
-            carry it), another seed with `--upload_quantization` (it seeds the
-            rounding), another regrowth spec than its seed.
+            carry it), another regrowth spec than its seed.
         """
         return self._for_cell(schedule, seed, regrow)
 
@@ -180,7 +180,8 @@ def build_pruning_process(
       num_rounds: training rounds (the schedule is tabulated for 0..num_rounds).
       client_optimizer: `tff.learning.optimizers.Optimizer` for local steps.
       server_optimizer: `tff.learning.optimizers.Optimizer` applied to the mean delta.
-      seed: seeds the initial model weights.
+      seed: seeds the initial model weights, and with `upload_quantization` the
+        rounding (the initial value of the aggregator state's `seed`).
       prune_output_layer: False leaves the last weighted layer dense.
       mask_aggregation: how clients' pruned models combine in modes whose
         clients prune (`client`, `both`): one of `mask_aggregation.RULES` (see
@@ -376,7 +377,8 @@ def build_pruning_process(
         regrow_key = "client_work"
     cell_state = _CellState(process=process, remask=remask,
                             client_schedule=client_prunes and step_mapping is None,
-                            regrow_key=regrow_key)
+                            regrow_key=regrow_key,
+                            aggregator_seed=upload_quantization != "none")
     if remask:
         cell_state.initial_remask = tff.tensorflow.computation(
             lambda weights, data: remask_weights(weights, np.int32(0), layout=layout,
@@ -406,9 +408,6 @@ def build_pruning_process(
             check(cell_schedule == schedule, "schedule", cell_schedule.name,
                   f"{schedule} for this process: with --prune_granularity=step the clients' "
                   "wrappers carry the schedule (build a process per schedule)")
-        if upload_quantization != "none":
-            check(cell_seed == seed, "seed", cell_seed,
-                  f"{seed} for this process: it seeds --upload_quantization's rounding")
         cell_regrow = regrow if cell_regrow is None else cell_regrow
         check(_traced_regrowth(cell_regrow) == _traced_regrowth(regrow), "regrow",
               cell_regrow.rule if cell_regrow else "none",
@@ -421,7 +420,7 @@ def build_pruning_process(
                 cell_schedule.table(num_rounds), kernel_shapes, sparsity_distribution)
         cell_trainable, cell_non_trainable = cell_initial_arrays(cell_seed)
         cell_process = _CellProcess(cell_state, schedule_data(cell_table),
-                                    cell_trainable, cell_non_trainable,
+                                    cell_trainable, cell_non_trainable, seed=cell_seed,
                                     regrow_seed=cell_regrow.seed if cell_regrow else None)
         return PruningProcess(cell_process, mode, layout, cell_table, keras_model_fn, units,
                               step_mapping, for_cell)
@@ -453,6 +452,8 @@ class _CellState:
     # "finalizer": `finalizer["regrow"]["key"]` (server regrowth); "client_work":
     # `client_work["regrow_key"]` (random client regrowth); None: no key.
     regrow_key: str | None
+    # The aggregator's state holds `seed` (quantized uploads' rounding, `quantization.py`).
+    aggregator_seed: bool = False
     initial_remask: object = None  # (ModelWeights, schedule) -> the round-0 re-mask
     initial_state: object = None  # the built process's `initialize()`, once computed
 
@@ -464,10 +465,10 @@ class _CellProcess:
     """
 
     def __init__(self, built: _CellState, schedule: dict, trainable, non_trainable, *,
-                 regrow_seed: int | None):
+                 seed: int, regrow_seed: int | None):
         self._built, self._schedule = built, schedule
         self._arrays = (tuple(trainable), tuple(non_trainable))
-        self._regrow_seed = regrow_seed
+        self._seed, self._regrow_seed = seed, regrow_seed
 
     def __getattr__(self, name):
         return getattr(self._built.process, name)
@@ -484,7 +485,7 @@ class _CellProcess:
         # (all-ones masks, zero thresholds and steps).
         if built.remask and self._schedule["updates"][0]:
             weights = built.initial_remask(weights, self._schedule)
-        client_work, finalizer = state.client_work, state.finalizer
+        client_work, finalizer, aggregator = state.client_work, state.finalizer, state.aggregator
         if built.client_schedule:
             client_work = collections.OrderedDict(client_work, schedule=self._schedule)
         if built.remask:
@@ -496,8 +497,10 @@ class _CellProcess:
         elif built.regrow_key == "client_work":
             client_work = collections.OrderedDict(
                 client_work, regrow_key=np.array([self._regrow_seed, 0], np.int64))
+        if built.aggregator_seed:
+            aggregator = collections.OrderedDict(aggregator, seed=np.int64(self._seed))
         return state._replace(global_model_weights=weights, client_work=client_work,
-                              finalizer=finalizer)
+                              aggregator=aggregator, finalizer=finalizer)
 
 
 def _unit_layout(wrapped_model, layout: wrappers.PruningLayout,

@@ -20,14 +20,17 @@ encoders the same way.
   its mask and the mask encodings still apply.
 
 **Randomness**: stateless, so a run is deterministic given its seed. The
-aggregator keeps a round counter r in its state (it counts `next` calls:
-r = round - 1) and the seed of a client's tensor i is
+aggregator keeps the run's seed and a round counter r in its state (r counts
+`next` calls: r = round - 1) and broadcasts both; the seed of a client's
+tensor i is
 `stateless_fold_in(stateless_fold_in([seed, r], f), i)`, where f is a
 fingerprint (`tf.fingerprint`) of the client's own unquantized update: TFF
 gives a computation placed at clients no client index, and an update is a
 function of the client's data and the broadcast model, so f tells the
 round's clients apart and is reproducible. Two clients with bit-identical
-updates would draw the same rounding noise.
+updates would draw the same rounding noise. The seed is data, not a traced
+constant, so the cells of a grid that differ in their seed share one traced
+process (`PruningProcess.for_cell` writes it into the initial state).
 
 **Pruning clients** (`--masking=client|both`) upload
 `mask_aggregation.client_payload`, `OrderedDict(delta, kept, kept_values)`:
@@ -89,11 +92,12 @@ def quantize_dequantize(tensor, quantization: str, seed=None):
     return codes * scale
 
 
-def client_seed(base_seed: int, round_num, tensors):
+def client_seed(base_seed, round_num, tensors):
     """The stateless seed of one client's rounding: ([base_seed, round] folded with a fingerprint).
 
     Args:
-      base_seed: the run's seed (`--seed`).
+      base_seed: the run's seed (`--seed`): an int or an int64 scalar tensor
+        (the aggregator's state holds it).
       round_num: int32 scalar tensor, the aggregator's round counter.
       tensors: the client's unquantized update tensors (their bytes are fingerprinted).
 
@@ -102,7 +106,8 @@ def client_seed(base_seed: int, round_num, tensors):
     """
     import tensorflow as tf
 
-    seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(round_num, tf.int64)])
+    base = tf.cast(tf.convert_to_tensor(base_seed, dtype_hint=tf.int64), tf.int64)
+    seed = tf.stack([base, tf.cast(round_num, tf.int64)])
     return fold_in_fingerprint(seed, tensors)
 
 
@@ -120,14 +125,14 @@ def fold_in_fingerprint(seed, tensors):
     return tf.random.experimental.stateless_fold_in(seed, tf.bitcast(digest, tf.int64))
 
 
-def quantize_update(value, quantization: str, seed: int, round_num, fields=None):
+def quantize_update(value, quantization: str, seed, round_num, fields=None):
     """One client's update as the server decodes it (TF ops; the body of the client-side map).
 
     Args:
       value: the update: a sequence of float32 tensors, or with `fields` a
         mapping of named fields (`mask_aggregation.client_payload`).
       quantization: `fp16` or `int8`.
-      seed: the run's seed.
+      seed: the run's seed, an int or an int64 scalar tensor.
       round_num: int32 scalar tensor, the aggregator's round counter.
       fields: None (every tensor of `value` is quantized) or the names of
         the fields whose tensors are; the other fields pass through unchanged.
@@ -166,8 +171,9 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None, fi
 
     Args:
       quantization: `fp16` or `int8` (`none` needs no wrapper).
-      seed: the run's seed; with the aggregator's round counter and the
-        client's update fingerprint it seeds `int8`'s rounding (module docstring).
+      seed: the run's seed, the initial value of the state's `seed`; with the
+        aggregator's round counter and the client's update fingerprint it seeds
+        `int8`'s rounding (module docstring).
       inner: the weighted factory of the dequantized updates (default:
         `tff.aggregators.MeanFactory()`).
       fields: None for a plain delta (a tuple of tensors, all quantized), or
@@ -177,8 +183,8 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None, fi
 
     Returns:
       A `tff.aggregators.WeightedAggregationFactory`. Its process's state is
-      `OrderedDict(inner=<inner state>, round=int32)@SERVER` and its result
-      and measurements are the inner process's.
+      `OrderedDict(inner=<inner state>, round=int32, seed=int64)@SERVER` and its
+      result and measurements are the inner process's.
     """
     import tensorflow_federated as tff
 
@@ -191,11 +197,11 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None, fi
 
         def create(self, value_type, weight_type):
             inner_process = inner.create(value_type, weight_type)
-            round_type = tff.TensorType(np.int32)
+            round_type, seed_type = tff.TensorType(np.int32), tff.TensorType(np.int64)
 
-            @tff.tensorflow.computation(value_type, round_type)
-            def quantize_fn(value, round_num):
-                return quantize_update(value, quantization, seed, round_num, fields)
+            @tff.tensorflow.computation(value_type, round_type, seed_type)
+            def quantize_fn(value, round_num, run_seed):
+                return quantize_update(value, quantization, run_seed, round_num, fields)
 
             @tff.tensorflow.computation(round_type)
             def increment(round_num):
@@ -205,7 +211,8 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None, fi
             def init_fn():
                 return tff.federated_zip(collections.OrderedDict(
                     inner=inner_process.initialize(),
-                    round=tff.federated_value(np.int32(0), tff.SERVER)))
+                    round=tff.federated_value(np.int32(0), tff.SERVER),
+                    seed=tff.federated_value(np.int64(seed), tff.SERVER)))
 
             @tff.federated_computation(
                 init_fn.type_signature.result,
@@ -213,11 +220,13 @@ def build_quantized_mean_factory(quantization: str, *, seed: int, inner=None, fi
                 tff.FederatedType(weight_type, tff.CLIENTS),
             )
             def next_fn(state, value, weight):
-                round_at_clients = tff.federated_broadcast(state.round)
-                decoded = tff.federated_map(quantize_fn, (value, round_at_clients))
+                decoded = tff.federated_map(quantize_fn, (
+                    value, tff.federated_broadcast(state.round),
+                    tff.federated_broadcast(state.seed)))
                 output = inner_process.next(state.inner, decoded, weight)
                 new_state = tff.federated_zip(collections.OrderedDict(
-                    inner=output.state, round=tff.federated_map(increment, state.round)))
+                    inner=output.state, round=tff.federated_map(increment, state.round),
+                    seed=state.seed))
                 return tff.templates.MeasuredProcessOutput(
                     new_state, output.result, output.measurements)
 

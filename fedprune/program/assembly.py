@@ -75,8 +75,8 @@ def step_mapping(config: ExperimentConfig, data: datasets.FederatedData):
 
 
 # Config fields a built process does not trace: the schedule's (data in its state,
-# `PruningProcess.for_cell`) and the seed (initial weights), except where noted in
-# `process_key`, and fields only the round loop or the data read.
+# `PruningProcess.for_cell`) and the seed (initial weights, quantized uploads' rounding),
+# except where noted in `process_key`, and fields only the round loop or the data read.
 _SCHEDULE_FIELDS = ("schedule", "initial_sparsity", "final_sparsity", "begin_round",
                     "end_round", "prune_every", "power")
 _UNTRACED_FIELDS = ("eval_every", "shrink_at_round", "dp_delta", "dp_accountant",
@@ -95,9 +95,8 @@ def process_key(config: ExperimentConfig, data: datasets.FederatedData) -> str:
     every field except the schedule's, the seed and the untraced ones, plus
     the data's element spec. The schedule's fields stay in the key with
     `--prune_granularity=step` (the clients' tfmot wrappers carry the schedule,
-    with the data's step mapping); the seed stays with `--upload_quantization`
-    (it seeds the rounding) and with `--dp` (TFF's noise ops take their seeds
-    from the global seed when they are traced).
+    with the data's step mapping); the seed stays with `--dp` (TFF's noise ops
+    take their seeds from the global seed when they are traced).
     """
     mapping = step_mapping(config, data) if config.prune_granularity == "step" else None
     return repr((process_group(config), repr(data.element_spec), mapping))
@@ -108,7 +107,7 @@ def process_group(config: ExperimentConfig) -> str:
     neutral = set(_UNTRACED_FIELDS)
     if config.prune_granularity != "step":
         neutral.update(_SCHEDULE_FIELDS)
-    if config.upload_quantization == "none" and config.dp == "none":
+    if config.dp == "none":
         neutral.add("seed")
     return repr(sorted((k, v) for k, v in config.to_dict().items() if k not in neutral))
 
@@ -132,18 +131,23 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
     process that continues a structured run after its shrink, for a model of
     that architecture, dense (masking `none`, no schedule), with the config's
     optimizers; its initial weights are replaced by `shrinking.transfer_state`.
-    It is built afresh.
+    Runs whose shrunk models have the same weight shapes (the seeds of a
+    structured cell keep as many units) share it, as above.
     """
-    if shrunk_model is not None:
-        return _build_process(config, data, shrunk_model=shrunk_model)
     key = process_key(config, data)
+    schedule, regrow = config.make_schedule(), config.regrow_spec()
+    if shrunk_model is not None:
+        from fedprune.pruning import schedules
+
+        key = repr((key, "shrunk", [tuple(w.shape) for w in shrunk_model.weights]))
+        schedule, regrow = schedules.make_schedule("none"), None
     built = _processes.pop(key, None)
     if built is None:
-        built = _build_process(config, data)
+        built = _build_process(config, data, shrunk_model=shrunk_model)
     _processes[key] = built
     while len(_processes) > _PROCESS_CACHE_SIZE:
         _processes.popitem(last=False)
-    return built.for_cell(config.make_schedule(), seed=config.seed, regrow=config.regrow_spec())
+    return built.for_cell(schedule, seed=config.seed, regrow=regrow)
 
 
 def _build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
