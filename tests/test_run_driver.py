@@ -38,6 +38,7 @@ from cli_util import (
     TIMEOUT_S,
     exit_lines,
     parse_flagfile,
+    split_importtime,
     tree,
 )
 from figure_util import assert_figure
@@ -303,7 +304,8 @@ def smoke_run(tmp_path_factory):
     (output_dir / "metrics.csv").write_text("round,train_loss\n1,9\n2,9\n3,9\n")
     (output_dir / "checkpoints" / "round_000099.npz").write_bytes(b"stale")
     args = [f"--{k}={v}" for k, v in SMOKE_FLAGS.items()]
-    result = _cli([*args, f"--output_dir={output_dir}", "--overwrite"], cwd=REPO_ROOT)
+    result = _cli([*args, f"--output_dir={output_dir}", "--overwrite"], cwd=REPO_ROOT,
+                  importtime=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result
 
@@ -312,6 +314,16 @@ def _metrics_without_time(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
         return [{k: v for k, v in row.items() if k not in run_files.TIME_COLUMNS}
                 for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_tff_is_imported_without_tensorflow_probability(smoke_run):
+    """`fedprune.runtime.deferred_imports`: TFF imports tensorflow_privacy, whose
+    tensorflow_probability a run never uses: it stays a stand-in, never executed."""
+    _, result = smoke_run
+    modules, _ = split_importtime(result.stderr)
+    assert {"tensorflow_federated", "tensorflow_privacy"} <= set(modules)
+    assert [m for m in modules if m.startswith("tensorflow_probability")] == []
 
 
 @pytest.mark.slow

@@ -10,6 +10,8 @@
 * `memory`: the Python process's free heap pages back to the OS once a round
   (glibc's `malloc_trim`).
 * `autograph`: the modules AutoGraph leaves as written while fedprune traces.
+* `deferred_imports`: modules TFF's import loads and fedprune never runs, loaded
+  at their first use instead (the package's `__init__` defers them).
 
 Importing any of them is cheap (standard library only).
 """
