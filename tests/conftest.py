@@ -70,13 +70,16 @@ def digits_clients():
     """A function (num_clients, num_examples) -> digits client datasets, batches of 16.
 
     The first `num_examples` of a fixed permutation of scikit-learn's digits
-    (x scaled to [0, 1], y int32 [n, 1]), split into `num_clients` even parts.
+    (x scaled to [0, 1], y int32 [n, 1]), split into `num_clients` even parts,
+    with the options of fedprune's client datasets (`client_dataset_options`).
     """
     import collections
 
     import numpy as np
     import tensorflow as tf
     from sklearn.datasets import load_digits
+
+    from fedprune.data.datasets.container import client_dataset_options
 
     def make(num_clients: int, num_examples: int) -> list:
         x, y = load_digits(return_X_y=True)
@@ -85,6 +88,7 @@ def digits_clients():
         order = np.random.default_rng(0).permutation(len(y))[:num_examples]
         return [tf.data.Dataset.from_tensor_slices(
                     collections.OrderedDict(x=x[part], y=y[part])).batch(16)
+                .with_options(client_dataset_options())
                 for part in np.array_split(order, num_clients)]
 
     return make

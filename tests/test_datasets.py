@@ -144,6 +144,17 @@ def test_element_spec_and_batches(digits):
     assert digits.test_dataset(100).element_spec == digits.element_spec
 
 
+@pytest.mark.parametrize("shuffle_seed,max_examples", [(0, None), (None, 7), (3, 7)])
+def test_client_datasets_are_neither_autotuned_nor_rewritten(digits, shuffle_seed, max_examples):
+    # Every traced variant of the pipeline carries `client_dataset_options`
+    # (tests/test_process.py: the same weights as under tf.data's defaults).
+    ds = digits.client_dataset(digits.client_ids[0], batch_size=32, local_epochs=2,
+                               shuffle_seed=shuffle_seed, max_examples=max_examples)
+    assert ds.options().autotune.enabled is False
+    assert ds.options().experimental_optimization.apply_default_optimizations is False
+    assert tf.data.Options().autotune.enabled is None  # tf.data's default: on
+
+
 def test_shuffle_is_deterministic_per_seed(digits):
     client = digits.client_ids[1]
 

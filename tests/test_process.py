@@ -131,6 +131,25 @@ def test_dense_mode_matches_stock_fed_avg(client_data):
     assert not np.allclose(ours.trainable[0], _run(pp, client_data, 0)[0].trainable[0])
 
 
+@pytest.mark.parametrize("masking_mode", ["none", "both"])
+def test_client_datasets_train_as_under_tf_data_defaults(client_data, masking_mode):
+    # fedprune's client datasets turn tf.data's autotuning and graph rewrites off
+    # (`container.client_dataset_options`, which `client_data` carries as the
+    # pipeline's datasets do): three rounds must end with the weights of the same
+    # batches under tf.data's defaults, bit for bit, every wrapper variable included.
+    tuned = tf.data.Options()
+    tuned.autotune.enabled = True
+    tuned.experimental_optimization.apply_default_optimizations = True
+    defaults = [d.with_options(tuned) for d in client_data]
+    assert [d.options().autotune.enabled for d in client_data] == [False] * NUM_CLIENTS
+    assert [d.options().autotune.enabled for d in defaults] == [True] * NUM_CLIENTS
+    schedule = schedules.NoPruning() if masking_mode == "none" else POLY
+    pp = _build(client_data, masking_mode=masking_mode, schedule=schedule)
+    ours = _run(pp, client_data, 3)[-1]
+    _assert_same_weights(ours, _run(pp, defaults, 3)[-1])
+    assert not np.array_equal(ours.trainable[0], _run(pp, client_data, 0)[0].trainable[0])
+
+
 def test_client_mode_average_is_denser_than_each_client(client_data):
     # Clients prune to the schedule's level; averaging different masks densifies.
     pp = _build(client_data, masking_mode="client", schedule=POLY)

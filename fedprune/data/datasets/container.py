@@ -4,7 +4,8 @@
 index arrays into one in-memory set, `ArraySource`, or TFF's `ClientData`,
 `TffSource`) and a global test set. Every client dataset goes through
 `preprocess_client_dataset` (shuffle with a seed, cap, repeat for local
-epochs, batch). Elements are `OrderedDict(x=[B, *input_shape], y=[B,
+epochs, batch), with tf.data's autotuning and static rewrites off
+(`client_dataset_options`). Elements are `OrderedDict(x=[B, *input_shape], y=[B,
 *label_shape] int32)`; `y` keeps a trailing axis ([B, 1] for classification)
 so that the batched element spec can serve as the input spec of TFF's Keras
 wrapper with `SparseCategoricalCrossentropy`.
@@ -40,6 +41,26 @@ def _tf():
     return tf
 
 
+def client_dataset_options() -> tf.data.Options:
+    """The options of every client dataset: tf.data neither autotunes nor rewrites it.
+
+    Every `iter()` of a dataset finalizes it; with autotuning on (tf.data's
+    default) that runs Grappler's tf.data rewrites over the dataset's graph
+    (inject_prefetch, autotune_buffer_sizes and, with the default
+    optimizations, noop_elimination, parallel_batch, ...) and inserts the
+    autotuning model. Nothing in a client pipeline (in-memory slices, shuffle,
+    take, repeat, batch) gains from either, and TFF's client loop iterates every
+    client's dataset once a round: in TFF's worker the rewrite took ~18 % of
+    its CPU, and rounds were ~30 % slower (BUILD_NOTES.md, "Client datasets are
+    neither autotuned nor rewritten"). The batches, and so every result, are the
+    same bit for bit (tests/test_process.py).
+    """
+    options = _tf().data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
+    return options
+
+
 def preprocess_client_dataset(
     examples: tf.data.Dataset,
     *,
@@ -50,6 +71,9 @@ def preprocess_client_dataset(
     max_examples: int | None = None,
 ) -> tf.data.Dataset:
     """The one client pipeline: shuffle, cap, repeat for local epochs, batch.
+
+    The dataset carries `client_dataset_options()`: tf.data neither autotunes
+    nor rewrites it when it is iterated.
 
     The shuffle uses `reshuffle_each_iteration=False`, so the order is a pure
     function of `shuffle_seed` (callers derive it per (seed, round, client) with
@@ -130,8 +154,9 @@ def _client_pipeline(*, shuffle: bool, take: bool):
             examples = tf.data.experimental.from_variant(shuffled, examples.element_spec)
         if take:
             examples = examples.take(max_examples)
-        return examples.repeat(local_epochs).batch(batch_size)
+        return examples.repeat(local_epochs).batch(batch_size).with_options(options)
 
+    options = client_dataset_options()
     return pipeline
 
 
