@@ -121,6 +121,21 @@ def test_a_table_registered_by_an_extension_is_checked_by_reproduce(tmp_path):
 # The toy dataset, in this process.
 
 
+@pytest.fixture
+def toy_registered_here(monkeypatch):
+    """The registries as they were once the test ends: `toy` registered in this process
+    must not outlive it (tests/test_datasets.py lists the built-in datasets, and may run
+    later in the same pytest worker)."""
+    from fedprune.data import datasets
+    from fedprune.pruning import masking, schedules
+
+    for registry in (schedules.SCHEDULES, masking.CRITERIA, datasets.DATASETS):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    yield
+    sys.modules.pop("toy_extension", None)  # a later import registers `toy` again
+
+
+@pytest.mark.usefixtures("toy_registered_here")
 def test_toy_dataset_loads_through_the_registry():
     sys.path.insert(0, str(TOY.parent))
     try:
