@@ -13,6 +13,7 @@ entries, the criterion's pattern.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -122,26 +123,23 @@ def test_a_table_registered_by_an_extension_is_checked_by_reproduce(tmp_path):
 
 
 @pytest.fixture
-def toy_registered_here(monkeypatch):
-    """The registries as they were once the test ends: `toy` registered in this process
-    must not outlive it (tests/test_datasets.py lists the built-in datasets, and may run
-    later in the same pytest worker)."""
+def toy_module(monkeypatch):
+    """tests/toy_extension.py imported in this process, so `toy` is registered until the
+    test ends; then the registries are as they were (tests/test_datasets.py lists the
+    built-in datasets, and may run later in the same pytest worker)."""
     from fedprune.data import datasets
     from fedprune.pruning import masking, schedules
 
     for registry in (schedules.SCHEDULES, masking.CRITERIA, datasets.DATASETS):
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
-    yield
-    sys.modules.pop("toy_extension", None)  # a later import registers `toy` again
+    monkeypatch.syspath_prepend(str(TOY.parent))
+    sys.modules.pop("toy_extension", None)  # imported afresh: it registers `toy` again
+    yield importlib.import_module("toy_extension")
+    sys.modules.pop("toy_extension", None)
 
 
-@pytest.mark.usefixtures("toy_registered_here")
+@pytest.mark.usefixtures("toy_module")
 def test_toy_dataset_loads_through_the_registry():
-    sys.path.insert(0, str(TOY.parent))
-    try:
-        import toy_extension  # noqa: F401 (registers toy)
-    finally:
-        sys.path.remove(str(TOY.parent))
     from fedprune.config import ExperimentConfig
     from fedprune.data import datasets
 
@@ -168,18 +166,13 @@ def toy_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_metrics_sparsity_is_the_toy_schedules(toy_run):
+def test_metrics_sparsity_is_the_toy_schedules(toy_run, toy_module):
     with open(toy_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     # EqualSteps(0.5, end_round=2): 0.5 * r / 2 after round r. Both kernels (64x128 and
     # 128x10) keep exactly num_kept(N, s) weights, N * (1 - s) here, so the global
     # sparsity is s itself.
-    sys.path.insert(0, str(TOY.parent))
-    try:
-        import toy_extension
-    finally:
-        sys.path.remove(str(TOY.parent))
-    schedule = toy_extension.EqualSteps(final_sparsity=0.5, end_round=2)
+    schedule = toy_module.EqualSteps(final_sparsity=0.5, end_round=2)
     expected = [schedule(r)[1] for r in (1, 2)]
     assert expected == [0.25, 0.5]
     assert [int(r["round"]) for r in rows] == [1, 2]
