@@ -48,12 +48,14 @@ def client_dataset_options() -> tf.data.Options:
     default) that runs Grappler's tf.data rewrites over the dataset's graph
     (inject_prefetch, autotune_buffer_sizes and, with the default
     optimizations, noop_elimination, parallel_batch, ...) and inserts the
-    autotuning model. Nothing in a client pipeline (in-memory slices, shuffle,
-    take, repeat, batch) gains from either, and TFF's client loop iterates every
-    client's dataset once a round: in TFF's worker the rewrite took ~18 % of
-    its CPU, and rounds were ~30 % slower (BUILD_NOTES.md, "Client datasets are
-    neither autotuned nor rewritten"). The batches, and so every result, are the
-    same bit for bit (tests/test_process.py).
+    autotuning model. An in-memory client's pipeline (slices, shuffle, take,
+    repeat, batch) gains nothing from either, and TFF's client loop iterates
+    every client's dataset once a round: in TFF's worker the rewrite took ~18 %
+    of its CPU, and rounds were ~30 % slower (BUILD_NOTES.md, "Client datasets
+    are neither autotuned nor rewritten"). TFF's file-backed clients (`TffSource`)
+    get the same options; their file reads and per-example map run unparallelized,
+    which was not measured. The batches, and so every result, are the same bit
+    for bit (tests/test_process.py).
     """
     options = _tf().data.Options()
     options.autotune.enabled = False
