@@ -73,10 +73,13 @@ scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1
          machinery (TFF calls, masks, state) grows there too, while memory kept
          after large clients does not. The default section runs ~10-12 minutes
          on an idle 2-core machine.
-grid     The wall time of one reduced grid trained three ways: a process built
-         per cell (the old path), one trace per grid, and one trace per grid with
-         --parallel_cells at the usable cores; each a fresh compare_schedules
-         command; the metrics must agree to 1e-6 (`benchmark_grid.py`).
+grid     The wall time of one reduced Table 1 grid (its axes, fewer seeds and
+         sparsities) trained four ways: by the code of --grid_commit (default:
+         the day issue 18 was filed, from this repository's history), and by
+         today's code with a process built per cell, one trace per grid, and
+         one trace per grid with --parallel_cells at the usable cores; each a
+         fresh compare_schedules command; the metrics must agree to 1e-6
+         (`benchmark_grid.py`).
 quality  Final test accuracy of `loop.run_experiment` at each of
          `--quality_sparsities` (0 = dense, masking `none`; the others masking
          `both`, polynomial schedule) over `--quality_seeds`: mean +- 95 % CI,
@@ -119,6 +122,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -191,14 +195,20 @@ _QUALITY_SEEDS = flags.DEFINE_list("quality_seeds", ["0", "1", "2", "3", "4"],
                                    "by seed).")
 _GRID_SPARSITIES = flags.DEFINE_list("grid_final_sparsities", ["0.5", "0.9"],
                                      "grid: the reduced grid's --final_sparsities.")
-_GRID_MASKINGS = flags.DEFINE_list("grid_maskings", ["server", "both"],
+_GRID_MASKINGS = flags.DEFINE_list("grid_maskings", ["client", "server", "both"],
                                    "grid: the reduced grid's --maskings.")
+_GRID_GRANULARITIES = flags.DEFINE_list("grid_prune_granularities", ["round", "step"],
+                                        "grid: the reduced grid's --prune_granularities.")
 _GRID_SEEDS = flags.DEFINE_list("grid_seeds", ["0", "1"], "grid: the reduced grid's --seeds.")
 _GRID_PATHS = flags.DEFINE_list(
-    "grid_paths", ["build", "trace", "parallel"],
+    "grid_paths", list(benchmark_grid.PATH_NAMES),
     "grid: the code paths to train the grid along, in this order (speed-ups are against the "
-    "first): build (a process per cell), trace (one trace per grid), parallel (one trace "
-    "per grid + --parallel_cells=<usable cores>).")
+    "first): commit (the code of --grid_commit), build (today's, a process per cell), trace "
+    "(one trace per grid), parallel (one trace per grid + --parallel_cells=<usable cores>).")
+_GRID_COMMIT = flags.DEFINE_string(
+    "grid_commit", benchmark_grid.FILED_COMMIT,
+    "grid: the commit whose code the `commit` path runs (a commit of this repository's "
+    "history; default: the last before the work on issue 18).")
 _DEPLOY_SPARSITIES = flags.DEFINE_list(
     "deploy_sparsities", ["0.5", "0.75", "0.9"],
     "deploy: sparsities the 1x1 convolutions of the MobileNet-like model are pruned to.")
@@ -224,7 +234,8 @@ _SCALEOUT_REPEATS = flags.DEFINE_integer(
     "scaleout_repeats", 2, "scaleout: runs of each mode (>= 1), alternating local and remote "
     "(local, remote, remote, local, ...).")
 usage.set_topic("deploy section", _DEPLOY_SPARSITIES, _DEPLOY_RUNS, _DEPLOY_WARMUP)
-usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_SEEDS, _GRID_PATHS)
+usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_GRANULARITIES,
+                _GRID_SEEDS, _GRID_PATHS, _GRID_COMMIT)
 usage.set_topic("sections", _SECTIONS)
 usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
@@ -253,9 +264,12 @@ class Plan:
       scale_runs: (clients per round, worker malloc mode, control?) per scale
         child, in table order.
       quality: (target sparsity, seed, config) per quality run.
-      grid_base, grid_sparsities, grid_maskings, grid_seeds, grid_paths: the grid
-        section's base experiment and its `--grid_final_sparsities`,
-        `--grid_maskings`, `--grid_seeds` and `--grid_paths`.
+      grid_base, grid_sparsities, grid_maskings, grid_granularities, grid_seeds,
+        grid_paths, grid_commit: the grid section's base experiment (no TFLite
+        export) and its `--grid_final_sparsities`, `--grid_maskings`,
+        `--grid_prune_granularities`, `--grid_seeds`, `--grid_paths` and
+        `--grid_commit`; grid_commit_flags: the flags the driver at that commit
+        defines (empty without the `commit` path).
       warmup_rounds, timed_rounds, program_round: the speed section's
         `--warmup_rounds`, `--timed_rounds`, `--program_round`.
       scale_clients, scale_rounds, scale_baseline, scale_slope_rounds: the scale
@@ -278,8 +292,11 @@ class Plan:
     grid_base: config_lib.ExperimentConfig | None = None
     grid_sparsities: tuple[float, ...] = ()
     grid_maskings: tuple[str, ...] = ()
+    grid_granularities: tuple[str, ...] = ()
     grid_seeds: tuple[int, ...] = ()
     grid_paths: tuple[str, ...] = ()
+    grid_commit: str = benchmark_grid.FILED_COMMIT
+    grid_commit_flags: frozenset[str] = frozenset()
     warmup_rounds: int = 0
     timed_rounds: int = 2
     program_round: bool = True
@@ -394,10 +411,32 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
     check(bool(grid_maskings) and set(grid_maskings) <= set(grid_lib.GRID_MASKINGS),
           "grid_maskings", ",".join(grid_maskings),
           "one or more of " + ",".join(grid_lib.GRID_MASKINGS))
+    from fedprune.pruning import step_schedule
+
+    grid_granularities = tuple(_GRID_GRANULARITIES.value)
+    check(bool(grid_granularities)
+          and set(grid_granularities) <= set(step_schedule.GRANULARITIES),
+          "grid_prune_granularities", ",".join(grid_granularities),
+          "one or more of " + ",".join(step_schedule.GRANULARITIES))
     grid_paths = tuple(_GRID_PATHS.value)
     check(bool(grid_paths) and set(grid_paths) <= set(benchmark_grid.PATH_NAMES)
           and len(set(grid_paths)) == len(grid_paths), "grid_paths", ",".join(grid_paths),
           "one or more of " + ",".join(benchmark_grid.PATH_NAMES) + ", each once")
+    # No TFLite export in the grid: the code at --grid_commit has none.
+    grid_base = dataclasses.replace(base, deploy="none")
+    grid_commit_flags = frozenset()
+    if "grid" in sections and "commit" in grid_paths:
+        check(benchmark_grid.is_commit(_GRID_COMMIT.value), "grid_commit", _GRID_COMMIT.value,
+              "a commit of this repository's history (a clone with its git history)")
+        with tempfile.TemporaryDirectory(prefix="fedprune-commit-") as tree:
+            try:
+                grid_commit_flags = benchmark_grid.driver_flags(
+                    benchmark_grid.check_out(_GRID_COMMIT.value, Path(tree)))
+            except RuntimeError:
+                check(False, "grid_commit", _GRID_COMMIT.value,
+                      "a commit whose experiments.compare_schedules imports")
+        benchmark_grid.flags_known_to(benchmark_grid.base_flags(grid_base), grid_commit_flags,
+                                      _GRID_COMMIT.value)
     scaleout = None
     if "scaleout" in sections:
         check(not FLAGS.tff_workers, "tff_workers", ",".join(FLAGS.tff_workers),
@@ -423,8 +462,10 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
             rounds=_SCALEOUT_ROUNDS.value, baseline_round=_SCALEOUT_BASELINE.value,
             partition=_SCALEOUT_PARTITION.value)
     return Plan(sections, pruned, dense, scale, tuple(scale_runs), tuple(quality),
-                grid_base=base, grid_sparsities=grid_sparsities, grid_maskings=grid_maskings,
-                grid_seeds=grid_seeds, grid_paths=grid_paths,
+                grid_base=grid_base, grid_commit_flags=grid_commit_flags,
+                grid_sparsities=grid_sparsities, grid_maskings=grid_maskings,
+                grid_granularities=grid_granularities, grid_seeds=grid_seeds,
+                grid_paths=grid_paths, grid_commit=_GRID_COMMIT.value,
                 warmup_rounds=_WARMUP_ROUNDS.value, timed_rounds=_TIMED_ROUNDS.value,
                 program_round=_PROGRAM_ROUND.value, scale_clients=_SCALE_CLIENTS.value,
                 scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value,
@@ -538,7 +579,7 @@ def main(argv):
         "speed": ("Round time: fedprune vs TFF FedAvg vs Keras", benchmark_speed.run_speed),
         "scale": ("Scale: 1,000 clients, round time and memory", benchmark_scale.run_scale),
         "quality": ("Quality: test accuracy vs sparsity", benchmark_quality.run_quality),
-        "grid": ("Grids: one trace per grid and parallel cells vs a build per cell",
+        "grid": ("Grids: a reduced Table 1 by the code of issue 18's day and by today's",
                  benchmark_grid.run_grid_section),
         "deploy": ("Deployment: tfmot's PruneForLatencyOnXNNPack, TFLite latency",
                    benchmark_deploy.run_deploy_section),

@@ -32,6 +32,7 @@ from experiments import (
     benchmark_scaleout,
     benchmark_speed,
 )
+from fedprune.errors import InvalidArgument
 from fedprune.outputs import reporting
 from fedprune.runtime import worker_heap
 from fedprune.runtime import workers as workers_lib
@@ -202,28 +203,34 @@ def test_profile_notes_differences_and_phases(phases, words):
 
 
 @pytest.mark.slow
-def test_grid_section_trains_the_grid_along_two_paths_with_equal_metrics(tmp_path):
-    """One trace per grid, sequential and in parallel children, as the section runs them
-    (--grid_paths): equal metrics (1e-6) between a sequential grid and the same grid's
-    cells trained in child processes (`compare_schedules --parallel_cells`).
+@pytest.mark.skipif(not benchmark_grid.is_commit(benchmark_grid.FILED_COMMIT),
+                    reason=f"a clone without {benchmark_grid.FILED_COMMIT} in its history")
+def test_grid_section_trains_the_grid_along_three_paths_with_equal_metrics(tmp_path):
+    """The code of issue 18's day (from the repository's history), then today's one trace
+    per grid, sequential and in parallel children, as the section runs them (--grid_paths):
+    equal metrics (1e-6) between the older code's cells, a sequential grid and the same
+    grid's cells trained in child processes (`compare_schedules --parallel_cells`).
 
-    The third path, a process built per cell (`FEDPRUNE_REBUILD_PROCESSES=1`), would
+    The fourth path, a process built per cell (`FEDPRUNE_REBUILD_PROCESSES=1`), would
     cost one more TensorFlow import; that a reused process computes what a process
     built for the cell does is tests/test_one_trace.py's.
     """
     output = tmp_path / "BENCH.md"
     result, workers = _run("--sections=grid", "--grid_final_sparsities=0.5",
-                           "--grid_maskings=server", "--grid_seeds=0",
-                           "--grid_paths=trace,parallel", "--rounds=2", "--end_round=2",
-                           "--num_clients=4", "--clients_per_round=4", "--write",
-                           f"--output={output}")
+                           "--grid_maskings=server", "--grid_prune_granularities=round",
+                           "--grid_seeds=0", "--grid_paths=commit,trace,parallel",
+                           "--rounds=2", "--end_round=2", "--num_clients=4",
+                           "--clients_per_round=4", "--write", f"--output={output}",
+                           "--figures")  # the older code always draws them
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_gone(workers)
     rows = _table_rows(result.stdout)
+    commit = benchmark_grid.FILED_COMMIT
     assert rows["path"] == ["cells", "wall (s)", "s per cell", "CPU (s)",
-                            "cores busy (CPU / wall)", "speed-up vs one trace per grid"]
+                            "cores busy (CPU / wall)", f"speed-up vs code at {commit}"]
     cores = len(os.sched_getaffinity(0))
-    labels = ["one trace per grid", f"one trace per grid + {cores} parallel cells"]
+    labels = [f"code at {commit}", "one trace per grid",
+              f"one trace per grid + {cores} parallel cells"]
     assert [label for label in rows if label != "path"] == labels
     for label in labels:
         cells, wall, per_cell, cpu, busy, speedup = rows[label]
@@ -235,8 +242,10 @@ def test_grid_section_trains_the_grid_along_two_paths_with_equal_metrics(tmp_pat
         assert float(speedup.rstrip("×")) > 0
     assert rows[labels[0]][5] == "1.00×"
     text = output.read_text()
-    difference = re.search(r"max \|difference\| ([0-9.e+-]+) over all", text)
+    difference = re.search(r"max \|difference\| ([0-9.e+-]+) over the", text)
     assert float(difference.group(1)) <= 1e-6
+    # The older code writes every column but the mask's entropy (added since).
+    assert "columns only one side writes: mask_entropy_bits." in " ".join(text.split())
     assert "<!-- benchmark:grid -->" in text
 
 
@@ -316,15 +325,61 @@ def test_scaleout_markdown_medians_ratio_and_differences(workers, remote_label):
 
 @pytest.mark.parametrize("names, cores, labels", [
     (benchmark_grid.PATH_NAMES, 2,
-     ["build per cell", "one trace per grid", "one trace per grid + 2 parallel cells"]),
+     ["code at abc1234", "build per cell", "one trace per grid",
+      "one trace per grid + 2 parallel cells"]),
     (("parallel", "trace"), 4, ["one trace per grid + 4 parallel cells", "one trace per grid"]),
 ])
 def test_grid_paths_in_the_order_asked(names, cores, labels):
-    chosen = benchmark_grid.paths(names, cores)
+    chosen = benchmark_grid.paths(names, cores, "abc1234")
     assert [p.label for p in chosen] == labels
     assert [p.rebuild for p in chosen] == [name == "build" for name in names]
+    assert [p.commit for p in chosen] == ["abc1234" if name == "commit" else None
+                                         for name in names]
+    # The older code has no --parallel_cells: it always trained the cells in turn.
     assert [p.flags for p in chosen] == [
-        (f"--parallel_cells={cores if name == 'parallel' else 1}",) for name in names]
+        () if name == "commit" else (f"--parallel_cells={cores if name == 'parallel' else 1}",)
+        for name in names]
+
+
+def test_flags_known_to_an_older_driver():
+    """Flags the older driver lacks are left out at the value that does what it did, and
+    refused at any other: the comparison would not be like for like."""
+    lines = ["--rounds=30", "--noprune_output_layer", "--upload_quantization=none",
+             "--regrow_fraction=0.3", "--figures"]
+    known = frozenset({"rounds", "prune_output_layer"})
+    assert benchmark_grid.flags_known_to(lines, known, "abc1234") == [
+        "--rounds=30", "--noprune_output_layer"]
+    for line, words in (("--upload_quantization=int8",
+                         "--upload_quantization='int8': expected none with --grid_paths=commit: "
+                         "the code at abc1234 has no --upload_quantization and did what "
+                         "--upload_quantization=none does"),
+                        ("--nofigures", "--figures='false': expected true with")):
+        with pytest.raises(InvalidArgument) as error:
+            benchmark_grid.flags_known_to([*lines, line], known, "abc1234")
+        assert str(error.value).startswith(words), str(error.value)
+
+
+def _metrics(folder: Path, header: str, *rows: str) -> Path:
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("\n".join([header, *rows]) + "\n")
+    return folder
+
+
+def test_older_runs_compare_on_shared_columns_with_layers_by_position(tmp_path):
+    """An older commit's runs name the layers differently and lack later columns: compared
+    on the columns both write, per-layer ones by position; today's runs must match whole."""
+    old = _metrics(tmp_path / "old", "round,test_loss,sparsity/dense_32,sparsity/dense_33,"
+                   "round_seconds", "1,2.0,0.5,0.25,9.0", "2,1.5,0.5,0.25,8.0")
+    new = _metrics(tmp_path / "new", "round,test_loss,sparsity/dense,sparsity/dense_1,"
+                   "mask_entropy_bits,round_seconds", "1,2.0000002,0.5,0.25,0.7,1.0",
+                   "2,1.5,0.5,0.2500004,0.6,1.0")
+    assert benchmark_grid.max_difference(old, new, shared_columns=True) == pytest.approx(
+        4e-7, rel=1e-3)
+    assert benchmark_grid.max_difference(old, new) == float("inf")
+    assert benchmark_grid.unshared_columns(old, new) == {"mask_entropy_bits"}
+    swapped = _metrics(tmp_path / "swapped", "round,test_loss,sparsity/a,sparsity/b,"
+                       "round_seconds", "1,2.0,0.25,0.5,9.0", "2,1.5,0.25,0.5,8.0")
+    assert benchmark_grid.max_difference(old, swapped, shared_columns=True) == 0.25
 
 
 def test_bad_flags_fail_fast_without_tensorflow():
@@ -335,8 +390,10 @@ def test_bad_flags_fail_fast_without_tensorflow():
                         ("--deploy_sparsities=0.5,x", "comma-separated fractions"),
                         ("--deploy_runs=2", ">= 3"),
                         ("--grid_maskings=none", "one or more of client,server,both"),
-                        ("--grid_paths=build,build", "one or more of build,trace,parallel"),
-                        ("--grid_paths=fast", "one or more of build,trace,parallel"),
+                        ("--grid_paths=build,build",
+                         "one or more of commit,build,trace,parallel"),
+                        ("--grid_paths=fast", "one or more of commit,build,trace,parallel"),
+                        ("--grid_prune_granularities=epoch", "one or more of round,step"),
                         ("--timed_rounds=1", ">= 2"),
                         ("--scale_baseline_round=300", "--scale_rounds=300"),
                         ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc"),
@@ -352,6 +409,27 @@ def test_bad_flags_fail_fast_without_tensorflow():
         assert result.stderr.startswith(f"error: {name}") and words in result.stderr, \
             result.stderr
         assert not workers  # failed before TFF was started
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--grid_commit=0000000", "error: --grid_commit='0000000': expected a commit of this "
+                              "repository's history (a clone with its git history)\n"),
+    # The repository's first commit: a skeleton without the driver.
+    ("--grid_commit=FIRST", "expected a commit whose experiments.compare_schedules imports\n"),
+    ("--nofigures", "error: --figures='false': expected true with --grid_paths=commit: the "
+                    "code at 1a355ba has no --figures and did what --figures does\n"),
+])
+def test_a_grid_commit_whose_code_cannot_run_the_grid_fails_fast(flag, message):
+    if flag.endswith("FIRST"):
+        if not benchmark_grid.is_commit(benchmark_grid.FILED_COMMIT):
+            pytest.skip("a clone without the repository's history")
+        first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], capture_output=True,
+                               text=True, cwd=benchmark_grid.REPOSITORY, check=True).stdout.split()
+        flag = f"--grid_commit={first[-1]}"
+    result, workers = _run("--sections=grid", flag)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not workers
 
 
 def _timing(key: str, seconds: list[float]) -> benchmark_speed.VariantTiming:
