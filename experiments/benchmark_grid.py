@@ -175,8 +175,7 @@ def base_flags(config) -> list[str]:
 
     per_cell = {f for f in grid.CELL_FIELDS if f not in grid.OPTIONAL_CELL_FIELDS}
     return [line for line in flagfile.flagfile_text(config).splitlines()
-            if line.startswith("--") and line[2:].split("=", 1)[0].removeprefix("no")
-            not in per_cell]
+            if line.startswith("--") and _flag_name(line) not in per_cell]
 
 
 def layers_by_position(row: dict) -> dict:
@@ -241,7 +240,8 @@ def run_grid_section(plan: Plan, log) -> tuple[str, str]:
     rows, trees = [], []
     with tempfile.TemporaryDirectory(prefix="fedprune-grid-") as tmp:
         lines = base_flags(plan.grid_base)
-        for i, path in enumerate(paths(plan.grid_paths, cores, plan.grid_commit)):
+        chosen = paths(plan.grid_paths, cores, plan.grid_commit)
+        for i, path in enumerate(chosen):
             root = Path(tmp) / f"path{i}"
             tree, path_lines = None, lines
             if path.commit:
@@ -268,7 +268,6 @@ def run_grid_section(plan: Plan, log) -> tuple[str, str]:
             rows.append((path.label, len(cells), wall, cpu))
             trees.append((root, cells))
             log(f"grid: {path.label}: {len(cells)} cells in {wall:.1f} s ({cpu:.1f} s CPU)")
-        chosen = paths(plan.grid_paths, cores, plan.grid_commit)
         reference_root, reference_cells = trees[0]
         worst, unshared = 0.0, set()
         for path, (root, cells) in zip(chosen[1:], trees[1:], strict=True):
