@@ -54,9 +54,18 @@ PAIRS = {
         dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=3),
         dict(masking="both", regrow="random", regrow_at="client", regrow_end_round=3,
              final_sparsity=0.9, seed=3)),
-    "both at step granularity: seed only": (
+    "both at step granularity: schedule class, sparsity, seed": (
         dict(masking="both", prune_granularity="step"),
-        dict(masking="both", prune_granularity="step", seed=1)),
+        dict(masking="both", prune_granularity="step", schedule="constant", begin_round=1,
+             end_round=-1, final_sparsity=0.6, seed=1)),
+    "client at step granularity: power, sparsity, steps per round, frequency, seed": (
+        dict(masking="client", prune_granularity="step", power=1.0),
+        dict(masking="client", prune_granularity="step", final_sparsity=0.9, power=3.0,
+             steps_per_round=3, prune_every_steps=2, seed=2)),
+    "both at step granularity, 2:4: oneshot, seed": (
+        dict(masking="both", prune_granularity="step", structure="2:4", final_sparsity=0.5),
+        dict(masking="both", prune_granularity="step", structure="2:4", final_sparsity=0.5,
+             schedule="oneshot", end_round=2, seed=1)),
     "dense: seed": (
         dict(masking="none", schedule="none"),
         dict(masking="none", schedule="none", seed=4)),
@@ -151,6 +160,7 @@ def _assert_same_run(own_dir, reused_dir, rounds: int) -> None:
 
 
 INT8 = dict(upload_quantization="int8", masking="server")
+STEP = dict(prune_granularity="step", masking="both")
 DP = dict(dp="fixed", dp_noise_multiplier=1.0, masking="server")
 
 
@@ -164,10 +174,13 @@ DP = dict(dp="fixed", dp_noise_multiplier=1.0, masking="server")
     ({}, dict(model="cnn"), False),
     ({}, dict(client_lr=0.05), False),
     # The seed is data with quantized uploads (their rounding's seed) and traced with DP;
-    # the schedule is traced with steps.
+    # at step granularity the clients' step schedule and the steps per round are data too.
     (INT8, dict(INT8, seed=1), True),
     (DP, dict(DP, seed=1), False),
     ({}, dict(prune_granularity="step"), False),
+    (STEP, dict(STEP, schedule="constant", end_round=-1, final_sparsity=0.5,
+                steps_per_round=3, prune_every_steps=3, seed=1), True),
+    (STEP, dict(STEP, structure="2:4", final_sparsity=0.5), False),
 ])
 def test_process_key_shares_exactly_what_is_not_traced(base, changes, shares):
     data = assembly.load_data(BASE)
@@ -175,19 +188,37 @@ def test_process_key_shares_exactly_what_is_not_traced(base, changes, shares):
     assert (assembly.process_key(first, data) == assembly.process_key(second, data)) is shares
 
 
-@pytest.mark.parametrize("changes, flag", [
-    (dict(prune_granularity="step"), "--schedule='constant'"),
-    (dict(masking="server", regrow="random", regrow_end_round=3), "--regrow='random'"),
-])
-def test_for_cell_refuses_what_the_traced_process_fixes(tff_local_context, changes, flag):
-    config = _config(**changes)
+def test_for_cell_refuses_what_the_traced_process_fixes(tff_local_context):
+    config = _config(masking="server", regrow="random", regrow_end_round=3)
     data = assembly.load_data(config)
     assembly.clear_process_cache()
     built = assembly.build_process(config, data)
-    other = dataclasses.replace(config, schedule="constant", seed=1, begin_round=0,
-                                end_round=-1, regrow_end_round=2).validate()
-    with pytest.raises(InvalidArgument, match="^" + flag.replace("'", "'?")):
-        if config.prune_granularity == "step":
-            built.for_cell(other.make_schedule(), seed=config.seed)
-        else:  # another regrowth end: the traced fractions
-            built.for_cell(config.make_schedule(), seed=1, regrow=other.regrow_spec())
+    other = dataclasses.replace(config, regrow_end_round=2).validate()
+    with pytest.raises(InvalidArgument, match="^--regrow='?random"):  # the traced fractions
+        built.for_cell(config.make_schedule(), seed=1, regrow=other.regrow_spec())
+
+
+def test_for_cell_maps_a_step_schedule_with_the_built_steps_per_round(tff_local_context):
+    """Without a mapping, a cell's step schedule keeps the built process's steps per
+    round and frequency; a polynomial span they do not divide is refused."""
+    from fedprune.pruning import schedules
+
+    config = _config(**STEP, schedule="constant", end_round=-1, steps_per_round=4,
+                     prune_every_steps=3)
+    data = assembly.load_data(config)
+    assembly.clear_process_cache()
+    built = assembly.build_process(config, data)
+    cell = built.for_cell(schedules.make_schedule("constant", final_sparsity=0.5,
+                                                  begin_round=2), seed=1)
+    assert (cell.step_mapping.steps_per_round, cell.step_mapping.frequency) == (4, 3)
+    assert (cell.step_mapping.begin_step, cell.step_mapping.end_step) == (8, -1)
+    assert cell.step_mapping.schedule_class == "ConstantSparsity"
+    assert cell.table.updates.tolist() == [False, False, True, True]  # steps 8 and 11
+    state = cell.process.initialize()
+    assert state.finalizer["steps_per_round"] == 4
+    assert state.client_work["step_schedule"]["begin_step"] == 8
+    assert not state.client_work["step_schedule"]["decays"]
+    odd = schedules.make_schedule("polynomial", final_sparsity=0.5, begin_round=1,
+                                  end_round=3)  # a span of 8 client steps
+    with pytest.raises(InvalidArgument, match="^--prune_every_steps=3"):
+        built.for_cell(odd, seed=0)

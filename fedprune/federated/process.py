@@ -109,17 +109,20 @@ class PruningProcess:
     _for_cell: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def for_cell(self, schedule: RoundSchedule, *, seed: int,
-                 regrow: regrowth.RegrowSpec | None = None) -> PruningProcess:
+                 regrow: regrowth.RegrowSpec | None = None,
+                 step_mapping: step_schedule.StepMapping | None = None) -> PruningProcess:
         """This process for another schedule and seed, without building or tracing anything.
 
-        The schedule is data in the process's state (`schedules.schedule_data`),
-        so a grid's cells that differ only in schedule values, final sparsity or
-        seed share one traced process: the returned `process` is this one's,
-        except that `initialize` returns the cell's state (its schedule table,
-        the initial weights `seed` gives, re-masked at round 0 as the schedule
-        says, `regrow`'s RNG key, and with `--upload_quantization` the seed of
-        its rounding). Rounds run exactly as in a process built for the cell
-        (tested).
+        The schedule is data in the process's state (`schedules.schedule_data`;
+        with `--prune_granularity=step` also the clients' step schedule,
+        `step_schedule_data.py`, and the steps per round), so a grid's cells
+        that differ only in schedule values, final sparsity, seed or step
+        mapping share one traced process: the returned `process` is this
+        one's, except that `initialize` returns the cell's state (its schedule
+        table, the initial weights `seed` gives, re-masked at round 0 as the
+        schedule says, `regrow`'s RNG key, and with `--upload_quantization` the
+        seed of its rounding). Rounds run exactly as in a process built for the
+        cell (tested).
 
         Args:
           schedule: the cell's schedule, in rounds (validated against the
@@ -127,13 +130,15 @@ class PruningProcess:
           seed: seeds the initial model weights (and quantized uploads' rounding).
           regrow: the cell's regrowth spec (None: as built); it may differ from
             the built one only in its seed.
+          step_mapping: with `--prune_granularity=step`, the cell's round ->
+            step mapping (None: `schedule` mapped with the built process's steps
+            per round and frequency). Ignored at round granularity.
 
         Raises:
-          InvalidArgument: what would change the traced computations: another
-            schedule with `--prune_granularity=step` (the clients' tfmot wrappers
-            carry it), another regrowth spec than its seed.
+          InvalidArgument: what would change the traced computations (another
+            regrowth spec than its seed), or a schedule the step mapping refuses.
         """
-        return self._for_cell(schedule, seed, regrow)
+        return self._for_cell(schedule, seed, regrow, step_mapping)
 
     @staticmethod
     def model_weights(state):
@@ -258,11 +263,14 @@ def build_pruning_process(
     table = schedule.table(num_rounds)
     client_keras_model_fn = keras_model_fn
     if step_mapping is not None:
+        from fedprune.pruning.step_schedule_data import DataStepSchedule
+
         masking_modes.check_step_granularity(mode)
-        in_steps = step_schedule.tfmot_step_schedule(schedule, step_mapping)
-        table = step_schedule.step_table(in_steps, num_rounds=num_rounds,
-                                         steps_per_round=step_mapping.steps_per_round)
-        params = {"pruning_schedule": in_steps, **step_schedule.wrapper_params(mask_spec)}
+        table, step_data = _step_schedule(schedule, step_mapping, num_rounds)
+        # The clients' schedule: tfmot's, with its parameters read from the client
+        # work's state (`step_schedule_data.py`), so `for_cell` can change them.
+        clients_schedule = DataStepSchedule(step_data)
+        params = {"pruning_schedule": clients_schedule, **step_schedule.wrapper_params(mask_spec)}
 
         def client_keras_model_fn():
             return wrappers.wrap_for_pruning(model_builder(), prune_output_layer=prune_output_layer,
@@ -297,7 +305,6 @@ def build_pruning_process(
         units = _unit_layout(initial_model, layout, mask_spec.structure)
     parts_layout = layout if wrapped else None
     remask = mode.server_remasks
-    steps_per_round = step_mapping.steps_per_round if step_mapping is not None else 1
     if step_mapping is not None and mask_spec.structure == "block":
         check(all(len(k.shape) == 2 for k in layout.kernels), "structure", "block",
               "rank-2 kernels with --prune_granularity=step (tfmot's block_size); "
@@ -319,6 +326,7 @@ def build_pruning_process(
         client_work = build_step_client_work(model_fn=model_fn,
                                              client_optimizer=client_optimizer,
                                              masking=mode, layout=layout,
+                                             schedule=clients_schedule,
                                              upload_quantization=upload_quantization)
     else:
         client_work = build_pruning_client_work(
@@ -360,7 +368,7 @@ def build_pruning_process(
         aggregate_type=aggregate_type if client_prunes else None,
         aggregation_rule=mask_aggregation,
         units=units,
-        steps_per_round=steps_per_round,
+        steps_per_round=step_mapping.steps_per_round if step_mapping is not None else None,
         regrow=regrow,
     )
     process = tff.learning.templates.compose_learning_process(
@@ -377,6 +385,7 @@ def build_pruning_process(
         regrow_key = "client_work"
     cell_state = _CellState(process=process, remask=remask,
                             client_schedule=client_prunes and step_mapping is None,
+                            steps=step_mapping is not None,
                             regrow_key=regrow_key,
                             aggregator_seed=upload_quantization != "none")
     if remask:
@@ -402,34 +411,49 @@ def build_pruning_process(
         return initial_by_seed[cell_seed]
 
     def for_cell(cell_schedule: RoundSchedule, cell_seed: int,
-                 cell_regrow: regrowth.RegrowSpec | None) -> PruningProcess:
+                 cell_regrow: regrowth.RegrowSpec | None,
+                 cell_mapping: step_schedule.StepMapping | None) -> PruningProcess:
         masking_modes.check_schedule(mode, cell_schedule)
-        if step_mapping is not None:
-            check(cell_schedule == schedule, "schedule", cell_schedule.name,
-                  f"{schedule} for this process: with --prune_granularity=step the clients' "
-                  "wrappers carry the schedule (build a process per schedule)")
         cell_regrow = regrow if cell_regrow is None else cell_regrow
         check(_traced_regrowth(cell_regrow) == _traced_regrowth(regrow), "regrow",
               cell_regrow.rule if cell_regrow else "none",
               f"{regrow.rule if regrow else 'none'}, the regrowth the process was built with "
               "(only its seed may differ)")
-        if step_mapping is not None:
-            cell_table = table
+        cell_steps = None
+        if step_mapping is None:
+            cell_mapping, cell_table = None, cell_schedule.table(num_rounds)
         else:
-            cell_table = layer_budgets.with_layer_budgets(
-                cell_schedule.table(num_rounds), kernel_shapes, sparsity_distribution)
+            cell_mapping = cell_mapping or step_schedule.step_mapping(
+                cell_schedule, steps_per_round=step_mapping.steps_per_round,
+                prune_every_steps=step_mapping.frequency, source=step_mapping.source)
+            cell_table, step_data = _step_schedule(cell_schedule, cell_mapping, num_rounds)
+            cell_steps = (step_data, cell_mapping.steps_per_round)
+        cell_table = layer_budgets.with_layer_budgets(cell_table, kernel_shapes,
+                                                      sparsity_distribution)
         cell_trainable, cell_non_trainable = cell_initial_arrays(cell_seed)
         cell_process = _CellProcess(cell_state, schedule_data(cell_table),
                                     cell_trainable, cell_non_trainable, seed=cell_seed,
-                                    regrow_seed=cell_regrow.seed if cell_regrow else None)
+                                    regrow_seed=cell_regrow.seed if cell_regrow else None,
+                                    steps=cell_steps)
         return PruningProcess(cell_process, mode, layout, cell_table, keras_model_fn, units,
-                              step_mapping, for_cell)
+                              cell_mapping, for_cell)
 
     return PruningProcess(process, mode, layout, table, keras_model_fn, units, step_mapping,
                           for_cell)
 
 
 _INITIAL_WEIGHTS_CACHE_SIZE = 16  # seeds whose initial weights a built process keeps
+
+
+def _step_schedule(schedule: RoundSchedule, mapping: step_schedule.StepMapping,
+                   num_rounds: int) -> tuple[ScheduleTable, collections.OrderedDict]:
+    """(the server's per-round table, the clients' `step_schedule_data`) of a step schedule."""
+    from fedprune.pruning.step_schedule_data import step_schedule_data
+
+    in_steps = step_schedule.tfmot_step_schedule(schedule, mapping)
+    table = step_schedule.step_table(in_steps, num_rounds=num_rounds,
+                                     steps_per_round=mapping.steps_per_round)
+    return table, step_schedule_data(in_steps)
 
 
 def _read_only(trainable, non_trainable) -> tuple[list, list]:
@@ -449,6 +473,9 @@ class _CellState:
     process: object  # the built `LearningProcess`
     remask: bool  # the finalizer's state holds `schedule`
     client_schedule: bool  # the client work's state holds `schedule` (`client_work.py`)
+    # --prune_granularity=step: the client work's state holds `step_schedule`
+    # (`step_pruning.py`), the finalizer's `steps_per_round`.
+    steps: bool
     # "finalizer": `finalizer["regrow"]["key"]` (server regrowth); "client_work":
     # `client_work["regrow_key"]` (random client regrowth); None: no key.
     regrow_key: str | None
@@ -465,10 +492,11 @@ class _CellProcess:
     """
 
     def __init__(self, built: _CellState, schedule: dict, trainable, non_trainable, *,
-                 seed: int, regrow_seed: int | None):
+                 seed: int, regrow_seed: int | None, steps: tuple | None = None):
+        """`steps`: (`step_schedule_data`, steps per round) at step granularity."""
         self._built, self._schedule = built, schedule
         self._arrays = (tuple(trainable), tuple(non_trainable))
-        self._seed, self._regrow_seed = seed, regrow_seed
+        self._seed, self._regrow_seed, self._steps = seed, regrow_seed, steps
 
     def __getattr__(self, name):
         return getattr(self._built.process, name)
@@ -490,6 +518,11 @@ class _CellProcess:
             client_work = collections.OrderedDict(client_work, schedule=self._schedule)
         if built.remask:
             finalizer = collections.OrderedDict(finalizer, schedule=self._schedule)
+        if built.steps:
+            step_data, steps_per_round = self._steps
+            client_work = collections.OrderedDict(client_work, step_schedule=step_data)
+            finalizer = collections.OrderedDict(finalizer,
+                                                steps_per_round=np.int64(steps_per_round))
         if built.regrow_key == "finalizer":
             regrow_state = collections.OrderedDict(
                 finalizer["regrow"], key=np.array([self._regrow_seed, 0], np.int64))

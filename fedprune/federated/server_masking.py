@@ -37,8 +37,9 @@ next round's clients start from.
 
 The global step lives in the same place: every wrapper's `pruning_step` is set
 to `round * steps_per_round` after each round (`steps_per_round` = 1 unless
-`--prune_granularity=step`, see `fedprune/pruning/step_schedule.py`), and is
-broadcast with the model.
+`--prune_granularity=step`, see `fedprune/pruning/step_schedule.py`; then it
+is in the state, data like `schedule`, since it follows the data's partition),
+and is broadcast with the model.
 
 With `--regrow` (prune and regrow, `fedprune/pruning/regrowth.py`) the
 server adjusts the topology right after the schedule's re-mask, at the rounds
@@ -55,10 +56,12 @@ rounds too, ranking exact zeros by the clients' votes (`regrowth.vote_scores`),
 and measures the same exploration diagnostics (`exploration`).
 
 State: `OrderedDict(optimizer=<TFF optimizer state>, round=int32[,
-schedule=<schedules.schedule_data>])`, `round` counting completed rounds and
-`schedule` (when the server re-masks) the table the re-mask reads: data, not
-constants traced into the computation, so the same process runs any schedule
-of the same number of rounds (`process.PruningProcess.for_cell`); with
+schedule=<schedules.schedule_data>][, steps_per_round=int64])`, `round`
+counting completed rounds, `schedule` (when the server re-masks) the table the
+re-mask reads and `steps_per_round` (`--prune_granularity=step`) the global
+step's rate: data, not constants traced into the computation, so the same
+process runs any schedule of the same number of rounds
+(`process.PruningProcess.for_cell`); with
 regrowth also `regrow=OrderedDict(key=int64[2] (the RNG key, split every
 round), regrown=<per kernel: the 0/1 mask of the last adjustment's grown
 weights>, ever_active=<per kernel: 0/1, kept by some mask so far>)`, so
@@ -114,8 +117,11 @@ def _set_masks(trainable: list, non_trainable: list, layout: PruningLayout, mask
         non_trainable[k.threshold_index] = tf.cast(threshold, kernel.dtype)
 
 
-def _set_steps(non_trainable: list, layout: PruningLayout, round_num, steps_per_round: int):
-    """Every wrapper's `pruning_step` <- the global step after `round_num` (in place)."""
+def _set_steps(non_trainable: list, layout: PruningLayout, round_num, steps_per_round):
+    """Every wrapper's `pruning_step` <- the global step after `round_num` (in place).
+
+    `steps_per_round`: a Python int or an int64 scalar tensor.
+    """
     import tensorflow as tf
 
     for i in layout.step_indices:
@@ -124,7 +130,7 @@ def _set_steps(non_trainable: list, layout: PruningLayout, round_num, steps_per_
 
 def remask_weights(weights, round_num, *, layout: PruningLayout, schedule,
                    mask_spec: MaskSpec, units: structured.StructuredLayout | None = None,
-                   steps_per_round: int = 1, votes=None, adjusts=None):
+                   steps_per_round=1, votes=None, adjusts=None):
     """Applies the schedule's mask decision for `round_num` to model weights (TF ops).
 
     Args:
@@ -139,7 +145,7 @@ def remask_weights(weights, round_num, *, layout: PruningLayout, schedule,
         BatchNorm gamma/beta are zeroed as well.
       steps_per_round: 1 when one tfmot step is one round; with
         `--prune_granularity=step`, the client steps a round stands for
-        (`step_schedule.StepMapping`).
+        (`step_schedule.StepMapping`; an int or an int64 scalar tensor).
       votes: `--regrow_at=client`: per kernel, how many of the round's clients
         keep each weight; the magnitude re-mask then ranks exact zeros by them
         (`regrowth.vote_scores`). None: by |w| alone.
@@ -274,7 +280,7 @@ def exploration(old_masks, new_masks, grown, kept_after, regrow_state, adjusts):
 
 
 def keep_client_support(weights, aggregate, round_num, *, layout: PruningLayout, rule: str,
-                        steps_per_round: int = 1):
+                        steps_per_round=1):
     """`--masking=client`: the global masks become the union of the clients' masks (TF ops).
 
     No schedule mask: the kernels keep whatever some client kept (`majority`:
@@ -325,7 +331,7 @@ def build_masking_finalizer(
     aggregate_type=None,
     aggregation_rule: str = "average",
     units: structured.StructuredLayout | None = None,
-    steps_per_round: int = 1,
+    steps_per_round: int | None = None,
     regrow: regrowth.RegrowSpec | None = None,
 ):
     """Builds TFF's apply-optimizer finalizer followed by the server mask step.
@@ -348,8 +354,11 @@ def build_masking_finalizer(
       aggregation_rule: one of `mask_aggregation.RULES` (with `aggregate_type`).
       units: the unit-pruned layers for `--structure=neuron|filter` (see
         `remask_weights`), else None.
-      steps_per_round: the global step after round r is `r * steps_per_round`
-        (1: one step per round); written into every wrapper's `pruning_step`.
+      steps_per_round: the global step after round r is `r * steps_per_round`,
+        written into every wrapper's `pruning_step`. None: one step per round.
+        An int (`--prune_granularity=step`): the initial value of the state's
+        `steps_per_round` (int64), which the mask step reads (a state with
+        another value runs that mapping).
       regrow: prune and regrow after the re-mask (`adjust_topology`); needs
         `remask`. None or rule `none`: no adjustment, and the state and
         measurements are those without regrowth. Rule `gradient`: the
@@ -364,7 +373,8 @@ def build_masking_finalizer(
 
     Returns:
       A `tff.learning.templates.FinalizerProcess` with type signature
-      `(<optimizer=S, round=int32[, schedule=<schedule_data>]>@SERVER,
+      `(<optimizer=S, round=int32[, schedule=<schedule_data>][,
+      steps_per_round=int64]>@SERVER,
       ModelWeights@SERVER, A@SERVER) ->
       (state@SERVER, ModelWeights@SERVER, <optimizer=<update_non_finite=int32>,
       masks=<mask_drift, regrowth[, client_mask_jaccard, client_sparsity]
@@ -443,6 +453,9 @@ def build_masking_finalizer(
     extras_types = collections.OrderedDict(round=round_type)
     if remask:
         extras_types["schedule"] = initial_schedule.type_signature.result
+    spr_in_state = steps_per_round is not None
+    if spr_in_state:
+        extras_types["steps_per_round"] = tff.TensorType(np.int64)
     if regrowing:
         extras_types["regrow"] = regrow_type
     if by_gradient:
@@ -453,6 +466,7 @@ def build_masking_finalizer(
         tff.StructWithPythonType(list(extras_types.items()), collections.OrderedDict))
     def mask_and_measure(old, stepped, aggregate, extras):
         round_num = extras["round"]
+        spr = extras["steps_per_round"] if spr_in_state else 1
         old_kernels = [old.trainable[i] for i in kernel_idx]
         weights = stepped
         if aggregate_type is not None and aggregation_rule == "majority":
@@ -468,13 +482,13 @@ def build_masking_finalizer(
         if remask:
             weights = remask_weights(
                 weights, round_num, layout=layout, schedule=extras["schedule"],
-                mask_spec=mask_spec, units=units, steps_per_round=steps_per_round,
+                mask_spec=mask_spec, units=units, steps_per_round=spr,
                 votes=aggregate["kept_count"] if at_clients else None,
                 adjusts=table_lookup(fractions, round_num) > 0 if at_clients else None)
         elif aggregate_type is not None:
             weights = keep_client_support(weights, aggregate, round_num, layout=layout,
                                           rule=aggregation_rule,
-                                          steps_per_round=steps_per_round)
+                                          steps_per_round=spr)
         if at_clients:
             old_masks = _kernels_and_masks(old, layout)[3]
             new_masks = _kernels_and_masks(weights, layout)[3]
@@ -509,6 +523,9 @@ def build_masking_finalizer(
             optimizer=inner.initialize(), round=tff.federated_value(np.int32(0), tff.SERVER))
         if remask:
             state["schedule"] = tff.federated_eval(initial_schedule, tff.SERVER)
+        if spr_in_state:
+            state["steps_per_round"] = tff.federated_value(np.int64(steps_per_round),
+                                                           tff.SERVER)
         if regrowing:
             state["regrow"] = tff.federated_eval(initial_regrow_state, tff.SERVER)
         return tff.federated_zip(state)
@@ -533,6 +550,8 @@ def build_masking_finalizer(
         extras = collections.OrderedDict(round=round_num)
         if remask:
             extras["schedule"] = new_state["schedule"] = state.schedule
+        if spr_in_state:
+            extras["steps_per_round"] = new_state["steps_per_round"] = state.steps_per_round
         if regrowing:
             extras["regrow"] = state.regrow
         if by_gradient:

@@ -1,9 +1,12 @@
 """Client work of `--prune_granularity=step`: tfmot prunes inside local training.
 
-The clients' wrappers carry the run's schedule in client steps
-(`step_schedule.tfmot_step_schedule`: tfmot's own `PolynomialDecay` or
-`ConstantSparsity`, with tfmot's `block_size` / `sparsity_m_by_n` where the
-structure asks for them). Local training is TFF's own model-delta update
+The clients' wrappers carry the run's schedule in client steps: tfmot's own
+`PolynomialDecay` or `ConstantSparsity` (`step_schedule.tfmot_step_schedule`)
+as a `step_schedule_data.DataStepSchedule`, the same computation with its
+parameters read from the client work's state (broadcast to the clients), so
+one traced process runs every step schedule of a grid; with tfmot's
+`block_size` / `sparsity_m_by_n` where the structure asks for them. Local
+training is TFF's own model-delta update
 (`build_model_delta_update_with_tff_optimizer`, the loop inside
 `tff.learning.templates.build_model_delta_client_work`, `DATASET_ITERATOR`),
 unchanged. On every batch tfmot's wrapper advances its `pruning_step`,
@@ -29,8 +32,9 @@ own step and mask never leave the client: the server keeps the global step,
 and the masks it broadcasts are its own (`client`: the union of the clients'
 masks; `both`: its re-mask).
 
-State: `OrderedDict(hparams=<TFF client optimizer hparams>, round=int32)`, as
-in `client_work.build_pruning_client_work`.
+State: `OrderedDict(hparams=<TFF client optimizer hparams>, round=int32,
+step_schedule=<step_schedule_data.step_schedule_data>)`: as in
+`client_work.build_pruning_client_work`, with the step schedule's data.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from fedprune.pruning.wrappers import PruningLayout
 
 
 def build_step_client_work(*, model_fn, client_optimizer, masking: str | MaskingMode,
-                           layout: PruningLayout,
+                           layout: PruningLayout, schedule,
                            upload_quantization: str = encodings.NO_QUANTIZATION):
     """Builds the client work of pruning clients with tfmot's step schedule.
 
@@ -57,12 +61,17 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
       client_optimizer: a `tff.learning.optimizers.Optimizer` for local steps.
       masking: a mode whose clients prune (`client`, `both`), or its name.
       layout: positions of pruned kernels, masks and steps.
+      schedule: the `step_schedule_data.DataStepSchedule` the wrappers of
+        `model_fn`'s model carry; its `defaults` are the initial value of the
+        state's `step_schedule`, which it reads while the clients' training is
+        traced (a state with another schedule's data runs that schedule).
       upload_quantization: the wire format of the uploaded values, for the
         byte count (`quantization.py` does the quantizing, in the aggregator).
 
     Returns:
       A `tff.learning.templates.ClientWorkProcess` with type signature
-      `(<hparams=H, round=int32>@SERVER, ModelWeights@CLIENTS, data@CLIENTS) ->
+      `(<hparams=H, round=int32, step_schedule=<step_schedule_data>>@SERVER,
+      ModelWeights@CLIENTS, data@CLIENTS) ->
       (state@SERVER, ClientResult(update=mask_aggregation.client_payload,
       update_weight=float32)@CLIENTS, <train=metrics, uplink_bytes=int64>@SERVER)`.
     """
@@ -77,24 +86,30 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
     def init_fn():
         return tff.federated_zip(collections.OrderedDict(
             hparams=tff.federated_value(training.hparams, tff.SERVER),
-            round=tff.federated_value(np.int32(0), tff.SERVER)))
+            round=tff.federated_value(np.int32(0), tff.SERVER),
+            step_schedule=tff.federated_value(schedule.defaults, tff.SERVER)))
 
     kernel_idx = [k.trainable_index for k in layout.kernels]
     mask_idx = [k.mask_index for k in layout.kernels]
 
-    @tff.tensorflow.computation(training.hparams_type, weights_type, data_type)
-    def train_and_prune(optimizer_hparams, broadcast, dataset):
-        client_update, client_model = training.build()
+    schedule_type = init_fn.type_signature.result.member.step_schedule
 
-        @tf.function
-        def train(optimizer_hparams, broadcast, dataset):
-            result, metrics = client_update(client_optimizer, broadcast, dataset,
-                                            optimizer_hparams)
-            after = tff.learning.models.ModelWeights.from_model(client_model)
-            return (result, metrics, [v.read_value() for v in after.trainable],
-                    [v.read_value() for v in after.non_trainable])
+    @tff.tensorflow.computation(training.hparams_type, schedule_type, weights_type, data_type)
+    def train_and_prune(optimizer_hparams, step_schedule, broadcast, dataset):
+        # The wrappers' schedule reads this cell's data while their training is traced.
+        with schedule.bound(step_schedule):
+            client_update, client_model = training.build()
 
-        result, metrics, trained, wrapper_state = train(optimizer_hparams, broadcast, dataset)
+            @tf.function
+            def train(optimizer_hparams, broadcast, dataset):
+                result, metrics = client_update(client_optimizer, broadcast, dataset,
+                                                optimizer_hparams)
+                after = tff.learning.models.ModelWeights.from_model(client_model)
+                return (result, metrics, [v.read_value() for v in after.trainable],
+                        [v.read_value() for v in after.non_trainable])
+
+            result, metrics, trained, wrapper_state = train(optimizer_hparams, broadcast,
+                                                            dataset)
         masks = [wrapper_state[j] for j in mask_idx]  # tfmot's masks after the last batch
         delta = list(result.update)  # broadcast - trained (zeros if non-finite, weight 0)
         for i, m in zip(kernel_idx, masks, strict=True):
@@ -121,10 +136,12 @@ def build_step_client_work(*, model_fn, client_optimizer, masking: str | Masking
                                tff.FederatedType(data_type, tff.CLIENTS))
     def next_fn(state, weights, client_data):
         hparams_at_clients = tff.federated_broadcast(state.hparams)
+        schedule_at_clients = tff.federated_broadcast(state.step_schedule)
         result, metrics, sent = tff.federated_map(
-            train_and_prune, (hparams_at_clients, weights, client_data))
+            train_and_prune, (hparams_at_clients, schedule_at_clients, weights, client_data))
         new_state = tff.federated_zip(collections.OrderedDict(
-            hparams=state.hparams, round=tff.federated_map(increment, state.round)))
+            hparams=state.hparams, round=tff.federated_map(increment, state.round),
+            step_schedule=state.step_schedule))
         return tff.templates.MeasuredProcessOutput(
             new_state, result, training.measurements(metrics, sent))
 

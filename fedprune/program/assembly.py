@@ -75,10 +75,12 @@ def step_mapping(config: ExperimentConfig, data: datasets.FederatedData):
 
 
 # Config fields a built process does not trace: the schedule's (data in its state,
-# `PruningProcess.for_cell`) and the seed (initial weights, quantized uploads' rounding),
-# except where noted in `process_key`, and fields only the round loop or the data read.
+# `PruningProcess.for_cell`; with --prune_granularity=step also the step mapping's) and
+# the seed (initial weights, quantized uploads' rounding), except where noted in
+# `process_key`, and fields only the round loop or the data read.
 _SCHEDULE_FIELDS = ("schedule", "initial_sparsity", "final_sparsity", "begin_round",
-                    "end_round", "prune_every", "power")
+                    "end_round", "prune_every", "power", "steps_per_round",
+                    "prune_every_steps")
 _UNTRACED_FIELDS = ("eval_every", "shrink_at_round", "dp_delta", "dp_accountant",
                     "max_test_examples", "num_clients", "partition", "dirichlet_alpha",
                     "shards_per_client", "synthetic_alpha", "synthetic_beta",
@@ -92,21 +94,18 @@ def process_key(config: ExperimentConfig, data: datasets.FederatedData) -> str:
     """What the traced computations of `config`'s process depend on.
 
     Two configs with the same key share one built process (`build_process`):
-    every field except the schedule's, the seed and the untraced ones, plus
-    the data's element spec. The schedule's fields stay in the key with
-    `--prune_granularity=step` (the clients' tfmot wrappers carry the schedule,
-    with the data's step mapping); the seed stays with `--dp` (TFF's noise ops
-    take their seeds from the global seed when they are traced).
+    every field except the schedule's (with `--prune_granularity=step` also
+    the step mapping's: the clients' tfmot wrappers read their schedule from
+    the state, `step_schedule_data.py`), the seed and the untraced ones, plus
+    the data's element spec. The seed stays with `--dp` (TFF's noise ops take
+    their seeds from the global seed when they are traced).
     """
-    mapping = step_mapping(config, data) if config.prune_granularity == "step" else None
-    return repr((process_group(config), repr(data.element_spec), mapping))
+    return repr((process_group(config), repr(data.element_spec)))
 
 
 def process_group(config: ExperimentConfig) -> str:
     """The part of `process_key` a config alone gives (no data loaded, no TensorFlow)."""
-    neutral = set(_UNTRACED_FIELDS)
-    if config.prune_granularity != "step":
-        neutral.update(_SCHEDULE_FIELDS)
+    neutral = set(_UNTRACED_FIELDS) | set(_SCHEDULE_FIELDS)
     if config.dp == "none":
         neutral.add("seed")
     return repr(sorted((k, v) for k, v in config.to_dict().items() if k not in neutral))
@@ -136,18 +135,19 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
     """
     key = process_key(config, data)
     schedule, regrow = config.make_schedule(), config.regrow_spec()
+    mapping = step_mapping(config, data)
     if shrunk_model is not None:
         from fedprune.pruning import schedules
 
         key = repr((key, "shrunk", [tuple(w.shape) for w in shrunk_model.weights]))
-        schedule, regrow = schedules.make_schedule("none"), None
+        schedule, regrow, mapping = schedules.make_schedule("none"), None, None
     built = _processes.pop(key, None)
     if built is None:
         built = _build_process(config, data, shrunk_model=shrunk_model)
     _processes[key] = built
     while len(_processes) > _PROCESS_CACHE_SIZE:
         _processes.popitem(last=False)
-    return built.for_cell(schedule, seed=config.seed, regrow=regrow)
+    return built.for_cell(schedule, seed=config.seed, regrow=regrow, step_mapping=mapping)
 
 
 def _build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
