@@ -562,6 +562,9 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
               round_logs: bool = False, tff_workers: Sequence[str] = ()) -> list[str]:
     """Trains every cell that is not complete, in this process, one after another.
 
+    In `process_order`: cells that share a traced process
+    (`assembly.build_process`) train one after another, so a grid of more
+    process groups than `assembly`'s cache keeps builds each group once.
     Needs the TFF runtime (`common.start_runtime`) when any cell is not done.
 
     Args:
@@ -578,6 +581,7 @@ def run_cells(cells: Sequence[Cell], root: Path, *, log: Callable[[str], None] =
     """
     todo = [(c, s) for c, s in zip(cells, statuses(cells, root), strict=True)
             if s is not Status.DONE]
+    todo.sort(key=lambda cell_status: process_order(cell_status[0]))
     skipped = len(cells) - len(todo)
     if skipped:
         log(f"skipped {skipped} complete cell(s) of {len(cells)} in {root}")
@@ -698,16 +702,25 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def shares(cells: Sequence[Cell], count: int) -> list[list[Cell]]:
-    """`cells` split into `count` shares of sizes differing by at most one.
+def process_order(cell: Cell) -> str:
+    """The key cells are trained in (stably): `assembly.process_group`.
 
-    Cells are ordered by `assembly.process_group` first (stably), so cells that
-    share a traced process (`assembly.build_process`) sit next to each other
-    and mostly in one share: each share traces about its groups once.
+    Cells that share a traced process (`assembly.build_process`) sit next to
+    each other, so each group is built once (the cache keeps only the last
+    few) and, split into shares, mostly in one share.
     """
     from fedprune.program import assembly
 
-    ordered = sorted(cells, key=lambda c: assembly.process_group(c.config))
+    return assembly.process_group(cell.config)
+
+
+def shares(cells: Sequence[Cell], count: int) -> list[list[Cell]]:
+    """`cells` split into `count` shares of sizes differing by at most one.
+
+    Cells are ordered by `process_order` first, so each share traces about
+    its process groups once.
+    """
+    ordered = sorted(cells, key=process_order)
     size, extra = divmod(len(ordered), count)
     out, start = [], 0
     for i in range(count):

@@ -114,6 +114,33 @@ def test_bad_grid_values_name_their_flag(name, values):
     assert str(e.value).startswith(f"--{name}=") and "\n" not in str(e.value)
 
 
+def test_cells_train_one_process_group_after_another(tmp_path, monkeypatch):
+    """Table 1's axes have six process groups, more than `assembly` keeps built: in grid
+    order every group would be built again for each schedule and sparsity. `run_cells`
+    trains a group's cells one after another (stably), each group once, as a share does."""
+    from fedprune.program import assembly, loop
+
+    cells = grid.GridSpec.from_strings(
+        schedules=["none", "constant", "polynomial"], powers=["3"],
+        final_sparsities=["0.5", "0.9"], maskings=["client", "server", "both"],
+        seeds=["0", "1"], prune_granularities=["round", "step"]).cells(ExperimentConfig())
+    groups = [assembly.process_group(c.config) for c in cells]
+    assert len(cells) == 42 and len(set(groups)) == 6 > assembly._PROCESS_CACHE_SIZE
+    trained = []
+    monkeypatch.setattr(loop, "run_experiment",
+                        lambda config, *args, **kwargs: trained.append(config))
+    monkeypatch.setattr(grid.flagfile, "write_flagfile", lambda *args, **kwargs: None)
+    assert grid.run_cells(cells, tmp_path, log=lambda line: None) == []
+    order = [assembly.process_group(c) for c in trained]
+    changes = sum(a != b for a, b in zip(order[:-1], order[1:], strict=True))
+    assert changes == 5  # six runs of a group each
+    assert sorted(map(repr, trained)) == sorted(repr(c.config) for c in cells)
+    # Within a group, grid order (schedule, sparsity, seed): the cells' own order.
+    dense = [c for c in trained if c.masking == "none"]
+    assert [c.seed for c in dense] == [0, 1]
+    assert [c.config for c in grid.shares(cells, 1)[0]] == trained
+
+
 def test_granularity_crosses_only_the_modes_whose_clients_prune():
     from fedprune.federated import masking_modes
 
