@@ -143,7 +143,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
         schedule, regrow, mapping = schedules.make_schedule("none"), None, None
     built = _processes.pop(key, None)
     if built is None:
-        built = _build_process(config, data, shrunk_model=shrunk_model)
+        built = _build_process(config, data, shrunk_model=shrunk_model, mapping=mapping)
     _processes[key] = built
     while len(_processes) > _PROCESS_CACHE_SIZE:
         _processes.popitem(last=False)
@@ -151,8 +151,8 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
 
 
 def _build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
-                   shrunk_model=None):
-    """Builds (and traces) the process of `build_process`."""
+                   shrunk_model=None, mapping=None):
+    """Builds (and traces) the process of `build_process`; `mapping`: its `step_mapping`."""
     from fedprune.federated import process as process_lib
     from fedprune.model import builders
     from fedprune.pruning import masking, schedules
@@ -179,7 +179,7 @@ def _build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
         seed=config.seed,
         prune_output_layer=config.prune_output_layer,
         mask_aggregation=config.mask_aggregation,
-        step_mapping=None if dense else step_mapping(config, data),
+        step_mapping=mapping,
         sparsity_distribution="uniform" if dense else config.sparsity_distribution,
         regrow=None if dense else config.regrow_spec(),
         upload_quantization=config.upload_quantization,
