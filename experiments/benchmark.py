@@ -42,10 +42,13 @@ speed    Per-round wall time of, side by side on the same model, initial
          Every variant first runs round 1 untimed (tracing, compilation and,
          for a+, the experiment's set-up), then `--warmup_rounds` untimed and
          `--timed_rounds` timed rounds, interleaved round by round
-         (a, s, b, c, c-iter, d, e, f, a+, a, ...) so that machine noise hits all of
-         them alike. All variants of a round train on the same `tf.data`
-         datasets, built before the round (their construction time is
-         reported on its own line). Reports median and min-max wall seconds,
+         (a, s, b, c, c-iter, d, e, f, a+, rotated by one each round, so
+         that each variant opens a round in turn) so that machine noise hits
+         all of them alike. Each variant trains on its own copy of the
+         round's `tf.data` datasets (the same clients and batches), built
+         just before its step, outside its timer (their construction time
+         is reported on its own line), as every round of a run builds fresh
+         ones. Reports median and min-max wall seconds,
          this process's and TFF's worker's CPU seconds per round, each row
          relative to (c-iter) (stock TFF on fedprune's client loop) and (f)
          (the floor), and the ratios of `benchmark_speed.RATIOS` (targets:

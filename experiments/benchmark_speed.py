@@ -2,7 +2,9 @@
 
 Variants (a), (s), (b), (c), (c-iter), (d), (e), (f) and (a+) as described in
 `experiments/benchmark.py`; each runs its round 1 in `prepare` and one round
-per `step`, interleaved round by round, all on the same `assembly.round_inputs`.
+per `step`, interleaved round by round. Each step trains on its own fresh
+`assembly.round_inputs` of the round (the same clients and batches), built
+outside its timer, and the variant that opens a round rotates.
 """
 
 from __future__ import annotations
@@ -144,7 +146,11 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
             "adds to stock FedAvg on the same loop (round counters, the upload's byte count, "
             "the finalizer's mask diagnostics), less what its fewer passes over the clients "
             "save (the weighted mean and the measurements each in one `federated_sum`, "
-            "`fused_mean.py`).")
+            "`fused_mean.py`). Taking the clients' pruning, their byte count, the wrappers' "
+            "per-batch mask or the server's re-mask out of (a) one at a time left its round "
+            "time within 1.1 % (none of them faster): what these differences carry is TFF's "
+            "per-value cost of the larger state, broadcast and upload (BUILD_NOTES.md, "
+            "\"Each speed variant on fresh inputs\").")
     if phases:
         med = {name: statistics.median(p.get(name, 0.0) for p in phases)
                for name in ("train", "evaluate", "checkpoint")}
@@ -414,6 +420,12 @@ def _tfmot_model(keras_model_fn, initial, config, *, steps_per_round: int):
     return _compile(model, config)
 
 
+def _opening_with(keys: Sequence[str], round_num: int) -> list[str]:
+    """`keys` rotated so that round r opens with variant r mod len(keys): each opens in turn."""
+    shift = round_num % len(keys)
+    return [*keys[shift:], *keys[:shift]]
+
+
 def run_speed(plan: Plan, log) -> tuple[str, str]:
     """Runs the speed section; returns (table, notes)."""
     import numpy as np
@@ -428,27 +440,30 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
         variants = build_variants(plan, data, round_inputs(plan.pruned, data, 1),
                                   Path(work_dir), log)
         last = 1 + plan.warmup_rounds + plan.timed_rounds
+        keys = list(variants)
         for round_num in range(2, last + 1):
             timed = round_num > 1 + plan.warmup_rounds
-            start = time.perf_counter()
-            batches = round_inputs(plan.pruned, data, round_num)
-            built = time.perf_counter() - start
-            line = []
-            for key, variant in variants.items():
+            walls = {}
+            for key in _opening_with(keys, round_num):
+                # Its own copy of the round's inputs (the same clients and batches:
+                # `round_inputs` is a pure function of the round), built outside its
+                # timer, as every round of a run builds fresh ones (BUILD_NOTES.md, "Each
+                # speed variant on fresh inputs").
+                start = time.perf_counter()
+                batches = round_inputs(plan.pruned, data, round_num)
+                built = time.perf_counter() - start
                 cpu0, worker0 = cpu_seconds()
                 start = time.perf_counter()
-                variant.step(batches)
-                wall = time.perf_counter() - start
+                variants[key].step(batches)
+                walls[key] = time.perf_counter() - start
                 cpu1, worker1 = cpu_seconds()
-                line.append(f"{key} {wall:.3f}")
                 if timed:
-                    timings[key].wall.append(wall)
+                    timings[key].wall.append(walls[key])
                     timings[key].python_cpu.append(cpu1 - cpu0)
                     timings[key].worker_cpu.append(worker1 - worker0)
-            if timed:
-                input_seconds.append(built)
+                    input_seconds.append(built)
             log(f"round {round_num}/{last} ({'timed' if timed else 'warm-up'}): "
-                f"{', '.join(line)} s")
+                + ", ".join(f"{key} {walls[key]:.3f}" for key in keys) + " s")
         phases = []
         if "a+" in variants:
             variants["a+"].finish()
@@ -478,16 +493,21 @@ server {config.server_optimizer} lr {config.server_lr}; (a) prunes
 {config.begin_round}–{config.end_round} (global sparsity {sparsity:.3f} after the last
 timed round). Round 1 untimed, then {plan.warmup_rounds} warm-up and {plan.timed_rounds}
 timed rounds per variant (rounds {first_timed}–{first_timed + plan.timed_rounds - 1}),
-interleaved round by round; {steady} of the timed rounds come after round
-{config.end_round}, where masks are recomputed at a level already reached, which
-`masking.keep_top_k` does without the top-k. Python CPU counts all threads of the
-benchmark process (Keras runs there); worker CPU is TFF's `worker_binary`, where TFF
-executes the rounds. (b), (c) and (c-iter) end with weights equal to within {max_diff:.1e}
-(same initial weights, batches and optimizers); (d) and (f) within {floor_diff:.1e}.
-(a+) − (a) is what loop.py adds per
-round (byte accounting, evaluation, and what its background thread does beside
-the next round: client datasets, CSV, TensorBoard, checkpoint). (e)
-maps one round to the {steps_per_round} steps of round 1 for tfmot's PolynomialDecay.
+interleaved round by round, the variant that opens a round in turn; each variant
+trains on its own copy of the round's client datasets, built just before its
+step and outside its timer, as every round of a run builds fresh ones (the
+first `next` on freshly built datasets costs this process ~3 ms more than a
+second one on the same objects, which a shared copy charged to the first
+variant alone; BUILD_NOTES.md, "Each speed variant on fresh inputs"); {steady} of
+the timed rounds come after round {config.end_round}, where masks are recomputed at a
+level already reached, which `masking.keep_top_k` does without the top-k. Python
+CPU counts all threads of the benchmark process (Keras runs there); worker CPU is
+TFF's `worker_binary`, where TFF executes the rounds. (b), (c) and (c-iter) end with
+weights equal to within {max_diff:.1e} (same initial weights, batches and
+optimizers); (d) and (f) within {floor_diff:.1e}. (a+) − (a) is what loop.py adds
+per round (byte accounting, evaluation, and what its background thread does beside
+the next round: client datasets, CSV, TensorBoard, checkpoint). (e) maps one round
+to the {steps_per_round} steps of round 1 for tfmot's PolynomialDecay.
 
 Where the time goes (differences of the medians above): {profile}"""
     return table, notes

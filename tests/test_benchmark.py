@@ -438,6 +438,17 @@ def _timing(key: str, seconds: list[float]) -> benchmark_speed.VariantTiming:
                                    worker_cpu=[0.1] * len(seconds))
 
 
+@pytest.mark.parametrize("count", [1, 2, 9])
+def test_each_speed_variant_opens_a_round_in_turn(count):
+    keys = [f"v{i}" for i in range(count)]
+    orders = [benchmark_speed._opening_with(keys, r) for r in range(2, 2 + count)]
+    assert sorted(order[0] for order in orders) == keys  # each opens once in `count` rounds
+    for order in orders:  # the same cyclic order, only rotated
+        assert sorted(order) == keys
+        start = keys.index(order[0])
+        assert order == keys[start:] + keys[:start]
+
+
 def test_speed_markdown_ratios_and_targets():
     timings = [_timing("a", [0.3, 0.2, 0.4]), _timing("b", [0.28, 0.28, 0.28]),
                _timing("c-iter", [0.25, 0.2, 0.3]), _timing("d", [0.1, 0.1, 0.1]),
