@@ -266,17 +266,17 @@ process's RSS by 100 MiB or more from round to round on a machine that reclaims 
 pages) sampled after each of the last {plan.scale_slope_rounds}
 rounds (rounds {plan.scale_rounds - plan.scale_slope_rounds + 1}–{plan.scale_rounds}), of
 the Python process and of the worker; each first hands its free heap pages back to the OS
-(the Python process with `runtime.memory.release_free_heap`, which every round's
-`assembly.round_inputs` does first anyway; the worker, where "heap trimmed after each
-round" says so, with `runtime.worker_heap.release_worker_heaps`, which `loop.py` does after
-every round, waiting here for it to finish), so the samples show what each process keeps
-rather than how much of the round's freed memory is still resident (which scattered the
-Python process's by ~15 MiB at 100 clients per round). The trimmed worker's samples still
-move by tens of MiB from round to round at 100 clients per round: memory still in use in
-the worker when it is sampled (BUILD_NOTES.md, "Worker memory"). A per-round leak keeps the
-slopes positive, while a one-off rise earlier does not, such as malloc keeping the memory
-of the largest client trained so far (last column: its size before the slope's rounds → at
-the end). The slopes of minima fit the minimum of each block of {MINIMA_BLOCK_ROUNDS} of
+(the Python process with `runtime.memory.release_free_heap`, which `assembly.round_inputs`
+also does, at most once a second; the worker, where "heap trimmed after each round" says
+so, with `runtime.worker_heap.release_worker_heaps`, which `loop.py` also sends after a
+round, at most once a second, waiting here for it to finish), so the samples show what
+each process keeps rather than how much of the round's freed memory is still resident
+(which scattered the Python process's by ~15 MiB at 100 clients per round). The trimmed
+worker's samples still move by tens of MiB from round to round at 100 clients per round:
+memory still in use in the worker when it is sampled (BUILD_NOTES.md, "Worker memory").
+A per-round leak keeps the slopes positive, while a one-off rise earlier does not, such as malloc
+keeping the memory of the largest client trained so far (last column: its size before the slope's
+rounds → at the end). The slopes of minima fit the minimum of each block of {MINIMA_BLOCK_ROUNDS} of
 those rounds instead of every sample (`minima_slope`; "—" with fewer than
 {2 * MINIMA_BLOCK_ROUNDS} of them): a leak raises every block's minimum, while memory a
 process holds for a few rounds after a large client raises only the samples of those
@@ -298,8 +298,8 @@ malloc" is how the worker was started: `fedprune`, with fedprune's defaults
 in brackets, the glibc MALLOC_ variables read from the running worker's environment
 ("none": glibc's defaults, up to 8 arenas per core and a sliding mmap threshold); the
 Python process runs with glibc's defaults in every row and hands its free heap pages
-back to the OS once a round, as every fedprune run does
-(`runtime.memory.release_free_heap`, from `assembly.round_inputs`; off with
+back to the OS after every round here (a fedprune run does so at most once a second:
+`runtime.memory.release_free_heap`, from `assembly.round_inputs`; off with
 `FEDPRUNE_MALLOC_TRIM=0`). The `digits iid` rows are a control, not the workload:
 the same rounds, model and worker on digits split iid over the same number of clients (1-2
 examples each), so no round brings a larger client than before; a per-round leak of the

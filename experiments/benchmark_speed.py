@@ -495,10 +495,10 @@ timed round). Round 1 untimed, then {plan.warmup_rounds} warm-up and {plan.timed
 timed rounds per variant (rounds {first_timed}–{first_timed + plan.timed_rounds - 1}),
 interleaved round by round, the variant that opens a round in turn; each variant
 trains on its own copy of the round's client datasets, built just before its
-step and outside its timer, as every round of a run builds fresh ones (the
-first `next` after client datasets are built costs this process 3-5 ms more
-than the next one, which one copy shared by all variants charged to the first
-alone; BUILD_NOTES.md, "Each speed variant on fresh inputs"); {steady} of
+step and outside its timer, as every round of a run builds fresh ones (and
+at most once a second hands this process's free heap pages back to the OS,
+which the next `next` pays for; BUILD_NOTES.md, "Each speed variant on fresh
+inputs"); {steady} of
 the timed rounds come after round {config.end_round}, where masks are recomputed at a
 level already reached, which `masking.keep_top_k` does without the top-k. Python
 CPU counts all threads of the benchmark process (Keras runs there); worker CPU is

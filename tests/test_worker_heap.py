@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -69,6 +70,25 @@ def test_release_hands_back_the_free_pages_between_live_blocks(fragmented_child)
     assert worker_heap.release_worker_heaps([child.pid], wait_s=10.0) == 1
     assert worker_heap.trim_count(child.pid) == 2
     assert abs(_anon_mib(child.pid) - after) < 5
+
+
+@pytest.mark.parametrize("gaps, asked", [
+    ((0.0, 0.5, 0.99), [1, 0, 0]),  # within the interval of the first: skipped
+    ((0.0, 1.0, 1.5, 2.0), [1, 1, 0, 1]),  # counted from the last trim asked for
+])
+def test_min_interval_skips_a_worker_asked_recently(fragmented_child, monkeypatch, gaps, asked):
+    child = fragmented_child(preload=True, blocks=10)
+    clock = iter(gaps)
+    monkeypatch.setattr(worker_heap, "_clock", lambda: next(clock))
+    monkeypatch.setattr(worker_heap, "_last_asked", {})
+    got = [worker_heap.release_worker_heaps([child.pid], min_interval_s=1.0) for _ in gaps]
+    assert got == asked
+    for _ in range(1000):  # the trims run in the child, beside this test: up to 10 s
+        if worker_heap.trim_count(child.pid) >= 1:
+            break
+        time.sleep(0.01)
+    # SIGUSR2s sent in quick succession may merge into one trim; skipped ones send none.
+    assert 1 <= worker_heap.trim_count(child.pid) <= sum(asked)
 
 
 def test_a_process_without_the_thread_is_not_signalled(fragmented_child):

@@ -207,9 +207,10 @@ def round_inputs(config: ExperimentConfig, data: datasets.FederatedData,
 
     A pure function of (config, data, round_num), so a resumed run trains on
     exactly what an uninterrupted one does. First hands the free heap pages
-    of the round before back to the OS (`memory.release_free_heap`, issue 18).
+    of the rounds before back to the OS, at most once a second
+    (`memory.release_free_heap`, `memory.ROUND_TRIM_INTERVAL_S`; issue 18).
     """
-    memory.release_free_heap()
+    memory.release_free_heap(min_interval_s=memory.ROUND_TRIM_INTERVAL_S)
     clients = sampling.sample_round(config.client_sampling, data.client_ids,
                                     clients_per_round=config.clients_per_round,
                                     seed=config.seed, round_num=round_num)

@@ -62,7 +62,7 @@ from fedprune.config import ExperimentConfig
 from fedprune.federated import communication, privacy_accounting
 from fedprune.outputs import atomic_files, privacy_report, run_files, scalars
 from fedprune.program import assembly, background, checkpoint, evaluation, shrinking
-from fedprune.runtime import interrupts, worker_heap, workers
+from fedprune.runtime import interrupts, memory, worker_heap, workers
 
 # What `run_experiment` passes to `on_phase`, in order; the per-round ones as
 # `round N train`, `round N evaluate` (rounds that evaluate), `round N checkpoint`.
@@ -100,8 +100,10 @@ def _train_round(config: ExperimentConfig, pp, evaluator, state, weights, inputs
         output = pp.process.next(state, inputs.datasets)
         new_weights = pp.model_weights(output.state)
     # The worker is idle until the next round: its free heap pages go back to the
-    # OS now, beside this round's evaluation (`runtime.worker_heap`, issue 18).
-    worker_heap.release_worker_heaps(workers.started_worker_pids())
+    # OS now, beside this round's evaluation, at most once a second
+    # (`runtime.worker_heap`, `memory.ROUND_TRIM_INTERVAL_S`; issue 18).
+    worker_heap.release_worker_heaps(workers.started_worker_pids(),
+                                     min_interval_s=memory.ROUND_TRIM_INTERVAL_S)
     train = output.metrics["client_work"]["train"]
     # No client, no training loss (0/0): only the model is checked then.
     train_loss = float(train["loss"]) if clients else 0.0

@@ -7,8 +7,8 @@
   remote workers.
 * `channels`: gRPC channels to workers: options, readiness, a clean close.
 * `tf_logging`: how chatty TensorFlow, gRPC and the worker are.
-* `memory`: the Python process's free heap pages back to the OS once a round
-  (glibc's `malloc_trim`).
+* `memory`: the Python process's free heap pages back to the OS between rounds,
+  at most once a second (glibc's `malloc_trim`).
 * `autograph`: the modules AutoGraph leaves as written while fedprune traces.
 * `deferred_imports`: modules TFF's import loads and fedprune never runs, loaded
   at their first use instead (the package's `__init__` defers them).

@@ -10,7 +10,8 @@ crept up by ~0.07 MiB a round at 1,000 Synthetic clients and 100 per round
 while the memory in use stayed flat (issue 18; BUILD_NOTES.md, "Python
 process memory"). `release_free_heap` (glibc's `malloc_trim(0)`: every
 arena's whole free pages are handed back with `madvise`, no block moves) runs
-once a round, from `assembly.round_inputs`. The TFF worker, where no Python
+from `assembly.round_inputs`, at most once a second (`ROUND_TRIM_INTERVAL_S`).
+The TFF worker, where no Python
 runs, gets the same from `runtime.worker_heap`.
 
 `FEDPRUNE_MALLOC_TRIM=0` turns off both (e.g. to measure without them); other C
@@ -25,6 +26,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 
 TRIM_ENV = "FEDPRUNE_MALLOC_TRIM"
 
@@ -43,14 +45,36 @@ def _malloc_trim():
     return trim
 
 
-def release_free_heap() -> bool:
-    """Returns malloc's free whole pages to the OS; True if it could (glibc, not turned off).
+# Seconds between two trims during a run: `round_inputs` asks for one every
+# round, with this as `min_interval_s`. A trim hands back pages that the next
+# round touches again, and the next `process.next` pays for faulting them in:
+# on the default experiment (10 digits clients a round, ~60 ms rounds) rounds
+# took 72-85 ms with a trim of both processes every round against 63 ms
+# without (BUILD_NOTES.md, "Python process memory"). Rounds of a second or
+# more still trim every round.
+ROUND_TRIM_INTERVAL_S = 1.0
+
+_last_trim: list[float] = []  # _clock() of this process's last trim, if any
+_clock = time.monotonic
+
+
+def release_free_heap(*, min_interval_s: float = 0.0) -> bool:
+    """Returns malloc's free whole pages to the OS; True if it did (glibc, not turned off).
 
     Live memory is untouched, so results are the same; it costs one walk of
-    malloc's free lists (about a millisecond with a few hundred MiB free).
+    malloc's free lists (about a millisecond with a few hundred MiB free),
+    and the pages handed back are faulted in again when next used.
+
+    Args:
+      min_interval_s: skip (return False) when this process trimmed less than
+        this many seconds ago (`ROUND_TRIM_INTERVAL_S` for the per-round call).
     """
     trim = _malloc_trim()
     if trim is None:
         return False
+    now = _clock()
+    if min_interval_s > 0 and _last_trim and now - _last_trim[-1] < min_interval_s:
+        return False
     trim(0)
+    _last_trim[:] = [now]
     return True

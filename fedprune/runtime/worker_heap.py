@@ -12,9 +12,9 @@ much data (issue 18; BUILD_NOTES.md, "Worker memory").
 No Python runs in the worker, so fedprune preloads a small library into it
 (`worker_heap.c`, compiled here with the system's C compiler on first use and
 cached): a thread that calls glibc's `malloc_trim(0)` each time the worker gets
-SIGUSR2. `release_worker_heaps` sends it, after a round, to the local workers
-that have that thread; the Python process does the same for itself with
-`memory.release_free_heap`.
+SIGUSR2. `release_worker_heaps` sends it, after a round (at most once a second,
+`memory.ROUND_TRIM_INTERVAL_S`), to the local workers that have that thread;
+the Python process does the same for itself with `memory.release_free_heap`.
 
 `worker_preload_environment` is what `workers.worker_environment` adds for it:
 `LD_PRELOAD`. There is no library (and the workers run as before) when
@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -165,22 +166,34 @@ def trim_count(pid: int) -> int | None:
     return None
 
 
-def release_worker_heaps(pids: Iterable[int], *, wait_s: float = 0.0) -> int:
+_last_asked: dict[int, float] = {}  # pid -> _clock() when it was last asked to trim
+_clock = time.monotonic
+
+
+def release_worker_heaps(pids: Iterable[int], *, wait_s: float = 0.0,
+                         min_interval_s: float = 0.0) -> int:
     """Asks each worker in `pids` that has the trim thread to hand back its free heap pages.
 
     Workers without the thread (glibc's defaults, another C library, not
     started by fedprune) are left alone: SIGUSR2 would end them. The trim runs
     in the worker, beside whatever it is doing; with `wait_s` > 0 this waits
-    up to that many seconds for every trim asked for to finish.
+    up to that many seconds for every trim asked for to finish. With
+    `min_interval_s` > 0, a worker asked less than that many seconds ago is
+    skipped (`memory.ROUND_TRIM_INTERVAL_S` for `loop.py`'s call after each
+    round: the pages handed back are faulted in again by the next round).
 
     Returns:
       The number of workers asked. A wait that runs out is logged, not raised.
     """
     asked = {}
+    now = _clock()
     for pid in pids:
+        if min_interval_s > 0 and now - _last_asked.get(pid, -math.inf) < min_interval_s:
+            continue
         before = trim_count(pid)
         if before is None:
             continue
+        _last_asked[pid] = now
         try:
             os.kill(pid, TRIM_SIGNAL)
         except OSError:
