@@ -47,9 +47,8 @@ def test_min_interval_skips_a_trim_soon_after_the_last(fresh_trim, monkeypatch, 
                                                         trimmed):
     calls = []
     monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append)
-    monkeypatch.setattr(memory, "_last_trim", [])
     clock = iter(times)
-    monkeypatch.setattr(memory, "_clock", lambda: next(clock))
+    monkeypatch.setattr(memory, "_trims", memory.Pacer(clock=lambda: next(clock)))
     got = [memory.release_free_heap(min_interval_s=interval) for _ in times]
     assert got == trimmed
     assert calls == [0] * sum(trimmed)  # malloc_trim(0), only when not skipped

@@ -79,8 +79,7 @@ def test_release_hands_back_the_free_pages_between_live_blocks(fragmented_child)
 def test_min_interval_skips_a_worker_asked_recently(fragmented_child, monkeypatch, gaps, asked):
     child = fragmented_child(preload=True, blocks=10)
     clock = iter(gaps)
-    monkeypatch.setattr(worker_heap, "_clock", lambda: next(clock))
-    monkeypatch.setattr(worker_heap, "_last_asked", {})
+    monkeypatch.setattr(worker_heap, "_asked", memory.Pacer(clock=lambda: next(clock)))
     got = [worker_heap.release_worker_heaps([child.pid], min_interval_s=1.0) for _ in gaps]
     assert got == asked
     for _ in range(1000):  # the trims run in the child, beside this test: up to 10 s

@@ -11,8 +11,7 @@ while the memory in use stayed flat (issue 18; BUILD_NOTES.md, "Python
 process memory"). `release_free_heap` (glibc's `malloc_trim(0)`: every
 arena's whole free pages are handed back with `madvise`, no block moves) runs
 from `assembly.round_inputs`, at most once a second (`ROUND_TRIM_INTERVAL_S`).
-The TFF worker, where no Python
-runs, gets the same from `runtime.worker_heap`.
+The TFF worker, where no Python runs, gets the same from `runtime.worker_heap`.
 
 `FEDPRUNE_MALLOC_TRIM=0` turns off both (e.g. to measure without them); other C
 libraries (no `malloc_trim`) and other systems are left alone.
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 import time
@@ -54,8 +54,29 @@ def _malloc_trim():
 # more still trim every round.
 ROUND_TRIM_INTERVAL_S = 1.0
 
-_last_trim: list[float] = []  # _clock() of this process's last trim, if any
-_clock = time.monotonic
+
+
+class Pacer:
+    """Lets each key go ahead at most once per interval (seconds on `clock`).
+
+    What both heap trims use: this process's (`release_free_heap`) and the
+    workers' (`worker_heap.release_worker_heaps`, one key per worker pid).
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._last: dict = {}  # key -> clock() when it last went ahead
+
+    def go(self, key, min_interval_s: float) -> bool:
+        """True (and remembers now) unless `key` went ahead less than `min_interval_s` ago."""
+        now = self._clock()
+        if min_interval_s > 0 and now - self._last.get(key, -math.inf) < min_interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+_trims = Pacer()  # this process's trims, under one key
 
 
 def release_free_heap(*, min_interval_s: float = 0.0) -> bool:
@@ -72,9 +93,7 @@ def release_free_heap(*, min_interval_s: float = 0.0) -> bool:
     trim = _malloc_trim()
     if trim is None:
         return False
-    now = _clock()
-    if min_interval_s > 0 and _last_trim and now - _last_trim[-1] < min_interval_s:
+    if not _trims.go("python", min_interval_s):
         return False
     trim(0)
-    _last_trim[:] = [now]
     return True

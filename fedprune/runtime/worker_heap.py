@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -166,8 +165,7 @@ def trim_count(pid: int) -> int | None:
     return None
 
 
-_last_asked: dict[int, float] = {}  # pid -> _clock() when it was last asked to trim
-_clock = time.monotonic
+_asked = memory.Pacer()  # when each worker pid was last asked to trim
 
 
 def release_worker_heaps(pids: Iterable[int], *, wait_s: float = 0.0,
@@ -186,14 +184,10 @@ def release_worker_heaps(pids: Iterable[int], *, wait_s: float = 0.0,
       The number of workers asked. A wait that runs out is logged, not raised.
     """
     asked = {}
-    now = _clock()
     for pid in pids:
-        if min_interval_s > 0 and now - _last_asked.get(pid, -math.inf) < min_interval_s:
-            continue
         before = trim_count(pid)
-        if before is None:
+        if before is None or not _asked.go(pid, min_interval_s):
             continue
-        _last_asked[pid] = now
         try:
             os.kill(pid, TRIM_SIGNAL)
         except OSError:
