@@ -156,3 +156,50 @@ def test_figure_bytes_lays_out_once_and_keeps_that_layout(monkeypatch, figure):
     for ax, ref in zip(fig.axes, reference.axes, strict=True):
         np.testing.assert_allclose(ax.get_position().bounds, ref.get_position().bounds,
                                    atol=1e-12)
+
+
+def _drawn_figures(monkeypatch, draw):
+    """The matplotlib figures `draw()` saves, drawn (Agg) so their text has extents."""
+    figures = []
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure",
+                        lambda fig, path: figures.append(fig) or save(fig, path))
+    draw()
+    for fig in figures:
+        fig.canvas.draw()
+    return figures
+
+
+@pytest.mark.parametrize("peak", [1.0, 1e3, 9e5, -9e5, 5e7])
+def test_run_figures_fixed_margins_keep_every_label_inside(tmp_path, monkeypatch, peak):
+    """A run's figures (curves, bytes) are placed at `RUN_MARGINS_IN`, without a layout
+    engine; every label stays inside the figure and off the other axes, up to the
+    7-character tick labels of losses and KiB per round peaking at +-900,000, and the
+    offset text (x1e7) above axes whose values take one."""
+    rows = run_rows(0, num_rounds=30)
+    for key in ("train_loss", "test_loss", "bytes_up", "bytes_down", "dense_bytes_up"):
+        kib = 1024 if "bytes" in key else 1  # the bytes figure draws KiB
+        largest = max(abs(float(row[key])) for row in rows if row[key])
+        for row in rows:
+            if row[key]:
+                row[key] = str(float(row[key]) / largest * peak * kib)
+    figures = _drawn_figures(monkeypatch, lambda: (
+        plots.plot_run_curves(rows, tmp_path / "curves.png", title="digits, mlp: a long title",
+                              window=(1, 20), target=0.8),
+        plots.plot_bytes_per_round(rows, tmp_path / "bytes.png", title="digits, mlp")))
+    assert len(figures) == 2
+    for fig in figures:
+        assert fig.get_layout_engine() is None
+        renderer = fig.canvas.get_renderer()
+        width, _ = fig.get_size_inches()
+        np.testing.assert_allclose(fig.axes[0].get_position().x0 * width,
+                                   plots.RUN_MARGINS_IN["left"])
+        inside = fig.bbox.padded(-1)  # 1 pixel in from the edges
+        # Each axes with everything drawn for it (tick labels, labels, legend).
+        boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+        boxes += [text.get_window_extent(renderer) for text in fig.texts]  # the title
+        for i, box in enumerate(boxes):
+            assert inside.x0 <= box.x0 and box.x1 <= inside.x1, (i, box)
+            assert inside.y0 <= box.y0 and box.y1 <= inside.y1, (i, box)
+            for other in boxes[i + 1:]:
+                assert not box.overlaps(other), (box, other)

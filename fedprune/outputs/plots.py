@@ -43,16 +43,40 @@ def agg_figure(figsize: tuple[float, float], **kwargs):
     return fig
 
 
-def new_figure(nrows: int = 1, *, height: float = 2.6, width: float = 6.4):
+# Where a run's figures put their axes, in inches from the figure's edges
+# ("gap": between two stacked axes): room on the left for y tick labels of up to
+# 7 characters ("-900000", `tests/test_plots.py`) and the y label, under each
+# axes for its x tick labels and x label, above for an offset text (x1e7) or
+# the title. A run's figures are drawn for every cell of a grid, and
+# constrained layout cost a third of their drawing (BUILD_NOTES.md, "A run's
+# figures at fixed margins").
+RUN_MARGINS_IN = {"left": 1.0, "right": 0.2, "top": 0.55, "bottom": 0.55, "gap": 0.6}
+
+
+def new_figure(nrows: int = 1, *, height: float = 2.6, width: float = 6.4,
+               fixed_margins: bool = False):
     """A bare figure of `nrows` stacked axes sharing the x axis, and those axes.
 
-    Every axes keeps its own tick labels (matplotlib hides the upper ones of a
-    shared axis otherwise).
+    The figure is `width` x (`height` x `nrows` + 0.5) inches. Every axes keeps
+    its own tick labels (matplotlib hides the upper ones of a shared axis
+    otherwise).
+
+    Args:
+      fixed_margins: place the axes at `RUN_MARGINS_IN` (a run's figures)
+        instead of by constrained layout (the grid's figures, whose labels vary
+        more).
     """
-    fig = agg_figure((width, height * nrows + 0.5), layout="constrained")
+    figsize = (width, height * nrows + 0.5)
+    fig = agg_figure(figsize, layout=None if fixed_margins else "constrained")
     axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
     for ax in axes:
         ax.tick_params(labelbottom=True)
+    if fixed_margins:
+        m = RUN_MARGINS_IN
+        axes_height = (figsize[1] - m["top"] - m["bottom"] - (nrows - 1) * m["gap"]) / nrows
+        fig.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width,
+                            top=1 - m["top"] / figsize[1], bottom=m["bottom"] / figsize[1],
+                            hspace=m["gap"] / axes_height)
     return fig, axes
 
 
@@ -66,10 +90,10 @@ def label_rounds(ax) -> None:
 def figure_bytes(fig) -> dict[str, bytes]:
     """{format: the file's bytes} of `fig` in each of `FORMATS` (PNG at `DPI`).
 
-    The figure's layout engine (constrained layout) runs for the first format
-    only; the later ones keep the axes where it put them (each `savefig` with an
-    engine pays an extra draw to lay out: BUILD_NOTES.md, "Figures lay out
-    once"). Leaves `fig` without a layout engine.
+    The figure's layout engine (constrained layout), if it has one, runs for the
+    first format only; the later ones keep the axes where it put them (each
+    `savefig` with an engine pays an extra draw to lay out: BUILD_NOTES.md,
+    "Figures lay out once"). Leaves `fig` without a layout engine.
     """
     out = {}
     for fmt in FORMATS:
@@ -151,7 +175,7 @@ def plot_run_curves(
     panels = (("accuracy", ("test_accuracy", "train_accuracy")),
               ("loss", ("test_loss", "train_loss")),
               ("sparsity", ("global_sparsity", "target_sparsity")))
-    fig, axes = new_figure(len(panels))
+    fig, axes = new_figure(len(panels), fixed_margins=True)
     for ax, (ylabel, keys) in zip(axes, panels, strict=True):
         _shade_window(ax, window)
         for i, (label, round_num) in enumerate((events or {}).items()):
@@ -192,7 +216,7 @@ def plot_bytes_per_round(
     Returns:
       The PNG's path (the PDF goes beside it).
     """
-    fig, (ax,) = new_figure(1, height=3.4)
+    fig, (ax,) = new_figure(1, height=3.4, fixed_margins=True)
     for direction, color in (("up", "C0"), ("down", "C1")):
         for prefix, style in (("", "-"), ("dense_", "--")):
             rounds, values = series(metrics_rows, round_key, f"{prefix}bytes_{direction}")
