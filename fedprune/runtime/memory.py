@@ -55,7 +55,6 @@ def _malloc_trim():
 ROUND_TRIM_INTERVAL_S = 1.0
 
 
-
 class Pacer:
     """Lets each key go ahead at most once per interval (seconds on `clock`).
 
