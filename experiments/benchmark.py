@@ -21,6 +21,9 @@ speed    Per-round wall time of, side by side on the same model, initial
                 initial weights (`set_model_weights`) and client optimizer;
            (c-iter) the same with `loop_implementation=DATASET_ITERATOR`, TFF's
                 other client loop (stock's default is `DATASET_REDUCE`);
+           (c-mrf) (c-iter) with its round compiled to one MapReduceForm, as
+                fedprune compiles its own (`fedprune/federated/map_reduce.py`):
+                how much of fedprune's speed over (c-iter) is that compilation;
            (d)  Keras `fit`: one epoch over the concatenation of the round's
                 client datasets (the same batches), SGD with the client
                 learning rate, compiled once;
@@ -42,7 +45,7 @@ speed    Per-round wall time of, side by side on the same model, initial
          Every variant first runs round 1 untimed (tracing, compilation and,
          for a+, the experiment's set-up), then `--warmup_rounds` untimed and
          `--timed_rounds` timed rounds, interleaved round by round
-         (a, s, b, c, c-iter, d, e, f, a+, rotated by one each round, so
+         (a, s, b, c, c-iter, c-mrf, d, e, f, a+, rotated by one each round, so
          that each variant opens a round in turn) so that machine noise hits
          all of them alike. Each variant trains on its own copy of the
          round's `tf.data` datasets (the same clients and batches), built
@@ -54,8 +57,9 @@ speed    Per-round wall time of, side by side on the same model, initial
          (the floor), and the ratios of `benchmark_speed.RATIOS` (targets:
          a/b <= 1.10, pruning's overhead over dense fedprune; a/c-iter <= 1.10;
          a+/c-iter <= 1.25, a whole experiment round over stock TFF). The notes
-         say where the time goes: (a) - (s), (s) - (b) and (b) - (c-iter), and
-         (a+)'s phases in loop.py (train, evaluate, checkpoint) per round.
+         say where the time goes: (a) - (s), (s) - (b), (b) - (c-iter) and
+         (c-iter) - (c-mrf), and (a+)'s phases in loop.py (train, evaluate,
+         checkpoint) per round.
 scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1)
          clients) with each of `--scale_clients_per_round` (default 10, a cheap
          row, and 100, issue 18's setting) for `--scale_rounds` rounds

@@ -1,6 +1,6 @@
 """The benchmark's speed section: round time of fedprune vs TFF FedAvg vs Keras.
 
-Variants (a), (s), (b), (c), (c-iter), (d), (e), (f) and (a+) as described in
+Variants (a), (s), (b), (c), (c-iter), (c-mrf), (d), (e), (f) and (a+) as described in
 `experiments/benchmark.py`; each runs its round 1 in `prepare` and one round
 per `step`, interleaved round by round. Each step trains on its own fresh
 `assembly.round_inputs` of the round (the same clients and batches), built
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 TARGETS = {"a/b": 1.10, "a/c-iter": 1.10, "a+/c-iter": 1.25}
 
 # Headline ratios first; then what the references cost against each other.
-RATIOS = ("a/b", "a/c-iter", "a+/c-iter", "a/s", "s/b", "b/c-iter", "a+/a", "c/c-iter",
-          "c-iter/f", "d/f")
+RATIOS = ("a/b", "a/c-iter", "a+/c-iter", "a/s", "s/b", "b/c-iter", "a/c-mrf", "c-iter/c-mrf",
+          "a+/a", "c/c-iter", "c-iter/f", "d/f")
 # The columns "vs" each row: stock TFF on fedprune's client loop, and the compute floor.
 REFERENCES = ("c-iter", "f")
 
@@ -138,19 +138,23 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
     parts = []
     if all(k in medians for k in ("a", "s", "b", "c-iter")):
         a, s_, b, c = (medians[k] for k in ("a", "s", "b", "c-iter"))
+        compiled = ""
+        if "c-mrf" in medians:
+            compiled = (f" ((c-iter) − (c-mrf) = {ms(c - medians['c-mrf'])} is what that "
+                        "compilation saves stock FedAvg)")
         parts.append(
             f"(a) − (s) = {ms(a - s_)}: the clients' pruning and their larger upload (masks "
             f"summed beside the mean, `mask_aggregation.py`); (s) − (b) = "
             f"{ms(s_ - b)}: the wrappers' mask in local training, the masked upload and the "
             f"server's re-mask; (b) − (c-iter) = {ms(b - c)}: what fedprune's dense process "
             "adds to stock FedAvg on the same loop (round counters, the upload's byte count, "
-            "the finalizer's mask diagnostics), less what its fewer passes over the clients "
-            "save (the weighted mean and the measurements each in one `federated_sum`, "
-            "`fused_mean.py`). Taking the clients' pruning, their byte count, the wrappers' "
-            "per-batch mask or the server's re-mask out of (a) one at a time left its round "
-            "time within 1.1 % (none of them faster): what these differences carry is TFF's "
-            "per-value cost of the larger state, broadcast and upload (BUILD_NOTES.md, "
-            "\"Each speed variant on fresh inputs\").")
+            "the finalizer's mask diagnostics), less what its round compiled to one "
+            f"MapReduceForm saves (`map_reduce.py`){compiled}. Taking the clients' pruning, "
+            "their byte count, the wrappers' per-batch mask or the server's re-mask out of "
+            "(a) one at a time left its round time within 1.1 % (none of them faster; by "
+            "hand, on the composed round): what these differences carry is TFF's per-value "
+            "cost of the larger state, broadcast and upload (BUILD_NOTES.md, \"Each speed "
+            "variant on fresh inputs\").")
     if phases:
         med = {name: statistics.median(p.get(name, 0.0) for p in phases)
                for name in ("train", "evaluate", "checkpoint")}
@@ -307,6 +311,7 @@ VARIANT_LABELS = {
     "b": "(b) fedprune, masking none",
     "c": "(c) TFF build_weighted_fed_avg",
     "c-iter": "(c-iter) the same, loop_implementation=DATASET_ITERATOR",
+    "c-mrf": "(c-mrf) (c-iter) with its round compiled as fedprune's (map_reduce.py)",
     "d": "(d) Keras fit, same batches",
     "e": "(e) Keras fit + tfmot pruning",
     "f": "(f) one compiled tf.function SGD loop, same batches (floor)",
@@ -335,6 +340,7 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     import tensorflow_federated as tff
     import tensorflow_model_optimization as tfmot
 
+    from fedprune.federated import map_reduce
     from fedprune.federated import process as process_lib
     from fedprune.program import assembly
 
@@ -351,7 +357,7 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     variants["b"] = TffVariant(dense.process, dense.process.initialize())
     initial = variants["b"].weights()
 
-    log("building (c) and (c-iter) build_weighted_fed_avg")
+    log("building (c), (c-iter) and (c-mrf) build_weighted_fed_avg")
 
     def model_fn():
         return tff.learning.models.from_keras_model(
@@ -374,6 +380,11 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
             loop_implementation=loop)
         variants[key] = TffVariant(fed_avg,
                                    fed_avg.set_model_weights(fed_avg.initialize(), initial))
+    # c-mrf: stock FedAvg's round compiled to one MapReduceForm, as fedprune compiles its
+    # own (`map_reduce.py`): how much of (b) - (c-iter) is that compilation.
+    compiled = map_reduce.compile_round(fed_avg)
+    variants["c-mrf"] = TffVariant(compiled,
+                                   compiled.set_model_weights(compiled.initialize(), initial))
 
     log("building (d) Keras fit, (e) Keras fit + tfmot and (f) a tf.function loop")
     keras_fit = _compile(dense.keras_model_fn(), config)
@@ -468,9 +479,9 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
         if "a+" in variants:
             variants["a+"].finish()
             phases = variants["a+"].phases[-plan.timed_rounds:]
-        # (b), (c) and (c-iter) saw the same weights and batches: they should agree;
-        # (d) and (f) train centrally on the same batches: they should agree too.
-        dense = [variants[k].weights() for k in ("b", "c", "c-iter")]
+        # (b), (c), (c-iter) and (c-mrf) saw the same weights and batches: they should
+        # agree; (d) and (f) train centrally on the same batches: they should agree too.
+        dense = [variants[k].weights() for k in ("b", "c", "c-iter", "c-mrf")]
         max_diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                        for other in dense[1:]
                        for x, y in zip(dense[0].trainable, other.trainable, strict=True))
@@ -502,7 +513,7 @@ inputs"); {steady} of
 the timed rounds come after round {config.end_round}, where masks are recomputed at a
 level already reached, which `masking.keep_top_k` does without the top-k. Python
 CPU counts all threads of the benchmark process (Keras runs there); worker CPU is
-TFF's `worker_binary`, where TFF executes the rounds. (b), (c) and (c-iter) end with
+TFF's `worker_binary`, where TFF executes the rounds. (b), (c), (c-iter) and (c-mrf) end with
 weights equal to within {max_diff:.1e} (same initial weights, batches and
 optimizers); (d) and (f) within {floor_diff:.1e}. (a+) − (a) is what loop.py adds
 per round (byte accounting, evaluation, and what its background thread does beside

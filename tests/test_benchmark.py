@@ -44,8 +44,8 @@ SMOKE_FLAGS = ("--timed_rounds=2", "--warmup_rounds=1", "--num_clients=3",
 # limit only guards against a hang, far beyond the ~40 s the smoke run takes
 # alone, so a loaded machine cannot fail a test by being slow.
 HANG_GUARD_S = 900
-VARIANT_ROWS = ("(a) fedprune", "(s) fedprune", "(b) fedprune", "(c) TFF", "(c-iter)", "(d) Keras",
-                "(e) Keras", "(f) one compiled", "(a+) fedprune")
+VARIANT_ROWS = ("(a) fedprune", "(s) fedprune", "(b) fedprune", "(c) TFF", "(c-iter)", "(c-mrf)",
+                "(d) Keras", "(e) Keras", "(f) one compiled", "(a+) fedprune")
 
 
 def _run(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -162,9 +162,13 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
         assert 0 < low <= mid <= high  # the per-round ratios' median and interval
     for ratio, target in benchmark_speed.TARGETS.items():
         assert rows[ratio][2].startswith(f"≤ {target:g} (")
-    # (d) and (f) train centrally on the same batches from the same weights.
+    # (d) and (f) train centrally on the same batches from the same weights; so do the
+    # dense federated variants, stock FedAvg compiled or not among them.
     floor_diff = re.search(r"\(d\) and \(f\) within ([0-9.]+e[+-][0-9]+)", text.replace("\n", " "))
     assert float(floor_diff.group(1)) < 1e-5
+    dense_diff = re.search(r"\(b\), \(c\), \(c-iter\) and \(c-mrf\) end with weights equal to "
+                           r"within ([0-9.]+e[+-][0-9]+)", text.replace("\n", " "))
+    assert float(dense_diff.group(1)) < 1e-5
 
     assert "<!-- benchmark:speed -->" in text and "<!-- /benchmark:speed -->" in text
     command = " ".join(("python -m experiments.benchmark", *CHEAP_FLAGS, "--timed_rounds=2"))
@@ -195,9 +199,10 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
      ["train 200.0 ms", "evaluate 0.0 ms", "checkpoint 3.0 ms"]),  # median: 0 where not evaluated
 ])
 def test_profile_notes_differences_and_phases(phases, words):
-    medians = {"a": 0.08, "s": 0.07, "b": 0.065, "c-iter": 0.066}
+    medians = {"a": 0.08, "s": 0.07, "b": 0.065, "c-iter": 0.066, "c-mrf": 0.0605}
     text = benchmark_speed.profile_notes(medians, phases)
-    for w in ["(a) − (s) = 10.0 ms", "(s) − (b) = 5.0 ms", "(b) − (c-iter) = -1.0 ms", *words]:
+    for w in ["(a) − (s) = 10.0 ms", "(s) − (b) = 5.0 ms", "(b) − (c-iter) = -1.0 ms",
+              "(c-iter) − (c-mrf) = 5.5 ms", *words]:
         assert w in text, (w, text)
     assert benchmark_speed.profile_notes({"a": 0.08}, []) == ""
 

@@ -5,10 +5,12 @@
       -> aggregator (example-weighted mean: MeanFactory's, in one sum, fused_mean.py)
       -> finalizer (TFF apply-optimizer + server re-mask, server_masking.py)
 
-joined by `tff.learning.templates.compose_learning_process`. Nothing of FedAvg's
-body is forked: with masking `none` the parts are TFF's own and the process
-computes exactly `tff.learning.algorithms.build_weighted_fed_avg` (the
-aggregator's sums fused into one pass over the clients, bit for bit equal).
+joined by `tff.learning.templates.compose_learning_process`, whose `next` then
+runs compiled to one TFF MapReduceForm round (`map_reduce.py`: the same ops, bit
+for bit). Nothing of FedAvg's body is forked: with masking `none` the parts are
+TFF's own and the process computes exactly
+`tff.learning.algorithms.build_weighted_fed_avg` (the aggregator's sums fused
+into one pass over the clients, bit for bit equal).
 
 The masking mode (`masking_modes.py`) selects the parts: with `wraps_model`
 the model carries tfmot wrappers; with `client_prunes` the client work prunes
@@ -31,7 +33,13 @@ from collections.abc import Callable
 import numpy as np
 
 from fedprune.errors import check
-from fedprune.federated import fused_mean, masking_modes, quantization, regrow_gradients
+from fedprune.federated import (
+    fused_mean,
+    map_reduce,
+    masking_modes,
+    quantization,
+    regrow_gradients,
+)
 from fedprune.federated.client_work import build_pruning_client_work
 from fedprune.federated.masking_modes import MaskingMode
 from fedprune.federated.server_masking import (
@@ -173,6 +181,7 @@ def build_pruning_process(
     sparsity_distribution: str = "uniform",
     regrow: regrowth.RegrowSpec | None = None,
     upload_quantization: str = "none",
+    compile_round: bool = True,
 ) -> PruningProcess:
     """Builds the federated pruning process.
 
@@ -218,6 +227,9 @@ def build_pruning_process(
         and `uplink_bytes` counts the values at that width. In modes whose
         clients prune, the payload's delta and kept values are quantized and
         its masks pass as bits (around the mask aggregator).
+      compile_round: run the composed round compiled to TFF's MapReduceForm
+        (`map_reduce.py`: the same round bit for bit, ~20 % faster); False
+        keeps `compose_learning_process`'s form.
 
     Returns:
       A `PruningProcess` whose `process.next` has the type signature
@@ -378,6 +390,8 @@ def build_pruning_process(
         aggregator,
         finalizer,
     )
+    if compile_round:
+        process = map_reduce.compile_round(process)
     regrow_key = None  # which part's state holds `--regrow=random`'s key
     if regrowing and regrow.at == "server":
         regrow_key = "finalizer"

@@ -1,0 +1,150 @@
+"""The round compiled to TFF's MapReduceForm computes the composed round bit for bit.
+
+`build_pruning_process` composes a round from TFF's learning templates and
+runs it compiled to one MapReduceForm (`fedprune/federated/map_reduce.py`).
+Each case builds the composed process, compiles its `next`, and runs both from
+the same state for three rounds on the same data: every state and metric value
+must be equal (not close), and the states keep their Python containers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+from cli_util import CHEAP_OUTPUTS
+
+from fedprune.config import ExperimentConfig
+from fedprune.federated import map_reduce
+from fedprune.program import assembly
+
+pytestmark = pytest.mark.usefixtures("tff_local_context")
+
+# Three rounds: the ramps run to their end (rounds 1-3) and regrowth adjusts after
+# rounds 1 and 2 (< --regrow_end_round=3).
+BASE = ExperimentConfig(rounds=3, num_clients=3, clients_per_round=3,
+                        max_examples_per_client=32, begin_round=1, end_round=3, eval_every=3,
+                        **CHEAP_OUTPUTS)
+
+# Every masking mode, each with other parts of the round that change its computations.
+CASES = {
+    "none: the fused mean": dict(masking="none", schedule="none"),
+    "server: erk budgets, adam, random regrowth": dict(
+        masking="server", sparsity_distribution="erk", server_optimizer="adam",
+        server_lr=0.01, regrow="random", regrow_end_round=3),
+    "client: majority masks, step granularity": dict(
+        masking="client", mask_aggregation="majority", prune_granularity="step"),
+    "both: int8 uploads, gradient regrowth": dict(
+        masking="both", upload_quantization="int8", regrow="gradient", regrow_end_round=3),
+    "both: client regrowth (FedDST)": dict(
+        masking="both", regrow="random", regrow_at="client", regrow_end_round=3),
+    "server: neuron structure": dict(masking="server", structure="neuron", final_sparsity=0.5,
+                                    prune_output_layer=False),
+    # DP's clipping and division; its noise comes from TensorFlow's stateful random ops,
+    # which are not seedable, so with noise the two rounds differ by construction
+    # (`test_compiled_round_draws_fresh_dp_noise_every_round`).
+    "server: fixed-clip DP without noise": dict(masking="server", dp="fixed",
+                                                dp_noise_multiplier=0.0, dp_clip=0.05),
+}
+
+# The intrinsics of every compiled round: the server's `prepare`, the broadcast, the
+# clients' `work`, one aggregate, the server's `update` and the two selections of its
+# state and metrics (server-placed maps are `federated_apply`s).
+ROUND_INTRINSICS = {"federated_apply": 4, "federated_broadcast": 1, "federated_map": 1,
+                    "federated_aggregate": 1, "federated_zip_at_clients": 1,
+                    "federated_zip_at_server": 1}
+
+
+def _config(**changes) -> ExperimentConfig:
+    return dataclasses.replace(BASE, **changes).validate()
+
+
+def _intrinsics(computation) -> dict[str, int]:
+    import tensorflow_federated as tff
+
+    counts = collections.Counter()
+
+    def visit(block):
+        if isinstance(block, tff.framework.Intrinsic):
+            counts[block.uri] += 1
+        return block, False
+
+    tff.framework.transform_postorder(computation.to_building_block(), visit)
+    return dict(counts)
+
+
+def _flat(value) -> list[np.ndarray]:
+    import tensorflow_federated as tff
+
+    return [np.asarray(v) for v in
+            tff.structure.flatten(tff.structure.from_container(value, recursive=True))]
+
+
+@pytest.fixture
+def composed_builds(monkeypatch):
+    """`assembly.build_process` builds composed rounds (and forgets them afterwards)."""
+    monkeypatch.setattr(map_reduce, "compile_round", lambda process: process)
+    assembly.clear_process_cache()
+    yield
+    assembly.clear_process_cache()
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_compiled_round_equals_the_composed_round(composed_builds, case):
+    config = _config(**CASES[case])
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
+    composed = pp.process.next
+    compiled = map_reduce.compile_next(composed)
+    assert compiled.type_signature == composed.type_signature
+    assert _intrinsics(compiled) == ROUND_INTRINSICS
+    assert _intrinsics(composed)["federated_apply"] > 2 * ROUND_INTRINSICS["federated_apply"]
+
+    states = [pp.process.initialize()] * 2
+    for round_num in range(1, config.rounds + 1):
+        outputs = [next_fn(state, assembly.round_inputs(config, data, round_num).datasets)
+                   for next_fn, state in zip((composed, compiled), states, strict=True)]
+        assert type(outputs[1].state) is type(outputs[0].state)
+        assert type(outputs[1].metrics) is type(outputs[0].metrics)
+        expected, actual = _flat(outputs[0]), _flat(outputs[1])
+        assert len(actual) == len(expected)
+        for want, got in zip(expected, actual, strict=True):
+            np.testing.assert_array_equal(got, want)
+        states = [output.state for output in outputs]
+    # The rounds moved the model (the comparison is not of two untouched states).
+    assert not np.array_equal(_flat(states[0].global_model_weights)[0],
+                              _flat(pp.process.initialize().global_model_weights)[0])
+
+
+def test_built_processes_run_the_compiled_round():
+    assembly.clear_process_cache()
+    config = _config(masking="both")
+    pp = assembly.build_process(config, assembly.load_data(config))
+    assert _intrinsics(pp.process.next) == ROUND_INTRINSICS
+
+
+def test_compiled_round_draws_fresh_dp_noise_every_round():
+    """With the clients' updates clipped to nothing, each round's step is the noise: its
+    spread is z * C / m per weight and it is uncorrelated with the round before."""
+    assembly.clear_process_cache()
+    z, clip, m = 1e5, 1e-6, 3
+    config = _config(masking="none", schedule="none", dp="fixed", dp_noise_multiplier=z,
+                     dp_clip=clip, rounds=4)
+    data = assembly.load_data(config)
+    pp = assembly.build_process(config, data)
+    assert _intrinsics(pp.process.next) == ROUND_INTRINSICS
+    state = pp.process.initialize()
+    kernels = [np.asarray(state.global_model_weights.trainable[0])]
+    for round_num in range(1, config.rounds + 1):
+        datasets = assembly.round_inputs(config, data, round_num).datasets
+        state = pp.process.next(state, datasets).state
+        kernels.append(np.asarray(state.global_model_weights.trainable[0]))
+    steps = [(after - before).ravel()
+             for before, after in zip(kernels[:-1], kernels[1:], strict=True)]
+    for step in steps:  # 8,192 weights: the spread within a few per cent
+        assert np.std(step) == pytest.approx(z * clip / m, rel=0.1)
+    # |r| ~ 0.01 for independent draws; 1 for noise drawn again.
+    for before, after in zip(steps[:-1], steps[1:], strict=True):
+        assert abs(np.corrcoef(before, after)[0, 1]) < 0.1
