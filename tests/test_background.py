@@ -79,9 +79,9 @@ def test_round_loop_builds_inputs_and_writes_off_the_main_thread(tmp_path, monke
         events.append(("inputs", round_num, threading.get_ident() != main))
         return round_inputs(config, data, round_num)
 
-    def recording_write(output_dir, rows, *args, **kwargs):
+    def recording_write(metrics, rows, *args, **kwargs):
         events.append(("write", rows[-1]["round"], threading.get_ident() != main))
-        return write_round(output_dir, rows, *args, **kwargs)
+        return write_round(metrics, rows, *args, **kwargs)
 
     monkeypatch.setattr(assembly, "round_inputs", recording_inputs)
     monkeypatch.setattr(loop, "_write_round", recording_write)

@@ -476,7 +476,8 @@ def test_a_client_dataset_is_one_traced_call(digits, shuffled, max_examples):
 
     for round_num in range(1, 21):
         build(round_num)
-    pipeline = container._client_pipeline(shuffle=shuffled, take=max_examples is not None)
+    pipeline = container._client_pipelines(shuffle=shuffled, take=max_examples is not None,
+                                           count=1)
     traces = pipeline.experimental_get_tracing_count()
     gc.collect()
     before = sys.getallocatedblocks()
@@ -486,6 +487,66 @@ def test_a_client_dataset_is_one_traced_call(digits, shuffled, max_examples):
     gc.collect()
     assert (sys.getallocatedblocks() - before) / count < 4  # 17 when built op by op
     assert pipeline.experimental_get_tracing_count() == traces
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 10])
+@pytest.mark.parametrize("shuffled,max_examples", [(True, None), (True, 7), (False, None)])
+def test_a_rounds_datasets_built_together_equal_each_built_alone(digits, count, shuffled,
+                                                                 max_examples):
+    clients = digits.client_ids[:count]
+    seeds = [datasets.client_shuffle_seed(0, 5, c) if shuffled else None for c in clients]
+    together = digits.client_datasets(clients, batch_size=8, local_epochs=2,
+                                      shuffle_seeds=seeds, max_examples=max_examples)
+    assert len(together) == count
+    for client, seed, dataset in zip(clients, seeds, together, strict=True):
+        alone = digits.client_dataset(client, batch_size=8, local_epochs=2, shuffle_seed=seed,
+                                      max_examples=max_examples)
+        assert dataset.element_spec == alone.element_spec
+        got, want = list(dataset), list(alone)
+        assert len(got) == len(want) > 0
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a["x"].numpy(), b["x"].numpy())
+            np.testing.assert_array_equal(a["y"].numpy(), b["y"].numpy())
+
+
+def test_rounds_of_any_size_use_one_trace_per_power_of_two(digits, monkeypatch):
+    """A round of n clients makes one call per one in n's binary form (10 = 8 + 2), of
+    functions traced once each: rounds of 1..10 clients need those of 1, 2, 4 and 8."""
+    from fedprune.data.datasets import container
+
+    pipelines, calls = container._client_pipelines, []
+
+    def recording(**kwargs):
+        calls.append(kwargs["count"])
+        return pipelines(**kwargs)
+
+    monkeypatch.setattr(container, "_client_pipelines", recording)
+
+    def build(count):
+        calls.clear()
+        clients = digits.client_ids[:count]
+        built = digits.client_datasets(
+            clients, batch_size=8, local_epochs=1, max_examples=5,
+            shuffle_seeds=[datasets.client_shuffle_seed(0, count, c) for c in clients])
+        assert len(built) == count
+        return list(calls)
+
+    assert build(10) == [8, 2] and build(7) == [4, 2, 1] and build(1) == [1]
+    for count in range(1, 11):
+        build(count)
+    traced = [pipelines(shuffle=True, take=True, count=c) for c in (1, 2, 4, 8)]
+    traces = [f.experimental_get_tracing_count() for f in traced]
+    for count in range(10, 0, -1):
+        build(count)
+    assert [f.experimental_get_tracing_count() for f in traced] == traces
+
+
+def test_client_datasets_refuses_mixed_seeds_and_lengths(digits):
+    clients = digits.client_ids[:2]
+    with pytest.raises(ValueError, match="all None or all ints"):
+        digits.client_datasets(clients, batch_size=8, local_epochs=1, shuffle_seeds=[None, 3])
+    with pytest.raises(ValueError, match="one shuffle seed"):
+        digits.client_datasets(clients, batch_size=8, local_epochs=1, shuffle_seeds=[3])
 
 
 # --------------------------------------------------------------------------

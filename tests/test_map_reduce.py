@@ -148,3 +148,42 @@ def test_compiled_round_draws_fresh_dp_noise_every_round():
     # |r| ~ 0.01 for independent draws; 1 for noise drawn again.
     for before, after in zip(steps[:-1], steps[1:], strict=True):
         assert abs(np.corrcoef(before, after)[0, 1]) < 0.1
+
+
+@pytest.mark.parametrize("packs", [True, False], ids=["static shapes", "an unknown dimension"])
+def test_packing_moves_a_struct_as_one_tensor_per_dtype_bit_for_bit(packs):
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    kernel_shape = [2, 3] if packs else [None, 3]
+    struct_type = tff.StructType([
+        ("weights", tff.StructType([tff.TensorType(np.float32, kernel_shape),
+                                    tff.TensorType(np.float32, [3])])),
+        ("step", tff.TensorType(np.int64)),
+        ("started", tff.TensorType(np.bool_)),
+        ("rate", tff.TensorType(np.float32)),
+    ])
+    packing = map_reduce._Packing(struct_type)
+    if packs:
+        assert packing.packed_type == tff.StructType([
+            tff.TensorType(np.float32, [10]), tff.TensorType(np.int64, [1]),
+            tff.TensorType(np.bool_, [1])])
+    else:
+        assert packing.packed_type == struct_type
+
+    @tff.tensorflow.computation(struct_type)
+    def round_trip(value):
+        packed = packing.pack(value)
+        if packs:
+            assert [t.shape.as_list() for t in tf.nest.flatten(packed)] == [[10], [1], [1]]
+        return packing.unpack(packed)
+
+    kernel = np.array([[-0.0, np.nan, 1e-45], [np.inf, -3.5, 2.0]], np.float32)
+    value = collections.OrderedDict(
+        weights=(kernel, np.array([1.0, -0.0, 7.25], np.float32)), step=np.int64(2**40 + 1),
+        started=np.bool_(True), rate=np.float32(0.1))
+    got = round_trip(value)
+    for want, actual in zip(_flat(value), _flat(got), strict=True):
+        assert want.dtype == actual.dtype
+        np.testing.assert_array_equal(np.atleast_1d(actual).view(np.uint8),  # the bits
+                                      np.atleast_1d(want).view(np.uint8))

@@ -94,3 +94,53 @@ def test_read_metrics_renames_the_old_flops_column(tmp_path):
                                   [{"round": 1, "flops_per_example": 9472}],
                                   ["round", "flops_per_example"])
     assert run_files.read_metrics(tmp_path) == [{"round": "1", "macs_per_example": "9472"}]
+
+
+def _metrics_row(round_num: int, **extra) -> dict:
+    return {"round": round_num, "test_accuracy": 0.5 + 0.01 * round_num, "train_loss": 1 / 3,
+            "bytes_up": 1000 * round_num, **extra}
+
+
+@pytest.mark.parametrize("writes, columns", [
+    # one row more each round, the same objects: only the new row is formatted
+    ("grow", list(run_files.METRIC_COLUMNS)),
+    # a regrowth column from round 3 and per-layer columns from round 4: every line again
+    ("new columns", [*run_files.METRIC_COLUMNS, "itop", "sparsity/a", "sparsity/b"]),
+    # resumed after round 4: the rows read back from the file (other objects), then round 5
+    ("resumed", list(run_files.METRIC_COLUMNS)),
+])
+def test_metrics_file_writes_what_one_csv_pass_writes(tmp_path, writes, columns):
+    def columns_of(rows):  # metrics.csv's columns: METRIC_COLUMNS, regrowth's, per layer
+        keys = {k for r in rows for k in r}
+        return [*run_files.METRIC_COLUMNS, *(k for k in run_files.REGROW_COLUMNS if k in keys),
+                *sorted(k for k in keys if k.startswith("sparsity/"))]
+
+    rows = []
+    metrics = run_files.MetricsFile(tmp_path)
+    for round_num in range(1, 6):
+        extra = {}
+        if writes == "new columns" and round_num >= 3:
+            extra["itop"] = 0.25
+        if writes == "new columns" and round_num >= 4:
+            extra.update({"sparsity/b": 0.5, "sparsity/a": float("nan")})
+        if writes == "resumed" and round_num == 5:
+            metrics, rows = run_files.MetricsFile(tmp_path), run_files.read_metrics(tmp_path)
+        rows.append(_metrics_row(round_num, **extra))
+        metrics.write(list(rows))
+        assert (tmp_path / "metrics.csv").read_text() == atomic_files.csv_text(
+            rows, columns_of(rows))
+    assert columns_of(rows) == columns
+    assert [int(r["round"]) for r in run_files.read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_metrics_file_refuses_an_unknown_column_and_keeps_the_file(tmp_path):
+    metrics = run_files.MetricsFile(tmp_path)
+    rows = [_metrics_row(1)]
+    metrics.write(rows)
+    before = (tmp_path / "metrics.csv").read_bytes()
+    with pytest.raises(ValueError, match="typo"):
+        metrics.write([*rows, _metrics_row(2, typo=1)])
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+    metrics.write([*rows, _metrics_row(2)])  # and goes on from what it had written
+    assert (tmp_path / "metrics.csv").read_text() == atomic_files.csv_text(
+        [*rows, _metrics_row(2)], run_files.METRIC_COLUMNS)

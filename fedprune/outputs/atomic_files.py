@@ -136,10 +136,18 @@ def atomic_write_json(path: PathLike, obj: Any) -> pathlib.Path:
     return atomic_write_text(path, text + "\n")
 
 
-def _csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]) -> str:
+def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str], *,
+             header: bool = True) -> str:
+    """`rows` as CSV text ("\n" line ends; missing keys empty, floats in `repr`),
+    after a header row of `fieldnames` if `header`.
+
+    Raises:
+      ValueError: a row has a key not in `fieldnames`.
+    """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
 
@@ -155,4 +163,4 @@ def atomic_write_csv(
     Raises:
       ValueError: a row has a key not in `fieldnames`; the file is left untouched.
     """
-    return atomic_write_text(path, _csv_text(rows, fieldnames))
+    return atomic_write_text(path, csv_text(rows, fieldnames))

@@ -214,10 +214,7 @@ def round_inputs(config: ExperimentConfig, data: datasets.FederatedData,
     clients = sampling.sample_round(config.client_sampling, data.client_ids,
                                     clients_per_round=config.clients_per_round,
                                     seed=config.seed, round_num=round_num)
-    return RoundInputs(round_num, clients, [
-        data.client_dataset(
-            c, batch_size=config.batch_size, local_epochs=config.local_epochs,
-            shuffle_seed=datasets.client_shuffle_seed(config.seed, round_num, c),
-            max_examples=config.max_examples_per_client or None)
-        for c in clients
-    ])
+    return RoundInputs(round_num, clients, data.client_datasets(
+        clients, batch_size=config.batch_size, local_epochs=config.local_epochs,
+        shuffle_seeds=[datasets.client_shuffle_seed(config.seed, round_num, c) for c in clients],
+        max_examples=config.max_examples_per_client or None))

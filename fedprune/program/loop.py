@@ -165,15 +165,15 @@ def _round_line(config: ExperimentConfig, row: dict, round_seconds: float, mean_
             f"ETA {_fmt_seconds(mean_round * (config.rounds - round_num))}")
 
 
-def _write_round(output_dir: Path, rows: list[dict], ckpt_dir: Path, state, *, fingerprint: str,
-                 writer: scalars.ScalarWriter) -> None:
+def _write_round(metrics: run_files.MetricsFile, rows: list[dict], ckpt_dir: Path, state, *,
+                 fingerprint: str, writer: scalars.ScalarWriter) -> None:
     """Writes the last of `rows`: metrics.csv, then the checkpoint, then TensorBoard.
 
     Metrics first: a kill between the two writes leaves the round in the CSV
     but not in a checkpoint, and `resume` redoes it (never a gap).
     """
     row = rows[-1]
-    run_files.write_metrics(output_dir, rows)
+    metrics.write(rows)
     checkpoint.save(ckpt_dir, row["round"], state, fingerprint=fingerprint)
     writer.write(row["round"], {key: value for key, value in row.items()
                                 if key != "round" and value != ""})
@@ -291,6 +291,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
         checkpoint.save(ckpt_dir, 0, state, fingerprint=fingerprint)
 
     writer = scalars.ScalarWriter(output_dir / "tensorboard")
+    metrics = run_files.MetricsFile(output_dir)
     with interrupts.interruptible():
         weights = pp.model_weights(state)
     size = shrinking.process_model_size(pp)
@@ -328,7 +329,7 @@ def _run_experiment(config: ExperimentConfig, output_dir: Path, *, resume: bool,
                 log(shrink_line)
             # Logged first, written beside the next round: the writes of a round a
             # caller sees logged finish before the run returns or raises.
-            later.submit(_write_round, output_dir, list(rows), ckpt_dir, state,
+            later.submit(_write_round, metrics, list(rows), ckpt_dir, state,
                          fingerprint=fingerprint, writer=writer)
             if stop_after_round is not None and round_num >= stop_after_round:
                 later.drain()
