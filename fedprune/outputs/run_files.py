@@ -324,7 +324,6 @@ class MetricsFile:
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / "metrics.csv"
         self._rows: list[dict] = []  # the rows written, the caller's own objects
-        self._keys: set[str] = set()
         self._columns: list[str] = []
         self._text: list[str] = []  # header, then the rows' lines in chunks
 
@@ -340,10 +339,10 @@ class MetricsFile:
         while kept < min(len(rows), len(self._rows)) and rows[kept] is self._rows[kept]:
             kept += 1
         if kept < len(self._rows):
-            self._rows, self._keys, self._columns, self._text = [], set(), [], []
+            self._rows, self._columns, self._text = [], [], []
             kept = 0
         new = rows[kept:]
-        keys = self._keys.union(*new)
+        keys = set(self._columns).union(*new)  # the columns so far hold every key that counts
         columns = [*METRIC_COLUMNS, *(k for k in REGROW_COLUMNS if k in keys),
                    *sorted(k for k in keys if k.startswith("sparsity/"))]
         if columns != self._columns:  # every line has a cell per column: all again
@@ -352,8 +351,7 @@ class MetricsFile:
             text = self._text
         text = [*text, atomic_files.csv_text(new, columns, header=False)]
         atomic_files.atomic_write_text(self.path, "".join(text))
-        self._rows, self._keys, self._columns, self._text = list(rows), keys, columns, text
-
+        self._rows, self._columns, self._text = list(rows), columns, text
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
