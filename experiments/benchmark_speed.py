@@ -143,18 +143,15 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
             compiled = (f" ((c-iter) − (c-mrf) = {ms(c - medians['c-mrf'])} is what that "
                         "compilation saves stock FedAvg)")
         parts.append(
-            f"(a) − (s) = {ms(a - s_)}: the clients' pruning and their larger upload (masks "
-            f"summed beside the mean, `mask_aggregation.py`); (s) − (b) = "
-            f"{ms(s_ - b)}: the wrappers' mask in local training, the masked upload and the "
-            f"server's re-mask; (b) − (c-iter) = {ms(b - c)}: what fedprune's dense process "
-            "adds to stock FedAvg on the same loop (round counters, the upload's byte count, "
-            "the finalizer's mask diagnostics), less what its round compiled to one "
-            f"MapReduceForm saves (`map_reduce.py`){compiled}. Taking the clients' pruning, "
-            "their byte count, the wrappers' per-batch mask or the server's re-mask out of "
-            "(a) one at a time left its round time within 1.1 % (none of them faster; by "
-            "hand, on the composed round): what these differences carry is TFF's per-value "
-            "cost of the larger state, broadcast and upload (BUILD_NOTES.md, \"Each speed "
-            "variant on fresh inputs\").")
+            f"(a) − (s) = {ms(a - s_)}: the clients' pruning, the byte count of their masked "
+            "upload and its masks (summed beside the mean, `mask_aggregation.py`); (s) − (b) = "
+            f"{ms(s_ - b)}: the wrappers' mask in local training, the masked upload, the "
+            "server's re-mask and the state's masks and schedules; (b) − (c-iter) = "
+            f"{ms(b - c)}: what fedprune's dense process adds to stock FedAvg on the same "
+            "loop (round counters, the upload's byte count, the finalizer's mask "
+            "diagnostics), less what its round compiled to one MapReduceForm saves "
+            f"(`map_reduce.py`){compiled}. What each computation of (a) costs, taken out of "
+            "it one at a time by hand: BUILD_NOTES.md, \"What (a) adds to (b), compiled\".")
     if phases:
         med = {name: statistics.median(p.get(name, 0.0) for p in phases)
                for name in ("train", "evaluate", "checkpoint")}
