@@ -166,7 +166,7 @@ def run_scale_child(config, *, rounds: int, baseline_round: int, slope_rounds: i
     for round_num in range(1, rounds + 1):
         start = time.perf_counter()
         batches = round_inputs(config, data, round_num)
-        state = pp.process.next(state, batches.datasets).state
+        state = pp.next(state, batches.datasets).state
         round_seconds.append(time.perf_counter() - start)
         # Memory that malloc keeps after the largest client so far is not a leak.
         largest.append(max([*largest[-1:], *(data.num_examples(c) for c in batches.clients)]))

@@ -168,16 +168,28 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
 
 
 class TffVariant:
-    """A TFF learning process: `state = process.next(state, datasets).state`."""
+    """A TFF learning process: `state = next_fn(state, datasets).state`.
 
-    def __init__(self, process, state, pruning_process=None):
+    `next_fn` is how a run calls the round: `PruningProcess.next` for fedprune's
+    processes and `CompiledRound.next` for (c-mrf) (`map_reduce.py`), stock
+    TFF's `process.next` otherwise.
+    """
+
+    def __init__(self, process, state, next_fn=None, pruning_process=None):
         self.process = process
         self.state = state
+        self._next = next_fn or process.next
         self.pruning_process = pruning_process  # fedprune's `PruningProcess`, if any
+
+    @classmethod
+    def of(cls, pruning_process) -> TffVariant:
+        """A fedprune process, from its initial state, run as `loop.py` runs it."""
+        return cls(pruning_process.process, pruning_process.process.initialize(),
+                   pruning_process.next, pruning_process)
 
     def step(self, batches: RoundInputs) -> None:
         # `next` returns numpy values: the state is back in Python when it returns.
-        self.state = self.process.next(self.state, batches.datasets).state
+        self.state = self._next(self.state, batches.datasets).state
 
     def weights(self):
         return self.process.get_model_weights(self.state)
@@ -345,13 +357,13 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     variants = {}
     log("building (a) fedprune masking both")
     pruned = assembly.build_process(plan.pruned, data)
-    variants["a"] = TffVariant(pruned.process, pruned.process.initialize(), pruned)
+    variants["a"] = TffVariant.of(pruned)
     log("building (s) fedprune masking server")
     server = assembly.build_process(dataclasses.replace(plan.pruned, masking="server"), data)
-    variants["s"] = TffVariant(server.process, server.process.initialize(), server)
+    variants["s"] = TffVariant.of(server)
     log("building (b) fedprune masking none")
     dense = assembly.build_process(plan.dense, data)
-    variants["b"] = TffVariant(dense.process, dense.process.initialize())
+    variants["b"] = TffVariant.of(dense)
     initial = variants["b"].weights()
 
     log("building (c), (c-iter) and (c-mrf) build_weighted_fed_avg")
@@ -380,8 +392,9 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     # c-mrf: stock FedAvg's round compiled to one MapReduceForm, as fedprune compiles its
     # own (`map_reduce.py`): how much of (b) - (c-iter) is that compilation.
     compiled = map_reduce.compile_round(fed_avg)
-    variants["c-mrf"] = TffVariant(compiled,
-                                   compiled.set_model_weights(compiled.initialize(), initial))
+    variants["c-mrf"] = TffVariant(
+        compiled.process, compiled.process.set_model_weights(compiled.process.initialize(),
+                                                             initial), compiled.next)
 
     log("building (d) Keras fit, (e) Keras fit + tfmot and (f) a tf.function loop")
     keras_fit = _compile(dense.keras_model_fn(), config)

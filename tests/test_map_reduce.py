@@ -2,14 +2,17 @@
 
 `build_pruning_process` composes a round from TFF's learning templates and
 runs it compiled to one MapReduceForm (`fedprune/federated/map_reduce.py`).
-Each case builds the composed process, compiles its `next`, and runs both from
-the same state for three rounds on the same data: every state and metric value
-must be equal (not close), and the states keep their Python containers.
+Each case builds the composed process, compiles its round, and runs the composed
+`next`, the compiled one and the compiled one with its state packed
+(`PruningProcess.next`) from the same state for three rounds on the same data:
+every state and metric value must be equal (not close), with the same Python
+containers, leaf types, dtypes and shapes.
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 
 import numpy as np
@@ -21,6 +24,9 @@ from fedprune.federated import map_reduce
 from fedprune.program import assembly
 
 pytestmark = pytest.mark.usefixtures("tff_local_context")
+
+# `composed_builds` replaces it in the module while a test builds composed processes.
+COMPILE_ROUND = map_reduce.compile_round
 
 # Three rounds: the ramps run to their end (rounds 1-3) and regrowth adjusts after
 # rounds 1 and 2 (< --regrow_end_round=3).
@@ -84,34 +90,60 @@ def _flat(value) -> list[np.ndarray]:
 
 @pytest.fixture
 def composed_builds(monkeypatch):
-    """`assembly.build_process` builds composed rounds (and forgets them afterwards)."""
-    monkeypatch.setattr(map_reduce, "compile_round", lambda process: process)
+    """`assembly.build_process` builds composed rounds (and forgets them afterwards).
+
+    Yields the list of the composed `LearningProcess`es built.
+    """
+    built = []
+
+    def composed(process):
+        built.append(process)
+        return map_reduce.CompiledRound(process, process.next)
+
+    monkeypatch.setattr(map_reduce, "compile_round", composed)
     assembly.clear_process_cache()
-    yield
+    yield built
     assembly.clear_process_cache()
+
+
+def _shape_of(value):
+    """`value`'s Python containers, and each leaf's Python type, dtype and shape."""
+    import attr
+
+    if isinstance(value, collections.abc.Mapping):
+        return type(value), [(k, _shape_of(v)) for k, v in value.items()]
+    if isinstance(value, (tuple, list)):
+        return type(value), [_shape_of(v) for v in value]
+    if attr.has(type(value)):
+        return type(value), [_shape_of(getattr(value, f.name)) for f in attr.fields(type(value))]
+    return type(value), np.asarray(value).dtype, np.shape(value)
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_compiled_round_equals_the_composed_round(composed_builds, case):
+    """The compiled round, called with its state as it is (`process.next`) and packed
+    (`PruningProcess.next`), returns the composed round's values in its containers."""
     config = _config(**CASES[case])
     data = assembly.load_data(config)
     pp = assembly.build_process(config, data)
     composed = pp.process.next
-    compiled = map_reduce.compile_next(composed)
-    assert compiled.type_signature == composed.type_signature
-    assert _intrinsics(compiled) == ROUND_INTRINSICS
+    compiled = COMPILE_ROUND(composed_builds[-1])
+    assert compiled.process.next.type_signature == composed.type_signature
+    assert _intrinsics(compiled.process.next) == ROUND_INTRINSICS
     assert _intrinsics(composed)["federated_apply"] > 2 * ROUND_INTRINSICS["federated_apply"]
 
-    states = [pp.process.initialize()] * 2
+    next_fns = (composed, compiled.process.next, compiled.next)
+    states = [pp.process.initialize()] * len(next_fns)
     for round_num in range(1, config.rounds + 1):
         outputs = [next_fn(state, assembly.round_inputs(config, data, round_num).datasets)
-                   for next_fn, state in zip((composed, compiled), states, strict=True)]
-        assert type(outputs[1].state) is type(outputs[0].state)
-        assert type(outputs[1].metrics) is type(outputs[0].metrics)
-        expected, actual = _flat(outputs[0]), _flat(outputs[1])
-        assert len(actual) == len(expected)
-        for want, got in zip(expected, actual, strict=True):
-            np.testing.assert_array_equal(got, want)
+                   for next_fn, state in zip(next_fns, states, strict=True)]
+        expected = _flat(outputs[0])
+        for output in outputs[1:]:
+            assert _shape_of(output) == _shape_of(outputs[0])
+            actual = _flat(output)
+            assert len(actual) == len(expected)
+            for want, got in zip(expected, actual, strict=True):
+                np.testing.assert_array_equal(got, want)
         states = [output.state for output in outputs]
     # The rounds moved the model (the comparison is not of two untouched states).
     assert not np.array_equal(_flat(states[0].global_model_weights)[0],
@@ -119,10 +151,32 @@ def test_compiled_round_equals_the_composed_round(composed_builds, case):
 
 
 def test_built_processes_run_the_compiled_round():
+    """`process.next` is the compiled round; `PruningProcess.next` the same round with the
+    state as one tensor per dtype (masks, kernels and schedules: float32, int64, int32,
+    bool), from a grid cell's state as from the built one."""
+    import tensorflow_federated as tff
+
     assembly.clear_process_cache()
     config = _config(masking="both")
-    pp = assembly.build_process(config, assembly.load_data(config))
-    assert _intrinsics(pp.process.next) == ROUND_INTRINSICS
+    data = assembly.load_data(config)
+    built = assembly.build_process(config, data)
+    cell = assembly.build_process(dataclasses.replace(config, final_sparsity=0.5, seed=3), data)
+    assert cell.process.next is built.process.next  # one trace for both
+    for pp in (built, cell):
+        assert _intrinsics(pp.process.next) == ROUND_INTRINSICS
+        packed = pp._next.computation
+        assert _intrinsics(packed) == ROUND_INTRINSICS
+        state_type = packed.type_signature.parameter[0].member
+        assert [t.dtype for t in tff.structure.flatten(state_type)] == [
+            np.float32, np.int64, np.int32, np.bool_]
+        states = [pp.process.initialize()] * 2
+        for round_num in (1, 2):
+            datasets = assembly.round_inputs(config, data, round_num).datasets
+            outputs = [pp.process.next(states[0], datasets), pp.next(states[1], datasets)]
+            assert _shape_of(outputs[1]) == _shape_of(outputs[0])
+            for want, got in zip(_flat(outputs[0]), _flat(outputs[1]), strict=True):
+                np.testing.assert_array_equal(got, want)
+            states = [output.state for output in outputs]
 
 
 def test_compiled_round_draws_fresh_dp_noise_every_round():

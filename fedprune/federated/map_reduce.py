@@ -29,25 +29,42 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import dataclasses
 import math
+from collections.abc import Callable
 
 
-def compile_round(process):
-    """`process` with its `next` compiled to one MapReduceForm round (`compile_next`).
+@dataclasses.dataclass(frozen=True)
+class CompiledRound:
+    """A learning process's round compiled once, called two ways.
+
+    Attributes:
+      process: the `LearningProcess` with its `next` compiled (`compile_next`):
+        the composed process's computations and type signatures, for TFF's
+        programs, tests and tools.
+      next: `PackedNext`, the same round with the state moved across TFF's
+        boundary as one array per dtype: what a run calls every round.
+    """
+
+    process: object
+    next: Callable
+
+
+def compile_round(process) -> CompiledRound:
+    """`process`'s round compiled to one MapReduceForm round, structured and packed.
 
     Args:
       process: a `tff.learning.templates.LearningProcess` whose `next` fits
         the form (every process `build_pruning_process` composes).
-
-    Returns:
-      A `LearningProcess` with `process`'s computations but `next`.
     """
     import tensorflow_federated as tff
 
-    return tff.learning.templates.LearningProcess(
-        process.initialize, compile_next(process.next), process.get_model_weights,
+    form = _map_reduce_form(process.next)
+    compiled = tff.learning.templates.LearningProcess(
+        process.initialize, _structured_next(form, process.next), process.get_model_weights,
         process.set_model_weights, get_hparams_fn=process.get_hparams,
         set_hparams_fn=process.set_hparams)
+    return CompiledRound(compiled, PackedNext(form, compiled.next))
 
 
 def compile_next(next_fn):
@@ -69,12 +86,14 @@ def compile_next(next_fn):
       for a round that does not fit the form (e.g. a second broadcast that
       depends on an aggregate, or secure sums).
     """
+    return _structured_next(_map_reduce_form(next_fn), next_fn)
+
+
+def _map_reduce_form(next_fn):
+    """`next_fn` as TFF's MapReduceForm (Grappler off); refuses secure sums."""
     import tensorflow as tf
     import tensorflow_federated as tff
-    from tensorflow_federated.python.core.impl.computation import computation_impl
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
-    result_names = [name for name, _ in tff.structure.iter_elements(next_fn.type_signature.result)]
     no_grappler = tf.compat.v1.ConfigProto()
     no_grappler.graph_options.rewrite_options.disable_meta_optimizer = True
     form = tff.backends.mapreduce.get_map_reduce_form_for_computation(next_fn, no_grappler)
@@ -85,6 +104,31 @@ def compile_next(next_fn):
     # intrinsics on empty values, which TFF's C++ runtime refuses.
     if any(len(s.type_signature.result) for s in secure):
         raise TypeError("a round with secure sums: not compiled to a MapReduceForm")
+    return form
+
+
+def _structured_next(form, next_fn):
+    """The form's round with `next_fn`'s type signature and Python containers."""
+    from tensorflow_federated.python.core.impl.computation import computation_impl
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    state_type = form.prepare.type_signature.parameter
+    round_fn = _round(form, _Packing(state_type, packs=False))
+    return computation_impl.ConcreteComputation(
+        computation_proto=computation_impl.ConcreteComputation.get_proto(round_fn),
+        context_stack=context_stack_impl.context_stack,
+        annotated_type=next_fn.type_signature)
+
+
+def _round(form, state_packing: _Packing, metrics_packing: _Packing | None = None):
+    """The form's round as `(state@SERVER, data@CLIENTS) -> <state, metrics>@SERVER`.
+
+    The state enters and leaves as `state_packing` packs it, the metrics leave
+    as `metrics_packing` does (None: as they are); both are packed and unpacked
+    inside the server's `prepare` and `update`, so the round keeps its 9
+    intrinsics.
+    """
+    import tensorflow_federated as tff
 
     # What crosses the broadcast, the clients' upload and the aggregation's
     # accumulator travel as one tensor per dtype (`_Packing`).
@@ -92,10 +136,11 @@ def compile_next(next_fn):
     upload_packing = _Packing(form.work.type_signature.result[0])
     sum_packing = _Packing(form.zero.type_signature.result)
     data_type = form.work.type_signature.parameter[0]
+    aggregate_type = form.update.type_signature.parameter[1]
 
-    @tff.tensorflow.computation(form.prepare.type_signature.parameter)
+    @tff.tensorflow.computation(state_packing.packed_type)
     def prepare(state):
-        return broadcast_packing.pack(form.prepare(state))
+        return broadcast_packing.pack(form.prepare(state_packing.unpack(state)))
 
     @tff.tensorflow.computation(data_type, broadcast_packing.packed_type)
     def work(data, broadcast):
@@ -121,22 +166,122 @@ def compile_next(next_fn):
     def report(partial):
         return form.report(sum_packing.unpack(partial))
 
-    @tff.federated_computation(form.type_signature.parameter)
+    @tff.tensorflow.computation(state_packing.packed_type, aggregate_type)
+    def update(state, aggregate):
+        new_state, metrics = _pair(form.update([state_packing.unpack(state), aggregate]))
+        if metrics_packing is not None:
+            metrics = metrics_packing.pack(metrics)
+        return state_packing.pack(new_state), metrics
+
+    @tff.federated_computation(tff.FederatedType(state_packing.packed_type, tff.SERVER),
+                               form.type_signature.parameter[1])
     def round_fn(state, client_data):
         broadcast = tff.federated_broadcast(tff.federated_map(prepare, state))
         uploads = tff.federated_map(work, tff.federated_zip([client_data, broadcast]))
         aggregate = tff.federated_aggregate(uploads, zero(), accumulate, merge, report)
-        updated = tff.federated_map(form.update,
-                                    tff.federated_zip((state, (aggregate, (), (), ()))))
-        # Two SERVER values, as `next_fn` returns, not one SERVER struct.
-        return collections.OrderedDict(
-            (name, updated[i]) for i, name in enumerate(result_names))
+        updated = tff.federated_map(update, tff.federated_zip((state, (aggregate, (), (), ()))))
+        # Two SERVER values, as a learning process's `next` returns, not one SERVER struct.
+        return collections.OrderedDict(state=updated[0], metrics=updated[1])
 
-    # `next_fn`'s type, with its Python containers, on the compiled proto.
-    return computation_impl.ConcreteComputation(
-        computation_proto=computation_impl.ConcreteComputation.get_proto(round_fn),
-        context_stack=context_stack_impl.context_stack,
-        annotated_type=next_fn.type_signature)
+    return round_fn
+
+
+def _pair(value):
+    """(first, second) of a 2-element struct a computation returned inside another."""
+    import tensorflow_federated as tff
+
+    if isinstance(value, tff.structure.Struct):
+        return value[0], value[1]
+    if isinstance(value, collections.abc.Mapping):
+        first, second = value.values()
+        return first, second
+    first, second = value
+    return first, second
+
+
+class PackedNext:
+    """A compiled round called with its state as one array per dtype across TFF's boundary.
+
+    `PackedNext(form, structured)(state, data)` returns what `structured(state,
+    data)` returns, the same values, dtypes, shapes and Python containers
+    (tested in tests/test_map_reduce.py), but TFF serializes, sends and
+    deserializes a few arrays instead of every state tensor and metric, each of
+    which it pays for on both sides of its worker's channel. The state is
+    concatenated into one array per dtype here, in numpy, and split again
+    inside the server's first and last computations of the round; the new
+    state and the metrics come back packed the same way and are split here
+    into views of the arrays TFF returned (read-only, as TFF's own), in the
+    containers `structured`'s type names (as TFF's `type_to_py_container`
+    would build them).
+
+    A state or metrics with a tensor of unknown shape are not packed: the call
+    is `structured`'s.
+
+    Attributes:
+      computation: the packed round, `(<one tensor per dtype>@SERVER,
+        data@CLIENTS) -> <state=<one tensor per dtype>@SERVER,
+        metrics=<one tensor per dtype>@SERVER>`; None if not packed.
+    """
+
+    def __init__(self, form, structured):
+        """`form`: the round's MapReduceForm; `structured`: the same round, `compile_next`'s."""
+        from tensorflow_federated.python.core.impl.computation import computation_impl
+        from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+        self._structured = structured
+        self._state = _Packing(form.prepare.type_signature.parameter)
+        self._metrics = _Packing(form.update.type_signature.result[1])
+        self._build = _container_builder(structured.type_signature.result)
+        self.computation = None
+        if self._state.packs and self._metrics.packs:
+            round_fn = _round(form, self._state, self._metrics)
+            self.computation = computation_impl.ConcreteComputation(
+                computation_proto=computation_impl.ConcreteComputation.get_proto(round_fn),
+                context_stack=context_stack_impl.context_stack,
+                annotated_type=round_fn.type_signature)
+
+    def __call__(self, state, data):
+        """One round: `structured(state, data)`'s output, a `LearningProcessOutput`."""
+        if self.computation is None:
+            return self._structured(state, data)
+        output = self.computation(self._state.pack_arrays(state), data)
+        return self._build(iter(self._state.unpack_leaves(output["state"])
+                                + self._metrics.unpack_leaves(output["metrics"])))
+
+
+def _container_builder(type_spec) -> Callable:
+    """A function of an iterator over a value's leaves, in `type_spec`'s order, to the value.
+
+    The value has the Python containers `type_spec` names, built as TFF's
+    `type_to_py_container` builds them from a `tff.structure.Struct`
+    (namedtuples and attrs classes by keyword, other named containers from
+    (name, value) pairs, unnamed ones from the values; OrderedDict or tuple
+    where the type names none), without building the Struct first.
+
+    Args:
+      type_spec: a tensor type, a struct type, or an all-equal federated type
+        of either.
+    """
+    import attrs
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.common_libs import py_typecheck
+
+    if isinstance(type_spec, tff.FederatedType):
+        if not type_spec.all_equal:
+            raise TypeError(f"not an all-equal federated type: {type_spec}")
+        type_spec = type_spec.member
+    if isinstance(type_spec, tff.TensorType):
+        return next
+    elements = [(name, _container_builder(element))
+                for name, element in tff.structure.iter_elements(type_spec)]
+    named = any(name is not None for name, _ in elements)
+    container = getattr(type_spec, "python_container", None) or (
+        collections.OrderedDict if named else tuple)
+    if isinstance(container, py_typecheck.SupportsNamedTuple) or attrs.has(container):
+        return lambda leaves: container(**{name: build(leaves) for name, build in elements})
+    if named:
+        return lambda leaves: container([(name, build(leaves)) for name, build in elements])
+    return lambda leaves: container([build(leaves) for _, build in elements])
 
 
 class _Packing:
@@ -150,15 +295,18 @@ class _Packing:
 
     Attributes:
       packed_type: the packed values' TFF type (the struct's own if not packed).
+      packs: whether values are packed.
     """
 
-    def __init__(self, struct_type):
+    def __init__(self, struct_type, *, packs: bool = True):
+        """`packs=False`: the struct travels as it is (`pack` and `unpack` return it)."""
         import tensorflow_federated as tff
 
         self._type = struct_type
         self._leaves = list(tff.structure.flatten(struct_type))
-        self._packs = all(leaf.shape is not None and None not in leaf.shape
-                          for leaf in self._leaves)
+        self._packs = packs and all(
+            isinstance(leaf, tff.TensorType) and leaf.shape is not None
+            and None not in leaf.shape for leaf in self._leaves)
         self._groups = collections.OrderedDict()  # dtype -> indices of its leaves
         for i, leaf in enumerate(self._leaves):
             self._groups.setdefault(leaf.dtype, []).append(i)
@@ -168,8 +316,38 @@ class _Packing:
                 tff.TensorType(dtype, [sum(self._size(i) for i in indices)])
                 for dtype, indices in self._groups.items()])
 
+    @property
+    def packs(self) -> bool:
+        return self._packs
+
     def _size(self, i: int) -> int:
         return math.prod(self._leaves[i].shape)
+
+    def pack_arrays(self, value) -> tuple:
+        """`value` (of the struct type, numpy or Python values) as one numpy array per dtype."""
+        import numpy as np
+
+        flat = _leaves_of(value, self._type)
+        return tuple(
+            np.concatenate([np.asarray(flat[i], self._leaves[i].dtype).reshape(-1)
+                            for i in indices])
+            for indices in self._groups.values())
+
+    def unpack_leaves(self, packed) -> list:
+        """The struct's leaves, in order, from the numpy arrays `pack_arrays` packed.
+
+        Leaves are views of `packed`'s arrays; scalars are numpy scalars, as TFF
+        returns them.
+        """
+        import numpy as np
+
+        flat = [None] * len(self._leaves)
+        for array, indices in zip(packed, self._groups.values(), strict=True):
+            ends = np.cumsum([self._size(i) for i in indices])
+            for i, part in zip(indices, np.split(np.asarray(array), ends[:-1]), strict=True):
+                shape = tuple(self._leaves[i].shape)
+                flat[i] = part[0] if shape == () else part.reshape(shape)
+        return flat
 
     def pack(self, value):
         """`value` (of the struct type, inside a TF computation) as the packed tensors."""

@@ -97,7 +97,7 @@ def _train_round(config: ExperimentConfig, pp, evaluator, state, weights, inputs
     tff_bytes = communication.tff_simulation_bytes(
         list(weights.trainable), list(weights.non_trainable), num_clients=len(clients))
     with interrupts.interruptible():  # most of a round: waiting on the worker
-        output = pp.process.next(state, inputs.datasets)
+        output = pp.next(state, inputs.datasets)
         new_weights = pp.model_weights(output.state)
     # The worker is idle until the next round: its free heap pages go back to the
     # OS now, beside this round's evaluation, at most once a second

@@ -69,16 +69,24 @@ def mask_only_wrapper_class():
         granularity (TFF returns only the trainable delta; the server sets every
         broadcast step, `server_masking.py`), so these ops change no weight; they
         cost 25 µs per batch on the mlp, idle (BUILD_NOTES.md, "Round-granularity
-        wrappers apply the mask only"). The variables, the mask op
-        (`weight_mask_op`, on every call as in tfmot, training or not), the
-        layer's call and `strip_pruning` are tfmot's.
+        wrappers apply the mask only"). The variables, the mask (`weight <-
+        weight * mask` on every call as in tfmot, training or not), the layer's
+        call and `strip_pruning` are tfmot's. Outside a distribution strategy
+        the mask is assigned directly, as tfmot's `weight_mask_op` does without
+        a replica context; tfmot's own op would pass it through the default
+        replica context's `merge_call` and a one-replica mean, which give the
+        same values for a few more ops per batch.
         """
 
         @tf.autograph.experimental.do_not_convert  # plain Python over Python values
         def call(self, inputs, training=None, **kwargs):
             if training is None:
                 training = tf.keras.backend.learning_phase()
-            self.add_update(self.pruning_obj.weight_mask_op())
+            if tf.distribute.has_strategy():
+                self.add_update(self.pruning_obj.weight_mask_op())
+            else:
+                self.add_update(tf.group([weight.assign(tf.cast(weight * mask, weight.dtype))
+                                          for weight, mask, _ in self.pruning_vars]))
             if "training" in inspect.getfullargspec(self.layer.call).args:
                 return self.layer.call(inputs, training=training, **kwargs)
             return self.layer.call(inputs, **kwargs)
