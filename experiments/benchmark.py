@@ -13,7 +13,8 @@ epoch). Sections:
 
 speed    Per-round wall time of, side by side on the same model, initial
          weights, client batches and local epochs:
-           (a)  fedprune, masking `both`, polynomial schedule (`process.next` only);
+           (a)  fedprune, masking `both`, polynomial schedule (only
+                `PruningProcess.next`, as `loop.py` calls it);
            (s)  fedprune, masking `server`, (a)'s schedule: the server re-masks,
                 clients train inside the mask and do not prune;
            (b)  fedprune, masking `none` (dense; TFF's own parts);

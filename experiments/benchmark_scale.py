@@ -258,7 +258,7 @@ polynomial (power {config.power:g}) {config.initial_sparsity:g} →
 (its own `worker_binary`), one after another, so their round times compare only as well as
 the machine's load allowed (the load averages above); the speed section interleaves its
 variants. Round time includes building the round's client datasets and
-`process.next`, medians over rounds {plan.scale_baseline + 1}–{plan.scale_rounds}. Peak
+`PruningProcess.next`, medians over rounds {plan.scale_baseline + 1}–{plan.scale_rounds}. Peak
 RSS is the kernel's high-water mark (VmHWM) of each process. The RSS slopes are
 least-squares fits of the anonymous RSS (RssAnon: RSS less file-backed pages such as
 TensorFlow's code, which the kernel drops and reloads at will, swinging the Python

@@ -158,7 +158,7 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
         extra = f" ((a) alone: {ms(medians['a'])})" if "a" in medians else ""
         parts.append(
             f"(a+)'s phases in loop.py, medians per timed round: train {ms(med['train'])} "
-            f"(byte accounting and `process.next`{extra}; the round's client datasets "
+            f"(byte accounting and `PruningProcess.next`{extra}; the round's client datasets "
             f"were built beside the round before), evaluate {ms(med['evaluate'])} (one "
             f"compiled function on the cached test tensors), checkpoint "
             f"{ms(med['checkpoint'])} (the log line; metrics.csv, the checkpoint and "
