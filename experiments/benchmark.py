@@ -22,9 +22,10 @@ speed    Per-round wall time of, side by side on the same model, initial
                 initial weights (`set_model_weights`) and client optimizer;
            (c-iter) the same with `loop_implementation=DATASET_ITERATOR`, TFF's
                 other client loop (stock's default is `DATASET_REDUCE`);
-           (c-mrf) (c-iter) with its round compiled to one MapReduceForm, as
-                fedprune compiles its own (`fedprune/federated/map_reduce.py`):
-                how much of fedprune's speed over (c-iter) is that compilation;
+           (c-mrf) (c-iter) with its round compiled to one MapReduceForm and
+                called with its state packed, as fedprune runs its own
+                (`fedprune/federated/map_reduce.py`, `CompiledRound.next`): how
+                much of fedprune's speed over (c-iter) is that;
            (d)  Keras `fit`: one epoch over the concatenation of the round's
                 client datasets (the same batches), SGD with the client
                 learning rate, compiled once;

@@ -140,8 +140,8 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
         a, s_, b, c = (medians[k] for k in ("a", "s", "b", "c-iter"))
         compiled = ""
         if "c-mrf" in medians:
-            compiled = (f" ((c-iter) − (c-mrf) = {ms(c - medians['c-mrf'])} is what that "
-                        "compilation saves stock FedAvg)")
+            compiled = (f" ((c-iter) − (c-mrf) = {ms(c - medians['c-mrf'])} is what the "
+                        "same saves stock FedAvg)")
         parts.append(
             f"(a) − (s) = {ms(a - s_)}: the clients' pruning, the byte count of their masked "
             "upload and its masks (summed beside the mean, `mask_aggregation.py`); (s) − (b) = "
@@ -149,8 +149,9 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
             "server's re-mask and the state's masks and schedules; (b) − (c-iter) = "
             f"{ms(b - c)}: what fedprune's dense process adds to stock FedAvg on the same "
             "loop (round counters, the upload's byte count, the finalizer's mask "
-            "diagnostics), less what its round compiled to one MapReduceForm saves "
-            f"(`map_reduce.py`){compiled}. What each computation of (a) costs, taken out of "
+            "diagnostics), less what its round compiled to one MapReduceForm and called "
+            f"with its state packed saves (`map_reduce.py`){compiled}. What each computation "
+            "of (a) costs, taken out of "
             "it one at a time by hand: BUILD_NOTES.md, \"What (a) adds to (b), compiled\".")
     if phases:
         med = {name: statistics.median(p.get(name, 0.0) for p in phases)
@@ -320,7 +321,8 @@ VARIANT_LABELS = {
     "b": "(b) fedprune, masking none",
     "c": "(c) TFF build_weighted_fed_avg",
     "c-iter": "(c-iter) the same, loop_implementation=DATASET_ITERATOR",
-    "c-mrf": "(c-mrf) (c-iter) with its round compiled as fedprune's (map_reduce.py)",
+    "c-mrf": "(c-mrf) (c-iter) with its round compiled and called as fedprune's "
+             "(map_reduce.py)",
     "d": "(d) Keras fit, same batches",
     "e": "(e) Keras fit + tfmot pruning",
     "f": "(f) one compiled tf.function SGD loop, same batches (floor)",
