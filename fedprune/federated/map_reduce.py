@@ -39,9 +39,9 @@ class CompiledRound:
     """A learning process's round compiled once, called two ways.
 
     Attributes:
-      process: the `LearningProcess` with its `next` compiled (`compile_next`):
-        the composed process's computations and type signatures, for TFF's
-        programs, tests and tools.
+      process: the `LearningProcess` with its `next` compiled: the composed
+        process's computations and type signatures (`next`'s with its Python
+        containers), for TFF's programs, tests and tools.
       next: `PackedNext`, the same round with the state moved across TFF's
         boundary as one array per dtype: what a run calls every round.
     """
@@ -53,9 +53,20 @@ class CompiledRound:
 def compile_round(process) -> CompiledRound:
     """`process`'s round compiled to one MapReduceForm round, structured and packed.
 
+    Both ways compute the same round, bit for bit, as one server map before
+    the broadcast, one client map, one `federated_aggregate` and one server
+    map after it.
+
     Args:
-      process: a `tff.learning.templates.LearningProcess` whose `next` fits
-        the form (every process `build_pruning_process` composes).
+      process: a `tff.learning.templates.LearningProcess` whose `next`,
+        `(state@SERVER, data@CLIENTS) -> <state@SERVER, metrics@SERVER>`, has
+        one broadcast phase and one aggregation phase (every process
+        `build_pruning_process` composes).
+
+    Raises:
+      tff.backends.mapreduce's `MapReduceFormCompilationError` (or TypeError)
+      for a round that does not fit the form (e.g. a second broadcast that
+      depends on an aggregate, or secure sums).
     """
     import tensorflow_federated as tff
 
@@ -65,28 +76,6 @@ def compile_round(process) -> CompiledRound:
         process.set_model_weights, get_hparams_fn=process.get_hparams,
         set_hparams_fn=process.set_hparams)
     return CompiledRound(compiled, PackedNext(form, compiled.next))
-
-
-def compile_next(next_fn):
-    """A round computation compiled to TFF's MapReduceForm.
-
-    Args:
-      next_fn: `(state@SERVER, data@CLIENTS) -> <state@SERVER, metrics@SERVER>`
-        with one broadcast phase and one aggregation phase, e.g. a composed
-        learning process's `next`.
-
-    Returns:
-      A computation of `next_fn`'s type signature (with its Python containers)
-      that computes the same round, bit for bit, as one server map before the
-      broadcast, one client map, one `federated_aggregate` and one server map
-      after it.
-
-    Raises:
-      tff.backends.mapreduce's `MapReduceFormCompilationError` (or TypeError)
-      for a round that does not fit the form (e.g. a second broadcast that
-      depends on an aggregate, or secure sums).
-    """
-    return _structured_next(_map_reduce_form(next_fn), next_fn)
 
 
 def _map_reduce_form(next_fn):
@@ -112,21 +101,21 @@ def _structured_next(form, next_fn):
     from tensorflow_federated.python.core.impl.computation import computation_impl
     from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
-    state_type = form.prepare.type_signature.parameter
-    round_fn = _round(form, _Packing(state_type, packs=False))
+    round_fn = _round(form, _Packing(form.prepare.type_signature.parameter, packs=False),
+                      _Packing(form.update.type_signature.result[1], packs=False))
     return computation_impl.ConcreteComputation(
         computation_proto=computation_impl.ConcreteComputation.get_proto(round_fn),
         context_stack=context_stack_impl.context_stack,
         annotated_type=next_fn.type_signature)
 
 
-def _round(form, state_packing: _Packing, metrics_packing: _Packing | None = None):
+def _round(form, state_packing: _Packing, metrics_packing: _Packing):
     """The form's round as `(state@SERVER, data@CLIENTS) -> <state, metrics>@SERVER`.
 
     The state enters and leaves as `state_packing` packs it, the metrics leave
-    as `metrics_packing` does (None: as they are); both are packed and unpacked
-    inside the server's `prepare` and `update`, so the round keeps its 9
-    intrinsics.
+    as `metrics_packing` does (`packs=False`: as they are); both are packed and
+    unpacked inside the server's `prepare` and `update`, so the round keeps its
+    9 intrinsics.
     """
     import tensorflow_federated as tff
 
@@ -168,10 +157,9 @@ def _round(form, state_packing: _Packing, metrics_packing: _Packing | None = Non
 
     @tff.tensorflow.computation(state_packing.packed_type, aggregate_type)
     def update(state, aggregate):
-        new_state, metrics = _pair(form.update([state_packing.unpack(state), aggregate]))
-        if metrics_packing is not None:
-            metrics = metrics_packing.pack(metrics)
-        return state_packing.pack(new_state), metrics
+        updated = tff.structure.from_container(
+            form.update([state_packing.unpack(state), aggregate]))
+        return state_packing.pack(updated[0]), metrics_packing.pack(updated[1])
 
     @tff.federated_computation(tff.FederatedType(state_packing.packed_type, tff.SERVER),
                                form.type_signature.parameter[1])
@@ -184,19 +172,6 @@ def _round(form, state_packing: _Packing, metrics_packing: _Packing | None = Non
         return collections.OrderedDict(state=updated[0], metrics=updated[1])
 
     return round_fn
-
-
-def _pair(value):
-    """(first, second) of a 2-element struct a computation returned inside another."""
-    import tensorflow_federated as tff
-
-    if isinstance(value, tff.structure.Struct):
-        return value[0], value[1]
-    if isinstance(value, collections.abc.Mapping):
-        first, second = value.values()
-        return first, second
-    first, second = value
-    return first, second
 
 
 class PackedNext:
@@ -224,16 +199,16 @@ class PackedNext:
     """
 
     def __init__(self, form, structured):
-        """`form`: the round's MapReduceForm; `structured`: the same round, `compile_next`'s."""
+        """`form`: the round's MapReduceForm; `structured`: the same round, `_structured_next`'s."""
         from tensorflow_federated.python.core.impl.computation import computation_impl
         from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
         self._structured = structured
         self._state = _Packing(form.prepare.type_signature.parameter)
         self._metrics = _Packing(form.update.type_signature.result[1])
-        self._build = _container_builder(structured.type_signature.result)
         self.computation = None
         if self._state.packs and self._metrics.packs:
+            self._build = _container_builder(structured.type_signature.result)
             round_fn = _round(form, self._state, self._metrics)
             self.computation = computation_impl.ConcreteComputation(
                 computation_proto=computation_impl.ConcreteComputation.get_proto(round_fn),
