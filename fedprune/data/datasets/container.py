@@ -394,14 +394,9 @@ class FederatedData:
           KeyError: for an unknown client id (array-backed data).
           ValueError: for an unknown client id (TFF data) or invalid sizes.
         """
-        return preprocess_client_dataset(
-            self.source.examples(client_id),
-            batch_size=batch_size,
-            local_epochs=local_epochs,
-            shuffle_seed=shuffle_seed,
-            shuffle_buffer_size=self.source.shuffle_buffer_size(client_id),
-            max_examples=max_examples,
-        )
+        return self.client_datasets([client_id], batch_size=batch_size,
+                                    local_epochs=local_epochs, shuffle_seeds=[shuffle_seed],
+                                    max_examples=max_examples)[0]
 
     def client_datasets(
         self,
