@@ -9,8 +9,10 @@ outside its timer, and the variant that opens a round rotates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import inspect
 import queue
 import statistics
 import tempfile
@@ -36,6 +38,80 @@ RATIOS = ("a/b", "a/c-iter", "a+/c-iter", "a/s", "s/b", "b/c-iter", "a/c-mrf", "
           "a+/a", "c/c-iter", "c-iter/f", "d/f")
 # The columns "vs" each row: stock TFF on fedprune's client loop, and the compute floor.
 REFERENCES = ("c-iter", "f")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """(a) with some of its computations taken out: a variant to time, not to train.
+
+    Attributes:
+      label: the ablation table's row label.
+      parts: what `without` takes out while the process is built (traced):
+        `pruning` (the clients' end-of-round pruning: all-ones client masks,
+        so clients keep the mask they were sent), `bytes` (the upload's byte
+        count: 0) and `mask` (the wrappers' per-batch mask: the layer's call
+        alone, so clients train outside the mask).
+    """
+
+    label: str
+    parts: tuple[str, ...]
+
+
+# `--speed_ablations`: what each computation of (a) costs, timed in the same
+# rounds as (a). Their results are wrong by design.
+ABLATIONS = {
+    "pruning": Ablation("(a) without the clients' pruning", ("pruning",)),
+    "bytes": Ablation("(a) without the upload's byte count", ("bytes",)),
+    "mask": Ablation("(a) without the wrappers' per-batch mask", ("mask",)),
+    "all": Ablation("(a) without all three", ("pruning", "bytes", "mask")),
+}
+ABLATION_PARTS = ("pruning", "bytes", "mask")
+
+
+@contextlib.contextmanager
+def without(parts: Sequence[str]):
+    """While active, processes are built with `parts` (`Ablation.parts`) taken out.
+
+    Patches, for the processes traced inside the block only:
+    `client_work._prune_kernels` (all-ones masks), `client_work.uplink_bytes`
+    (int64 0) and `MaskOnlyPruneLowMagnitude.call` (the wrapped layer's call
+    alone). Build with `assembly.build_process(..., reuse=False)`, so that no
+    process traced here is reused by a later config.
+    """
+    from unittest import mock
+
+    import tensorflow as tf
+
+    from fedprune.federated import client_work
+    from fedprune.pruning import wrappers
+
+    unknown = sorted(set(parts) - set(ABLATION_PARTS))
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}: not in {ABLATION_PARTS}")
+
+    def all_ones(kernels, *args, **kwargs):
+        del args, kwargs
+        return [tf.ones_like(k) for k in kernels]
+
+    def no_bytes(*args, **kwargs):
+        del args, kwargs
+        return tf.constant(0, tf.int64)
+
+    @tf.autograph.experimental.do_not_convert
+    def layer_call_only(self, inputs, training=None, **kwargs):
+        if "training" in inspect.getfullargspec(self.layer.call).args:
+            return self.layer.call(inputs, training=training, **kwargs)
+        return self.layer.call(inputs, **kwargs)
+
+    with contextlib.ExitStack() as stack:
+        if "pruning" in parts:
+            stack.enter_context(mock.patch.object(client_work, "_prune_kernels", all_ones))
+        if "bytes" in parts:
+            stack.enter_context(mock.patch.object(client_work, "uplink_bytes", no_bytes))
+        if "mask" in parts:
+            stack.enter_context(mock.patch.object(wrappers.mask_only_wrapper_class(), "call",
+                                                  layer_call_only))
+        yield
 
 
 def speed_ratios(medians: dict[str, float]) -> dict[str, float]:
@@ -124,6 +200,25 @@ def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[flo
     return "\n".join(lines) + "\n"
 
 
+def ablation_markdown(timings: Sequence[VariantTiming], reference: VariantTiming) -> str:
+    """(a) with parts taken out (`ABLATIONS`) against (a), timed in the same rounds.
+
+    Per row: median round seconds, its ratio to (a)'s median, the median of the
+    per-round paired ratios to (a) with its 95 % interval (`median_ci`), and
+    (a)'s median less the row's, in ms: what the parts taken out cost (a).
+    """
+    ref = statistics.median(reference.wall)
+    lines = ["| (a) with parts taken out (timing only) | median (s) | vs (a) "
+             "| per-round ratio to (a), median [95 % CI] | (a) − row (ms) |",
+             "| :-- | --: | --: | --: | --: |"]
+    for t in timings:
+        med = statistics.median(t.wall)
+        mid, low, high = median_ci([x / y for x, y in zip(t.wall, reference.wall, strict=True)])
+        lines.append(f"| {t.label} | {format_seconds(med)} | {med / ref:.3f} "
+                     f"| {mid:.3f} [{low:.3f}, {high:.3f}] | {1000 * (ref - med):+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]]) -> str:
     """Where the round time goes: differences of median round times, and (a+)'s phases.
 
@@ -150,9 +245,13 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
             f"{ms(b - c)}: what fedprune's dense process adds to stock FedAvg on the same "
             "loop (round counters, the upload's byte count, the finalizer's mask "
             "diagnostics), less what its round compiled to one MapReduceForm and called "
-            f"with its state packed saves (`map_reduce.py`){compiled}. What each computation "
-            "of (a) costs, taken out of "
-            "it one at a time by hand: BUILD_NOTES.md, \"What (a) adds to (b), compiled\".")
+            f"with its state packed saves (`map_reduce.py`){compiled}.")
+    if "a" in medians and any(k in medians for k in ABLATIONS):
+        parts.append(
+            "What each computation of (a) costs: the last table times (a) traced with it "
+            "taken out (`benchmark_speed.without`: the clients' pruning → all-ones client "
+            "masks, the upload's byte count → 0, the wrappers' per-batch mask → the layer's "
+            "call alone) in the same rounds as (a); those rows train wrongly by design.")
     if phases:
         med = {name: statistics.median(p.get(name, 0.0) for p in phases)
                for name in ("train", "evaluate", "checkpoint")}
@@ -366,6 +465,10 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     log("building (b) fedprune masking none")
     dense = assembly.build_process(plan.dense, data)
     variants["b"] = TffVariant.of(dense)
+    for key in plan.speed_ablations:
+        log(f"building {ABLATIONS[key].label} (timing only)")
+        with without(ABLATIONS[key].parts):  # traced anew, and not kept for (a+)
+            variants[key] = TffVariant.of(assembly.build_process(plan.pruned, data, reuse=False))
     initial = variants["b"].weights()
 
     log("building (c), (c-iter) and (c-mrf) build_weighted_fed_avg")
@@ -457,6 +560,7 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
 
     data = assembly.load_data(plan.pruned)
     timings = {k: VariantTiming(k, label) for k, label in VARIANT_LABELS.items()}
+    timings |= {k: VariantTiming(k, ABLATIONS[k].label) for k in plan.speed_ablations}
     input_seconds = []
     steps_per_round = _num_batches(round_inputs(plan.pruned, data, 1))
     with tempfile.TemporaryDirectory(prefix="fedprune-benchmark-") as work_dir:
@@ -501,9 +605,13 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
             variants["d"].model.get_weights(), variants["f"].model.get_weights(), strict=True))
         sparsity = evaluation.sparsity_metrics(variants["a"].pruning_process,
                                             variants["a"].weights())["global_sparsity"]
-    measured = [t for t in timings.values() if t.wall]
+    measured = [t for t in timings.values() if t.wall and t.key not in ABLATIONS]
+    ablated = [t for t in timings.values() if t.wall and t.key in ABLATIONS]
     table = speed_markdown(measured, input_seconds)
-    profile = profile_notes({t.key: statistics.median(t.wall) for t in measured}, phases)
+    if ablated:
+        table += "\n" + ablation_markdown(ablated, timings["a"])
+    profile = profile_notes({t.key: statistics.median(t.wall) for t in [*measured, *ablated]},
+                            phases)
     config = plan.pruned
     first_timed = 2 + plan.warmup_rounds
     steady = sum(r > config.end_round

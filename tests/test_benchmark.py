@@ -184,6 +184,19 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
     flat = text.replace("\n", " ")
     found = re.search(r"\(a\) − \(s\) = (-?[0-9.+]+) ms", flat)
     assert abs(float(found.group(1)) - 1000 * (medians["a"] - medians["s"])) <= 1.0
+    # (a) with parts taken out, in the same rounds: each row against (a)'s median.
+    # The columns agree: (a)'s median is (a) − row over 1 − row / (a), to the
+    # rounding of the printed values (1 ms seconds, 0.1 ms, 0.001).
+    assert "What each computation of (a) costs: the last table" in flat
+    for ablation in benchmark_speed.ABLATIONS.values():
+        median, versus, paired, saved = rows[ablation.label]
+        mid, low, high = (float(x) for x in re.findall(r"[0-9.]+", paired))
+        assert 0 < low <= mid <= high
+        if abs(1 - float(versus)) >= 0.05:  # else the division amplifies the rounding
+            a_ms = float(saved) / (1 - float(versus))
+            assert a_ms == pytest.approx(1000 * medians["a"], abs=1.5)
+        assert 1000 * float(median) == pytest.approx(1000 * medians["a"] - float(saved),
+                                                     abs=1.0)
     phases = re.search(r"train ([0-9.]+) ms .*evaluate ([0-9.]+) ms .*checkpoint ([0-9.]+) ms",
                        flat)
     train, evaluate, logged = (float(x) for x in phases.groups())
@@ -205,6 +218,10 @@ def test_profile_notes_differences_and_phases(phases, words):
               "(c-iter) − (c-mrf) = 5.5 ms", *words]:
         assert w in text, (w, text)
     assert benchmark_speed.profile_notes({"a": 0.08}, []) == ""
+    assert "What each computation of (a) costs" not in text  # no ablation was timed
+    with_ablation = benchmark_speed.profile_notes({**medians, "bytes": 0.077}, phases)
+    assert "What each computation of (a) costs" in with_ablation
+    assert all(w in with_ablation for w in words)
 
 
 @pytest.mark.slow
@@ -400,6 +417,8 @@ def test_bad_flags_fail_fast_without_tensorflow():
                         ("--grid_paths=fast", "one or more of commit,build,trace,parallel"),
                         ("--grid_prune_granularities=epoch", "one or more of round,step"),
                         ("--timed_rounds=1", ">= 2"),
+                        ("--speed_ablations=bytes,optimizer",
+                         "empty, or one or more of pruning,bytes,mask,all"),
                         ("--scale_baseline_round=300", "--scale_rounds=300"),
                         ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc"),
                         ("--scale_slope_rounds=9", "a whole number in [10, 290]"),
@@ -474,6 +493,57 @@ def test_speed_markdown_ratios_and_targets():
     rows = _table_rows(benchmark_speed.speed_markdown(timings[:3], [0.01]))
     assert rows["variant"][2:4] == ["vs (c-iter)", "Python CPU (s)"]
     assert benchmark_speed.speed_ratios({"a": 1.0, "c-iter": 2.0, "b": 2.0})["a/c-iter"] == 0.5
+
+
+def test_ablation_markdown_pairs_each_row_with_a():
+    a = _timing("a", [0.30, 0.20, 0.40])
+    rows_in = [benchmark_speed.VariantTiming("bytes", benchmark_speed.ABLATIONS["bytes"].label,
+                                             wall=[0.27, 0.19, 0.32]),
+               benchmark_speed.VariantTiming("all", benchmark_speed.ABLATIONS["all"].label,
+                                             wall=[0.24, 0.20, 0.36])]
+    rows = _table_rows(benchmark_speed.ablation_markdown(rows_in, a))
+    # medians 0.27 and 0.24 against (a)'s 0.30; per-round ratios 0.9, 0.95, 0.8 and
+    # 0.8, 1.0, 0.9 (three rounds: the interval is their range); (a) - row in ms.
+    assert rows["(a) without the upload's byte count"] == [
+        "0.270", "0.900", "0.900 [0.800, 0.950]", "+30.0"]
+    assert rows["(a) without all three"] == ["0.240", "0.800", "0.900 [0.800, 1.000]", "+60.0"]
+
+
+@pytest.mark.parametrize("parts", [(), ("pruning",), ("bytes",), ("mask",),
+                                   ("pruning", "bytes", "mask")])
+def test_without_takes_out_exactly_its_parts_and_restores_them(parts):
+    """`without` replaces what (a)'s computations call while a process is traced."""
+    import tensorflow as tf
+
+    from fedprune.federated import client_work
+    from fedprune.pruning import wrappers
+    from fedprune.pruning.masking import MaskSpec
+
+    kernel = tf.constant([[0.5, -2.0], [0.0, 1.0]])
+    mask = tf.constant([[1.0, 1.0], [0.0, 1.0]])
+
+    def effects():
+        pruned = client_work._prune_kernels([kernel], MaskSpec(), 0.5, tf.constant(True))[0]
+        sent = int(client_work.uplink_bytes([kernel], [mask]))
+        model = wrappers.wrap_for_pruning(tf.keras.Sequential(
+            [tf.keras.Input((2,)), tf.keras.layers.Dense(2, use_bias=False)]))
+        layer = model.layers[0]
+        layer.layer.kernel.assign(kernel)
+        layer.pruning_vars[0][1].assign(tf.zeros_like(mask))
+        model(tf.ones((1, 2)), training=True)
+        return pruned.numpy().tolist(), sent, layer.layer.kernel.numpy().tolist()
+
+    real = effects()
+    # The largest half of |w|; 3 nonzeros inside the known mask: 4 bytes each; all zeroed.
+    assert real == ([[0.0, 1.0], [0.0, 1.0]], 12, [[0.0, 0.0], [0.0, 0.0]])
+    with benchmark_speed.without(parts):
+        ablated = effects()
+    assert ablated[0] == ([[1.0, 1.0], [1.0, 1.0]] if "pruning" in parts else real[0])
+    assert ablated[1] == (0 if "bytes" in parts else real[1])
+    assert ablated[2] == (kernel.numpy().tolist() if "mask" in parts else real[2])
+    assert effects() == real  # restored on leaving
+    with pytest.raises(ValueError, match="unknown parts"), benchmark_speed.without(("optimizer",)):
+        pass
 
 
 class _FakeProcess:

@@ -91,6 +91,17 @@ def test_a_cell_on_another_cells_process_equals_its_own(tff_local_context, tmp_p
     _assert_same_run(tmp_path / "own", tmp_path / "reused", second.rounds)
 
 
+def test_a_process_built_without_reuse_is_traced_anew_and_not_kept(tff_local_context):
+    config = _config(masking="server")
+    data = assembly.load_data(config)
+    assembly.clear_process_cache()
+    kept = assembly.build_process(config, data)
+    fresh = assembly.build_process(config, data, reuse=False)
+    assert fresh.process.next is not kept.process.next
+    assert len(assembly._processes) == 1
+    assert assembly.build_process(config, data).process.next is kept.process.next
+
+
 def test_kept_initial_weights_of_a_seed_train_as_on_its_own_process(tff_local_context,
                                                                      tmp_path):
     """A built process keeps each seed's initial weights (`for_cell`). A cell that reuses

@@ -117,7 +117,7 @@ def clear_process_cache() -> None:
 
 
 def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
-                  shrunk_model=None):
+                  shrunk_model=None, reuse: bool = True):
     """The `PruningProcess` for a config and its data.
 
     Reuses the process built for an earlier config with the same
@@ -132,6 +132,10 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
     optimizers; its initial weights are replaced by `shrinking.transfer_state`.
     Runs whose shrunk models have the same weight shapes (the seeds of a
     structured cell keep as many units) share it, as above.
+
+    With `reuse=False` the process is traced anew and not kept for later
+    configs (the speed benchmark's variants that time (a) with one of its
+    computations taken out, `experiments/benchmark_speed.py`).
     """
     key = process_key(config, data)
     schedule, regrow = config.make_schedule(), config.regrow_spec()
@@ -141,12 +145,13 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
 
         key = repr((key, "shrunk", [tuple(w.shape) for w in shrunk_model.weights]))
         schedule, regrow, mapping = schedules.make_schedule("none"), None, None
-    built = _processes.pop(key, None)
+    built = _processes.pop(key, None) if reuse else None
     if built is None:
         built = _build_process(config, data, shrunk_model=shrunk_model, mapping=mapping)
-    _processes[key] = built
-    while len(_processes) > _PROCESS_CACHE_SIZE:
-        _processes.popitem(last=False)
+    if reuse:
+        _processes[key] = built
+        while len(_processes) > _PROCESS_CACHE_SIZE:
+            _processes.popitem(last=False)
     return built.for_cell(schedule, seed=config.seed, regrow=regrow, step_mapping=mapping)
 
 
