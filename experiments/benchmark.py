@@ -47,9 +47,8 @@ speed    Per-round wall time of, side by side on the same model, initial
          Every variant first runs round 1 untimed (tracing, compilation and,
          for a+, the experiment's set-up), then `--warmup_rounds` untimed and
          `--timed_rounds` timed rounds, interleaved round by round
-         (a, s, b, the --speed_ablations, c, c-iter, c-mrf, d, e, f, a+,
-         rotated by one each round, so that each variant opens a round in
-         turn) so that machine noise hits
+         (a, s, b, c, c-iter, c-mrf, d, e, f, a+, rotated by one each round,
+         so that each variant opens a round in turn) so that machine noise hits
          all of them alike. Each variant trains on its own copy of the
          round's `tf.data` datasets (the same clients and batches), built
          just before its step, outside its timer (their construction time
@@ -62,12 +61,15 @@ speed    Per-round wall time of, side by side on the same model, initial
          a+/c-iter <= 1.25, a whole experiment round over stock TFF). The notes
          say where the time goes: (a) - (s), (s) - (b), (b) - (c-iter) and
          (c-iter) - (c-mrf), and (a+)'s phases in loop.py (train, evaluate,
-         checkpoint) per round. With `--speed_ablations` (default: all four),
-         (a) is also traced with parts taken out (the clients' pruning, the
-         upload's byte count, the wrappers' per-batch mask, all three;
-         `benchmark_speed.without`), and those variants run in the same
-         rounds: a last table gives each one's round time against (a)'s,
-         paired per round. They train wrongly by design and exist to be timed.
+         checkpoint) per round.
+ablation What each computation of (a) costs: (a), (s), (b) and (a) traced with
+         parts taken out (`--ablations`, default all four: the clients'
+         pruning, the upload's byte count, the wrappers' per-batch mask, all
+         three; `benchmark_speed.without`), interleaved among themselves
+         only (the speed section's setting and rounds), so that the speed
+         section's rows are timed without them. Each row's round time
+         against (a)'s, paired per round. The ablated variants train wrongly
+         by design and exist to be timed.
 scale    fedprune (a) on `--scale_clients` clients (default 1,000 Synthetic(1, 1)
          clients) with each of `--scale_clients_per_round` (default 10, a cheap
          row, and 100, issue 18's setting) for `--scale_rounds` rounds
@@ -160,7 +162,7 @@ from fedprune.data import partitions
 from fedprune.errors import InvalidArgument, check
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("speed", "scale", "quality", "grid", "deploy", "scaleout")
+SECTIONS = ("speed", "ablation", "scale", "quality", "grid", "deploy", "scaleout")
 # Sections that run everything in child processes: without others, this process
 # neither imports TensorFlow nor starts a TFF worker of its own.
 CHILD_SECTIONS = ("scaleout",)
@@ -172,16 +174,17 @@ common.define_experiment_flags()
 _SECTIONS = flags.DEFINE_list("sections", ["speed"],
                               f"Which of {','.join(SECTIONS)} to run; `all`: every one.")
 _WARMUP_ROUNDS = flags.DEFINE_integer(
-    "warmup_rounds", 3, "speed: untimed rounds per variant after round 1 (which is always "
-    "untimed: it traces and compiles).")
-_TIMED_ROUNDS = flags.DEFINE_integer("timed_rounds", 10, "speed: timed rounds per variant (>= 2).")
+    "warmup_rounds", 3, "speed and ablation: untimed rounds per variant after round 1 (which "
+    "is always untimed: it traces and compiles).")
+_TIMED_ROUNDS = flags.DEFINE_integer("timed_rounds", 10,
+                                     "speed and ablation: timed rounds per variant (>= 2).")
 _PROGRAM_ROUND = flags.DEFINE_bool(
     "program_round", True, "speed: also time (a+), fedprune's whole `run_experiment` round.")
-_SPEED_ABLATIONS = flags.DEFINE_list(
-    "speed_ablations", list(benchmark_speed.ABLATIONS),
-    "speed: also time (a) traced with parts taken out, in the same rounds (timing only; they "
-    "train wrongly): pruning (the clients' pruning), bytes (the upload's byte count), mask "
-    "(the wrappers' per-batch mask), all (the three); empty: none.")
+_ABLATIONS = flags.DEFINE_list(
+    "ablations", list(benchmark_speed.ABLATIONS),
+    "ablation: the variants of (a) traced with parts taken out and timed in the same rounds "
+    "as (a), (s) and (b) (timing only; they train wrongly): pruning (the clients' pruning), "
+    "bytes (the upload's byte count), mask (the wrappers' per-batch mask), all (the three).")
 _WRITE = flags.DEFINE_bool("write", False, "Write the sections that ran into --output.")
 _OUTPUT = flags.DEFINE_string("output", str(REPO_ROOT / "BENCHMARKS.md"),
                               "Markdown file that --write updates.")
@@ -257,8 +260,8 @@ usage.set_topic("deploy section", _DEPLOY_SPARSITIES, _DEPLOY_RUNS, _DEPLOY_WARM
 usage.set_topic("grid section", _GRID_SPARSITIES, _GRID_MASKINGS, _GRID_GRANULARITIES,
                 _GRID_SEEDS, _GRID_PATHS, _GRID_COMMIT)
 usage.set_topic("sections", _SECTIONS)
-usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND,
-                _SPEED_ABLATIONS)
+usage.set_topic("speed section", _WARMUP_ROUNDS, _TIMED_ROUNDS, _PROGRAM_ROUND)
+usage.set_topic("ablation section", _ABLATIONS)
 usage.set_topic("scale section", _SCALE_DATASET, _SCALE_CLIENTS, _SCALE_CPR, _SCALE_ROUNDS,
                 _SCALE_BASELINE, _SCALE_SLOPE_ROUNDS, _SCALE_MALLOC, _SCALE_CONTROL, _SCALE_CHILD)
 usage.set_topic("quality section", _QUALITY_SPARSITIES, _QUALITY_SEEDS)
@@ -291,9 +294,11 @@ class Plan:
         `--grid_prune_granularities`, `--grid_seeds`, `--grid_paths` and
         `--grid_commit`; grid_commit_flags: the flags the driver at that commit
         defines (empty without the `commit` path).
-      warmup_rounds, timed_rounds, program_round, speed_ablations: the speed
-        section's `--warmup_rounds`, `--timed_rounds`, `--program_round`,
-        `--speed_ablations` (keys of `benchmark_speed.ABLATIONS`).
+      warmup_rounds, timed_rounds, program_round: the speed section's
+        `--warmup_rounds`, `--timed_rounds`, `--program_round` (the first two
+        also the ablation section's).
+      ablations: the ablation section's `--ablations` (keys of
+        `benchmark_speed.ABLATIONS`).
       scale_clients, scale_rounds, scale_baseline, scale_slope_rounds: the scale
         section's `--scale_clients`, `--scale_rounds`, `--scale_baseline_round`,
         `--scale_slope_rounds`.
@@ -322,7 +327,7 @@ class Plan:
     warmup_rounds: int = 0
     timed_rounds: int = 2
     program_round: bool = True
-    speed_ablations: tuple[str, ...] = ()
+    ablations: tuple[str, ...] = ()
     scale_clients: int = 0
     scale_rounds: int = 2
     scale_baseline: int = 1
@@ -382,10 +387,10 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
           f"all, or one or more of {','.join(SECTIONS)}")
     check(_WARMUP_ROUNDS.value >= 0, "warmup_rounds", _WARMUP_ROUNDS.value, "a whole number >= 0")
     check(_TIMED_ROUNDS.value >= 2, "timed_rounds", _TIMED_ROUNDS.value, "a whole number >= 2")
-    ablations = tuple(dict.fromkeys(_SPEED_ABLATIONS.value))
-    check(set(ablations) <= set(benchmark_speed.ABLATIONS), "speed_ablations",
-          ",".join(_SPEED_ABLATIONS.value),
-          f"empty, or one or more of {','.join(benchmark_speed.ABLATIONS)}")
+    ablations = tuple(dict.fromkeys(_ABLATIONS.value))
+    check(bool(ablations) and set(ablations) <= set(benchmark_speed.ABLATIONS), "ablations",
+          ",".join(_ABLATIONS.value),
+          f"one or more of {','.join(benchmark_speed.ABLATIONS)}")
     pruned, dense = pruned_and_dense(base, 1 + _WARMUP_ROUNDS.value + _TIMED_ROUNDS.value)
     scale, scale_runs = {}, []
     if "scale" in sections or _SCALE_CHILD.value:
@@ -494,7 +499,7 @@ def make_plan(base: config_lib.ExperimentConfig) -> Plan:
                 grid_granularities=grid_granularities, grid_seeds=grid_seeds,
                 grid_paths=grid_paths, grid_commit=_GRID_COMMIT.value,
                 warmup_rounds=_WARMUP_ROUNDS.value, timed_rounds=_TIMED_ROUNDS.value,
-                program_round=_PROGRAM_ROUND.value, speed_ablations=ablations,
+                program_round=_PROGRAM_ROUND.value, ablations=ablations,
                 scale_clients=_SCALE_CLIENTS.value,
                 scale_rounds=_SCALE_ROUNDS.value, scale_baseline=_SCALE_BASELINE.value,
                 scale_slope_rounds=_SCALE_SLOPE_ROUNDS.value,
@@ -605,6 +610,7 @@ def main(argv):
         return 0
     runners: dict[str, tuple[str, Callable]] = {
         "speed": ("Round time: fedprune vs TFF FedAvg vs Keras", benchmark_speed.run_speed),
+        "ablation": (benchmark_speed.ABLATION_TITLE, benchmark_speed.run_ablation),
         "scale": ("Scale: 1,000 clients, round time and memory", benchmark_scale.run_scale),
         "quality": ("Quality: test accuracy vs sparsity", benchmark_quality.run_quality),
         "grid": ("Grids: a reduced Table 1 by the code of issue 18's day and by today's",

@@ -57,8 +57,15 @@ class Ablation:
     parts: tuple[str, ...]
 
 
-# `--speed_ablations`: what each computation of (a) costs, timed in the same
-# rounds as (a). Their results are wrong by design.
+ABLATION_TITLE = "What (a) costs, part by part: (a) with computations taken out"
+# The ablation section's reference rows, paired with (a) like the ablations.
+ABLATION_REFERENCES = {
+    "a": "(a) masking both, as built",
+    "s": "(s) masking server: clients do not prune",
+    "b": "(b) masking none",
+}
+# `--ablations`: what each computation of (a) costs, timed in the same rounds as
+# (a). Their results are wrong by design.
 ABLATIONS = {
     "pruning": Ablation("(a) without the clients' pruning", ("pruning",)),
     "bytes": Ablation("(a) without the upload's byte count", ("bytes",)),
@@ -201,14 +208,15 @@ def speed_markdown(timings: Sequence[VariantTiming], input_seconds: Sequence[flo
 
 
 def ablation_markdown(timings: Sequence[VariantTiming], reference: VariantTiming) -> str:
-    """(a) with parts taken out (`ABLATIONS`) against (a), timed in the same rounds.
+    """Variants against (a), timed in the same rounds: the ablation section's table.
 
     Per row: median round seconds, its ratio to (a)'s median, the median of the
     per-round paired ratios to (a) with its 95 % interval (`median_ci`), and
-    (a)'s median less the row's, in ms: what the parts taken out cost (a).
+    (a)'s median less the row's, in ms: for (a) with parts taken out
+    (`ABLATIONS`), what those parts cost (a).
     """
     ref = statistics.median(reference.wall)
-    lines = ["| (a) with parts taken out (timing only) | median (s) | vs (a) "
+    lines = ["| variant, each paired with (a) round by round | median (s) | vs (a) "
              "| per-round ratio to (a), median [95 % CI] | (a) − row (ms) |",
              "| :-- | --: | --: | --: | --: |"]
     for t in timings:
@@ -245,13 +253,8 @@ def profile_notes(medians: dict[str, float], phases: Sequence[dict[str, float]])
             f"{ms(b - c)}: what fedprune's dense process adds to stock FedAvg on the same "
             "loop (round counters, the upload's byte count, the finalizer's mask "
             "diagnostics), less what its round compiled to one MapReduceForm and called "
-            f"with its state packed saves (`map_reduce.py`){compiled}.")
-    if "a" in medians and any(k in medians for k in ABLATIONS):
-        parts.append(
-            "What each computation of (a) costs: the last table times (a) traced with it "
-            "taken out (`benchmark_speed.without`: the clients' pruning → all-ones client "
-            "masks, the upload's byte count → 0, the wrappers' per-batch mask → the layer's "
-            "call alone) in the same rounds as (a); those rows train wrongly by design.")
+            f"with its state packed saves (`map_reduce.py`){compiled}. What each computation "
+            f"of (a) costs: the section \"{ABLATION_TITLE}\" (`--sections=ablation`).")
     if phases:
         med = {name: statistics.median(p.get(name, 0.0) for p in phases)
                for name in ("train", "evaluate", "checkpoint")}
@@ -465,10 +468,6 @@ def build_variants(plan: Plan, data, first: RoundInputs, work_dir: Path, log) ->
     log("building (b) fedprune masking none")
     dense = assembly.build_process(plan.dense, data)
     variants["b"] = TffVariant.of(dense)
-    for key in plan.speed_ablations:
-        log(f"building {ABLATIONS[key].label} (timing only)")
-        with without(ABLATIONS[key].parts):  # traced anew, and not kept for (a+)
-            variants[key] = TffVariant.of(assembly.build_process(plan.pruned, data, reuse=False))
     initial = variants["b"].weights()
 
     log("building (c), (c-iter) and (c-mrf) build_weighted_fed_avg")
@@ -552,6 +551,98 @@ def _opening_with(keys: Sequence[str], round_num: int) -> list[str]:
     return [*keys[shift:], *keys[:shift]]
 
 
+def interleave(plan: Plan, data, variants: dict, labels: dict[str, str], log):
+    """Rounds 2.. of `variants` (built, round 1 run), interleaved round by round.
+
+    Each round opens with the next variant in turn (`_opening_with`); each
+    variant steps on its own fresh `round_inputs` of the round, built outside
+    its timer (BUILD_NOTES.md, "Each speed variant on fresh inputs"). The
+    first `plan.warmup_rounds` are untimed.
+
+    Returns:
+      (key -> `VariantTiming` of the timed rounds, labelled by `labels`; the
+      seconds each round's inputs took to build, per variant and timed round).
+    """
+    timings = {key: VariantTiming(key, labels[key]) for key in variants}
+    input_seconds = []
+    last = 1 + plan.warmup_rounds + plan.timed_rounds
+    keys = list(variants)
+    for round_num in range(2, last + 1):
+        timed = round_num > 1 + plan.warmup_rounds
+        walls = {}
+        for key in _opening_with(keys, round_num):
+            start = time.perf_counter()
+            batches = round_inputs(plan.pruned, data, round_num)
+            built = time.perf_counter() - start
+            cpu0, worker0 = cpu_seconds()
+            start = time.perf_counter()
+            variants[key].step(batches)
+            walls[key] = time.perf_counter() - start
+            cpu1, worker1 = cpu_seconds()
+            if timed:
+                timings[key].wall.append(walls[key])
+                timings[key].python_cpu.append(cpu1 - cpu0)
+                timings[key].worker_cpu.append(worker1 - worker0)
+                input_seconds.append(built)
+        log(f"round {round_num}/{last} ({'timed' if timed else 'warm-up'}): "
+            + ", ".join(f"{key} {walls[key]:.3f}" for key in keys) + " s")
+    return timings, input_seconds
+
+
+def run_ablation(plan: Plan, log) -> tuple[str, str]:
+    """Runs the ablation section: (a), (s), (b) and `plan.ablations`; returns (table, notes)."""
+    from fedprune.program import assembly
+
+    data = assembly.load_data(plan.pruned)
+    labels = dict(ABLATION_REFERENCES)
+    variants = {}
+    for key, config in (("a", plan.pruned),
+                        ("s", dataclasses.replace(plan.pruned, masking="server")),
+                        ("b", plan.dense)):
+        log(f"building {labels[key]}")
+        variants[key] = TffVariant.of(assembly.build_process(config, data))
+    for key in plan.ablations:
+        labels[key] = ABLATIONS[key].label
+        log(f"building {labels[key]} (timing only)")
+        with without(ABLATIONS[key].parts):  # traced anew, and not kept for later configs
+            variants[key] = TffVariant.of(assembly.build_process(plan.pruned, data, reuse=False))
+    first = round_inputs(plan.pruned, data, 1)
+    for key, variant in variants.items():
+        log(f"round 1 (untimed) of ({key})")
+        variant.step(first)
+    timings, _ = interleave(plan, data, variants, labels, log)
+    table = ablation_markdown(list(timings.values()), timings["a"])
+    medians = {key: statistics.median(t.wall) for key, t in timings.items()}
+    config = plan.pruned
+    overhead = f"(a) − (b) here is {1000 * (medians['a'] - medians['b']):.1f} ms"
+    if "all" in medians:
+        overhead += (f", of which (a) without all three saves "
+                     f"{1000 * (medians['a'] - medians['all']):.1f} ms")
+    notes = f"""Setting: the speed section's ({config.dataset}, model `{config.model}`,
+{config.clients_per_round} clients per round, batch {config.batch_size},
+{config.local_epochs} local epoch(s); (a) prunes {config.initial_sparsity:g} →
+{config.final_sparsity:g} over rounds {config.begin_round}–{config.end_round}), the
+rows above interleaved among themselves only: round 1 untimed, then
+{plan.warmup_rounds} warm-up and {plan.timed_rounds} timed rounds per variant,
+round by round, each variant on its own fresh copy of the round's client
+datasets, as in the speed section. The rows "(a) without …" are (a) traced
+with parts taken out (`benchmark_speed.without`): the clients' pruning →
+all-ones client masks
+(clients keep the mask they were sent and still upload it), the upload's byte
+count → 0, the wrappers' per-batch mask → the wrapped layer's call alone
+(clients train outside the mask). Their results are wrong by design; they are
+timed only. Every row's round time is paired with (a)'s in the same round.
+{overhead}. The rest is not a single computation but what (a) makes TFF carry:
+three more variables per wrapped layer in every client's model (mask,
+threshold, pruning step), created, initialized and assigned from the
+broadcast, the masked upload, the payload's pruned kernels and masks through
+the aggregation, the server's re-mask, and a larger state (BUILD_NOTES.md,
+"What (a) adds to (b), compiled", op counts). (s) and (b) are timed here in
+another interleaving than in the speed section, so their ratios to (a) differ
+between the two sections by the run-to-run spread."""
+    return table, notes
+
+
 def run_speed(plan: Plan, log) -> tuple[str, str]:
     """Runs the speed section; returns (table, notes)."""
     import numpy as np
@@ -559,38 +650,11 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
     from fedprune.program import assembly, evaluation
 
     data = assembly.load_data(plan.pruned)
-    timings = {k: VariantTiming(k, label) for k, label in VARIANT_LABELS.items()}
-    timings |= {k: VariantTiming(k, ABLATIONS[k].label) for k in plan.speed_ablations}
-    input_seconds = []
     steps_per_round = _num_batches(round_inputs(plan.pruned, data, 1))
     with tempfile.TemporaryDirectory(prefix="fedprune-benchmark-") as work_dir:
         variants = build_variants(plan, data, round_inputs(plan.pruned, data, 1),
                                   Path(work_dir), log)
-        last = 1 + plan.warmup_rounds + plan.timed_rounds
-        keys = list(variants)
-        for round_num in range(2, last + 1):
-            timed = round_num > 1 + plan.warmup_rounds
-            walls = {}
-            for key in _opening_with(keys, round_num):
-                # Its own copy of the round's inputs (the same clients and batches:
-                # `round_inputs` is a pure function of the round), built outside its
-                # timer, as every round of a run builds fresh ones (BUILD_NOTES.md, "Each
-                # speed variant on fresh inputs").
-                start = time.perf_counter()
-                batches = round_inputs(plan.pruned, data, round_num)
-                built = time.perf_counter() - start
-                cpu0, worker0 = cpu_seconds()
-                start = time.perf_counter()
-                variants[key].step(batches)
-                walls[key] = time.perf_counter() - start
-                cpu1, worker1 = cpu_seconds()
-                if timed:
-                    timings[key].wall.append(walls[key])
-                    timings[key].python_cpu.append(cpu1 - cpu0)
-                    timings[key].worker_cpu.append(worker1 - worker0)
-                    input_seconds.append(built)
-            log(f"round {round_num}/{last} ({'timed' if timed else 'warm-up'}): "
-                + ", ".join(f"{key} {walls[key]:.3f}" for key in keys) + " s")
+        timings, input_seconds = interleave(plan, data, variants, VARIANT_LABELS, log)
         phases = []
         if "a+" in variants:
             variants["a+"].finish()
@@ -605,13 +669,9 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
             variants["d"].model.get_weights(), variants["f"].model.get_weights(), strict=True))
         sparsity = evaluation.sparsity_metrics(variants["a"].pruning_process,
                                             variants["a"].weights())["global_sparsity"]
-    measured = [t for t in timings.values() if t.wall and t.key not in ABLATIONS]
-    ablated = [t for t in timings.values() if t.wall and t.key in ABLATIONS]
+    measured = [t for t in timings.values() if t.wall]
     table = speed_markdown(measured, input_seconds)
-    if ablated:
-        table += "\n" + ablation_markdown(ablated, timings["a"])
-    profile = profile_notes({t.key: statistics.median(t.wall) for t in [*measured, *ablated]},
-                            phases)
+    profile = profile_notes({t.key: statistics.median(t.wall) for t in measured}, phases)
     config = plan.pruned
     first_timed = 2 + plan.warmup_rounds
     steady = sum(r > config.end_round

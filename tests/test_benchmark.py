@@ -141,7 +141,8 @@ def test_quality_table_without_dense_has_no_paired_column_and_refuses_unpaired_s
 @pytest.mark.slow
 def test_speed_smoke_prints_table_and_writes_file(tmp_path):
     output = tmp_path / "BENCH.md"
-    result, workers = _run(*SMOKE_FLAGS, "--write", f"--output={output}")
+    result, workers = _run(*SMOKE_FLAGS, "--write", f"--output={output}",
+                           "--sections=speed,ablation")
     assert result.returncode == 0, result.stderr[-2000:]
     assert workers, "no worker_binary was seen under the benchmark (watcher broken?)"
     _assert_gone(workers)
@@ -184,19 +185,22 @@ def test_speed_smoke_prints_table_and_writes_file(tmp_path):
     flat = text.replace("\n", " ")
     found = re.search(r"\(a\) − \(s\) = (-?[0-9.+]+) ms", flat)
     assert abs(float(found.group(1)) - 1000 * (medians["a"] - medians["s"])) <= 1.0
-    # (a) with parts taken out, in the same rounds: each row against (a)'s median.
-    # The columns agree: (a)'s median is (a) − row over 1 − row / (a), to the
-    # rounding of the printed values (1 ms seconds, 0.1 ms, 0.001).
-    assert "What each computation of (a) costs: the last table" in flat
-    for ablation in benchmark_speed.ABLATIONS.values():
-        median, versus, paired, saved = rows[ablation.label]
+    # The ablation section: (a), (s), (b) and (a) with parts taken out, interleaved
+    # among themselves; each row against (a)'s median there, and paired per round.
+    assert f"the section \"{benchmark_speed.ABLATION_TITLE}\"" in flat
+    assert "<!-- benchmark:ablation -->" in text
+    labels = [*benchmark_speed.ABLATION_REFERENCES.values(),
+              *(a.label for a in benchmark_speed.ABLATIONS.values())]
+    a_median = float(rows[labels[0]][0])
+    assert rows[labels[0]][1:] == ["1.000", "1.000 [1.000, 1.000]", "+0.0"]
+    for label in labels:
+        median, versus, paired, saved = rows[label]
         mid, low, high = (float(x) for x in re.findall(r"[0-9.]+", paired))
         assert 0 < low <= mid <= high
-        if abs(1 - float(versus)) >= 0.05:  # else the division amplifies the rounding
-            a_ms = float(saved) / (1 - float(versus))
-            assert a_ms == pytest.approx(1000 * medians["a"], abs=1.5)
-        assert 1000 * float(median) == pytest.approx(1000 * medians["a"] - float(saved),
-                                                     abs=1.0)
+        # The columns agree to the rounding of the printed values (1 ms, 0.1 ms).
+        assert 1000 * float(median) == pytest.approx(1000 * a_median - float(saved), abs=1.0)
+    assert re.search(r"\(a\) − \(b\) here is -?[0-9.]+ ms, of which \(a\) without all "
+                     r"three saves -?[0-9.]+ ms", flat)
     phases = re.search(r"train ([0-9.]+) ms .*evaluate ([0-9.]+) ms .*checkpoint ([0-9.]+) ms",
                        flat)
     train, evaluate, logged = (float(x) for x in phases.groups())
@@ -218,10 +222,8 @@ def test_profile_notes_differences_and_phases(phases, words):
               "(c-iter) − (c-mrf) = 5.5 ms", *words]:
         assert w in text, (w, text)
     assert benchmark_speed.profile_notes({"a": 0.08}, []) == ""
-    assert "What each computation of (a) costs" not in text  # no ablation was timed
-    with_ablation = benchmark_speed.profile_notes({**medians, "bytes": 0.077}, phases)
-    assert "What each computation of (a) costs" in with_ablation
-    assert all(w in with_ablation for w in words)
+    assert f"What each computation of (a) costs: the section \"{benchmark_speed.ABLATION_TITLE}" \
+        in text
 
 
 @pytest.mark.slow
@@ -406,8 +408,8 @@ def test_older_runs_compare_on_shared_columns_with_layers_by_position(tmp_path):
 
 def test_bad_flags_fail_fast_without_tensorflow():
     for flag, words in (("--masking=none", "sets it per variant"),
-                        ("--sections=speed,fast",
-                         "all, or one or more of speed,scale,quality,grid,deploy,scaleout"),
+                        ("--sections=speed,fast", "all, or one or more of "
+                         "speed,ablation,scale,quality,grid,deploy,scaleout"),
                         ("--deploy_sparsities=0,0.5", "one or more sparsities in (0, 1)"),
                         ("--deploy_sparsities=0.5,x", "comma-separated fractions"),
                         ("--deploy_runs=2", ">= 3"),
@@ -417,8 +419,8 @@ def test_bad_flags_fail_fast_without_tensorflow():
                         ("--grid_paths=fast", "one or more of commit,build,trace,parallel"),
                         ("--grid_prune_granularities=epoch", "one or more of round,step"),
                         ("--timed_rounds=1", ">= 2"),
-                        ("--speed_ablations=bytes,optimizer",
-                         "empty, or one or more of pruning,bytes,mask,all"),
+                        ("--ablations=bytes,optimizer", "one or more of pruning,bytes,mask,all"),
+                        ("--ablations=", "one or more of pruning,bytes,mask,all"),
                         ("--scale_baseline_round=300", "--scale_rounds=300"),
                         ("--scale_worker_malloc=tcmalloc", "one or more of fedprune,glibc"),
                         ("--scale_slope_rounds=9", "a whole number in [10, 290]"),
@@ -698,7 +700,7 @@ def test_replace_sections_replaces_in_place_and_keeps_everything_else():
     assert "old" not in second and "new" in second and "## Q" in second
     # A new section goes between its neighbours of SECTIONS.
     positions = [second.index(f"<!-- benchmark:{name} -->") for name in benchmark.SECTIONS
-                 if name not in ("grid", "deploy", "scaleout")]  # not written here
+                 if name not in ("ablation", "grid", "deploy", "scaleout")]  # not written here
     assert positions == sorted(positions)
     assert second.index("<!-- /benchmark:quality -->") < second.index("<!-- scaleout -->")
     assert benchmark.replace_sections(second, {}) == second
