@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import queue
 import statistics
 import tempfile
@@ -66,13 +65,13 @@ ABLATION_REFERENCES = {
 }
 # `--ablations`: what each computation of (a) costs, timed in the same rounds as
 # (a). Their results are wrong by design.
+ABLATION_PARTS = ("pruning", "bytes", "mask")
 ABLATIONS = {
     "pruning": Ablation("(a) without the clients' pruning", ("pruning",)),
     "bytes": Ablation("(a) without the upload's byte count", ("bytes",)),
     "mask": Ablation("(a) without the wrappers' per-batch mask", ("mask",)),
-    "all": Ablation("(a) without all three", ("pruning", "bytes", "mask")),
+    "all": Ablation("(a) without all three", ABLATION_PARTS),
 }
-ABLATION_PARTS = ("pruning", "bytes", "mask")
 
 
 @contextlib.contextmanager
@@ -81,9 +80,9 @@ def without(parts: Sequence[str]):
 
     Patches, for the processes traced inside the block only:
     `client_work._prune_kernels` (all-ones masks), `client_work.uplink_bytes`
-    (int64 0) and `MaskOnlyPruneLowMagnitude.call` (the wrapped layer's call
-    alone). Build with `assembly.build_process(..., reuse=False)`, so that no
-    process traced here is reused by a later config.
+    (int64 0) and `MaskOnlyPruneLowMagnitude.call` (its `call_layer` alone).
+    Build with `assembly.build_process(..., reuse=False)`, so that no process
+    traced here is reused by a later config.
     """
     from unittest import mock
 
@@ -104,11 +103,8 @@ def without(parts: Sequence[str]):
         del args, kwargs
         return tf.constant(0, tf.int64)
 
-    @tf.autograph.experimental.do_not_convert
     def layer_call_only(self, inputs, training=None, **kwargs):
-        if "training" in inspect.getfullargspec(self.layer.call).args:
-            return self.layer.call(inputs, training=training, **kwargs)
-        return self.layer.call(inputs, **kwargs)
+        return self.call_layer(inputs, training, **kwargs)
 
     with contextlib.ExitStack() as stack:
         if "pruning" in parts:
@@ -650,10 +646,10 @@ def run_speed(plan: Plan, log) -> tuple[str, str]:
     from fedprune.program import assembly, evaluation
 
     data = assembly.load_data(plan.pruned)
-    steps_per_round = _num_batches(round_inputs(plan.pruned, data, 1))
+    first = round_inputs(plan.pruned, data, 1)
+    steps_per_round = _num_batches(first)
     with tempfile.TemporaryDirectory(prefix="fedprune-benchmark-") as work_dir:
-        variants = build_variants(plan, data, round_inputs(plan.pruned, data, 1),
-                                  Path(work_dir), log)
+        variants = build_variants(plan, data, first, Path(work_dir), log)
         timings, input_seconds = interleave(plan, data, variants, VARIANT_LABELS, log)
         phases = []
         if "a+" in variants:

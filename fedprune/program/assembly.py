@@ -134,7 +134,7 @@ def build_process(config: ExperimentConfig, data: datasets.FederatedData, *,
     structured cell keep as many units) share it, as above.
 
     With `reuse=False` the process is traced anew and not kept for later
-    configs (the speed benchmark's variants that time (a) with one of its
+    configs (the benchmark's ablation section, whose variants are traced with
     computations taken out, `experiments/benchmark_speed.py`).
     """
     key = process_key(config, data)

@@ -80,13 +80,18 @@ def mask_only_wrapper_class():
 
         @tf.autograph.experimental.do_not_convert  # plain Python over Python values
         def call(self, inputs, training=None, **kwargs):
-            if training is None:
-                training = tf.keras.backend.learning_phase()
             if tf.distribute.has_strategy():
                 self.add_update(self.pruning_obj.weight_mask_op())
             else:
                 self.add_update(tf.group([weight.assign(tf.cast(weight * mask, weight.dtype))
                                           for weight, mask, _ in self.pruning_vars]))
+            return self.call_layer(inputs, training, **kwargs)
+
+        @tf.autograph.experimental.do_not_convert  # plain Python over Python values
+        def call_layer(self, inputs, training=None, **kwargs):
+            """The wrapped layer's call, as tfmot's `call` makes it, without the mask."""
+            if training is None:
+                training = tf.keras.backend.learning_phase()
             if "training" in inspect.getfullargspec(self.layer.call).args:
                 return self.layer.call(inputs, training=training, **kwargs)
             return self.layer.call(inputs, **kwargs)
